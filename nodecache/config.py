@@ -1,0 +1,107 @@
+"""One frozen dataclass holds every setting; nothing else reads the environment.
+
+Settings come from, lowest priority first: defaults here, `NODECACHE_<FIELD>`
+environment variables, then command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import layout
+
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Config:
+    mount: Path | None = None  # FUSE mountpoint (its `hub/` is HF_HUB_CACHE); None: no mount
+    cache_dir: Path = Path("/var/lib/nodecache")  # index + blob store
+    repos: tuple[str, ...] = ()  # "[datasets/]org/name[@rev]" resolved at start
+    hub_url: str = "https://huggingface.co"
+    hub_token: str | None = field(default=None, repr=False)
+    listen: str = "127.0.0.1:8470"  # health, metrics, control API
+    chunk_size: int = 8 * MiB  # unit of fetch, verification and presence; power of two
+    read_ahead_chunks: int = 8  # on a miss at chunk k, also fetch k+1..k+R
+    fill_on_open: bool = True  # first open of a blob fills it whole in the background
+    parallel_per_blob: int = 8  # concurrent chunk fetches for one blob
+    parallel_total: int = 32  # concurrent chunk fetches for the node
+    read_timeout: float = 300.0  # how long a read waits for its bytes before EIO
+    retry_base: float = 0.2  # first retry backoff; doubles, jittered, capped at 5 s
+    fsync: bool = True  # fdatasync a chunk before marking it present
+    bdi_read_ahead_kb: int = 16384  # written to the mount's bdi after FUSE_INIT
+    ref_ttl: float = 600.0  # re-resolve branch refs after this many seconds
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 64 * 1024 or self.chunk_size & (self.chunk_size - 1):
+            raise ConfigError(f"chunk_size: {self.chunk_size} is not a power of two >= 64 KiB")
+        for key in ("read_ahead_chunks", "parallel_per_blob", "parallel_total"):
+            if getattr(self, key) < (0 if key == "read_ahead_chunks" else 1):
+                raise ConfigError(f"{key}: {getattr(self, key)} is out of range")
+        if self.read_timeout <= 0:
+            raise ConfigError("read_timeout: must be > 0")
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT")
+        for spec in self.repos:
+            try:
+                layout.parse_repo_spec(spec)
+            except layout.InvalidName as e:
+                raise ConfigError(f"repos: {e}") from None
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0]
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def _convert(f: dataclasses.Field, raw: str):
+    kind = str(f.type)
+    if "bool" in kind:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{f.name}: {raw!r} is not a boolean")
+    if "Path" in kind:
+        return Path(raw) if raw else None
+    if "tuple" in kind:
+        return tuple(x for x in raw.replace(",", " ").split() if x)
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{f.name}: {raw!r} is not a number") from None
+    return raw
+
+
+def load(overrides: dict | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Defaults < NODECACHE_* env < overrides (flags); None overrides are ignored."""
+    environ = os.environ if environ is None else environ
+    values: dict = {}
+    for f in dataclasses.fields(Config):
+        raw = environ.get("NODECACHE_" + f.name.upper())
+        if raw is not None:
+            values[f.name] = _convert(f, raw)
+    if "hub_url" not in values and environ.get("HF_ENDPOINT"):
+        values["hub_url"] = environ["HF_ENDPOINT"]
+    if "hub_token" not in values and environ.get("HF_TOKEN"):
+        values["hub_token"] = environ["HF_TOKEN"]
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if values.get("mount") is not None:
+        values["mount"] = Path(values["mount"])
+    values["cache_dir"] = Path(values.get("cache_dir", Config.cache_dir))
+    values["repos"] = tuple(values.get("repos", ()))
+    return Config(**values)

@@ -1,0 +1,261 @@
+"""The FUSE face: a read-only HF hub cache tree, bytes through the one fill path.
+
+pyfuse3 runs on the daemon's asyncio loop. Every handler is wrapped so that
+any failure becomes an errno: a handler that raises anything but FUSEError
+leaves the kernel request unanswered and the reader hung forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+
+import pyfuse3
+
+from .fill import Filler, FillError
+from .layout import MAX_NAME, InvalidName, Node
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+XATTR_CACHED = b"user.nodecache.cached"
+_LONG = 300.0  # blobs and snapshots never change under a name
+_SHORT = 1.0  # refs/ and repo listings do
+
+
+def _guard(op: str):
+    """Count the request and turn every exception into a FUSE errno."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def handler(self: NodecacheFS, *args):
+            self.metrics.fuse_requests.labels(op).inc()
+            try:
+                return await fn(self, *args)
+            except pyfuse3.FUSEError as e:
+                if e.errno != errno.ENOENT:
+                    self.metrics.fuse_errors.labels(errno.errorcode.get(e.errno, str(e.errno))).inc()
+                raise
+            except (InvalidName, KeyError):
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            except FillError as e:
+                log.error("%s: %s", op, e)
+                self.metrics.fuse_errors.labels("EIO").inc()
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except Exception:
+                log.exception("%s%r failed", op, args[:2])
+                self.metrics.fuse_errors.labels("EIO").inc()
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+        return handler
+
+    return wrap
+
+
+class NodecacheFS(pyfuse3.Operations):
+    """Inodes are assigned per path on first lookup and stay stable across tree swaps."""
+
+    def __init__(self, root: Node, filler: Filler, metrics: Metrics, fill_on_open: bool = True):
+        super().__init__()
+        self.filler = filler
+        self.metrics = metrics
+        self.fill_on_open = fill_on_open
+        self.initialized = asyncio.Event()
+        self._time_ns = time.time_ns()
+        self._ino_of: dict[str, int] = {"": pyfuse3.ROOT_INODE}
+        self._path_of: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
+        self._handles: dict[int, Node] = {}
+        self._next_fh = 1
+        self.root = root
+
+    def set_tree(self, root: Node) -> None:
+        """Swap in a rebuilt tree (new refs or snapshots); inodes keep their paths."""
+        self.root = root
+
+    def init(self) -> None:
+        # Called by pyfuse3 while answering FUSE_INIT; the reply goes out after we return.
+        asyncio.get_running_loop().call_soon(self.initialized.set)
+
+    # tree helpers ------------------------------------------------------------
+
+    def _node(self, ino: int) -> tuple[str, Node]:
+        path = self._path_of.get(ino)
+        if path is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        node = self.root
+        for part in path.split("/") if path else ():
+            node = node.children.get(part)
+            if node is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+        return path, node
+
+    def _ino(self, path: str) -> int:
+        ino = self._ino_of.get(path)
+        if ino is None:
+            ino = self._ino_of[path] = len(self._ino_of) + pyfuse3.ROOT_INODE
+            self._path_of[ino] = path
+        return ino
+
+    def _attr(self, path: str, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self._ino(path)
+        a.generation = 0
+        short = "/refs" in path or path.count("/") <= 1
+        a.entry_timeout = a.attr_timeout = _SHORT if short else _LONG
+        if node.kind == "dir":
+            a.st_mode, a.st_nlink = stat.S_IFDIR | 0o555, 2
+        elif node.kind == "symlink":
+            a.st_mode, a.st_nlink, a.st_size = stat.S_IFLNK | 0o777, 1, len(node.target)
+        else:
+            a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o444, 1, node.size
+        a.st_uid = a.st_gid = 0
+        a.st_blksize = 1 << 20
+        a.st_blocks = -(-a.st_size // 512)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._time_ns
+        return a
+
+    # metadata ------------------------------------------------------------------
+
+    @_guard("lookup")
+    async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+        path, parent = self._node(parent_inode)
+        text = name.decode("utf-8", "strict")
+        if text in (".", "..") or "/" in text or len(name) > MAX_NAME or parent.kind != "dir":
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        node = parent.children.get(text)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        child = f"{path}/{text}" if path else text
+        return self._attr(child, node)
+
+    @_guard("getattr")
+    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+        return self._attr(*self._node(inode))
+
+    @_guard("readlink")
+    async def readlink(self, inode: int, ctx=None) -> bytes:
+        _, node = self._node(inode)
+        if node.kind != "symlink":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target.encode()
+
+    @_guard("opendir")
+    async def opendir(self, inode: int, ctx=None) -> int:
+        _, node = self._node(inode)
+        if node.kind != "dir":
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_guard("readdir")
+    async def readdir(self, fh: int, start_id: int, token) -> None:
+        path, node = self._node(fh)
+        names = sorted(node.children)
+        for i in range(start_id, len(names)):
+            name = names[i]
+            child = f"{path}/{name}" if path else name
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attr(child, node.children[name]), i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_guard("statfs")
+    async def statfs(self, ctx=None) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self._ino_of)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = MAX_NAME
+        return s
+
+    @_guard("getxattr")
+    async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
+        if name != XATTR_CACHED:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        _, node = self._node(inode)
+        blobs = {n.blob_id: n.size for n in _blob_nodes(node)}
+        total = sum(blobs.values())
+        done = sum(self.filler.cached_bytes(b) for b in blobs)
+        return f"{(done / total) if total else 1.0:.6f}".encode()
+
+    @_guard("listxattr")
+    async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
+        return [XATTR_CACHED]
+
+    # data -----------------------------------------------------------------------
+
+    @_guard("open")
+    async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        _, node = self._node(inode)
+        if node.kind not in ("blob", "static"):
+            raise pyfuse3.FUSEError(errno.EISDIR if node.kind == "dir" else errno.EINVAL)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = node
+        if node.kind == "blob" and self.fill_on_open:
+            self.filler.fill_in_background(node.blob_id)
+        # Content is immutable: let the kernel keep its page cache across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=node.kind == "blob", direct_io=False)
+
+    @_guard("read")
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self._handles[fh]
+        if node.kind == "static":
+            return node.data[off : off + size]
+        t0 = time.perf_counter()
+        data = await self.filler.read(node.blob_id, off, size)
+        self.metrics.fuse_read_seconds.observe(time.perf_counter() - t0)
+        return data
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+
+def _blob_nodes(node: Node):
+    if node.kind == "blob":
+        yield node
+    for child in node.children.values():
+        yield from _blob_nodes(child)
+
+
+def find_mount(mountpoint: Path, mountinfo: str | None = None) -> str | None:
+    """major:minor of the mount at `mountpoint`, from /proc/self/mountinfo.
+
+    Pure string work on purpose: realpath/stat of our own mount from the loop
+    thread deadlocks the daemon, so callers resolve the path before mounting.
+    """
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    target = os.path.abspath(mountpoint)
+    found = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
+            found = fields[2]  # the last one listed is the one on top
+    return found
+
+
+def set_read_ahead(mountpoint: Path, kb: int) -> bool:
+    """Raise the mount's bdi read_ahead_kb: 1 MiB reads instead of 128 KiB ones.
+
+    Must run after FUSE_INIT was answered: the INIT reply resets it.
+    """
+    dev = find_mount(mountpoint)
+    if dev is None or kb <= 0:
+        return False
+    path = Path("/sys/class/bdi") / dev / "read_ahead_kb"
+    try:
+        path.write_text(str(kb))
+        return int(path.read_text()) == kb
+    except OSError as e:
+        log.warning("cannot set %s: %s", path, e)
+        return False

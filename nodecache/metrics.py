@@ -1,0 +1,42 @@
+"""Prometheus metrics of one daemon, in its own registry (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """Every metric the daemon exports, named as DESIGN §9 lists them."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "nodecache_"
+        self.read_bytes = Counter(
+            p + "read_bytes", "Bytes served to readers, by where they came from.", ["source"], registry=r
+        )
+        self.fuse_requests = Counter(p + "fuse_requests", "FUSE requests handled, by operation.", ["op"], registry=r)
+        self.fuse_errors = Counter(
+            p + "fuse_errors", "FUSE requests answered with an error, by errno name.", ["errno"], registry=r
+        )
+        self.fuse_read_seconds = Histogram(
+            p + "fuse_read_seconds",
+            "Latency of FUSE read requests.",
+            buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+            registry=r,
+        )
+        self.upstream_bytes = Counter(p + "upstream_bytes", "Bytes fetched from upstream.", ["upstream"], registry=r)
+        self.upstream_requests = Counter(
+            p + "upstream_requests", "Upstream HTTP requests, by status code.", ["code"], registry=r
+        )
+        self.verify_failures = Counter(
+            p + "verify_failures", "Blobs or chunks that failed verification.", ["source"], registry=r
+        )
+        self.fill_inflight = Gauge(p + "fill_inflight", "Chunk fetches in flight.", registry=r)
+        self.coalesced_waits = Counter(
+            p + "coalesced_waits", "Reads that joined a fetch already in flight.", registry=r
+        )
+        self.cache_bytes = Gauge(p + "cache_bytes", "Bytes of verified chunks stored, by tier.", ["tier"], registry=r)
+        self.blobs = Gauge(p + "blobs", "Blobs known to the index, by state.", ["state"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Test helpers for nodecache: a local HuggingFace Hub emulator (see `hub`)."""

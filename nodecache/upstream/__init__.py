@@ -1,0 +1,41 @@
+"""Where bytes come from when no node has them: one protocol, one module per kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..index import BlobRecord
+from ..layout import FileEntry
+
+
+class UpstreamError(Exception):
+    """A failure worth retrying (5xx, reset, truncated body, timeout)."""
+
+
+class NotFound(UpstreamError):
+    """The repo, revision or file does not exist or is not ours to read: never retried."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file of a resolved snapshot, with the hash kind that proves its blob id."""
+
+    entry: FileEntry
+    kind: str  # "sha256" | "gitsha1"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    commit: str
+    files: list[RemoteFile]
+
+
+class Upstream(Protocol):
+    name: str
+
+    async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved:
+        """Revision -> commit and the full file list (sizes and blob ids)."""
+
+    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
+        """Exactly bytes [start, end) of the blob, or raise UpstreamError."""

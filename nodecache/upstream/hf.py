@@ -1,0 +1,132 @@
+"""The HuggingFace Hub (or anything that speaks its API, like our emulator).
+
+Metadata comes from one call, `/api/{type}s/{repo}/revision/{rev}?blobs=true`.
+Data comes from `/{repo}/resolve/{commit}/{path}` as HTTP range requests; LFS
+files answer with a redirect to a CDN whose signed URL we reuse for a while,
+keyed by blob id (never by URL), and to which we never send our token.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from urllib.parse import quote, urljoin, urlsplit
+
+import aiohttp
+
+from ..index import BlobRecord
+from ..layout import COMMIT_RE, REPO_TYPES, FileEntry, validate_blob_id, validate_relpath
+from ..metrics import Metrics
+from . import NotFound, RemoteFile, Resolved, UpstreamError
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_LOCATION_TTL = 300.0  # signed CDN URLs live longer than this on the real Hub
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+class HfUpstream:
+    """Client of the Hub's HTTP API over one shared aiohttp session."""
+
+    name = "hf"
+
+    def __init__(self, endpoint: str, session: aiohttp.ClientSession, metrics: Metrics, token: str | None = None):
+        self.endpoint = endpoint.rstrip("/")
+        self.session = session
+        self.metrics = metrics
+        self.token = token
+        self._locations: dict[str, tuple[str, float]] = {}
+
+    def _headers(self, url: str) -> dict[str, str]:
+        if self.token and _origin(url) == _origin(self.endpoint):
+            return {"Authorization": f"Bearer {self.token}"}
+        return {}
+
+    async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved:
+        url = f"{self.endpoint}/api/{REPO_TYPES[repo_type]}/{repo_id}/revision/{quote(revision, safe='')}"
+        try:
+            async with self.session.get(url, params={"blobs": "true"}, headers=self._headers(url)) as resp:
+                self.metrics.upstream_requests.labels(str(resp.status)).inc()
+                if resp.status in (401, 403, 404):
+                    code = resp.headers.get("X-Error-Code", "")
+                    what = {"RevisionNotFound": f"revision {revision!r} of"}.get(code, "repository")
+                    raise NotFound(
+                        f"{what} {repo_type} {repo_id!r} not found upstream ({resp.status} {code})".replace("  ", " ")
+                    )
+                if resp.status != 200:
+                    raise UpstreamError(f"{url}: HTTP {resp.status}")
+                info = await resp.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            raise UpstreamError(f"{url}: {e.__class__.__name__}: {e}") from None
+        return _parse_revision(info)
+
+    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the blob; follows (and remembers) the CDN redirect."""
+        url, cached = self._location(rec)
+        for _hop in range(5):
+            headers = {"Range": f"bytes={start}-{end - 1}", **self._headers(url)}
+            try:
+                async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
+                    self.metrics.upstream_requests.labels(str(resp.status)).inc()
+                    if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                        url = urljoin(url, resp.headers["Location"])
+                        self._locations[rec.blob_id] = (url, time.monotonic() + _LOCATION_TTL)
+                        continue
+                    if resp.status in (401, 403, 404, 410) and cached:
+                        # An expired signed URL: ask the Hub for a fresh one.
+                        self._locations.pop(rec.blob_id, None)
+                        url, cached = self._location(rec)
+                        continue
+                    if resp.status in (401, 403, 404):
+                        raise NotFound(f"{rec.repo_id}/{rec.path}: HTTP {resp.status}")
+                    data = await self._body(resp, start, end)
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise UpstreamError(f"{rec.repo_id}/{rec.path} [{start}-{end}): {e.__class__.__name__}: {e}") from None
+            self.metrics.upstream_bytes.labels(self.name).inc(len(data))
+            return data
+        raise UpstreamError(f"{rec.repo_id}/{rec.path}: too many redirects")
+
+    def _location(self, rec: BlobRecord) -> tuple[str, bool]:
+        hit = self._locations.get(rec.blob_id)
+        if hit and hit[1] > time.monotonic():
+            return hit[0], True
+        prefix = "" if rec.repo_type == "model" else REPO_TYPES[rec.repo_type] + "/"
+        path = quote(validate_relpath(rec.path))
+        return f"{self.endpoint}/{prefix}{rec.repo_id}/resolve/{rec.commit}/{path}", False
+
+    @staticmethod
+    async def _body(resp: aiohttp.ClientResponse, start: int, end: int) -> bytes:
+        """The body, only if it is exactly the range we asked for."""
+        if resp.status == 206:
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if not m or int(m[1]) != start or int(m[2]) != end - 1:
+                raise UpstreamError(f"wrong Content-Range {resp.headers.get('Content-Range')!r} for [{start}-{end})")
+        elif resp.status != 200:
+            raise UpstreamError(f"HTTP {resp.status}")
+        data = await resp.read()
+        if resp.status == 200:  # server ignored Range: take our slice of the whole
+            data = data[start:end]
+        if len(data) != end - start:
+            raise UpstreamError(f"truncated body: {len(data)} of {end - start} bytes")
+        return data
+
+
+def _parse_revision(info: dict) -> Resolved:
+    commit = info.get("sha", "")
+    if not COMMIT_RE.match(commit):
+        raise UpstreamError(f"upstream gave no commit sha: {commit!r}")
+    files = []
+    for s in info.get("siblings", []):
+        lfs = s.get("lfs")
+        if lfs and lfs.get("sha256"):
+            blob_id, kind, size = lfs["sha256"], "sha256", lfs.get("size", s.get("size"))
+        else:
+            blob_id, kind, size = s.get("blobId", ""), "gitsha1", s.get("size")
+        if size is None:
+            raise UpstreamError(f"upstream gave no size for {s.get('rfilename')!r}")
+        entry = FileEntry(validate_relpath(s["rfilename"]), int(size), validate_blob_id(blob_id))
+        files.append(RemoteFile(entry, kind))
+    return Resolved(commit, files)
