@@ -129,7 +129,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
-    return demo_main(Path(args.workdir))
+    return demo_main(Path(args.workdir), keep=args.keep)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="serve the bundled all-MiniLM-L6-v2 through the Hub emulator, mount, list, load")
     d.add_argument("--workdir", default="/tmp/nodecache-demo")
+    d.add_argument("--keep", action="store_true", help="keep serving until Ctrl-C")
     d.set_defaults(fn=cmd_demo)
     return p
 

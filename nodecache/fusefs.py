@@ -42,7 +42,7 @@ def _guard(op: str):
                 if e.errno != errno.ENOENT:
                     self.metrics.fuse_errors.labels(errno.errorcode.get(e.errno, str(e.errno))).inc()
                 raise
-            except (InvalidName, KeyError):
+            except (InvalidName, KeyError, UnicodeDecodeError):
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
             except FillError as e:
                 log.error("%s: %s", op, e)
@@ -180,7 +180,7 @@ class NodecacheFS(pyfuse3.Operations):
         if name != XATTR_CACHED:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         _, node = self._node(inode)
-        blobs = {n.blob_id: n.size for n in _blob_nodes(node)}
+        blobs = {b: self.filler.record(b).size for b in _blob_ids(node)}
         total = sum(blobs.values())
         done = sum(self.filler.cached_bytes(b) for b in blobs)
         return f"{(done / total) if total else 1.0:.6f}".encode()
@@ -220,11 +220,14 @@ class NodecacheFS(pyfuse3.Operations):
         self._handles.pop(fh, None)
 
 
-def _blob_nodes(node: Node):
+def _blob_ids(node: Node):
+    """Blobs below a node: blob files, and the targets of snapshot symlinks."""
     if node.kind == "blob":
-        yield node
+        yield node.blob_id
+    elif node.kind == "symlink" and "/blobs/" in node.target:
+        yield node.target.rsplit("/", 1)[1]
     for child in node.children.values():
-        yield from _blob_nodes(child)
+        yield from _blob_ids(child)
 
 
 def find_mount(mountpoint: Path, mountinfo: str | None = None) -> str | None:

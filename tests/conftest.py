@@ -1,0 +1,87 @@
+"""Fixtures: generated repos, a real Hub emulator, real daemons with real FUSE mounts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from nodecache.testing.daemon import DaemonProcess
+from nodecache.testing.hub import HubEmulator
+
+MiB = 1024 * 1024
+SMALL = "org/small"
+BIG = "org/big"
+
+
+def _need_fuse() -> None:
+    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
+        pytest.skip("needs root and /dev/fuse (run the suite as root on a host with FUSE)")
+
+
+@pytest.fixture(scope="session")
+def small_repo(tmp_path_factory) -> Path:
+    """A tiny model: real safetensors weights, config, and a nested tokenizer dir."""
+    d = tmp_path_factory.mktemp("small_repo")
+    rng = np.random.default_rng(7)
+    tensors = {
+        "embed.weight": rng.standard_normal((1024, 512), dtype=np.float32),  # 2 MiB
+        "layer.0.weight": rng.standard_normal((512, 512), dtype=np.float32),
+        "layer.0.bias": rng.standard_normal(512, dtype=np.float32),
+        "ids": np.arange(1000, dtype=np.int64),
+    }
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "np"})
+    (d / "config.json").write_text('{"hidden_size": 512, "model_type": "tiny"}')
+    (d / "tokenizer").mkdir()
+    (d / "tokenizer" / "vocab.txt").write_text("\n".join(f"tok{i}" for i in range(5000)))
+    (d / "README.md").write_text("# tiny test model\n")
+    return d
+
+
+@pytest.fixture(scope="session")
+def big_repo(tmp_path_factory) -> Path:
+    """One 72 MiB LFS blob of random bytes: many chunks, for coalescing and faults."""
+    d = tmp_path_factory.mktemp("big_repo")
+    (d / "weights.bin").write_bytes(os.urandom(72 * MiB))
+    (d / "config.json").write_text("{}")
+    return d
+
+
+@pytest.fixture
+def hub(small_repo, big_repo):
+    with HubEmulator() as h:
+        h.commits = {SMALL: h.add_repo(SMALL, small_repo), BIG: h.add_repo(BIG, big_repo)}
+        yield h
+
+
+@pytest.fixture
+def daemons(tmp_path, hub):
+    """Factory for real daemons; every one started is stopped and unmounted after the test."""
+    _need_fuse()
+    started: list[DaemonProcess] = []
+
+    def make(repos=(SMALL,), env=None, workdir: Path | None = None, start=True, **kw) -> DaemonProcess:
+        base = {"NODECACHE_CHUNK_SIZE": str(MiB), "NODECACHE_READ_TIMEOUT": "20", "NODECACHE_FSYNC": "false"}
+        d = DaemonProcess(workdir or tmp_path, hub.url, list(repos), env={**base, **(env or {})}, **kw)
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while buf := f.read(4 * MiB):
+            h.update(buf)
+    return h.hexdigest()
+
+
+def snapshot_dir(daemon: DaemonProcess, repo: str, commit: str) -> Path:
+    return daemon.hub / ("models--" + repo.replace("/", "--")) / "snapshots" / commit

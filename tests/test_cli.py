@@ -1,0 +1,76 @@
+"""The command line: clear one-line errors, prefetch standalone and through a daemon."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import BIG, SMALL, sha256_file, snapshot_dir
+
+
+def nodecache(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nodecache", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("org/nope", "repository model 'org/nope' not found upstream"),
+        ("org/small@no-such-branch", "revision 'no-such-branch' of model 'org/small' not found upstream"),
+        ("../etc", "invalid repo id"),
+        ("org/small@../../x", "invalid revision"),
+    ],
+)
+def test_bad_repo_or_revision_is_one_line_and_exit_1(hub, tmp_path, spec, message):
+    for cmd in (["prefetch", spec], ["serve", "--mount", str(tmp_path / "mnt"), "--repo", spec]):
+        out = nodecache(*cmd, "--cache-dir", str(tmp_path / "cache"), "--hub-url", hub.url)
+        assert out.returncode == 1, out
+        assert message in out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("nodecache: error:"), out.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_usage_errors_exit_2():
+    assert nodecache().returncode == 2
+    assert nodecache("prefetch").returncode == 2
+    assert nodecache("serve", "--no-such-flag").returncode == 2
+
+
+def test_unreachable_upstream_is_one_line(tmp_path):
+    out = nodecache("prefetch", SMALL, "--cache-dir", str(tmp_path / "c"), "--hub-url", "http://127.0.0.1:9")
+    assert out.returncode == 1 and "Cannot connect" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_prefetch_standalone_fills_and_verifies_inside_cache_dir(hub, tmp_path, small_repo):
+    cache = tmp_path / "cache"
+    out = nodecache("prefetch", SMALL, "--cache-dir", str(cache), "--hub-url", hub.url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"ready: {SMALL}@main ({hub.commits[SMALL][:12]})")
+    assert "100.0%" in out.stderr  # the progress bar reached the end
+    blobs = sorted(p.name for p in (cache / "blobs").rglob("*") if p.is_file())
+    sources = {sha256_file(p) for p in small_repo.rglob("*") if p.is_file()}
+    assert sha256_file(small_repo / "model.safetensors") in blobs
+    assert len(blobs) == len(sources)
+    # nothing was written anywhere but the cache dir
+    assert {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")} == {"cache"}
+    # a second prefetch fetches nothing and is still truthful
+    before = hub.stats.data_bytes
+    again = nodecache("prefetch", SMALL, "--cache-dir", str(cache), "--hub-url", hub.url)
+    assert again.returncode == 0 and hub.stats.data_bytes == before
+
+
+def test_prefetch_through_the_daemon(hub, daemons, big_repo):
+    d = daemons(repos=(SMALL,))
+    out = nodecache("prefetch", BIG, "--endpoint", d.url)
+    assert out.returncode == 0, out.stderr
+    assert f"ready: {BIG}@main ({hub.commits[BIG][:12]})" in out.stdout
+    path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
+    assert os.getxattr(path, "user.nodecache.cached") == b"1.000000"
+    before = hub.stats.data_bytes
+    assert sha256_file(path) == sha256_file(big_repo / "weights.bin")
+    assert hub.stats.data_bytes == before, "served from the store"
+    bad = nodecache("prefetch", "org/nope", "--endpoint", d.url)
+    assert bad.returncode == 1 and "404" in bad.stderr

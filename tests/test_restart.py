@@ -1,0 +1,55 @@
+"""Restarts and crashes: the index is the truth, no wrong byte is ever served."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir
+
+from nodecache.testing.hub import Fault
+
+
+def test_restart_serves_everything_with_upstream_gone(hub, daemons, small_repo):
+    d = daemons(repos=(SMALL,))
+    snap = snapshot_dir(d, SMALL, hub.commits[SMALL])
+    want = {p.relative_to(small_repo): sha256_file(p) for p in small_repo.rglob("*") if p.is_file()}
+    assert {rel: sha256_file(snap / rel) for rel in want} == want
+    time.sleep(0.5)  # let background whole-blob verification finish
+    assert d.stop() == 0
+    hub.stop()  # upstream is gone for good
+    d2 = daemons(repos=(SMALL,), cache_dir=d.cache_dir)
+    assert {rel: sha256_file(snap / rel) for rel in want} == want
+    assert "upstream unreachable" in d2.log()
+
+
+def test_kill9_during_fill_resumes_without_wrong_bytes(hub, daemons, big_repo):
+    # Slow every data response down so the crash lands mid-fill.
+    hub.faults.extend(Fault("slow", seconds=0.3) for _ in range(40))
+    d = daemons(repos=(BIG,), env={"NODECACHE_FSYNC": "true"})
+    path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
+    with open(path, "rb") as f:
+        head = f.read(MiB)  # opens the blob: background fill starts
+    deadline = time.monotonic() + 20
+    while float(_cached(path)) < 0.1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    frac_before = float(_cached(path))
+    assert 0 < frac_before < 1, "crash must land mid-fill"
+    d.kill9()
+    hub.faults.clear()
+    hub.stats.reset()
+    d2 = daemons(repos=(BIG,), cache_dir=d.cache_dir)
+    want = (big_repo / "weights.bin").read_bytes()
+    assert head == want[:MiB]
+    assert float(_cached(path)) >= frac_before - 1 / 72, "verified chunks survive the crash"
+    got = path.read_bytes()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(want).digest()
+    refetched = sum(e - s for _, s, e in hub.stats.ranges)
+    assert refetched < len(want), "the restart resumed instead of starting over"
+    assert d2.proc.poll() is None
+
+
+def _cached(path) -> str:
+    import os
+
+    return os.getxattr(path, "user.nodecache.cached").decode()
