@@ -45,10 +45,10 @@ class Config:
         for key in ("read_ahead_chunks", "parallel_per_blob", "parallel_total"):
             if getattr(self, key) < (0 if key == "read_ahead_chunks" else 1):
                 raise ConfigError(f"{key}: {getattr(self, key)} is out of range")
-        if self.read_timeout <= 0:
+        if not self.read_timeout > 0:  # also refuses NaN
             raise ConfigError("read_timeout: must be > 0")
         host, _, port = self.listen.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT")
         for spec in self.repos:
             try:
@@ -74,7 +74,11 @@ def _convert(f: dataclasses.Field, raw: str):
             return False
         raise ConfigError(f"{f.name}: {raw!r} is not a boolean")
     if "Path" in kind:
-        return Path(raw) if raw else None
+        if raw:
+            return Path(raw)
+        if "None" in kind:  # an optional path: empty means unset
+            return None
+        raise ConfigError(f"{f.name}: must not be empty")
     if "tuple" in kind:
         return tuple(x for x in raw.replace(",", " ").split() if x)
     try:

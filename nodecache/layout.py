@@ -40,7 +40,7 @@ def validate_repo_id(repo_id: str) -> str:
     if not 1 <= len(parts) <= 2 or len(repo_id) > 96:
         raise InvalidName(f"invalid repo id {repo_id!r}: expected 'org/name'")
     for part in parts:
-        if not _REPO_PART_RE.match(part) or "--" in part or part.endswith(".") or ".." in part:
+        if not _REPO_PART_RE.fullmatch(part) or "--" in part or part[-1] in ".-" or ".." in part:
             raise InvalidName(f"invalid repo id {repo_id!r}")
     return repo_id
 
@@ -56,7 +56,7 @@ def validate_revision(revision: str) -> str:
     if not revision or len(revision) > 200:
         raise InvalidName(f"invalid revision {revision!r}")
     for part in revision.split("/"):
-        if part in ("", ".", "..") or not _REV_PART_RE.match(part):
+        if part in ("", ".", "..") or not _REV_PART_RE.fullmatch(part):
             raise InvalidName(f"invalid revision {revision!r}")
     return revision
 
@@ -72,7 +72,7 @@ def validate_relpath(path: str) -> str:
 
 
 def validate_blob_id(blob_id: str) -> str:
-    if not BLOB_ID_RE.match(blob_id):
+    if not BLOB_ID_RE.fullmatch(blob_id):
         raise InvalidName(f"invalid blob id {blob_id!r}")
     return blob_id
 
@@ -176,7 +176,7 @@ def build_repo_tree(view: RepoView) -> Node:
             parent = parent.child_dir(part)
         parent.children[parts[-1]] = static(commit.encode())  # no trailing newline
     for commit, files in view.snapshots.items():
-        if not COMMIT_RE.match(commit):
+        if not COMMIT_RE.fullmatch(commit):
             raise InvalidName(f"invalid commit {commit!r}")
         snap = snaps.child_dir(commit)
         for f in files:

@@ -55,7 +55,7 @@ async def ensure_repo(index: Index, upstream: Upstream, chunk_size: int, spec: s
     except NotFound:
         raise
     except UpstreamError as e:
-        commit = revision if COMMIT_RE.match(revision) else index.get_ref(repo_type, repo_id, revision)
+        commit = revision if COMMIT_RE.fullmatch(revision) else index.get_ref(repo_type, repo_id, revision)
         if commit and index.get_snapshot(repo_type, repo_id, commit) is not None:
             log.warning("upstream unreachable (%s); serving %s@%s from the index", e, repo_id, revision)
             return RepoRef(repo_type, repo_id, revision, commit)

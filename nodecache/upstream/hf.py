@@ -101,7 +101,7 @@ class HfUpstream:
     async def _body(resp: aiohttp.ClientResponse, start: int, end: int) -> bytes:
         """The body, only if it is exactly the range we asked for."""
         if resp.status == 206:
-            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
             if not m or int(m[1]) != start or int(m[2]) != end - 1:
                 raise UpstreamError(f"wrong Content-Range {resp.headers.get('Content-Range')!r} for [{start}-{end})")
         elif resp.status != 200:
@@ -116,7 +116,7 @@ class HfUpstream:
 
 def _parse_revision(info: dict) -> Resolved:
     commit = info.get("sha", "")
-    if not COMMIT_RE.match(commit):
+    if not COMMIT_RE.fullmatch(commit):
         raise UpstreamError(f"upstream gave no commit sha: {commit!r}")
     files = []
     for s in info.get("siblings", []):

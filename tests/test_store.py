@@ -1,0 +1,493 @@
+"""The LMDB index and the content-addressed blob store, on real files in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from nodecache.index import BlobRecord, Index
+from nodecache.layout import FileEntry, InvalidName
+from nodecache.store import Quarantined, Store, hash_file
+
+KiB = 1024
+MiB = 1024 * KiB
+CS = 64 * KiB  # the smallest chunk size the config allows: keeps the tests fast
+C1, C2, C3 = "1" * 40, "2" * 40, "3" * 40
+KINDS = ["sha256", "gitsha1"]
+
+
+def blob_id(kind: str, data: bytes) -> str:
+    if kind == "sha256":
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic bytes whose chunks all differ."""
+    out = bytearray()
+    block = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"%d:%d" % (seed, block)).digest()
+        block += 1
+    return bytes(out[:size])
+
+
+def record(kind: str, data: bytes, chunk_size: int = CS, **kw) -> BlobRecord:
+    return BlobRecord(blob_id=blob_id(kind, data), size=len(data), kind=kind, chunk_size=chunk_size, **kw)
+
+
+def chunks_of(data: bytes, chunk_size: int = CS) -> list[bytes]:
+    return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def index(cache: Path):
+    idx = Index(cache / "index", map_size=64 * MiB)
+    yield idx
+    idx.close()
+
+
+@pytest.fixture
+def store(cache: Path, index: Index):
+    s = Store(cache, index)
+    yield s
+    s.close()
+
+
+async def fill(store: Store, rec: BlobRecord, data: bytes, order: list[int] | None = None):
+    st = store.state(rec)
+    parts = chunks_of(data, rec.chunk_size)
+    for i in order if order is not None else range(len(parts)):
+        await store.write_chunk(st, i, parts[i])
+    return st
+
+
+# --- Index: refs and snapshots -------------------------------------------------
+
+
+def test_ref_put_get_overwrite(index: Index):
+    assert index.get_ref("model", "org/a", "main") is None
+    index.put_ref("model", "org/a", "main", C1)
+    index.put_ref("model", "org/a", "refs/pr/1", C2)
+    assert index.get_ref("model", "org/a", "main") == C1
+    assert index.get_ref("model", "org/a", "refs/pr/1") == C2
+    index.put_ref("model", "org/a", "main", C3)  # the branch moved
+    assert index.get_ref("model", "org/a", "main") == C3
+    # Keyed by repo type and id too.
+    assert index.get_ref("dataset", "org/a", "main") is None
+    assert index.get_ref("model", "org/ab", "main") is None
+    assert index.get_ref("model", "org", "main") is None
+
+
+def test_snapshot_put_get(index: Index):
+    files = [FileEntry("config.json", 12, "a" * 40), FileEntry("sub/dir/w.bin", 10**12, "b" * 64)]
+    assert index.get_snapshot("model", "org/a", C1) is None
+    index.put_snapshot("model", "org/a", C1, files)
+    assert index.get_snapshot("model", "org/a", C1) == files
+    assert index.get_snapshot("model", "org/a", C2) is None
+    assert index.get_snapshot("dataset", "org/a", C1) is None
+    index.put_snapshot("model", "org/a", C2, [])
+    assert index.get_snapshot("model", "org/a", C2) == []
+
+
+def test_views_group_refs_and_snapshots_by_repo_and_type(index: Index):
+    fa = [FileEntry("a.txt", 1, "a" * 40)]
+    fb = [FileEntry("b.txt", 2, "b" * 40)]
+    fd = [FileEntry("d/x.parquet", 3, "d" * 64)]
+    index.put_snapshot("model", "org/a", C1, fa)
+    index.put_snapshot("model", "org/a", C2, fb)
+    index.put_ref("model", "org/a", "main", C2)
+    index.put_ref("model", "org/a", "v1", C1)
+    index.put_snapshot("dataset", "org/a", C3, fd)  # same id, other type: another repo
+    index.put_ref("dataset", "org/a", "refs/pr/7", C3)
+    index.put_snapshot("model", "gpt2", C1, fa)
+    index.put_ref("space", "org/app", "main", C1)  # a ref whose snapshot is not known yet
+
+    views = index.views()
+    assert [(v.repo_type, v.repo_id) for v in views] == [
+        ("dataset", "org/a"),
+        ("model", "gpt2"),
+        ("model", "org/a"),
+        ("space", "org/app"),
+    ]
+    ds, gpt2, model, space = views
+    assert model.refs == {"main": C2, "v1": C1}
+    assert model.snapshots == {C1: fa, C2: fb}
+    assert ds.refs == {"refs/pr/7": C3}
+    assert ds.snapshots == {C3: fd}
+    assert gpt2.refs == {} and gpt2.snapshots == {C1: fa}
+    assert space.refs == {"main": C1} and space.snapshots == {}
+
+
+def test_views_of_empty_index(index: Index):
+    assert index.views() == []
+
+
+# --- Index: blobs and chunks ---------------------------------------------------
+
+
+def test_blob_records(index: Index):
+    rec = BlobRecord("a" * 64, 5 * CS + 1, "sha256", CS, repo_type="dataset", repo_id="org/d", commit=C1, path="x/y")
+    assert index.get_blob(rec.blob_id) is None
+    index.put_blob(rec)
+    assert index.get_blob(rec.blob_id) == rec
+    rec.state, rec.last_access = "complete", 123.5
+    index.put_blob(rec)
+    assert index.get_blob(rec.blob_id) == rec
+    other = BlobRecord("b" * 40, 0, "gitsha1", CS)
+    index.put_blob(other)
+    assert sorted(index.all_blobs(), key=lambda r: r.blob_id) == [rec, other]
+
+
+@pytest.mark.parametrize(("size", "n"), [(0, 1), (1, 1), (CS, 1), (CS + 1, 2), (3 * CS, 3), (3 * CS + 7, 4)])
+def test_blob_n_chunks(size, n):
+    assert BlobRecord("a" * 40, size, "gitsha1", CS).n_chunks == n
+
+
+def test_chunks_set_get_drop(index: Index):
+    a40, a64, b64 = "a" * 40, "a" * 64, "b" * 64  # a40 is a string prefix of a64
+    for blob in (a40, a64, b64):
+        for i in range(4):
+            index.set_chunk(blob, i, hash((blob, i)) & (2**64 - 1))
+    index.set_chunk(a64, 2**40, 2**64 - 1)  # big index and digest survive the packing
+    assert index.chunks(a40) == {i: hash((a40, i)) & (2**64 - 1) for i in range(4)}
+    assert index.chunks(a64) == {**{i: hash((a64, i)) & (2**64 - 1) for i in range(4)}, 2**40: 2**64 - 1}
+    assert index.chunks("c" * 64) == {}
+
+    index.set_chunk(a40, 1, 42)  # re-recording replaces
+    assert index.chunks(a40)[1] == 42
+
+    index.drop_chunks(a40, [0, 2, 99])  # some (99 was never there)
+    assert sorted(index.chunks(a40)) == [1, 3]
+    assert len(index.chunks(a64)) == 5
+
+    index.drop_chunks(a64)  # all, with records on both sides of it
+    assert index.chunks(a64) == {}
+    assert sorted(index.chunks(a40)) == [1, 3]
+    assert sorted(index.chunks(b64)) == [0, 1, 2, 3]
+
+    index.drop_chunks(b64)  # all, being the last records in the database
+    assert index.chunks(b64) == {}
+    index.drop_chunks(b64)  # nothing left: a no-op
+    index.drop_chunks("f" * 64)
+    assert sorted(index.chunks(a40)) == [1, 3]
+
+
+def test_index_persists_across_close_and_reopen(cache: Path):
+    path = cache / "index"
+    idx = Index(path, map_size=64 * MiB)
+    files = [FileEntry("w.bin", 3 * CS, "e" * 64)]
+    rec = BlobRecord("e" * 64, 3 * CS, "sha256", CS, repo_id="org/a", commit=C1, path="w.bin")
+    idx.put_ref("model", "org/a", "main", C1)
+    idx.put_snapshot("model", "org/a", C1, files)
+    idx.put_blob(rec)
+    idx.set_chunk(rec.blob_id, 0, 7)
+    idx.set_chunk(rec.blob_id, 2, 9)
+    idx.close()
+
+    idx = Index(path, map_size=64 * MiB)
+    try:
+        assert idx.get_ref("model", "org/a", "main") == C1
+        assert idx.get_snapshot("model", "org/a", C1) == files
+        assert idx.get_blob(rec.blob_id) == rec
+        assert idx.chunks(rec.blob_id) == {0: 7, 2: 9}
+        assert [(v.repo_id, v.refs) for v in idx.views()] == [("org/a", {"main": C1})]
+    finally:
+        idx.close()
+
+
+# --- Store ---------------------------------------------------------------------
+
+
+def test_state_creates_sparse_file_of_full_size(cache: Path, store: Store):
+    rec = BlobRecord("ab" + "c" * 62, 64 * MiB + 5, "sha256", 8 * MiB)
+    st = store.state(rec)
+    path = cache / "blobs" / "ab" / rec.blob_id
+    assert store.path(rec.blob_id) == path
+    assert path.is_file()
+    stat = path.stat()
+    assert stat.st_size == rec.size
+    assert stat.st_blocks * 512 <= 64 * KiB  # sparse: no data blocks behind 64 MiB
+    assert st.missing == rec.n_chunks == 9
+    assert not any(st.has(i) for i in range(9))
+    assert st.chunk_range(8) == (64 * MiB, 64 * MiB + 5)
+    assert store.state(rec) is st  # one state per blob
+    assert path.stat().st_ino == stat.st_ino
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_write_chunks_then_read_exact_bytes(cache: Path, index: Index, store: Store, kind: str):
+    data = payload(3 * CS + CS // 2, seed=1)  # partial last chunk
+    rec = record(kind, data)
+    index.put_blob(rec)
+
+    async def run():
+        st = await fill(store, rec, data, order=[2, 0, 3, 1])
+        assert st.missing == 0
+        assert await store.read(rec.blob_id, 0, len(data)) == data
+        assert await store.read(rec.blob_id, CS - 10, 20) == data[CS - 10 : CS + 10]  # across a boundary
+        assert await store.read(rec.blob_id, 3 * CS, CS // 2) == data[3 * CS :]  # the short last chunk
+        assert await store.read(rec.blob_id, 5, 0) == b""
+        with pytest.raises(OSError):
+            await store.read(rec.blob_id, len(data) - 4, 8)  # past the end: never short bytes
+        return st
+
+    st = asyncio.run(run())
+    assert index.chunks(rec.blob_id) == {i: xxhash.xxh3_64_intdigest(c) for i, c in enumerate(chunks_of(data))}
+    assert store.path(rec.blob_id).read_bytes() == data
+    assert all(st.has(i) for i in range(4))
+
+
+def test_write_chunk_with_wrong_length_raises_and_records_nothing(index: Index, store: Store):
+    data = payload(2 * CS + 100, seed=2)
+    rec = record("sha256", data)
+    index.put_blob(rec)
+    st = store.state(rec)
+    parts = chunks_of(data)
+
+    async def run():
+        with pytest.raises(ValueError):
+            await store.write_chunk(st, 0, parts[0][:-1])
+        with pytest.raises(ValueError):
+            await store.write_chunk(st, 0, parts[0] + b"x")
+        with pytest.raises(ValueError):
+            await store.write_chunk(st, 2, parts[0])  # a full chunk where only 100 bytes belong
+        await store.write_chunk(st, 2, parts[2])
+
+    asyncio.run(run())
+    assert len(parts[2]) == 100
+    assert st.chunk_range(2) == (2 * CS, 2 * CS + 100)
+    assert sorted(index.chunks(rec.blob_id)) == [2]
+    assert st.missing == 2 and st.has(2) and not st.has(0)
+    assert store.path(rec.blob_id).stat().st_size == rec.size  # nothing written past the end
+    assert store.path(rec.blob_id).read_bytes()[: 2 * CS] == bytes(2 * CS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_finish_with_correct_content_completes(cache: Path, index: Index, store: Store, kind: str):
+    data = payload(2 * CS + 3, seed=3)
+    rec = record(kind, data)
+    index.put_blob(rec)
+
+    async def run():
+        st = await fill(store, rec, data)
+        assert index.chunks(rec.blob_id) != {}
+        await store.finish(st)
+        return st
+
+    st = asyncio.run(run())
+    assert st.rec.state == "complete"
+    assert index.get_blob(rec.blob_id).state == "complete"
+    assert index.chunks(rec.blob_id) == {}  # presence of a complete blob is implied
+    assert store.path(rec.blob_id).read_bytes() == data
+    assert hash_file(store.path(rec.blob_id), kind, len(data)) == rec.blob_id
+    assert list((cache / "quarantine").iterdir()) == []
+
+    # After a restart the blob is still complete, with every chunk present.
+    fresh = Store(cache, index)
+    try:
+        st2 = fresh.state(index.get_blob(rec.blob_id))
+        assert st2.missing == 0
+        assert asyncio.run(fresh.read(rec.blob_id, 0, len(data))) == data
+    finally:
+        fresh.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_finish_with_wrong_content_quarantines(cache: Path, index: Index, store: Store, kind: str):
+    good = payload(2 * CS + 3, seed=4)
+    bad = good[:CS] + bytes([good[CS] ^ 1]) + good[CS + 1 :]  # one bit flipped in chunk 1
+    rec = record(kind, good)
+    index.put_blob(rec)
+
+    async def run():
+        st = await fill(store, rec, bad)
+        with pytest.raises(Quarantined):
+            await store.finish(st)
+        return st
+
+    st = asyncio.run(run())
+    assert st.rec.state == "quarantined"
+    assert index.get_blob(rec.blob_id).state == "quarantined"
+    assert index.chunks(rec.blob_id) == {}
+    assert not store.path(rec.blob_id).exists()
+    moved = cache / "quarantine" / rec.blob_id
+    assert moved.read_bytes() == bad
+    assert list((cache / "quarantine").iterdir()) == [moved]
+
+
+def test_empty_blob_gitsha1(index: Index, store: Store):
+    rec = record("gitsha1", b"")
+    assert rec.blob_id == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's empty blob
+    index.put_blob(rec)
+
+    async def run():
+        st = await fill(store, rec, b"")
+        assert st.missing == 0
+        await store.finish(st)
+
+    asyncio.run(run())
+    assert index.get_blob(rec.blob_id).state == "complete"
+    assert store.path(rec.blob_id).stat().st_size == 0
+
+
+def test_hash_file_matches_git_and_sha256(tmp_path: Path):
+    f = tmp_path / "hello"
+    f.write_bytes(b"hello\n")
+    assert hash_file(f, "gitsha1", 6) == "ce013625030ba8dba906f756967f9e9ca394464a"  # `git hash-object`
+    assert hash_file(f, "sha256", 6) == hashlib.sha256(b"hello\n").hexdigest()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recover_drops_only_chunks_whose_bytes_changed(cache: Path, index: Index, store: Store, kind: str):
+    data = payload(4 * CS - 9, seed=5)
+    rec = record(kind, data)
+    index.put_blob(rec)
+    asyncio.run(fill(store, rec, data, order=[0, 1, 3]))  # chunk 2 never fetched
+    before = index.chunks(rec.blob_id)
+    assert sorted(before) == [0, 1, 3]
+    store.close()
+
+    # A crash left chunk 1 recorded but its bytes are not what was recorded.
+    with open(store.path(rec.blob_id), "r+b") as f:
+        f.seek(CS + 100)
+        f.write(b"\xff" * 16)
+
+    fresh = Store(cache, index)
+    try:
+        assert fresh.recover() == 1
+        assert index.chunks(rec.blob_id) == {0: before[0], 3: before[3]}
+        st = fresh.state(index.get_blob(rec.blob_id))
+        assert [st.has(i) for i in range(4)] == [True, False, False, True]
+        assert st.missing == 2
+        assert fresh.recover() == 0  # what is left is sound
+    finally:
+        fresh.close()
+
+
+def test_recover_handles_truncated_and_missing_files_and_skips_complete(cache: Path, index: Index, store: Store):
+    a = payload(3 * CS, seed=6)
+    b = payload(2 * CS, seed=7)
+    c = payload(CS + 1, seed=8)
+    ra, rb, rc = record("sha256", a), record("gitsha1", b), record("sha256", c)
+    for r in (ra, rb, rc):
+        index.put_blob(r)
+
+    async def run():
+        await fill(store, ra, a)
+        await fill(store, rb, b)
+        await store.finish(await fill(store, rc, c))
+
+    asyncio.run(run())
+    store.close()
+    os.truncate(store.path(ra.blob_id), CS + 5)  # chunk 0 intact, 1 cut short, 2 gone
+    os.unlink(store.path(rb.blob_id))
+
+    fresh = Store(cache, index)
+    try:
+        assert fresh.recover() == 2 + 2
+        assert sorted(index.chunks(ra.blob_id)) == [0]
+        assert index.chunks(rb.blob_id) == {}
+        assert index.get_blob(rc.blob_id).state == "complete"
+        assert fresh.path(rc.blob_id).read_bytes() == c
+    finally:
+        fresh.close()
+
+
+def test_state_of_complete_blob_whose_file_vanished_becomes_partial(cache: Path, index: Index, store: Store):
+    data = payload(2 * CS, seed=9)
+    rec = record("sha256", data)
+    index.put_blob(rec)
+
+    async def run():
+        await store.finish(await fill(store, rec, data))
+
+    asyncio.run(run())
+    store.close()
+    os.unlink(store.path(rec.blob_id))
+
+    fresh = Store(cache, index)
+    try:
+        st = fresh.state(index.get_blob(rec.blob_id))
+        assert st.missing == 2
+        assert index.get_blob(rec.blob_id).state == "partial"
+        assert fresh.path(rec.blob_id).stat().st_size == len(data)
+    finally:
+        fresh.close()
+
+
+def test_fsync_off_still_writes_and_verifies(cache: Path, index: Index):
+    store = Store(cache, index, fsync=False)
+    data = payload(CS + 17, seed=10)
+    rec = record("gitsha1", data)
+    index.put_blob(rec)
+    try:
+
+        async def run():
+            await store.finish(await fill(store, rec, data))
+            return await store.read(rec.blob_id, 0, len(data))
+
+        assert asyncio.run(run()) == data
+        assert index.get_blob(rec.blob_id).state == "complete"
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["../x", "../" + "a" * 61, "ab", "a" * 63, "a" * 65, "A" * 64, "g" * 40, "", "ab/" + "c" * 61, "/" + "a" * 63],
+)
+def test_store_path_rejects_invalid_ids(cache: Path, store: Store, bad: str):
+    with pytest.raises(InvalidName):
+        store.path(bad)
+    with pytest.raises(InvalidName):
+        store.state(BlobRecord(bad, 10, "sha256", CS))
+    assert list((cache / "blobs").iterdir()) == []
+
+
+def test_every_file_lies_under_the_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a relative write would land here
+    cache = tmp_path / "cache"
+    index = Index(cache / "index", map_size=64 * MiB)
+    store = Store(cache, index)
+    good, other = payload(2 * CS + 1, seed=11), payload(CS, seed=12)
+    r_good, r_bad = record("sha256", good), record("gitsha1", other)
+    for r in (r_good, r_bad):
+        index.put_blob(r)
+
+    async def run():
+        await store.finish(await fill(store, r_good, good))
+        with pytest.raises(Quarantined):
+            await store.finish(await fill(store, r_bad, other[::-1]))
+        for bad in ("../../../escape", "../" + "a" * 61):
+            with pytest.raises(InvalidName):
+                store.state(BlobRecord(bad, 1, "sha256", CS))
+
+    try:
+        asyncio.run(run())
+        store.recover()
+    finally:
+        store.close()
+        index.close()
+
+    created = [p for p in tmp_path.rglob("*")]
+    outside = [p for p in created if p != work and cache not in p.parents and p != cache]
+    assert outside == []
+    assert (cache / "blobs" / r_good.blob_id[:2] / r_good.blob_id).read_bytes() == good
+    assert (cache / "quarantine" / r_bad.blob_id).read_bytes() == other[::-1]
+    files = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file())
+    assert f"blobs/{r_good.blob_id[:2]}/{r_good.blob_id}" in files
+    assert f"quarantine/{r_bad.blob_id}" in files
+    assert all(f.startswith(("blobs/", "quarantine/", "index/")) for f in files), files
