@@ -1,4 +1,4 @@
-"""`nodecache` command line: serve, prefetch, demo.
+"""`nodecache` command line: serve, prefetch, ls, status, pin, unpin, evict, demo.
 
 Exit codes: 0 ok, 1 error (one line on stderr, never a traceback), 2 usage.
 """
@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,39 +91,148 @@ async def _prefetch_standalone(cfg: config_mod.Config, spec: str) -> None:
         await d.close()
 
 
-async def _prefetch_remote(endpoint: str, spec: str) -> None:
-    import aiohttp
+def _endpoint(args: argparse.Namespace) -> str:
+    if getattr(args, "endpoint", None):
+        return args.endpoint.rstrip("/")
+    return "http://" + config_mod.load().listen
 
-    repo, _, revision = spec.partition("@")
-    body = {"repo": repo, "revision": revision or None}
-    bar = None
-    async with aiohttp.ClientSession() as s:
-        async with s.post(endpoint.rstrip("/") + "/v1/prefetch", json=body) as resp:
-            if resp.status >= 400:
-                detail = (await resp.json(content_type=None)).get("detail", resp.reason)
-                raise CliError(f"daemon answered {resp.status}: {detail}")
-            async for line in resp.content:
-                msg = json.loads(line)
-                if "commit" in msg:
-                    bar = Progress(msg["total"], f"{msg['repo']}@{msg['revision']}")
-                    head = msg
-                elif bar is not None:
-                    bar.update(msg["done"], final="state" in msg)
-                if msg.get("state") == "error":
-                    raise CliError(msg["error"])
-                if msg.get("state") == "ready":
-                    print(
-                        f"ready: {head['repo']}@{head['revision']} ({head['commit'][:12]}) {msg['total']:,} bytes verified"
-                    )
-                    return
-    raise CliError("daemon closed the stream before the prefetch finished")
+
+def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
+    """One control-API call; any failure becomes a one-line CliError."""
+    import urllib.error
+    import urllib.request
+
+    url = _endpoint(args) + path
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get("NODECACHE_ADMIN_TOKEN")
+    if getattr(args, "admin_token_file", None):
+        token = Path(args.admin_token_file).read_text().strip()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as e:
+        try:
+            detail = json.load(e).get("detail", e.reason)
+        except ValueError:
+            detail = e.reason
+        raise CliError(f"daemon answered {e.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise CliError(f"cannot reach the daemon at {_endpoint(args)}: {getattr(e, 'reason', e)}") from None
+
+
+def _spec_body(spec: str) -> dict:
+    from .layout import parse_repo_spec
+
+    repo_type, repo_id, revision = parse_repo_spec(spec)
+    body = {"repo": repo_id, "repo_type": repo_type}
+    if "@" in spec:
+        body["revision"] = revision
+    return body
+
+
+def _follow(args: argparse.Namespace, job: dict) -> None:
+    """Poll a prefetch job with a live progress bar until it is ready or failed."""
+    bar = Progress(job["total"], f"{job['repo']}@{job['revision']}")
+    while job["state"] == "running":
+        bar.update(job["done"])
+        time.sleep(0.3)
+        job = _call(args, "GET", f"/v1/jobs/{job['id']}")
+    bar.update(job["done"], final=True)
+    if job["state"] != "ready":
+        raise CliError(job["error"] or f"job {job['id']} is {job['state']}")
+    print(f"ready: {job['repo']}@{job['revision']} ({job['commit'][:12]}) {job['total']:,} bytes verified")
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
-    if args.endpoint:
-        asyncio.run(_prefetch_remote(args.endpoint, args.spec))
-    else:
+    if not args.endpoint:
         asyncio.run(_prefetch_standalone(_cfg(args), args.spec))
+        return 0
+    job = _call(args, "POST", "/v1/prefetch", _spec_body(args.spec))
+    if args.no_wait:
+        print(f"job {job['id']}: {job['repo']}@{job['revision']} ({job['commit'][:12]}) {job['state']}")
+    else:
+        _follow(args, job)
+    return 0
+
+
+def _age(ts: float) -> str:
+    if not ts:
+        return "never"
+    s = time.time() - ts
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.0f}h ago"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    repos = _call(args, "GET", "/v1/repos")["repos"]
+    if args.json:
+        print(json.dumps(repos, indent=2))
+        return 0
+    rows = [("REPO", "REVISION", "COMMIT", "SIZE", "CACHED", "PINNED", "LAST USED")]
+    for r in repos:
+        for snap in r["snapshots"]:
+            revs = ",".join(snap["revisions"]) or "-"
+            pinned = ",".join(
+                f"{rev}:{m}" for rev, m in r["pinned"].items() if rev in snap["revisions"] or rev == snap["commit"]
+            )
+            total = snap["bytes_total"]
+            pct = snap["bytes_cached"] / total * 100 if total else 100.0
+            cached = "100%" if snap["complete"] else f"{min(pct, 99.9):.1f}%"  # never round up to ready
+            name = r["repo"] if r["repo_type"] == "model" else f"{r['repo_type']}s/{r['repo']}"
+            rows.append(
+                (
+                    name,
+                    revs,
+                    snap["commit"][:12],
+                    f"{total / 1e6:,.1f} MB",
+                    cached,
+                    pinned or "-",
+                    _age(snap["last_access"]),
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _call(args, "GET", "/v1/status")
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"nodecache {st['version']}  ready={st['ready']}  mount={st['mount']}")
+    for t in st["tiers"]:
+        print(f"tier {t['name']:<5} {t['used'] / 1e9:,.2f} / {t['capacity'] / 1e9:,.2f} GB used  ({t['path']})")
+    print(f"blobs {st['blobs']}  fills in flight {st['fills_inflight']}  jobs {st['jobs']}")
+    for p in st["pins"]:
+        print(f"pinned {p['repo']}@{p['revision']} ({p['commit'][:12]}) {p['mode']}")
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    job = _call(args, "POST", "/v1/pin", {**_spec_body(args.spec), "mode": "hot" if args.hot else "pin"})
+    print(f"pinned {job['repo']}@{job['revision']} ({job['commit'][:12]})")
+    if args.wait:
+        _follow(args, job)
+    return 0
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    print("unpinned " + _call(args, "DELETE", "/v1/pin", _spec_body(args.spec))["unpinned"])
+    return 0
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    if bool(args.spec) == bool(args.all):
+        raise CliError("give a repo (org/name[@rev]) or --all")
+    out = _call(args, "POST", "/v1/evict", {"all": True} if args.all else _spec_body(args.spec))
+    print(
+        f"evicted {out['evicted_blobs']} blobs, {out['freed_bytes']:,} bytes; kept {out['kept_in_use_or_pinned']} in use or pinned"
+    )
     return 0
 
 
@@ -155,7 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     common(f)
     f.add_argument("spec", help="[datasets/]org/name[@rev]")
     f.add_argument("--endpoint", help="a running daemon, e.g. http://127.0.0.1:8470")
+    f.add_argument("--no-wait", action="store_true", help="with --endpoint: print the job id and return")
+    f.add_argument("--admin-token-file", help="file with the daemon's admin token (or $NODECACHE_ADMIN_TOKEN)")
     f.set_defaults(fn=cmd_prefetch)
+
+    def client(name: str, help_: str, fn) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("--endpoint", help="the daemon (default http://$NODECACHE_LISTEN or 127.0.0.1:8470)")
+        c.add_argument("--admin-token-file", help="file with the daemon's admin token (or $NODECACHE_ADMIN_TOKEN)")
+        c.set_defaults(fn=fn)
+        return c
+
+    c = client("ls", "list cached repos: revision, commit, size, cached %, pinned, last used", cmd_ls)
+    c.add_argument("--json", action="store_true")
+    c = client("status", "tiers, blobs, fills, jobs, pins", cmd_status)
+    c.add_argument("--json", action="store_true")
+    c = client("pin", "keep a revision (never evicted) and fill it", cmd_pin)
+    c.add_argument("spec", help="[datasets/]org/name[@rev]")
+    c.add_argument("--hot", action="store_true", help="place it in the shm tier when it fits")
+    c.add_argument("--wait", action="store_true", help="wait until it is fully cached")
+    c = client("unpin", "remove a pin", cmd_unpin)
+    c.add_argument("spec", help="[datasets/]org/name[@rev]")
+    c = client("evict", "drop cached bytes of a repo/revision, or of everything unpinned", cmd_evict)
+    c.add_argument("spec", nargs="?", help="[datasets/]org/name[@rev]")
+    c.add_argument("--all", action="store_true")
 
     d = sub.add_parser("demo", help="serve the bundled all-MiniLM-L6-v2 through the Hub emulator, mount, list, load")
     d.add_argument("--workdir", default="/tmp/nodecache-demo")

@@ -38,6 +38,14 @@ class Config:
     fsync: bool = True  # fdatasync a chunk before marking it present
     bdi_read_ahead_kb: int = 16384  # written to the mount's bdi after FUSE_INIT
     ref_ttl: float = 600.0  # re-resolve branch refs after this many seconds
+    disk_max: int = 0  # byte quota of the disk tier (<cache_dir>/blobs); 0: the filesystem's size
+    shm_dir: Path | None = None  # optional shared-memory tier, e.g. /dev/shm/nodecache
+    shm_max: int = 0  # byte quota of the shm tier; 0: the filesystem's size
+    shm_file_max: int = 64 * MiB  # blobs up to this size (and blobs of "hot" pins) go to shm
+    high_watermark: float = 0.9  # evict when a tier is fuller than this fraction...
+    low_watermark: float = 0.8  # ...down to this fraction
+    min_free: int = 256 * MiB  # always leave this much free on each tier's filesystem
+    admin_token: str | None = field(default=None, repr=False)  # required by mutating /v1 calls when set
 
     def __post_init__(self) -> None:
         if self.chunk_size < 64 * 1024 or self.chunk_size & (self.chunk_size - 1):
@@ -50,6 +58,11 @@ class Config:
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT")
+        if not 0 < self.low_watermark <= self.high_watermark <= 1:
+            raise ConfigError("low_watermark/high_watermark: need 0 < low <= high <= 1")
+        for key in ("disk_max", "shm_max", "shm_file_max", "min_free"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0")
         for spec in self.repos:
             try:
                 layout.parse_repo_spec(spec)
@@ -63,6 +76,20 @@ class Config:
     @property
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+_SIZE_KEYS = {"chunk_size", "disk_max", "shm_max", "shm_file_max", "min_free"}
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(raw: str) -> int:
+    """`123`, `64Mi`, `1.5Gi`, `10G` -> bytes (Kubernetes quantity suffixes)."""
+    text = raw.strip()
+    num = text.rstrip("KMGTikmgt")
+    unit = text[len(num) :].lower()
+    if unit not in _UNITS or not num:
+        raise ValueError(raw)
+    return int(float(num) * _UNITS[unit]) if "." in num else int(num) * _UNITS[unit]
 
 
 def _convert(f: dataclasses.Field, raw: str):
@@ -83,7 +110,7 @@ def _convert(f: dataclasses.Field, raw: str):
         return tuple(x for x in raw.replace(",", " ").split() if x)
     try:
         if kind.startswith("int"):
-            return int(raw)
+            return parse_size(raw) if f.name in _SIZE_KEYS else int(raw)
         if kind.startswith("float"):
             return float(raw)
     except ValueError:

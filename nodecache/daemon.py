@@ -12,7 +12,6 @@ import contextlib
 import logging
 import signal
 import subprocess
-from collections.abc import Coroutine
 from pathlib import Path
 
 import aiohttp
@@ -24,11 +23,12 @@ from . import layout
 from .config import Config
 from .fill import Filler
 from .fusefs import NodecacheFS, find_mount, set_read_ahead
-from .index import Index
+from .index import BlobRecord, Index
+from .jobs import Job, Jobs
 from .metrics import Metrics
 from .repos import RepoRef, ensure_repo, snapshot_blobs
 from .server import make_app
-from .store import Store
+from .store import Store, Tier
 from .upstream.hf import HfUpstream
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ class Daemon:
         self.metrics = Metrics()
         self.ready = False
         self._stop = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
         self.fs: NodecacheFS | None = None
         self._mounted = False
 
@@ -59,7 +58,13 @@ class Daemon:
         """Everything but the faces: usable for standalone prefetch too."""
         cfg = self.cfg
         self.index = Index(cfg.cache_dir / "index")
-        self.store = Store(cfg.cache_dir, self.index, fsync=cfg.fsync)
+        marks = (cfg.high_watermark, cfg.low_watermark, cfg.min_free)
+        tiers = [Tier("disk", cfg.cache_dir, cfg.disk_max, *marks)]
+        if cfg.shm_dir is not None:
+            tiers.insert(0, Tier("shm", cfg.shm_dir, cfg.shm_max, *marks))
+        self.store = Store(cfg.cache_dir, self.index, fsync=cfg.fsync, tiers=tiers, on_evict=self._evicted)
+        self.store.placement = self._place
+        self._hot: set[str] = set()
         dropped = self.store.recover()
         if dropped:
             log.warning("dropped %d chunk(s) that failed re-verification after a crash", dropped)
@@ -68,8 +73,11 @@ class Daemon:
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
         self.upstream = HfUpstream(cfg.hub_url, self.session, self.metrics, token=cfg.hub_token)
         self.filler = Filler(cfg, self.index, self.store, self.upstream, self.metrics)
+        self.jobs = Jobs(self.filler)
+        self.refresh_pins()
 
     async def close(self) -> None:
+        await self.jobs.close()
         await self.filler.close()
         await self.session.close()
         self.store.close()
@@ -84,22 +92,165 @@ class Daemon:
         total = sum(self.filler.record(b).size for b in dict.fromkeys(blobs))
         return ref, total, blobs
 
-    def spawn(self, coro: Coroutine) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    async def prefetch(self, spec: str) -> Job:
+        ref, total, blobs = await self.add_repo(spec)
+        return self.jobs.start(ref, blobs, total)
 
-    @staticmethod
-    async def wait(task: asyncio.Task, timeout: float) -> None:
-        await asyncio.wait([task], timeout=timeout)
+    # placement, pins, eviction -------------------------------------------------
 
-    def update_gauges(self) -> None:
-        counts: dict[str, int] = {"partial": 0, "complete": 0, "quarantined": 0}
+    def _place(self, rec: BlobRecord) -> str:
+        """Small files and blobs of "hot" pins go to shm while it has room."""
+        shm = self.store.tiers.get("shm")
+        if shm is not None and (rec.size <= self.cfg.shm_file_max or rec.blob_id in self._hot):
+            if shm.fits(rec.size, shm.high):
+                return "shm"
+        return "disk"
+
+    def _evicted(self, tier: str, nbytes: int) -> None:
+        self.metrics.evictions.labels(tier).inc()
+        self.metrics.evicted_bytes.labels(tier).inc(nbytes)
+
+    def pinned_refs(self) -> list[tuple[RepoRef, str]]:
+        out = []
+        for repo_type, repo_id, revision, mode in self.index.pins():
+            commit = (
+                revision if layout.COMMIT_RE.fullmatch(revision) else self.index.get_ref(repo_type, repo_id, revision)
+            )
+            if commit:
+                out.append((RepoRef(repo_type, repo_id, revision, commit), mode))
+        return out
+
+    def refresh_pins(self) -> None:
+        pinned: set[str] = set()
+        hot: set[str] = set()
+        for ref, mode in self.pinned_refs():
+            blobs = snapshot_blobs(self.index, ref)
+            pinned.update(blobs)
+            if mode == "hot":
+                hot.update(blobs)
+        self.filler.pinned, self._hot = pinned, hot
+
+    async def pin(self, spec: str, mode: str = "pin") -> Job:
+        """Keep a revision forever (mode "hot": in shm when it fits) and fill it now."""
+        if mode not in ("pin", "hot"):
+            raise ValueError(f"pin mode must be 'pin' or 'hot', not {mode!r}")
+        ref, total, blobs = await self.add_repo(spec)
+        self.index.put_pin(ref.repo_type, ref.repo_id, ref.revision, mode)
+        self.refresh_pins()
+        return self.jobs.start(ref, blobs, total)
+
+    def unpin(self, spec: str) -> bool:
+        repo_type, repo_id, revision = layout.parse_repo_spec(spec)
+        found = self.index.delete_pin(repo_type, repo_id, revision)
+        self.refresh_pins()
+        return found
+
+    def evict(self, spec: str | None) -> tuple[int, int, int]:
+        """Evict the blobs of one repo (or revision), or every unpinned blob.
+
+        Returns (blobs evicted, bytes freed, blobs kept because pinned or in use).
+        """
+        if spec is None:
+            blob_ids = [r.blob_id for r in self.index.all_blobs()]
+        else:
+            repo_type, repo_id, revision = layout.parse_repo_spec(spec)
+            view = next((v for v in self.index.views() if (v.repo_type, v.repo_id) == (repo_type, repo_id)), None)
+            if view is None:
+                raise KeyError(f"{repo_type} {repo_id} is not in the cache")
+            commits = list(view.snapshots) if "@" not in spec else [view.refs.get(revision, revision)]
+            blob_ids = [f.blob_id for c in commits for f in view.snapshots.get(c, [])]
+        evicted = freed = kept = 0
+        for blob_id in dict.fromkeys(blob_ids):
+            rec = self.store.record(blob_id)
+            if rec is None or self.store.cached_bytes(rec) == 0:
+                continue
+            if self.filler.protected(blob_id):
+                kept += 1
+                continue
+            freed += self.store.evict(rec)
+            evicted += 1
+        return evicted, freed, kept
+
+    # status ----------------------------------------------------------------------
+
+    def repos_status(self) -> list[dict]:
+        pins = {(r.repo_type, r.repo_id, r.revision): mode for r, mode in self.pinned_refs()}
+        out = []
+        for view in self.index.views():
+            snaps = []
+            for commit, files in view.snapshots.items():
+                blobs = {f.blob_id: f.size for f in files}
+                recs = [self.store.record(b) for b in blobs]
+                snaps.append(
+                    {
+                        "commit": commit,
+                        "revisions": sorted(r for r, c in view.refs.items() if c == commit),
+                        "files": len(files),
+                        "bytes_total": sum(blobs.values()),
+                        "bytes_cached": sum(self.store.cached_bytes(r) for r in recs if r),
+                        "complete": all(r is not None and r.state == "complete" for r in recs),
+                        "last_access": max((r.last_access for r in recs if r), default=0.0),
+                    }
+                )
+            out.append(
+                {
+                    "repo": view.repo_id,
+                    "repo_type": view.repo_type,
+                    "refs": view.refs,
+                    "pinned": {
+                        rev: mode for (t, r, rev), mode in pins.items() if (t, r) == (view.repo_type, view.repo_id)
+                    },
+                    "snapshots": snaps,
+                }
+            )
+        return out
+
+    def status(self) -> dict:
+        from . import __version__
+
+        return {
+            "version": __version__,
+            "ready": self.ready,
+            "mount": str(self.cfg.mount) if self.cfg.mount else None,
+            "tiers": [
+                {"name": t.name, "path": str(t.root), "used": t.used, "capacity": t.capacity(), "fs_free": t.fs_free()}
+                for t in self.store.tiers.values()
+            ],
+            "fills_inflight": self.filler.inflight,
+            "jobs": self.jobs.counts(),
+            "blobs": self.blob_counts(),
+            "pins": [
+                {"repo": r.repo_id, "revision": r.revision, "commit": r.commit, "mode": m}
+                for r, m in self.pinned_refs()
+            ],
+            "peers": [],
+        }
+
+    def blob_counts(self) -> dict[str, int]:
+        counts = {"partial": 0, "complete": 0, "quarantined": 0}
         for rec in self.index.all_blobs():
             counts[rec.state] = counts.get(rec.state, 0) + 1
-        for state, n in counts.items():
+        return counts
+
+    def update_gauges(self) -> None:
+        for state, n in self.blob_counts().items():
             self.metrics.blobs.labels(state).set(n)
+        for t in self.store.tiers.values():
+            self.metrics.cache_bytes.labels(t.name).set(t.used)
+            self.metrics.cache_capacity_bytes.labels(t.name).set(t.capacity())
+        for state, n in self.jobs.counts().items():
+            self.metrics.jobs.labels(state).set(n)
+        for ref, _ in self.pinned_refs():  # bounded cardinality: pinned repos only
+            recs = [self.store.record(b) for b in dict.fromkeys(snapshot_blobs(self.index, ref))]
+            total = sum(r.size for r in recs if r)
+            cached = sum(self.store.cached_bytes(r) for r in recs if r)
+            self.metrics.repo_cached_ratio.labels(ref.repo_id).set(cached / total if total else 1.0)
+
+    async def _housekeeping(self) -> None:
+        """Persist access times now and then, so LRU order survives a restart."""
+        while True:
+            await asyncio.sleep(30)
+            self.store.flush_access_times()
 
     def stop(self) -> None:
         if not self._stop.is_set():
@@ -112,11 +263,13 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         await self.open()
-        runner = None
+        runner = housekeeping = None
         try:
             for spec in self.cfg.repos:
                 ref, total, _ = await self.add_repo(spec)
                 log.info("repo %s: %d bytes", ref, total)
+            self.refresh_pins()
+            housekeeping = loop.create_task(self._housekeeping())
             runner = web.AppRunner(make_app(self), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, self.cfg.listen_host, self.cfg.listen_port).start()
@@ -127,6 +280,8 @@ class Daemon:
                 await self._serve_fuse(self.cfg.mount)
         finally:
             self.ready = False
+            if housekeeping is not None:
+                housekeeping.cancel()
             await self.close()
             if self._mounted:
                 pyfuse3.close(unmount=True)

@@ -11,6 +11,7 @@ and the next read tries again.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import time
@@ -19,14 +20,18 @@ from collections.abc import Callable
 from .config import Config
 from .index import BlobRecord, Index
 from .metrics import Metrics
-from .store import BlobState, Quarantined, Store
+from .store import BlobState, NoSpace, Quarantined, Store
 from .upstream import NotFound, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
 
 class FillError(Exception):
-    """A read that could not be satisfied (the FUSE face answers EIO)."""
+    """A read that could not be satisfied; `errno` is what the FUSE face answers."""
+
+    def __init__(self, message: str, code: int = errno.EIO):
+        super().__init__(message)
+        self.errno = code
 
 
 class Filler:
@@ -39,21 +44,45 @@ class Filler:
         self.upstream = upstream
         self.metrics = metrics
         self.closing = False
-        self._recs: dict[str, BlobRecord] = {}
+        self.pinned: set[str] = set()  # blob ids the owner wants kept (pins); never evicted
+        self._open: dict[str, int] = {}  # blob id -> open handles / reads in progress
         self._inflight: dict[tuple[str, int], asyncio.Task] = {}
         self._finishing: dict[str, asyncio.Task] = {}
         self._background: dict[str, asyncio.Task] = {}
         self._slots = asyncio.Semaphore(cfg.parallel_total)
+        store.protected = self.protected
+
+    def protected(self, blob_id: str) -> bool:
+        """Eviction must spare pinned blobs, open ones and ones being filled."""
+        return (
+            blob_id in self.pinned
+            or self._open.get(blob_id, 0) > 0
+            or blob_id in self._background
+            or blob_id in self._finishing
+            or any(b == blob_id for b, _ in self._inflight)
+        )
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def hold(self, blob_id: str) -> None:
+        """An open handle (FUSE open, an HTTP download): keep the blob until release()."""
+        self._open[blob_id] = self._open.get(blob_id, 0) + 1
+
+    def release(self, blob_id: str) -> None:
+        n = self._open.get(blob_id, 0) - 1
+        if n > 0:
+            self._open[blob_id] = n
+        else:
+            self._open.pop(blob_id, None)
 
     # lookups ------------------------------------------------------------------
 
     def record(self, blob_id: str) -> BlobRecord:
-        rec = self._recs.get(blob_id)
+        rec = self.store.record(blob_id)
         if rec is None:
-            rec = self.index.get_blob(blob_id)
-            if rec is None:
-                raise FillError(f"unknown blob {blob_id}")
-            self._recs[blob_id] = rec
+            raise FillError(f"unknown blob {blob_id}")
         return rec
 
     def state(self, blob_id: str) -> BlobState:
@@ -64,15 +93,19 @@ class Filler:
 
     def cached_bytes(self, blob_id: str) -> int:
         """Verified bytes on disk; a quarantined blob counts as none."""
-        if self.record(blob_id).state == "quarantined":
-            return 0
-        st = self.state(blob_id)
-        return sum(st.chunk_range(i)[1] - st.chunk_range(i)[0] for i in range(st.rec.n_chunks) if st.has(i))
+        return self.store.cached_bytes(self.record(blob_id))
 
     # reads ---------------------------------------------------------------------
 
     async def read(self, blob_id: str, offset: int, size: int) -> bytes:
         """Exactly the bytes [offset, offset+size) clipped to the blob, or FillError."""
+        self.hold(blob_id)
+        try:
+            return await self._read(blob_id, offset, size)
+        finally:
+            self.release(blob_id)
+
+    async def _read(self, blob_id: str, offset: int, size: int) -> bytes:
         st = self.state(blob_id)
         rec = st.rec
         size = max(0, min(size, rec.size - offset))
@@ -105,6 +138,8 @@ class Filler:
             if task is not None and task.cancelling():
                 raise  # our own reader was cancelled, not the fetch
             raise FillError(f"{what}: daemon is shutting down") from None
+        except NoSpace as e:
+            raise FillError(f"{what}: {e}", errno.ENOSPC) from None
         except (UpstreamError, Quarantined, OSError) as e:
             raise FillError(f"{what}: {e}") from None
         finally:
@@ -134,7 +169,6 @@ class Filler:
             if not st.has(k):
                 data = await self._fetch_with_retries(st.rec, *st.chunk_range(k))
                 await self.store.write_chunk(st, k, data)
-                self.metrics.cache_bytes.labels("disk").inc(len(data))
         finally:
             self.metrics.fill_inflight.dec()
             if not demand:

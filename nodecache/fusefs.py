@@ -46,8 +46,8 @@ def _guard(op: str):
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
             except FillError as e:
                 log.error("%s: %s", op, e)
-                self.metrics.fuse_errors.labels("EIO").inc()
-                raise pyfuse3.FUSEError(errno.EIO) from None
+                self.metrics.fuse_errors.labels(errno.errorcode.get(e.errno, "EIO")).inc()
+                raise pyfuse3.FUSEError(e.errno) from None
             except Exception:
                 log.exception("%s%r failed", op, args[:2])
                 self.metrics.fuse_errors.labels("EIO").inc()
@@ -201,8 +201,10 @@ class NodecacheFS(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = node
-        if node.kind == "blob" and self.fill_on_open:
-            self.filler.fill_in_background(node.blob_id)
+        if node.kind == "blob":
+            self.filler.hold(node.blob_id)  # an open blob is never evicted
+            if self.fill_on_open:
+                self.filler.fill_in_background(node.blob_id)
         # Content is immutable: let the kernel keep its page cache across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=node.kind == "blob", direct_io=False)
 
@@ -217,7 +219,9 @@ class NodecacheFS(pyfuse3.Operations):
         return data
 
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        node = self._handles.pop(fh, None)
+        if node is not None and node.kind == "blob":
+            self.filler.release(node.blob_id)
 
 
 def _blob_ids(node: Node):

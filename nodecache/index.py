@@ -34,6 +34,7 @@ class BlobRecord:
     commit: str = ""
     path: str = ""
     last_access: float = 0.0
+    tier: str = "disk"  # which store tier holds its file
 
     @property
     def n_chunks(self) -> int:
@@ -55,6 +56,7 @@ class Index:
         self._snaps = self.env.open_db(b"snapshots")
         self._blobs = self.env.open_db(b"blobs")
         self._chunks = self.env.open_db(b"chunks")
+        self._pins = self.env.open_db(b"pins")
 
     def close(self) -> None:
         self.env.close()
@@ -99,6 +101,27 @@ class Index:
                 v, revision = view(key)
                 v.refs[revision] = json.loads(raw)["commit"]
         return [found[k] for k in sorted(found)]
+
+    # pins -------------------------------------------------------------------
+
+    def put_pin(self, repo_type: str, repo_id: str, revision: str, mode: str) -> None:
+        value = json.dumps({"mode": mode, "at": time.time()})
+        with self.env.begin(write=True) as txn:
+            txn.put(_repo_key(repo_type, repo_id) + revision.encode(), value.encode(), db=self._pins)
+
+    def delete_pin(self, repo_type: str, repo_id: str, revision: str) -> bool:
+        with self.env.begin(write=True) as txn:
+            return txn.delete(_repo_key(repo_type, repo_id) + revision.encode(), db=self._pins)
+
+    def pins(self) -> list[tuple[str, str, str, str]]:
+        """(repo_type, repo_id, revision, mode) of every pin."""
+        out = []
+        with self.env.begin() as txn:
+            for key, raw in txn.cursor(db=self._pins):
+                head, _, revision = key.decode().partition("\0")
+                repo_type, _, repo_id = head.partition(":")
+                out.append((repo_type, repo_id, revision, json.loads(raw)["mode"]))
+        return out
 
     # blobs and chunks --------------------------------------------------------
 

@@ -35,7 +35,21 @@ class Metrics:
         self.coalesced_waits = Counter(
             p + "coalesced_waits", "Reads that joined a fetch already in flight.", registry=r
         )
-        self.cache_bytes = Gauge(p + "cache_bytes", "Bytes of verified chunks stored, by tier.", ["tier"], registry=r)
+        self.cache_bytes = Gauge(
+            p + "cache_bytes", "Bytes of chunks stored (or being written), by tier.", ["tier"], registry=r
+        )
+        self.cache_capacity_bytes = Gauge(
+            p + "cache_capacity_bytes", "Byte capacity of each tier (quota or filesystem size).", ["tier"], registry=r
+        )
+        self.evictions = Counter(p + "evictions", "Blobs evicted, by tier.", ["tier"], registry=r)
+        self.evicted_bytes = Counter(p + "evicted_bytes", "Bytes evicted, by tier.", ["tier"], registry=r)
+        self.repo_cached_ratio = Gauge(
+            p + "repo_cached_ratio",
+            "Fraction of a pinned repo's current snapshot that is cached.",
+            ["repo"],
+            registry=r,
+        )
+        self.jobs = Gauge(p + "prefetch_jobs", "Prefetch jobs, by state.", ["state"], registry=r)
         self.blobs = Gauge(p + "blobs", "Blobs known to the index, by state.", ["state"], registry=r)
 
     def render(self) -> bytes:

@@ -6,12 +6,13 @@ traceback ever reaches a client.
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from . import api
 from .fill import FillError
 from .layout import InvalidName
 from .upstream import NotFound, UpstreamError
@@ -38,7 +39,11 @@ async def _json_errors(request: web.Request, handler):
         return _error(400, "bad_request", str(e))
     except NotFound as e:
         return _error(404, "not_found", str(e))
-    except (UpstreamError, FillError) as e:
+    except FillError as e:
+        if e.errno == errno.ENOSPC:
+            return _error(507, "insufficient_storage", str(e))
+        return _error(502, "upstream_error", str(e))
+    except UpstreamError as e:
         return _error(502, "upstream_error", str(e))
     except Exception as e:  # the one place that may see anything
         log.exception("%s %s failed", request.method, request.path)
@@ -60,43 +65,8 @@ def make_app(daemon: Daemon) -> web.Application:
         daemon.update_gauges()
         return web.Response(body=daemon.metrics.render(), content_type="text/plain", charset="utf-8")
 
-    async def prefetch(request: web.Request) -> web.StreamResponse:
-        """Resolve and fill a repo; streams NDJSON progress lines, the last one says done or error."""
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            raise ValueError('body must be JSON: {"repo": "org/name", "revision": "main"}') from None
-        if not isinstance(body, dict) or not isinstance(body.get("repo"), str):
-            raise ValueError("body needs a string field 'repo'")
-        spec = body["repo"] + ("@" + str(body["revision"]) if body.get("revision") else "")
-        ref, total, blobs = await daemon.add_repo(spec)
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
-
-        async def send(obj: dict) -> None:
-            await resp.write((json.dumps(obj) + "\n").encode())
-
-        await send({"repo": ref.repo_id, "revision": ref.revision, "commit": ref.commit, "total": total, "done": 0})
-        last = [0]
-
-        def progress(done: int) -> None:
-            last[0] = done
-
-        fill = daemon.filler.fill_blobs(blobs, progress)
-        try:
-            task = daemon.spawn(fill)
-            while not task.done():
-                await send({"done": last[0], "total": total})
-                await daemon.wait(task, 0.5)
-            task.result()
-            await send({"done": total, "total": total, "state": "ready"})
-        except (FillError, UpstreamError) as e:
-            await send({"done": last[0], "total": total, "state": "error", "error": str(e)})
-        await resp.write_eof()
-        return resp
-
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/v1/prefetch", prefetch)
+    api.add_routes(app, daemon)
     return app

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
@@ -20,8 +23,43 @@ import xxhash
 from .index import BlobRecord, Index
 from .layout import validate_blob_id
 
+log = logging.getLogger(__name__)
+
 _HASH_BUF = 8 * 1024 * 1024
 _MAX_FDS = 256
+
+
+class NoSpace(Exception):
+    """A tier cannot take more bytes, even after evicting everything evictable."""
+
+
+@dataclass
+class Tier:
+    """One place blob files live (shm or disk), with a byte quota and watermarks.
+
+    `used` counts bytes of chunks written (reserved before the write), so the
+    quota is exceeded by at most the chunks in flight.
+    """
+
+    name: str
+    root: Path
+    quota: int = 0  # 0: the filesystem's size
+    high: float = 0.9
+    low: float = 0.8
+    min_free: int = 0
+    used: int = 0
+
+    def capacity(self) -> int:
+        st = os.statvfs(self.root)
+        size = st.f_blocks * st.f_frsize
+        return min(self.quota, size) if self.quota else size
+
+    def fs_free(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def fits(self, n: int, fraction: float) -> bool:
+        return self.used + n <= self.capacity() * fraction and self.fs_free() - n >= self.min_free
 
 
 class BlobState:
@@ -34,6 +72,11 @@ class BlobState:
             if i < rec.n_chunks:
                 self.present[i] = 1
         self.missing = rec.n_chunks - sum(self.present)
+        self.cached = sum(self.chunk_len(i) for i in range(rec.n_chunks) if self.present[i])
+
+    def chunk_len(self, index: int) -> int:
+        start, end = self.chunk_range(index)
+        return end - start
 
     def has(self, index: int) -> bool:
         return bool(self.present[index])
@@ -42,6 +85,7 @@ class BlobState:
         if not self.present[index]:
             self.present[index] = 1
             self.missing -= 1
+            self.cached += self.chunk_len(index)
 
     def chunk_range(self, index: int) -> tuple[int, int]:
         start = index * self.rec.chunk_size
@@ -62,46 +106,157 @@ def hash_file(path: Path, kind: str, size: int) -> str:
 
 
 class Store:
-    """One disk tier. All blocking file work runs in the default thread pool."""
+    """Blob files in tiers. All blocking file work runs in the default thread pool."""
 
-    def __init__(self, root: Path, index: Index, fsync: bool = True):
-        self.root = root
+    def __init__(self, root: Path, index: Index, fsync: bool = True, tiers: list[Tier] | None = None, on_evict=None):
         self.index = index
         self.fsync = fsync
-        (root / "blobs").mkdir(parents=True, exist_ok=True)
-        (root / "quarantine").mkdir(parents=True, exist_ok=True)
+        self.tiers = {t.name: t for t in (tiers or [Tier("disk", root)])}
+        self.quarantine_dir = root / "quarantine"
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        for t in self.tiers.values():
+            (t.root / "blobs").mkdir(parents=True, exist_ok=True)
+        # Set by the owner: blobs that must not be evicted (open, in flight, pinned),
+        # and the tier a new blob should go to.
+        self.protected: Callable[[str], bool] = lambda blob_id: False
+        self.placement: Callable[[BlobRecord], str] = lambda rec: "disk"
+        self.on_evict = on_evict or (lambda tier, nbytes: None)
+        self._recs: dict[str, BlobRecord] = {}
         self._states: dict[str, BlobState] = {}
         self._fds: OrderedDict[str, int] = OrderedDict()
+        self._load_usage()
 
     def path(self, blob_id: str) -> Path:
         validate_blob_id(blob_id)  # never join an unchecked name to a path
-        return self.root / "blobs" / blob_id[:2] / blob_id
+        rec = self.record(blob_id)
+        tier = self.tiers.get(rec.tier if rec else "disk") or self.tiers["disk"]
+        return tier.root / "blobs" / blob_id[:2] / blob_id
+
+    def record(self, blob_id: str) -> BlobRecord | None:
+        """The blob's record, one shared object per blob (it carries last_access)."""
+        rec = self._recs.get(blob_id)
+        if rec is None:
+            rec = self.index.get_blob(blob_id)
+            if rec is not None:
+                self._recs[blob_id] = rec
+        return rec
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self.flush_access_times()
+
+    def flush_access_times(self) -> None:
+        """last_access lives in memory while serving; persist it now and then."""
+        for rec in self._recs.values():
+            stored = self.index.get_blob(rec.blob_id)
+            if stored is not None and stored.last_access != rec.last_access:
+                stored.last_access = rec.last_access
+                self.index.put_blob(stored)
+
+    def _load_usage(self) -> None:
+        """Count each tier's bytes from the index; drop what disagrees with the disk."""
+        known: set[str] = set()
+        for rec in self.index.all_blobs():
+            known.add(rec.blob_id)
+            tier = self.tiers.get(rec.tier)
+            if tier is None or rec.state == "quarantined":
+                continue
+            path = tier.root / "blobs" / rec.blob_id[:2] / rec.blob_id
+            if not path.exists():
+                continue  # recover() and state() forget its chunks
+            if rec.state == "complete":
+                tier.used += rec.size
+            else:
+                st = BlobState(rec, self.index.chunks(rec.blob_id))
+                tier.used += st.cached
+        for tier in self.tiers.values():
+            for path in (tier.root / "blobs").glob("*/*"):
+                if path.name not in known:  # a file no index entry claims
+                    log.warning("removing orphan blob file %s", path)
+                    path.unlink(missing_ok=True)
 
     # presence ---------------------------------------------------------------
+
+    def cached_bytes(self, rec: BlobRecord) -> int:
+        if rec.state == "complete":
+            return rec.size
+        if rec.state == "quarantined":
+            return 0
+        st = self._states.get(rec.blob_id)
+        return st.cached if st else BlobState(rec, self.index.chunks(rec.blob_id)).cached
 
     def state(self, rec: BlobRecord) -> BlobState:
         """The blob's presence, creating its sparse file on first use."""
         st = self._states.get(rec.blob_id)
         if st is None:
+            validate_blob_id(rec.blob_id)
+            self._recs.setdefault(rec.blob_id, rec)
+            rec = self._recs[rec.blob_id]
             path = self.path(rec.blob_id)
             if not path.exists():
+                rec.tier = self.placement(rec)
+                path = self.path(rec.blob_id)
                 path.parent.mkdir(exist_ok=True)
                 with open(path, "wb") as f:
                     f.truncate(rec.size)
                 self.index.drop_chunks(rec.blob_id)  # a lost file has no chunks
                 if rec.state == "complete":
                     rec.state = "partial"
-                    self.index.put_blob(rec)
+                self.index.put_blob(rec)
             present = (
                 self.index.chunks(rec.blob_id) if rec.state != "complete" else dict.fromkeys(range(rec.n_chunks), 0)
             )
             st = self._states[rec.blob_id] = BlobState(rec, present)
         return st
+
+    # space ------------------------------------------------------------------
+
+    def reserve(self, st: BlobState, n: int) -> Tier:
+        """Account n bytes to the blob's tier, evicting LRU blobs past the high watermark."""
+        tier = self.tiers[st.rec.tier]
+        if not tier.fits(n, tier.high):
+            self.evict_lru(tier, n)
+        if not tier.fits(n, 1.0):
+            raise NoSpace(
+                f"tier {tier.name} is full ({tier.used:,} of {tier.capacity():,} bytes used, "
+                f"{tier.fs_free():,} free on disk) and nothing more can be evicted"
+            )
+        tier.used += n
+        return tier
+
+    def evict_lru(self, tier: Tier, incoming: int = 0) -> int:
+        """Evict least-recently-read unprotected blobs until under the low watermark."""
+        freed = 0
+        recs = {r.blob_id: r for r in self.index.all_blobs()}
+        recs.update(self._recs)  # in-memory records have the fresh access times
+        for rec in sorted(recs.values(), key=lambda r: r.last_access):
+            if tier.fits(incoming, tier.low):
+                break
+            if rec.tier != tier.name or rec.state == "quarantined" or self.protected(rec.blob_id):
+                continue
+            freed += self.evict(rec)
+        return freed
+
+    def evict(self, rec: BlobRecord) -> int:
+        """Drop a blob's bytes (its record stays: it can be fetched again). Returns bytes freed."""
+        rec = self._recs.get(rec.blob_id, rec)
+        cached = self.cached_bytes(rec)
+        if cached == 0 and not self.path(rec.blob_id).exists():
+            return 0
+        fd = self._fds.pop(rec.blob_id, None)
+        if fd is not None:
+            os.close(fd)
+        self.path(rec.blob_id).unlink(missing_ok=True)
+        self.index.drop_chunks(rec.blob_id)
+        rec.state = "partial"
+        self.index.put_blob(rec)
+        self._states.pop(rec.blob_id, None)
+        self.tiers[rec.tier].used -= cached
+        self.on_evict(rec.tier, cached)
+        log.info("evicted %s (%d bytes) from %s", rec.blob_id, cached, rec.tier)
+        return cached
 
     def _fd(self, blob_id: str) -> int:
         fd = self._fds.get(blob_id)
@@ -143,6 +298,7 @@ class Store:
         start, end = st.chunk_range(index)
         if len(data) != end - start:
             raise ValueError(f"chunk {index} of {st.rec.blob_id}: {len(data)} bytes, want {end - start}")
+        tier = self.reserve(st, len(data))
         fd = self._fd(st.rec.blob_id)
 
         def work() -> int:
@@ -154,7 +310,14 @@ class Store:
                 os.fdatasync(fd)
             return xxhash.xxh3_64_intdigest(data)
 
-        digest = await asyncio.get_running_loop().run_in_executor(None, work)
+        try:
+            digest = await asyncio.get_running_loop().run_in_executor(None, work)
+        except BaseException:
+            tier.used -= len(data)
+            raise
+        if st.has(index) or self._states.get(st.rec.blob_id) is not st:  # raced with a twin write or an eviction
+            tier.used -= len(data)
+            return
         self.index.set_chunk(st.rec.blob_id, index, digest)
         st.mark(index)
 
@@ -180,7 +343,8 @@ class Store:
         fd = self._fds.pop(rec.blob_id, None)
         if fd is not None:
             os.close(fd)
-        os.replace(self.path(rec.blob_id), self.root / "quarantine" / rec.blob_id)
+        os.replace(self.path(rec.blob_id), self.quarantine_dir / rec.blob_id)
+        self.tiers[rec.tier].used -= st.cached
         self._states.pop(rec.blob_id, None)
 
     def recover(self) -> int:

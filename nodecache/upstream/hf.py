@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
@@ -62,6 +63,28 @@ class HfUpstream:
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             raise UpstreamError(f"{url}: {e.__class__.__name__}: {e}") from None
         return _parse_revision(info)
+
+    async def api(
+        self, method: str, path: str, *, authorization: str | None, params=None, data=None
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """One Hub call on behalf of a mirror client: (status, headers, body).
+
+        `path` starts with `/` and is built from validated, quoted names. Only
+        the *caller's* Authorization is sent (never the daemon's token), no
+        redirect is followed, and the body is never compressed.
+        """
+        url = self.endpoint + path
+        headers = {"Accept-Encoding": "identity"}
+        if authorization:
+            headers["Authorization"] = authorization
+        try:
+            async with self.session.request(
+                method, url, params=params, data=data, headers=headers, allow_redirects=False
+            ) as resp:
+                self.metrics.upstream_requests.labels(str(resp.status)).inc()
+                return resp.status, resp.headers.copy(), await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise UpstreamError(f"{method} {path}: {e.__class__.__name__}: {e}") from None
 
     async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
         """Bytes [start, end) of the blob; follows (and remembers) the CDN redirect."""

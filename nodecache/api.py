@@ -1,0 +1,119 @@
+"""The control API (`/v1`): repos, status, prefetch jobs, pins, eviction.
+
+Read-only calls are open on the node; mutating ones need `Authorization:
+Bearer <admin token>` when an admin token is configured. Thin: every call is
+one daemon method.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .layout import REPO_TYPES, validate_repo_id, validate_revision
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+
+def _spec(body: dict, need_repo: bool = True) -> str | None:
+    """{"repo": "org/name", "revision": "main", "repo_type": "model"} -> "org/name@main"."""
+    repo = body.get("repo")
+    if repo is None and not need_repo:
+        return None
+    if not isinstance(repo, str):
+        raise ValueError("field 'repo' (string 'org/name') is required")
+    repo_type = body.get("repo_type", "model")
+    if repo_type not in REPO_TYPES:
+        raise ValueError(f"field 'repo_type' must be one of {sorted(REPO_TYPES)}")
+    spec = ("" if repo_type == "model" else REPO_TYPES[repo_type] + "/") + validate_repo_id(repo)
+    if body.get("revision") is not None:
+        spec += "@" + validate_revision(str(body["revision"]))
+    return spec
+
+
+async def _body(request: web.Request) -> dict:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        raise ValueError("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
+
+
+def add_routes(app: web.Application, daemon: Daemon) -> None:
+    def admin(handler):
+        async def checked(request: web.Request) -> web.StreamResponse:
+            token = daemon.cfg.admin_token
+            if token:
+                given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                if not hmac.compare_digest(given.encode(), token.encode()):
+                    raise web.HTTPUnauthorized(
+                        reason="admin token required", text="Authorization: Bearer <admin token> required"
+                    )
+            return await handler(request)
+
+        return checked
+
+    async def repos(_: web.Request) -> web.Response:
+        return web.json_response({"repos": daemon.repos_status()})
+
+    async def repo(request: web.Request) -> web.Response:
+        name = request.match_info["repo"]
+        repo_type = request.query.get("repo_type", "model")
+        for r in daemon.repos_status():
+            if r["repo"] == name and r["repo_type"] == repo_type:
+                return web.json_response(r)
+        raise web.HTTPNotFound(reason="not_found", text=f"{repo_type} {name!r} is not in the cache")
+
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(daemon.status())
+
+    async def prefetch(request: web.Request) -> web.Response:
+        job = await daemon.prefetch(_spec(await _body(request)))
+        return web.json_response(job.as_dict(), status=202)
+
+    async def job(request: web.Request) -> web.Response:
+        j = daemon.jobs.jobs.get(request.match_info["id"])
+        if j is None:
+            raise web.HTTPNotFound(reason="not_found", text=f"no job {request.match_info['id']!r}")
+        return web.json_response(j.as_dict())
+
+    async def pin(request: web.Request) -> web.Response:
+        body = await _body(request)
+        job = await daemon.pin(_spec(body), str(body.get("mode", "pin")))
+        return web.json_response(job.as_dict(), status=202)
+
+    async def unpin(request: web.Request) -> web.Response:
+        spec = _spec(await _body(request))
+        if "@" not in spec:
+            spec += "@main"
+        if not daemon.unpin(spec):
+            raise web.HTTPNotFound(reason="not_found", text=f"no pin for {spec}")
+        return web.json_response({"unpinned": spec})
+
+    async def evict(request: web.Request) -> web.Response:
+        body = await _body(request)
+        spec = _spec(body, need_repo=False)
+        if spec is None and body.get("all") is not True:
+            raise ValueError("give 'repo' (and optionally 'revision'), or 'all': true")
+        try:
+            n, freed, kept = daemon.evict(spec)
+        except KeyError as e:
+            raise web.HTTPNotFound(reason="not_found", text=str(e.args[0])) from None
+        return web.json_response({"evicted_blobs": n, "freed_bytes": freed, "kept_in_use_or_pinned": kept})
+
+    app.router.add_get("/v1/repos", repos)
+    app.router.add_get("/v1/repos/{repo:[^/]+(?:/[^/]+)?}", repo)
+    app.router.add_get("/v1/status", status)
+    app.router.add_post("/v1/prefetch", admin(prefetch))
+    app.router.add_get("/v1/jobs/{id}", job)
+    app.router.add_post("/v1/pin", admin(pin))
+    app.router.add_delete("/v1/pin", admin(unpin))
+    app.router.add_post("/v1/evict", admin(evict))

@@ -1,0 +1,156 @@
+"""Bind mounts via libc (ctypes) and /proc/self/mountinfo parsing.
+
+Every decision about what is mounted where comes from mountinfo text, never
+from stat/ismount on the target: a bind of a dead FUSE connection answers
+stat with ENOTCONN (and `os.path.ismount` says False), and a hung daemon
+would block the caller.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import threading
+from dataclasses import dataclass
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_REMOUNT = 32
+MS_BIND = 4096
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+# errnos of a mount whose FUSE daemon is gone or broken
+STALE_ERRNOS = {errno.ENOTCONN, errno.ESTALE, errno.EIO, errno.ECONNABORTED, errno.EHOSTDOWN}
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mount_id: int
+    parent_id: int
+    dev: str  # major:minor
+    root: str  # path inside the filesystem that is mounted here ("/" for a whole fs)
+    mountpoint: str
+    options: frozenset[str]  # per-mount options (ro/rw, nosuid, nodev, ...)
+    fstype: str
+    source: str
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
+
+    @property
+    def is_fuse(self) -> bool:
+        return self.fstype == "fuse" or self.fstype.startswith("fuse.")
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """Entries in mountinfo order: for one mountpoint, the later one is on top."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 10 or "-" not in fields[6:]:
+            continue
+        sep = fields.index("-", 6)
+        out.append(
+            MountEntry(
+                mount_id=int(fields[0]),
+                parent_id=int(fields[1]),
+                dev=fields[2],
+                root=_unescape(fields[3]),
+                mountpoint=_unescape(fields[4]),
+                options=frozenset(fields[5].split(",")),
+                fstype=fields[sep + 1],
+                source=_unescape(fields[sep + 2]),
+            )
+        )
+    return out
+
+
+def mountinfo() -> list[MountEntry]:
+    with open("/proc/self/mountinfo") as f:
+        return parse_mountinfo(f.read())
+
+
+def at(path: str, entries: list[MountEntry] | None = None) -> list[MountEntry]:
+    """Every mount stacked at `path` (an absolute, normalised path), bottom first."""
+    path = os.path.normpath(path)
+    return [e for e in (entries if entries is not None else mountinfo()) if e.mountpoint == path]
+
+
+def top(path: str, entries: list[MountEntry] | None = None) -> MountEntry | None:
+    stack = at(path, entries)
+    return stack[-1] if stack else None
+
+
+def _check(rc: int, what: str, path: str) -> None:
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}", path)
+
+
+def bind_readonly(source: str, target: str) -> None:
+    """MS_BIND, then MS_REMOUNT|MS_BIND|MS_RDONLY|MS_NOSUID|MS_NODEV (a bind ignores flags on creation)."""
+    _check(_libc.mount(source.encode(), target.encode(), None, MS_BIND, None), "bind mount", target)
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+    rc = _libc.mount(None, target.encode(), None, flags, None)
+    if rc != 0:
+        e = ctypes.get_errno()
+        _libc.umount2(target.encode(), MNT_DETACH)
+        raise OSError(e, f"read-only remount: {os.strerror(e)}", target)
+
+
+def unmount(target: str) -> None:
+    """Unmount the top mount at `target`; lazily detach it when it is busy or its daemon is gone."""
+    if _libc.umount2(target.encode(), UMOUNT_NOFOLLOW) == 0:
+        return
+    e = ctypes.get_errno()
+    if e == errno.EINVAL and not at(target):
+        return  # raced with somebody else: nothing mounted there any more
+    _check(_libc.umount2(target.encode(), MNT_DETACH | UMOUNT_NOFOLLOW), "unmount", target)
+
+
+def unmount_all(target: str) -> int:
+    """Unmount everything stacked at `target`; the number of mounts removed."""
+    n = 0
+    while at(target):
+        unmount(target)
+        n += 1
+        if n > 64:
+            raise OSError(errno.ELOOP, "more than 64 mounts stacked", target)
+    return n
+
+
+def probe(path: str, timeout: float = 5.0) -> int:
+    """stat `path` in a helper thread: 0 if it answers, else the errno (ETIMEDOUT if it hangs).
+
+    A hung FUSE daemon would block the caller forever; the helper thread is
+    left behind in that case (daemonic), the caller is not.
+    """
+    result: list[int] = []
+
+    def run() -> None:
+        try:
+            os.stat(path)
+            result.append(0)
+        except OSError as e:
+            result.append(e.errno or errno.EIO)
+
+    t = threading.Thread(target=run, daemon=True, name="nodecache-probe")
+    t.start()
+    t.join(timeout)
+    return result[0] if result else errno.ETIMEDOUT

@@ -1,0 +1,92 @@
+"""Prefetch jobs: a fill of a whole snapshot that outlives the request that started it.
+
+Status is truthful by construction: `ready` only after every blob of the
+snapshot is complete, i.e. all chunks stored and the whole-blob hash matched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from .fill import Filler, FillError
+from .repos import RepoRef
+from .upstream import UpstreamError
+
+
+@dataclass
+class Job:
+    id: str
+    ref: RepoRef
+    blobs: list[str]
+    total: int
+    done: int = 0
+    state: str = "running"  # running | ready | error
+    error: str = ""
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+    task: asyncio.Task | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        elapsed = (self.finished or time.time()) - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 and self.state == "running" else None
+        return {
+            "id": self.id,
+            "repo": self.ref.repo_id,
+            "repo_type": self.ref.repo_type,
+            "revision": self.ref.revision,
+            "commit": self.ref.commit,
+            "state": self.state,
+            "done": self.done,
+            "total": self.total,
+            "rate_Bps": round(rate),
+            "eta_s": None if eta is None else round(eta, 1),
+            "error": self.error,
+        }
+
+
+class Jobs:
+    """All prefetch jobs of one daemon; one running job per snapshot."""
+
+    def __init__(self, filler: Filler):
+        self.filler = filler
+        self.jobs: dict[str, Job] = {}
+        self._ids = itertools.count(1)
+
+    def start(self, ref: RepoRef, blobs: list[str], total: int) -> Job:
+        for job in self.jobs.values():
+            if job.ref.commit == ref.commit and job.ref.repo_id == ref.repo_id and job.state == "running":
+                return job
+        job = Job(str(next(self._ids)), ref, blobs, total)
+        job.task = asyncio.get_running_loop().create_task(self._run(job))
+        self.jobs[job.id] = job
+        return job
+
+    async def _run(self, job: Job) -> None:
+        def progress(done: int) -> None:
+            job.done = done
+
+        try:
+            await self.filler.fill_blobs(job.blobs, progress)
+            job.state = "ready"
+        except (FillError, UpstreamError) as e:
+            job.state, job.error = "error", str(e)
+        except asyncio.CancelledError:
+            job.state, job.error = "error", "daemon is shutting down"
+        finally:
+            job.finished = time.time()
+
+    def counts(self) -> dict[str, int]:
+        out = {"running": 0, "ready": 0, "error": 0}
+        for job in self.jobs.values():
+            out[job.state] += 1
+        return out
+
+    async def close(self) -> None:
+        tasks = [j.task for j in self.jobs.values() if j.task and not j.task.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
