@@ -1,0 +1,254 @@
+"""Node operations on a real daemon: quotas and LRU eviction, pins, shm tier, control API, CLI, metrics."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir
+from prometheus_client.parser import text_string_to_metric_families
+
+EVICT = "org/evict"
+PINNED = "org/pinned"
+FILES = ("a.bin", "b.bin", "c.bin", "d.bin")
+
+
+@pytest.fixture(scope="module")
+def evict_repos(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("evict_repo")
+    for name in FILES:
+        (d / name).write_bytes(os.urandom(12 * MiB))
+    p = tmp_path_factory.mktemp("pinned_repo")
+    (p / "w.bin").write_bytes(os.urandom(12 * MiB))
+    return {EVICT: d, PINNED: p}
+
+
+def api(d, method: str, path: str, body=None, token: str | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(d.url + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def cached(path: Path) -> float:
+    return float(os.getxattr(path, "user.nodecache.cached"))
+
+
+def wait_job(d, job: dict) -> dict:
+    import time
+
+    deadline = time.monotonic() + 60
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = api(d, "GET", f"/v1/jobs/{job['id']}")[1]
+    return job
+
+
+def disk_used(d) -> int:
+    return next(t["used"] for t in api(d, "GET", "/v1/status")[1]["tiers"] if t["name"] == "disk")
+
+
+def test_lru_eviction_spares_open_and_pinned_blobs(hub, daemons, evict_repos):
+    commits = {r: hub.add_repo(r, p) for r, p in evict_repos.items()}
+    quota = 32 * MiB
+    env = {"NODECACHE_DISK_MAX": str(quota), "NODECACHE_MIN_FREE": "0"}
+    d = daemons(repos=(EVICT, PINNED), env=env)
+    snap = snapshot_dir(d, EVICT, commits[EVICT])
+    want = {n: sha256_file(evict_repos[EVICT] / n) for n in FILES}
+    slack = 8 * MiB  # at most the chunks in flight (parallel_per_blob x 1 MiB)
+
+    assert sha256_file(snap / "a.bin") == want["a.bin"]
+    assert sha256_file(snap / "b.bin") == want["b.bin"]
+    with open(snap / "a.bin", "rb") as held:  # a is the least recently used, but open
+        assert sha256_file(snap / "c.bin") == want["c.bin"]
+        assert disk_used(d) <= quota + slack
+        assert cached(snap / "a.bin") == 1.0, "an open blob is never evicted"
+        assert cached(snap / "b.bin") == 0.0, "the LRU unprotected blob went"
+        assert cached(snap / "c.bin") == 1.0
+        assert held.read(16) == (evict_repos[EVICT] / "a.bin").read_bytes()[:16]
+
+    status, job = api(d, "POST", "/v1/pin", {"repo": PINNED})
+    assert status == 202 and wait_job(d, job)["state"] == "ready"
+    pinned = snapshot_dir(d, PINNED, commits[PINNED]) / "w.bin"
+    for name in ("b.bin", "d.bin", "a.bin", "b.bin"):  # churn through the quota
+        assert sha256_file(snap / name) == want[name], "an evicted file is fetched again, correctly"
+        assert disk_used(d) <= quota + slack
+        assert cached(pinned) == 1.0, "a pinned blob is never evicted"
+    families = {f.name: f for f in text_string_to_metric_families(d.metrics())}
+    evictions = sum(s.value for s in families["nodecache_evictions"].samples if s.name.endswith("_total"))
+    assert evictions >= 3
+    # the files on disk agree with the accounting
+    on_disk = sum(p.stat().st_blocks * 512 for p in (d.cache_dir / "blobs").rglob("*") if p.is_file())
+    assert on_disk <= quota + slack + 1 * MiB
+
+
+def test_enospc_when_nothing_can_be_evicted(hub, daemons, evict_repos):
+    commit = hub.add_repo(EVICT, evict_repos[EVICT])
+    d = daemons(repos=(EVICT,), env={"NODECACHE_DISK_MAX": str(8 * MiB), "NODECACHE_MIN_FREE": "0"})
+    with pytest.raises(OSError) as e:
+        (snapshot_dir(d, EVICT, commit) / "a.bin").read_bytes()
+    assert e.value.errno == errno.ENOSPC
+    status, body = api(d, "POST", "/v1/prefetch", {"repo": EVICT})
+    job = wait_job(d, body)
+    assert job["state"] == "error" and "full" in job["error"]
+
+
+def test_shm_tier_takes_small_files_and_hot_pins(hub, daemons, tmp_path, small_repo):
+    shm = Path("/dev/shm") / f"nodecache-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        env = {"NODECACHE_SHM_DIR": str(shm), "NODECACHE_SHM_FILE_MAX": str(MiB), "NODECACHE_SHM_MAX": str(4 * MiB)}
+        d = daemons(repos=(SMALL, BIG), env=env)
+        snap = snapshot_dir(d, SMALL, hub.commits[SMALL])
+        assert (snap / "config.json").read_bytes() == (small_repo / "config.json").read_bytes()
+        assert sha256_file(snap / "model.safetensors") == sha256_file(small_repo / "model.safetensors")
+        in_shm = {p.name for p in (shm / "blobs").rglob("*") if p.is_file()}
+        on_disk = {p.name for p in (d.cache_dir / "blobs").rglob("*") if p.is_file()}
+        assert sha256_file(small_repo / "model.safetensors") in on_disk  # > shm_file_max
+        assert len(in_shm) == 1 and not in_shm & on_disk  # config.json
+        # a hot pin wants shm, but 72 MiB does not fit a 4 MiB shm tier: it lands on disk
+        status, job = api(d, "POST", "/v1/pin", {"repo": BIG, "mode": "hot"})
+        assert status == 202 and wait_job(d, job)["state"] == "ready"
+        tiers = {t["name"]: t for t in api(d, "GET", "/v1/status")[1]["tiers"]}
+        assert tiers["shm"]["used"] <= 4 * MiB and tiers["disk"]["used"] >= 72 * MiB
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_control_api(hub, daemons):
+    token = "s3cret-admin"
+    d = daemons(repos=(SMALL,), env={"NODECACHE_ADMIN_TOKEN": token})
+    status, repos = api(d, "GET", "/v1/repos")
+    assert status == 200 and [r["repo"] for r in repos["repos"]] == [SMALL]
+    snap = repos["repos"][0]["snapshots"][0]
+    assert snap["commit"] == hub.commits[SMALL] and snap["bytes_cached"] == 0 and snap["complete"] is False
+    assert api(d, "GET", f"/v1/repos/{SMALL}")[1]["refs"] == {"main": hub.commits[SMALL]}
+    assert api(d, "GET", "/v1/repos/org/unknown")[0] == 404
+    st = api(d, "GET", "/v1/status")[1]
+    assert st["ready"] is True and st["tiers"][0]["name"] == "disk" and st["peers"] == []
+
+    # mutating calls need the admin token
+    for method, path, body in (
+        ("POST", "/v1/prefetch", {"repo": BIG}),
+        ("POST", "/v1/pin", {"repo": BIG}),
+        ("POST", "/v1/evict", {"all": True}),
+        ("DELETE", "/v1/pin", {"repo": BIG}),
+    ):
+        status, err = api(d, method, path, body)
+        assert status == 401 and set(err) == {"error", "detail"}
+        assert api(d, method, path, body, token="wrong")[0] == 401
+
+    # bad input: JSON errors with 4xx, never a traceback
+    for body, code in (
+        (b"{not json", 400),
+        ({"repo": 5}, 400),
+        ({"repo": "../x"}, 400),
+        ({"repo": SMALL, "revision": "a/../b"}, 400),
+        ({"repo": "org/nope"}, 404),
+        ({"repo": SMALL, "revision": "nope"}, 404),
+        ({"repo": SMALL, "repo_type": "bucket"}, 400),
+    ):
+        status, err = api(d, "POST", "/v1/prefetch", body, token=token)
+        assert status == code, (body, err)
+        assert set(err) == {"error", "detail"} and "Traceback" not in err["detail"]
+    assert api(d, "GET", "/v1/jobs/999", token=token)[0] == 404
+
+    status, job = api(d, "POST", "/v1/prefetch", {"repo": SMALL, "revision": "main"}, token=token)
+    assert status == 202 and job["total"] > 0
+    job = wait_job(d, job)
+    assert job["state"] == "ready" and job["done"] == job["total"]
+    assert api(d, "GET", "/v1/repos")[1]["repos"][0]["snapshots"][0]["complete"] is True
+
+    status, job = api(d, "POST", "/v1/pin", {"repo": BIG}, token=token)
+    assert status == 202 and wait_job(d, job)["state"] == "ready"
+    status, out = api(d, "POST", "/v1/evict", {"all": True}, token=token)
+    assert status == 200 and out["evicted_blobs"] >= 1 and out["kept_in_use_or_pinned"] >= 1
+    assert api(d, "POST", "/v1/evict", {}, token=token)[0] == 400
+    assert api(d, "POST", "/v1/evict", {"repo": "org/unknown"}, token=token)[0] == 404
+    assert api(d, "DELETE", "/v1/pin", {"repo": BIG}, token=token)[0] == 200
+    assert api(d, "DELETE", "/v1/pin", {"repo": BIG}, token=token)[0] == 404
+    status, out = api(d, "POST", "/v1/evict", {"repo": BIG}, token=token)
+    assert status == 200 and out["evicted_blobs"] >= 1
+
+
+def cli(d, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "nodecache", *args, "--endpoint", d.url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_against_a_live_daemon_and_pins_survive_restart(hub, daemons, big_repo):
+    d = daemons(repos=(SMALL,))
+    out = cli(d, "pin", BIG, "--wait")
+    assert out.returncode == 0, out.stderr
+    assert "ready:" in out.stdout
+    listing = json.loads(cli(d, "ls", "--json").stdout)
+    big = next(r for r in listing if r["repo"] == BIG)
+    assert big["pinned"] == {"main": "pin"} and big["snapshots"][0]["complete"] is True
+    table = cli(d, "ls").stdout.splitlines()
+    assert table[0].split() == ["REPO", "REVISION", "COMMIT", "SIZE", "CACHED", "PINNED", "LAST", "USED"]
+    assert any(line.startswith(BIG) and "100%" in line and "main:pin" in line for line in table)
+    assert any(line.startswith(SMALL) and "0.0%" in line for line in table)
+    status = json.loads(cli(d, "status", "--json").stdout)
+    assert status["pins"][0]["repo"] == BIG
+    assert "tier disk" in cli(d, "status").stdout
+    out = cli(d, "evict", "--all")
+    assert out.returncode == 0 and "kept 2 in use or pinned" in out.stdout  # weights.bin + config.json
+    assert cli(d, "evict").returncode == 1  # neither a repo nor --all: one-line error
+
+    d.stop()
+    d2 = daemons(repos=(SMALL,), cache_dir=d.cache_dir)
+    status = json.loads(cli(d2, "status", "--json").stdout)
+    assert [(p["repo"], p["mode"]) for p in status["pins"]] == [(BIG, "pin")]
+    path = snapshot_dir(d2, BIG, hub.commits[BIG]) / "weights.bin"
+    before = hub.stats.data_bytes
+    assert sha256_file(path) == sha256_file(big_repo / "weights.bin")
+    assert hub.stats.data_bytes == before, "pinned bytes survived the restart"
+    assert cli(d2, "unpin", BIG).returncode == 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "nodecache", "ls", "--endpoint", "http://127.0.0.1:9"], capture_output=True, text=True
+    )
+    assert bad.returncode == 1 and bad.stderr.startswith("nodecache: error: cannot reach the daemon")
+
+
+def test_metrics_move_with_local_and_upstream_reads(hub, daemons, small_repo):
+    d = daemons(repos=(SMALL,))
+
+    def samples() -> dict:
+        out = {}
+        for fam in text_string_to_metric_families(d.metrics()):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    path = snapshot_dir(d, SMALL, hub.commits[SMALL]) / "model.safetensors"
+    size = path.stat().st_size
+    path.read_bytes()
+    first = samples()
+    assert first[("nodecache_read_bytes_total", (("source", "upstream"),))] > 0
+    assert first[("nodecache_upstream_bytes_total", (("upstream", "hf"),))] >= size
+    Path("/proc/sys/vm/drop_caches").write_text("1")  # make the kernel ask the daemon again
+    path.read_bytes()
+    second = samples()
+    local = ("nodecache_read_bytes_total", (("source", "local"),))
+    assert second.get(local, 0) > first.get(local, 0)
+    assert (
+        second[("nodecache_upstream_bytes_total", (("upstream", "hf"),))]
+        == first[("nodecache_upstream_bytes_total", (("upstream", "hf"),))]
+    )
+    assert second[("nodecache_cache_bytes", (("tier", "disk"),))] >= size
+    assert second[("nodecache_cache_capacity_bytes", (("tier", "disk"),))] > 0
+    assert second[("nodecache_blobs", (("state", "complete"),))] >= 1
+    assert ("nodecache_fuse_read_seconds_count", ()) in second
