@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from . import api
+from . import api, mirror
 from .fill import FillError
 from .layout import InvalidName
 from .upstream import NotFound, UpstreamError
@@ -69,4 +69,5 @@ def make_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     api.add_routes(app, daemon)
+    mirror.add_routes(app, daemon)  # HF_ENDPOINT-compatible mirror (issue 8)
     return app
