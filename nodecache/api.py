@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .layout import REPO_TYPES, validate_repo_id, validate_revision
+from .layout import REPO_TYPES, format_spec, validate_repo_id, validate_revision
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -29,10 +29,10 @@ def _spec(body: dict, need_repo: bool = True) -> str | None:
     repo_type = body.get("repo_type", "model")
     if repo_type not in REPO_TYPES:
         raise ValueError(f"field 'repo_type' must be one of {sorted(REPO_TYPES)}")
-    spec = ("" if repo_type == "model" else REPO_TYPES[repo_type] + "/") + validate_repo_id(repo)
-    if body.get("revision") is not None:
-        spec += "@" + validate_revision(str(body["revision"]))
-    return spec
+    revision = body.get("revision")
+    return format_spec(
+        repo_type, validate_repo_id(repo), None if revision is None else validate_revision(str(revision))
+    )
 
 
 async def _body(request: web.Request) -> dict:

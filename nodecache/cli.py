@@ -52,8 +52,10 @@ class Progress:
 
 def _cfg(args: argparse.Namespace) -> config_mod.Config:
     token = Path(args.token_file).read_text().strip() if getattr(args, "token_file", None) else None
+    admin = Path(args.admin_token_file).read_text().strip() if getattr(args, "admin_token_file", None) else None
     return config_mod.load(
         {
+            "admin_token": admin,
             "mount": getattr(args, "mount", None),
             "cache_dir": args.cache_dir,
             "repos": tuple(getattr(args, "repo", None) or ()) or None,
@@ -62,7 +64,8 @@ def _cfg(args: argparse.Namespace) -> config_mod.Config:
             "listen": getattr(args, "listen", None),
             "read_timeout": getattr(args, "read_timeout", None),
             "fill_on_open": False if getattr(args, "no_fill_on_open", False) else None,
-        }
+        },
+        file=Path(args.config) if getattr(args, "config", None) else None,
     )
 
 
@@ -242,12 +245,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(Path(args.workdir), keep=args.keep)
 
 
+def cmd_csi(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+
+    from .csi import driver
+
+    node_id = args.node_id or os.environ.get("KUBE_NODE_NAME")
+    if not node_id:
+        raise CliError("csi needs --node-id (or KUBE_NODE_NAME)")
+    mount = args.mount or os.environ.get("NODECACHE_MOUNT")
+    if not mount:
+        raise CliError("csi needs --mount (or NODECACHE_MOUNT)")
+    d = driver.Driver(Path(mount), node_id, args.daemon_url, args.kubelet_dir, args.wait_timeout)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        driver.serve(d, args.endpoint, stop)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nodecache", description="Per-node HuggingFace model cache over FUSE.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="YAML config file (keys as in the README; or $NODECACHE_CONFIG)")
         sp.add_argument("--cache-dir", help="index + blob store (default /var/lib/nodecache)")
         sp.add_argument("--hub-url", help="upstream Hub endpoint (default $HF_ENDPOINT or https://huggingface.co)")
         sp.add_argument("--token-file", help="file holding the HF token (a mounted Secret)")
@@ -259,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", help="HOST:PORT for /healthz /readyz /metrics /v1 (default 127.0.0.1:8470)")
     s.add_argument("--read-timeout", type=float, help="seconds a read may wait for its bytes before EIO")
     s.add_argument("--no-fill-on-open", action="store_true", help="fetch only what is read (plus read-ahead)")
+    s.add_argument("--admin-token-file", help="file with the admin token that mutating /v1 calls must present")
     s.set_defaults(fn=cmd_serve)
 
     f = sub.add_parser("prefetch", help="fill a repo completely (standalone, or through --endpoint)")
@@ -294,6 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="/tmp/nodecache-demo")
     d.add_argument("--keep", action="store_true", help="keep serving until Ctrl-C")
     d.set_defaults(fn=cmd_demo)
+
+    c = sub.add_parser("csi", help="serve the CSI node plugin (Identity + Node) on a unix socket")
+    c.add_argument("--endpoint", default="unix:///csi/csi.sock", help="unix:///path, unix:/path or a path")
+    c.add_argument("--node-id", help="this node's name (default $KUBE_NODE_NAME)")
+    c.add_argument("--mount", help="the daemon's FUSE mountpoint (default $NODECACHE_MOUNT)")
+    c.add_argument("--daemon-url", default="http://127.0.0.1:8470", help="the daemon's HTTP API")
+    c.add_argument("--kubelet-dir", default="/var/lib/kubelet", help="kubelet root: binds under pods/ are ours")
+    c.add_argument("--wait-timeout", type=float, default=90.0, help="waitForCache bound, below kubelet's 2 min")
+    c.set_defaults(fn=cmd_csi)
     return p
 
 

@@ -46,6 +46,8 @@ class Config:
     low_watermark: float = 0.8  # ...down to this fraction
     min_free: int = 256 * MiB  # always leave this much free on each tier's filesystem
     admin_token: str | None = field(default=None, repr=False)  # required by mutating /v1 calls when set
+    preload: tuple[str, ...] = ()  # "org/name[@rev][=pin|=hot]" filled at start, in this order
+    on_demand: tuple[str, ...] = ()  # globs of repo ids a lookup may resolve upstream, e.g. "org/*"
 
     def __post_init__(self) -> None:
         if self.chunk_size < 64 * 1024 or self.chunk_size & (self.chunk_size - 1):
@@ -63,11 +65,15 @@ class Config:
         for key in ("disk_max", "shm_max", "shm_file_max", "min_free"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0")
-        for spec in self.repos:
-            try:
-                layout.parse_repo_spec(spec)
-            except layout.InvalidName as e:
-                raise ConfigError(f"repos: {e}") from None
+        for key in ("repos", "preload"):
+            for spec in getattr(self, key):
+                spec, _, mode = spec.partition("=")
+                if mode not in ("", "pin", "hot"):
+                    raise ConfigError(f"{key}: {mode!r} is not pin or hot")
+                try:
+                    layout.parse_repo_spec(spec)
+                except layout.InvalidName as e:
+                    raise ConfigError(f"{key}: {e}") from None
 
     @property
     def listen_host(self) -> str:
@@ -118,10 +124,48 @@ def _convert(f: dataclasses.Field, raw: str):
     return raw
 
 
-def load(overrides: dict | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Defaults < NODECACHE_* env < overrides (flags); None overrides are ignored."""
-    environ = os.environ if environ is None else environ
+def _preload_entry(item) -> str:
+    """A YAML preload item: a spec string, or {repo, revision, pin: true|false|hot}."""
+    if isinstance(item, str):
+        return item
+    if not isinstance(item, dict) or not isinstance(item.get("repo"), str):
+        raise ConfigError(f"preload: {item!r} needs a 'repo'")
+    spec = item["repo"] + (f"@{item['revision']}" if item.get("revision") else "")
+    pin = item.get("pin", False)
+    return spec + ("=hot" if pin == "hot" else "=pin" if pin is True else "")
+
+
+def read_file(path: Path) -> dict:
+    """The YAML config file: keys are Config fields; unknown keys are an error."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"config: cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must be a mapping of settings")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
     values: dict = {}
+    for key, value in data.items():
+        f = fields.get(str(key).replace("-", "_"))
+        if f is None:
+            raise ConfigError(f"{key}: unknown setting in {path}")
+        if f.name == "preload":
+            value = tuple(_preload_entry(v) for v in value or ())
+        elif isinstance(value, list):
+            value = tuple(str(v) for v in value)
+        elif value is not None and not isinstance(value, bool):
+            value = _convert(f, str(value))
+        values[f.name] = value
+    return values
+
+
+def load(overrides: dict | None = None, environ: dict[str, str] | None = None, file: Path | None = None) -> Config:
+    """Defaults < config file < NODECACHE_* env < overrides (flags); None overrides are ignored."""
+    environ = os.environ if environ is None else environ
+    file = file or (Path(environ["NODECACHE_CONFIG"]) if environ.get("NODECACHE_CONFIG") else None)
+    values: dict = read_file(file) if file else {}
     for f in dataclasses.fields(Config):
         raw = environ.get("NODECACHE_" + f.name.upper())
         if raw is not None:
@@ -135,4 +179,7 @@ def load(overrides: dict | None = None, environ: dict[str, str] | None = None) -
         values["mount"] = Path(values["mount"])
     values["cache_dir"] = Path(values.get("cache_dir", Config.cache_dir))
     values["repos"] = tuple(values.get("repos", ()))
-    return Config(**values)
+    try:
+        return Config(**values)
+    except TypeError as e:
+        raise ConfigError(f"config: {e}") from None

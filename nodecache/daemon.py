@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import logging
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import aiohttp
@@ -29,6 +31,7 @@ from .metrics import Metrics
 from .repos import RepoRef, ensure_repo, snapshot_blobs
 from .server import make_app
 from .store import Store, Tier
+from .upstream import NotFound, UpstreamError
 from .upstream.hf import HfUpstream
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self.fs: NodecacheFS | None = None
         self._mounted = False
+        self._not_found: dict[str, float] = {}  # on-demand lookups that failed, until when
 
     async def open(self) -> None:
         """Everything but the faces: usable for standalone prefetch too."""
@@ -220,11 +224,15 @@ class Daemon:
             "jobs": self.jobs.counts(),
             "blobs": self.blob_counts(),
             "pins": [
-                {"repo": r.repo_id, "revision": r.revision, "commit": r.commit, "mode": m}
+                {"repo": r.repo_id, "revision": r.revision, "commit": r.commit, "mode": m, "ready": self._complete(r)}
                 for r, m in self.pinned_refs()
             ],
             "peers": [],
         }
+
+    def _complete(self, ref: RepoRef) -> bool:
+        """Truthful readiness: every blob of the snapshot stored and verified."""
+        return all(self.filler.record(b).state == "complete" for b in snapshot_blobs(self.index, ref))
 
     def blob_counts(self) -> dict[str, int]:
         counts = {"partial": 0, "complete": 0, "quarantined": 0}
@@ -246,11 +254,69 @@ class Daemon:
             cached = sum(self.store.cached_bytes(r) for r in recs if r)
             self.metrics.repo_cached_ratio.labels(ref.repo_id).set(cached / total if total else 1.0)
 
+    # revisions that move, repos nobody listed --------------------------------------
+
+    async def refresh_refs(self) -> int:
+        """Re-resolve refs older than ref_ttl; a new commit appears as a new snapshot
+        beside the old one (which stays readable), and pinned revisions follow it."""
+        changed = 0
+        for repo_type, repo_id, revision, commit, at in self.index.all_refs():
+            if time.time() - at < self.cfg.ref_ttl:
+                continue
+            try:
+                ref = await ensure_repo(
+                    self.index, self.upstream, self.cfg.chunk_size, layout.format_spec(repo_type, repo_id, revision)
+                )
+            except UpstreamError as e:
+                log.warning("cannot re-resolve %s@%s: %s", repo_id, revision, e)
+                continue
+            if ref.commit != commit:
+                log.info("%s@%s moved %s -> %s", repo_id, revision, commit[:12], ref.commit[:12])
+                changed += 1
+        if changed:
+            if self.fs is not None:
+                self.fs.set_tree(layout.build_root(self.index.views()))
+            self.refresh_pins()
+            for ref, _ in self.pinned_refs():
+                blobs = snapshot_blobs(self.index, ref)
+                if any(self.filler.record(b).state != "complete" for b in blobs):
+                    self.jobs.start(ref, blobs, sum(self.filler.record(b).size for b in dict.fromkeys(blobs)))
+        return changed
+
+    async def resolve_on_demand(self, folder: str) -> bool:
+        """A lookup of `models--org--name` nobody listed: resolve it if the allowlist says so."""
+        parsed = layout.parse_repo_folder(folder)
+        if parsed is None or not any(fnmatch.fnmatchcase(parsed[1], g) for g in self.cfg.on_demand):
+            return False
+        if self._not_found.get(folder, 0) > time.monotonic():
+            return False
+        try:
+            await self.add_repo(layout.format_spec(*parsed))
+            return True
+        except (NotFound, UpstreamError) as e:
+            log.info("on-demand %s: %s", folder, e)
+            self._not_found[folder] = time.monotonic() + 30
+            return False
+
+    async def _preload(self) -> None:
+        """Fill the configured preload list at start, one repo at a time, in order."""
+        for entry in self.cfg.preload:
+            spec, _, mode = entry.partition("=")
+            try:
+                job = await (self.pin(spec, mode) if mode else self.prefetch(spec))
+                if job.task is not None:
+                    await asyncio.wait([job.task])
+                log.info("preload %s: %s", spec, job.state)
+            except (NotFound, UpstreamError, ValueError) as e:
+                log.error("preload %s: %s", spec, e)
+
     async def _housekeeping(self) -> None:
-        """Persist access times now and then, so LRU order survives a restart."""
+        """Persist access times (LRU order survives a restart) and re-check refs."""
+        period = max(0.2, min(30.0, self.cfg.ref_ttl / 2))
         while True:
-            await asyncio.sleep(30)
+            await asyncio.sleep(period)
             self.store.flush_access_times()
+            await self.refresh_refs()
 
     def stop(self) -> None:
         if not self._stop.is_set():
@@ -263,13 +329,14 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         await self.open()
-        runner = housekeeping = None
+        runner = housekeeping = preload = None
         try:
             for spec in self.cfg.repos:
                 ref, total, _ = await self.add_repo(spec)
                 log.info("repo %s: %d bytes", ref, total)
             self.refresh_pins()
             housekeeping = loop.create_task(self._housekeeping())
+            preload = loop.create_task(self._preload())
             runner = web.AppRunner(make_app(self), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, self.cfg.listen_host, self.cfg.listen_port).start()
@@ -280,8 +347,9 @@ class Daemon:
                 await self._serve_fuse(self.cfg.mount)
         finally:
             self.ready = False
-            if housekeeping is not None:
-                housekeeping.cancel()
+            for task in (housekeeping, preload):
+                if task is not None:
+                    task.cancel()
             await self.close()
             if self._mounted:
                 pyfuse3.close(unmount=True)
@@ -293,6 +361,8 @@ class Daemon:
         mountpoint.mkdir(parents=True, exist_ok=True)
         mountpoint = mountpoint.resolve()  # now, before mounting: later it would stat our own mount
         self.fs = NodecacheFS(layout.build_root(self.index.views()), self.filler, self.metrics, self.cfg.fill_on_open)
+        if self.cfg.on_demand:
+            self.fs.on_demand = self.resolve_on_demand
         options = set(pyfuse3.default_options) | {"fsname=nodecache", "ro", "allow_other", "default_permissions"}
         pyfuse3.init(self.fs, str(mountpoint), options)
         self._mounted = True

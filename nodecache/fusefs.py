@@ -73,6 +73,7 @@ class NodecacheFS(pyfuse3.Operations):
         self._handles: dict[int, Node] = {}
         self._next_fh = 1
         self.root = root
+        self.on_demand = None  # async (folder name) -> bool: resolve an unknown repo upstream
 
     def set_tree(self, root: Node) -> None:
         """Swap in a rebuilt tree (new refs or snapshots); inodes keep their paths."""
@@ -129,6 +130,8 @@ class NodecacheFS(pyfuse3.Operations):
         if text in (".", "..") or "/" in text or len(name) > MAX_NAME or parent.kind != "dir":
             raise pyfuse3.FUSEError(errno.ENOENT)
         node = parent.children.get(text)
+        if node is None and path == "hub" and self.on_demand is not None and await self.on_demand(text):
+            node = self.root.children["hub"].children.get(text)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         child = f"{path}/{text}" if path else text

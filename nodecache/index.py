@@ -78,6 +78,17 @@ class Index:
             raw = txn.get(_repo_key(repo_type, repo_id) + revision.encode(), db=self._refs)
         return json.loads(raw)["commit"] if raw else None
 
+    def all_refs(self) -> list[tuple[str, str, str, str, float]]:
+        """(repo_type, repo_id, revision, commit, resolved_at) of every ref."""
+        out = []
+        with self.env.begin() as txn:
+            for key, raw in txn.cursor(db=self._refs):
+                head, _, revision = key.decode().partition("\0")
+                repo_type, _, repo_id = head.partition(":")
+                value = json.loads(raw)
+                out.append((repo_type, repo_id, revision, value["commit"], value["at"]))
+        return out
+
     def get_snapshot(self, repo_type: str, repo_id: str, commit: str) -> list[FileEntry] | None:
         with self.env.begin() as txn:
             raw = txn.get(_repo_key(repo_type, repo_id) + commit.encode(), db=self._snaps)

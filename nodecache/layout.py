@@ -87,6 +87,12 @@ def parse_repo_spec(spec: str) -> tuple[str, str, str]:
     return repo_type, validate_repo_id(repo), validate_revision(revision or "main")
 
 
+def format_spec(repo_type: str, repo_id: str, revision: str | None = None) -> str:
+    """Inverse of parse_repo_spec."""
+    prefix = "" if repo_type == "model" else REPO_TYPES[validate_repo_type(repo_type)] + "/"
+    return prefix + repo_id + (f"@{revision}" if revision else "")
+
+
 # --- names ------------------------------------------------------------------
 
 
