@@ -86,7 +86,7 @@ class HfUpstream:
         except (aiohttp.ClientError, TimeoutError) as e:
             raise UpstreamError(f"{method} {path}: {e.__class__.__name__}: {e}") from None
 
-    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
+    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytearray:
         """Bytes [start, end) of the blob; follows (and remembers) the CDN redirect."""
         url, cached = self._location(rec)
         for _hop in range(5):
@@ -121,20 +121,35 @@ class HfUpstream:
         return f"{self.endpoint}/{prefix}{rec.repo_id}/resolve/{rec.commit}/{path}", False
 
     @staticmethod
-    async def _body(resp: aiohttp.ClientResponse, start: int, end: int) -> bytes:
-        """The body, only if it is exactly the range we asked for."""
+    async def _body(resp: aiohttp.ClientResponse, start: int, end: int) -> bytearray:
+        """Exactly the range asked for, streamed into one buffer (one copy, bounded memory).
+
+        A server that ignores Range (200) is read only up to `end`, never whole.
+        """
         if resp.status == 206:
             m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
             if not m or int(m[1]) != start or int(m[2]) != end - 1:
                 raise UpstreamError(f"wrong Content-Range {resp.headers.get('Content-Range')!r} for [{start}-{end})")
         elif resp.status != 200:
             raise UpstreamError(f"HTTP {resp.status}")
-        data = await resp.read()
-        if resp.status == 200:  # server ignored Range: take our slice of the whole
-            data = data[start:end]
-        if len(data) != end - start:
-            raise UpstreamError(f"truncated body: {len(data)} of {end - start} bytes")
-        return data
+        want = end - start
+        buf = bytearray(want)
+        skip = start if resp.status == 200 else 0
+        got = 0
+        async for piece in resp.content.iter_any():
+            if skip:
+                if len(piece) <= skip:
+                    skip -= len(piece)
+                    continue
+                piece, skip = piece[skip:], 0
+            n = min(len(piece), want - got)
+            buf[got : got + n] = piece[:n]
+            got += n
+            if got == want:
+                break
+        if got != want:
+            raise UpstreamError(f"truncated body: {got} of {want} bytes")
+        return buf
 
 
 def _parse_revision(info: dict) -> Resolved:
