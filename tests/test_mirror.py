@@ -1,0 +1,380 @@
+"""The HF_ENDPOINT mirror (issue 8), driven by the real huggingface_hub client.
+
+The daemon runs in a subprocess (`daemons`), huggingface_hub runs in another
+one with `HF_ENDPOINT` pointed at the daemon; only plain HTTP calls run in
+this process (the Hub emulator is a thread of it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import BIG, SMALL, MiB, _need_fuse, sha256_file
+
+from nodecache.testing.daemon import DaemonProcess
+from nodecache.testing.hub import HubEmulator
+
+CLIENT_PRELUDE = """
+import hashlib, json, os, sys
+def sha(p):
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while b := f.read(1 << 22):
+            h.update(b)
+    return h.hexdigest()
+def tree_hashes(root):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, root)] = sha(p)
+    return out
+"""
+
+
+def run_client(daemon: DaemonProcess, tmp: Path, code: str, token: str | None = None, timeout: float = 60) -> dict:
+    """Run huggingface_hub code in a subprocess against the mirror; it prints one JSON line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "NODECACHE_"))}
+    env.update(HF_ENDPOINT=daemon.url, HF_HOME=str(tmp / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    env.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="30", HF_HUB_DOWNLOAD_TIMEOUT="30")
+    if token:
+        env["HF_TOKEN"] = token
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIENT_PRELUDE + code], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"client failed:\n{proc.stderr[-3000:]}\n--- daemon log ---\n{daemon.log()[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def source_hashes(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def raw(daemon: DaemonProcess, method: str, path: str, headers: dict | None = None, body: bytes | None = None):
+    """(status, headers, body) of one raw request: the path goes out exactly as given."""
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.headers), resp.read()
+    finally:
+        conn.close()
+
+
+def wait_settled(daemon: DaemonProcess, hub: HubEmulator, timeout: float = 20) -> None:
+    """Background fills (started by GETs) are over: upstream bytes stop moving, nothing in flight."""
+    deadline, last = time.monotonic() + timeout, -1
+    while time.monotonic() < deadline:
+        m = [ln for ln in daemon.metrics().splitlines() if ln.startswith("nodecache_fill_inflight ")]
+        if m and float(m[0].split()[1]) == 0 and hub.stats.data_bytes == last:
+            return
+        last = hub.stats.data_bytes
+        time.sleep(0.3)
+
+
+def test_hf_client_through_mirror(daemons, hub, small_repo, big_repo, tmp_path):
+    """Every client call the issue names, against a cold daemon; then again with zero upstream bytes."""
+    d = daemons(repos=())  # nothing resolved at start: the mirror adds repos on demand
+    code = f"""
+from huggingface_hub import HfFileSystem, hf_hub_download, list_repo_files, model_info, snapshot_download
+out = {{}}
+snap = snapshot_download({SMALL!r}, cache_dir={str(tmp_path / "c1")!r})
+out["snap"] = tree_hashes(snap)
+part = snapshot_download({SMALL!r}, cache_dir={str(tmp_path / "c2")!r}, allow_patterns=["*.json", "tokenizer/*"])
+out["part"] = tree_hashes(part)
+big = hf_hub_download({BIG!r}, "weights.bin", cache_dir={str(tmp_path / "c3")!r})
+out["big"] = sha(big)
+out["big_is_blob_of"] = os.path.basename(os.path.realpath(big))
+out["files"] = sorted(list_repo_files({SMALL!r}))
+info = model_info({SMALL!r}, files_metadata=True)
+out["sha"] = info.sha
+out["siblings"] = {{s.rfilename: [s.size, s.lfs.sha256 if s.lfs else None] for s in info.siblings}}
+fs = HfFileSystem()
+out["ls"] = sorted(fs.ls({SMALL!r}, detail=False))
+with fs.open({SMALL!r} + "/model.safetensors", "rb") as f:
+    f.seek(100)
+    out["fs_range"] = f.read(1000).hex()
+out["fs_cat"] = fs.cat({SMALL!r} + "/config.json").decode()
+out["fs_info_size"] = fs.info({SMALL!r} + "/tokenizer/vocab.txt")["size"]
+print(json.dumps(out))
+"""
+    out = run_client(d, tmp_path, code)
+    want = source_hashes(small_repo)
+    assert out["snap"] == want
+    assert out["part"] == {k: v for k, v in want.items() if k.endswith(".json") or k.startswith("tokenizer/")}
+    assert out["big"] == out["big_is_blob_of"] == sha256_file(big_repo / "weights.bin")
+    assert out["files"] == sorted(want)
+    assert out["sha"] == hub.commits[SMALL]
+    st = small_repo / "model.safetensors"
+    assert out["siblings"]["model.safetensors"] == [st.stat().st_size, sha256_file(st)]
+    assert out["ls"] == sorted(f"{SMALL}/{n}" for n in ("README.md", "config.json", "model.safetensors", "tokenizer"))
+    assert bytes.fromhex(out["fs_range"]) == st.read_bytes()[100:1100]
+    assert out["fs_cat"] == (small_repo / "config.json").read_text()
+    assert out["fs_info_size"] == (small_repo / "tokenizer" / "vocab.txt").stat().st_size
+    # One upstream fetch per byte, however many clients and calls wanted it.
+    wait_settled(d, hub)
+    total = sum(p.stat().st_size for r in (small_repo, big_repo) for p in r.rglob("*") if p.is_file())
+    assert hub.stats.data_bytes <= total
+    # The repos the mirror resolved are in the FUSE view too.
+    assert (d.hub / "models--org--big" / "snapshots" / hub.commits[BIG] / "weights.bin").stat().st_size == 72 * MiB
+
+    before, api_before = hub.stats.data_bytes, hub.stats.requests["api"]
+    code2 = f"""
+from huggingface_hub import hf_hub_download, snapshot_download
+out = {{"snap": tree_hashes(snapshot_download({SMALL!r}, cache_dir={str(tmp_path / "c4")!r}))}}
+out["big"] = sha(hf_hub_download({BIG!r}, "weights.bin", cache_dir={str(tmp_path / "c5")!r}))
+print(json.dumps(out))
+"""
+    out2 = run_client(d, tmp_path, code2)
+    assert out2["snap"] == want and out2["big"] == out["big"]
+    assert hub.stats.data_bytes == before, "a warm download must not fetch file bytes upstream"
+    assert hub.stats.requests["api"] > api_before  # metadata is still asked upstream (refs can move)
+
+
+def test_concurrent_cold_clients_share_one_fetch_and_stream_early(daemons, hub, big_repo):
+    """4 clients on one cold 72 MiB file: one upstream fetch; the first bytes leave before the fill ends."""
+    d = daemons(repos=(BIG,))
+    hub.rate_limit_bps = 24 * MiB  # per upstream response: the fill takes a while
+    url = f"{d.url}/{BIG}/resolve/main/weights.bin"
+    results: dict[int, tuple[str, int, int]] = {}
+
+    def client(i: int) -> None:
+        h = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=60) as r:
+            first = r.read(64 * 1024)
+            at_first = hub.stats.data_bytes
+            h.update(first)
+            while buf := r.read(MiB):
+                h.update(buf)
+            results[i] = (h.hexdigest(), at_first, int(r.headers["Content-Length"]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    want = sha256_file(big_repo / "weights.bin")
+    assert len(results) == 4 and {r[0] for r in results.values()} == {want}
+    assert all(r[2] == 72 * MiB for r in results.values())
+    assert min(r[1] for r in results.values()) < 72 * MiB // 2, "first bytes waited for the whole fill"
+    wait_settled(d, hub)
+    assert hub.stats.data_bytes == 72 * MiB, "one upstream fetch for all clients"
+
+
+def test_ranges_and_client_resume(daemons, hub, big_repo, tmp_path):
+    d = daemons(repos=())
+    data = (big_repo / "weights.bin").read_bytes()
+    path = f"/{BIG}/resolve/main/weights.bin"
+    for rng, (start, end) in {
+        "bytes=5000000-5999999": (5000000, 6000000),
+        "bytes=70000000-": (70000000, len(data)),
+        "bytes=-1000": (len(data) - 1000, len(data)),
+        "bytes=0-0": (0, 1),
+        "bytes=75000000-80000000": (75000000, len(data)),  # clipped to the end
+    }.items():
+        status, headers, body = raw(d, "GET", path, {"Range": rng})
+        assert status == 206, (rng, status, body[:200])
+        assert headers["Content-Range"] == f"bytes {start}-{end - 1}/{len(data)}"
+        assert int(headers["Content-Length"]) == end - start and body == data[start:end]
+    # HEAD: exact metadata, no redirect, no body.
+    status, headers, body = raw(d, "HEAD", path)
+    assert status == 200 and body == b""
+    assert headers["X-Linked-Size"] == headers["Content-Length"] == str(len(data))
+    assert headers["X-Linked-Etag"] == headers["ETag"] == f'"{hashlib.sha256(data).hexdigest()}"'
+    assert headers["X-Repo-Commit"] == hub.commits[BIG] and headers["Accept-Ranges"] == "bytes"
+    # An interrupted download: the client drops the connection, then resumes with Range.
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    conn.request("GET", path)
+    head = conn.getresponse().read(10 * MiB + 123)
+    conn.close()
+    status, headers, tail = raw(d, "GET", path, {"Range": f"bytes={len(head)}-"})
+    assert status == 206 and head + tail == data
+    # huggingface_hub's own resume path (http_get with resume_size, as its retry loop calls it).
+    part = tmp_path / "part.incomplete"
+    part.write_bytes(data[: 30 * MiB])
+    code = f"""
+from huggingface_hub.file_download import http_get
+with open({str(part)!r}, "ab") as f:
+    http_get({d.url + path!r}, f, resume_size={30 * MiB}, expected_size={len(data)})
+print(json.dumps({{"sha": sha({str(part)!r})}}))
+"""
+    assert run_client(d, tmp_path, code)["sha"] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def private_hub(small_repo):
+    with HubEmulator(token="hf_good") as h:
+        h.commits = {"org/secret": h.add_repo("org/secret", small_repo, private=True)}
+        yield h
+
+
+def test_private_repo_needs_a_token_upstream_accepts(private_hub, small_repo, tmp_path):
+    _need_fuse()
+    (tmp_path / "token").write_text("hf_good")
+    env = {"NODECACHE_CHUNK_SIZE": str(MiB), "NODECACHE_FSYNC": "false", "NODECACHE_READ_TIMEOUT": "20"}
+    d = DaemonProcess(tmp_path, private_hub.url, [], env=env, extra_args=["--token-file", str(tmp_path / "token")])
+    with d.start():
+        path = "/org/secret/resolve/main/config.json"
+        want = (small_repo / "config.json").read_bytes()
+        status, headers, _ = raw(d, "GET", path)
+        assert status == 401 and headers["X-Error-Code"] == "RepoNotFound"
+        status, _, body = raw(d, "GET", path, {"Authorization": "Bearer hf_good"})
+        assert status == 200 and body == want
+        # Cached now; a token upstream refuses still gets nothing, on every route.
+        for method, p in [
+            ("GET", path),
+            ("HEAD", path),
+            ("GET", "/api/models/org/secret"),
+            ("GET", "/api/models/org/secret/tree/main"),
+        ]:
+            for auth in ({}, {"Authorization": "Bearer hf_other"}):
+                status, headers, body = raw(d, method, p, auth)
+                assert status == 401, (method, p, auth, status)
+                assert want not in body
+        status, _, body = raw(
+            d,
+            "POST",
+            "/api/models/org/secret/paths-info/main",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            b"paths=config.json",
+        )
+        assert status == 401
+        code = f"""
+from huggingface_hub import hf_hub_download, snapshot_download
+snap = snapshot_download("org/secret", cache_dir={str(tmp_path / "c")!r})
+print(json.dumps({{"snap": tree_hashes(snap)}}))
+"""
+        assert run_client(d, tmp_path, code, token="hf_good")["snap"] == source_hashes(small_repo)
+        code = """
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import RepositoryNotFoundError
+try:
+    hf_hub_download("org/secret", "config.json", cache_dir=os.environ["HF_HOME"] + "/x")
+    print(json.dumps({"error": None}))
+except RepositoryNotFoundError as e:
+    print(json.dumps({"error": type(e).__name__}))
+"""
+        assert run_client(d, tmp_path, code)["error"] == "RepositoryNotFoundError"
+
+
+def test_upstream_down_serves_cached_and_refuses_the_rest(daemons, hub, small_repo, tmp_path):
+    d = daemons(repos=(SMALL, BIG))  # both resolved, no bytes yet
+    code = f"""
+from huggingface_hub import snapshot_download
+print(json.dumps({{"snap": tree_hashes(snapshot_download({SMALL!r}, cache_dir={str(tmp_path / "c1")!r}))}}))
+"""
+    want = source_hashes(small_repo)
+    assert run_client(d, tmp_path, code)["snap"] == want
+    wait_settled(d, hub)
+    hub.down = True
+    status, headers, body = raw(d, "GET", f"/{SMALL}/resolve/main/config.json")
+    assert status == 200 and body == (small_repo / "config.json").read_bytes()
+    assert headers["X-Repo-Commit"] == hub.commits[SMALL]
+    # A fresh client cache: the repo info, tree and files all come from the node.
+    code = f"""
+from huggingface_hub import snapshot_download
+print(json.dumps({{"snap": tree_hashes(snapshot_download({SMALL!r}, cache_dir={str(tmp_path / "c2")!r}))}}))
+"""
+    assert run_client(d, tmp_path, code)["snap"] == want
+    # Not cached: a gateway error, quickly, never a fake 404.
+    t0 = time.monotonic()
+    for path in (f"/{BIG}/resolve/main/weights.bin", "/org/unknown/resolve/main/x.bin", "/api/models/org/unknown"):
+        status, _, body = raw(d, "GET", path)
+        assert status in (502, 504), (path, status, body)
+        assert "error" in json.loads(body)
+    assert time.monotonic() - t0 < 10
+    hub.down = False
+    status, _, body = raw(d, "GET", f"/{BIG}/resolve/main/config.json")
+    assert status == 200 and body == b"{}"
+
+
+BAD_INPUTS = [
+    # (method, raw path, extra headers, body)
+    ("GET", "/org/small/resolve/main/../../../etc/passwd", {}, None),
+    ("GET", "/org/small/resolve/main/%2e%2e/%2e%2e/etc/passwd", {}, None),
+    ("GET", "/org/small/resolve/main/tokenizer%2F..%2F..%2Fx", {}, None),
+    ("GET", "/org/small/resolve/main/a%00b", {}, None),
+    ("GET", "/org/small/resolve/main/a%5C..%5Cb", {}, None),
+    ("GET", "/org/small/resolve/main/%ff%fe", {}, None),
+    ("GET", "/org/small/resolve/main//config.json", {}, None),
+    ("GET", "/org/small/resolve/main/" + "a/" * 2100 + "x", {}, None),
+    ("GET", "/org/small/resolve/%2e%2e/config.json", {}, None),
+    ("GET", "/org/small/resolve/..%2F..%2Fx/config.json", {}, None),
+    ("GET", "/org/small/resolve/main%00/config.json", {}, None),
+    ("GET", "/org/small/resolve/refs%2F..%2Fmain/config.json", {}, None),
+    ("GET", "/org/small/resolve/" + "r" * 300 + "/config.json", {}, None),
+    ("HEAD", "/org/small/resolve/ma%20in/config.json", {}, None),
+    ("GET", "/..%2Fetc/small/resolve/main/config.json", {}, None),
+    ("GET", "/org/sm--all/resolve/main/config.json", {}, None),
+    ("GET", "/org%00/small/resolve/main/config.json", {}, None),
+    ("GET", "/a/b/c/resolve/main/config.json", {}, None),
+    ("GET", "/datasets/../resolve/main/x", {}, None),
+    ("GET", "/org/small/resolve/main/config.json", {"Range": "bytes=abc"}, None),
+    ("GET", "/org/small/resolve/main/config.json", {"Range": "bytes=5-1"}, None),
+    ("GET", "/org/small/resolve/main/config.json", {"Range": "bytes=999999999-"}, None),
+    ("GET", "/org/small/resolve/main/config.json", {"Range": "bytes=0-1,4-5"}, None),
+    ("GET", "/org/small/resolve/main/config.json", {"Range": "items=0-1"}, None),
+    ("GET", "/org/small/resolve/main/config.json", {"Range": "bytes=-0"}, None),
+    ("GET", "/org/small/resolve/main/config.json", {"Range": "bytes=" + "9" * 40 + "-"}, None),
+    ("GET", "/org/small/resolve/main/config.json", {"X-Big": "x" * 20000}, None),
+    ("GET", "/api/models/org/small/tree/main/..%2F..%2Fetc", {}, None),
+    ("GET", "/api/models/org/small/tree/%2e%2e", {}, None),
+    ("GET", "/api/models/org/small/revision/..", {}, None),
+    ("GET", "/api/models/org/small/revision/a%00", {}, None),
+    ("GET", "/api/models/..%2F..%2Fetc", {}, None),
+    ("GET", "/api/models/a/b/c/d/e", {}, None),
+    ("GET", "/api/datasets/org/small/paths-info/main", {}, None),
+    ("POST", "/api/models/org/small", {}, b""),
+    (
+        "POST",
+        "/api/models/org/small/paths-info/main",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        b"paths=../x",
+    ),
+    ("POST", "/api/models/org/small/paths-info/main", {"Content-Type": "application/json"}, b"{not json"),
+    ("POST", "/api/models/org/small/paths-info/main", {"Content-Type": "application/json"}, b'{"paths": [1, 2]}'),
+    ("POST", "/api/models/org/small/paths-info/%2e%2e", {"Content-Type": "application/json"}, b'{"paths": []}'),
+]
+
+
+def test_bad_input_gets_4xx_json_never_a_crash(daemons, hub):
+    d = daemons()
+    for method, path, headers, body in BAD_INPUTS:
+        status, resp_headers, data = raw(d, method, path, headers, body)
+        assert 400 <= status < 500, (method, path, headers, status, data[:300])
+        if method != "HEAD" and "X-Big" not in headers:
+            assert "error" in json.loads(data), (path, data[:300])
+    # A legal but missing file is the Hub's 404 with its error code.
+    status, headers, _ = raw(d, "GET", "/org/small/resolve/main/nope.bin")
+    assert status == 404 and headers["X-Error-Code"] == "EntryNotFound"
+    assert headers["X-Repo-Commit"] == hub.commits[SMALL]
+    status, headers, _ = raw(d, "GET", "/org/small/resolve/nobranch/config.json")
+    assert status == 404 and headers["X-Error-Code"] == "RevisionNotFound"
+    # The daemon's own routes are not shadowed by the mirror's catch-alls.
+    for path in ("/healthz", "/readyz", "/metrics", "/v1/status"):
+        with urllib.request.urlopen(d.url + path, timeout=5) as r:
+            assert r.status == 200
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(d.url + "/v1/x/resolve/main/y", timeout=5)
+    assert e.value.code == 404
+    # The only traceback allowed is aiohttp's own log line for the oversized header
+    # (it answers 400 before any handler runs); nothing from nodecache.
+    log = d.log()
+    assert log.count("Traceback") == log.count("LineTooLong: 400") <= 1
+    assert "ERROR nodecache" not in log
