@@ -53,3 +53,46 @@ def _cached(path) -> str:
     import os
 
     return os.getxattr(path, "user.nodecache.cached").decode()
+
+
+def test_kill9_during_eviction_churn_leaves_a_consistent_store(hub, daemons, tmp_path):
+    """Crash repeatedly while reads force evictions; every restart must agree with the disk."""
+    import json
+    import os
+    import random
+    import threading
+    import urllib.request
+
+    files = {f"f{i}.bin": os.urandom(6 * MiB) for i in range(6)}
+    commit = hub.add_repo("org/churn", files)
+    env = {"NODECACHE_DISK_MAX": str(16 * MiB), "NODECACHE_MIN_FREE": "0", "NODECACHE_FSYNC": "true"}
+    cache = tmp_path / "cache"
+    rng = random.Random(3)
+    for round_ in range(3):
+        d = daemons(repos=("org/churn",), env=env, cache_dir=cache, workdir=tmp_path)
+        snap = snapshot_dir(d, "org/churn", commit)
+
+        def churn(snap=snap) -> None:
+            try:
+                for name in rng.sample(sorted(files), k=len(files)):
+                    (snap / name).read_bytes()
+            except OSError:  # the crash lands mid-read
+                pass
+
+        t = threading.Thread(target=churn)
+        t.start()
+        time.sleep(0.3 + 0.2 * round_)
+        d.kill9()
+        t.join(30)
+        d.stop()  # detaches the dead mount
+
+    d = daemons(repos=("org/churn",), env=env, cache_dir=cache, workdir=tmp_path)
+    snap = snapshot_dir(d, "org/churn", commit)
+    for name, data in files.items():
+        assert hashlib.sha256((snap / name).read_bytes()).digest() == hashlib.sha256(data).digest(), name
+    with urllib.request.urlopen(d.url + "/v1/status") as r:
+        used = json.load(r)["tiers"][0]["used"]
+    on_disk = [p for p in (cache / "blobs").rglob("*") if p.is_file()]
+    allocated = sum(p.stat().st_blocks * 512 for p in on_disk)
+    assert used <= 16 * MiB + 8 * MiB and allocated <= used + MiB, (used, allocated)
+    assert {p.name for p in on_disk} <= {hashlib.sha256(v).hexdigest() for v in files.values()}
