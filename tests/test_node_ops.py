@@ -252,3 +252,14 @@ def test_metrics_move_with_local_and_upstream_reads(hub, daemons, small_repo):
     assert second[("nodecache_cache_capacity_bytes", (("tier", "disk"),))] > 0
     assert second[("nodecache_blobs", (("state", "complete"),))] >= 1
     assert ("nodecache_fuse_read_seconds_count", ()) in second
+
+
+def test_grafana_dashboard_only_uses_metrics_the_daemon_exports(hub, daemons):
+    import re
+
+    dashboard = json.loads((Path(__file__).parent.parent / "daemonset" / "dashboards" / "nodecache.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(total|bucket|count|sum)$", "", m) for e in exprs for m in re.findall(r"nodecache_[a-z_]+", e)}
+    d = daemons(repos=(SMALL,))
+    exported = {re.sub(r"_total$", "", m) for m in re.findall(r"^# TYPE (nodecache_[a-z_]+) ", d.metrics(), re.M)}
+    assert used and used <= exported, used - exported
