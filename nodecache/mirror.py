@@ -125,6 +125,20 @@ def _unsatisfiable(size: int, message: str) -> HubError:
     return HubError(416, message, headers={"Content-Range": f"bytes */{size}"})
 
 
+def rewrite_link(link: str, upstream: str, base: str) -> str:
+    """Point `Link` pages (rel="next") at the mirror instead of upstream; drop Xet links."""
+    kept = []
+    for part in link.split(","):
+        m = re.fullmatch(r"\s*<([^>]*)>(.*)", part)
+        if not m or "xet" in m[2].lower():
+            continue
+        url = m[1]
+        if url.startswith(upstream + "/"):
+            url = base + url[len(upstream) :]
+        kept.append(f"<{url}>{m[2]}")
+    return ", ".join(kept)
+
+
 def _lfs_pointer_oid(sha256: str, size: int) -> str:
     """The git oid the Hub reports for an LFS file: that of its pointer file."""
     pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
@@ -470,7 +484,7 @@ class Mirror:
             return None
         out = {k: headers[k] for k in _RELAY_HEADERS if k in headers}
         if "Link" in headers:
-            link = self._rewrite_link(request, headers["Link"])
+            link = rewrite_link(headers["Link"], self.up.endpoint, f"{request.scheme}://{request.host}")
             if link:
                 out["Link"] = link
         if "json" in headers.get("Content-Type", ""):
@@ -479,20 +493,6 @@ class Mirror:
             except ValueError:
                 pass
         return web.Response(status=status, body=body, headers=out)
-
-    def _rewrite_link(self, request: web.Request, link: str) -> str:
-        """Point `rel="next"` pages at the mirror; drop Xet links."""
-        base, upstream = f"{request.scheme}://{request.host}", self.up.endpoint
-        kept = []
-        for part in link.split(","):
-            m = re.fullmatch(r"\s*<([^>]*)>(.*)", part)
-            if not m or "xet" in m[2].lower():
-                continue
-            url = m[1]
-            if url.startswith(upstream + "/"):
-                url = base + url[len(upstream) :]
-            kept.append(f"<{url}>{m[2]}")
-        return ", ".join(kept)
 
     async def _info(self, request: web.Request, t: Target, explicit: bool) -> web.Response:
         path = f"{t.api_base}/revision/{quote(t.revision, safe='')}" if explicit else t.api_base

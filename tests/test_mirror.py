@@ -91,6 +91,8 @@ def wait_settled(daemon: DaemonProcess, hub: HubEmulator, timeout: float = 20) -
 def test_hf_client_through_mirror(daemons, hub, small_repo, big_repo, tmp_path):
     """Every client call the issue names, against a cold daemon; then again with zero upstream bytes."""
     d = daemons(repos=())  # nothing resolved at start: the mirror adds repos on demand
+    hub.add_repo("org/ds", {"data/train.csv": b"a,b\n1,2\n", "README.md": b"# ds"}, repo_type="dataset")
+    pr_commit = hub.add_repo(SMALL, {"config.json": b'{"pr": 1}'}, revision="refs/pr/1")
     code = f"""
 from huggingface_hub import HfFileSystem, hf_hub_download, list_repo_files, model_info, snapshot_download
 out = {{}}
@@ -112,6 +114,11 @@ with fs.open({SMALL!r} + "/model.safetensors", "rb") as f:
     out["fs_range"] = f.read(1000).hex()
 out["fs_cat"] = fs.cat({SMALL!r} + "/config.json").decode()
 out["fs_info_size"] = fs.info({SMALL!r} + "/tokenizer/vocab.txt")["size"]
+ds = hf_hub_download("org/ds", "data/train.csv", repo_type="dataset", cache_dir={str(tmp_path / "c6")!r})
+out["ds"] = open(ds).read()
+out["ds_files"] = sorted(list_repo_files("org/ds", repo_type="dataset"))
+pr = hf_hub_download({SMALL!r}, "config.json", revision="refs/pr/1", cache_dir={str(tmp_path / "c7")!r})
+out["pr"] = [open(pr).read(), pr.split("/snapshots/")[1].split("/")[0]]
 print(json.dumps(out))
 """
     out = run_client(d, tmp_path, code)
@@ -127,9 +134,11 @@ print(json.dumps(out))
     assert bytes.fromhex(out["fs_range"]) == st.read_bytes()[100:1100]
     assert out["fs_cat"] == (small_repo / "config.json").read_text()
     assert out["fs_info_size"] == (small_repo / "tokenizer" / "vocab.txt").stat().st_size
+    assert out["ds"] == "a,b\n1,2\n" and out["ds_files"] == ["README.md", "data/train.csv"]
+    assert out["pr"] == ['{"pr": 1}', pr_commit]
     # One upstream fetch per byte, however many clients and calls wanted it.
     wait_settled(d, hub)
-    total = sum(p.stat().st_size for r in (small_repo, big_repo) for p in r.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for r in (small_repo, big_repo) for p in r.rglob("*") if p.is_file()) + 100
     assert hub.stats.data_bytes <= total
     # The repos the mirror resolved are in the FUSE view too.
     assert (d.hub / "models--org--big" / "snapshots" / hub.commits[BIG] / "weights.bin").stat().st_size == 72 * MiB
@@ -215,6 +224,30 @@ with open({str(part)!r}, "ab") as f:
 print(json.dumps({{"sha": sha({str(part)!r})}}))
 """
     assert run_client(d, tmp_path, code)["sha"] == hashlib.sha256(data).hexdigest()
+
+
+def test_tree_pages_stay_on_the_mirror(daemons, hub, small_repo):
+    d = daemons(repos=())
+    url, seen = f"{d.url}/api/models/{SMALL}/tree/main?recursive=true&limit=2", []
+    while url:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            seen += [e["path"] for e in json.loads(r.read())]
+            link = r.headers.get("Link", "")
+        url = link[1 : link.index(">")] if link else ""
+        assert not url or url.startswith(d.url + "/api/models/"), link
+    assert sorted(seen) == sorted([*source_hashes(small_repo), "tokenizer"])
+
+
+def test_xet_fields_and_links_are_stripped():
+    from nodecache.mirror import rewrite_link, strip_xet
+
+    doc = {"siblings": [{"rfilename": "a", "xetHash": "x"}], "xetEnabled": True, "sha": "s"}
+    assert strip_xet(doc) == {"siblings": [{"rfilename": "a"}], "sha": "s"}
+    assert strip_xet([{"type": "file", "xetHash": "h", "lfs": {"oid": "o"}}]) == [{"type": "file", "lfs": {"oid": "o"}}]
+    link = '<https://hub/api/models/a/b/tree/main?cursor=x>; rel="next", <https://cas/auth>; rel="xet-auth"'
+    assert rewrite_link(link, "https://hub", "http://node:8470") == (
+        '<http://node:8470/api/models/a/b/tree/main?cursor=x>; rel="next"'
+    )
 
 
 @pytest.fixture
