@@ -42,6 +42,9 @@ class Filler:
         self.index = index
         self.store = store
         self.upstream = upstream
+        # Where chunk k of a blob may come from, in order (peers, then upstreams);
+        # each failure falls through to the next source before any backoff.
+        self.sources: Callable[[BlobRecord, int], list[Upstream]] = lambda rec, k: [upstream]
         self.metrics = metrics
         self.closing = False
         self.pinned: set[str] = set()  # blob ids the owner wants kept (pins); never evicted
@@ -115,12 +118,13 @@ class Filler:
         missing = [k for k in range(first, last + 1) if not st.has(k)]
         source = "local"
         if missing:
-            source = "upstream"
-            waits = [self._chunk(st, k, demand=True) for k in missing]
+            waits = asyncio.gather(*(self._chunk(st, k, demand=True) for k in missing))
             for k in range(last + 1, min(last + 1 + self.cfg.read_ahead_chunks, rec.n_chunks)):
                 if not st.has(k):
                     self._chunk(st, k, demand=False)
-            await self._await(asyncio.gather(*waits), f"read of {blob_id} [{offset}+{size}]")
+            await self._await(waits, f"read of {blob_id} [{offset}+{size}]")
+            kinds = set(waits.result())
+            source = "upstream" if "upstream" in kinds else "peer" if "peer" in kinds else "local"
             st = self.state(blob_id)  # verification may have quarantined it
         data = await self.store.read(blob_id, offset, size)
         self.metrics.read_bytes.labels(source).inc(len(data))
@@ -159,15 +163,17 @@ class Filler:
         task.add_done_callback(lambda t: (self._inflight.pop(key, None), _consume(t)))
         return task
 
-    async def _fetch(self, st: BlobState, k: int, demand: bool) -> None:
+    async def _fetch(self, st: BlobState, k: int, demand: bool) -> str:
+        """Fetch and store chunk k; returns the kind of source it came from."""
         if self.closing:
             raise FillError("daemon is shutting down")
         if not demand:  # demand reads never queue behind read-ahead
             await self._slots.acquire()
         self.metrics.fill_inflight.inc()
+        kind = "local"
         try:
             if not st.has(k):
-                data = await self._fetch_with_retries(st.rec, *st.chunk_range(k))
+                data, kind = await self._fetch_with_retries(st.rec, k, *st.chunk_range(k))
                 await self.store.write_chunk(st, k, data)
         finally:
             self.metrics.fill_inflight.dec()
@@ -175,22 +181,30 @@ class Filler:
                 self._slots.release()
         if st.missing == 0:
             self._finish(st)  # readers of the last chunk do not wait for the hash
+        return kind
 
-    async def _fetch_with_retries(self, rec: BlobRecord, start: int, end: int) -> bytes:
+    async def _fetch_with_retries(self, rec: BlobRecord, k: int, start: int, end: int) -> tuple[bytes, str]:
+        """Try every source in order; back off and go round again until the deadline."""
         deadline = time.monotonic() + self.cfg.read_timeout
         delay = self.cfg.retry_base
         while True:
-            try:
-                return await self.upstream.fetch(rec, start, end)
-            except NotFound:
-                raise
-            except UpstreamError as e:
-                left = deadline - time.monotonic()
-                if self.closing or left <= 0:
-                    raise
-                log.warning("retrying %s/%s [%d-%d): %s", rec.repo_id, rec.path, start, end, e)
-                await asyncio.sleep(min(left, delay * random.uniform(0.5, 1.5)))
-                delay = min(delay * 2, 5.0)
+            errors: list[UpstreamError] = []
+            for src in self.sources(rec, k):
+                try:
+                    return await src.fetch(rec, start, end), getattr(src, "kind", "upstream")
+                except UpstreamError as e:
+                    errors.append(e)
+                    log.info("%s/%s [%d-%d) from %s failed: %s", rec.repo_id, rec.path, start, end, src.name, e)
+            if not errors:
+                raise UpstreamError(f"no source for {rec.repo_id}/{rec.path}")
+            if all(isinstance(e, NotFound) for e in errors):
+                raise errors[-1]
+            left = deadline - time.monotonic()
+            if self.closing or left <= 0:
+                raise errors[-1]
+            log.warning("retrying %s/%s [%d-%d): %s", rec.repo_id, rec.path, start, end, errors[-1])
+            await asyncio.sleep(min(left, delay * random.uniform(0.5, 1.5)))
+            delay = min(delay * 2, 5.0)
 
     def _finish(self, st: BlobState) -> asyncio.Future:
         """Prove the whole blob once every chunk is in; all callers share one check."""
