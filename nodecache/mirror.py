@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 ACCESS_TTL = 60.0  # a positive access check (or "this repo is public") is trusted this long
 REF_TTL = 30.0  # a branch/tag -> commit answer is reused this long (commits: forever)
+DOWN_WINDOW = 10.0  # after upstream failed us, uncached reads fail fast (504) for this long
 MIN_STEP, MAX_STEP = 1 << 20, 8 << 20  # bytes per Filler.read while streaming
 _TYPE_OF = {v: k for k, v in REPO_TYPES.items()}  # "models" -> "model"
 _REF_KINDS = ("pr", "convert", "heads", "tags")  # unencoded refs/<kind>/<name> revisions
@@ -222,6 +223,14 @@ class Mirror:
         self._refs: dict[tuple[str, str, str], tuple[RepoRef, float]] = {}
         self._resolving: dict[tuple[str, str, str], asyncio.Task] = {}
         self._files: dict[tuple[str, str, str], dict[str, FileEntry]] = {}
+        self._down_until = 0.0  # upstream failed a mirror call recently
+
+    def _upstream_failed(self) -> None:
+        self._down_until = time.monotonic() + DOWN_WINDOW
+
+    @property
+    def upstream_down(self) -> bool:
+        return time.monotonic() < self._down_until
 
     @property
     def up(self):
@@ -229,7 +238,7 @@ class Mirror:
 
     # ---- access -----------------------------------------------------------------
 
-    async def authorize(self, t: Target, auth: str | None, path: str | None = None) -> bool:
+    async def authorize(self, t: Target, auth: str | None, path: str | None = None, force: bool = False) -> bool:
         """Raise the Hub's error unless upstream lets `auth` read the repo; True if upstream answered.
 
         False means upstream was unreachable and the repo is known to be public,
@@ -238,21 +247,24 @@ class Mirror:
         now = time.monotonic()
         key = (t.repo_type, t.repo_id)
         public = self._public.get(key)
-        if public and public[0] and public[1] + ACCESS_TTL > now:
+        if public and public[0] and public[1] + ACCESS_TTL > now and not force:
             return True
         akey = (*key, hashlib.sha256(auth.encode()).hexdigest() if auth else "")
-        if self._access.get(akey, 0.0) > now:
+        if self._access.get(akey, 0.0) > now and not force:
             return True
         try:
             status, headers, body = await self.up.api(
                 "GET", f"{t.api_base}/revision/{quote(t.revision, safe='')}", authorization=auth
             )
         except UpstreamError as e:
+            self._upstream_failed()
             return self._offline(t, str(e))
         if status in (401, 403, 404):
             raise _relayed_error(status, headers, body)
         if status != 200:
+            self._upstream_failed()
             return self._offline(t, f"upstream answered {status}")
+        self._down_until = 0.0
         try:
             doc = json.loads(body)
             private, gated = bool(doc.get("private")), doc.get("gated") not in (None, False)
@@ -349,13 +361,15 @@ class Mirror:
                     "EntryNotFound",
                     {"X-Repo-Commit": ref.commit},
                 )
-            return await self._serve(request, ref, entry, online)
+            return await self._serve(request, t, ref, entry, online)
         except HubError as e:
             return e.response()
         except (InvalidName, UnicodeDecodeError) as e:
             return HubError(400, str(e)).response()
 
-    async def _serve(self, request: web.Request, ref: RepoRef, entry: FileEntry, online: bool) -> web.StreamResponse:
+    async def _serve(
+        self, request: web.Request, t: Target, ref: RepoRef, entry: FileEntry, online: bool
+    ) -> web.StreamResponse:
         filler = self.d.filler
         try:
             rec = filler.record(entry.blob_id)
@@ -378,8 +392,11 @@ class Mirror:
         start, end = rng or (0, entry.size)
         if rng:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
-        if end > start and not online and not self._present(entry.blob_id, start):
-            raise HubError(504, f"upstream unreachable and {entry.path!a} of {ref.repo_id} is not cached")
+        if end > start and not self._present(entry.blob_id, start):
+            if online and self.upstream_down:  # access came from the cache: is upstream back?
+                online = await self.authorize(t, request.headers.get("Authorization"), entry.path, force=True)
+            if not online:
+                raise HubError(504, f"upstream unreachable and {entry.path!a} of {ref.repo_id} is not cached")
         hold = getattr(filler, "hold", None)
         if hold:
             hold(entry.blob_id)  # an open download: not to be evicted under it
@@ -479,9 +496,12 @@ class Mirror:
             )
         except UpstreamError as e:
             log.warning("upstream unreachable for %s: %s", path, e)
+            self._upstream_failed()
             return None
         if status >= 500 or status == 429:
+            self._upstream_failed()
             return None
+        self._down_until = 0.0
         out = {k: headers[k] for k in _RELAY_HEADERS if k in headers}
         if "Link" in headers:
             link = rewrite_link(headers["Link"], self.up.endpoint, f"{request.scheme}://{request.host}")

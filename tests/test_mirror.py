@@ -315,6 +315,7 @@ print(json.dumps({{"snap": tree_hashes(snapshot_download({SMALL!r}, cache_dir={s
     want = source_hashes(small_repo)
     assert run_client(d, tmp_path, code)["snap"] == want
     wait_settled(d, hub)
+    assert raw(d, "HEAD", f"/{BIG}/resolve/main/weights.bin")[0] == 200  # BIG known public, no bytes
     hub.down = True
     status, headers, body = raw(d, "GET", f"/{SMALL}/resolve/main/config.json")
     assert status == 200 and body == (small_repo / "config.json").read_bytes()
