@@ -136,7 +136,7 @@ def unmount_all(target: str) -> int:
 
 
 def probe(path: str, timeout: float = 5.0) -> int:
-    """stat `path` in a helper thread: 0 if it answers, else the errno (ETIMEDOUT if it hangs).
+    """statfs + stat `path` in a helper thread: 0 if it answers, else the errno (ETIMEDOUT if it hangs).
 
     A hung FUSE daemon would block the caller forever; the helper thread is
     left behind in that case (daemonic), the caller is not.
@@ -145,6 +145,7 @@ def probe(path: str, timeout: float = 5.0) -> int:
 
     def run() -> None:
         try:
+            os.statvfs(path)  # always asks the daemon; a cached stat of a dead mount may still succeed
             os.stat(path)
             result.append(0)
         except OSError as e:

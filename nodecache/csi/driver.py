@@ -1,0 +1,444 @@
+"""The CSI node plugin: Identity + Node over a unix socket, bind-mounting the nodecache mount read-only.
+
+Stateless on purpose: what is published where is read from /proc/self/mountinfo
+on every call, so a restarted plugin (or daemon) picks up where it was.
+
+Volume context (`volumeAttributes` of a PV, or `volumeAttributes` of an inline
+CSI volume):
+  model         `org/name` (or `datasets/org/name`): publish `hub/models--org--name`;
+                absent: publish the whole `hub/`
+  revision      the daemon resolves and prefetches it (in the background)
+  waitForCache  "true": return only once every byte of the model is cached and
+                verified, or UNAVAILABLE after --wait-timeout so kubelet retries
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from .. import __version__
+from ..layout import InvalidName, parse_repo_spec, repo_folder_name
+from . import mounts
+from .proto import load
+
+log = logging.getLogger(__name__)
+
+pb, pb_grpc = load()
+
+DRIVER_NAME = "nodecache.csi.k8s.io"
+FUSE_SOURCE = "nodecache"  # fsname= of the daemon's FUSE mount
+CONTEXT_KEYS = {"model", "revision", "waitForCache"}
+KUBELET_KEY_PREFIX = "csi.storage.k8s.io/"  # pod info and the ephemeral flag, added by kubelet
+TRUE = {"true", "yes", "1"}
+FALSE = {"false", "no", "0", ""}
+
+
+class CsiError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def parse_endpoint(endpoint: str) -> str:
+    """`unix:///abs/path`, `unix:/abs/path`, `unix://abs/path` (relative) or a bare path -> path."""
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://") :]
+    elif endpoint.startswith("unix:"):
+        path = endpoint[len("unix:") :]
+    elif "://" in endpoint:
+        raise ValueError(f"unsupported CSI endpoint {endpoint!r}: only unix sockets")
+    else:
+        path = endpoint
+    if not path:
+        raise ValueError(f"empty socket path in CSI endpoint {endpoint!r}")
+    return os.path.abspath(path)
+
+
+class Driver:
+    """The node plugin's logic, callable without gRPC (the servicers are thin)."""
+
+    def __init__(
+        self,
+        mount: Path,
+        node_id: str,
+        daemon_url: str = "http://127.0.0.1:8470",
+        kubelet_dir: str = "/var/lib/kubelet",
+        wait_timeout: float = 90.0,
+        probe_timeout: float = 5.0,
+        admin_token: str | None = None,
+    ):
+        self.mount = os.path.abspath(mount)
+        self.hub = os.path.join(self.mount, "hub")
+        self.node_id = node_id
+        self.daemon_url = daemon_url.rstrip("/")
+        self.kubelet_pods = os.path.join(os.path.abspath(kubelet_dir), "pods") + "/"
+        self.wait_timeout = wait_timeout
+        self.probe_timeout = probe_timeout
+        self.admin_token = admin_token
+        self.poll_interval = 0.5
+        self._busy: set[str] = set()
+        self._busy_lock = threading.Lock()
+        self._devs: set[str] = set()  # every device seen serving at self.mount: its binds are ours
+        self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    # -- helpers -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def claim(self, target: str, wait: bool = False) -> Iterator[bool]:
+        """One operation per target at a time; another one in flight -> ABORTED (or False if not raising)."""
+        with self._busy_lock:
+            if target in self._busy:
+                if wait:
+                    yield False
+                    return
+                raise CsiError(grpc.StatusCode.ABORTED, f"an operation on {target} is already in flight")
+            self._busy.add(target)
+        try:
+            yield True
+        finally:
+            with self._busy_lock:
+                self._busy.discard(target)
+
+    def live_mount(self, entries: list[mounts.MountEntry] | None = None) -> mounts.MountEntry | None:
+        """The daemon's FUSE mount at self.mount if it is there and answering, else None."""
+        top = mounts.top(self.mount, entries)
+        if top is None or not top.is_fuse or top.source != FUSE_SOURCE:
+            return None
+        if mounts.probe(self.hub, self.probe_timeout) != 0:
+            return None
+        self._devs.add(top.dev)
+        return top
+
+    def clean_stale_mount(self) -> bool:
+        """A daemon that died without unmounting leaves a dead FUSE mount (ENOTCONN): detach it."""
+        top = mounts.top(self.mount)
+        if top is None or not top.is_fuse or top.source != FUSE_SOURCE:
+            return False
+        err = mounts.probe(self.mount, self.probe_timeout)
+        if err not in mounts.STALE_ERRNOS:
+            return False
+        log.warning("detaching a stale mount at %s (%s)", self.mount, os.strerror(err))
+        self._devs.add(top.dev)  # binds of it are ours to re-bind once a daemon is back
+        mounts.unmount_all(self.mount)
+        return True
+
+    def _api(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One call to the daemon's control API; errors become CSI status codes."""
+        headers = {"Content-Type": "application/json"}
+        if self.admin_token:
+            headers["Authorization"] = f"Bearer {self.admin_token}"
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.daemon_url + path, data=data, headers=headers, method=method)
+        try:
+            with self._http.open(req, timeout=30) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            try:
+                detail = json.loads(e.read()).get("detail", e.reason)
+            except (ValueError, OSError):
+                detail = e.reason
+            code = {404: grpc.StatusCode.NOT_FOUND, 400: grpc.StatusCode.INVALID_ARGUMENT}.get(e.code)
+            if e.code in (401, 403):
+                detail = f"{detail} (give the CSI plugin the daemon's admin token: --admin-token-file)"
+            raise CsiError(code or grpc.StatusCode.UNAVAILABLE, f"daemon answered {e.code}: {detail}") from None
+        except (OSError, ValueError) as e:
+            raise CsiError(grpc.StatusCode.UNAVAILABLE, f"daemon at {self.daemon_url} not reachable: {e}") from None
+
+    def _daemon_prefetch(self, repo_type: str, repo_id: str, revision: str | None, wait: bool) -> dict:
+        """Have the daemon resolve a repo and fill it in the background; with `wait`, until every byte is verified."""
+        start = time.monotonic()
+        job = self._api("POST", "/v1/prefetch", {"repo": repo_id, "repo_type": repo_type, "revision": revision})
+        while wait and job.get("state") == "running":
+            if time.monotonic() - start >= self.wait_timeout:
+                raise CsiError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{repo_id} not fully cached after {self.wait_timeout:.0f}s "
+                    f"({job.get('done')}/{job.get('total')} bytes); kubelet will retry",
+                )
+            time.sleep(min(self.poll_interval, max(0.0, self.wait_timeout - (time.monotonic() - start))))
+            job = self._api("GET", f"/v1/jobs/{job['id']}")
+        if wait and job.get("state") != "ready":
+            raise CsiError(grpc.StatusCode.UNAVAILABLE, f"filling {repo_id} failed: {job.get('error')}")
+        return job
+
+    # -- Node ----------------------------------------------------------------
+
+    def publish(
+        self, volume_id: str, target_path: str, capability, volume_context: dict[str, str], has_capability: bool
+    ) -> None:
+        if not volume_id:
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_id is required")
+        if not target_path:
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "target_path is required")
+        if not has_capability:
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_capability is required")
+        if capability.HasField("block"):
+            raise CsiError(
+                grpc.StatusCode.INVALID_ARGUMENT, "block volumes are not supported: nodecache is a filesystem"
+            )
+        if not capability.HasField("mount"):
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_capability needs access_type mount")
+        if not capability.HasField("access_mode"):
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_capability.access_mode is required")
+        if not os.path.isabs(target_path):
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, f"target_path must be absolute: {target_path!r}")
+        # any access mode is fine (kubelet sends SINGLE_NODE_WRITER for inline volumes): always read-only
+        target = os.path.normpath(target_path)
+        unknown = {k for k in volume_context if k not in CONTEXT_KEYS and not k.startswith(KUBELET_KEY_PREFIX)}
+        if unknown:
+            raise CsiError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown volume attribute(s) {sorted(unknown)}; known: {sorted(CONTEXT_KEYS)}",
+            )
+        model = volume_context.get("model", "")
+        revision = volume_context.get("revision") or None
+        wait_s = volume_context.get("waitForCache", "").strip().lower()
+        if wait_s not in TRUE | FALSE:
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, f'waitForCache must be "true" or "false", not {wait_s!r}')
+        wait = wait_s in TRUE
+        folder = None
+        if model:
+            try:
+                repo_type, repo_id, _ = parse_repo_spec(model + ("@" + revision if revision else ""))
+                folder = repo_folder_name(repo_type, repo_id)
+            except InvalidName as e:
+                raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        elif revision or wait:
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "revision/waitForCache need a model")
+
+        with self.claim(target):
+            fuse = self.live_mount()
+            if fuse is None:
+                raise CsiError(grpc.StatusCode.UNAVAILABLE, f"the nodecache daemon is not serving at {self.mount}")
+            source = self.hub if folder is None else os.path.join(self.hub, folder)
+            if folder is not None:
+                present = mounts.probe(source, self.probe_timeout) == 0
+                if revision or wait or not present:
+                    try:
+                        self._daemon_prefetch(repo_type, repo_id, revision, wait)
+                    except CsiError as e:
+                        if e.code == grpc.StatusCode.NOT_FOUND:
+                            self._remove_target(target)
+                        raise
+                    err = mounts.probe(source, self.probe_timeout)
+                    if err == errno.ENOENT:
+                        self._remove_target(target)
+                        raise CsiError(grpc.StatusCode.NOT_FOUND, f"model {model} is not in the cache tree")
+                    if err:
+                        raise CsiError(grpc.StatusCode.UNAVAILABLE, f"{source}: {os.strerror(err)}")
+            want_root = "/" + os.path.relpath(source, self.mount)
+            entries = mounts.mountinfo()
+            top = mounts.top(target, entries)
+            if top is not None:
+                if top.dev == fuse.dev and top.root == want_root:
+                    if not top.readonly:  # not ours; make it so
+                        mounts.bind_readonly(source, target)
+                    log.info("publish %s -> %s: already published", volume_id, target)
+                    return
+                if not (top.is_fuse and top.source == FUSE_SOURCE and top.root == want_root):
+                    raise CsiError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"{target} already has another volume mounted ({top.source}:{top.root})",
+                    )
+                # the same directory of a dead daemon: stack a live bind on top (see reconcile)
+            else:
+                try:
+                    os.makedirs(target, exist_ok=True)
+                except OSError as e:
+                    raise CsiError(grpc.StatusCode.INTERNAL, f"cannot create {target}: {e}") from None
+            try:
+                mounts.bind_readonly(source, target)
+            except OSError as e:
+                raise CsiError(grpc.StatusCode.INTERNAL, f"bind {source} -> {target}: {e}") from None
+            log.info("publish %s: %s -> %s (read-only)", volume_id, source, target)
+
+    def _remove_target(self, target: str) -> None:
+        if mounts.at(target):
+            return
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, OSError):
+            os.rmdir(target)
+
+    def unpublish(self, volume_id: str, target_path: str) -> None:
+        if not volume_id:
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_id is required")
+        if not target_path:
+            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "target_path is required")
+        target = os.path.normpath(os.path.abspath(target_path))
+        with self.claim(target):
+            try:
+                n = mounts.unmount_all(target)
+            except OSError as e:
+                raise CsiError(grpc.StatusCode.INTERNAL, f"unmount {target}: {e}") from None
+            try:
+                os.rmdir(target)
+            except FileNotFoundError:
+                pass
+            except NotADirectoryError:
+                os.unlink(target)
+            except OSError as e:
+                raise CsiError(grpc.StatusCode.INTERNAL, f"remove {target}: {e}") from None
+            log.info("unpublish %s: %s (%d mount(s) removed)", volume_id, target, n)
+
+    # -- daemon restarts -----------------------------------------------------
+
+    def reconcile(self) -> list[str]:
+        """Re-bind every published target whose bind points at a dead daemon onto the live mount.
+
+        The new bind is stacked on top of the dead one rather than replacing it:
+        a mount event on the target propagates into containers that mounted the
+        volume with `mountPropagation: HostToContainer`; an unmount + bind would
+        not, they would keep the dead one (ENOTCONN) until the pod restarts.
+        """
+        entries = mounts.mountinfo()
+        fuse = self.live_mount(entries)
+        if fuse is None:
+            return []
+        live = {e.dev for e in entries if e.root == "/" and e.is_fuse}  # devices some daemon still serves
+        tops: dict[str, mounts.MountEntry] = {}
+        for e in entries:
+            tops[e.mountpoint] = e
+        done = []
+        for target, e in tops.items():
+            if target == self.mount or not (e.is_fuse and e.source == FUSE_SOURCE):
+                continue
+            if e.dev == fuse.dev or e.dev in live or not (e.root == "/hub" or e.root.startswith("/hub/")):
+                continue
+            if e.dev not in self._devs and not target.startswith(self.kubelet_pods):
+                continue  # not a bind of ours (another daemon's, on a test machine)
+            with self.claim(target, wait=True) as mine:
+                if not mine:
+                    continue  # kubelet is working on it right now
+                source = self.mount + e.root
+                if mounts.probe(source, self.probe_timeout) != 0:
+                    log.warning("reconcile: %s is gone from the new mount; leaving %s", source, target)
+                    continue
+                try:
+                    mounts.bind_readonly(source, target)
+                except OSError as err:
+                    log.warning("reconcile: re-bind %s -> %s failed: %s", source, target, err)
+                    continue
+                log.info("reconcile: re-bound %s -> %s after a daemon restart", source, target)
+                done.append(target)
+        return done
+
+    def watch(self, stop: threading.Event, interval: float = 2.0) -> None:
+        """Reconcile on every mount-table change (POLLPRI on mountinfo) and every `interval` seconds."""
+        with open("/proc/self/mountinfo", "rb") as f:
+            poller = select.poll()
+            poller.register(f, select.POLLPRI | select.POLLERR)
+            while not stop.is_set():
+                try:
+                    self.clean_stale_mount()  # a crashed daemon's dead mount: gone before its restart
+                    self.reconcile()
+                except Exception:  # never let the watcher die
+                    log.exception("reconcile failed")
+                poller.poll(interval * 1000)
+                f.seek(0)
+                f.read()  # re-arm: the next change is reported again
+
+
+def _guard(fn: Callable) -> Callable:
+    """Map CsiError to its status code, anything else to INTERNAL; never a traceback to the CO."""
+
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except CsiError as e:
+            log.info("%s: %s %s", fn.__name__, e.code.name, e)
+            context.abort(e.code, str(e))
+        except Exception as e:
+            log.exception("%s failed", fn.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{e.__class__.__name__}: {e}")
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class IdentityServicer(pb_grpc.IdentityServicer):
+    def __init__(self, driver: Driver):
+        self.driver = driver
+
+    @_guard
+    def GetPluginInfo(self, request, context):
+        return pb.GetPluginInfoResponse(name=DRIVER_NAME, vendor_version=__version__)
+
+    @_guard
+    def GetPluginCapabilities(self, request, context):
+        return pb.GetPluginCapabilitiesResponse(capabilities=[])  # node plugin only: no controller service
+
+    @_guard
+    def Probe(self, request, context):
+        from google.protobuf.wrappers_pb2 import BoolValue
+
+        return pb.ProbeResponse(ready=BoolValue(value=self.driver.live_mount() is not None))
+
+
+class NodeServicer(pb_grpc.NodeServicer):
+    def __init__(self, driver: Driver):
+        self.driver = driver
+
+    @_guard
+    def NodeGetCapabilities(self, request, context):
+        return pb.NodeGetCapabilitiesResponse(capabilities=[])  # no staging, no stats, no expansion
+
+    @_guard
+    def NodeGetInfo(self, request, context):
+        return pb.NodeGetInfoResponse(node_id=self.driver.node_id)
+
+    @_guard
+    def NodePublishVolume(self, request, context):
+        self.driver.publish(
+            request.volume_id,
+            request.target_path,
+            request.volume_capability,
+            dict(request.volume_context),
+            request.HasField("volume_capability"),
+        )
+        return pb.NodePublishVolumeResponse()
+
+    @_guard
+    def NodeUnpublishVolume(self, request, context):
+        self.driver.unpublish(request.volume_id, request.target_path)
+        return pb.NodeUnpublishVolumeResponse()
+
+
+def serve(driver: Driver, endpoint: str, stop: threading.Event | None = None, workers: int = 8) -> None:
+    """Serve on the unix socket until `stop` is set (or SIGTERM/SIGINT when run from the CLI)."""
+    path = parse_endpoint(endpoint)
+    if os.path.exists(path) or os.path.islink(path):
+        if not Path(path).is_socket():
+            raise OSError(errno.EEXIST, "exists and is not a socket", path)
+        os.unlink(path)  # stale socket from a previous run
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    stop = stop or threading.Event()
+    driver.clean_stale_mount()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="csi"))
+    pb_grpc.add_IdentityServicer_to_server(IdentityServicer(driver), server)
+    pb_grpc.add_NodeServicer_to_server(NodeServicer(driver), server)
+    server.add_insecure_port("unix://" + path)
+    server.start()
+    watcher = threading.Thread(target=driver.watch, args=(stop,), name="csi-reconcile", daemon=True)
+    watcher.start()
+    log.info("CSI %s %s on unix://%s, node %s, mount %s", DRIVER_NAME, __version__, path, driver.node_id, driver.mount)
+    try:
+        while not stop.wait(0.5):  # timed: a signal caught by another thread must not go unnoticed
+            pass
+        log.info("stopping")
+    finally:
+        server.stop(grace=5).wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
