@@ -259,6 +259,7 @@ def cmd_csi(args: argparse.Namespace) -> int:
     if not mount:
         raise CliError("csi needs --mount (or NODECACHE_MOUNT)")
     token = Path(args.admin_token_file).read_text().strip() if args.admin_token_file else None
+    token = token or os.environ.get("NODECACHE_ADMIN_TOKEN") or None
     d = driver.Driver(Path(mount), node_id, args.daemon_url, args.kubelet_dir, args.wait_timeout, admin_token=token)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--daemon-url", default="http://127.0.0.1:8470", help="the daemon's HTTP API")
     c.add_argument("--kubelet-dir", default="/var/lib/kubelet", help="kubelet root: binds under pods/ are ours")
     c.add_argument("--wait-timeout", type=float, default=90.0, help="waitForCache bound, below kubelet's 2 min")
-    c.add_argument("--admin-token-file", help="the daemon's admin token (prefetch is a mutating /v1 call)")
+    c.add_argument("--admin-token-file", help="the daemon's admin token (prefetch is a mutating /v1 call; or $NODECACHE_ADMIN_TOKEN)")
     c.set_defaults(fn=cmd_csi)
     return p
 
