@@ -550,7 +550,10 @@ class Mirror:
             self._public[(t.repo_type, t.repo_id)] = (public, time.monotonic())
 
     def _offline_ref(self, t: Target, request: web.Request) -> RepoRef:
-        self._offline(t, "upstream unreachable")  # raises unless the repo may be served
+        auth = request.headers.get("Authorization")
+        akey = (t.repo_type, t.repo_id, hashlib.sha256(auth.encode()).hexdigest() if auth else "")
+        if self._access.get(akey, 0.0) <= time.monotonic():  # no fresh positive check for this caller
+            self._offline(t, "upstream unreachable")  # raises unless the repo may be served
         ref = self._cached_offline(t)
         if ref is None:
             raise HubError(504, f"upstream unreachable and {t.spec} is not cached")
@@ -620,13 +623,15 @@ class Mirror:
         await self.authorize(t, request.headers.get("Authorization"))
         ref = await self.resolve(t)
         files = self.files(ref)
-        out = []
+        out, dirs = [], None
         for p in dict.fromkeys(paths):
             if p in files:
                 out.append({"type": "file", "path": p, **self._file_fields(files[p], "oid", "oid")})
-            else:
-                listed = [e for e in self._entries(ref, "", True) if e["path"] == p and e["type"] == "directory"]
-                out.extend(listed)
+            elif p:
+                if dirs is None:
+                    dirs = {e["path"]: e for e in self._entries(ref, "", True) if e["type"] == "directory"}
+                if p in dirs:
+                    out.append(dirs[p])
         return web.json_response(out)
 
 
