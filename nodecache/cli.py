@@ -333,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--daemon-url", default="http://127.0.0.1:8470", help="the daemon's HTTP API")
     c.add_argument("--kubelet-dir", default="/var/lib/kubelet", help="kubelet root: binds under pods/ are ours")
     c.add_argument("--wait-timeout", type=float, default=90.0, help="waitForCache bound, below kubelet's 2 min")
-    c.add_argument("--admin-token-file", help="the daemon's admin token (prefetch is a mutating /v1 call; or $NODECACHE_ADMIN_TOKEN)")
+    c.add_argument(
+        "--admin-token-file",
+        help="the daemon's admin token (prefetch is a mutating /v1 call; or $NODECACHE_ADMIN_TOKEN)",
+    )
     c.set_defaults(fn=cmd_csi)
     return p
 

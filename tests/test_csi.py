@@ -41,7 +41,7 @@ def cap(mode=Mode.SINGLE_NODE_WRITER, block=False, **kw) -> pb.VolumeCapability:
 class Csi:
     """`nodecache csi` as a child process plus a gRPC client on its socket."""
 
-    def __init__(self, workdir: Path, daemon, extra: list[str] | None = None):
+    def __init__(self, workdir: Path, daemon, extra: list[str] | None = None, env: dict | None = None):
         self.sock = workdir / "plugin" / "csi.sock"
         self.kubelet = workdir / "kubelet"
         self.log_path = workdir / f"csi-{time.monotonic_ns()}.log"
@@ -49,13 +49,14 @@ class Csi:
         self.args = [sys.executable, "-m", "nodecache", "csi", "--endpoint", f"unix://{self.sock}"]
         self.args += ["--node-id", "gpu-node-1", "--mount", str(daemon.mount), "--daemon-url", daemon.url]
         self.args += ["--kubelet-dir", str(self.kubelet), *(extra or [])]
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.channel: grpc.Channel | None = None
 
     def start(self, timeout: float = 30.0) -> Csi:
         self.sock.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.channel = grpc.insecure_channel(f"unix://{self.sock}")
         self.identity = pb_grpc.IdentityStub(self.channel)
         self.node = pb_grpc.NodeStub(self.channel)
@@ -109,8 +110,8 @@ def csi(tmp_path, daemons):
     """Factory: a CSI plugin for a daemon. Every plugin is stopped, every mount under tmp_path removed."""
     started: list[Csi] = []
 
-    def make(daemon, extra=None, start=True) -> Csi:
-        c = Csi(tmp_path, daemon, extra)
+    def make(daemon, extra=None, start=True, env=None) -> Csi:
+        c = Csi(tmp_path, daemon, extra, env)
         started.append(c)
         return c.start() if start else c
 
@@ -285,9 +286,16 @@ def test_unknown_model_not_found_and_target_removed(daemons, csi):
 
 
 def test_wait_for_cache_fills_before_returning(hub, daemons, csi, big_repo):
-    d = daemons(repos=(SMALL,))  # BIG is not known to the daemon yet: publish resolves it
-    c = csi(d)
-    t = c.target()
+    # BIG is not known to the daemon yet: publish resolves it, through the admin-only /v1/prefetch
+    d = daemons(repos=(SMALL,), env={"NODECACHE_ADMIN_TOKEN": "s3cret"})
+    no_token = csi(d)
+    t = no_token.target()
+    assert code_of(lambda: no_token.publish(t, {"model": BIG})) == grpc.StatusCode.UNAVAILABLE
+    assert "admin token" in no_token.log() and mounts.at(str(t)) == []
+    assert no_token.stop() == 0
+    token = t.parents[5] / "admin-token"
+    token.write_text("s3cret\n")
+    c = csi(d, extra=["--admin-token-file", str(token)])
     c.publish(t, {"model": BIG, "revision": "main", "waitForCache": "true"})
     weights = t / "snapshots" / hub.commits[BIG] / "weights.bin"
     assert float(os.getxattr(weights, "user.nodecache.cached")) == 1.0, "cached before publish returned"
@@ -446,3 +454,9 @@ def test_endpoint_forms_and_stale_socket(daemons, csi, tmp_path):
     assert c.identity.Probe(pb.ProbeRequest()).ready.value is True
     assert c.stop() == 0
     assert not c.sock.exists(), "the socket is removed on a clean stop"
+    # a live socket is not stale: a second plugin on it refuses to start
+    first, second = csi(d), csi(d, start=False)
+    with open(second.log_path, "ab") as log:
+        rc = subprocess.run(second.args, stdout=log, stderr=subprocess.STDOUT, timeout=30).returncode
+    assert rc == 1 and "in use" in second.log()
+    assert first.identity.Probe(pb.ProbeRequest()).ready.value is True

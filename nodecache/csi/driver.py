@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import select
+import socket
 import threading
 import time
 import urllib.error
@@ -422,7 +423,14 @@ def serve(driver: Driver, endpoint: str, stop: threading.Event | None = None, wo
     if os.path.exists(path) or os.path.islink(path):
         if not Path(path).is_socket():
             raise OSError(errno.EEXIST, "exists and is not a socket", path)
-        os.unlink(path)  # stale socket from a previous run
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            try:
+                s.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: left by a plugin that is gone
+            else:
+                raise OSError(errno.EADDRINUSE, "in use by a running CSI plugin", path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     stop = stop or threading.Event()
     driver.clean_stale_mount()
