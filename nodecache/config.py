@@ -48,11 +48,18 @@ class Config:
     admin_token: str | None = field(default=None, repr=False)  # required by mutating /v1 calls when set
     preload: tuple[str, ...] = ()  # "org/name[@rev][=pin|=hot]" filled at start, in this order
     on_demand: tuple[str, ...] = ()  # globs of repo ids a lookup may resolve upstream, e.g. "org/*"
+    peers: tuple[str, ...] = ()  # static cluster members, "host:port" of their --listen
+    peers_dns: str | None = None  # "name:port" of a headless Service; its A records are the members
+    advertise: str | None = None  # this node's "host:port" as peers see it (default: listen)
+    cluster_token: str | None = field(default=None, repr=False)  # peers must present it
+    peer_timeout: float = 20.0  # a chunk fetch from a peer gives up after this (then: next source)
+    peer_uploads: int = 8  # concurrent chunk uploads to peers, so peers cannot starve local reads
+    peer_fault: str = ""  # testing only: "flip" serves peers corrupted bytes
 
     def __post_init__(self) -> None:
         if self.chunk_size < 64 * 1024 or self.chunk_size & (self.chunk_size - 1):
             raise ConfigError(f"chunk_size: {self.chunk_size} is not a power of two >= 64 KiB")
-        for key in ("read_ahead_chunks", "parallel_per_blob", "parallel_total"):
+        for key in ("read_ahead_chunks", "parallel_per_blob", "parallel_total", "peer_uploads"):
             if getattr(self, key) < (0 if key == "read_ahead_chunks" else 1):
                 raise ConfigError(f"{key}: {getattr(self, key)} is out of range")
         if not self.read_timeout > 0:  # also refuses NaN
@@ -74,6 +81,11 @@ class Config:
                     layout.parse_repo_spec(spec)
                 except layout.InvalidName as e:
                     raise ConfigError(f"{key}: {e}") from None
+
+    @property
+    def me(self) -> str:
+        """This node's peer address."""
+        return self.advertise or self.listen
 
     @property
     def listen_host(self) -> str:

@@ -28,6 +28,7 @@ from .fusefs import NodecacheFS, find_mount, set_read_ahead
 from .index import BlobRecord, Index
 from .jobs import Job, Jobs
 from .metrics import Metrics
+from .peers import Membership, Peers
 from .repos import RepoRef, ensure_repo, snapshot_blobs
 from .server import make_app
 from .store import Store, Tier
@@ -77,8 +78,17 @@ class Daemon:
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
         self.upstream = HfUpstream(cfg.hub_url, self.session, self.metrics, token=cfg.hub_token)
         self.filler = Filler(cfg, self.index, self.store, self.upstream, self.metrics)
+        self.membership = Membership(cfg.me, cfg.peers, cfg.peers_dns)
+        self.peers: Peers | None = None
+        if cfg.peers or cfg.peers_dns:
+            self.peers = Peers(self.membership, self.session, cfg.cluster_token, self.metrics, cfg.peer_timeout)
+            self.filler.sources = lambda rec, k: self.peers.chain(self.upstream_chain(rec), rec, k)
         self.jobs = Jobs(self.filler)
         self.refresh_pins()
+
+    def upstream_chain(self, rec: BlobRecord) -> list:
+        """The upstream sources of a blob, in order (peers come before these)."""
+        return [self.upstream]
 
     async def close(self) -> None:
         await self.jobs.close()
@@ -227,7 +237,7 @@ class Daemon:
                 {"repo": r.repo_id, "revision": r.revision, "commit": r.commit, "mode": m, "ready": self._complete(r)}
                 for r, m in self.pinned_refs()
             ],
-            "peers": [],
+            "peers": self.membership.status() if self.peers else [],
         }
 
     def _complete(self, ref: RepoRef) -> bool:
@@ -246,6 +256,9 @@ class Daemon:
         for t in self.store.tiers.values():
             self.metrics.cache_bytes.labels(t.name).set(t.used)
             self.metrics.cache_capacity_bytes.labels(t.name).set(t.capacity())
+        healthy = sum(p["healthy"] for p in self.membership.status())
+        self.metrics.peers.labels("healthy").set(healthy)
+        self.metrics.peers.labels("failed").set(len(self.membership.members) - healthy)
         for state, n in self.jobs.counts().items():
             self.metrics.jobs.labels(state).set(n)
         for ref, _ in self.pinned_refs():  # bounded cardinality: pinned repos only
@@ -329,7 +342,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         await self.open()
-        runner = housekeeping = preload = None
+        runner = housekeeping = preload = discovery = None
         try:
             for spec in self.cfg.repos:
                 ref, total, _ = await self.add_repo(spec)
@@ -337,6 +350,7 @@ class Daemon:
             self.refresh_pins()
             housekeeping = loop.create_task(self._housekeeping())
             preload = loop.create_task(self._preload())
+            discovery = loop.create_task(self.membership.run())
             runner = web.AppRunner(make_app(self), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, self.cfg.listen_host, self.cfg.listen_port).start()
@@ -347,7 +361,7 @@ class Daemon:
                 await self._serve_fuse(self.cfg.mount)
         finally:
             self.ready = False
-            for task in (housekeeping, preload):
+            for task in (housekeeping, preload, discovery):
                 if task is not None:
                     task.cancel()
             await self.close()

@@ -150,7 +150,24 @@ class Filler:
             if not fut.done():
                 fut.add_done_callback(_consume)
 
-    def _chunk(self, st: BlobState, k: int, demand: bool) -> asyncio.Task:
+    async def read_chunk(self, blob_id: str, k: int, sources: list | None = None, local_only: bool = False) -> bytes | None:
+        """Chunk k of a blob, filled through if needed (the peer API); None if local_only and absent."""
+        self.hold(blob_id)
+        try:
+            st = self.state(blob_id)
+            if not 0 <= k < st.rec.n_chunks:
+                raise FillError(f"chunk {k} out of range for {blob_id}", errno.EINVAL)
+            if not st.has(k):
+                if local_only:
+                    return None
+                await self._await(self._chunk(st, k, demand=True, sources=sources), f"chunk {k} of {blob_id}")
+                st = self.state(blob_id)
+            start, end = st.chunk_range(k)
+            return await self.store.read(blob_id, start, end - start)
+        finally:
+            self.release(blob_id)
+
+    def _chunk(self, st: BlobState, k: int, demand: bool, sources: list | None = None) -> asyncio.Task:
         """The one in-flight fetch of chunk k, created if needed (coalescing)."""
         key = (st.rec.blob_id, k)
         task = self._inflight.get(key)
@@ -158,12 +175,12 @@ class Filler:
             if demand:
                 self.metrics.coalesced_waits.inc()
             return task
-        task = asyncio.get_running_loop().create_task(self._fetch(st, k, demand))
+        task = asyncio.get_running_loop().create_task(self._fetch(st, k, demand, sources))
         self._inflight[key] = task
         task.add_done_callback(lambda t: (self._inflight.pop(key, None), _consume(t)))
         return task
 
-    async def _fetch(self, st: BlobState, k: int, demand: bool) -> str:
+    async def _fetch(self, st: BlobState, k: int, demand: bool, sources: list | None = None) -> str:
         """Fetch and store chunk k; returns the kind of source it came from."""
         if self.closing:
             raise FillError("daemon is shutting down")
@@ -173,7 +190,7 @@ class Filler:
         kind = "local"
         try:
             if not st.has(k):
-                data, kind = await self._fetch_with_retries(st.rec, k, *st.chunk_range(k))
+                data, kind = await self._fetch_with_retries(st.rec, k, *st.chunk_range(k), sources=sources)
                 await self.store.write_chunk(st, k, data)
         finally:
             self.metrics.fill_inflight.dec()
@@ -183,13 +200,15 @@ class Filler:
             self._finish(st)  # readers of the last chunk do not wait for the hash
         return kind
 
-    async def _fetch_with_retries(self, rec: BlobRecord, k: int, start: int, end: int) -> tuple[bytes, str]:
+    async def _fetch_with_retries(
+        self, rec: BlobRecord, k: int, start: int, end: int, sources: list | None = None
+    ) -> tuple[bytes, str]:
         """Try every source in order; back off and go round again until the deadline."""
         deadline = time.monotonic() + self.cfg.read_timeout
         delay = self.cfg.retry_base
         while True:
             errors: list[UpstreamError] = []
-            for src in self.sources(rec, k):
+            for src in sources if sources is not None else self.sources(rec, k):
                 try:
                     return await src.fetch(rec, start, end), getattr(src, "kind", "upstream")
                 except UpstreamError as e:

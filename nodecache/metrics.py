@@ -50,6 +50,23 @@ class Metrics:
             registry=r,
         )
         self.jobs = Gauge(p + "prefetch_jobs", "Prefetch jobs, by state.", ["state"], registry=r)
+        self.peer_bytes_sent = Counter(p + "peer_bytes_sent", "Chunk bytes served to peers.", registry=r)
+        self.peer_bytes_received = Counter(
+            p + "peer_bytes_received", "Verified chunk bytes fetched from peers.", registry=r
+        )
+        self.peer_fetch_seconds = Histogram(
+            p + "peer_fetch_seconds",
+            "Latency of chunk fetches from peers.",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.peer_fallbacks = Counter(
+            p + "peer_fallbacks",
+            "Peer fetches that fell through to the next source, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.peers = Gauge(p + "peers", "Cluster members known, by health.", ["state"], registry=r)
         self.blobs = Gauge(p + "blobs", "Blobs known to the index, by state.", ["state"], registry=r)
 
     def render(self) -> bytes:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from . import api, mirror
+from . import api, mirror, peer_api
 from .fill import FillError
 from .layout import InvalidName
 from .upstream import NotFound, UpstreamError
@@ -69,5 +69,6 @@ def make_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     api.add_routes(app, daemon)
+    peer_api.add_routes(app, daemon)
     mirror.add_routes(app, daemon)  # HF_ENDPOINT-compatible mirror (issue 8)
     return app

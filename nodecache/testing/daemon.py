@@ -40,14 +40,18 @@ class DaemonProcess:
         env: dict[str, str] | None = None,
         cache_dir: Path | None = None,
         extra_args: list[str] | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        prefix: list[str] | None = None,
     ):
         self.mount = workdir / "mnt"
         self.cache_dir = cache_dir or workdir / "cache"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = port or free_port()
+        self.address = f"{host}:{self.port}"
+        self.url = f"http://{self.address}"
         self.log_path = workdir / f"daemon-{self.port}.log"
-        self.args = [sys.executable, "-m", "nodecache", "serve", "--mount", str(self.mount)]
-        self.args += ["--cache-dir", str(self.cache_dir), "--hub-url", hub_url, "--listen", f"127.0.0.1:{self.port}"]
+        self.args = [*(prefix or []), sys.executable, "-m", "nodecache", "serve", "--mount", str(self.mount)]
+        self.args += ["--cache-dir", str(self.cache_dir), "--hub-url", hub_url, "--listen", self.address]
         for r in repos:
             self.args += ["--repo", r]
         self.args += extra_args or []

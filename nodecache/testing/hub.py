@@ -315,6 +315,9 @@ class HubEmulator:
                 self.stats.requests["down"] += 1
                 raise _HubError(503, "Service unavailable: upstream down")
             path = request.raw_path.split("?", 1)[0]
+            if path == "/_emulator/stats":  # for tests that run the emulator in another process
+                st = self.stats
+                return web.json_response({"data_bytes": st.data_bytes, "requests": st.requests, "ranges": st.ranges})
             segs = [unquote(s) for s in path.split("/")[1:]]
             if segs[0] == "api" and len(segs) > 2 and segs[1] in REPO_TYPES:
                 return self._api(request, REPO_TYPES[segs[1]], segs[2:])

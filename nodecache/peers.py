@@ -1,0 +1,192 @@
+"""Peers: who is in the cluster, who owns which chunk, and fetching a chunk from a peer.
+
+Ownership is rendezvous (HRW) hashing of (blob id, chunk index) over the live
+members: every node computes the same owner without talking, and a member
+joining or leaving moves only ~1/N of the chunks. The owner fills from
+upstream; everybody else asks the owner, so each chunk crosses the WAN once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import aiohttp
+import xxhash
+
+from .index import BlobRecord
+from .metrics import Metrics
+from .upstream import NotFound, UpstreamError
+
+log = logging.getLogger(__name__)
+
+XXH3_HEADER = "X-Nodecache-Xxh3"
+_BACKOFF = 5.0  # a failed peer is skipped this long
+
+
+# --- pure ---------------------------------------------------------------------
+
+
+def score(member: str, blob_id: str, chunk: int) -> int:
+    return xxhash.xxh3_64_intdigest(f"{member}\0{blob_id}\0{chunk}".encode())
+
+
+def rank(members: list[str], blob_id: str, chunk: int) -> list[str]:
+    """Members ordered by preference for this chunk; the first is its owner."""
+    return sorted(members, key=lambda m: score(m, blob_id, chunk), reverse=True)
+
+
+# --- membership -----------------------------------------------------------------
+
+
+class Membership:
+    """Static members, or the A records of a headless Service re-resolved every 10 s."""
+
+    def __init__(self, me: str, static: tuple[str, ...] = (), dns: str | None = None, refresh: float = 10.0):
+        self.me = me
+        self.dns = dns
+        self.refresh = refresh
+        self.members: list[str] = sorted(set(static) | {me})
+        self._failed_until: dict[str, float] = {}
+
+    def live(self) -> list[str]:
+        now = time.monotonic()
+        return [m for m in self.members if m == self.me or self._failed_until.get(m, 0) <= now]
+
+    def failed(self, member: str) -> None:
+        self._failed_until[member] = time.monotonic() + _BACKOFF
+
+    def ok(self, member: str) -> None:
+        self._failed_until.pop(member, None)
+
+    def status(self) -> list[dict]:
+        now = time.monotonic()
+        return [{"peer": m, "self": m == self.me, "healthy": self._failed_until.get(m, 0) <= now} for m in self.members]
+
+    async def resolve_dns(self) -> None:
+        """One DNS refresh: `name:port` -> every address of name, plus ourselves."""
+        assert self.dns is not None
+        host, _, port = self.dns.rpartition(":")
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as e:
+            log.warning("peer discovery %s: %s", self.dns, e)
+            return
+        found = {f"{info[4][0]}:{port}" for info in infos}
+        members = sorted(found | {self.me})
+        if members != self.members:
+            log.info("peers: %s", ", ".join(members))
+            self.members = members
+
+    async def run(self) -> None:
+        while self.dns:
+            await self.resolve_dns()
+            await asyncio.sleep(self.refresh)
+
+
+# --- the peer as a fill source ------------------------------------------------
+
+
+def descriptor(rec: BlobRecord) -> dict[str, str]:
+    """What an owner needs to fill a blob it has never heard of."""
+    return {
+        "repo_type": rec.repo_type,
+        "repo": rec.repo_id,
+        "commit": rec.commit,
+        "path": rec.path,
+        "size": str(rec.size),
+        "kind": rec.kind,
+        "chunk_size": str(rec.chunk_size),
+    }
+
+
+class PeerSource:
+    """Chunk fetches from one peer; the reply's xxh3 is checked before use."""
+
+    kind = "peer"
+
+    def __init__(
+        self,
+        member: str,
+        session: aiohttp.ClientSession,
+        token: str | None,
+        metrics: Metrics,
+        membership: Membership,
+        timeout: float,
+        local_only: bool = False,
+    ):
+        self.member = member
+        self.name = f"peer {member}"
+        self.session = session
+        self.token = token
+        self.metrics = metrics
+        self.membership = membership
+        self.timeout = timeout
+        self.local_only = local_only
+
+    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
+        chunk = start // rec.chunk_size
+        params = {"chunk": str(chunk), **descriptor(rec)}
+        if self.local_only:
+            params["local_only"] = "1"
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        t0 = time.perf_counter()
+        try:
+            async with self.session.get(
+                f"http://{self.member}/v1/blobs/{rec.blob_id}",
+                params=params,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as resp:
+                if resp.status == 404 and self.local_only:
+                    raise NotFound(f"{self.name} does not have chunk {chunk}")
+                if resp.status != 200:
+                    raise UpstreamError(f"{self.name}: HTTP {resp.status}")
+                data = await resp.read()
+                digest = resp.headers.get(XXH3_HEADER, "")
+        except (aiohttp.ClientError, TimeoutError) as e:
+            self.membership.failed(self.member)
+            self.metrics.peer_fallbacks.labels("unreachable").inc()
+            raise UpstreamError(f"{self.name}: {e.__class__.__name__}: {e}") from None
+        except UpstreamError:
+            self.metrics.peer_fallbacks.labels("error" if not self.local_only else "missing").inc()
+            raise
+        if len(data) != end - start:
+            self.metrics.peer_fallbacks.labels("truncated").inc()
+            raise UpstreamError(f"{self.name}: {len(data)} bytes, want {end - start}")
+        if f"{xxhash.xxh3_64_intdigest(data):016x}" != digest:
+            self.metrics.verify_failures.labels("peer").inc()
+            self.metrics.peer_fallbacks.labels("verify").inc()
+            raise UpstreamError(f"{self.name}: chunk {chunk} of {rec.blob_id} failed xxh3 verification")
+        self.membership.ok(self.member)
+        self.metrics.peer_bytes_received.inc(len(data))
+        self.metrics.peer_fetch_seconds.observe(time.perf_counter() - t0)
+        return data
+
+
+class Peers:
+    """The chain for each chunk: owner (or upstream if we own it), other peers that have it, upstream."""
+
+    def __init__(
+        self,
+        membership: Membership,
+        session: aiohttp.ClientSession,
+        token: str | None,
+        metrics: Metrics,
+        timeout: float,
+    ):
+        self.membership = membership
+        self.session, self.token, self.metrics, self.timeout = session, token, metrics, timeout
+
+    def _source(self, member: str, local_only: bool) -> PeerSource:
+        return PeerSource(member, self.session, self.token, self.metrics, self.membership, self.timeout, local_only)
+
+    def chain(self, upstreams: list, rec: BlobRecord, chunk: int) -> list:
+        """Owner first; then peers that already have the chunk; then the repo's upstreams."""
+        ranked = rank(self.membership.live(), rec.blob_id, chunk)
+        others = [self._source(m, local_only=True) for m in ranked[1:] if m != self.membership.me]
+        if ranked[0] == self.membership.me:
+            return [*upstreams, *others]
+        return [self._source(ranked[0], local_only=False), *others, *upstreams]

@@ -1,0 +1,178 @@
+"""A real multi-node cluster on one machine: network namespaces, a bridge, tc limits.
+
+One namespace runs the Hub emulator ("upstream"), one namespace per node runs
+a daemon (entered with `nsenter --net` only, so its FUSE mount is visible to
+the test). The root namespace gets the bridge's .1 address to talk to all of
+them. Everything created is removed in `stop()`, even after a failed start.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from .daemon import DaemonProcess, is_mounted
+
+HUB_PORT, CDN_PORT, NODE_PORT = 8080, 8081, 8470
+
+
+class ClusterUnavailable(RuntimeError):
+    """The kernel or permissions do not allow namespaces here."""
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+class Cluster:
+    def __init__(
+        self,
+        workdir: Path,
+        repos: dict[str, Path],
+        nodes: int = 3,
+        upstream_mbit: int | None = None,
+        node_mbit: int | None = None,
+        env: dict[str, str] | None = None,
+        token: str = "cluster-secret",
+        node_env: dict[int, dict[str, str]] | None = None,
+    ):
+        self.workdir = workdir
+        self.repos = repos
+        self.n = nodes
+        self.upstream_mbit, self.node_mbit = upstream_mbit, node_mbit
+        self.env = env or {}
+        self.node_env = node_env or {}
+        self.token = token
+        self.id = secrets.token_hex(2)
+        self.net = f"10.{secrets.randbelow(50) + 200}.{secrets.randbelow(250) + 1}"
+        self.bridge = f"ncbr{self.id}"
+        self.namespaces: list[str] = []
+        self.hub_proc: subprocess.Popen | None = None
+        self.nodes: list[DaemonProcess] = []
+        self.hub_url = f"http://{self.net}.2:{HUB_PORT}"
+
+    # network -----------------------------------------------------------------------
+
+    def _add_host(self, name: str, addr: str, mbit: int | None) -> str:
+        ns = f"nc{self.id}{name}"
+        host_end, ns_end = f"nc{self.id}{name}h", f"nc{self.id}{name}n"
+        _ip("netns", "add", ns)
+        self.namespaces.append(ns)
+        _ip("link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+        _ip("link", "set", ns_end, "netns", ns)
+        _ip("link", "set", host_end, "master", self.bridge)
+        _ip("link", "set", host_end, "up")
+        _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ns_end)
+        _ip("-n", ns, "link", "set", ns_end, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        if mbit:  # both directions of this host's link
+            tbf = ["root", "tbf", "rate", f"{mbit}mbit", "burst", "1mb", "latency", "50ms"]
+            subprocess.run(["tc", "qdisc", "add", "dev", host_end, *tbf], check=True, capture_output=True)
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", ns_end, *tbf], check=True, capture_output=True
+            )
+        return ns
+
+    def start(self, timeout: float = 60) -> Cluster:
+        probe = f"nc{self.id}probe"
+        if _ip("netns", "add", probe, check=False).returncode != 0:
+            raise ClusterUnavailable("cannot create network namespaces here (needs root and CAP_SYS_ADMIN)")
+        _ip("netns", "del", probe, check=False)
+        try:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("addr", "add", f"{self.net}.1/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+            hub_ns = self._add_host("hub", f"{self.net}.2", self.upstream_mbit)
+            args = [
+                sys.executable,
+                "-m",
+                "nodecache.testing.hub",
+                "--listen",
+                f"{self.net}.2:{HUB_PORT}",
+                "--cdn-port",
+                str(CDN_PORT),
+            ]
+            for repo, path in self.repos.items():
+                args += ["--repo", f"{repo}={path}"]
+            self.hub_proc = subprocess.Popen(
+                ["nsenter", f"--net=/var/run/netns/{hub_ns}", *args], stdout=subprocess.PIPE, text=True
+            )
+            if "listening" not in (self.hub_proc.stdout.readline() if self.hub_proc.stdout else ""):
+                raise RuntimeError("hub emulator did not start in its namespace")
+            addrs = [f"{self.net}.{10 + i}" for i in range(self.n)]
+            token_file = self.workdir / "cluster-token"
+            token_file.write_text(self.token)
+            peers = ",".join(f"{a}:{NODE_PORT}" for a in addrs)
+            for i, addr in enumerate(addrs):
+                ns = self._add_host(f"n{i}", addr, self.node_mbit)
+                node = self.node(i, ns, addr, peers, token_file)
+                self.nodes.append(node)
+            for node in self.nodes:
+                node.start(timeout)
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def node(self, i: int, ns: str, addr: str, peers: str, token_file: Path) -> DaemonProcess:
+        workdir = self.workdir / f"node{i}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        env = {"NODECACHE_PEERS": peers, "NODECACHE_CLUSTER_TOKEN": self.token, "NODECACHE_FSYNC": "false", **self.env}
+        env.update(self.node_env.get(i, {}))
+        return DaemonProcess(
+            workdir,
+            self.hub_url,
+            list(self.repos),
+            env=env,
+            host=addr,
+            port=NODE_PORT,
+            prefix=["nsenter", f"--net=/var/run/netns/{ns}"],
+        )
+
+    def hub_stats(self) -> dict:
+        with urllib.request.urlopen(self.hub_url + "/_emulator/stats", timeout=10) as r:
+            return json.load(r)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        if self.hub_proc is not None and self.hub_proc.poll() is None:
+            self.hub_proc.terminate()
+            try:
+                self.hub_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.hub_proc.kill()
+                self.hub_proc.wait(5)
+        for node in self.nodes:
+            if is_mounted(node.mount):
+                subprocess.run(["fusermount3", "-u", "-z", str(node.mount)], capture_output=True)
+        for ns in self.namespaces:
+            _ip("netns", "del", ns, check=False)  # takes its veth pair with it
+        self.namespaces.clear()
+        _ip("link", "del", self.bridge, check=False)
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_all_ready(self, repo: str, timeout: float = 300) -> float:
+        """Seconds until every node reports the repo's snapshot complete."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if all(_complete(n, repo) for n in self.nodes):
+                return time.monotonic() - t0
+            time.sleep(0.2)
+        raise TimeoutError(f"{repo} not complete on every node after {timeout}s")
+
+
+def _complete(node: DaemonProcess, repo: str) -> bool:
+    with urllib.request.urlopen(f"{node.url}/v1/repos", timeout=10) as r:
+        repos = json.load(r)["repos"]
+    return any(r["repo"] == repo and r["snapshots"] and all(s["complete"] for s in r["snapshots"]) for r in repos)
