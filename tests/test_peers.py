@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -189,3 +190,24 @@ def test_hrw_ownership_moves_about_one_nth():
     assert all(after[k] == before[k] for k in keys if before[k] != members[-1])
     counts = {m: sum(v == m for v in before.values()) for m in members}
     assert max(counts.values()) < 1.3 * len(keys) / len(members)
+
+
+def test_dns_discovery_through_the_system_resolver(cluster_factory, shared_repo):
+    """Members come from the A records of one name, resolved by glibc via /etc/netns/<ns>/hosts."""
+    c = cluster_factory({REPO: shared_repo}, nodes=2, dns_name="peers.nodecache.test")
+    for node in c.nodes:
+        for _ in range(100):
+            with urllib.request.urlopen(node.url + "/v1/status", timeout=10) as r:
+                peers = json.load(r)["peers"]
+            if len(peers) == 2:
+                break
+            time.sleep(0.1)
+        assert sorted(p["peer"] for p in peers) == sorted(n.address for n in c.nodes)
+        assert [p["self"] for p in peers].count(True) == 1
+    for node in c.nodes:  # both fill the whole repo at once
+        req = urllib.request.Request(node.url + "/v1/prefetch", data=json.dumps({"repo": REPO}).encode(), method="POST")
+        urllib.request.urlopen(req, timeout=30).close()
+    c.wait_all_ready(REPO, timeout=300)
+    size = sum(p.stat().st_size for p in shared_repo.iterdir())
+    assert c.hub_stats()["data_bytes"] <= 1.05 * size
+    assert all(counter(n, "nodecache_peer_bytes_received_total") > 0 for n in c.nodes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ class Cluster:
         env: dict[str, str] | None = None,
         token: str = "cluster-secret",
         node_env: dict[int, dict[str, str]] | None = None,
+        dns_name: str | None = None,
     ):
         self.workdir = workdir
         self.repos = repos
@@ -47,6 +49,7 @@ class Cluster:
         self.upstream_mbit, self.node_mbit = upstream_mbit, node_mbit
         self.env = env or {}
         self.node_env = node_env or {}
+        self.dns_name = dns_name  # discover peers by DNS: /etc/netns/<ns>/hosts lists every node under it
         self.token = token
         self.id = secrets.token_hex(2)
         self.net = f"10.{secrets.randbelow(50) + 200}.{secrets.randbelow(250) + 1}"
@@ -124,15 +127,19 @@ class Cluster:
         workdir.mkdir(parents=True, exist_ok=True)
         env = {"NODECACHE_PEERS": peers, "NODECACHE_CLUSTER_TOKEN": self.token, "NODECACHE_FSYNC": "false", **self.env}
         env.update(self.node_env.get(i, {}))
-        return DaemonProcess(
-            workdir,
-            self.hub_url,
-            list(self.repos),
-            env=env,
-            host=addr,
-            port=NODE_PORT,
-            prefix=["nsenter", f"--net=/var/run/netns/{ns}"],
-        )
+        prefix = ["nsenter", f"--net=/var/run/netns/{ns}"]
+        if self.dns_name:
+            # `ip netns exec` bind-mounts /etc/netns/<ns>/hosts over /etc/hosts for the daemon
+            # alone, so the system resolver (getaddrinfo) really resolves the name. The daemon's
+            # mount then lives in its own mount namespace: read it through HTTP, not the mount.
+            hosts = Path("/etc/netns") / ns
+            hosts.mkdir(parents=True, exist_ok=True)
+            lines = ["127.0.0.1 localhost", *(f"{p.rpartition(':')[0]} {self.dns_name}" for p in peers.split(","))]
+            (hosts / "hosts").write_text("\n".join(lines) + "\n")
+            del env["NODECACHE_PEERS"]
+            env["NODECACHE_PEERS_DNS"] = f"{self.dns_name}:{NODE_PORT}"
+            prefix = ["ip", "netns", "exec", ns]
+        return DaemonProcess(workdir, self.hub_url, list(self.repos), env=env, host=addr, port=NODE_PORT, prefix=prefix)
 
     def hub_stats(self) -> dict:
         with urllib.request.urlopen(self.hub_url + "/_emulator/stats", timeout=10) as r:
@@ -153,6 +160,7 @@ class Cluster:
                 subprocess.run(["fusermount3", "-u", "-z", str(node.mount)], capture_output=True)
         for ns in self.namespaces:
             _ip("netns", "del", ns, check=False)  # takes its veth pair with it
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         self.namespaces.clear()
         _ip("link", "del", self.bridge, check=False)
 
