@@ -48,6 +48,12 @@ class Config:
     admin_token: str | None = field(default=None, repr=False)  # required by mutating /v1 calls when set
     preload: tuple[str, ...] = ()  # "org/name[@rev][=pin|=hot]" filled at start, in this order
     on_demand: tuple[str, ...] = ()  # globs of repo ids a lookup may resolve upstream, e.g. "org/*"
+    sources: tuple[str, ...] = ()  # "org/name=hf,s3://bucket/prefix": a repo's upstreams, tried in order per chunk
+    s3_endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto); default: AWS via the boto3 chain
+    s3_region: str | None = None  # default: the boto3 chain's
+    s3_path_style: bool = False  # path-style bucket addressing (MinIO)
+    http_auth_file: Path | None = None  # header for http sources: "Bearer xyz" or "Name: value" (never logged)
+    repo_tokens: tuple[str, ...] = ()  # "org/name=/path/token-file": a per-repo HF token (private/gated repos)
     peers: tuple[str, ...] = ()  # static cluster members, "host:port" of their --listen
     peers_dns: str | None = None  # "name:port" of a headless Service; its A records are the members
     advertise: str | None = None  # this node's "host:port" as peers see it (default: listen)
@@ -81,6 +87,9 @@ class Config:
                     layout.parse_repo_spec(spec)
                 except layout.InvalidName as e:
                     raise ConfigError(f"{key}: {e}") from None
+        from .upstream.sources import check_config  # non-HF sources: syntax only, no I/O
+
+        check_config(self)
 
     @property
     def me(self) -> str:
@@ -159,17 +168,25 @@ def read_file(path: Path) -> dict:
         raise ConfigError(f"config: {path} must be a mapping of settings")
     fields = {f.name: f for f in dataclasses.fields(Config)}
     values: dict = {}
+    extra_sources: list[str] = []  # sources given inside `repos` items
     for key, value in data.items():
         f = fields.get(str(key).replace("-", "_"))
         if f is None:
             raise ConfigError(f"{key}: unknown setting in {path}")
         if f.name == "preload":
             value = tuple(_preload_entry(v) for v in value or ())
+        elif f.name == "repos" and isinstance(value, list):  # items may be {id, revision?, sources?}
+            from .upstream.sources import yaml_repos
+
+            value, more = yaml_repos(value)
+            extra_sources.extend(more)
         elif isinstance(value, list):
             value = tuple(str(v) for v in value)
         elif value is not None and not isinstance(value, bool):
             value = _convert(f, str(value))
         values[f.name] = value
+    if extra_sources:
+        values["sources"] = (*values.get("sources", ()), *extra_sources)
     return values
 
 

@@ -34,6 +34,7 @@ from .server import make_app
 from .store import Store, Tier
 from .upstream import NotFound, UpstreamError
 from .upstream.hf import HfUpstream
+from .upstream.sources import build_sources, install_source_verification
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class Daemon:
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
         self.upstream = HfUpstream(cfg.hub_url, self.session, self.metrics, token=cfg.hub_token)
         self.filler = Filler(cfg, self.index, self.store, self.upstream, self.metrics)
+        self.sources = build_sources(cfg, self.session, self.metrics, self.upstream)  # per-repo chains (issue 6)
+        self.filler.sources = self.sources.chain
+        install_source_verification(self.store)
         self.membership = Membership(cfg.me, cfg.peers, cfg.peers_dns)
         self.peers: Peers | None = None
         if cfg.peers or cfg.peers_dns:
@@ -88,18 +92,19 @@ class Daemon:
 
     def upstream_chain(self, rec: BlobRecord) -> list:
         """The upstream sources of a blob, in order (peers come before these)."""
-        return [self.upstream]
+        return self.sources.chain(rec)
 
     async def close(self) -> None:
         await self.jobs.close()
         await self.filler.close()
+        await self.sources.close()
         await self.session.close()
         self.store.close()
         self.index.close()
 
     async def add_repo(self, spec: str) -> tuple[RepoRef, int, list[str]]:
         """Resolve a repo into the index and show it in the tree; (ref, bytes, blob ids)."""
-        ref = await ensure_repo(self.index, self.upstream, self.cfg.chunk_size, spec)
+        ref = await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec)
         blobs = snapshot_blobs(self.index, ref)
         if self.fs is not None:
             self.fs.set_tree(layout.build_root(self.index.views()))
@@ -278,7 +283,7 @@ class Daemon:
                 continue
             try:
                 ref = await ensure_repo(
-                    self.index, self.upstream, self.cfg.chunk_size, layout.format_spec(repo_type, repo_id, revision)
+                    self.index, self.sources, self.cfg.chunk_size, layout.format_spec(repo_type, repo_id, revision)
                 )
             except UpstreamError as e:
                 log.warning("cannot re-resolve %s@%s: %s", repo_id, revision, e)
@@ -344,7 +349,7 @@ class Daemon:
         await self.open()
         runner = housekeeping = preload = discovery = None
         try:
-            for spec in self.cfg.repos:
+            for spec in (*self.cfg.repos, *self.sources.specs(self.cfg.repos)):
                 ref, total, _ = await self.add_repo(spec)
                 log.info("repo %s: %d bytes", ref, total)
             self.refresh_pins()

@@ -1,0 +1,80 @@
+"""A plain HTTP(S) server as an upstream: a base URL plus a manifest.
+
+`<base>/.nodecache-manifest.json` is a JSON list of `{path, size, sha256}` (or
+`{"commit": ..., "files": [...]}`); file `p` is fetched from `<base>/<p>` with
+range requests. An optional auth header (a file holding `Bearer xyz` or
+`Header-Name: value`) is sent only to the base URL's origin, never logged.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+
+from ..metrics import Metrics
+from . import NotFound, UpstreamError
+from .hf import HfUpstream
+from .manifest import MANIFEST, SourceFile, SourceObject, parse_manifest
+from .sources import ListingUpstream
+
+
+class HttpUpstream(ListingUpstream):
+    name = "http"
+
+    def __init__(self, base: str, session: aiohttp.ClientSession, metrics: Metrics, auth_header: str | None = None):
+        super().__init__(base.rstrip("/"))
+        self.session = session
+        self.metrics = metrics
+        self._auth: dict[str, str] = {}
+        if auth_header:
+            name, sep, value = auth_header.partition(":")
+            if sep and " " not in name.strip():
+                self._auth = {name.strip(): value.strip()}
+            else:
+                self._auth = {"Authorization": auth_header.strip()}
+        self._origin = urlsplit(self.url)[:2]
+
+    def _headers(self, url: str) -> dict[str, str]:
+        return dict(self._auth) if urlsplit(url)[:2] == self._origin else {}
+
+    def _file_url(self, key: str) -> str:
+        return f"{self.url}/{quote(key)}"
+
+    async def _get(self, key: str, headers: dict[str, str] | None = None):
+        url = self._file_url(key)
+        return self.session.get(url, headers={**(headers or {}), **self._headers(url)}, allow_redirects=True)
+
+    async def _list(self) -> list[SourceObject]:
+        raw = await self._read_small(MANIFEST)
+        _, files = parse_manifest(raw, self.url)
+        # The manifest is the listing; sizes are checked against Content-Range on every read.
+        return [SourceObject(MANIFEST, len(raw)), *(SourceObject(f.key, f.size) for f in files)]
+
+    async def _read_small(self, key: str) -> bytes:
+        try:
+            async with await self._get(key) as resp:
+                self.metrics.upstream_requests.labels(str(resp.status)).inc()
+                self._check(resp.status, key)
+                return await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise UpstreamError(f"{self.url}/{key}: {e.__class__.__name__}: {e}") from None
+
+    def _check(self, status: int, key: str) -> None:
+        if status in (401, 403):
+            raise NotFound(f"{self.url}/{key}: HTTP {status} (check the auth header file)")
+        if status in (404, 410):
+            raise NotFound(f"{self.url}/{key}: HTTP {status}")
+
+    async def _read_range(self, f: SourceFile, start: int, end: int) -> bytearray:
+        try:
+            async with await self._get(f.key, {"Range": f"bytes={start}-{end - 1}"}) as resp:
+                self.metrics.upstream_requests.labels(str(resp.status)).inc()
+                self._check(resp.status, f.key)
+                data = await HfUpstream._body(resp, start, end)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise UpstreamError(f"{self.url}/{f.key} [{start}-{end}): {e.__class__.__name__}: {e}") from None
+        except UpstreamError as e:
+            raise UpstreamError(f"{self.url}/{f.key} [{start}-{end}): {e}") from None
+        self.metrics.upstream_bytes.labels(self.name).inc(len(data))
+        return data
