@@ -460,3 +460,36 @@ def test_endpoint_forms_and_stale_socket(daemons, csi, tmp_path):
         rc = subprocess.run(second.args, stdout=log, stderr=subprocess.STDOUT, timeout=30).returncode
     assert rc == 1 and "in use" in second.log()
     assert first.identity.Probe(pb.ProbeRequest()).ready.value is True
+
+
+def test_mountinfo_parsing_and_probe_of_a_hung_path(monkeypatch):
+    line = (
+        "46 45 0:41 /hub/models--org--small /tmp/k\\040pods/t1 ro,nosuid,nodev,relatime shared:7 master:2 - "
+        "fuse nodecache ro,user_id=0,group_id=0,default_permissions,allow_other"
+    )
+    [e] = mounts.parse_mountinfo(line)
+    assert (e.dev, e.root, e.mountpoint, e.source, e.fstype) == (
+        "0:41",
+        "/hub/models--org--small",
+        "/tmp/k pods/t1",
+        "nodecache",
+        "fuse",
+    )
+    assert e.readonly and e.is_fuse
+    # a hung daemon: the caller gets ETIMEDOUT, and never more than one stuck thread per path
+    release = threading.Event()
+    real = os.statvfs
+
+    def hang(path):
+        if path == "/hung":
+            release.wait(10)
+            raise OSError(errno.ENOTCONN, "gone")
+        return real(path)
+
+    monkeypatch.setattr(os, "statvfs", hang)
+    before = threading.active_count()
+    t0 = time.monotonic()
+    assert [mounts.probe("/hung", 0.2) for _ in range(5)] == [errno.ETIMEDOUT] * 5
+    assert time.monotonic() - t0 < 1.5 and threading.active_count() <= before + 1
+    release.set()
+    wait_until(lambda: mounts.probe("/hung", 0.5) == errno.ENOTCONN, timeout=5, what="probe after release")

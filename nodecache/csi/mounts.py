@@ -135,11 +135,17 @@ def unmount_all(target: str) -> int:
     return n
 
 
+_probing: dict[str, threading.Thread] = {}
+_probing_lock = threading.Lock()
+
+
 def probe(path: str, timeout: float = 5.0) -> int:
     """statfs + stat `path` in a helper thread: 0 if it answers, else the errno (ETIMEDOUT if it hangs).
 
     A hung FUSE daemon would block the caller forever; the helper thread is
-    left behind in that case (daemonic), the caller is not.
+    left behind in that case (daemonic), the caller is not. While one is stuck
+    on a path, later probes of that path answer ETIMEDOUT at once instead of
+    piling up more stuck threads.
     """
     result: list[int] = []
 
@@ -150,8 +156,17 @@ def probe(path: str, timeout: float = 5.0) -> int:
             result.append(0)
         except OSError as e:
             result.append(e.errno or errno.EIO)
+        finally:
+            with _probing_lock:
+                if _probing.get(path) is threading.current_thread():
+                    del _probing[path]
 
-    t = threading.Thread(target=run, daemon=True, name="nodecache-probe")
+    with _probing_lock:
+        stuck = _probing.get(path)
+        if stuck is not None and stuck.is_alive():
+            return errno.ETIMEDOUT
+        t = threading.Thread(target=run, daemon=True, name="nodecache-probe")
+        _probing[path] = t
     t.start()
     t.join(timeout)
     return result[0] if result else errno.ETIMEDOUT
