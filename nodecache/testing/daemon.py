@@ -63,6 +63,8 @@ class DaemonProcess:
         return self.mount / "hub"
 
     def start(self, timeout: float = 30.0) -> DaemonProcess:
+        if is_mounted(self.mount):  # a dead mount left by kill -9: stat on it fails with ENOTCONN
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mount)], check=False, capture_output=True)
         self.mount.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
