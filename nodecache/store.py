@@ -239,6 +239,19 @@ class Store:
             freed += self.evict(rec)
         return freed
 
+    @staticmethod
+    def _delete(path: Path) -> None:
+        """Unlinking a GiB-sized file takes a while: rename it away now, unlink it in a thread."""
+        trash = path.with_name(path.name + f".evicted-{os.getpid()}-{id(path)}")
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return
+        try:
+            asyncio.get_running_loop().run_in_executor(None, trash.unlink, True)
+        except RuntimeError:  # no loop (tests, tools): just do it
+            trash.unlink(missing_ok=True)
+
     def evict(self, rec: BlobRecord) -> int:
         """Drop a blob's bytes (its record stays: it can be fetched again). Returns bytes freed."""
         rec = self._recs.get(rec.blob_id, rec)
@@ -248,7 +261,7 @@ class Store:
         fd = self._fds.pop(rec.blob_id, None)
         if fd is not None:
             os.close(fd)
-        self.path(rec.blob_id).unlink(missing_ok=True)
+        self._delete(self.path(rec.blob_id))
         self.index.drop_chunks(rec.blob_id)
         rec.state = "partial"
         self.index.put_blob(rec)
