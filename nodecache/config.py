@@ -60,6 +60,7 @@ class Config:
     cluster_token: str | None = field(default=None, repr=False)  # peers must present it
     peer_timeout: float = 20.0  # a chunk fetch from a peer gives up after this (then: next source)
     peer_uploads: int = 8  # concurrent chunk uploads to peers, so peers cannot starve local reads
+    peer_upload_bps: int = 0  # bytes/s this node serves to peers in total; 0: no cap
     peer_fault: str = ""  # testing only: "flip" serves peers corrupted bytes
 
     def __post_init__(self) -> None:
@@ -75,7 +76,7 @@ class Config:
             raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT")
         if not 0 < self.low_watermark <= self.high_watermark <= 1:
             raise ConfigError("low_watermark/high_watermark: need 0 < low <= high <= 1")
-        for key in ("disk_max", "shm_max", "shm_file_max", "min_free"):
+        for key in ("disk_max", "shm_max", "shm_file_max", "min_free", "peer_upload_bps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0")
         for key in ("repos", "preload"):
@@ -105,7 +106,7 @@ class Config:
         return int(self.listen.rpartition(":")[2])
 
 
-_SIZE_KEYS = {"chunk_size", "disk_max", "shm_max", "shm_file_max", "min_free"}
+_SIZE_KEYS = {"chunk_size", "disk_max", "shm_max", "shm_file_max", "min_free", "peer_upload_bps"}
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from .index import BlobRecord
 from .layout import COMMIT_RE, validate_blob_id, validate_relpath, validate_repo_id, validate_repo_type
-from .peers import XXH3_HEADER, rank
+from .peers import XXH3_HEADER, RateLimit, rank
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -54,6 +54,7 @@ def _record_from_descriptor(daemon: Daemon, blob_id: str, query) -> BlobRecord:
 
 def add_routes(app: web.Application, daemon: Daemon) -> None:
     uploads: list[asyncio.Semaphore] = []  # created on the serving loop
+    pacer = RateLimit(daemon.cfg.peer_upload_bps)
 
     async def chunk(request: web.Request) -> web.Response:
         token = daemon.cfg.cluster_token
@@ -82,6 +83,7 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
         digest = f"{xxhash.xxh3_64_intdigest(data):016x}"
         if daemon.cfg.peer_fault == "flip":  # testing: a peer with bad memory or disk
             data = bytes([data[0] ^ 0x01]) + data[1:]
+        await pacer.take(len(data))
         daemon.metrics.peer_bytes_sent.inc(len(data))
         return web.Response(body=data, headers={XXH3_HEADER: digest}, content_type="application/octet-stream")
 

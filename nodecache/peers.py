@@ -38,6 +38,23 @@ def rank(members: list[str], blob_id: str, chunk: int) -> list[str]:
     return sorted(members, key=lambda m: score(m, blob_id, chunk), reverse=True)
 
 
+class RateLimit:
+    """A byte-rate pacer: each take(n) is scheduled after the previous ones at `rate` bytes/s."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self._next = 0.0
+
+    async def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        start = max(now, self._next)
+        self._next = start + n / self.rate
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
 # --- membership -----------------------------------------------------------------
 
 

@@ -211,3 +211,14 @@ def test_dns_discovery_through_the_system_resolver(cluster_factory, shared_repo)
     size = sum(p.stat().st_size for p in shared_repo.iterdir())
     assert c.hub_stats()["data_bytes"] <= 1.05 * size
     assert all(counter(n, "nodecache_peer_bytes_received_total") > 0 for n in c.nodes)
+
+
+def test_peer_uploads_are_paced(hub, daemons, small_repo):
+    d = daemons(repos=(SMALL,), env={"NODECACHE_PEERS": "127.0.0.1:9", "NODECACHE_PEER_UPLOAD_BPS": str(4 * MiB)})
+    blob = sha256_file(small_repo / "model.safetensors")
+    (d.hub / "models--org--small" / "snapshots" / hub.commits[SMALL] / "model.safetensors").read_bytes()
+    t0 = time.monotonic()
+    for k in range(3):
+        with urllib.request.urlopen(f"{d.url}/v1/blobs/{blob}?chunk={k}", timeout=30) as r:
+            assert len(r.read()) == MiB
+    assert time.monotonic() - t0 >= 0.45, "3 MiB at 4 MiB/s: the 2nd and 3rd chunk wait"
