@@ -215,13 +215,19 @@ class Sources:
         ]
 
     async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved:
+        chain = self.for_repo(repo_type, repo_id)
+        if len(chain) == 1:  # nothing to fall back to: the source's own error, unchanged
+            return await chain[0].resolve(repo_type, repo_id, revision)
         errors: list[UpstreamError] = []
-        for src in self.for_repo(repo_type, repo_id):
+        for i, src in enumerate(chain):
             try:
                 return await src.resolve(repo_type, repo_id, revision)
             except UpstreamError as e:
                 errors.append(e)
-                log.warning("resolving %s@%s from %s failed: %s", repo_id, revision, src.name, e)
+                if i + 1 < len(chain):
+                    log.warning(
+                        "resolving %s@%s from %s failed (trying the next source): %s", repo_id, revision, src.name, e
+                    )
         if all(isinstance(e, NotFound) for e in errors):
             raise NotFound("; ".join(str(e) for e in errors))
         raise UpstreamError("; ".join(str(e) for e in errors))
