@@ -34,7 +34,7 @@ from .server import make_app
 from .store import Store, Tier
 from .upstream import NotFound, UpstreamError
 from .upstream.hf import HfUpstream
-from .upstream.sources import build_sources, install_source_verification
+from .upstream.sources import build_sources
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,6 @@ class Daemon:
         self.filler = Filler(cfg, self.index, self.store, self.upstream, self.metrics)
         self.sources = build_sources(cfg, self.session, self.metrics, self.upstream)  # per-repo chains (issue 6)
         self.filler.sources = self.sources.chain
-        install_source_verification(self.store)
         self.membership = Membership(cfg.me, cfg.peers, cfg.peers_dns)
         self.peers: Peers | None = None
         if cfg.peers or cfg.peers_dns:

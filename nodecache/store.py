@@ -96,6 +96,17 @@ class Quarantined(Exception):
     """The blob's bytes did not hash to its id; it is never served again."""
 
 
+def bad_chunks(path: Path, chunk_size: int, size: int, chunks: dict[int, int]) -> list[int]:
+    """Recorded chunks whose bytes on disk no longer match their xxh3 at write time."""
+    bad = []
+    with open(path, "rb", buffering=0) as f:
+        for i, digest in chunks.items():
+            data = os.pread(f.fileno(), min(chunk_size, size - i * chunk_size), i * chunk_size)
+            if xxhash.xxh3_64_intdigest(data) != digest:
+                bad.append(i)
+    return bad
+
+
 def hash_file(path: Path, kind: str, size: int) -> str:
     """The id a blob file's content proves: sha256, or git's `blob <n>\\0` sha1."""
     h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(b"blob %d\0" % size)
@@ -335,11 +346,21 @@ class Store:
         st.mark(index)
 
     async def finish(self, st: BlobState) -> None:
-        """All chunks are present: prove the id, then mark complete or quarantine."""
+        """All chunks are present: prove the id, then mark complete or quarantine.
+
+        A "source"-kind id names a source version (S3 ETag, file mtime), not the
+        content, so no hash can prove it: each chunk was fetched pinned to that
+        version, and every chunk on disk must still match its recorded xxh3.
+        """
         rec = st.rec
-        got = await asyncio.get_running_loop().run_in_executor(
-            None, hash_file, self.path(rec.blob_id), rec.kind, rec.size
-        )
+        loop = asyncio.get_running_loop()
+        if rec.kind == "source":
+            chunks = self.index.chunks(rec.blob_id)
+            bad = await loop.run_in_executor(None, bad_chunks, self.path(rec.blob_id), rec.chunk_size, rec.size, chunks)
+            bad += [i for i in range(rec.n_chunks) if i not in chunks]
+            got = rec.blob_id if not bad else f"bad chunks {bad[:5]}"
+        else:
+            got = await loop.run_in_executor(None, hash_file, self.path(rec.blob_id), rec.kind, rec.size)
         if got == rec.blob_id:
             rec.state = "complete"
             self.index.put_blob(rec)
@@ -377,13 +398,7 @@ class Store:
                 self.index.drop_chunks(rec.blob_id)
                 dropped += len(chunks)
                 continue
-            bad = []
-            with open(path, "rb", buffering=0) as f:
-                for i, digest in chunks.items():
-                    f.seek(i * rec.chunk_size)
-                    data = f.read(min(rec.chunk_size, rec.size - i * rec.chunk_size))
-                    if xxhash.xxh3_64_intdigest(data) != digest:
-                        bad.append(i)
+            bad = bad_chunks(path, rec.chunk_size, rec.size, chunks)
             if bad:
                 self.index.drop_chunks(rec.blob_id, bad)
                 dropped += len(bad)

@@ -26,6 +26,7 @@ from conftest import BIG, SMALL, MiB, sha256_file
 from nodecache import config
 from nodecache.index import BlobRecord
 from nodecache.metrics import Metrics
+from nodecache.store import bad_chunks
 from nodecache.testing.hub import Fault, HubEmulator
 from nodecache.testing.s3 import MotoServer, upload_dir
 from nodecache.upstream import NotFound
@@ -39,7 +40,7 @@ from nodecache.upstream.manifest import (
     source_blob_id,
 )
 from nodecache.upstream.s3 import S3Upstream
-from nodecache.upstream.sources import parse_s3_url, parse_sources, verify_chunks
+from nodecache.upstream.sources import parse_s3_url, parse_sources
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -155,11 +156,11 @@ def test_verify_chunks_catches_a_flipped_byte(tmp_path):
     p = tmp_path / "blob"
     p.write_bytes(data)
     chunks = {i: xxhash.xxh3_64_intdigest(data[i * 65536 : (i + 1) * 65536]) for i in range(4)}
-    assert verify_chunks(str(p), 65536, len(data), chunks) == []
+    assert bad_chunks(p, 65536, len(data), chunks) == []
     with open(p, "r+b") as f:
         f.seek(65536 + 7)
         f.write(bytes([data[65536 + 7] ^ 1]))
-    assert verify_chunks(str(p), 65536, len(data), chunks) == [1]
+    assert bad_chunks(p, 65536, len(data), chunks) == [1]
 
 
 def test_bad_source_config_names_the_key(tmp_path):

@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import xxhash
-
 from ..index import BlobRecord
 from ..layout import COMMIT_RE, InvalidName, parse_repo_spec
 from . import NotFound, Resolved, Upstream, UpstreamError
@@ -331,52 +329,6 @@ def _read_secret(path) -> str:
 
 
 # --- verification of source-identified blobs ---------------------------------------------
-
-
-def verify_chunks(path: str, chunk_size: int, size: int, chunks: dict[int, int]) -> list[int]:
-    """Chunks whose bytes on disk no longer match the xxh3 recorded at write; [] = all good."""
-    n = max(1, -(-size // chunk_size))
-    bad = [i for i in range(n) if i not in chunks]
-    with open(path, "rb", buffering=0) as fh:
-        for i, digest in chunks.items():
-            data = os.pread(fh.fileno(), min(chunk_size, size - i * chunk_size), i * chunk_size)
-            if xxhash.xxh3_64_intdigest(data) != digest:
-                bad.append(i)
-    return bad
-
-
-def install_source_verification(store) -> None:
-    """Give source-identified blobs ("source" kind) a check that means something.
-
-    Their id names a source version, not the content, so `store.hash_file`
-    (sha256 / git-sha1) cannot prove it and would quarantine every such blob.
-    Instead: each chunk was fetched pinned to the version listed at resolve
-    (S3 If-Match on the ETag, the file's size+mtime), and here every chunk's
-    bytes on disk are re-checked against the xxh3 recorded when it was
-    written; any mismatch quarantines the blob exactly like a hash mismatch.
-    Blobs of other kinds go through the store's whole-blob hash unchanged.
-    """
-    from ..store import Quarantined
-
-    whole_blob_finish = store.finish
-
-    async def finish(st) -> None:
-        rec = st.rec
-        if rec.kind != SOURCE_KIND:
-            return await whole_blob_finish(st)
-        chunks = store.index.chunks(rec.blob_id)
-        bad = await asyncio.get_running_loop().run_in_executor(
-            None, verify_chunks, str(store.path(rec.blob_id)), rec.chunk_size, rec.size, chunks
-        )
-        if not bad:
-            rec.state = "complete"
-            store.index.put_blob(rec)
-            store.index.drop_chunks(rec.blob_id)
-            return
-        store.quarantine(st)
-        raise Quarantined(f"blob {rec.blob_id} (source-identified): chunk(s) {bad[:5]} failed their xxh3 check")
-
-    store.finish = finish
 
 
 # --- config ----------------------------------------------------------------------------
