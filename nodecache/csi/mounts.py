@@ -135,7 +135,7 @@ def unmount_all(target: str) -> int:
     return n
 
 
-_probing: dict[str, threading.Thread] = {}
+_probing: dict[str, tuple[threading.Thread, list[int]]] = {}
 _probing_lock = threading.Lock()
 
 
@@ -143,9 +143,9 @@ def probe(path: str, timeout: float = 5.0) -> int:
     """statfs + stat `path` in a helper thread: 0 if it answers, else the errno (ETIMEDOUT if it hangs).
 
     A hung FUSE daemon would block the caller forever; the helper thread is
-    left behind in that case (daemonic), the caller is not. While one is stuck
-    on a path, later probes of that path answer ETIMEDOUT at once instead of
-    piling up more stuck threads.
+    left behind in that case (daemonic), the caller is not. Concurrent probes
+    of one path share the running one (waiting for its answer), so a stuck
+    daemon never piles up more than one thread per path.
     """
     result: list[int] = []
 
@@ -158,15 +158,16 @@ def probe(path: str, timeout: float = 5.0) -> int:
             result.append(e.errno or errno.EIO)
         finally:
             with _probing_lock:
-                if _probing.get(path) is threading.current_thread():
+                if _probing.get(path, (None,))[0] is threading.current_thread():
                     del _probing[path]
 
     with _probing_lock:
-        stuck = _probing.get(path)
-        if stuck is not None and stuck.is_alive():
-            return errno.ETIMEDOUT
-        t = threading.Thread(target=run, daemon=True, name="nodecache-probe")
-        _probing[path] = t
-    t.start()
+        running = _probing.get(path)
+        if running is not None and running[0].is_alive():
+            t, result = running
+        else:
+            t = threading.Thread(target=run, daemon=True, name="nodecache-probe")
+            _probing[path] = (t, result)
+            t.start()
     t.join(timeout)
     return result[0] if result else errno.ETIMEDOUT
