@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(fn=fn)
         return c
 
-    c = client("ls", "list cached repos: revision, commit, size, cached %, pinned, last used", cmd_ls)
+    c = client("ls", "list cached repos: revision, commit, size, cached %%, pinned, last used", cmd_ls)
     c.add_argument("--json", action="store_true")
     c = client("status", "tiers, blobs, fills, jobs, pins", cmd_status)
     c.add_argument("--json", action="store_true")

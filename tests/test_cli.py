@@ -74,3 +74,12 @@ def test_prefetch_through_the_daemon(hub, daemons, big_repo):
     assert hub.stats.data_bytes == before, "served from the store"
     bad = nodecache("prefetch", "org/nope", "--endpoint", d.url)
     assert bad.returncode == 1 and "404" in bad.stderr
+
+
+def test_every_subcommand_has_working_help():
+    from nodecache.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
+    for name in ["", *sub.choices]:
+        out = nodecache(*([name] if name else []), "--help")
+        assert out.returncode == 0 and "usage: nodecache" in out.stdout, (name, out.stderr)

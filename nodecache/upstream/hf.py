@@ -86,7 +86,7 @@ class HfUpstream:
         except (aiohttp.ClientError, TimeoutError) as e:
             raise UpstreamError(f"{method} {path}: {e.__class__.__name__}: {e}") from None
 
-    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytearray:
+    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
         """Bytes [start, end) of the blob; follows (and remembers) the CDN redirect."""
         url, cached = self._location(rec)
         for _hop in range(5):
@@ -121,8 +121,8 @@ class HfUpstream:
         return f"{self.endpoint}/{prefix}{rec.repo_id}/resolve/{rec.commit}/{path}", False
 
     @staticmethod
-    async def _body(resp: aiohttp.ClientResponse, start: int, end: int) -> bytearray:
-        """Exactly the range asked for, streamed into one buffer (one copy, bounded memory).
+    async def _body(resp: aiohttp.ClientResponse, start: int, end: int) -> bytes:
+        """Exactly the range asked for, streamed (bounded memory).
 
         A server that ignores Range (200) is read only up to `end`, never whole.
         """
@@ -133,7 +133,7 @@ class HfUpstream:
         elif resp.status != 200:
             raise UpstreamError(f"HTTP {resp.status}")
         want = end - start
-        buf = bytearray(want)
+        pieces: list[bytes] = []
         skip = start if resp.status == 200 else 0
         got = 0
         async for piece in resp.content.iter_any():
@@ -142,14 +142,15 @@ class HfUpstream:
                     skip -= len(piece)
                     continue
                 piece, skip = piece[skip:], 0
-            n = min(len(piece), want - got)
-            buf[got : got + n] = piece[:n]
-            got += n
+            if got + len(piece) > want:
+                piece = piece[: want - got]
+            pieces.append(piece)
+            got += len(piece)
             if got == want:
                 break
         if got != want:
             raise UpstreamError(f"truncated body: {got} of {want} bytes")
-        return buf
+        return b"".join(pieces)  # one copy, no zero-filled buffer
 
 
 def _parse_revision(info: dict) -> Resolved:
