@@ -1,0 +1,436 @@
+"""Upstream fill: `nodecache prefetch` vs `huggingface_hub.snapshot_download`, one run.
+
+A repo of two safetensors shards plus small json files is served by the Hub
+emulator with a per-connection (per-response) rate cap, like a CDN that
+throttles each stream. Every pass measures, as wall time of a child process
+into a fresh directory:
+
+  prefetch           `python -m nodecache prefetch REPO --cache-dir NEW --hub-url HUB`
+                     (ranged chunk fetches, 8 per blob, 32 per node; fsync; sha256 verified)
+  snapshot_download  `huggingface_hub.snapshot_download(REPO, cache_dir=NEW, endpoint=HUB)`
+                     (one GET per file, 8 files at a time; hf_transfer unused, no Xet)
+  lazy_read          a fresh `nodecache serve`, then `cat` of every snapshot file in turn
+                     through the mount (daemon start not timed)
+
+Before the passes a probe child process (aiohttp, no disk) fetches the same
+8 MiB ranges with as many connections as nodecache used, unthrottled and
+throttled, to give the cap honestly:
+
+  cap_MBps = min(rate x connections nodecache used, unthrottled loopback rate)
+
+    python bench/upstream_fill.py [--size-gib 1] [--rate-mbps 50] [--reps 3] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import GiB, MiB  # noqa: E402
+
+REPO = "bench/upstream-fill"
+SHARDS = 2
+
+
+# ---- the repo ----------------------------------------------------------------------------
+
+
+def make_repo(root: Path, size: int) -> dict[str, int]:
+    """Two random shards of size/2 plus the small files a real checkpoint has."""
+    root.mkdir(parents=True, exist_ok=True)
+    shard = size // SHARDS
+    names = [f"model-{i + 1:05d}-of-{SHARDS:05d}.safetensors" for i in range(SHARDS)]
+    for n in names:
+        common.write_random_file(root / n, shard)
+    weight_map = {f"layers.{i}.weight": names[i * SHARDS // 64] for i in range(64)}
+    small = {
+        "config.json": {"model_type": "bench", "hidden_size": 4096, "num_hidden_layers": 64},
+        "generation_config.json": {"do_sample": False, "max_new_tokens": 32},
+        "model.safetensors.index.json": {"metadata": {"total_size": shard * SHARDS}, "weight_map": weight_map},
+        "tokenizer_config.json": {"model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"},
+        "tokenizer.json": {"model": {"vocab": {os.urandom(6).hex(): i for i in range(60_000)}}},
+    }
+    for n, obj in small.items():
+        (root / n).write_text(json.dumps(obj, indent=1) + "\n")
+    return {p.name: p.stat().st_size for p in sorted(root.iterdir())}
+
+
+# ---- the emulator, counting concurrent data responses -------------------------------------
+
+
+def make_hub(rate_bps: int | None):
+    from nodecache.testing.hub import HubEmulator
+
+    class CountingHub(HubEmulator):
+        """Records (time, concurrent data GETs) at every change, to see how many streams ran."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.active = 0
+            self.events: list[tuple[float, int]] = []
+            self._lock = threading.Lock()
+
+        def _bump(self, d: int) -> None:
+            with self._lock:
+                self.active += d
+                self.events.append((time.monotonic(), self.active))
+
+        async def _send(self, request, f, headers):
+            if request.method != "GET":
+                return await super()._send(request, f, headers)
+            self._bump(+1)
+            try:
+                return await super()._send(request, f, headers)
+            finally:
+                self._bump(-1)
+
+        def window(self, t0: float, t1: float) -> dict:
+            """Peak and time-weighted mean concurrency between the first and last data event in [t0, t1]."""
+            with self._lock:
+                ev = [(t, a) for t, a in self.events if t0 <= t <= t1]
+            if len(ev) < 2:
+                return {"peak_connections": 0, "mean_connections": 0.0, "data_window_s": 0.0}
+            area = sum(a * (ev[i + 1][0] - t) for i, (t, a) in enumerate(ev[:-1]))
+            span = ev[-1][0] - ev[0][0]
+            return {
+                "peak_connections": max(a for _, a in ev),
+                "mean_connections": round(area / span, 2) if span > 0 else 0.0,
+                "data_window_s": round(span, 3),
+            }
+
+    return CountingHub(rate_limit_bps=rate_bps)
+
+
+# ---- the loopback probe (runs as a child: `upstream_fill.py --probe ...`) ----------------------
+
+
+async def _probe(hub_url: str, repo: str, files: list[str], conns: int, chunk: int) -> dict:
+    """Fetch every byte of `files` as `chunk`-sized ranges over `conns` connections; bytes discarded."""
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+    connector = aiohttp.TCPConnector(limit=conns)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False) as s:
+        ranges = []
+        for name in files:
+            url = f"{hub_url}/{repo}/resolve/main/{name}"
+            async with s.head(url, allow_redirects=False) as r:
+                loc = r.headers.get("Location", url)
+                size = int(r.headers.get("X-Linked-Size") or r.headers["Content-Length"])
+            ranges += [(loc, a, min(a + chunk, size)) for a in range(0, size, chunk)]
+        todo = iter(ranges)
+        total = 0
+
+        async def worker() -> None:
+            nonlocal total
+            for loc, a, b in todo:
+                async with s.get(loc, headers={"Range": f"bytes={a}-{b - 1}"}) as r:
+                    data = await r.read()
+                    if r.status != 206 or len(data) != b - a:
+                        raise RuntimeError(f"probe: HTTP {r.status}, {len(data)} of {b - a} bytes")
+                    total += len(data)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conns)))
+        secs = time.perf_counter() - t0
+    return {"bytes": total, "seconds": round(secs, 3), "MBps": round(total / secs / 1e6, 1)}
+
+
+def probe(hub_url: str, files: list[str], conns: int, chunk: int) -> dict:
+    cmd = [sys.executable, __file__, "--probe", hub_url, "--probe-conns", str(conns), "--probe-chunk", str(chunk)]
+    out = subprocess.run([*cmd, *files], check=True, capture_output=True, text=True, cwd=common.REPO_ROOT)
+    return json.loads(out.stdout)
+
+
+# ---- the three ways to get the bytes ---------------------------------------------------------
+
+
+SNAPSHOT_DOWNLOAD = """
+import sys
+from huggingface_hub import snapshot_download
+print(snapshot_download(sys.argv[1], cache_dir=sys.argv[2], endpoint=sys.argv[3]))
+"""
+
+
+def hf_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(
+        HF_HOME=str(home),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_ENABLE_HF_TRANSFER="0",  # hf_transfer is not installed either; plain HTTP GETs
+        PYTHONPATH=str(common.REPO_ROOT),
+    )
+    return env
+
+
+def timed(cmd: list[str], env: dict[str, str], what: str, cpu: dict | None = None) -> tuple[float, str]:
+    """Wall time of a child; `cpu` gets its CPU seconds, ours (the emulator's) and how busy the machine was."""
+    c0 = os.times()
+    with common.CpuMeter() as meter:
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=common.REPO_ROOT)
+        secs = time.perf_counter() - t0
+    c1 = os.times()
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    if cpu is not None:
+        cpu["child_cpu_s"] = round(c1.children_user - c0.children_user + c1.children_system - c0.children_system, 2)
+        cpu["emulator_cpu_s"] = round(meter.own_cpu_s, 2)  # the emulator serves from this process
+        cpu["machine_cpu_busy"] = round(meter.machine_busy, 2)
+    return secs, r.stdout
+
+
+def check_tree(root: Path, sizes: dict[str, int]) -> None:
+    for name, size in sizes.items():
+        got = (root / name).stat().st_size
+        if got != size:
+            raise RuntimeError(f"{root / name}: {got} bytes, want {size}")
+
+
+def data_window_stats(total: int, prefetch: list[dict]) -> dict:
+    """Where the prefetch wall time goes: the data transfer window vs everything else."""
+    return {
+        "fill_data_window_MBps": round(common.median([total / d["data_window_s"] / 1e6 for d in prefetch]), 1),
+        "prefetch_overhead_s": round(common.median([d["seconds"] - d["data_window_s"] for d in prefetch]), 3),
+        "prefetch_mean_connections": round(common.median([d["mean_connections"] for d in prefetch]), 2),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    size = int(args.size_gib * GiB)
+    rate = int(args.rate_mbps * 1e6)
+    from nodecache import config as nc_config
+
+    cfg = nc_config.load()  # what the nodecache children run with: same NODECACHE_* environment
+    chunk_size = cfg.chunk_size
+    samples: dict[str, list[float]] = {"prefetch": [], "snapshot_download": [], "lazy_read": []}
+    details: dict[str, list[dict]] = {k: [] for k in samples}
+
+    with common.workdir("nodecache-bench-fill-", keep=args.keep) as work:
+        sizes = make_repo(work / "repo", size)
+        total = sum(sizes.values())
+        big = sorted(n for n, s in sizes.items() if s >= 10 * MiB)
+        print(
+            f"repo: {len(sizes)} files, {total / 1e6:,.1f} MB ({len(big)} shards); per-connection cap {args.rate_mbps} MB/s"
+        )
+        hub = make_hub(rate)
+        try:
+            hub.start()
+            commit = hub.add_repo(REPO, work / "repo")
+
+            def one(kind: str, rep: int) -> None:
+                dest = work / f"{kind}-{rep}"
+                bytes0, t0 = hub.stats.data_bytes, time.monotonic()
+                extra: dict = {}
+                if kind == "prefetch":
+                    cmd = [sys.executable, "-m", "nodecache", "prefetch", REPO]
+                    cmd += ["--cache-dir", str(dest), "--hub-url", hub.url]
+                    secs, out = timed(cmd, {**os.environ, "PYTHONPATH": str(common.REPO_ROOT)}, "prefetch", extra)
+                    if "ready:" not in out:
+                        raise RuntimeError(f"prefetch printed no ready line: {out!r}")
+                elif kind == "snapshot_download":
+                    cmd = [sys.executable, "-c", SNAPSHOT_DOWNLOAD, REPO, str(dest / "hub"), hub.url]
+                    secs, out = timed(cmd, hf_env(dest / "hf_home"), "snapshot_download", extra)
+                    check_tree(Path(out.strip().splitlines()[-1]), sizes)
+                else:
+                    d = common.Daemon(dest, hub.url, [REPO], name="lazy")
+                    try:
+                        d.start()
+                        t0 = time.monotonic()
+                        bytes0 = hub.stats.data_bytes
+                        snap = d.snapshot_dir(REPO, commit)
+                        # one `cat` after the other, the order a loader reads a checkpoint in
+                        cpu0 = common.proc_cpu_seconds(d.pid)
+                        secs, _ = timed(
+                            ["sh", "-c", 'for f in "$@"; do cat "$f"; done >/dev/null', "cat"]
+                            + [str(snap / n) for n in sizes],
+                            dict(os.environ),
+                            "cat",
+                            extra,
+                        )
+                        extra["daemon_cpu_s"] = round(common.proc_cpu_seconds(d.pid) - cpu0, 2)
+                        m = d.metrics()
+                        extra["daemon_upstream_bytes"] = int(m.get('nodecache_upstream_bytes_total{upstream="hf"}', 0))
+                        extra["daemon_fuse_errors"] = {k: v for k, v in m.items() if "fuse_errors" in k}
+                    finally:
+                        d.stop()
+                t1 = time.monotonic()
+                samples[kind].append(secs)
+                details[kind].append(
+                    {"seconds": round(secs, 3), "MBps": round(total / secs / 1e6, 1),
+                     "upstream_bytes": hub.stats.data_bytes - bytes0, **hub.window(t0, t1), **extra}
+                )  # fmt: skip
+                print(f"  {kind:<18} {secs:7.2f} s  {total / secs / 1e6:8,.1f} MB/s  "
+                      f"peak {details[kind][-1]['peak_connections']} conns", flush=True)  # fmt: skip
+                live = common.mounts_under(dest)
+                if not live:
+                    shutil.rmtree(dest, ignore_errors=True)
+
+            for rep in range(args.reps):
+                print(f"pass {rep + 1}/{args.reps}", flush=True)
+                for kind in ("prefetch", "snapshot_download", "lazy_read"):
+                    if kind == "lazy_read" and args.no_lazy:
+                        continue
+                    one(kind, rep)
+
+            conns = min(cfg.parallel_total, cfg.parallel_per_blob * len(big))
+            hub.rate_limit_bps = None
+            unthrottled = probe(hub.url, big, conns, chunk_size)
+            hub.rate_limit_bps = rate
+            throttled = probe(hub.url, big, conns, chunk_size)
+            print(
+                f"  probe, {conns} conns: unthrottled {unthrottled['MBps']:,.0f} MB/s, throttled {throttled['MBps']:,.0f} MB/s"
+            )
+        finally:
+            hub.stop()
+
+    med = {k: common.median(v) for k, v in samples.items()}
+    window = data_window_stats(total, details["prefetch"])
+    cap = min(args.rate_mbps * conns, unthrottled["MBps"])
+    fill = total / med["prefetch"] / 1e6
+    res = {
+        "benchmark": "upstream_fill",
+        "date": common.now_iso(),
+        "machine": common.machine_info(),
+        **common.provenance(),
+        "size_bytes": total,
+        "files": sizes,
+        "shards": SHARDS,
+        "rate_MBps_per_connection": args.rate_mbps,
+        "chunk_size": chunk_size,
+        "reps": args.reps,
+        "prefetch_s": round(med["prefetch"], 3),
+        "snapshot_download_s": round(med["snapshot_download"], 3),
+        "speedup_vs_snapshot_download": round(med["snapshot_download"] / med["prefetch"], 2),
+        "fill_MBps": round(fill, 1),
+        "snapshot_download_MBps": round(total / med["snapshot_download"] / 1e6, 1),
+        "connections_used": conns,
+        "cap_MBps": round(cap, 1),
+        "fill_vs_cap": round(fill / cap, 3),
+        **window,
+        "cap_note": (
+            f"The emulator caps each data response at {args.rate_mbps} MB/s. nodecache prefetch used up to "
+            f"{conns} concurrent range requests on the shards (parallel_per_blob={cfg.parallel_per_blob} x "
+            f"{len(big)} shards, under parallel_total={cfg.parallel_total}; details.prefetch shows the peak and "
+            f"time-weighted mean of concurrent data responses the emulator saw). cap = min({args.rate_mbps} x {conns} = {args.rate_mbps * conns:.0f}, "
+            f"unthrottled loopback rate {unthrottled['MBps']:.0f}) MB/s; the loopback rate is a no-disk aiohttp "
+            f"client in its own process fetching the shards as {chunk_size // MiB} MiB ranges over {conns} "
+            f"connections from this emulator. fill_MBps is repo bytes / wall time of the prefetch process "
+            f"(start, resolve, fetch, fsync, sha256 verify, exit)."
+        ),
+        "probe_unthrottled": unthrottled,
+        "probe_throttled": throttled,
+        "lazy_read_s": round(med["lazy_read"], 3) if samples["lazy_read"] else None,
+        "lazy_read_MBps": round(total / med["lazy_read"] / 1e6, 1) if samples["lazy_read"] else None,
+        "targets": {"speedup_vs_snapshot_download": 1.5, "fill_vs_cap": 0.9},
+        "samples_s": {k: [round(x, 3) for x in v] for k, v in samples.items()},
+        "details": details,
+        "units": "MBps = 1e6 bytes per second; medians over reps; times are wall time of the child process",
+    }
+    return res
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [("snapshot_download", "snapshot_download", "#7f7f7f"), ("prefetch", "nodecache prefetch", "#1f77b4")]
+    if res["samples_s"]["lazy_read"]:
+        kinds.append(("lazy_read", "nodecache lazy cat", "#2ca02c"))
+    total = res["size_bytes"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for i, (k, _label, color) in enumerate(kinds):
+        s = res["samples_s"][k]
+        med = common.median(s)
+        a1.bar(i, med, color=color)
+        a1.errorbar(i, med, yerr=[[med - min(s)], [max(s) - med]], color="black", capsize=3, lw=1)
+        a1.text(i + 0.41, med, f"{med:.1f} s", ha="left", va="bottom", fontsize=8)
+        mbps = total / med / 1e6
+        a2.bar(i, mbps, color=color)
+        a2.text(i, mbps, f"{mbps:,.0f}", ha="center", va="bottom", fontsize=8)
+    a2.axhline(res["cap_MBps"], color="red", ls="--", lw=1, label=f"cap {res['cap_MBps']:,.0f} MB/s")
+    a2.axhline(0.9 * res["cap_MBps"], color="red", ls=":", lw=1, label="0.9 x cap")
+    a2.axhline(
+        res["probe_throttled"]["MBps"],
+        color="#9467bd",
+        ls="-.",
+        lw=1,
+        label=f"no-disk client, {res['connections_used']} conns, throttled: {res['probe_throttled']['MBps']:,.0f}",
+    )
+    for ax in (a1, a2):
+        ax.set_xticks(range(len(kinds)), [k[1] for k in kinds], fontsize=8)
+    a1.set_ylabel("wall time, s (median, whiskers min-max)")
+    a2.set_ylabel("MB/s")
+    a2.legend(fontsize=8)
+    fig.suptitle(
+        f"Upstream fill of {total / 1e9:.2f} GB at {res['rate_MBps_per_connection']} MB/s per connection: "
+        f"speedup {res['speedup_vs_snapshot_download']:.2f}x, fill/cap {res['fill_vs_cap']:.2f} "
+        f"({res['machine']['nproc']} CPUs, {res['date'][:10]})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-gib", type=float, default=1.0)
+    p.add_argument("--rate-mbps", type=float, default=50.0, help="per-connection cap of the emulator, MB/s (1e6 B/s)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--name", default="upstream_fill", help="output file stem (e.g. for a second rate)")
+    p.add_argument("--no-lazy", action="store_true", help="skip the lazy read through the mount")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--keep", action="store_true", help="keep the scratch dir")
+    p.add_argument("--wait-quiet", type=float, default=120, help="wait up to this long for idle CPUs first (s)")
+    p.add_argument("--probe", metavar="HUB_URL", help=argparse.SUPPRESS)
+    p.add_argument("--probe-conns", type=int, default=16, help=argparse.SUPPRESS)
+    p.add_argument("--probe-chunk", type=int, default=8 * MiB, help=argparse.SUPPRESS)
+    p.add_argument("probe_files", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.probe:
+        print(json.dumps(asyncio.run(_probe(args.probe, REPO, args.probe_files, args.probe_conns, args.probe_chunk))))
+        return 0
+    quiet = common.wait_quiet(args.wait_quiet)
+    res = run(args)
+    res["machine_load"] = {**quiet, "loadavg_after": common.loadavg()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    common.write_json(args.out / f"{args.name}.json", res)
+    plot(res, args.out / f"{args.name}.png")
+    print()
+    rows = [
+        ("snapshot_download", res["snapshot_download_s"], res["snapshot_download_MBps"], ""),
+        ("nodecache prefetch", res["prefetch_s"], res["fill_MBps"], ""),
+    ]
+    if res["lazy_read_s"] is not None:
+        rows.append(("nodecache lazy cat", res["lazy_read_s"], res["lazy_read_MBps"], ""))
+    common.print_table([(a, f"{b:.2f}", f"{c:,.1f}") for a, b, c, _ in rows], ("method", "wall s", "MB/s"))
+    print()
+    common.print_table(
+        [
+            ("speedup_vs_snapshot_download", f"{res['speedup_vs_snapshot_download']:.2f}", ">= 1.5"),
+            ("cap_MBps", f"{res['cap_MBps']:,.1f}", ""),
+            ("fill_vs_cap", f"{res['fill_vs_cap']:.2f}", ">= 0.9"),
+        ],
+        ("metric", "value", "target"),
+    )
+    print(f"\nwrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
