@@ -101,6 +101,7 @@ class _File:
 @dataclass
 class _Repo:
     private: bool
+    gated: bool = False  # metadata is public; files need a token that was granted access
     refs: dict[str, str] = field(default_factory=dict)
     commits: dict[str, dict[str, _File]] = field(default_factory=dict)
     modified: dict[str, str] = field(default_factory=dict)  # commit -> ISO date
@@ -196,6 +197,8 @@ class HubEmulator:
         self.url = self.cdn_url = ""
         self.stats = HubStats()
         self.faults: list[Fault] = []
+        # Tokens of other users: valid, but granted no gated repo (the Hub answers 403 GatedRepo).
+        self.other_tokens: set[str] = set()
         self.down = False
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._lfs: dict[str, _File] = {}  # sha256 -> file: what the CDN serves
@@ -213,6 +216,7 @@ class HubEmulator:
         repo_type: str = "model",
         revision: str = "main",
         private: bool = False,
+        gated: bool = False,
         lfs_patterns: Iterable[str] = DEFAULT_LFS_PATTERNS,
         lfs_min_size: int = 10 * 1024 * 1024,
     ) -> str:
@@ -230,7 +234,7 @@ class HubEmulator:
             h.update(f"{path}\0{f.blob_id}\n".encode())
         commit = h.hexdigest()
         repo = self._repos.setdefault((repo_type, repo_id), _Repo(private))
-        repo.private = private
+        repo.private, repo.gated = private, gated
         if commit not in repo.commits:
             repo.modified[commit] = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
             repo.commits[commit] = files
@@ -341,7 +345,7 @@ class HubEmulator:
             raise _HubError(404, f"Repository {'/'.join(segs[:2])!a} not found", "RepoNotFound")
         auth = request.headers.get("Authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else None
-        if self.token is not None and token is not None and token != self.token:
+        if self.token is not None and token is not None and token != self.token and token not in self.other_tokens:
             raise _HubError(401, INVALID_CREDENTIALS)
         if repo.private and self.token is not None and token != self.token:
             raise _HubError(401, f"Repository {repo_id!a} not found", "RepoNotFound")
@@ -380,7 +384,7 @@ class HubEmulator:
             "author": repo_id.split("/")[0] if "/" in repo_id else None,
             "sha": commit,
             "private": repo.private,
-            "gated": False,
+            "gated": "manual" if repo.gated else False,
             "disabled": False,
             "lastModified": repo.modified[commit],
             "tags": [],
@@ -433,7 +437,13 @@ class HubEmulator:
     ) -> web.StreamResponse:
         head = request.method == "HEAD"
         self.stats.requests["resolve_head" if head else "resolve_get"] += 1
-        _, repo, _ = self._find_repo(request, repo_type, repo_segs)
+        repo_id, repo, _ = self._find_repo(request, repo_type, repo_segs)
+        if repo.gated:
+            auth = request.headers.get("Authorization", "")
+            if not auth.startswith("Bearer "):
+                raise _HubError(401, f"Access to model {repo_id} is restricted. You must be authenticated.", "GatedRepo")
+            if self.token is None or auth[7:] != self.token:
+                raise _HubError(403, f"Access to model {repo_id} is restricted and you are not in the authorized list.", "GatedRepo")
         commit, parts = self._split_revision(repo, rest)
         path = "/".join(parts)
         if not parts or any(p in ("", ".", "..") or "\\" in p for p in path.split("/")):
