@@ -107,9 +107,31 @@ def bad_chunks(path: Path, chunk_size: int, size: int, chunks: dict[int, int]) -
     return bad
 
 
+def _new_hasher(kind: str, size: int):
+    return hashlib.sha256() if kind == "sha256" else hashlib.sha1(b"blob %d\0" % size)
+
+
+class _Prefix:
+    """The whole-blob hash of a fresh fill, advanced over chunks as they land in order,
+    so proving a blob at the end costs one chunk, not a re-read of the whole file."""
+
+    def __init__(self, rec: BlobRecord):
+        self.hasher = _new_hasher(rec.kind, rec.size)
+        self.next = 0
+        self.lock = asyncio.Lock()
+
+
+def _hash_range(hasher, path: Path, start: int, length: int) -> None:
+    with open(path, "rb", buffering=0) as f:  # its own fd: the store's fd cache may close one
+        data = os.pread(f.fileno(), length, start)
+    if len(data) != length:
+        raise OSError(errno.EIO, f"short read of {path}")
+    hasher.update(data)
+
+
 def hash_file(path: Path, kind: str, size: int) -> str:
     """The id a blob file's content proves: sha256, or git's `blob <n>\\0` sha1."""
-    h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(b"blob %d\0" % size)
+    h = _new_hasher(kind, size)
     with open(path, "rb", buffering=0) as f:
         while buf := f.read(_HASH_BUF):
             h.update(buf)
@@ -135,6 +157,8 @@ class Store:
         self._recs: dict[str, BlobRecord] = {}
         self._states: dict[str, BlobState] = {}
         self._fds: OrderedDict[str, int] = OrderedDict()
+        self._prefix: dict[str, _Prefix] = {}
+        self._hashing: set[asyncio.Task] = set()
         self._load_usage()
 
     def path(self, blob_id: str) -> Path:
@@ -220,6 +244,8 @@ class Store:
                 self.index.chunks(rec.blob_id) if rec.state != "complete" else dict.fromkeys(range(rec.n_chunks), 0)
             )
             st = self._states[rec.blob_id] = BlobState(rec, present)
+            if st.missing == rec.n_chunks and rec.kind in ("sha256", "gitsha1"):
+                self._prefix[rec.blob_id] = _Prefix(rec)
         return st
 
     # space ------------------------------------------------------------------
@@ -277,6 +303,7 @@ class Store:
         rec.state = "partial"
         self.index.put_blob(rec)
         self._states.pop(rec.blob_id, None)
+        self._prefix.pop(rec.blob_id, None)
         self.tiers[rec.tier].used -= cached
         self.on_evict(rec.tier, cached)
         log.info("evicted %s (%d bytes) from %s", rec.blob_id, cached, rec.tier)
@@ -344,6 +371,11 @@ class Store:
             return
         self.index.set_chunk(st.rec.blob_id, index, digest)
         st.mark(index)
+        prefix = self._prefix.get(st.rec.blob_id)
+        if prefix is not None and st.has(prefix.next):  # the lock serializes; a late task finds nothing to do
+            task = asyncio.get_running_loop().create_task(self._advance(st, prefix))
+            self._hashing.add(task)
+            task.add_done_callback(lambda t: (self._hashing.discard(t), t.cancelled() or t.exception()))
 
     async def finish(self, st: BlobState) -> None:
         """All chunks are present: prove the id, then mark complete or quarantine.
@@ -354,7 +386,12 @@ class Store:
         """
         rec = st.rec
         loop = asyncio.get_running_loop()
-        if rec.kind == "source":
+        prefix = self._prefix.pop(rec.blob_id, None)
+        if prefix is not None:
+            await self._advance(st, prefix)
+        if prefix is not None and prefix.next == rec.n_chunks:
+            got = prefix.hasher.hexdigest()
+        elif rec.kind == "source":
             chunks = self.index.chunks(rec.blob_id)
             bad = await loop.run_in_executor(None, bad_chunks, self.path(rec.blob_id), rec.chunk_size, rec.size, chunks)
             bad += [i for i in range(rec.n_chunks) if i not in chunks]
@@ -369,6 +406,17 @@ class Store:
         self.quarantine(st)
         raise Quarantined(f"blob {rec.blob_id} hashed to {got}")
 
+    async def _advance(self, st: BlobState, prefix: _Prefix) -> None:
+        """Feed the in-order run of present chunks to the blob's running hash."""
+        async with prefix.lock:
+            loop = asyncio.get_running_loop()
+            while prefix.next < st.rec.n_chunks and st.has(prefix.next) and self._states.get(st.rec.blob_id) is st:
+                start, end = st.chunk_range(prefix.next)
+                await loop.run_in_executor(
+                    None, _hash_range, prefix.hasher, self.path(st.rec.blob_id), start, end - start
+                )
+                prefix.next += 1
+
     def quarantine(self, st: BlobState) -> None:
         rec = st.rec
         rec.state = "quarantined"
@@ -380,6 +428,7 @@ class Store:
         os.replace(self.path(rec.blob_id), self.quarantine_dir / rec.blob_id)
         self.tiers[rec.tier].used -= st.cached
         self._states.pop(rec.blob_id, None)
+        self._prefix.pop(rec.blob_id, None)
 
     def recover(self) -> int:
         """Re-verify every recorded chunk of partial blobs against its xxh3.

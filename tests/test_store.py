@@ -491,3 +491,28 @@ def test_every_file_lies_under_the_cache_dir(tmp_path: Path, monkeypatch: pytest
     assert f"blobs/{r_good.blob_id[:2]}/{r_good.blob_id}" in files
     assert f"quarantine/{r_bad.blob_id}" in files
     assert all(f.startswith(("blobs/", "quarantine/", "index/")) for f in files), files
+
+
+@pytest.mark.parametrize("kind", ["sha256", "gitsha1"])
+def test_whole_blob_hash_advances_with_chunks_in_any_order(cache: Path, index: Index, kind: str):
+    """Chunks land out of order; the running hash catches up and finish() needs no full re-read."""
+    data = os.urandom(4 * CS + 123)
+    bid = blob_id(kind, data)
+    rec = BlobRecord(bid, len(data), kind, CS)
+    index.put_blob(rec)
+    store = Store(cache, index)
+
+    async def run() -> None:
+        st = store.state(rec)
+        for i in (3, 1, 0, 4, 2):
+            await store.write_chunk(st, i, data[i * CS : (i + 1) * CS])
+        await asyncio.gather(*store._hashing)
+        assert store._prefix[bid].next == 5, "the prefix hash caught up as the gaps filled"
+        await store.finish(st)
+
+    try:
+        asyncio.run(run())
+        assert index.get_blob(bid).state == "complete"
+        assert not store._prefix
+    finally:
+        store.close()
