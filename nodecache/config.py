@@ -62,6 +62,9 @@ class Config:
     peer_uploads: int = 8  # concurrent chunk uploads to peers, so peers cannot starve local reads
     peer_upload_bps: int = 0  # bytes/s this node serves to peers in total; 0: no cap
     peer_fault: str = ""  # testing only: "flip" serves peers corrupted bytes
+    node_name: str | None = None  # this Kubernetes node (KUBE_NODE_NAME): label it with the repos it holds
+    kube_api: str | None = None  # API server URL; default: in-cluster from the service account
+    kube_token_file: Path | None = None  # with kube_api: a bearer token file
 
     def __post_init__(self) -> None:
         if self.chunk_size < 64 * 1024 or self.chunk_size & (self.chunk_size - 1):
@@ -202,6 +205,8 @@ def load(overrides: dict | None = None, environ: dict[str, str] | None = None, f
             values[f.name] = _convert(f, raw)
     if "hub_url" not in values and environ.get("HF_ENDPOINT"):
         values["hub_url"] = environ["HF_ENDPOINT"]
+    if "node_name" not in values and environ.get("KUBE_NODE_NAME"):
+        values["node_name"] = environ["KUBE_NODE_NAME"]
     if "hub_token" not in values and environ.get("HF_TOKEN"):
         values["hub_token"] = environ["HF_TOKEN"]
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})

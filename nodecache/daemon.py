@@ -27,6 +27,7 @@ from .fill import Filler
 from .fusefs import NodecacheFS, find_mount, set_read_ahead
 from .index import BlobRecord, Index
 from .jobs import Job, Jobs
+from .labels import NodeLabeler, label_key
 from .metrics import Metrics
 from .peers import Membership, Peers
 from .repos import RepoRef, ensure_repo, snapshot_blobs
@@ -87,6 +88,7 @@ class Daemon:
             self.peers = Peers(self.membership, self.session, cfg.cluster_token, self.metrics, cfg.peer_timeout)
             self.filler.sources = lambda rec, k: self.peers.chain(self.upstream_chain(rec), rec, k)
         self.jobs = Jobs(self.filler)
+        self.labeler = NodeLabeler.from_config(cfg, self.session)
         self.refresh_pins()
 
     def upstream_chain(self, rec: BlobRecord) -> list:
@@ -214,6 +216,7 @@ class Daemon:
                 {
                     "repo": view.repo_id,
                     "repo_type": view.repo_type,
+                    "node_label": label_key(view.repo_type, view.repo_id),
                     "refs": view.refs,
                     "pinned": {
                         rev: mode for (t, r, rev), mode in pins.items() if (t, r) == (view.repo_type, view.repo_id)
@@ -327,13 +330,26 @@ class Daemon:
             except (NotFound, UpstreamError, ValueError) as e:
                 log.error("preload %s: %s", spec, e)
 
+    def ready_labels(self) -> set[str]:
+        """Label keys of repos with at least one snapshot fully cached and verified."""
+        return {
+            label_key(r["repo_type"], r["repo"])
+            for r in self.repos_status()
+            if any(s["complete"] for s in r["snapshots"])
+        }
+
     async def _housekeeping(self) -> None:
-        """Persist access times (LRU order survives a restart) and re-check refs."""
+        """Persist access times (LRU order survives a restart), re-check refs, label the node."""
         period = max(0.2, min(30.0, self.cfg.ref_ttl / 2))
         while True:
             await asyncio.sleep(period)
             self.store.flush_access_times()
             await self.refresh_refs()
+            if self.labeler is not None:
+                try:
+                    await self.labeler.sync(self.ready_labels())
+                except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
+                    log.warning("node labels: %s", e)
 
     def stop(self) -> None:
         if not self._stop.is_set():

