@@ -398,7 +398,10 @@ class Daemon:
         if self.cfg.on_demand:
             self.fs.on_demand = self.resolve_on_demand
         options = set(pyfuse3.default_options) | {"fsname=nodecache", "ro", "allow_other", "default_permissions"}
-        pyfuse3.init(self.fs, str(mountpoint), options)
+        try:
+            pyfuse3.init(self.fs, str(mountpoint), options)
+        except RuntimeError as e:  # e.g. no /dev/fuse, not root, mountpoint busy: one clear line
+            raise OSError(f"cannot mount FUSE at {mountpoint}: {e}") from None
         self._mounted = True
         main = asyncio.get_running_loop().create_task(pyfuse3.main(min_tasks=4, max_tasks=64))
         try:
