@@ -352,24 +352,25 @@ class Store:
         tier = self.reserve(st, len(data))
         fd = self._fd(st.rec.blob_id)
 
-        def work() -> int:
+        def work() -> None:
             view = memoryview(data)
             done = 0
             while done < len(view):
                 done += os.pwrite(fd, view[done:], start + done)
             if self.fsync:
                 os.fdatasync(fd)
-            return xxhash.xxh3_64_intdigest(data)
+            # Recorded only now that the bytes are on disk; the LMDB commit (an fsync of
+            # its own) stays off the event loop too.
+            self.index.set_chunk(st.rec.blob_id, index, xxhash.xxh3_64_intdigest(data))
 
         try:
-            digest = await asyncio.get_running_loop().run_in_executor(None, work)
+            await asyncio.get_running_loop().run_in_executor(None, work)
         except BaseException:
             tier.used -= len(data)
             raise
         if st.has(index) or self._states.get(st.rec.blob_id) is not st:  # raced with a twin write or an eviction
             tier.used -= len(data)
             return
-        self.index.set_chunk(st.rec.blob_id, index, digest)
         st.mark(index)
         prefix = self._prefix.get(st.rec.blob_id)
         if prefix is not None and st.has(prefix.next):  # the lock serializes; a late task finds nothing to do
