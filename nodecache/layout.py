@@ -8,6 +8,7 @@ name that comes from the outside before anything joins it to a path.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -216,6 +217,30 @@ def build_root(views: Iterable[RepoView]) -> Node:
     root = Node.dir()
     root.children["hub"] = build_hub_tree(views)
     return root
+
+
+def tree_listing(ids: dict[str, str], base: str, recursive: bool) -> tuple[list[str], dict[str, str]]:
+    """What the Hub's `/tree/{rev}/{base}` lists, from {path: blob id}.
+
+    Returns the file paths, and the directories with an oid (a sha1 over what
+    they contain: stable for a snapshot, like the Hub's tree oids).
+    """
+    prefix = base + "/" if base else ""
+    files: list[str] = []
+    dirs: set[str] = set()
+    for path in ids:
+        if not path.startswith(prefix):
+            continue
+        parts = path[len(prefix) :].split("/")
+        depth = len(parts) - 1 if recursive else min(1, len(parts) - 1)
+        dirs.update(prefix + "/".join(parts[:i]) for i in range(1, depth + 1))
+        if recursive or len(parts) == 1:
+            files.append(path)
+    oids = {}
+    for d in dirs:
+        listing = "".join(f"{p}\0{i}\n" for p, i in ids.items() if p.startswith(d + "/"))
+        oids[d] = hashlib.sha1(listing.encode()).hexdigest()
+    return files, oids
 
 
 def walk(node: Node, prefix: str = "") -> Iterable[tuple[str, Node]]:

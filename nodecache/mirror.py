@@ -42,7 +42,16 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 
 from .fill import FillError
-from .layout import COMMIT_RE, REPO_TYPES, FileEntry, InvalidName, validate_relpath, validate_repo_id, validate_revision
+from .layout import (
+    COMMIT_RE,
+    REPO_TYPES,
+    FileEntry,
+    InvalidName,
+    tree_listing,
+    validate_relpath,
+    validate_repo_id,
+    validate_revision,
+)
 from .upstream import NotFound, UpstreamError
 
 if TYPE_CHECKING:
@@ -573,21 +582,13 @@ class Mirror:
 
     def _entries(self, ref: RepoRef, base: str, recursive: bool) -> list[dict[str, object]]:
         """Tree entries under `base` like the Hub lists them (files and directories)."""
-        prefix = base + "/" if base else ""
-        entries: dict[str, dict[str, object]] = {}
-        dirs: set[str] = set()
         files = self.files(ref)
-        for path, f in files.items():
-            if not path.startswith(prefix):
-                continue
-            parts = path[len(prefix) :].split("/")
-            depth = len(parts) - 1 if recursive else min(1, len(parts) - 1)
-            dirs.update(prefix + "/".join(parts[:i]) for i in range(1, depth + 1))
-            if recursive or len(parts) == 1:
-                entries[path] = {"type": "file", "path": path, **self._file_fields(f, "oid", "oid")}
-        for d in dirs:
-            listing = "".join(f"{p}\0{f.blob_id}\n" for p, f in files.items() if p.startswith(d + "/"))
-            entries[d] = {"type": "directory", "oid": hashlib.sha1(listing.encode()).hexdigest(), "size": 0, "path": d}
+        paths, dirs = tree_listing({p: f.blob_id for p, f in files.items()}, base, recursive)
+        entries: dict[str, dict[str, object]] = {
+            p: {"type": "file", "path": p, **self._file_fields(files[p], "oid", "oid")} for p in paths
+        }
+        for d, oid in dirs.items():
+            entries[d] = {"type": "directory", "oid": oid, "size": 0, "path": d}
         return [entries[p] for p in sorted(entries)]
 
     async def _tree(self, request: web.Request, t: Target, path: str) -> web.Response:

@@ -30,6 +30,8 @@ from urllib.parse import unquote, urlencode
 
 from aiohttp import web
 
+from ..layout import tree_listing
+
 CHUNK = 1024 * 1024
 DEFAULT_LFS_PATTERNS = tuple("*.safetensors *.bin *.pt *.pth *.onnx *.h5 *.msgpack *.gguf".split())
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -396,26 +398,17 @@ class HubEmulator:
 
     def _tree(self, request: web.Request, files: dict[str, _File], commit: str, base: str) -> web.Response:
         recursive = request.query.get("recursive", "").lower() in ("1", "true")
-        prefix = base + "/" if base else ""
+        paths, dirs = tree_listing({p: f.git_oid for p, f in files.items()}, base, recursive)
         entries: dict[str, dict[str, object]] = {}
-        dirs: set[str] = set()
-        for path, f in files.items():
-            if not path.startswith(prefix):
-                continue
-            parts = path[len(prefix) :].split("/")
-            depth = len(parts) - 1 if recursive else min(1, len(parts) - 1)
-            dirs.update(prefix + "/".join(parts[:i]) for i in range(1, depth + 1))
-            if recursive or len(parts) == 1:
-                entry: dict[str, object] = {"type": "file", "oid": f.git_oid, "size": f.size}
-                entry["path"] = path
-                if f.sha256:
-                    entry["lfs"] = f.lfs_info("oid")
-                entries[path] = entry
+        for path in paths:
+            f = files[path]
+            entry: dict[str, object] = {"type": "file", "oid": f.git_oid, "size": f.size, "path": path}
+            if f.sha256:
+                entry["lfs"] = f.lfs_info("oid")
+            entries[path] = entry
         if base and not entries and not dirs:
             raise _HubError(404, f"{base!a} not found", "EntryNotFound", X_Repo_Commit=commit)
-        for d in dirs:
-            listing = "".join(f"{p}\0{f.git_oid}\n" for p, f in files.items() if p.startswith(d + "/"))
-            oid = hashlib.sha1(listing.encode()).hexdigest()
+        for d, oid in dirs.items():
             entries[d] = {"type": "directory", "oid": oid, "size": 0, "path": d}
         ordered = [entries[p] for p in sorted(entries)]
         try:
@@ -441,9 +434,13 @@ class HubEmulator:
         if repo.gated:
             auth = request.headers.get("Authorization", "")
             if not auth.startswith("Bearer "):
-                raise _HubError(401, f"Access to model {repo_id} is restricted. You must be authenticated.", "GatedRepo")
+                raise _HubError(
+                    401, f"Access to model {repo_id} is restricted. You must be authenticated.", "GatedRepo"
+                )
             if self.token is None or auth[7:] != self.token:
-                raise _HubError(403, f"Access to model {repo_id} is restricted and you are not in the authorized list.", "GatedRepo")
+                raise _HubError(
+                    403, f"Access to model {repo_id} is restricted and you are not in the authorized list.", "GatedRepo"
+                )
         commit, parts = self._split_revision(repo, rest)
         path = "/".join(parts)
         if not parts or any(p in ("", ".", "..") or "\\" in p for p in path.split("/")):
