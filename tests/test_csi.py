@@ -20,7 +20,7 @@ import grpc
 import pytest
 from conftest import BIG, SMALL, sha256_file
 
-from nodecache.csi import mounts
+from nodecache import mounts
 from nodecache.csi.driver import parse_endpoint
 from nodecache.csi.proto import load
 from nodecache.testing.hub import Fault

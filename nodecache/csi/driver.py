@@ -31,9 +31,8 @@ from pathlib import Path
 
 import grpc
 
-from .. import __version__
+from .. import __version__, mounts
 from ..layout import InvalidName, parse_repo_spec, repo_folder_name
-from . import mounts
 from .proto import load
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Bind mounts via libc (ctypes) and /proc/self/mountinfo parsing.
+"""Mounts via libc (ctypes) and /proc/self/mountinfo parsing: the FUSE mount and CSI binds.
 
 Every decision about what is mounted where comes from mountinfo text, never
 from stat/ismount on the target: a bind of a dead FUSE connection answers
@@ -101,6 +101,10 @@ def _check(rc: int, what: str, path: str) -> None:
     if rc != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"{what}: {os.strerror(e)}", path)
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    _check(_libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()), "mount", target)
 
 
 def bind_readonly(source: str, target: str) -> None:
