@@ -10,7 +10,7 @@
 
 ARG PYTHON=python:3.11-slim-bookworm
 
-# --- build: the exact install CI runs (.ci/setup), into a venv; builds pyfuse3 against libfuse3 ---
+# --- build: the exact install CI runs (.ci/setup), into a venv ---
 FROM ${PYTHON} AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PATH=/opt/venv/bin:$PATH
@@ -22,7 +22,7 @@ RUN NODECACHE_SETUP=image bash .ci/setup \
     && nodecache --help >/dev/null \
     && python3 -c "import nodecache.csi.driver"
 
-# --- runtime: fuse3 (fusermount3, libfuse3.so.3) + the venv + the source the editable install points at ---
+# --- runtime: fuse3 (fusermount3, to detach a stale mount) + the venv + the source the editable install points at ---
 FROM ${PYTHON}
 # hadolint ignore=DL3008
 RUN apt-get update \

@@ -64,6 +64,7 @@ def _cfg(args: argparse.Namespace) -> config_mod.Config:
             "listen": getattr(args, "listen", None),
             "read_timeout": getattr(args, "read_timeout", None),
             "fill_on_open": False if getattr(args, "no_fill_on_open", False) else None,
+            "passthrough": False if getattr(args, "no_passthrough", False) else None,
         },
         file=Path(args.config) if getattr(args, "config", None) else None,
     )
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", help="HOST:PORT for /healthz /readyz /metrics /v1 (default 127.0.0.1:8470)")
     s.add_argument("--read-timeout", type=float, help="seconds a read may wait for its bytes before EIO")
     s.add_argument("--no-fill-on-open", action="store_true", help="fetch only what is read (plus read-ahead)")
+    s.add_argument(
+        "--no-passthrough", action="store_true", help="serve every read from the daemon (no FUSE passthrough)"
+    )
     s.add_argument("--admin-token-file", help="file with the admin token that mutating /v1 calls must present")
     s.set_defaults(fn=cmd_serve)
 

@@ -37,6 +37,7 @@ class Config:
     retry_base: float = 0.2  # first retry backoff; doubles, jittered, capped at 5 s
     fsync: bool = True  # fdatasync a chunk before marking it present
     bdi_read_ahead_kb: int = 16384  # written to the mount's bdi after FUSE_INIT
+    passthrough: bool = True  # complete blobs are read by the kernel from the store file (Linux >= 6.9)
     ref_ttl: float = 600.0  # re-resolve branch refs after this many seconds
     disk_max: int = 0  # byte quota of the disk tier (<cache_dir>/blobs); 0: the filesystem's size
     shm_dir: Path | None = None  # optional shared-memory tier, e.g. /dev/shm/nodecache

@@ -1,7 +1,7 @@
 """Wires index, store, upstream, fill, FUSE and HTTP on one asyncio loop.
 
 Shutdown order matters: readers still waiting for bytes are woken with EIO
-first, then pyfuse3 stops, then the mount goes. Without a SIGTERM handler
+first, then the FUSE session stops, then the mount goes. Without a SIGTERM handler
 the mount would be left stale (ENOTCONN) for every pod bound to it.
 """
 
@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import aiohttp
-import pyfuse3
-import pyfuse3.asyncio
 from aiohttp import web
 
 from . import layout
 from .config import Config
 from .fill import Filler
 from .fusefs import NodecacheFS, find_mount, set_read_ahead
+from .fusesession import Session
 from .index import BlobRecord, Index
 from .jobs import Job, Jobs
 from .labels import NodeLabeler, label_key
@@ -58,7 +57,6 @@ class Daemon:
         self.ready = False
         self._stop = asyncio.Event()
         self.fs: NodecacheFS | None = None
-        self._mounted = False
         self._not_found: dict[str, float] = {}  # on-demand lookups that failed, until when
 
     async def open(self) -> None:
@@ -233,6 +231,7 @@ class Daemon:
             "version": __version__,
             "ready": self.ready,
             "mount": str(self.cfg.mount) if self.cfg.mount else None,
+            "passthrough": bool(self.fs and self.fs.passthrough and self.ready),
             "tiers": [
                 {"name": t.name, "path": str(t.root), "used": t.used, "capacity": t.capacity(), "fs_free": t.fs_free()}
                 for t in self.store.tiers.values()
@@ -385,8 +384,6 @@ class Daemon:
                 if task is not None:
                     task.cancel()
             await self.close()
-            if self._mounted:
-                pyfuse3.close(unmount=True)
             if runner is not None:
                 await runner.cleanup()
 
@@ -395,37 +392,34 @@ class Daemon:
         mountpoint.mkdir(parents=True, exist_ok=True)
         mountpoint = mountpoint.resolve()  # now, before mounting: later it would stat our own mount
         self.fs = NodecacheFS(layout.build_root(self.index.views()), self.filler, self.metrics, self.cfg.fill_on_open)
+        self.fs.passthrough = self.cfg.passthrough
         if self.cfg.on_demand:
             self.fs.on_demand = self.resolve_on_demand
-        options = set(pyfuse3.default_options) | {"fsname=nodecache", "ro", "allow_other", "default_permissions"}
+        session = Session(self.fs, mountpoint, passthrough=self.cfg.passthrough)
         try:
-            pyfuse3.init(self.fs, str(mountpoint), options)
-        except RuntimeError as e:  # e.g. no /dev/fuse, not root, mountpoint busy: one clear line
-            raise OSError(f"cannot mount FUSE at {mountpoint}: {e}") from None
-        self._mounted = True
-        main = asyncio.get_running_loop().create_task(pyfuse3.main(min_tasks=4, max_tasks=64))
+            session.mount()
+        except OSError as e:  # e.g. no /dev/fuse, not root, mountpoint busy: one clear line
+            raise OSError(f"cannot mount FUSE at {mountpoint}: {e.strerror or e}") from None
+        main = asyncio.get_running_loop().create_task(session.serve())
         try:
-            await asyncio.wait([main, asyncio.ensure_future(self.fs.initialized.wait())], return_when="FIRST_COMPLETED")
-            if self.fs.initialized.is_set():
+            await asyncio.wait([main, asyncio.ensure_future(session.initialized.wait())], return_when="FIRST_COMPLETED")
+            if session.initialized.is_set():
+                self.fs.passthrough = session.passthrough
                 await asyncio.sleep(0.05)  # the INIT reply resets read_ahead_kb: write after it
                 if not set_read_ahead(mountpoint, self.cfg.bdi_read_ahead_kb):
                     log.warning("could not raise read_ahead_kb; reads stay at 128 KiB")
                 self.ready = True
-                log.info("mounted at %s", mountpoint)
+                log.info("mounted at %s (passthrough %s)", mountpoint, "on" if session.passthrough else "off")
             stop = asyncio.ensure_future(self._stop.wait())
             await asyncio.wait([main, stop], return_when="FIRST_COMPLETED")
             stop.cancel()
-            if not main.done():
-                self.ready = False
-                await self.filler.close()  # wake every waiting reader with EIO
-                pyfuse3.terminate()
+            self.ready = False
+            await self.filler.close()  # wake every waiting reader with EIO
+        finally:
+            session.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await main
-        finally:
-            if not main.done():
-                main.cancel()
 
 
 def run(cfg: Config) -> None:
-    pyfuse3.asyncio.enable()
     asyncio.run(Daemon(cfg).run())

@@ -1,13 +1,16 @@
 """The FUSE face: a read-only HF hub cache tree, bytes through the one fill path.
 
-pyfuse3 runs on the daemon's asyncio loop. Every handler is wrapped so that
-any failure becomes an errno: a handler that raises anything but FUSEError
-leaves the kernel request unanswered and the reader hung forever.
+Handlers run on the daemon's asyncio loop (`fusesession` calls them). Every
+handler is wrapped so that any failure becomes a counted errno.
+
+A blob that is complete and verified is opened in passthrough mode where the
+kernel allows it: reads then go straight to the store file, so a cached model
+loads at local-disk speed with one page-cache copy and the daemon idle. A blob
+still filling is served by `read()` through the fill path, with keep_cache.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
 import logging
@@ -16,9 +19,9 @@ import stat
 import time
 from pathlib import Path
 
-import pyfuse3
-
 from .fill import Filler, FillError
+from .fuseproto import ENOATTR, Attr
+from .fusesession import FuseError, Opened
 from .layout import MAX_NAME, InvalidName, Node
 from .metrics import Metrics
 
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 XATTR_CACHED = b"user.nodecache.cached"
 _LONG = 300.0  # blobs and snapshots never change under a name
 _SHORT = 1.0  # refs/ and repo listings do
+ROOT_INODE = 1
 
 
 def _guard(op: str):
@@ -38,39 +42,40 @@ def _guard(op: str):
             self.metrics.fuse_requests.labels(op).inc()
             try:
                 return await fn(self, *args)
-            except pyfuse3.FUSEError as e:
+            except FuseError as e:
                 if e.errno != errno.ENOENT:
                     self.metrics.fuse_errors.labels(errno.errorcode.get(e.errno, str(e.errno))).inc()
                 raise
             except (InvalidName, KeyError, UnicodeDecodeError):
-                raise pyfuse3.FUSEError(errno.ENOENT) from None
+                raise FuseError(errno.ENOENT) from None
             except FillError as e:
                 log.error("%s: %s", op, e)
                 self.metrics.fuse_errors.labels(errno.errorcode.get(e.errno, "EIO")).inc()
-                raise pyfuse3.FUSEError(e.errno) from None
+                raise FuseError(e.errno) from None
             except Exception:
                 log.exception("%s%r failed", op, args[:2])
                 self.metrics.fuse_errors.labels("EIO").inc()
-                raise pyfuse3.FUSEError(errno.EIO) from None
+                raise FuseError(errno.EIO) from None
 
         return handler
 
     return wrap
 
 
-class NodecacheFS(pyfuse3.Operations):
+class NodecacheFS:
     """Inodes are assigned per path on first lookup and stay stable across tree swaps."""
 
     def __init__(self, root: Node, filler: Filler, metrics: Metrics, fill_on_open: bool = True):
-        super().__init__()
         self.filler = filler
         self.metrics = metrics
         self.fill_on_open = fill_on_open
-        self.initialized = asyncio.Event()
+        self.passthrough = True  # hand complete blobs to the kernel; the session drops it if refused
         self._time_ns = time.time_ns()
-        self._ino_of: dict[str, int] = {"": pyfuse3.ROOT_INODE}
-        self._path_of: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
-        self._handles: dict[int, Node] = {}
+        self._ino_of: dict[str, int] = {"": ROOT_INODE}
+        self._path_of: dict[int, str] = {ROOT_INODE: ""}
+        self._handles: dict[int, tuple[int, Node, bool]] = {}  # fh -> inode, node, passthrough?
+        # The kernel refuses (EIO) to mix passthrough and cached opens of one inode.
+        self._open_mode: dict[int, tuple[bool, int]] = {}  # inode -> (passthrough?, open count)
         self._next_fh = 1
         self.root = root
         self.on_demand = None  # async (folder name) -> bool: resolve an unknown repo upstream
@@ -79,109 +84,90 @@ class NodecacheFS(pyfuse3.Operations):
         """Swap in a rebuilt tree (new refs or snapshots); inodes keep their paths."""
         self.root = root
 
-    def init(self) -> None:
-        # Called by pyfuse3 while answering FUSE_INIT; the reply goes out after we return.
-        asyncio.get_running_loop().call_soon(self.initialized.set)
-
     # tree helpers ------------------------------------------------------------
 
     def _node(self, ino: int) -> tuple[str, Node]:
         path = self._path_of.get(ino)
         if path is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FuseError(errno.ENOENT)
         node = self.root
         for part in path.split("/") if path else ():
             node = node.children.get(part)
             if node is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                raise FuseError(errno.ENOENT)
         return path, node
 
     def _ino(self, path: str) -> int:
         ino = self._ino_of.get(path)
         if ino is None:
-            ino = self._ino_of[path] = len(self._ino_of) + pyfuse3.ROOT_INODE
+            ino = self._ino_of[path] = len(self._ino_of) + ROOT_INODE
             self._path_of[ino] = path
         return ino
 
-    def _attr(self, path: str, node: Node) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = self._ino(path)
-        a.generation = 0
+    def _attr(self, path: str, node: Node) -> Attr:
         short = "/refs" in path or path.count("/") <= 1
-        a.entry_timeout = a.attr_timeout = _SHORT if short else _LONG
+        a = Attr(self._ino(path), stat.S_IFREG | 0o444, timeout=_SHORT if short else _LONG, time_ns=self._time_ns)
         if node.kind == "dir":
-            a.st_mode, a.st_nlink = stat.S_IFDIR | 0o555, 2
+            a.mode, a.nlink = stat.S_IFDIR | 0o555, 2
         elif node.kind == "symlink":
-            a.st_mode, a.st_nlink, a.st_size = stat.S_IFLNK | 0o777, 1, len(node.target)
+            a.mode, a.size = stat.S_IFLNK | 0o777, len(node.target)
         else:
-            a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o444, 1, node.size
-        a.st_uid = a.st_gid = 0
-        a.st_blksize = 1 << 20
-        a.st_blocks = -(-a.st_size // 512)
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._time_ns
+            a.size = node.size
         return a
 
     # metadata ------------------------------------------------------------------
 
     @_guard("lookup")
-    async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: int, name: bytes) -> Attr:
         path, parent = self._node(parent_inode)
         text = name.decode("utf-8", "strict")
         if text in (".", "..") or "/" in text or len(name) > MAX_NAME or parent.kind != "dir":
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FuseError(errno.ENOENT)
         node = parent.children.get(text)
         if node is None and path == "hub" and self.on_demand is not None and await self.on_demand(text):
             node = self.root.children["hub"].children.get(text)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FuseError(errno.ENOENT)
         child = f"{path}/{text}" if path else text
         return self._attr(child, node)
 
     @_guard("getattr")
-    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: int) -> Attr:
         return self._attr(*self._node(inode))
 
     @_guard("readlink")
-    async def readlink(self, inode: int, ctx=None) -> bytes:
+    async def readlink(self, inode: int) -> bytes:
         _, node = self._node(inode)
         if node.kind != "symlink":
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FuseError(errno.EINVAL)
         return node.target.encode()
 
     @_guard("opendir")
-    async def opendir(self, inode: int, ctx=None) -> int:
+    async def opendir(self, inode: int) -> int:
         _, node = self._node(inode)
         if node.kind != "dir":
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise FuseError(errno.ENOTDIR)
         return inode
 
     @_guard("readdir")
-    async def readdir(self, fh: int, start_id: int, token) -> None:
+    async def readdir(self, fh: int, start: int) -> list[tuple[bytes, Attr]]:
+        """Entries from index `start` on; the session packs as many as fit."""
         path, node = self._node(fh)
-        names = sorted(node.children)
-        for i in range(start_id, len(names)):
-            name = names[i]
-            child = f"{path}/{name}" if path else name
-            if not pyfuse3.readdir_reply(token, name.encode(), self._attr(child, node.children[name]), i + 1):
-                break
+        names = sorted(node.children)[start:]
+        return [(n.encode(), self._attr(f"{path}/{n}" if path else n, node.children[n])) for n in names]
 
     async def releasedir(self, fh: int) -> None:
         return None
 
     @_guard("statfs")
-    async def statfs(self, ctx=None) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = s.f_bfree = s.f_bavail = 0
-        s.f_files = len(self._ino_of)
-        s.f_ffree = s.f_favail = 0
-        s.f_namemax = MAX_NAME
-        return s
+    async def statfs(self) -> tuple[int, int]:
+        """(files, longest name): a cache has no free space to report."""
+        return len(self._ino_of), MAX_NAME
 
     @_guard("getxattr")
-    async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
+    async def getxattr(self, inode: int, name: bytes) -> bytes:
         if name != XATTR_CACHED:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise FuseError(ENOATTR)
         _, node = self._node(inode)
         blobs = {b: self.filler.record(b).size for b in _blob_ids(node)}
         total = sum(blobs.values())
@@ -189,31 +175,51 @@ class NodecacheFS(pyfuse3.Operations):
         return f"{(done / total) if total else 1.0:.6f}".encode()
 
     @_guard("listxattr")
-    async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
+    async def listxattr(self, inode: int) -> list[bytes]:
         return [XATTR_CACHED]
 
     # data -----------------------------------------------------------------------
 
     @_guard("open")
-    async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int) -> Opened:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise FuseError(errno.EROFS)
         _, node = self._node(inode)
         if node.kind not in ("blob", "static"):
-            raise pyfuse3.FUSEError(errno.EISDIR if node.kind == "dir" else errno.EINVAL)
+            raise FuseError(errno.EISDIR if node.kind == "dir" else errno.EINVAL)
+        backing_fd = self._backing_fd(inode, node)
+        passthrough = backing_fd is not None
+        mode, count = self._open_mode.get(inode, (passthrough, 0))
+        self._open_mode[inode] = (mode, count + 1)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = node
+        self._handles[fh] = (inode, node, passthrough)
         if node.kind == "blob":
             self.filler.hold(node.blob_id)  # an open blob is never evicted
-            if self.fill_on_open:
+            if self.fill_on_open and not passthrough:
                 self.filler.fill_in_background(node.blob_id)
+        self.metrics.fuse_opens.labels("passthrough" if passthrough else "served").inc()
         # Content is immutable: let the kernel keep its page cache across opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=node.kind == "blob", direct_io=False)
+        return Opened(fh, keep_cache=node.kind == "blob", backing_fd=backing_fd)
+
+    def _backing_fd(self, inode: int, node: Node) -> int | None:
+        """The store file of a complete, verified blob, if this open may pass through to it."""
+        if not self.passthrough or node.kind != "blob":
+            return None
+        mode, count = self._open_mode.get(inode, (True, 0))
+        if count and not mode:
+            return None  # cached opens are live: this one must be cached too
+        if self.filler.record(node.blob_id).state != "complete":
+            return None
+        try:
+            return os.open(self.filler.store.path(node.blob_id), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("cannot open blob %s for passthrough: %s", node.blob_id, e)
+            return None
 
     @_guard("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        node = self._handles[fh]
+        _, node, _ = self._handles[fh]
         if node.kind == "static":
             return node.data[off : off + size]
         t0 = time.perf_counter()
@@ -222,8 +228,14 @@ class NodecacheFS(pyfuse3.Operations):
         return data
 
     async def release(self, fh: int) -> None:
-        node = self._handles.pop(fh, None)
-        if node is not None and node.kind == "blob":
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        inode, node, _ = handle
+        mode, count = self._open_mode.pop(inode, (False, 1))
+        if count > 1:
+            self._open_mode[inode] = (mode, count - 1)
+        if node.kind == "blob":
             self.filler.release(node.blob_id)
 
 

@@ -18,6 +18,12 @@ class Metrics:
         self.fuse_errors = Counter(
             p + "fuse_errors", "FUSE requests answered with an error, by errno name.", ["errno"], registry=r
         )
+        self.fuse_opens = Counter(
+            p + "fuse_opens",
+            "File opens: passthrough (the kernel reads the store file) or served (reads come to the daemon).",
+            ["mode"],
+            registry=r,
+        )
         self.fuse_read_seconds = Histogram(
             p + "fuse_read_seconds",
             "Latency of FUSE read requests.",

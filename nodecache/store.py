@@ -337,7 +337,7 @@ class Store:
             if e.errno not in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EWOULDBLOCK):
                 raise
         if got == size:
-            return buf  # pyfuse3 and aiohttp take any buffer: no extra 1 MiB copy
+            return buf  # the FUSE session and aiohttp take any buffer: no extra 1 MiB copy
         rest = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, size - got, offset + got)
         data = bytes(buf[:got]) + rest
         if len(data) != size:

@@ -154,18 +154,17 @@ def test_lookup_handler_refuses_dot_dot_and_long_names():
     """The kernel resolves `..` itself; the handler must refuse it anyway (NFS export, bugs)."""
     import asyncio
 
-    import pyfuse3
-
     from nodecache import layout
-    from nodecache.fusefs import NodecacheFS
+    from nodecache.fusefs import ROOT_INODE, NodecacheFS
+    from nodecache.fusesession import FuseError
     from nodecache.metrics import Metrics
 
     fs = NodecacheFS(layout.build_root([]), filler=None, metrics=Metrics())
 
     async def lookup(name: bytes) -> int:
         try:
-            await fs.lookup(pyfuse3.ROOT_INODE, name)
-        except pyfuse3.FUSEError as e:
+            await fs.lookup(ROOT_INODE, name)
+        except FuseError as e:
             return e.errno
         return 0
 

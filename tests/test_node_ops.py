@@ -224,7 +224,7 @@ def test_cli_against_a_live_daemon_and_pins_survive_restart(hub, daemons, big_re
 
 
 def test_metrics_move_with_local_and_upstream_reads(hub, daemons, small_repo):
-    d = daemons(repos=(SMALL,))
+    d = daemons(repos=(SMALL,), env={"NODECACHE_PASSTHROUGH": "false"})  # reads of a complete blob reach us
 
     def samples() -> dict:
         out = {}

@@ -1,0 +1,264 @@
+"""One FUSE connection on the asyncio loop: mount, read requests, answer them, unmount.
+
+The kernel hands us one request per read of /dev/fuse; each becomes a task, so
+a read waiting on upstream never holds up a lookup. Every task ends in exactly
+one reply (a handler exception becomes EIO): an unanswered request hangs its
+caller forever. Filesystem logic lives in `fusefs`; this module only moves
+bytes between the kernel and those handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from . import fuseproto as p
+from . import mounts
+
+log = logging.getLogger(__name__)
+
+_BUF = (1 << 20) + 4096  # the kernel insists on room for max_write plus headers; be generous
+FSTYPE = "fuse.nodecache"
+
+
+class FuseError(Exception):
+    """Raised by a handler to answer with this errno."""
+
+    def __init__(self, errno_: int):
+        super().__init__(os.strerror(errno_))
+        self.errno = errno_
+
+
+@dataclass
+class Opened:
+    """A handler's answer to open(): our handle, and how the kernel should read it."""
+
+    fh: int
+    keep_cache: bool = False
+    backing_fd: int | None = None  # a file to hand to the kernel (passthrough) instead of serving reads
+
+
+class Operations(Protocol):
+    async def lookup(self, parent: int, name: bytes) -> p.Attr: ...
+    async def getattr(self, ino: int) -> p.Attr: ...
+    async def readlink(self, ino: int) -> bytes: ...
+    async def opendir(self, ino: int) -> int: ...
+    async def readdir(self, fh: int, start: int) -> list[tuple[bytes, p.Attr]]: ...
+    async def releasedir(self, fh: int) -> None: ...
+    async def statfs(self) -> tuple[int, int]: ...
+    async def getxattr(self, ino: int, name: bytes) -> bytes: ...
+    async def listxattr(self, ino: int) -> list[bytes]: ...
+    async def open(self, ino: int, flags: int) -> Opened: ...
+    async def read(self, fh: int, offset: int, size: int) -> bytes: ...
+    async def release(self, fh: int) -> None: ...
+
+
+class Session:
+    """A mounted FUSE filesystem served by `ops`. `serve()` returns once it is unmounted or closed."""
+
+    def __init__(self, ops: Operations, mountpoint: Path, fsname: str = "nodecache", passthrough: bool = True):
+        self.ops = ops
+        self.mountpoint = mountpoint
+        self.fsname = fsname
+        self.want = p.ASYNC_READ | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.PARALLEL_DIROPS | p.MAX_PAGES
+        self.want |= p.CACHE_SYMLINKS | (p.PASSTHROUGH if passthrough else 0)
+        self.agreed = 0
+        self.initialized = asyncio.Event()
+        self._fd = -1
+        self._done: asyncio.Future | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._backing: dict[int, int] = {}  # fh -> backing id registered for it
+        self._buf = bytearray(_BUF)
+
+    @property
+    def passthrough(self) -> bool:
+        return bool(self.agreed & p.PASSTHROUGH)
+
+    def mount(self) -> None:
+        """Open /dev/fuse and mount it read-only at `mountpoint` (needs CAP_SYS_ADMIN)."""
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,max_read={1 << 20}"
+        try:
+            mounts.mount(
+                self.fsname, str(self.mountpoint), FSTYPE, mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV, opts
+            )
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        loop.add_reader(self._fd, self._on_readable)
+        try:
+            await self._done
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+
+    def close(self) -> None:
+        """Unmount (lazily: open files elsewhere do not block us) and drop the connection."""
+        if self._fd < 0:
+            return
+        asyncio.get_running_loop().remove_reader(self._fd)
+        try:
+            mounts.unmount(str(self.mountpoint))
+        except OSError as e:
+            log.warning("unmount %s: %s", self.mountpoint, e)
+        os.close(self._fd)
+        self._fd = -1
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    # reading requests ------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        for _ in range(64):  # then let the loop breathe
+            try:
+                n = os.readv(self._fd, [self._buf])
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:  # the request was interrupted before we read it
+                    continue
+                if e.errno != errno.ENODEV:  # ENODEV: unmounted
+                    log.error("reading /dev/fuse: %s", e)
+                self._finish()
+                return
+            try:
+                req = p.parse_request(memoryview(self._buf)[:n])
+            except p.ProtocolError as e:
+                log.error("bad request from the kernel: %s", e)
+                continue
+            if req.opcode in p.NO_REPLY:
+                continue  # inodes live as long as their path; interrupts are not honoured
+            task = asyncio.get_running_loop().create_task(self._handle(req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, req: p.Request) -> None:
+        try:
+            payload = await self._dispatch(req)
+        except FuseError as e:
+            self._reply(req.unique, e.errno)
+        except asyncio.CancelledError:
+            self._reply(req.unique, errno.EINTR)
+            raise
+        except Exception:
+            log.exception("FUSE opcode %d failed", req.opcode)
+            self._reply(req.unique, errno.EIO)
+        else:
+            self._reply(req.unique, 0, payload)
+
+    def _reply(self, unique: int, error: int, payload: bytes | memoryview | list = b"") -> None:
+        parts = payload if isinstance(payload, list) else [payload]
+        size = sum(len(x) for x in parts)
+        try:
+            os.writev(self._fd, [p.out_header(unique, error, size), *parts])
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):  # interrupted, or gone
+                log.error("replying to FUSE request %d: %s", unique, e)
+
+    # dispatch -----------------------------------------------------------------------
+
+    async def _dispatch(self, req: p.Request):
+        op, body, ops = req.opcode, req.body, self.ops
+        if op == p.INIT:
+            reply = p.init_reply(body, self.want)
+            self.agreed = reply.flags
+            asyncio.get_running_loop().call_soon(self.initialized.set)  # after the reply is written
+            log.info("FUSE 7.%d, passthrough %s", reply.minor, "on" if reply.passthrough else "off")
+            return reply.payload
+        if op == p.LOOKUP:
+            return p.entry_out(await ops.lookup(req.nodeid, p.name_arg(body)))
+        if op == p.GETATTR:
+            return p.attr_out(await ops.getattr(req.nodeid))
+        if op == p.READLINK:
+            return await ops.readlink(req.nodeid)
+        if op == p.OPEN:
+            flags, _ = p.OPEN_IN.unpack_from(body)
+            return await self._open(req.nodeid, flags)
+        if op == p.READ:
+            fh, offset, size = p.READ_IN.unpack_from(body)
+            return await ops.read(fh, offset, size)
+        if op == p.RELEASE:
+            (fh,) = p.RELEASE_IN.unpack_from(body)
+            self._drop_backing(fh)
+            await ops.release(fh)
+            return b""
+        if op == p.OPENDIR:
+            return p.open_out(await ops.opendir(req.nodeid))
+        if op in (p.READDIR, p.READDIRPLUS):
+            fh, offset, size = p.READ_IN.unpack_from(body)
+            return self._dirents(await ops.readdir(fh, offset), offset, size, op == p.READDIRPLUS)
+        if op == p.RELEASEDIR:
+            (fh,) = p.RELEASE_IN.unpack_from(body)
+            await ops.releasedir(fh)
+            return b""
+        if op == p.STATFS:
+            return p.statfs_out(*await ops.statfs())
+        if op == p.GETXATTR:
+            size, _ = p.GETXATTR_IN.unpack_from(body)
+            return _sized(await ops.getxattr(req.nodeid, p.name_arg(body[p.GETXATTR_IN.size :])), size)
+        if op == p.LISTXATTR:
+            size, _ = p.GETXATTR_IN.unpack_from(body)
+            return _sized(b"".join(n + b"\0" for n in await ops.listxattr(req.nodeid)), size)
+        if op == p.DESTROY:
+            return b""
+        raise FuseError(errno.EROFS if op in p.WRITES else errno.ENOSYS)
+
+    async def _open(self, ino: int, flags: int) -> bytes:
+        opened = await self.ops.open(ino, flags)
+        if opened.backing_fd is None or not self.passthrough:
+            return p.open_out(opened.fh, p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
+        try:
+            backing_id = fcntl.ioctl(self._fd, p.BACKING_OPEN, bytearray(p.BACKING_MAP.pack(opened.backing_fd, 0, 0)))
+        except OSError as e:
+            log.warning("passthrough refused (%s); serving reads ourselves from now on", e)
+            self.agreed &= ~p.PASSTHROUGH
+            return p.open_out(opened.fh, p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
+        finally:
+            os.close(opened.backing_fd)  # the kernel holds its own reference now
+        # The kernel looks the id up after our reply, in the opener's context: keep it until release.
+        self._backing[opened.fh] = backing_id
+        return p.open_out(opened.fh, p.FOPEN_PASSTHROUGH, backing_id)
+
+    def _drop_backing(self, fh: int) -> None:
+        backing_id = self._backing.pop(fh, None)
+        if backing_id is not None:
+            try:
+                fcntl.ioctl(self._fd, p.BACKING_CLOSE, bytearray(backing_id.to_bytes(4, "little")))
+            except OSError as e:
+                log.warning("closing backing id %d: %s", backing_id, e)
+
+    @staticmethod
+    def _dirents(entries: list[tuple[bytes, p.Attr]], offset: int, size: int, plus: bool) -> bytes:
+        out, used = [], 0
+        for i, (name, attr) in enumerate(entries, start=offset + 1):
+            rec = p.dirent(name, attr, i, plus)
+            if used + len(rec) > size:
+                break
+            out.append(rec)
+            used += len(rec)
+        return b"".join(out)
+
+
+def _sized(value: bytes, size: int) -> bytes:
+    """xattr replies: size 0 asks for the length only; too small a buffer is ERANGE."""
+    if size == 0:
+        return p.GETXATTR_OUT.pack(len(value), 0)
+    if len(value) > size:
+        raise FuseError(errno.ERANGE)
+    return value

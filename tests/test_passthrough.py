@@ -1,0 +1,93 @@
+"""FUSE passthrough: complete blobs are read by the kernel straight from the store file."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir
+from prometheus_client.parser import text_string_to_metric_families
+from safetensors.numpy import load_file
+
+NO_PASSTHROUGH = "this kernel refused FUSE passthrough (needs Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH, as root)"
+
+
+def status(d) -> dict:
+    with urllib.request.urlopen(d.url + "/v1/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def counter(d, name: str, **labels: str) -> float:
+    for fam in text_string_to_metric_families(d.metrics()):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def wait_complete(d, n: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while status(d)["blobs"].get("complete", 0) < n:
+        assert time.monotonic() < deadline, f"blobs never completed: {status(d)['blobs']}"
+        time.sleep(0.05)
+
+
+def opens(d, mode: str) -> float:
+    return counter(d, "nodecache_fuse_opens_total", mode=mode)
+
+
+def fuse_reads(d) -> float:
+    return counter(d, "nodecache_fuse_requests_total", op="read")
+
+
+def test_complete_blob_is_read_by_the_kernel(hub, daemons, small_repo):
+    d = daemons(repos=(SMALL,))
+    if not status(d)["passthrough"]:
+        pytest.skip(NO_PASSTHROUGH)
+    snap = snapshot_dir(d, SMALL, hub.commits[SMALL])
+    path = snap / "model.safetensors"
+    assert sha256_file(path) == sha256_file(small_repo / "model.safetensors")  # first open: served, fills
+    wait_complete(d, 1)
+    before_opens, before_reads = opens(d, "passthrough"), fuse_reads(d)
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert sha256_file(path) == sha256_file(small_repo / "model.safetensors")
+    want = load_file(str(small_repo / "model.safetensors"))
+    got = load_file(str(path))  # mmap of a passthrough file
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert opens(d, "passthrough") >= before_opens + 2
+    assert fuse_reads(d) == before_reads, "the daemon served reads of a passthrough file"
+
+
+def test_open_while_filling_stays_cached_until_closed(hub, daemons, big_repo):
+    """The kernel refuses (EIO) to mix modes on one inode: new opens follow the live ones."""
+    d = daemons(repos=(BIG,))
+    if not status(d)["passthrough"]:
+        pytest.skip(NO_PASSTHROUGH)
+    path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
+    want = sha256_file(big_repo / "weights.bin")
+    with open(path, "rb") as first:
+        assert len(first.read(MiB)) == MiB  # served; the whole blob fills in the background
+        wait_complete(d, 1)
+        served = opens(d, "served")
+        assert sha256_file(path) == want  # a second open while the first is live
+        assert opens(d, "served") == served + 1
+        first.seek(0)
+        assert len(first.read()) == 72 * MiB
+    passthrough = opens(d, "passthrough")
+    assert sha256_file(path) == want
+    assert opens(d, "passthrough") == passthrough + 1
+
+
+def test_passthrough_can_be_turned_off(hub, daemons, small_repo):
+    d = daemons(repos=(SMALL,), env={"NODECACHE_PASSTHROUGH": "false"})
+    assert status(d)["passthrough"] is False
+    path = snapshot_dir(d, SMALL, hub.commits[SMALL]) / "config.json"
+    assert path.read_bytes() == (small_repo / "config.json").read_bytes()
+    wait_complete(d, 1)
+    assert path.read_bytes() == (small_repo / "config.json").read_bytes()
+    assert opens(d, "passthrough") == 0 and opens(d, "served") == 2
