@@ -73,7 +73,8 @@ class Session:
         self._fd = -1
         self._done: asyncio.Future | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._backing: dict[int, int] = {}  # fh -> backing id registered for it
+        self._backing: dict[int, tuple[int, int]] = {}  # inode -> (backing id, passthrough opens)
+        self._fh_ino: dict[int, int] = {}  # passthrough handle -> its inode
         self._buf = bytearray(_BUF)
 
     @property
@@ -221,27 +222,48 @@ class Session:
 
     async def _open(self, ino: int, flags: int) -> bytes:
         opened = await self.ops.open(ino, flags)
-        if opened.backing_fd is None or not self.passthrough:
-            return p.open_out(opened.fh, p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
+        plain = p.open_out(opened.fh, p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
+        if opened.backing_fd is None:
+            return plain
         try:
-            backing_id = fcntl.ioctl(self._fd, p.BACKING_OPEN, bytearray(p.BACKING_MAP.pack(opened.backing_fd, 0, 0)))
+            backing_id = self._backing_id(ino, opened.backing_fd)
+        finally:
+            os.close(opened.backing_fd)  # the kernel holds its own reference
+        if backing_id is None:
+            return plain
+        self._fh_ino[opened.fh] = ino
+        return p.open_out(opened.fh, p.FOPEN_PASSTHROUGH, backing_id)
+
+    def _backing_id(self, ino: int, fd: int) -> int | None:
+        """One backing id per inode while it has passthrough opens: the kernel refuses two."""
+        held = self._backing.get(ino)
+        if held is not None:
+            self._backing[ino] = (held[0], held[1] + 1)
+            return held[0]
+        if not self.passthrough:
+            return None
+        try:
+            backing_id = fcntl.ioctl(self._fd, p.BACKING_OPEN, bytearray(p.BACKING_MAP.pack(fd, 0, 0)))
         except OSError as e:
             log.warning("passthrough refused (%s); serving reads ourselves from now on", e)
             self.agreed &= ~p.PASSTHROUGH
-            return p.open_out(opened.fh, p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
-        finally:
-            os.close(opened.backing_fd)  # the kernel holds its own reference now
-        # The kernel looks the id up after our reply, in the opener's context: keep it until release.
-        self._backing[opened.fh] = backing_id
-        return p.open_out(opened.fh, p.FOPEN_PASSTHROUGH, backing_id)
+            return None
+        # The kernel looks the id up after our reply, in the opener's context: keep it until the last release.
+        self._backing[ino] = (backing_id, 1)
+        return backing_id
 
     def _drop_backing(self, fh: int) -> None:
-        backing_id = self._backing.pop(fh, None)
-        if backing_id is not None:
-            try:
-                fcntl.ioctl(self._fd, p.BACKING_CLOSE, bytearray(backing_id.to_bytes(4, "little")))
-            except OSError as e:
-                log.warning("closing backing id %d: %s", backing_id, e)
+        ino = self._fh_ino.pop(fh, None)
+        if ino is None:
+            return
+        backing_id, count = self._backing.pop(ino)
+        if count > 1:
+            self._backing[ino] = (backing_id, count - 1)
+            return
+        try:
+            fcntl.ioctl(self._fd, p.BACKING_CLOSE, bytearray(backing_id.to_bytes(4, "little")))
+        except OSError as e:
+            log.warning("closing backing id %d: %s", backing_id, e)
 
     @staticmethod
     def _dirents(entries: list[tuple[bytes, p.Attr]], offset: int, size: int, plus: bool) -> bytes:

@@ -63,6 +63,27 @@ def test_complete_blob_is_read_by_the_kernel(hub, daemons, small_repo):
     assert fuse_reads(d) == before_reads, "the daemon served reads of a passthrough file"
 
 
+def test_many_open_files_share_one_backing_file(hub, daemons, small_repo):
+    """The kernel refuses a second backing file for one inode (EBUSY, seen as EIO by open)."""
+    d = daemons(repos=(SMALL,))
+    if not status(d)["passthrough"]:
+        pytest.skip(NO_PASSTHROUGH)
+    path = snapshot_dir(d, SMALL, hub.commits[SMALL]) / "model.safetensors"
+    want = (small_repo / "model.safetensors").read_bytes()
+    assert path.read_bytes() == want
+    wait_complete(d, 1)
+    files = [open(path, "rb") for _ in range(8)]
+    try:
+        for i, f in enumerate(files):
+            f.seek(i * 1000)
+            assert f.read(4096) == want[i * 1000 : i * 1000 + 4096]
+    finally:
+        for f in files:
+            f.close()
+    assert opens(d, "passthrough") >= 8
+    assert path.read_bytes() == want  # the backing id was dropped with the last close; a new one works
+
+
 def test_open_while_filling_stays_cached_until_closed(hub, daemons, big_repo):
     """The kernel refuses (EIO) to mix modes on one inode: new opens follow the live ones."""
     d = daemons(repos=(BIG,))
