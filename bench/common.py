@@ -290,6 +290,13 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def http_json(url: str, timeout: float = 5.0) -> dict:
+    status, body = http_get(url, timeout)
+    if status != 200:
+        raise RuntimeError(f"GET {url}: HTTP {status}: {body[:200]!r}")
+    return json.loads(body)
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text -> {'name{labels}': value}; comments dropped."""
     out = {}

@@ -6,12 +6,17 @@ daemon (a child process) fills it completely, then every pass measures, with
 
   raw_cold       the store's blob file, page cache dropped
   page_cache     the same file again, from the page cache (raw warm)
-  fuse_cold      the file through the mount, page cache dropped (store file and FUSE inode)
-  fuse_warm      the mount again: keep_cache keeps the FUSE page cache, the daemon sees no reads
-  fuse_store_warm the mount with only the FUSE inode's pages dropped (fadvise DONTNEED) and the
-                 store file in the page cache: the cost of the FUSE + daemon path alone
+  fuse_cold      the file through the mount, page cache dropped, as users get it:
+                 a complete blob is opened in FUSE passthrough mode where the kernel allows it
+  fuse_warm      the mount again, from the page cache
   raw_parallel8  8 threads, own fd each, disjoint 1/8 slices of the blob file, cold
   fuse_parallel8 the same through the mount, cold
+
+Then the daemon is restarted with NODECACHE_PASSTHROUGH=false over the same
+cache, and the served_* phases repeat the FUSE ones with every read answered
+by the daemon (the path of a blob still filling, and of kernels without
+passthrough); served_store_warm drops only the FUSE inode's pages, so the
+store file is in the page cache: the cost of the FUSE + daemon path alone.
 
 Each is repeated --reps times; the JSON holds the medians, every sample and the
 daemon's own counters (requests, CPU) per phase.
@@ -36,7 +41,8 @@ from common import GiB, MiB  # noqa: E402
 REPO = "bench/fuse-read"
 FILE = "model.safetensors"
 READERS = 8
-PHASES = ("raw_cold", "page_cache", "fuse_cold", "fuse_warm", "fuse_store_warm", "raw_parallel8", "fuse_parallel8")
+PHASES = ("raw_cold", "page_cache", "fuse_cold", "fuse_warm", "raw_parallel8", "fuse_parallel8")
+SERVED = ("served_cold", "served_warm", "served_store_warm", "served_parallel8")
 
 
 def make_repo(root: Path, size: int) -> str:
@@ -80,10 +86,11 @@ def run(args: argparse.Namespace) -> dict:
     size = int(args.size_gib * GiB)
     env = {"NODECACHE_CHUNK_SIZE": str(args.chunk_size)} if args.chunk_size else {}
     chunk_size = args.chunk_size or int(os.environ.get("NODECACHE_CHUNK_SIZE", 8 * MiB))
-    samples: dict[str, list[float]] = {p: [] for p in (*PHASES, "tmpfs_page_cache")}
-    daemon_side: dict[str, list[dict]] = {p: [] for p in PHASES if p.startswith("fuse")}
-    cpu_side: dict[str, list[dict]] = {p: [] for p in PHASES}
+    samples: dict[str, list[float]] = {p: [] for p in (*PHASES, *SERVED, "tmpfs_page_cache")}
+    daemon_side: dict[str, list[dict]] = {p: [] for p in (*PHASES, *SERVED) if not p.startswith(("raw", "page"))}
+    cpu_side: dict[str, list[dict]] = {p: [] for p in (*PHASES, *SERVED)}
     drop_method = ""
+    passthrough = {}
 
     from nodecache.testing.hub import HubEmulator
 
@@ -128,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
                         "machine_cpu_busy": round(cpu.machine_busy, 2),
                     }
                 )
-                if phase.startswith("fuse"):
+                if phase in daemon_side:
                     daemon_side[phase].append(
                         {
                             "requests": probe.requests,
@@ -140,18 +147,28 @@ def run(args: argparse.Namespace) -> dict:
                 if n != size:
                     raise RuntimeError(f"{phase}: read {n} of {size} bytes")
                 samples[phase].append(n / secs / 1e6)
-                print(f"  {phase:<15} {samples[phase][-1]:9,.0f} MB/s  ({secs:.2f} s)", flush=True)
+                print(f"  {phase:<17} {samples[phase][-1]:9,.0f} MB/s  ({secs:.2f} s)", flush=True)
 
+            passthrough["fuse"] = common.http_json(d.url + "/v1/status")["passthrough"]
             for rep in range(args.reps):
-                print(f"pass {rep + 1}/{args.reps}", flush=True)
+                print(f"pass {rep + 1}/{args.reps} (passthrough {'on' if passthrough['fuse'] else 'off'})", flush=True)
                 measure("raw_cold", common.timed_read, blob, drop=True)
                 measure("page_cache", common.timed_read, blob, drop=False)
                 measure("fuse_cold", common.timed_read, fused, drop=True)
                 measure("fuse_warm", common.timed_read, fused, drop=False)
-                measure("fuse_store_warm", common.timed_read, fused, drop="fuse-only")
                 measure("raw_parallel8", common.parallel_read, blob, READERS, drop=True)
                 measure("fuse_parallel8", common.parallel_read, fused, READERS, drop=True)
             final_metrics = d.metrics()
+            d.stop()
+            d = common.Daemon(work, hub.url, [REPO], env={**env, "NODECACHE_PASSTHROUGH": "false"}).start()
+            passthrough["served"] = common.http_json(d.url + "/v1/status")["passthrough"]
+            for rep in range(args.reps):
+                print(f"pass {rep + 1}/{args.reps} (passthrough off: the daemon serves every read)", flush=True)
+                measure("served_cold", common.timed_read, fused, drop=True)
+                measure("served_warm", common.timed_read, fused, drop=False)
+                measure("served_store_warm", common.timed_read, fused, drop="fuse-only")
+                measure("served_parallel8", common.parallel_read, fused, READERS, drop=True)
+            served_metrics = d.metrics()
             shm = Path("/dev/shm") / f"nodecache-bench-{os.getpid()}"
             try:  # reference: a page cache of 4 KiB pages (tmpfs, no huge pages), like the FUSE inode's
                 common.write_random_file(shm, size)
@@ -168,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
             hub.stop()
 
     med = {p: round(common.median(v), 1) for p, v in samples.items()}
-    errors = {k: v for k, v in final_metrics.items() if k.startswith("nodecache_fuse_errors_total")}
+    errors = {k: v for m in (final_metrics, served_metrics) for k, v in m.items() if "fuse_errors_total" in k}
     return {
         "benchmark": "fuse_read",
         "date": common.now_iso(),
@@ -183,6 +200,7 @@ def run(args: argparse.Namespace) -> dict:
         "parallel_mode": "8 threads, own fd each, disjoint 1/8 slices of the file (os.preadv releases the GIL)",
         "cache_drop_method": drop_method,
         "fuse_bdi_read_ahead_kb": read_ahead,
+        "passthrough": passthrough,
         "fill_s": round(fill_s, 2),
         "raw_cold_MBps": med["raw_cold"],
         "fuse_cold_MBps": med["fuse_cold"],
@@ -193,12 +211,21 @@ def run(args: argparse.Namespace) -> dict:
         "raw_parallel8_MBps": med["raw_parallel8"],
         "fuse_parallel8_MBps": med["fuse_parallel8"],
         "parallel8_ratio": round(med["fuse_parallel8"] / med["raw_parallel8"], 3),
-        "fuse_store_warm_MBps": med["fuse_store_warm"],
+        "served_cold_MBps": med["served_cold"],
+        "served_cold_ratio": round(med["served_cold"] / med["raw_cold"], 3),
+        "served_warm_MBps": med["served_warm"],
+        "served_warm_ratio": round(med["served_warm"] / med["page_cache"], 3),
+        "served_parallel8_MBps": med["served_parallel8"],
+        "served_parallel8_ratio": round(med["served_parallel8"] / med["raw_parallel8"], 3),
+        "served_store_warm_MBps": med["served_store_warm"],
         "tmpfs_page_cache_MBps": med["tmpfs_page_cache"],
         "notes": {
+            "fuse_*": "the default: a complete blob opened in passthrough mode (see 'passthrough'); the kernel reads "
+            "the store file, the daemon sees no read requests (daemon_side)",
+            "served_*": "NODECACHE_PASSTHROUGH=false: every read goes to the daemon, as for a blob still filling",
             "page_cache": "the store file (ext4) read again from the page cache; ext4 caches in large folios",
-            "fuse_warm": "served by the kernel from the FUSE inode's page cache (keep_cache); see daemon_side",
-            "fuse_store_warm": "FUSE pages dropped with fadvise, store file cached: the FUSE + daemon path alone",
+            "served_warm": "kernel FUSE page cache (keep_cache, 4 KiB pages), first re-read after the cold read",
+            "served_store_warm": "FUSE pages dropped with fadvise, store file cached: the FUSE + daemon path alone",
             "tmpfs_page_cache": "reference: a same-size file on /dev/shm (tmpfs, 4 KiB pages), read the same way",
         },
         "targets": {"cold_ratio": 0.8, "warm_ratio": 0.9},
@@ -223,23 +250,26 @@ def plot(res: dict, path: Path) -> None:
             [
                 ("raw, 1 reader", "raw_cold", grey),
                 ("FUSE, 1 reader", "fuse_cold", blue),
+                ("served, 1 reader", "served_cold", light),
                 (f"raw, {READERS} readers", "raw_parallel8", grey),
                 (f"FUSE, {READERS} readers", "fuse_parallel8", blue),
-                ("FUSE, store file\nin page cache", "fuse_store_warm", light),
+                (f"served, {READERS}\nreaders", "served_parallel8", light),
+                ("served, store\nfile cached", "served_store_warm", light),
             ],
-            [("cold_ratio", 0, 1), ("parallel8_ratio", 2, 3)],
+            [("cold_ratio", 0, 1), ("parallel8_ratio", 3, 4)],
         ),
         (
             "warm: from the page cache",
             [
                 ("store file (ext4)", "page_cache", grey),
-                ("FUSE re-read\n(keep_cache)", "fuse_warm", blue),
+                ("FUSE re-read", "fuse_warm", blue),
+                ("served re-read\n(keep_cache)", "served_warm", light),
                 ("tmpfs file\n(4 KiB pages, ref.)", "tmpfs_page_cache", light),
             ],
             [("warm_ratio", 0, 1)],
         ),
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), gridspec_kw={"width_ratios": [5, 3]})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [7, 4]})
     for ax, (title, bars, ratios) in zip(axes, panels, strict=True):
         meds = []
         for i, (_label, key, color) in enumerate(bars):
@@ -260,7 +290,8 @@ def plot(res: dict, path: Path) -> None:
         ax.set_ylabel("MB/s (median; whiskers min-max)")
     m = res["machine"]
     fig.suptitle(
-        f"nodecache FUSE vs raw store file: {res['size_gib']} GiB, chunk {res['chunk_size'] // MiB} MiB, "
+        f"nodecache FUSE (passthrough {'on' if res['passthrough'].get('fuse') else 'off'}; served = every read "
+        f"through the daemon) vs raw store file: {res['size_gib']} GiB, chunk {res['chunk_size'] // MiB} MiB, "
         f"1 MiB reads, {res['reps']} passes, {m['nproc']} CPUs, kernel {m['kernel']}, {res['date'][:10]}",
         fontsize=10,
     )
@@ -288,6 +319,15 @@ def main(argv: list[str] | None = None) -> int:
         ("cold, 1 reader", res["raw_cold_MBps"], res["fuse_cold_MBps"], res["cold_ratio"], ">= 0.8"),
         ("warm, 1 reader", res["page_cache_MBps"], res["fuse_warm_MBps"], res["warm_ratio"], ">= 0.9"),
         (f"cold, {READERS} readers", res["raw_parallel8_MBps"], res["fuse_parallel8_MBps"], res["parallel8_ratio"], ""),
+        ("served cold, 1 reader", res["raw_cold_MBps"], res["served_cold_MBps"], res["served_cold_ratio"], ""),
+        ("served warm, 1 reader", res["page_cache_MBps"], res["served_warm_MBps"], res["served_warm_ratio"], ""),
+        (
+            f"served cold, {READERS} readers",
+            res["raw_parallel8_MBps"],
+            res["served_parallel8_MBps"],
+            res["served_parallel8_ratio"],
+            "",
+        ),
     ]
     print()
     common.print_table(
