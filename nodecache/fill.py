@@ -50,6 +50,7 @@ class Filler:
         self.pinned: set[str] = set()  # blob ids the owner wants kept (pins); never evicted
         self._open: dict[str, int] = {}  # blob id -> open handles / reads in progress
         self._inflight: dict[tuple[str, int], asyncio.Task] = {}
+        self._fetched: dict[tuple[str, int], asyncio.Future] = {}  # set once a chunk's bytes are off the wire
         self._finishing: dict[str, asyncio.Task] = {}
         self._background: dict[str, asyncio.Task] = {}
         self._slots = asyncio.Semaphore(cfg.parallel_total)
@@ -175,27 +176,44 @@ class Filler:
             if demand:
                 self.metrics.coalesced_waits.inc()
             return task
-        task = asyncio.get_running_loop().create_task(self._fetch(st, k, demand, sources))
+        fetched = self._fetched[key] = asyncio.get_running_loop().create_future()
+        task = asyncio.get_running_loop().create_task(self._fetch(st, k, demand, fetched, sources))
         self._inflight[key] = task
-        task.add_done_callback(lambda t: (self._inflight.pop(key, None), _consume(t)))
+        task.add_done_callback(lambda t: (self._inflight.pop(key, None), self._fetched.pop(key, None), _consume(t)))
         return task
 
-    async def _fetch(self, st: BlobState, k: int, demand: bool, sources: list | None = None) -> str:
-        """Fetch and store chunk k; returns the kind of source it came from."""
+    async def _off_the_wire(self, key: tuple[str, int], task: asyncio.Task) -> None:
+        """Wait until the chunk's bytes are received (or the task ended), not until they are on disk."""
+        fetched = self._fetched.get(key)
+        if fetched is None or task.done():
+            return
+        await asyncio.wait({fetched, task}, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _fetch(
+        self, st: BlobState, k: int, demand: bool, fetched: asyncio.Future, sources: list | None = None
+    ) -> str:
+        """Fetch and store chunk k; returns the kind of source it came from.
+
+        The fetch slot is given back as soon as the bytes are in memory: the
+        write and its fsync must not keep a connection idle.
+        """
         if self.closing:
             raise FillError("daemon is shutting down")
+        data, kind = None, "local"
         if not demand:  # demand reads never queue behind read-ahead
             await self._slots.acquire()
         self.metrics.fill_inflight.inc()
-        kind = "local"
         try:
             if not st.has(k):
                 data, kind = await self._fetch_with_retries(st.rec, k, *st.chunk_range(k), sources=sources)
-                await self.store.write_chunk(st, k, data)
         finally:
             self.metrics.fill_inflight.dec()
             if not demand:
                 self._slots.release()
+            if not fetched.done():
+                fetched.set_result(None)
+        if data is not None:
+            await self.store.write_chunk(st, k, data)
         if st.missing == 0:
             self._finish(st)  # readers of the last chunk do not wait for the hash
         return kind
@@ -264,8 +282,17 @@ class Filler:
         todo = iter([k for k in range(st.rec.n_chunks) if not st.has(k)])
 
         async def worker() -> None:
+            # Pipelined: fetch chunk k+1 while chunk k is written and synced,
+            # with at most one write outstanding per worker (bounded memory).
+            writing: asyncio.Task | None = None
             for k in todo:
-                await self._chunk(st, k, demand=False)
+                task = self._chunk(st, k, demand=False)
+                await self._off_the_wire((st.rec.blob_id, k), task)
+                if writing is not None:
+                    await writing
+                writing = task
+            if writing is not None:
+                await writing
 
         await asyncio.gather(*(worker() for _ in range(self.cfg.parallel_per_blob)))
         await asyncio.shield(self._finish(st))
