@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -14,11 +12,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load_file
 
 NO_PASSTHROUGH = "this kernel refused FUSE passthrough (needs Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH, as root)"
-
-
-def status(d) -> dict:
-    with urllib.request.urlopen(d.url + "/v1/status", timeout=5) as r:
-        return json.loads(r.read())
 
 
 def counter(d, name: str, **labels: str) -> float:
@@ -31,8 +24,8 @@ def counter(d, name: str, **labels: str) -> float:
 
 def wait_complete(d, n: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while status(d)["blobs"].get("complete", 0) < n:
-        assert time.monotonic() < deadline, f"blobs never completed: {status(d)['blobs']}"
+    while d.status()["blobs"].get("complete", 0) < n:
+        assert time.monotonic() < deadline, f"blobs never completed: {d.status()['blobs']}"
         time.sleep(0.05)
 
 
@@ -46,7 +39,7 @@ def fuse_reads(d) -> float:
 
 def test_complete_blob_is_read_by_the_kernel(hub, daemons, small_repo):
     d = daemons(repos=(SMALL,))
-    if not status(d)["passthrough"]:
+    if not d.status()["passthrough"]:
         pytest.skip(NO_PASSTHROUGH)
     snap = snapshot_dir(d, SMALL, hub.commits[SMALL])
     path = snap / "model.safetensors"
@@ -66,7 +59,7 @@ def test_complete_blob_is_read_by_the_kernel(hub, daemons, small_repo):
 def test_many_open_files_share_one_backing_file(hub, daemons, small_repo):
     """The kernel refuses a second backing file for one inode (EBUSY, seen as EIO by open)."""
     d = daemons(repos=(SMALL,))
-    if not status(d)["passthrough"]:
+    if not d.status()["passthrough"]:
         pytest.skip(NO_PASSTHROUGH)
     path = snapshot_dir(d, SMALL, hub.commits[SMALL]) / "model.safetensors"
     want = (small_repo / "model.safetensors").read_bytes()
@@ -87,7 +80,7 @@ def test_many_open_files_share_one_backing_file(hub, daemons, small_repo):
 def test_open_while_filling_stays_cached_until_closed(hub, daemons, big_repo):
     """The kernel refuses (EIO) to mix modes on one inode: new opens follow the live ones."""
     d = daemons(repos=(BIG,))
-    if not status(d)["passthrough"]:
+    if not d.status()["passthrough"]:
         pytest.skip(NO_PASSTHROUGH)
     path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
     want = sha256_file(big_repo / "weights.bin")
@@ -106,7 +99,7 @@ def test_open_while_filling_stays_cached_until_closed(hub, daemons, big_repo):
 
 def test_passthrough_can_be_turned_off(hub, daemons, small_repo):
     d = daemons(repos=(SMALL,), env={"NODECACHE_PASSTHROUGH": "false"})
-    assert status(d)["passthrough"] is False
+    assert d.status()["passthrough"] is False
     path = snapshot_dir(d, SMALL, hub.commits[SMALL]) / "config.json"
     assert path.read_bytes() == (small_repo / "config.json").read_bytes()
     wait_complete(d, 1)

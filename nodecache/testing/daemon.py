@@ -7,6 +7,7 @@ PID, then by detaching the mount if the daemon left it behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -88,6 +89,10 @@ class DaemonProcess:
     def metrics(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
             return r.read().decode()
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(self.url + "/v1/status", timeout=5) as r:
+            return json.loads(r.read())
 
     def kill9(self) -> None:
         """Crash it: the mount stays behind, dead (ENOTCONN), as after a real crash."""
