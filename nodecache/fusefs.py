@@ -187,8 +187,8 @@ class NodecacheFS:
         _, node = self._node(inode)
         if node.kind not in ("blob", "static"):
             raise FuseError(errno.EISDIR if node.kind == "dir" else errno.EINVAL)
-        backing_fd = self._backing_fd(inode, node)
-        passthrough = backing_fd is not None
+        backing = self._backing(inode, node)
+        passthrough = backing is not None
         mode, count = self._open_mode.get(inode, (passthrough, 0))
         self._open_mode[inode] = (mode, count + 1)
         fh = self._next_fh
@@ -200,9 +200,9 @@ class NodecacheFS:
                 self.filler.fill_in_background(node.blob_id)
         self.metrics.fuse_opens.labels("passthrough" if passthrough else "served").inc()
         # Content is immutable: let the kernel keep its page cache across opens.
-        return Opened(fh, keep_cache=node.kind == "blob", backing_fd=backing_fd)
+        return Opened(fh, keep_cache=node.kind == "blob", backing=backing)
 
-    def _backing_fd(self, inode: int, node: Node) -> int | None:
+    def _backing(self, inode: int, node: Node) -> Path | None:
         """The store file of a complete, verified blob, if this open may pass through to it."""
         if not self.passthrough or node.kind != "blob":
             return None
@@ -211,11 +211,7 @@ class NodecacheFS:
             return None  # cached opens are live: this one must be cached too
         if self.filler.record(node.blob_id).state != "complete":
             return None
-        try:
-            return os.open(self.filler.store.path(node.blob_id), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            log.warning("cannot open blob %s for passthrough: %s", node.blob_id, e)
-            return None
+        return self.filler.store.path(node.blob_id)
 
     @_guard("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -41,7 +41,7 @@ class Opened:
 
     fh: int
     keep_cache: bool = False
-    backing_fd: int | None = None  # a file to hand to the kernel (passthrough) instead of serving reads
+    backing: Path | None = None  # a file the kernel may read itself (passthrough) instead of asking us
 
 
 class Operations(Protocol):
@@ -223,18 +223,13 @@ class Session:
     async def _open(self, ino: int, flags: int) -> bytes:
         opened = await self.ops.open(ino, flags)
         plain = p.open_out(opened.fh, p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
-        if opened.backing_fd is None:
-            return plain
-        try:
-            backing_id = self._backing_id(ino, opened.backing_fd)
-        finally:
-            os.close(opened.backing_fd)  # the kernel holds its own reference
+        backing_id = None if opened.backing is None else self._backing_id(ino, opened.backing)
         if backing_id is None:
             return plain
         self._fh_ino[opened.fh] = ino
         return p.open_out(opened.fh, p.FOPEN_PASSTHROUGH, backing_id)
 
-    def _backing_id(self, ino: int, fd: int) -> int | None:
+    def _backing_id(self, ino: int, path: Path) -> int | None:
         """One backing id per inode while it has passthrough opens: the kernel refuses two."""
         held = self._backing.get(ino)
         if held is not None:
@@ -243,11 +238,18 @@ class Session:
         if not self.passthrough:
             return None
         try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("cannot open %s for passthrough: %s", path, e)
+            return None  # this open is served; the fill path will find out what is wrong
+        try:
             backing_id = fcntl.ioctl(self._fd, p.BACKING_OPEN, bytearray(p.BACKING_MAP.pack(fd, 0, 0)))
         except OSError as e:
             log.warning("passthrough refused (%s); serving reads ourselves from now on", e)
             self.agreed &= ~p.PASSTHROUGH
             return None
+        finally:
+            os.close(fd)  # the kernel holds its own reference
         # The kernel looks the id up after our reply, in the opener's context: keep it until the last release.
         self._backing[ino] = (backing_id, 1)
         return backing_id
