@@ -57,6 +57,7 @@ class Daemon:
         self.ready = False
         self._stop = asyncio.Event()
         self.fs: NodecacheFS | None = None
+        self.fuse_session: Session | None = None
         self._not_found: dict[str, float] = {}  # on-demand lookups that failed, until when
 
     async def open(self) -> None:
@@ -231,7 +232,7 @@ class Daemon:
             "version": __version__,
             "ready": self.ready,
             "mount": str(self.cfg.mount) if self.cfg.mount else None,
-            "passthrough": bool(self.fs and self.fs.passthrough and self.ready),
+            "passthrough": bool(self.fuse_session and self.fuse_session.passthrough and self.ready),
             "tiers": [
                 {"name": t.name, "path": str(t.root), "used": t.used, "capacity": t.capacity(), "fs_free": t.fs_free()}
                 for t in self.store.tiers.values()
@@ -392,10 +393,15 @@ class Daemon:
         mountpoint.mkdir(parents=True, exist_ok=True)
         mountpoint = mountpoint.resolve()  # now, before mounting: later it would stat our own mount
         self.fs = NodecacheFS(layout.build_root(self.index.views()), self.filler, self.metrics, self.cfg.fill_on_open)
-        self.fs.passthrough = self.cfg.passthrough
         if self.cfg.on_demand:
             self.fs.on_demand = self.resolve_on_demand
-        session = Session(self.fs, mountpoint, passthrough=self.cfg.passthrough)
+        opens = self.metrics.fuse_opens
+        session = self.fuse_session = Session(
+            self.fs,
+            mountpoint,
+            passthrough=self.cfg.passthrough,
+            on_open=lambda passthrough: opens.labels("passthrough" if passthrough else "served").inc(),
+        )
         try:
             session.mount()
         except OSError as e:  # e.g. no /dev/fuse, not root, mountpoint busy: one clear line
@@ -404,7 +410,6 @@ class Daemon:
         try:
             await asyncio.wait([main, asyncio.ensure_future(session.initialized.wait())], return_when="FIRST_COMPLETED")
             if session.initialized.is_set():
-                self.fs.passthrough = session.passthrough
                 await asyncio.sleep(0.05)  # the INIT reply resets read_ahead_kb: write after it
                 if not set_read_ahead(mountpoint, self.cfg.bdi_read_ahead_kb):
                     log.warning("could not raise read_ahead_kb; reads stay at 128 KiB")

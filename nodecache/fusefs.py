@@ -69,13 +69,10 @@ class NodecacheFS:
         self.filler = filler
         self.metrics = metrics
         self.fill_on_open = fill_on_open
-        self.passthrough = True  # hand complete blobs to the kernel; the session drops it if refused
         self._time_ns = time.time_ns()
         self._ino_of: dict[str, int] = {"": ROOT_INODE}
         self._path_of: dict[int, str] = {ROOT_INODE: ""}
-        self._handles: dict[int, tuple[int, Node, bool]] = {}  # fh -> inode, node, passthrough?
-        # The kernel refuses (EIO) to mix passthrough and cached opens of one inode.
-        self._open_mode: dict[int, tuple[bool, int]] = {}  # inode -> (passthrough?, open count)
+        self._handles: dict[int, Node] = {}
         self._next_fh = 1
         self.root = root
         self.on_demand = None  # async (folder name) -> bool: resolve an unknown repo upstream
@@ -187,35 +184,22 @@ class NodecacheFS:
         _, node = self._node(inode)
         if node.kind not in ("blob", "static"):
             raise FuseError(errno.EISDIR if node.kind == "dir" else errno.EINVAL)
-        backing = self._backing(inode, node)
-        passthrough = backing is not None
-        mode, count = self._open_mode.get(inode, (passthrough, 0))
-        self._open_mode[inode] = (mode, count + 1)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = (inode, node, passthrough)
+        self._handles[fh] = node
+        backing = None
         if node.kind == "blob":
             self.filler.hold(node.blob_id)  # an open blob is never evicted
-            if self.fill_on_open and not passthrough:
+            if self.filler.record(node.blob_id).state == "complete":
+                backing = self.filler.store.path(node.blob_id)  # verified: the kernel may read it itself
+            elif self.fill_on_open:
                 self.filler.fill_in_background(node.blob_id)
-        self.metrics.fuse_opens.labels("passthrough" if passthrough else "served").inc()
         # Content is immutable: let the kernel keep its page cache across opens.
         return Opened(fh, keep_cache=node.kind == "blob", backing=backing)
 
-    def _backing(self, inode: int, node: Node) -> Path | None:
-        """The store file of a complete, verified blob, if this open may pass through to it."""
-        if not self.passthrough or node.kind != "blob":
-            return None
-        mode, count = self._open_mode.get(inode, (True, 0))
-        if count and not mode:
-            return None  # cached opens are live: this one must be cached too
-        if self.filler.record(node.blob_id).state != "complete":
-            return None
-        return self.filler.store.path(node.blob_id)
-
     @_guard("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        _, node, _ = self._handles[fh]
+        node = self._handles[fh]
         if node.kind == "static":
             return node.data[off : off + size]
         t0 = time.perf_counter()
@@ -224,14 +208,8 @@ class NodecacheFS:
         return data
 
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
-        if handle is None:
-            return
-        inode, node, _ = handle
-        mode, count = self._open_mode.pop(inode, (False, 1))
-        if count > 1:
-            self._open_mode[inode] = (mode, count - 1)
-        if node.kind == "blob":
+        node = self._handles.pop(fh, None)
+        if node is not None and node.kind == "blob":
             self.filler.release(node.blob_id)
 
 

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -62,8 +63,16 @@ class Operations(Protocol):
 class Session:
     """A mounted FUSE filesystem served by `ops`. `serve()` returns once it is unmounted or closed."""
 
-    def __init__(self, ops: Operations, mountpoint: Path, fsname: str = "nodecache", passthrough: bool = True):
+    def __init__(
+        self,
+        ops: Operations,
+        mountpoint: Path,
+        fsname: str = "nodecache",
+        passthrough: bool = True,
+        on_open: Callable[[bool], None] = lambda passthrough: None,
+    ):
         self.ops = ops
+        self.on_open = on_open  # told, per file open, whether it went to the kernel (passthrough)
         self.mountpoint = mountpoint
         self.fsname = fsname
         self.want = p.ASYNC_READ | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.PARALLEL_DIROPS | p.MAX_PAGES
@@ -73,8 +82,11 @@ class Session:
         self._fd = -1
         self._done: asyncio.Future | None = None
         self._tasks: set[asyncio.Task] = set()
+        # The kernel refuses (EIO) to mix passthrough and cached opens of one inode, and a second
+        # backing file for it: an inode's live opens share one mode, and one backing id.
         self._backing: dict[int, tuple[int, int]] = {}  # inode -> (backing id, passthrough opens)
-        self._fh_ino: dict[int, int] = {}  # passthrough handle -> its inode
+        self._cached: dict[int, int] = {}  # inode -> cached (served) opens
+        self._fh_mode: dict[int, tuple[int, bool]] = {}  # file handle -> (inode, passthrough?)
         self._buf = bytearray(_BUF)
 
     @property
@@ -196,7 +208,7 @@ class Session:
             return await ops.read(fh, offset, size)
         if op == p.RELEASE:
             (fh,) = p.RELEASE_IN.unpack_from(body)
-            self._drop_backing(fh)
+            self._closed(fh)
             await ops.release(fh)
             return b""
         if op == p.OPENDIR:
@@ -222,12 +234,15 @@ class Session:
 
     async def _open(self, ino: int, flags: int) -> bytes:
         opened = await self.ops.open(ino, flags)
-        plain = p.open_out(opened.fh, p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
-        backing_id = None if opened.backing is None else self._backing_id(ino, opened.backing)
-        if backing_id is None:
-            return plain
-        self._fh_ino[opened.fh] = ino
-        return p.open_out(opened.fh, p.FOPEN_PASSTHROUGH, backing_id)
+        backing_id = None
+        if opened.backing is not None and not self._cached.get(ino):
+            backing_id = self._backing_id(ino, opened.backing)
+        self._fh_mode[opened.fh] = (ino, backing_id is not None)
+        self.on_open(backing_id is not None)
+        if backing_id is not None:
+            return p.open_out(opened.fh, p.FOPEN_PASSTHROUGH, backing_id)
+        self._cached[ino] = self._cached.get(ino, 0) + 1
+        return p.open_out(opened.fh, p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
 
     def _backing_id(self, ino: int, path: Path) -> int | None:
         """One backing id per inode while it has passthrough opens: the kernel refuses two."""
@@ -254,9 +269,12 @@ class Session:
         self._backing[ino] = (backing_id, 1)
         return backing_id
 
-    def _drop_backing(self, fh: int) -> None:
-        ino = self._fh_ino.pop(fh, None)
-        if ino is None:
+    def _closed(self, fh: int) -> None:
+        ino, passthrough = self._fh_mode.pop(fh, (0, False))
+        if not passthrough:
+            n = self._cached.pop(ino, 0) - 1
+            if n > 0:
+                self._cached[ino] = n
             return
         backing_id, count = self._backing.pop(ino)
         if count > 1:
