@@ -33,9 +33,11 @@ class Config:
     fill_on_open: bool = True  # first open of a blob fills it whole in the background
     parallel_per_blob: int = 8  # concurrent chunk fetches for one blob
     parallel_total: int = 32  # concurrent chunk fetches for the node
+    fill_run_chunks: int = 2  # a whole-blob fill asks for up to this many consecutive chunks per request
     read_timeout: float = 300.0  # how long a read waits for its bytes before EIO
     retry_base: float = 0.2  # first retry backoff; doubles, jittered, capped at 5 s
     fsync: bool = True  # fdatasync a chunk before marking it present
+    direct_io: bool = True  # whole-blob fills write chunks no reader waits for around the page cache (O_DIRECT)
     bdi_read_ahead_kb: int = 16384  # written to the mount's bdi after FUSE_INIT
     passthrough: bool = True  # complete blobs are read by the kernel from the store file (Linux >= 6.9)
     ref_ttl: float = 600.0  # re-resolve branch refs after this many seconds
@@ -70,7 +72,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.chunk_size < 64 * 1024 or self.chunk_size & (self.chunk_size - 1):
             raise ConfigError(f"chunk_size: {self.chunk_size} is not a power of two >= 64 KiB")
-        for key in ("read_ahead_chunks", "parallel_per_blob", "parallel_total", "peer_uploads"):
+        for key in ("read_ahead_chunks", "parallel_per_blob", "parallel_total", "fill_run_chunks", "peer_uploads"):
             if getattr(self, key) < (0 if key == "read_ahead_chunks" else 1):
                 raise ConfigError(f"{key}: {getattr(self, key)} is out of range")
         if not self.read_timeout > 0:  # also refuses NaN

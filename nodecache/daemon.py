@@ -68,7 +68,9 @@ class Daemon:
         tiers = [Tier("disk", cfg.cache_dir, cfg.disk_max, *marks)]
         if cfg.shm_dir is not None:
             tiers.insert(0, Tier("shm", cfg.shm_dir, cfg.shm_max, *marks))
-        self.store = Store(cfg.cache_dir, self.index, fsync=cfg.fsync, tiers=tiers, on_evict=self._evicted)
+        self.store = Store(
+            cfg.cache_dir, self.index, fsync=cfg.fsync, tiers=tiers, on_evict=self._evicted, direct_io=cfg.direct_io
+        )
         self.store.placement = self._place
         self._hot: set[str] = set()
         dropped = self.store.recover()

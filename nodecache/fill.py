@@ -15,7 +15,9 @@ import errno
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
+from contextlib import aclosing
 
 from .config import Config
 from .index import BlobRecord, Index
@@ -51,8 +53,10 @@ class Filler:
         self._open: dict[str, int] = {}  # blob id -> open handles / reads in progress
         self._inflight: dict[tuple[str, int], asyncio.Task] = {}
         self._fetched: dict[tuple[str, int], asyncio.Future] = {}  # set once a chunk's bytes are off the wire
+        self._wanted: set[tuple[str, int]] = set()  # in-flight chunks a reader waits for: keep them in the page cache
         self._finishing: dict[str, asyncio.Task] = {}
         self._background: dict[str, asyncio.Task] = {}
+        self._pumps: set[asyncio.Task] = set()  # streamed multi-chunk requests (runs)
         self._slots = asyncio.Semaphore(cfg.parallel_total)
         store.protected = self.protected
 
@@ -151,7 +155,9 @@ class Filler:
             if not fut.done():
                 fut.add_done_callback(_consume)
 
-    async def read_chunk(self, blob_id: str, k: int, sources: list | None = None, local_only: bool = False) -> bytes | None:
+    async def read_chunk(
+        self, blob_id: str, k: int, sources: list | None = None, local_only: bool = False
+    ) -> bytes | None:
         """Chunk k of a blob, filled through if needed (the peer API); None if local_only and absent."""
         self.hold(blob_id)
         try:
@@ -168,18 +174,42 @@ class Filler:
         finally:
             self.release(blob_id)
 
-    def _chunk(self, st: BlobState, k: int, demand: bool, sources: list | None = None) -> asyncio.Task:
-        """The one in-flight fetch of chunk k, created if needed (coalescing)."""
+    def _chunk(
+        self,
+        st: BlobState,
+        k: int,
+        demand: bool,
+        sources: list | None = None,
+        handed: asyncio.Future | None = None,
+        background: bool = False,
+    ) -> asyncio.Task:
+        """The one in-flight fetch of chunk k, created if needed (coalescing).
+
+        `handed`: the chunk is part of a run; its bytes arrive there (None: fetch it alone).
+        `background`: part of a whole-blob fill; unless a reader joins, it is
+        written around the page cache.
+        """
         key = (st.rec.blob_id, k)
         task = self._inflight.get(key)
         if task is not None:
+            if not background:
+                self._wanted.add(key)
             if demand:
                 self.metrics.coalesced_waits.inc()
             return task
+        if not background:
+            self._wanted.add(key)
         fetched = self._fetched[key] = asyncio.get_running_loop().create_future()
-        task = asyncio.get_running_loop().create_task(self._fetch(st, k, demand, fetched, sources))
+        task = asyncio.get_running_loop().create_task(self._fetch(st, k, demand, fetched, sources, handed))
         self._inflight[key] = task
-        task.add_done_callback(lambda t: (self._inflight.pop(key, None), self._fetched.pop(key, None), _consume(t)))
+        task.add_done_callback(
+            lambda t: (
+                self._inflight.pop(key, None),
+                self._fetched.pop(key, None),
+                self._wanted.discard(key),
+                _consume(t),
+            )
+        )
         return task
 
     async def _off_the_wire(self, key: tuple[str, int], task: asyncio.Task) -> None:
@@ -190,7 +220,13 @@ class Filler:
         await asyncio.wait({fetched, task}, return_when=asyncio.FIRST_COMPLETED)
 
     async def _fetch(
-        self, st: BlobState, k: int, demand: bool, fetched: asyncio.Future, sources: list | None = None
+        self,
+        st: BlobState,
+        k: int,
+        demand: bool,
+        fetched: asyncio.Future,
+        sources: list | None = None,
+        handed: asyncio.Future | None = None,
     ) -> str:
         """Fetch and store chunk k; returns the kind of source it came from.
 
@@ -200,23 +236,82 @@ class Filler:
         if self.closing:
             raise FillError("daemon is shutting down")
         data, kind = None, "local"
+        try:
+            if handed is not None:
+                data, kind = await handed  # (None, _) if the run broke before this chunk
+            if data is None:
+                kind = "local"
+                if not st.has(k):
+                    data, kind = await self._fetch_alone(st, k, demand, sources)
+        finally:
+            if not fetched.done():
+                fetched.set_result(None)
+        if data is not None:
+            cache = (st.rec.blob_id, k) in self._wanted
+            try:
+                await self.store.write_chunk(st, k, data, cache=cache)
+            except NoSpace:
+                # Blobs whose hash is being proven cannot be evicted yet; they can be soon.
+                proving = [t for b, t in self._finishing.items() if b != st.rec.blob_id]
+                if not proving:
+                    raise
+                await asyncio.wait(proving, timeout=self.cfg.read_timeout)
+                await self.store.write_chunk(st, k, data, cache=cache)
+        if st.missing == 0:
+            self._finish(st)  # readers of the last chunk do not wait for the hash
+        return kind
+
+    async def _fetch_alone(self, st: BlobState, k: int, demand: bool, sources: list | None) -> tuple[bytes, str]:
+        """One ranged GET for one chunk, under a fetch slot unless a reader waits for it."""
         if not demand:  # demand reads never queue behind read-ahead
             await self._slots.acquire()
         self.metrics.fill_inflight.inc()
         try:
-            if not st.has(k):
-                data, kind = await self._fetch_with_retries(st.rec, k, *st.chunk_range(k), sources=sources)
+            return await self._fetch_with_retries(st.rec, k, *st.chunk_range(k), sources=sources)
         finally:
             self.metrics.fill_inflight.dec()
             if not demand:
                 self._slots.release()
-            if not fetched.done():
-                fetched.set_result(None)
-        if data is not None:
-            await self.store.write_chunk(st, k, data)
-        if st.missing == 0:
-            self._finish(st)  # readers of the last chunk do not wait for the hash
-        return kind
+
+    def _start_run(self, st: BlobState, run: list[int], source) -> list[asyncio.Task]:
+        """Chunks run[0..] as one ranged GET from `source`; each chunk is its own coalesced task."""
+        loop = asyncio.get_running_loop()
+        handed = {k: loop.create_future() for k in run}
+        tasks = [self._chunk(st, k, demand=False, handed=handed[k], background=True) for k in run]
+        pump = loop.create_task(self._pump(st, run, source, handed, tasks))
+        self._pumps.add(pump)
+        pump.add_done_callback(lambda t: (self._pumps.discard(t), _consume(t)))
+        return tasks
+
+    async def _pump(self, st: BlobState, run: list[int], source, handed: dict, tasks: list[asyncio.Task]) -> None:
+        """Hand each chunk of the stream to its task as it arrives.
+
+        At most two chunks of a run wait for their writes (bounded memory).
+        If the stream breaks, the chunks not yet handed are fetched one by
+        one, with the usual retries and every source in order.
+        """
+        start, end = st.chunk_range(run[0])[0], st.chunk_range(run[-1])[1]
+        kind = getattr(source, "kind", "upstream")
+        i = 0
+        await self._slots.acquire()
+        self.metrics.fill_inflight.inc()
+        try:
+            async with aclosing(source.stream(st.rec, start, end, st.rec.chunk_size)) as parts:
+                async for data in parts:
+                    if not handed[run[i]].done():  # its task may have been cancelled
+                        handed[run[i]].set_result((data, kind))
+                    i += 1
+                    if i >= 2:
+                        await asyncio.wait({tasks[i - 2]})
+        except UpstreamError as e:
+            log.info("%s/%s [%d-%d) from %s broke at chunk %d: %s", st.rec.repo_id, st.rec.path, start, end,
+                     source.name, run[i] if i < len(run) else run[-1], e)  # fmt: skip
+        finally:
+            self.metrics.fill_inflight.dec()
+            self._slots.release()
+            for fut in handed.values():
+                if not fut.done():
+                    fut.set_result((None, kind))
 
     async def _fetch_with_retries(
         self, rec: BlobRecord, k: int, start: int, end: int, sources: list | None = None
@@ -279,23 +374,56 @@ class Filler:
         return task
 
     async def _fill_blob(self, st: BlobState) -> None:
-        todo = iter([k for k in range(st.rec.n_chunks) if not st.has(k)])
+        todo = deque(k for k in range(st.rec.n_chunks) if not st.has(k))
+        workers = self.cfg.parallel_per_blob
 
         async def worker() -> None:
-            # Pipelined: fetch chunk k+1 while chunk k is written and synced,
-            # with at most one write outstanding per worker (bounded memory).
-            writing: asyncio.Task | None = None
-            for k in todo:
-                task = self._chunk(st, k, demand=False)
-                await self._off_the_wire((st.rec.blob_id, k), task)
-                if writing is not None:
-                    await writing
-                writing = task
-            if writing is not None:
-                await writing
+            # Pipelined: the next run is asked for once this one's bytes are off
+            # the wire, while its chunks are still being written and synced.
+            writing: list[asyncio.Task] = []
+            while run := self._claim(st, todo, workers):
+                tasks = self._start(st, run)
+                await self._off_the_wire((st.rec.blob_id, run[-1]), tasks[-1])
+                for t in writing:
+                    await t
+                writing = tasks
+            for t in writing:
+                await t
 
-        await asyncio.gather(*(worker() for _ in range(self.cfg.parallel_per_blob)))
+        await asyncio.gather(*(worker() for _ in range(workers)))
         await asyncio.shield(self._finish(st))
+
+    def _claim(self, st: BlobState, todo: deque[int], workers: int) -> list[int]:
+        """The next chunks one worker should fetch with one request: consecutive,
+        nobody fetching them yet, all from one source that can stream."""
+        while todo and st.has(todo[0]):
+            todo.popleft()
+        if not todo:
+            return []
+        run = [todo.popleft()]
+        size = run_length(len(todo) + 1, workers, self.cfg.fill_run_chunks)
+        chain = self.sources(st.rec, run[0])
+        if size < 2 or not chain or self._busy(st, run[0]):
+            return run
+        first = chain[0]
+        while (
+            len(run) < size
+            and todo
+            and todo[0] == run[-1] + 1
+            and not self._busy(st, todo[0])
+            and self.sources(st.rec, todo[0])[0] is first
+        ):
+            run.append(todo.popleft())
+        return run
+
+    def _busy(self, st: BlobState, k: int) -> bool:
+        return st.has(k) or (st.rec.blob_id, k) in self._inflight
+
+    def _start(self, st: BlobState, run: list[int]) -> list[asyncio.Task]:
+        """Tasks for the chunks of a run: one streamed request if it can, else one request per chunk."""
+        if len(run) > 1 and hasattr(source := self.sources(st.rec, run[0])[0], "stream"):
+            return self._start_run(st, run, source)
+        return [self._chunk(st, k, demand=False, background=True) for k in run]
 
     async def fill_blobs(self, blob_ids: list[str], progress: Callable[[int], None] | None = None) -> None:
         """Fill and verify blobs completely (prefetch); progress(bytes_done) as it goes."""
@@ -320,10 +448,21 @@ class Filler:
     async def close(self) -> None:
         """Stop fetching: every waiting reader is woken with an error."""
         self.closing = True
-        tasks = [*self._inflight.values(), *self._background.values(), *self._finishing.values()]
+        tasks = [*self._inflight.values(), *self._pumps, *self._background.values(), *self._finishing.values()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run_length(left: int, workers: int, most: int) -> int:
+    """Chunks in the next request of a whole-blob fill with `left` chunks to go.
+
+    Guided self-scheduling: half a fair share, at most `most`. Long runs save
+    the idle gap between requests on a connection; shrinking them towards the
+    end lets the workers finish together and keeps the in-order hash of the
+    blob close behind its last byte.
+    """
+    return max(1, min(most, left // (2 * workers)))
 
 
 def _consume(task: asyncio.Future) -> None:

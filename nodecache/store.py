@@ -15,11 +15,13 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
+from . import directio
 from .index import BlobRecord, Index
 from .layout import validate_blob_id
 
@@ -121,29 +123,41 @@ class _Prefix:
         self.lock = asyncio.Lock()
 
 
-def _hash_range(hasher, path: Path, start: int, length: int) -> None:
-    with open(path, "rb", buffering=0) as f:  # its own fd: the store's fd cache may close one
-        data = os.pread(f.fileno(), length, start)
-    if len(data) != length:
-        raise OSError(errno.EIO, f"short read of {path}")
-    hasher.update(data)
+def _hash_range(hasher, path: Path, start: int, length: int, pool: directio.BufferPool) -> None:
+    """Feed file bytes to a hash without leaving them in the page cache (its own fd:
+    the store's fd cache may close one)."""
+    with pool.buffer(length) as buf, directio.read_into(path, start, length, buf) as view:
+        hasher.update(view)
 
 
-def hash_file(path: Path, kind: str, size: int) -> str:
+def hash_file(path: Path, kind: str, size: int, pool: directio.BufferPool | None = None) -> str:
     """The id a blob file's content proves: sha256, or git's `blob <n>\\0` sha1."""
     h = _new_hasher(kind, size)
-    with open(path, "rb", buffering=0) as f:
-        while buf := f.read(_HASH_BUF):
-            h.update(buf)
+    pool = pool or directio.BufferPool(keep=0)
+    for start in range(0, size, _HASH_BUF):
+        _hash_range(h, path, start, min(_HASH_BUF, size - start), pool)
     return h.hexdigest()
 
 
 class Store:
     """Blob files in tiers. All blocking file work runs in the default thread pool."""
 
-    def __init__(self, root: Path, index: Index, fsync: bool = True, tiers: list[Tier] | None = None, on_evict=None):
+    def __init__(
+        self,
+        root: Path,
+        index: Index,
+        fsync: bool = True,
+        tiers: list[Tier] | None = None,
+        on_evict=None,
+        direct_io: bool = True,
+    ):
         self.index = index
         self.fsync = fsync
+        self.direct_io = direct_io
+        self.buffers = directio.BufferPool()
+        # Hashing gets threads of its own: it must not queue behind chunk writes
+        # waiting on the disk, or the proof of a blob lags its last byte.
+        self._hash_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nodecache-hash")
         self.tiers = {t.name: t for t in (tiers or [Tier("disk", root)])}
         self.quarantine_dir = root / "quarantine"
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +194,8 @@ class Store:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._hash_pool.shutdown(wait=False, cancel_futures=True)
+        self.buffers.close()
         self.flush_access_times()
 
     def flush_access_times(self) -> None:
@@ -344,17 +360,26 @@ class Store:
             raise OSError(errno.EIO, f"short read of blob {blob_id}")
         return data
 
-    async def write_chunk(self, st: BlobState, index: int, data: bytes) -> None:
-        """Write, sync, then record: the order that makes a crash safe."""
+    async def write_chunk(self, st: BlobState, index: int, data: bytes, cache: bool = True) -> None:
+        """Write, sync, then record: the order that makes a crash safe.
+
+        cache=False: nobody is reading this chunk now, so it goes around the
+        page cache (see directio) where the store allows.
+        """
         start, end = st.chunk_range(index)
         if len(data) != end - start:
             raise ValueError(f"chunk {index} of {st.rec.blob_id}: {len(data)} bytes, want {end - start}")
         tier = self.reserve(st, len(data))
         fd = self._fd(st.rec.blob_id)
+        direct = self.direct_io and not cache
+        path = self.path(st.rec.blob_id)
 
         def work() -> None:
             view = memoryview(data)
             done = 0
+            if direct:
+                with self.buffers.buffer(len(data)) as buf:
+                    done = directio.write(path, view, start, buf)
             while done < len(view):
                 done += os.pwrite(fd, view[done:], start + done)
             if self.fsync:
@@ -374,7 +399,9 @@ class Store:
         st.mark(index)
         prefix = self._prefix.get(st.rec.blob_id)
         if prefix is not None and st.has(prefix.next):  # the lock serializes; a late task finds nothing to do
-            task = asyncio.get_running_loop().create_task(self._advance(st, prefix))
+            # The chunk next in line is hashed from memory; later ones are read back.
+            fresh = (index, data) if prefix.next == index else None
+            task = asyncio.get_running_loop().create_task(self._advance(st, prefix, fresh))
             self._hashing.add(task)
             task.add_done_callback(lambda t: (self._hashing.discard(t), t.cancelled() or t.exception()))
 
@@ -398,7 +425,9 @@ class Store:
             bad += [i for i in range(rec.n_chunks) if i not in chunks]
             got = rec.blob_id if not bad else f"bad chunks {bad[:5]}"
         else:
-            got = await loop.run_in_executor(None, hash_file, self.path(rec.blob_id), rec.kind, rec.size)
+            got = await loop.run_in_executor(
+                self._hash_pool, hash_file, self.path(rec.blob_id), rec.kind, rec.size, self.buffers
+            )
         if got == rec.blob_id:
             rec.state = "complete"
             self.index.put_blob(rec)
@@ -407,15 +436,42 @@ class Store:
         self.quarantine(st)
         raise Quarantined(f"blob {rec.blob_id} hashed to {got}")
 
-    async def _advance(self, st: BlobState, prefix: _Prefix) -> None:
-        """Feed the in-order run of present chunks to the blob's running hash."""
+    async def _advance(self, st: BlobState, prefix: _Prefix, fresh: tuple[int, bytes] | None = None) -> None:
+        """Feed the in-order run of present chunks to the blob's running hash.
+
+        `fresh` is a chunk just written, still in memory: no need to read it
+        back. Others are read back (around the page cache) one chunk ahead of
+        the hash, so the disk and the hash work at the same time.
+        """
+        rec = st.rec
+        path = self.path(rec.blob_id)
+        loop = asyncio.get_running_loop()
+
+        def ready(k: int) -> bool:
+            return k < rec.n_chunks and st.has(k) and self._states.get(rec.blob_id) is st
+
+        def load(k: int):
+            start, end = st.chunk_range(k)
+            buf = self.buffers.take(end - start)  # given back by digest(); if we are cancelled, garbage
+            return buf, directio.read_into(path, start, end - start, buf)
+
+        def digest(item) -> None:
+            buf, view = item
+            prefix.hasher.update(view)
+            if buf is not None:
+                view.release()
+                self.buffers.give(buf)
+
         async with prefix.lock:
-            loop = asyncio.get_running_loop()
-            while prefix.next < st.rec.n_chunks and st.has(prefix.next) and self._states.get(st.rec.blob_id) is st:
-                start, end = st.chunk_range(prefix.next)
-                await loop.run_in_executor(
-                    None, _hash_range, prefix.hasher, self.path(st.rec.blob_id), start, end - start
-                )
+            ahead: asyncio.Future | None = None
+            while ready(prefix.next):
+                k = prefix.next
+                if fresh is not None and fresh[0] == k:
+                    item = (None, fresh[1])
+                else:
+                    item = await (ahead if ahead is not None else loop.run_in_executor(self._hash_pool, load, k))
+                ahead = loop.run_in_executor(self._hash_pool, load, k + 1) if ready(k + 1) else None
+                await loop.run_in_executor(self._hash_pool, digest, item)
                 prefix.next += 1
 
     def quarantine(self, st: BlobState) -> None:

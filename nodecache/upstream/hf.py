@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
@@ -88,6 +89,18 @@ class HfUpstream:
 
     async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
         """Bytes [start, end) of the blob; follows (and remembers) the CDN redirect."""
+        async with aclosing(self.stream(rec, start, end, end - start)) as parts:
+            async for data in parts:
+                return data
+        return b""  # an empty range
+
+    async def stream(self, rec: BlobRecord, start: int, end: int, piece: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of one ranged GET, as consecutive `piece`-sized parts.
+
+        A background fill asks for several chunks at once: one request per
+        chunk would leave the connection idle between them. Parts already
+        yielded are good even if the stream fails later.
+        """
         url, cached = self._location(rec)
         for _hop in range(5):
             headers = {"Range": f"bytes={start}-{end - 1}", **self._headers(url)}
@@ -105,11 +118,12 @@ class HfUpstream:
                         continue
                     if resp.status in (401, 403, 404):
                         raise NotFound(f"{rec.repo_id}/{rec.path}: HTTP {resp.status}")
-                    data = await self._body(resp, start, end)
+                    async for data in self.parts(resp, start, end, piece):
+                        self.metrics.upstream_bytes.labels(self.name).inc(len(data))
+                        yield data
+                    return
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise UpstreamError(f"{rec.repo_id}/{rec.path} [{start}-{end}): {e.__class__.__name__}: {e}") from None
-            self.metrics.upstream_bytes.labels(self.name).inc(len(data))
-            return data
         raise UpstreamError(f"{rec.repo_id}/{rec.path}: too many redirects")
 
     def _location(self, rec: BlobRecord) -> tuple[str, bool]:
@@ -121,10 +135,11 @@ class HfUpstream:
         return f"{self.endpoint}/{prefix}{rec.repo_id}/resolve/{rec.commit}/{path}", False
 
     @staticmethod
-    async def _body(resp: aiohttp.ClientResponse, start: int, end: int) -> bytes:
-        """Exactly the range asked for, streamed (bounded memory).
+    async def parts(resp: aiohttp.ClientResponse, start: int, end: int, piece: int) -> AsyncIterator[bytes]:
+        """Exactly the range asked for, as `piece`-sized parts (the last may be shorter).
 
-        A server that ignores Range (200) is read only up to `end`, never whole.
+        Streamed, so memory stays at one part; a server that ignores Range
+        (200) is read only up to `end`, never whole.
         """
         if resp.status == 206:
             m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
@@ -132,25 +147,35 @@ class HfUpstream:
                 raise UpstreamError(f"wrong Content-Range {resp.headers.get('Content-Range')!r} for [{start}-{end})")
         elif resp.status != 200:
             raise UpstreamError(f"HTTP {resp.status}")
-        want = end - start
-        pieces: list[bytes] = []
         skip = start if resp.status == 200 else 0
-        got = 0
-        async for piece in resp.content.iter_any():
+        pos = start
+        pieces: list[bytes] = []
+        have = 0
+        async for data in resp.content.iter_any():
             if skip:
-                if len(piece) <= skip:
-                    skip -= len(piece)
+                if len(data) <= skip:
+                    skip -= len(data)
                     continue
-                piece, skip = piece[skip:], 0
-            if got + len(piece) > want:
-                piece = piece[: want - got]
-            pieces.append(piece)
-            got += len(piece)
-            if got == want:
-                break
-        if got != want:
-            raise UpstreamError(f"truncated body: {got} of {want} bytes")
-        return b"".join(pieces)  # one copy, no zero-filled buffer
+                data, skip = data[skip:], 0
+            while data:
+                want = min(piece, end - pos) - have
+                pieces.append(data[:want] if len(data) > want else data)
+                have += len(pieces[-1])
+                data = data[want:] if len(data) > want else b""
+                if have == min(piece, end - pos):
+                    yield pieces[0] if len(pieces) == 1 else b"".join(pieces)  # one copy at most
+                    pos += have
+                    pieces, have = [], 0
+                    if pos == end:
+                        return
+        raise UpstreamError(f"truncated body: {pos - start + have} of {end - start} bytes")
+
+    @classmethod
+    async def body(cls, resp: aiohttp.ClientResponse, start: int, end: int) -> bytes:
+        """The whole range [start, end) as one bytes object."""
+        async for data in cls.parts(resp, start, end, end - start):
+            return data
+        return b""
 
 
 def _parse_revision(info: dict) -> Resolved:

@@ -71,7 +71,7 @@ class HttpUpstream(ListingUpstream):
             async with await self._get(f.key, {"Range": f"bytes={start}-{end - 1}"}) as resp:
                 self.metrics.upstream_requests.labels(str(resp.status)).inc()
                 self._check(resp.status, f.key)
-                data = await HfUpstream._body(resp, start, end)
+                data = await HfUpstream.body(resp, start, end)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise UpstreamError(f"{self.url}/{f.key} [{start}-{end}): {e.__class__.__name__}: {e}") from None
         except UpstreamError as e:

@@ -1,0 +1,132 @@
+"""Chunk I/O around the page cache (O_DIRECT), for bytes no reader is waiting for.
+
+A whole-blob fill writes gigabytes nobody has asked to read yet. Through the
+page cache each byte is copied into a freshly allocated page, written back
+later in a burst, and evicts what the node's readers had cached. On VMs with
+free page reporting a fresh page costs far more than the copy (measured here:
+writing 1 GiB takes 0.18 CPU-s into recycled pages, 1.7 CPU-s into pages the
+host had reclaimed). O_DIRECT from a reused, page-aligned buffer skips all of
+it. A filesystem that refuses O_DIRECT gets ordinary buffered I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+ALIGN = 4096  # satisfies every logical block size Linux block devices use
+
+
+def _round_up(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class BufferPool:
+    """Page-aligned buffers (anonymous mmaps), reused so their pages are touched once.
+
+    Taken and given back by the thread that uses the buffer: a thread outlives
+    a cancelled await, and must not share its buffer with the next user.
+    """
+
+    def __init__(self, keep: int = 8):
+        self.keep = keep
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> mmap.mmap:
+        with self._lock:
+            buf = next((b for b in self._free if len(b) >= size), None)
+            if buf is not None:
+                self._free.remove(buf)
+                return buf
+        return mmap.mmap(-1, max(_round_up(size), ALIGN))
+
+    def give(self, buf: mmap.mmap) -> None:
+        """Only once no thread can touch it any more; a buffer never given back is just garbage."""
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(buf)
+                return
+        buf.close()
+
+    @contextmanager
+    def buffer(self, size: int) -> Iterator[mmap.mmap]:
+        buf = self.take(size)
+        try:
+            yield buf
+        finally:
+            self.give(buf)
+
+    def close(self) -> None:
+        with self._lock:
+            for buf in self._free:
+                buf.close()
+            self._free.clear()
+
+
+def _open_direct(path: os.PathLike | str, flags: int) -> int | None:
+    try:
+        return os.open(path, flags | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # the filesystem has no direct I/O
+            return None
+        raise
+
+
+def write(path: os.PathLike | str, data, offset: int, buf: mmap.mmap) -> int:
+    """Write the block-aligned head of `data` at `offset` (aligned) with O_DIRECT.
+
+    Returns how many bytes were written (0 if the filesystem refuses direct
+    I/O); the caller writes the rest through the page cache.
+    """
+    n = len(data) // ALIGN * ALIGN
+    if n == 0 or offset % ALIGN:
+        return 0
+    fd = _open_direct(path, os.O_WRONLY)
+    if fd is None:
+        return 0
+    done = 0
+    try:
+        with memoryview(buf) as whole, whole[:n] as view:
+            view[:] = memoryview(data)[:n]
+            while done < n:
+                done += os.pwrite(fd, view[done:], offset + done)
+        return n
+    except OSError as e:
+        if e.errno == errno.EINVAL and done == 0:  # accepted at open, refused at write
+            return 0
+        raise
+    finally:
+        os.close(fd)
+
+
+def read_into(path: os.PathLike | str, offset: int, length: int, buf: mmap.mmap) -> memoryview:
+    """Bytes [offset, offset+length) of a file, read into `buf` without filling the page cache.
+
+    Falls back to a buffered read where direct I/O is refused. The view must
+    be released before `buf` is reused.
+    """
+    if len(buf) < _round_up(length):
+        raise ValueError("buffer too small")
+    fd = _open_direct(path, os.O_RDONLY) if offset % ALIGN == 0 else None
+    direct = fd is not None
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        want = _round_up(length) if direct else length
+        got = 0
+        with memoryview(buf) as whole:
+            while got < length:
+                n = os.preadv(fd, [whole[got:want]], offset + got)
+                if n == 0:
+                    break
+                got += n
+    finally:
+        os.close(fd)
+    if got < length:
+        raise OSError(errno.EIO, f"short read of {path}: {got} of {length} bytes at {offset}")
+    return memoryview(buf)[:length]
