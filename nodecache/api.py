@@ -7,6 +7,7 @@ one daemon method.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from typing import TYPE_CHECKING
@@ -33,6 +34,16 @@ def _spec(body: dict, need_repo: bool = True) -> str | None:
     return format_spec(
         repo_type, validate_repo_id(repo), None if revision is None else validate_revision(str(revision))
     )
+
+
+def _seconds(text: str, name: str, most: float = 300.0) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= most:  # also refuses NaN
+        raise ValueError(f"query '{name}' must be a number of seconds from 0 to {most:.0f}")
+    return value
 
 
 async def _body(request: web.Request) -> dict:
@@ -80,9 +91,13 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
         return web.json_response(job.as_dict(), status=202)
 
     async def job(request: web.Request) -> web.Response:
+        """`?wait=S`: answer when the job ends or after S seconds (<= 300), instead of polling."""
         j = daemon.jobs.jobs.get(request.match_info["id"])
         if j is None:
             raise web.HTTPNotFound(reason="not_found", text=f"no job {request.match_info['id']!r}")
+        wait = _seconds(request.query.get("wait", "0"), "wait")
+        if wait and j.task is not None and not j.task.done():
+            await asyncio.wait({j.task}, timeout=wait)
         return web.json_response(j.as_dict())
 
     async def pin(request: web.Request) -> web.Response:

@@ -43,6 +43,7 @@ class Job:
             "done": self.done,
             "total": self.total,
             "rate_Bps": round(rate),
+            "seconds": round(elapsed, 3),  # from the request to now, or to verified completion
             "eta_s": None if eta is None else round(eta, 1),
             "error": self.error,
         }
