@@ -37,7 +37,7 @@ class Config:
     read_timeout: float = 300.0  # how long a read waits for its bytes before EIO
     retry_base: float = 0.2  # first retry backoff; doubles, jittered, capped at 5 s
     fsync: bool = True  # fdatasync a chunk before marking it present
-    direct_io: bool = True  # whole-blob fills write chunks no reader waits for around the page cache (O_DIRECT)
+    direct_io: bool = True  # prefetch writes chunks of blobs nobody has open around the page cache (O_DIRECT)
     bdi_read_ahead_kb: int = 16384  # written to the mount's bdi after FUSE_INIT
     passthrough: bool = True  # complete blobs are read by the kernel from the store file (Linux >= 6.9)
     ref_ttl: float = 600.0  # re-resolve branch refs after this many seconds

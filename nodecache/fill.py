@@ -247,7 +247,9 @@ class Filler:
             if not fetched.done():
                 fetched.set_result(None)
         if data is not None:
-            cache = (st.rec.blob_id, k) in self._wanted
+            # Into the page cache if a reader waits for it or has the blob open (it will
+            # read on); a prefetch nobody reads yet goes around it.
+            cache = (st.rec.blob_id, k) in self._wanted or self._open.get(st.rec.blob_id, 0) > 0
             try:
                 await self.store.write_chunk(st, k, data, cache=cache)
             except NoSpace:

@@ -168,8 +168,11 @@ def test_control_api(hub, daemons):
 
     status, job = api(d, "POST", "/v1/prefetch", {"repo": SMALL, "revision": "main"}, token=token)
     assert status == 202 and job["total"] > 0
-    job = wait_job(d, job)
-    assert job["state"] == "ready" and job["done"] == job["total"]
+    for bad in ("abc", "-1", "301", "nan"):
+        status, err = api(d, "GET", f"/v1/jobs/{job['id']}?wait={bad}")
+        assert status == 400 and "wait" in err["detail"], (bad, err)
+    job = api(d, "GET", f"/v1/jobs/{job['id']}?wait=60")[1]  # answers when the job ends, no polling
+    assert job["state"] == "ready" and job["done"] == job["total"] and job["seconds"] > 0
     assert api(d, "GET", "/v1/repos")[1]["repos"][0]["snapshots"][0]["complete"] is True
 
     status, job = api(d, "POST", "/v1/pin", {"repo": BIG}, token=token)
