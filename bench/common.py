@@ -290,6 +290,18 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def http_post_json(url: str, body: dict, timeout: float = 30.0) -> dict:
+    """POST a JSON body; the JSON answer of a 2xx, else RuntimeError."""
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"POST {url}: HTTP {e.code}: {e.read()[:200]!r}") from None
+
+
 def http_json(url: str, timeout: float = 5.0) -> dict:
     status, body = http_get(url, timeout)
     if status != 200:
