@@ -190,15 +190,13 @@ class Filler:
         written around the page cache.
         """
         key = (st.rec.blob_id, k)
+        if not background:
+            self._wanted.add(key)
         task = self._inflight.get(key)
         if task is not None:
-            if not background:
-                self._wanted.add(key)
             if demand:
                 self.metrics.coalesced_waits.inc()
             return task
-        if not background:
-            self._wanted.add(key)
         fetched = self._fetched[key] = asyncio.get_running_loop().create_future()
         task = asyncio.get_running_loop().create_task(self._fetch(st, k, demand, fetched, sources, handed))
         self._inflight[key] = task
@@ -235,7 +233,7 @@ class Filler:
         """
         if self.closing:
             raise FillError("daemon is shutting down")
-        data, kind = None, "local"
+        data = None
         try:
             if handed is not None:
                 data, kind = await handed  # (None, _) if the run broke before this chunk
@@ -383,8 +381,12 @@ class Filler:
             # Pipelined: the next run is asked for once this one's bytes are off
             # the wire, while its chunks are still being written and synced.
             writing: list[asyncio.Task] = []
-            while run := self._claim(st, todo, workers):
-                tasks = self._start(st, run)
+            while claim := self._claim(st, todo, workers):
+                run, source = claim
+                if source is not None:
+                    tasks = self._start_run(st, run, source)
+                else:
+                    tasks = [self._chunk(st, run[0], demand=False, background=True)]
                 await self._off_the_wire((st.rec.blob_id, run[-1]), tasks[-1])
                 for t in writing:
                     await t
@@ -395,18 +397,22 @@ class Filler:
         await asyncio.gather(*(worker() for _ in range(workers)))
         await asyncio.shield(self._finish(st))
 
-    def _claim(self, st: BlobState, todo: deque[int], workers: int) -> list[int]:
+    def _claim(self, st: BlobState, todo: deque[int], workers: int) -> tuple[list[int], object | None] | None:
         """The next chunks one worker should fetch with one request: consecutive,
-        nobody fetching them yet, all from one source that can stream."""
+        nobody fetching them yet, all from one source that can stream.
+
+        Returns (chunks, that source), or ([chunk], None) for a one-chunk
+        fetch through the usual chain; None when nothing is left.
+        """
         while todo and st.has(todo[0]):
             todo.popleft()
         if not todo:
-            return []
+            return None
         run = [todo.popleft()]
         size = run_length(len(todo) + 1, workers, self.cfg.fill_run_chunks)
         chain = self.sources(st.rec, run[0])
-        if size < 2 or not chain or self._busy(st, run[0]):
-            return run
+        if size < 2 or not chain or not hasattr(chain[0], "stream") or self._busy(st, run[0]):
+            return run, None
         first = chain[0]
         while (
             len(run) < size
@@ -416,16 +422,10 @@ class Filler:
             and self.sources(st.rec, todo[0])[0] is first
         ):
             run.append(todo.popleft())
-        return run
+        return (run, first) if len(run) > 1 else (run, None)
 
     def _busy(self, st: BlobState, k: int) -> bool:
         return st.has(k) or (st.rec.blob_id, k) in self._inflight
-
-    def _start(self, st: BlobState, run: list[int]) -> list[asyncio.Task]:
-        """Tasks for the chunks of a run: one streamed request if it can, else one request per chunk."""
-        if len(run) > 1 and hasattr(source := self.sources(st.rec, run[0])[0], "stream"):
-            return self._start_run(st, run, source)
-        return [self._chunk(st, k, demand=False, background=True) for k in run]
 
     async def fill_blobs(self, blob_ids: list[str], progress: Callable[[int], None] | None = None) -> None:
         """Fill and verify blobs completely (prefetch); progress(bytes_done) as it goes."""

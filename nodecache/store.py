@@ -140,7 +140,7 @@ def hash_file(path: Path, kind: str, size: int, pool: directio.BufferPool | None
 
 
 class Store:
-    """Blob files in tiers. All blocking file work runs in the default thread pool."""
+    """Blob files in tiers. Blocking file work runs in the default thread pool, hashing in its own."""
 
     def __init__(
         self,
