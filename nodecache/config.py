@@ -38,6 +38,7 @@ class Config:
     retry_base: float = 0.2  # first retry backoff; doubles, jittered, capped at 5 s
     fsync: bool = True  # fdatasync a chunk before marking it present
     direct_io: bool = True  # prefetch writes chunks of blobs nobody has open around the page cache (O_DIRECT)
+    hash_memory: int = 256 * MiB  # chunks that land ahead of their blob's in-order hash wait in memory up to this
     bdi_read_ahead_kb: int = 16384  # written to the mount's bdi after FUSE_INIT
     passthrough: bool = True  # complete blobs are read by the kernel from the store file (Linux >= 6.9)
     ref_ttl: float = 600.0  # re-resolve branch refs after this many seconds
@@ -82,7 +83,7 @@ class Config:
             raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT")
         if not 0 < self.low_watermark <= self.high_watermark <= 1:
             raise ConfigError("low_watermark/high_watermark: need 0 < low <= high <= 1")
-        for key in ("disk_max", "shm_max", "shm_file_max", "min_free", "peer_upload_bps"):
+        for key in ("disk_max", "shm_max", "shm_file_max", "min_free", "peer_upload_bps", "hash_memory"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0")
         for key in ("repos", "preload"):
@@ -112,7 +113,7 @@ class Config:
         return int(self.listen.rpartition(":")[2])
 
 
-_SIZE_KEYS = {"chunk_size", "disk_max", "shm_max", "shm_file_max", "min_free", "peer_upload_bps"}
+_SIZE_KEYS = {"chunk_size", "disk_max", "shm_max", "shm_file_max", "min_free", "peer_upload_bps", "hash_memory"}
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 

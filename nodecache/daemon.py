@@ -69,7 +69,13 @@ class Daemon:
         if cfg.shm_dir is not None:
             tiers.insert(0, Tier("shm", cfg.shm_dir, cfg.shm_max, *marks))
         self.store = Store(
-            cfg.cache_dir, self.index, fsync=cfg.fsync, tiers=tiers, on_evict=self._evicted, direct_io=cfg.direct_io
+            cfg.cache_dir,
+            self.index,
+            fsync=cfg.fsync,
+            tiers=tiers,
+            on_evict=self._evicted,
+            direct_io=cfg.direct_io,
+            hash_memory=cfg.hash_memory,
         )
         self.store.placement = self._place
         self._hot: set[str] = set()

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 ALIGN = 4096  # satisfies every logical block size Linux block devices use
+_IOV_MAX = 1024
 
 
 def _round_up(n: int) -> int:
@@ -77,13 +78,21 @@ def _open_direct(path: os.PathLike | str, flags: int) -> int | None:
         raise
 
 
-def write(path: os.PathLike | str, data, offset: int, buf: mmap.mmap) -> int:
-    """Write the block-aligned head of `data` at `offset` (aligned) with O_DIRECT.
+def write(fd: int, path: os.PathLike | str, pieces: list, offset: int, buf: mmap.mmap | None) -> int:
+    """Write the pieces (buffers, in order) at `offset`; returns the bytes that went direct.
 
-    Returns how many bytes were written (0 if the filesystem refuses direct
-    I/O); the caller writes the rest through the page cache.
+    With `buf`, the pieces are gathered into it and its block-aligned head is
+    written with O_DIRECT (a file of its own); the rest, or all of it where
+    direct I/O is refused, goes through `fd` and the page cache.
     """
-    n = len(data) // ALIGN * ALIGN
+    done = _write_direct(path, pieces, offset, buf) if buf is not None else 0
+    pwrite_all(fd, pieces, offset, skip=done)
+    return done
+
+
+def _write_direct(path: os.PathLike | str, pieces: list, offset: int, buf: mmap.mmap) -> int:
+    size = sum(map(len, pieces))
+    n = size // ALIGN * ALIGN
     if n == 0 or offset % ALIGN:
         return 0
     fd = _open_direct(path, os.O_WRONLY)
@@ -91,10 +100,14 @@ def write(path: os.PathLike | str, data, offset: int, buf: mmap.mmap) -> int:
         return 0
     done = 0
     try:
-        with memoryview(buf) as whole, whole[:n] as view:
-            view[:] = memoryview(data)[:n]
-            while done < n:
-                done += os.pwrite(fd, view[done:], offset + done)
+        with memoryview(buf) as whole:
+            at = 0
+            for p in pieces:
+                whole[at : at + len(p)] = p
+                at += len(p)
+            with whole[:n] as view:
+                while done < n:
+                    done += os.pwrite(fd, view[done:], offset + done)
         return n
     except OSError as e:
         if e.errno == errno.EINVAL and done == 0:  # accepted at open, refused at write
@@ -102,6 +115,24 @@ def write(path: os.PathLike | str, data, offset: int, buf: mmap.mmap) -> int:
         raise
     finally:
         os.close(fd)
+
+
+def pwrite_all(fd: int, pieces: list, offset: int, skip: int = 0) -> None:
+    """Write the pieces from byte `skip` on at offset+skip, however short each pwritev is."""
+    views = []
+    at = 0  # where piece p starts
+    for p in pieces:
+        if at + len(p) > skip:
+            views.append(memoryview(p)[max(0, skip - at) :])
+        at += len(p)
+    offset += skip
+    while views:
+        n = os.pwritev(fd, views[:_IOV_MAX], offset)
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
 
 
 def read_into(path: os.PathLike | str, offset: int, length: int, buf: mmap.mmap) -> memoryview:

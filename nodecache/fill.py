@@ -301,7 +301,7 @@ class Filler:
                     if not handed[run[i]].done():  # its task may have been cancelled
                         handed[run[i]].set_result((data, kind))
                     i += 1
-                    if i >= 2:
+                    if 2 <= i < len(run):  # not after the last part: the connection goes back to the pool now
                         await asyncio.wait({tasks[i - 2]})
         except UpstreamError as e:
             log.info("%s/%s [%d-%d) from %s broke at chunk %d: %s", st.rec.repo_id, st.rec.path, start, end,
@@ -401,8 +401,9 @@ class Filler:
         """The next chunks one worker should fetch with one request: consecutive,
         nobody fetching them yet, all from one source that can stream.
 
-        Returns (chunks, that source), or ([chunk], None) for a one-chunk
-        fetch through the usual chain; None when nothing is left.
+        Returns (chunks, that source), or ([chunk], None) for a fetch through
+        the usual chain (a source that cannot stream, or a chunk a reader
+        already fetches); None when nothing is left.
         """
         while todo and st.has(todo[0]):
             todo.popleft()
@@ -411,7 +412,7 @@ class Filler:
         run = [todo.popleft()]
         size = run_length(len(todo) + 1, workers, self.cfg.fill_run_chunks)
         chain = self.sources(st.rec, run[0])
-        if size < 2 or not chain or not hasattr(chain[0], "stream") or self._busy(st, run[0]):
+        if not chain or not hasattr(chain[0], "stream") or self._busy(st, run[0]):
             return run, None
         first = chain[0]
         while (
@@ -422,7 +423,7 @@ class Filler:
             and self.sources(st.rec, todo[0])[0] is first
         ):
             run.append(todo.popleft())
-        return (run, first) if len(run) > 1 else (run, None)
+        return run, first
 
     def _busy(self, st: BlobState, k: int) -> bool:
         return st.has(k) or (st.rec.blob_id, k) in self._inflight

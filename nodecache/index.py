@@ -150,8 +150,13 @@ class Index:
             return [BlobRecord(**json.loads(raw)) for _, raw in txn.cursor(db=self._blobs)]
 
     def set_chunk(self, blob_id: str, index: int, digest: int) -> None:
+        self.set_chunks([(blob_id, index, digest)])
+
+    def set_chunks(self, chunks: list[tuple[str, int, int]]) -> None:
+        """Record (blob id, chunk index, xxh3-64) of chunks already synced, in one transaction."""
         with self.env.begin(write=True) as txn:
-            txn.put(blob_id.encode() + b"\0" + _CHUNK_KEY.pack(index), _CHUNK_KEY.pack(digest), db=self._chunks)
+            for blob_id, index, digest in chunks:
+                txn.put(blob_id.encode() + b"\0" + _CHUNK_KEY.pack(index), _CHUNK_KEY.pack(digest), db=self._chunks)
 
     def chunks(self, blob_id: str) -> dict[int, int]:
         """chunk index -> xxh3-64 of the chunk, for every chunk on disk."""

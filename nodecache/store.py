@@ -22,6 +22,7 @@ from pathlib import Path
 import xxhash
 
 from . import directio
+from .groupcommit import GroupCommit
 from .index import BlobRecord, Index
 from .layout import validate_blob_id
 
@@ -115,11 +116,19 @@ def _new_hasher(kind: str, size: int):
 
 class _Prefix:
     """The whole-blob hash of a fresh fill, advanced over chunks as they land in order,
-    so proving a blob at the end costs one chunk, not a re-read of the whole file."""
+    so proving a blob at the end costs one chunk, not a re-read of the whole file.
+
+    Chunks that arrive ahead of the hash wait in `held` (bounded by the store's
+    hash_memory), so the hash reads them from memory, not back from disk, and
+    does not wait for their writes. A held chunk whose write then fails spoils
+    the running hash: the proof falls back to hashing the file.
+    """
 
     def __init__(self, rec: BlobRecord):
         self.hasher = _new_hasher(rec.kind, rec.size)
-        self.next = 0
+        self.next = 0  # chunks [0, next) are taken by the hasher
+        self.held: dict[int, tuple[list, int]] = {}  # chunk -> (its buffers, bytes)
+        self.spoiled = False
         self.lock = asyncio.Lock()
 
 
@@ -150,11 +159,15 @@ class Store:
         tiers: list[Tier] | None = None,
         on_evict=None,
         direct_io: bool = True,
+        hash_memory: int = 256 * 1024 * 1024,
     ):
         self.index = index
         self.fsync = fsync
         self.direct_io = direct_io
         self.buffers = directio.BufferPool()
+        self.hash_memory = hash_memory
+        self._held = 0  # bytes of chunks held for the in-order hashes (all blobs)
+        self._commit = GroupCommit(self._sync_and_record)
         # Hashing gets threads of its own: it must not queue behind chunk writes
         # waiting on the disk, or the proof of a blob lags its last byte.
         self._hash_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nodecache-hash")
@@ -319,7 +332,7 @@ class Store:
         rec.state = "partial"
         self.index.put_blob(rec)
         self._states.pop(rec.blob_id, None)
-        self._prefix.pop(rec.blob_id, None)
+        self._drop_prefix(rec.blob_id)
         self.tiers[rec.tier].used -= cached
         self.on_evict(rec.tier, cached)
         log.info("evicted %s (%d bytes) from %s", rec.blob_id, cached, rec.tier)
@@ -360,50 +373,104 @@ class Store:
             raise OSError(errno.EIO, f"short read of blob {blob_id}")
         return data
 
-    async def write_chunk(self, st: BlobState, index: int, data: bytes, cache: bool = True) -> None:
+    async def write_chunk(self, st: BlobState, index: int, data: bytes | list, cache: bool = True) -> None:
         """Write, sync, then record: the order that makes a crash safe.
 
+        `data` is the chunk's bytes, or a list of buffers that make them up in
+        order (as a stream delivered them; see HfUpstream.parts).
         cache=False: nobody is reading this chunk now, so it goes around the
-        page cache (see directio) where the store allows.
+        page cache (see directio) where the store allows. Syncs and records
+        are shared with the chunks written at the same time (groupcommit).
         """
+        pieces = data if isinstance(data, list) else [data]
+        size = sum(map(len, pieces))
         start, end = st.chunk_range(index)
-        if len(data) != end - start:
-            raise ValueError(f"chunk {index} of {st.rec.blob_id}: {len(data)} bytes, want {end - start}")
-        tier = self.reserve(st, len(data))
+        if size != end - start:
+            raise ValueError(f"chunk {index} of {st.rec.blob_id}: {size} bytes, want {end - start}")
+        if st.has(index):
+            return  # a twin write: the chunk is on disk and recorded already
+        tier = self.reserve(st, size)
         fd = self._fd(st.rec.blob_id)
         direct = self.direct_io and not cache
         path = self.path(st.rec.blob_id)
+        prefix = self._prefix.get(st.rec.blob_id)
+        if prefix is not None:
+            self._hold(st, prefix, index, pieces, size)
 
-        def work() -> None:
-            view = memoryview(data)
-            done = 0
+        def work() -> int:
             if direct:
-                with self.buffers.buffer(len(data)) as buf:
-                    done = directio.write(path, view, start, buf)
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], start + done)
-            if self.fsync:
-                os.fdatasync(fd)
-            # Recorded only now that the bytes are on disk; the LMDB commit (an fsync of
-            # its own) stays off the event loop too.
-            self.index.set_chunk(st.rec.blob_id, index, xxhash.xxh3_64_intdigest(data))
+                with self.buffers.buffer(size) as buf:
+                    directio.write(fd, path, pieces, start, buf)
+            else:
+                directio.write(fd, path, pieces, start, None)
+            h = xxhash.xxh3_64()
+            for p in pieces:
+                h.update(p)
+            return h.intdigest()
 
         try:
-            await asyncio.get_running_loop().run_in_executor(None, work)
+            digest = await asyncio.get_running_loop().run_in_executor(None, work)
+            await self._commit((path, st.rec.blob_id, index, digest))
         except BaseException:
-            tier.used -= len(data)
+            tier.used -= size
+            if prefix is not None:
+                self._unhold(prefix, index, spoil=True)
             raise
         if st.has(index) or self._states.get(st.rec.blob_id) is not st:  # raced with a twin write or an eviction
-            tier.used -= len(data)
+            tier.used -= size
             return
         st.mark(index)
+        self._kick(st)
+
+    def _sync_and_record(self, chunks: list[tuple[Path, str, int, int]]) -> None:
+        """One flush per blob file, then one index transaction, for every chunk written meanwhile.
+
+        The file is opened afresh: the fd cache may close its fds under a thread.
+        """
+        if self.fsync:
+            for path in dict.fromkeys(path for path, *_ in chunks):
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+        self.index.set_chunks([(blob_id, index, digest) for _, blob_id, index, digest in chunks])
+
+    def _hold(self, st: BlobState, prefix: _Prefix, index: int, pieces: list, size: int) -> None:
+        """Keep a chunk for the in-order hash if it is ahead of it and memory allows."""
+        if index < prefix.next or index in prefix.held or self._held + size > self.hash_memory:
+            return
+        prefix.held[index] = (pieces, size)
+        self._held += size
+        self._kick(st)
+
+    def _unhold(self, prefix: _Prefix, index: int, spoil: bool = False) -> list | None:
+        """Stop holding a chunk; returns its pieces if it was held."""
+        held = prefix.held.pop(index, None)
+        if held is not None:
+            self._held -= held[1]
+            return held[0]
+        if spoil and index < prefix.next:
+            prefix.spoiled = True  # the hasher took bytes that never made it to disk
+        return None
+
+    def _drop_prefix(self, blob_id: str) -> _Prefix | None:
+        prefix = self._prefix.pop(blob_id, None)
+        if prefix is not None:
+            for index in list(prefix.held):
+                self._unhold(prefix, index)
+        return prefix
+
+    def _kick(self, st: BlobState) -> None:
+        """Advance the blob's hash if its next chunk is here (the lock serializes; a late task finds nothing)."""
         prefix = self._prefix.get(st.rec.blob_id)
-        if prefix is not None and st.has(prefix.next):  # the lock serializes; a late task finds nothing to do
-            # The chunk next in line is hashed from memory; later ones are read back.
-            fresh = (index, data) if prefix.next == index else None
-            task = asyncio.get_running_loop().create_task(self._advance(st, prefix, fresh))
-            self._hashing.add(task)
-            task.add_done_callback(lambda t: (self._hashing.discard(t), t.cancelled() or t.exception()))
+        if prefix is None or prefix.spoiled or prefix.next >= st.rec.n_chunks:
+            return
+        if not (prefix.next in prefix.held or st.has(prefix.next)):
+            return
+        task = asyncio.get_running_loop().create_task(self._advance(st, prefix))
+        self._hashing.add(task)
+        task.add_done_callback(lambda t: (self._hashing.discard(t), t.cancelled() or t.exception()))
 
     async def finish(self, st: BlobState) -> None:
         """All chunks are present: prove the id, then mark complete or quarantine.
@@ -414,10 +481,11 @@ class Store:
         """
         rec = st.rec
         loop = asyncio.get_running_loop()
-        prefix = self._prefix.pop(rec.blob_id, None)
+        prefix = self._prefix.get(rec.blob_id)
         if prefix is not None:
             await self._advance(st, prefix)
-        if prefix is not None and prefix.next == rec.n_chunks:
+            self._drop_prefix(rec.blob_id)
+        if prefix is not None and prefix.next == rec.n_chunks and not prefix.spoiled:
             got = prefix.hasher.hexdigest()
         elif rec.kind == "source":
             chunks = self.index.chunks(rec.blob_id)
@@ -436,43 +504,46 @@ class Store:
         self.quarantine(st)
         raise Quarantined(f"blob {rec.blob_id} hashed to {got}")
 
-    async def _advance(self, st: BlobState, prefix: _Prefix, fresh: tuple[int, bytes] | None = None) -> None:
-        """Feed the in-order run of present chunks to the blob's running hash.
+    async def _advance(self, st: BlobState, prefix: _Prefix) -> None:
+        """Feed the in-order run of available chunks to the blob's running hash.
 
-        `fresh` is a chunk just written, still in memory: no need to read it
-        back. Others are read back (around the page cache) one chunk ahead of
-        the hash, so the disk and the hash work at the same time.
+        A held chunk is hashed from memory; a chunk only on disk is read back
+        (around the page cache) one chunk ahead of the hash, so the disk and
+        the hash work at the same time.
         """
         rec = st.rec
         path = self.path(rec.blob_id)
         loop = asyncio.get_running_loop()
 
-        def ready(k: int) -> bool:
-            return k < rec.n_chunks and st.has(k) and self._states.get(rec.blob_id) is st
-
         def load(k: int):
             start, end = st.chunk_range(k)
             buf = self.buffers.take(end - start)  # given back by digest(); if we are cancelled, garbage
-            return buf, directio.read_into(path, start, end - start, buf)
+            return buf, [directio.read_into(path, start, end - start, buf)]
 
         def digest(item) -> None:
-            buf, view = item
-            prefix.hasher.update(view)
+            buf, pieces = item
+            for p in pieces:
+                prefix.hasher.update(p)
             if buf is not None:
-                view.release()
+                pieces[0].release()
                 self.buffers.give(buf)
+
+        def on_disk(k: int) -> bool:
+            return k < rec.n_chunks and k not in prefix.held and st.has(k)
 
         async with prefix.lock:
             ahead: asyncio.Future | None = None
-            while ready(prefix.next):
+            while not prefix.spoiled and self._prefix.get(rec.blob_id) is prefix:
                 k = prefix.next
-                if fresh is not None and fresh[0] == k:
-                    item = (None, fresh[1])
-                else:
+                if k in prefix.held:
+                    item = (None, self._unhold(prefix, k))
+                elif on_disk(k):
                     item = await (ahead if ahead is not None else loop.run_in_executor(self._hash_pool, load, k))
-                ahead = loop.run_in_executor(self._hash_pool, load, k + 1) if ready(k + 1) else None
+                else:
+                    break
+                prefix.next = k + 1  # taken: a failed write of chunk k from now on spoils the hash
+                ahead = loop.run_in_executor(self._hash_pool, load, k + 1) if on_disk(k + 1) else None
                 await loop.run_in_executor(self._hash_pool, digest, item)
-                prefix.next += 1
 
     def quarantine(self, st: BlobState) -> None:
         rec = st.rec
@@ -485,7 +556,7 @@ class Store:
         os.replace(self.path(rec.blob_id), self.quarantine_dir / rec.blob_id)
         self.tiers[rec.tier].used -= st.cached
         self._states.pop(rec.blob_id, None)
-        self._prefix.pop(rec.blob_id, None)
+        self._drop_prefix(rec.blob_id)
 
     def recover(self) -> int:
         """Re-verify every recorded chunk of partial blobs against its xxh3.

@@ -36,7 +36,7 @@ def test_run_lengths_shrink_and_cover_the_blob():
 
 async def _parts(url: str, start: int, end: int, piece: int) -> list[bytes]:
     async with aiohttp.ClientSession() as s, s.get(url, headers={"Range": f"bytes={start}-{end - 1}"}) as resp:
-        return [p async for p in HfUpstream.parts(resp, start, end, piece)]
+        return [b"".join(p) async for p in HfUpstream.parts(resp, start, end, piece)]
 
 
 def test_one_response_is_split_into_chunks(hub, big_repo):
@@ -57,7 +57,7 @@ def test_a_truncated_run_keeps_the_chunks_it_delivered(hub, big_repo):
     async def read() -> None:
         async with aiohttp.ClientSession() as s, s.get(url, headers={"Range": f"bytes=0-{4 * MiB - 1}"}) as resp:
             async for p in HfUpstream.parts(resp, 0, 4 * MiB, MiB):
-                got.append(p)
+                got.append(b"".join(p))
 
     with pytest.raises((UpstreamError, aiohttp.ClientPayloadError)):  # stream() makes both UpstreamError
         asyncio.run(read())
@@ -91,24 +91,30 @@ def _cached(path: Path, offset: int, size: int) -> bool:
 def test_direct_write_and_read_go_around_the_page_cache(tmp_path):
     path = tmp_path / "blob"
     data = os.urandom(3 * directio.ALIGN + 100)
+    pieces = [data[:5000], memoryview(data)[5000:9000], data[9000:]]  # as a stream delivers them
     with open(path, "wb") as f:
         f.truncate(len(data))
     pool = directio.BufferPool()
-    with pool.buffer(len(data)) as buf:
-        done = directio.write(path, data, 0, buf)
-    if done == 0:
-        pytest.skip(f"{tmp_path} refuses O_DIRECT; the store falls back to buffered writes there")
-    assert done == 3 * directio.ALIGN, "the aligned head only; the caller writes the tail"
-    with open(path, "r+b") as f:
-        f.seek(done)
-        f.write(data[done:])
-    assert not _cached(path, 0, done), "a direct write leaves nothing in the page cache"
-    with pool.buffer(len(data)) as buf, directio.read_into(path, 0, len(data), buf) as view:
-        assert bytes(view) == data
-    assert not _cached(path, 0, done), "nor does a direct read"
-    assert directio.write(path, data, 100, bytearray(8192)) == 0, "an unaligned offset is not for O_DIRECT"
-    with pytest.raises(OSError) as e, pool.buffer(8192) as buf:
-        directio.read_into(path, 0, len(data) + 1, buf)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pool.buffer(len(data)) as buf:
+            done = directio.write(fd, path, pieces, 0, buf)
+        if done == 0:
+            pytest.skip(f"{tmp_path} refuses O_DIRECT; the store falls back to buffered writes there")
+        assert done == 3 * directio.ALIGN, "the aligned head goes direct, the tail through the page cache"
+        assert not _cached(path, 0, done), "a direct write leaves nothing in the page cache"
+        with pool.buffer(len(data)) as buf, directio.read_into(path, 0, len(data), buf) as view:
+            assert bytes(view) == data
+        assert not _cached(path, 0, done), "nor does a direct read"
+        assert path.read_bytes() == data
+        assert directio.write(fd, path, pieces, 100, bytearray(8192)) == 0, "an unaligned offset is not for O_DIRECT"
+        with open(path, "rb") as f:
+            f.seek(100)
+            assert f.read() == data, "...so all of it went through the page cache"
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as e, pool.buffer(16384) as buf:
+        directio.read_into(path, 0, path.stat().st_size + 1, buf)
     assert e.value.errno == errno.EIO
 
 

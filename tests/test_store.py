@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
+from nodecache import store as store_mod
 from nodecache.index import BlobRecord, Index
 from nodecache.layout import FileEntry, InvalidName
 from nodecache.store import Quarantined, Store, hash_file
@@ -516,3 +517,146 @@ def test_whole_blob_hash_advances_with_chunks_in_any_order(cache: Path, index: I
         assert not store._prefix
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_concurrent_chunk_writes_share_flushes_and_hash_from_memory(cache: Path, index: Index, kind: str):
+    """Chunks written together are synced and recorded in a few group commits, and
+    the whole-blob hash takes them from memory: nothing is read back to prove the blob."""
+    data = payload(16 * CS + 77, seed=3)
+    rec = record(kind, data)
+    index.put_blob(rec)
+    store = Store(cache, index)
+    flushes: list[int] = []
+    flush = store._sync_and_record
+
+    def counting(chunks):
+        flushes.append(len(chunks))
+        flush(chunks)
+
+    store._commit._flush = counting
+    reads: list[int] = []
+    read_into = store_mod.directio.read_into
+
+    def counting_read(path, offset, length, buf):
+        reads.append(offset)
+        return read_into(path, offset, length, buf)
+
+    parts = chunks_of(data)
+    # Pieces as a stream delivers them: cut anywhere, some of them memoryviews.
+    pieces = [[p[:1000], memoryview(p)[1000:5000], p[5000:]] for p in parts]
+
+    async def run() -> None:
+        st = store.state(rec)
+        order = [*range(len(parts))][::-1]  # worst case for an in-order hash
+        await asyncio.gather(*(store.write_chunk(st, i, pieces[i]) for i in order))
+        await asyncio.gather(*store._hashing)
+        await store.finish(st)
+
+    store_mod.directio.read_into = counting_read
+    try:
+        asyncio.run(run())
+    finally:
+        store_mod.directio.read_into = read_into
+        store.close()
+    assert index.get_blob(rec.blob_id).state == "complete"
+    assert sum(flushes) == len(parts) and len(flushes) < len(parts), flushes
+    assert reads == [], "every chunk was hashed from memory"
+    assert store._held == 0, "held chunks are let go once hashed"
+    path = cache / "blobs" / rec.blob_id[:2] / rec.blob_id
+    assert path.read_bytes() == data
+
+
+def test_hash_memory_bound_falls_back_to_reading_back(cache: Path, index: Index):
+    data = payload(6 * CS, seed=4)
+    rec = record("sha256", data)
+    index.put_blob(rec)
+    store = Store(cache, index, hash_memory=2 * CS)
+
+    async def run() -> None:
+        st = store.state(rec)
+        parts = chunks_of(data)
+        for i in (5, 4, 3, 2, 1):  # none is next in line: held while memory allows
+            await store.write_chunk(st, i, parts[i])
+            assert store._held <= 2 * CS
+        assert sorted(store._prefix[rec.blob_id].held) == [4, 5]
+        await store.write_chunk(st, 0, parts[0])
+        await asyncio.gather(*store._hashing)
+        await store.finish(st)
+
+    try:
+        asyncio.run(run())
+    finally:
+        store.close()
+    assert index.get_blob(rec.blob_id).state == "complete"
+    assert store._held == 0
+
+
+def test_a_failed_write_of_a_hashed_chunk_spoils_the_running_hash(cache: Path, index: Index):
+    """The hasher may take a chunk from memory before its write lands; if that write
+    fails and the chunk is fetched again (other bytes), the proof must hash the file."""
+    data = payload(3 * CS, seed=5)
+    rec = record("sha256", data)
+    index.put_blob(rec)
+    store = Store(cache, index)
+    parts = chunks_of(data)
+    failing = {"on": True}
+    flush = store._sync_and_record
+
+    def flaky(chunks):
+        if failing["on"]:
+            failing["on"] = False
+            raise OSError(5, "injected EIO")
+        flush(chunks)
+
+    store._commit._flush = flaky
+
+    async def run() -> None:
+        st = store.state(rec)
+        bad = b"\xff" * len(parts[0])  # what a broken upstream might have sent first
+        with pytest.raises(OSError):
+            write = asyncio.create_task(store.write_chunk(st, 0, bad))
+            await asyncio.sleep(0)  # the hasher takes chunk 0 from memory...
+            await asyncio.gather(*store._hashing)
+            await write  # ...and then its write fails
+        assert store._prefix[rec.blob_id].spoiled
+        for i in range(3):
+            await store.write_chunk(st, i, parts[i])
+        await store.finish(st)  # hashes the file: the good bytes
+
+    try:
+        asyncio.run(run())
+    finally:
+        store.close()
+    assert index.get_blob(rec.blob_id).state == "complete"
+
+
+def test_group_commit_batches_fails_together_and_never_hangs():
+    from nodecache.groupcommit import GroupCommit
+
+    batches: list[list[int]] = []
+
+    def flush(items: list[int]) -> None:
+        batches.append(items)
+        if 13 in items:
+            raise OSError(5, "injected")
+
+    async def run() -> None:
+        commit = GroupCommit(flush)
+        results = await asyncio.gather(*(commit(i) for i in range(10)), return_exceptions=True)
+        assert results == [None] * 10
+        results = await asyncio.gather(*(commit(i) for i in range(10, 20)), return_exceptions=True)
+        failed = {i for i, r in zip(range(10, 20), results, strict=True) if isinstance(r, OSError)}
+        assert 13 in failed and failed == set(next(b for b in batches if 13 in b)), "the whole batch failed"
+        slow = GroupCommit(lambda items: __import__("time").sleep(0.2))
+        waiter = asyncio.create_task(slow(1))
+        await asyncio.sleep(0.01)
+        later = asyncio.create_task(slow(2))  # queued behind the running flush
+        await asyncio.sleep(0)
+        slow._leader.cancel()  # shutdown
+        done, _ = await asyncio.wait({waiter, later}, timeout=2)
+        assert done == {waiter, later}, "nobody waits forever"
+
+    asyncio.run(run())
+    assert sorted(i for b in batches for i in b) == list(range(20))
+    assert len(batches) < 20, "concurrent items share flushes"
