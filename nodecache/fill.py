@@ -399,7 +399,8 @@ class Filler:
 
     def _claim(self, st: BlobState, todo: deque[int], workers: int) -> tuple[list[int], object | None] | None:
         """The next chunks one worker should fetch with one request: consecutive,
-        nobody fetching them yet, all from one source that can stream.
+        nobody fetching them yet, all from one source that can stream; a
+        single chunk while the blob is open.
 
         Returns (chunks, that source), or ([chunk], None) for a fetch through
         the usual chain (a source that cannot stream, or a chunk a reader
@@ -411,6 +412,8 @@ class Filler:
             return None
         run = [todo.popleft()]
         size = run_length(len(todo) + 1, workers, self.cfg.fill_run_chunks)
+        if self._open.get(st.rec.blob_id, 0) > 0:
+            size = 1  # someone reads it front to back: one chunk per request lands chunks in that order
         chain = self.sources(st.rec, run[0])
         if not chain or not hasattr(chain[0], "stream") or self._busy(st, run[0]):
             return run, None
