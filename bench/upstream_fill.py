@@ -382,8 +382,8 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     kinds = [
-        ("snapshot_download", "snapshot_download", "#7f7f7f"),
-        ("prefetch", "nodecache prefetch\n(new process)", "#aec7e8"),
+        ("snapshot_download", "snapshot_\ndownload", "#7f7f7f"),
+        ("prefetch", "nodecache\nprefetch\n(new process)", "#aec7e8"),
         ("daemon_prefetch", "prefetch via\nrunning daemon", "#1f77b4"),
     ]
     if res["samples_s"]["lazy_read"]:
