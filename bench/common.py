@@ -12,8 +12,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python bench/x.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+from nodecache.testing.daemon import DaemonProcess  # noqa: E402
 
 # ---- machine and bookkeeping ---------------------------------------------------------
 
@@ -276,12 +275,6 @@ def workdir(prefix: str, keep: bool = False) -> Iterator[Path]:
 # ---- the daemon -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -326,21 +319,13 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class Daemon:
-    """`python -m nodecache serve` as a child; stopped by PID with SIGTERM, mount detached if left."""
+class Daemon(DaemonProcess):
+    """The tests' daemon harness (by PID, mount detached if left), plus what benches
+    read: one sub-directory per daemon of a work dir, metrics as numbers, a snapshot's path."""
 
     def __init__(self, work: Path, hub_url: str, repos: list[str], env: dict[str, str] | None = None, name="d"):
-        self.mount = work / f"{name}-mnt"
-        self.cache_dir = work / f"{name}-cache"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = work / f"{name}-daemon.log"
-        self.args = [sys.executable, "-m", "nodecache", "serve", "--mount", str(self.mount)]
-        self.args += ["--cache-dir", str(self.cache_dir), "--hub-url", hub_url, "--listen", f"127.0.0.1:{self.port}"]
-        for r in repos:
-            self.args += ["--repo", r]
-        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-        self.proc: subprocess.Popen | None = None
+        (work / name).mkdir(parents=True, exist_ok=True)
+        super().__init__(work / name, hub_url, repos, env={"PYTHONPATH": str(REPO_ROOT), **(env or {})})
 
     @property
     def pid(self) -> int:
@@ -348,51 +333,11 @@ class Daemon:
         return self.proc.pid
 
     def snapshot_dir(self, repo_id: str, commit: str) -> Path:
-        return self.mount / "hub" / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit
+        return self.hub / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit
 
     def start(self, timeout: float = 60.0) -> Daemon:
-        self.mount.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-                with contextlib.suppress(OSError):
-                    if http_get(self.url + "/readyz", timeout=1)[0] == 200:
-                        return self
-                time.sleep(0.05)
-            raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.log()[-3000:]}")
-        except BaseException:
-            self.stop()
-            raise
+        super().start(timeout)
+        return self
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def metrics(self) -> dict[str, float]:
-        return parse_metrics(http_get(self.url + "/metrics")[1].decode())
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        rc = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    print(f"warning: daemon {self.proc.pid} ignored SIGTERM for {timeout}s; SIGKILL", file=sys.stderr)
-                    self.proc.kill()
-                    self.proc.wait(10)
-            rc = self.proc.returncode
-        if mount_of(self.mount) is not None:
-            print(f"warning: {self.mount} still mounted after the daemon exited; detaching", file=sys.stderr)
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mount)], check=False, capture_output=True)
-        return rc
-
-    def __enter__(self) -> Daemon:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def metric_values(self) -> dict[str, float]:
+        return parse_metrics(self.metrics())

@@ -68,11 +68,11 @@ class Probe:
         self.d = d
 
     def __enter__(self) -> Probe:
-        self.m0, self.cpu0 = self.d.metrics(), common.proc_cpu_seconds(self.d.pid)
+        self.m0, self.cpu0 = self.d.metric_values(), common.proc_cpu_seconds(self.d.pid)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        m1, cpu1 = self.d.metrics(), common.proc_cpu_seconds(self.d.pid)
+        m1, cpu1 = self.d.metric_values(), common.proc_cpu_seconds(self.d.pid)
 
         def delta(key: str) -> float:
             return m1.get(key, 0.0) - self.m0.get(key, 0.0)
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
                 measure("fuse_warm", common.timed_read, fused, drop=False)
                 measure("raw_parallel8", common.parallel_read, blob, READERS, drop=True)
                 measure("fuse_parallel8", common.parallel_read, fused, READERS, drop=True)
-            final_metrics = d.metrics()
+            final_metrics = d.metric_values()
             d.stop()
             d = common.Daemon(work, hub.url, [REPO], env={**env, "NODECACHE_PASSTHROUGH": "false"}).start()
             passthrough["served"] = common.http_json(d.url + "/v1/status")["passthrough"]
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> dict:
                 measure("served_warm", common.timed_read, fused, drop=False)
                 measure("served_store_warm", common.timed_read, fused, drop="fuse-only")
                 measure("served_parallel8", common.parallel_read, fused, READERS, drop=True)
-            served_metrics = d.metrics()
+            served_metrics = d.metric_values()
             shm = Path("/dev/shm") / f"nodecache-bench-{os.getpid()}"
             try:  # reference: a page cache of 4 KiB pages (tmpfs, no huge pages), like the FUSE inode's
                 common.write_random_file(shm, size)

@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> dict:
                             extra,
                         )
                         extra["daemon_cpu_s"] = round(common.proc_cpu_seconds(d.pid) - cpu0, 2)
-                        m = d.metrics()
+                        m = d.metric_values()
                         extra["daemon_upstream_bytes"] = int(m.get('nodecache_upstream_bytes_total{upstream="hf"}', 0))
                         extra["daemon_fuse_errors"] = {k: v for k, v in m.items() if "fuse_errors" in k}
                     finally:
