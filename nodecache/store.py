@@ -118,9 +118,9 @@ class _Prefix:
     """The whole-blob hash of a fresh fill, advanced over chunks as they land in order,
     so proving a blob at the end costs one chunk, not a re-read of the whole file.
 
-    Chunks that arrive ahead of the hash wait in `held` (bounded by the store's
-    hash_memory), so the hash reads them from memory, not back from disk, and
-    does not wait for their writes. A held chunk whose write then fails spoils
+    Chunks written around the page cache that arrive ahead of the hash wait in
+    `held` (bounded by the store's hash_memory), so the hash reads them from
+    memory, not back from disk, and does not wait for their writes. A held chunk whose write then fails spoils
     the running hash: the proof falls back to hashing the file.
     """
 
@@ -394,7 +394,7 @@ class Store:
         direct = self.direct_io and not cache
         path = self.path(st.rec.blob_id)
         prefix = self._prefix.get(st.rec.blob_id)
-        if prefix is not None:
+        if prefix is not None and direct:  # a chunk going to the page cache is cheap to read back
             self._hold(st, prefix, index, pieces, size)
 
         def work() -> int:

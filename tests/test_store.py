@@ -549,7 +549,7 @@ def test_concurrent_chunk_writes_share_flushes_and_hash_from_memory(cache: Path,
     async def run() -> None:
         st = store.state(rec)
         order = [*range(len(parts))][::-1]  # worst case for an in-order hash
-        await asyncio.gather(*(store.write_chunk(st, i, pieces[i]) for i in order))
+        await asyncio.gather(*(store.write_chunk(st, i, pieces[i], cache=False) for i in order))
         await asyncio.gather(*store._hashing)
         await store.finish(st)
 
@@ -576,11 +576,12 @@ def test_hash_memory_bound_falls_back_to_reading_back(cache: Path, index: Index)
     async def run() -> None:
         st = store.state(rec)
         parts = chunks_of(data)
-        for i in (5, 4, 3, 2, 1):  # none is next in line: held while memory allows
-            await store.write_chunk(st, i, parts[i])
+        for i in (5, 4, 3, 2):  # none is next in line: held while memory allows
+            await store.write_chunk(st, i, parts[i], cache=False)
             assert store._held <= 2 * CS
+        await store.write_chunk(st, 1, parts[1], cache=True)  # a reader's chunk: read back from the page cache
         assert sorted(store._prefix[rec.blob_id].held) == [4, 5]
-        await store.write_chunk(st, 0, parts[0])
+        await store.write_chunk(st, 0, parts[0], cache=False)
         await asyncio.gather(*store._hashing)
         await store.finish(st)
 
@@ -615,13 +616,13 @@ def test_a_failed_write_of_a_hashed_chunk_spoils_the_running_hash(cache: Path, i
         st = store.state(rec)
         bad = b"\xff" * len(parts[0])  # what a broken upstream might have sent first
         with pytest.raises(OSError):
-            write = asyncio.create_task(store.write_chunk(st, 0, bad))
+            write = asyncio.create_task(store.write_chunk(st, 0, bad, cache=False))
             await asyncio.sleep(0)  # the hasher takes chunk 0 from memory...
             await asyncio.gather(*store._hashing)
             await write  # ...and then its write fails
         assert store._prefix[rec.blob_id].spoiled
         for i in range(3):
-            await store.write_chunk(st, i, parts[i])
+            await store.write_chunk(st, i, parts[i], cache=False)
         await store.finish(st)  # hashes the file: the good bytes
 
     try:
