@@ -22,6 +22,9 @@ LOOKUP, FORGET, GETATTR, READLINK, OPEN, READ, STATFS, RELEASE = 1, 2, 3, 5, 14,
 GETXATTR, LISTXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 22, 23, 25, 26, 27, 28, 29
 INTERRUPT, DESTROY, BATCH_FORGET, READDIRPLUS = 36, 38, 42, 44
 NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
+# what an INTERRUPT may cancel: a read can wait minutes for its bytes; nothing else holds
+# state that a cancel half way would leak (an open's backing file, a release)
+INTERRUPTIBLE = frozenset({READ})
 # opcodes that would change the tree; a read-only mount mostly stops them in the VFS
 WRITES = frozenset({4, 6, 8, 9, 10, 11, 12, 13, 16, 20, 21, 24, 30, 35, 43, 45, 47, 51})
 
@@ -59,6 +62,7 @@ OPEN_IN = struct.Struct("<II")  # flags open_flags
 OPEN_OUT = struct.Struct("<QIi")  # fh open_flags backing_id
 READ_IN = struct.Struct("<QQI")  # fh offset size (then read_flags lock_owner flags)
 RELEASE_IN = struct.Struct("<Q")  # fh
+INTERRUPT_IN = struct.Struct("<Q")  # unique of the request to interrupt
 GETXATTR_IN = struct.Struct("<II")  # size padding, then the name NUL-terminated
 GETXATTR_OUT = struct.Struct("<II")  # size padding
 DIRENT_HEAD = struct.Struct("<QQII")  # ino off namelen type

@@ -81,7 +81,7 @@ class Session:
         self.initialized = asyncio.Event()
         self._fd = -1
         self._done: asyncio.Future | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._running: dict[int, tuple[int, asyncio.Task]] = {}  # request unique -> (opcode, handler)
         # The kernel refuses (EIO) to mix passthrough and cached opens of one inode, and a second
         # backing file for it: an inode's live opens share one mode, and one backing id.
         self._backing: dict[int, tuple[int, int]] = {}  # inode -> (backing id, passthrough opens)
@@ -113,7 +113,7 @@ class Session:
         try:
             await self._done
         finally:
-            for task in list(self._tasks):
+            for _, task in list(self._running.values()):
                 task.cancel()
 
     def close(self) -> None:
@@ -155,11 +155,27 @@ class Session:
             except p.ProtocolError as e:
                 log.error("bad request from the kernel: %s", e)
                 continue
+            if req.opcode == p.INTERRUPT:
+                self._interrupt(req.body)
+                continue
             if req.opcode in p.NO_REPLY:
-                continue  # inodes live as long as their path; interrupts are not honoured
+                continue  # inodes live as long as their path
             task = asyncio.get_running_loop().create_task(self._handle(req))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._running[req.unique] = (req.opcode, task)
+            task.add_done_callback(lambda _t, unique=req.unique: self._running.pop(unique, None))
+
+    def _interrupt(self, body: bytes) -> None:
+        """A reader got a signal while we work on its request: stop waiting for it and say EINTR.
+
+        Without this a killed process (a pod being deleted) stays in the kernel
+        until its read is answered, up to read_timeout. The fill it waited for
+        goes on for other readers. The kernel sends INTERRUPT only for requests
+        we have read already, so a request not found here was answered.
+        """
+        (unique,) = p.INTERRUPT_IN.unpack_from(body)
+        opcode, task = self._running.get(unique, (None, None))
+        if task is not None and opcode in p.INTERRUPTIBLE:
+            task.cancel()
 
     async def _handle(self, req: p.Request) -> None:
         try:

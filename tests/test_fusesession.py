@@ -12,6 +12,8 @@ import time
 import pytest
 from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir
 
+from nodecache.testing.hub import Fault
+
 
 def test_statfs_xattrs_and_unknown_requests(hub, daemons):
     d = daemons(repos=(SMALL,))
@@ -46,4 +48,42 @@ def test_a_reader_killed_mid_read_leaves_the_daemon_serving(hub, daemons, big_re
             reader.kill()
     hub.rate_limit_bps = None
     assert sha256_file(path) == sha256_file(big_repo / "weights.bin")
+    assert d.status()["ready"]
+
+
+@pytest.mark.parametrize(
+    "how, sig",
+    [("O_DIRECT", signal.SIGKILL), ("O_DIRECT", signal.SIGINT), ("buffered", signal.SIGKILL)],
+)
+def test_a_reader_waiting_on_a_slow_fill_dies_at_once(hub, daemons, big_repo, how, sig):
+    """FUSE INTERRUPT. A read the reader waits on directly (O_DIRECT; also every lookup)
+    keeps a killed or signalled process in the kernel until it is answered; we answer
+    EINTR at once instead of after the fill (here 8 s), and the fill goes on. A buffered
+    read waits on page locks, which only a fatal signal breaks (the kernel's doing)."""
+    d = daemons(repos=(BIG,), env={"NODECACHE_FILL_ON_OPEN": "false", "NODECACHE_READ_AHEAD_CHUNKS": "0"})
+    path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
+    hub.faults.append(Fault("slow", seconds=8))  # the first data response waits 8 s
+    flags = "os.O_RDONLY | os.O_DIRECT" if how == "O_DIRECT" else "os.O_RDONLY"
+    code = (
+        f"import mmap, os; fd = os.open({str(path)!r}, {flags}); print('open', flush=True); "
+        "os.preadv(fd, [mmap.mmap(-1, 4096)], 0)"
+    )
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline() == "open\n"
+        deadline = time.monotonic() + 10
+        while "nodecache_fill_inflight 1.0" not in d.metrics() and time.monotonic() < deadline:
+            time.sleep(0.05)  # until its read waits on upstream
+        assert "nodecache_fill_inflight 1.0" in d.metrics(), "the read never reached upstream"
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        reader.send_signal(sig)
+        reader.wait(10)
+        assert time.monotonic() - t0 < 3, "the reader waited for the fill"
+        assert reader.returncode != 0
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait(30)
+    assert sha256_file(path) == sha256_file(big_repo / "weights.bin"), "the daemon serves on, right bytes"
     assert d.status()["ready"]
