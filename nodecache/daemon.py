@@ -107,6 +107,7 @@ class Daemon:
         await self.filler.close()
         await self.sources.close()
         await self.session.close()
+        await self.store.settle()
         self.store.close()
         self.index.close()
 

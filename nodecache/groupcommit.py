@@ -34,6 +34,11 @@ class GroupCommit(Generic[T]):
             self._leader = loop.create_task(self._drain())
         await fut
 
+    async def settled(self) -> None:
+        """Return once everything handed in so far is flushed (or failed)."""
+        while self._leader is not None:
+            await asyncio.wait({self._leader})
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         batch: list[tuple[T, asyncio.Future]] = []

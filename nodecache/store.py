@@ -203,6 +203,10 @@ class Store:
                 self._recs[blob_id] = rec
         return rec
 
+    async def settle(self) -> None:
+        """Wait for chunk records still being committed: the index must not close under them."""
+        await self._commit.settled()
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

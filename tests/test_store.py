@@ -657,6 +657,13 @@ def test_group_commit_batches_fails_together_and_never_hangs():
         slow._leader.cancel()  # shutdown
         done, _ = await asyncio.wait({waiter, later}, timeout=2)
         assert done == {waiter, later}, "nobody waits forever"
+        flushed: list[int] = []
+        settling = GroupCommit(lambda items: (__import__("time").sleep(0.1), flushed.extend(items)))
+        pending = [asyncio.create_task(settling(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        await settling.settled()
+        assert flushed == [0, 1, 2], "settled() waits for every flush"
+        await asyncio.gather(*pending)
 
     asyncio.run(run())
     assert sorted(i for b in batches for i in b) == list(range(20))
