@@ -110,6 +110,17 @@ def bad_chunks(path: Path, chunk_size: int, size: int, chunks: dict[int, int]) -
     return bad
 
 
+def _pread(path: Path, size: int, offset: int) -> bytes:
+    """A read in a thread opens the file itself: the store's fd cache lives on the loop
+    and may close an fd (whose number is then reused for another blob) while a thread
+    still reads or writes through it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
 def _new_hasher(kind: str, size: int):
     return hashlib.sha256() if kind == "sha256" else hashlib.sha1(b"blob %d\0" % size)
 
@@ -371,7 +382,8 @@ class Store:
                 raise
         if got == size:
             return buf  # the FUSE session and aiohttp take any buffer: no extra 1 MiB copy
-        rest = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, size - got, offset + got)
+        path = self.path(blob_id)
+        rest = await asyncio.get_running_loop().run_in_executor(None, _pread, path, size - got, offset + got)
         data = bytes(buf[:got]) + rest
         if len(data) != size:
             raise OSError(errno.EIO, f"short read of blob {blob_id}")
@@ -394,7 +406,6 @@ class Store:
         if st.has(index):
             return  # a twin write: the chunk is on disk and recorded already
         tier = self.reserve(st, size)
-        fd = self._fd(st.rec.blob_id)
         direct = self.direct_io and not cache
         path = self.path(st.rec.blob_id)
         prefix = self._prefix.get(st.rec.blob_id)
@@ -402,11 +413,15 @@ class Store:
             self._hold(st, prefix, index, pieces, size)
 
         def work() -> int:
-            if direct:
-                with self.buffers.buffer(size) as buf:
-                    directio.write(fd, path, pieces, start, buf)
-            else:
-                directio.write(fd, path, pieces, start, None)
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)  # its own: see _pread
+            try:
+                if direct:
+                    with self.buffers.buffer(size) as buf:
+                        directio.write(fd, path, pieces, start, buf)
+                else:
+                    directio.write(fd, path, pieces, start, None)
+            finally:
+                os.close(fd)
             h = xxhash.xxh3_64()
             for p in pieces:
                 h.update(p)
