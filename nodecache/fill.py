@@ -317,6 +317,8 @@ class Filler:
         self, rec: BlobRecord, k: int, start: int, end: int, sources: list | None = None
     ) -> tuple[bytes, str]:
         """Try every source in order; back off and go round again until the deadline."""
+        if start == end:
+            return b"", "local"  # the one chunk of an empty file: nothing to ask anyone for
         deadline = time.monotonic() + self.cfg.read_timeout
         delay = self.cfg.retry_base
         while True:
@@ -415,7 +417,7 @@ class Filler:
         if self._open.get(st.rec.blob_id, 0) > 0:
             size = 1  # someone reads it front to back: one chunk per request lands chunks in that order
         chain = self.sources(st.rec, run[0])
-        if not chain or not hasattr(chain[0], "stream") or self._busy(st, run[0]):
+        if not chain or not hasattr(chain[0], "stream") or self._busy(st, run[0]) or st.rec.size == 0:
             return run, None
         first = chain[0]
         while (

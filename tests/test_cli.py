@@ -83,3 +83,16 @@ def test_every_subcommand_has_working_help():
     for name in ["", *sub.choices]:
         out = nodecache(*([name] if name else []), "--help")
         assert out.returncode == 0 and "usage: nodecache" in out.stdout, (name, out.stderr)
+
+
+def test_prefetch_of_a_repo_with_an_empty_file(hub, tmp_path):
+    """A 0-byte file (`__init__.py`, `.gitkeep`) is one empty chunk: proven, never fetched."""
+    hub.add_repo("org/with-empty", {"config.json": b'{"a": 1}\n', "pkg/__init__.py": b"", ".gitkeep": b""})
+    cache = tmp_path / "cache"
+    out = nodecache("prefetch", "org/with-empty", "--cache-dir", str(cache), "--hub-url", hub.url, timeout=60)
+    assert out.returncode == 0, out.stderr
+    empty = "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # `git hash-object /dev/null`
+    blob = cache / "blobs" / empty[:2] / empty
+    assert blob.is_file() and blob.stat().st_size == 0
+    ranges = [(s, e) for _, s, e in hub.stats.ranges]
+    assert all(e > s for s, e in ranges), "no request for an empty range"
