@@ -509,9 +509,7 @@ def plot(res: dict, path: Path) -> None:
         f"{res['node_MBps']:.0f} MB/s (tc tbf), {res['machine']['nproc']} CPUs, {res['date'][:10]}",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -522,9 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-mbit", type=int, default=1600, help="tc rate of every node's link (1600 = 200 MB/s)")
     p.add_argument("--timeout", type=float, default=300, help="give up on one fill after this long (s)")
     p.add_argument("--name", default="cluster", help="output file stem")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    p.add_argument("--keep", action="store_true", help="keep the scratch dir")
-    p.add_argument("--wait-quiet", type=float, default=300, help="wait up to this long for idle CPUs first (s)")
+    common.add_run_args(p, wait_quiet=300)
     args = p.parse_args(argv)
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("needs root, /dev/fuse and network namespaces (ip netns)", file=sys.stderr)

@@ -6,6 +6,7 @@ process that touches its own FUSE mount from the serving loop deadlocks.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -95,6 +96,21 @@ class CpuMeter:
         own, sysnow = os.times(), _cpu_snap()
         self.own_cpu_s = (own.user - self._own.user) + (own.system - self._own.system)
         self.machine_busy = (sysnow[0] - self._sys[0]) / max(1, sysnow[1] - self._sys[1])
+
+
+def add_run_args(p: argparse.ArgumentParser, wait_quiet: float = 120) -> None:
+    """The flags every bench shares: where results go, keeping the scratch dir, waiting for idle CPUs."""
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--keep", action="store_true", help="keep the scratch dir")
+    p.add_argument("--wait-quiet", type=float, default=wait_quiet, help="wait up to this long for idle CPUs first (s)")
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def wait_quiet(max_wait: float, threshold: float = 0.15) -> dict:

@@ -295,9 +295,7 @@ def plot(res: dict, path: Path) -> None:
         f"1 MiB reads, {res['reps']} passes, {m['nproc']} CPUs, kernel {m['kernel']}, {res['date'][:10]}",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,9 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-gib", type=float, default=2.0)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--chunk-size", type=int, help="NODECACHE_CHUNK_SIZE for the daemon (default: its own, 8 MiB)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    p.add_argument("--keep", action="store_true", help="keep the scratch dir")
-    p.add_argument("--wait-quiet", type=float, default=120, help="wait up to this long for idle CPUs first (s)")
+    common.add_run_args(p)
     args = p.parse_args(argv)
     quiet = common.wait_quiet(args.wait_quiet)
     res = run(args)

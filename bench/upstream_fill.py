@@ -419,9 +419,7 @@ def plot(res: dict, path: Path) -> None:
         f"({res['machine']['nproc']} CPUs, {res['date'][:10]})",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,9 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--name", default="upstream_fill", help="output file stem (e.g. for a second rate)")
     p.add_argument("--no-lazy", action="store_true", help="skip the lazy read through the mount")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    p.add_argument("--keep", action="store_true", help="keep the scratch dir")
-    p.add_argument("--wait-quiet", type=float, default=120, help="wait up to this long for idle CPUs first (s)")
+    common.add_run_args(p)
     p.add_argument("--probe", metavar="HUB_URL", help=argparse.SUPPRESS)
     p.add_argument("--probe-conns", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--probe-chunk", type=int, default=8 * MiB, help=argparse.SUPPRESS)
