@@ -14,8 +14,9 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,15 +111,20 @@ def bad_chunks(path: Path, chunk_size: int, size: int, chunks: dict[int, int]) -
     return bad
 
 
-def _pread(path: Path, size: int, offset: int) -> bytes:
-    """A read in a thread opens the file itself: the store's fd cache lives on the loop
-    and may close an fd (whose number is then reused for another blob) while a thread
-    still reads or writes through it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+@contextmanager
+def _own_fd(path: Path, flags: int) -> Iterator[int]:
+    """An fd for work in a thread. The store's fd cache lives on the loop and may close
+    an fd (whose number is then reused for another blob) while a thread still uses it."""
+    fd = os.open(path, flags | os.O_CLOEXEC)
     try:
-        return os.pread(fd, size, offset)
+        yield fd
     finally:
         os.close(fd)
+
+
+def _pread(path: Path, size: int, offset: int) -> bytes:
+    with _own_fd(path, os.O_RDONLY) as fd:
+        return os.pread(fd, size, offset)
 
 
 def _new_hasher(kind: str, size: int):
@@ -131,8 +137,9 @@ class _Prefix:
 
     Chunks written around the page cache that arrive ahead of the hash wait in
     `held` (bounded by the store's hash_memory), so the hash reads them from
-    memory, not back from disk, and does not wait for their writes. A held chunk whose write then fails spoils
-    the running hash: the proof falls back to hashing the file.
+    memory, not back from disk, and does not wait for their writes. A held
+    chunk whose write then fails spoils the running hash: the proof falls back
+    to hashing the file.
     """
 
     def __init__(self, rec: BlobRecord):
@@ -413,15 +420,8 @@ class Store:
             self._hold(st, prefix, index, pieces, size)
 
         def work() -> int:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)  # its own: see _pread
-            try:
-                if direct:
-                    with self.buffers.buffer(size) as buf:
-                        directio.write(fd, path, pieces, start, buf)
-                else:
-                    directio.write(fd, path, pieces, start, None)
-            finally:
-                os.close(fd)
+            with _own_fd(path, os.O_WRONLY) as fd, self.buffers.buffer(size) if direct else nullcontext() as buf:
+                directio.write(fd, path, pieces, start, buf)
             h = xxhash.xxh3_64()
             for p in pieces:
                 h.update(p)
@@ -442,17 +442,11 @@ class Store:
         self._kick(st)
 
     def _sync_and_record(self, chunks: list[tuple[Path, str, int, int]]) -> None:
-        """One flush per blob file, then one index transaction, for every chunk written meanwhile.
-
-        The file is opened afresh: the fd cache may close its fds under a thread.
-        """
+        """One flush per blob file, then one index transaction, for every chunk written meanwhile."""
         if self.fsync:
             for path in dict.fromkeys(path for path, *_ in chunks):
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
+                with _own_fd(path, os.O_RDONLY) as fd:
                     os.fdatasync(fd)
-                finally:
-                    os.close(fd)
         self.index.set_chunks([(blob_id, index, digest) for _, blob_id, index, digest in chunks])
 
     def _hold(self, st: BlobState, prefix: _Prefix, index: int, pieces: list, size: int) -> None:
@@ -473,12 +467,11 @@ class Store:
             prefix.spoiled = True  # the hasher took bytes that never made it to disk
         return None
 
-    def _drop_prefix(self, blob_id: str) -> _Prefix | None:
+    def _drop_prefix(self, blob_id: str) -> None:
         prefix = self._prefix.pop(blob_id, None)
         if prefix is not None:
             for index in list(prefix.held):
                 self._unhold(prefix, index)
-        return prefix
 
     def _kick(self, st: BlobState) -> None:
         """Advance the blob's hash if its next chunk is here (the lock serializes; a late task finds nothing)."""
