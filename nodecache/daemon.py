@@ -205,6 +205,7 @@ class Daemon:
         pins = {(r.repo_type, r.repo_id, r.revision): mode for r, mode in self.pinned_refs()}
         out = []
         for view in self.index.views():
+            meta = self.index.get_repo_meta(view.repo_type, view.repo_id) or {}
             snaps = []
             for commit, files in view.snapshots.items():
                 blobs = {f.blob_id: f.size for f in files}
@@ -225,6 +226,7 @@ class Daemon:
                     "repo": view.repo_id,
                     "repo_type": view.repo_type,
                     "node_label": label_key(view.repo_type, view.repo_id),
+                    "visibility": meta.get("visibility", "unknown"),
                     "refs": view.refs,
                     "pinned": {
                         rev: mode for (t, r, rev), mode in pins.items() if (t, r) == (view.repo_type, view.repo_id)

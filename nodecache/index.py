@@ -57,6 +57,7 @@ class Index:
         self._blobs = self.env.open_db(b"blobs")
         self._chunks = self.env.open_db(b"chunks")
         self._pins = self.env.open_db(b"pins")
+        self._repos = self.env.open_db(b"repos")
 
     def close(self) -> None:
         self.env.close()
@@ -112,6 +113,17 @@ class Index:
                 v, revision = view(key)
                 v.refs[revision] = json.loads(raw)["commit"]
         return [found[k] for k in sorted(found)]
+
+    def put_repo_meta(self, repo_type: str, repo_id: str, visibility: str) -> None:
+        """What the repo's source said of it last time (survives a restart with the source down)."""
+        value = json.dumps({"visibility": visibility, "at": time.time()})
+        with self.env.begin(write=True) as txn:
+            txn.put(_repo_key(repo_type, repo_id), value.encode(), db=self._repos)
+
+    def get_repo_meta(self, repo_type: str, repo_id: str) -> dict | None:
+        with self.env.begin() as txn:
+            raw = txn.get(_repo_key(repo_type, repo_id), db=self._repos)
+        return json.loads(raw) if raw else None
 
     # pins -------------------------------------------------------------------
 

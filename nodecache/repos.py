@@ -43,6 +43,7 @@ def register(index: Index, chunk_size: int, repo_type: str, repo_id: str, revisi
             )
             index.put_blob(rec)
     index.put_snapshot(repo_type, repo_id, res.commit, [f.entry for f in res.files])
+    index.put_repo_meta(repo_type, repo_id, res.visibility)
     if revision != res.commit:  # huggingface_hub writes no ref for a commit revision
         index.put_ref(repo_type, repo_id, revision, res.commit)
 

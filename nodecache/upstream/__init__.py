@@ -25,10 +25,16 @@ class RemoteFile:
     kind: str  # "sha256" | "gitsha1"
 
 
+VISIBILITIES = ("public", "gated", "private", "unknown")
+
+
 @dataclass(frozen=True)
 class Resolved:
     commit: str
     files: list[RemoteFile]
+    # Who may see the repo, as the source itself says: only the Hub can say
+    # "public"; a bucket, a URL or a directory is the operator's own ("private").
+    visibility: str = "private"
 
 
 class Upstream(Protocol):

@@ -208,4 +208,13 @@ def _parse_revision(info: dict) -> Resolved:
             raise UpstreamError(f"upstream gave no size for {s.get('rfilename')!r}")
         entry = FileEntry(validate_relpath(s["rfilename"]), int(size), validate_blob_id(blob_id))
         files.append(RemoteFile(entry, kind))
-    return Resolved(commit, files)
+    return Resolved(commit, files, visibility_of(info))
+
+
+def visibility_of(info: dict) -> str:
+    """Public only when the Hub's own repo document says not private and not gated."""
+    if "private" not in info or "gated" not in info:
+        return "unknown"
+    if info["private"] is not False:
+        return "private"
+    return "public" if info["gated"] in (False, None) else "gated"
