@@ -71,6 +71,7 @@ class Config:
     kube_token_file: Path | None = None  # with kube_api: a bearer token file
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.chunk_size < 64 * 1024 or self.chunk_size & (self.chunk_size - 1):
             raise ConfigError(f"chunk_size: {self.chunk_size} is not a power of two >= 64 KiB")
         for key in ("read_ahead_chunks", "parallel_per_blob", "parallel_total", "fill_run_chunks", "peer_uploads"):
@@ -95,6 +96,11 @@ class Config:
                     layout.parse_repo_spec(spec)
                 except layout.InvalidName as e:
                     raise ConfigError(f"{key}: {e}") from None
+        if (self.peers or self.peers_dns) and not self.cluster_token:
+            raise ConfigError(
+                "cluster_token: peers/peers_dns are set but no cluster token is; every node of the cluster needs "
+                "the same one (NODECACHE_CLUSTER_TOKEN), else anyone on the network could use the peer API"
+            )
         from .upstream.sources import check_config  # non-HF sources: syntax only, no I/O
 
         check_config(self)
@@ -106,13 +112,29 @@ class Config:
 
     @property
     def listen_host(self) -> str:
-        return self.listen.rpartition(":")[0]
+        return self.listen.rpartition(":")[0].removeprefix("[").removesuffix("]")  # [::]:8470 -> ::
 
     @property
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
 
 
+def _check_types(cfg: Config) -> None:
+    """Every value has its field's type (a YAML list where a string belongs stops here, named)."""
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), str(f.type)
+        if value is None and "None" in kind:
+            continue
+        want = next(t for name, t in _TYPES if kind.startswith(name))
+        if isinstance(value, bool) and want is not bool:  # bool is an int to Python, not to us
+            want = ()
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, want) or (want is tuple and not all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{f.name}: {value!r} is not a valid {kind.replace(' | None', '')}")
+
+
+_TYPES = (("Path", Path), ("str", str), ("int", int), ("float", float), ("bool", bool), ("tuple", tuple))
 _SIZE_KEYS = {"chunk_size", "disk_max", "shm_max", "shm_file_max", "min_free", "peer_upload_bps", "hash_memory"}
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 

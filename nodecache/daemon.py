@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import logging
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from . import layout
+from .backoff import delays
 from .config import Config
+from .expiring import ExpiringSet
 from .fill import Filler
 from .fusefs import NodecacheFS, find_mount, set_read_ahead
 from .fusesession import Session
@@ -29,6 +31,7 @@ from .jobs import Job, Jobs
 from .labels import NodeLabeler, label_key
 from .metrics import Metrics
 from .peers import Membership, Peers
+from .policy import RepoPolicy
 from .repos import RepoRef, ensure_repo, snapshot_blobs
 from .server import make_app
 from .store import Store, Tier
@@ -58,12 +61,15 @@ class Daemon:
         self._stop = asyncio.Event()
         self.fs: NodecacheFS | None = None
         self.fuse_session: Session | None = None
-        self._not_found: dict[str, float] = {}  # on-demand lookups that failed, until when
+        self.policy = RepoPolicy.from_config(cfg)
+        self._not_found = ExpiringSet(ttl=30.0, max_items=10_000)  # on-demand lookups that failed
+        self._resolving: dict[tuple[str, str], asyncio.Future] = {}  # (spec, kind) -> one resolution
+        self.failing: dict[str, dict] = {}  # configured repos that did not resolve: spec -> error, next retry
 
     async def open(self) -> None:
         """Everything but the faces: usable for standalone prefetch too."""
         cfg = self.cfg
-        self.index = Index(cfg.cache_dir / "index")
+        self.index = Index(cfg.cache_dir / "index", on_invalid=lambda db: self.metrics.index_invalid.labels(db).inc())
         marks = (cfg.high_watermark, cfg.low_watermark, cfg.min_free)
         tiers = [Tier("disk", cfg.cache_dir, cfg.disk_max, *marks)]
         if cfg.shm_dir is not None:
@@ -111,9 +117,28 @@ class Daemon:
         self.store.close()
         self.index.close()
 
-    async def add_repo(self, spec: str) -> tuple[RepoRef, int, list[str]]:
-        """Resolve a repo into the index and show it in the tree; (ref, bytes, blob ids)."""
-        ref = await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec)
+    def may_fetch(self, repo_type: str, repo_id: str) -> bool:
+        """May a request (a peer's, a lookup's) make this node resolve the repo upstream?"""
+        return self.policy.allows(repo_type, repo_id) or self.index.has_repo(repo_type, repo_id)
+
+    async def add_repo(self, spec: str, public_only: bool = False) -> tuple[RepoRef, int, list[str]]:
+        """Resolve a repo into the index and show it in the tree; (ref, bytes, blob ids).
+
+        Concurrent calls for one spec share one resolution. `public_only`
+        (requests nobody configured) refuses a repo the Hub does not call public.
+        """
+        key = (spec, "public" if public_only else "any")
+        pending = self._resolving.get(key)
+        if pending is None:
+            pending = self._resolving[key] = asyncio.ensure_future(self._add_repo(spec, public_only))
+            pending.add_done_callback(lambda _: self._resolving.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _add_repo(self, spec: str, public_only: bool) -> tuple[RepoRef, int, list[str]]:
+        def public(res) -> str:
+            return "" if res.visibility == "public" else f"{res.visibility} repos are resolved only when named"
+
+        ref = await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec, public if public_only else None)
         blobs = snapshot_blobs(self.index, ref)
         if self.fs is not None:
             self.fs.set_tree(layout.build_root(self.index.views()))
@@ -256,6 +281,7 @@ class Daemon:
                 for r, m in self.pinned_refs()
             ],
             "peers": self.membership.status() if self.peers else [],
+            "repos_failing": self.failing,
         }
 
     def _complete(self, ref: RepoRef) -> bool:
@@ -298,7 +324,7 @@ class Daemon:
                 ref = await ensure_repo(
                     self.index, self.sources, self.cfg.chunk_size, layout.format_spec(repo_type, repo_id, revision)
                 )
-            except UpstreamError as e:
+            except (UpstreamError, ValueError) as e:
                 log.warning("cannot re-resolve %s@%s: %s", repo_id, revision, e)
                 continue
             if ref.commit != commit:
@@ -315,18 +341,20 @@ class Daemon:
         return changed
 
     async def resolve_on_demand(self, folder: str) -> bool:
-        """A lookup of `models--org--name` nobody listed: resolve it if the allowlist says so."""
+        """A lookup of `models--org--name` nobody listed: resolve it if `on_demand` allows.
+
+        Any process that sees the mount can look up any name, so a repo matched
+        only by a wildcard must be public; private and gated ones must be named.
+        """
         parsed = layout.parse_repo_folder(folder)
-        if parsed is None or not any(fnmatch.fnmatchcase(parsed[1], g) for g in self.cfg.on_demand):
-            return False
-        if self._not_found.get(folder, 0) > time.monotonic():
+        if parsed is None or not self.policy.allows(*parsed) or folder in self._not_found:
             return False
         try:
-            await self.add_repo(layout.format_spec(*parsed))
+            await self.add_repo(layout.format_spec(*parsed), public_only=not self.policy.names(*parsed))
             return True
         except (NotFound, UpstreamError) as e:
             log.info("on-demand %s: %s", folder, e)
-            self._not_found[folder] = time.monotonic() + 30
+            self._not_found.add(folder)
             return False
 
     async def _preload(self) -> None:
@@ -350,17 +378,57 @@ class Daemon:
         }
 
     async def _housekeeping(self) -> None:
-        """Persist access times (LRU order survives a restart), re-check refs, label the node."""
+        """Persist access times (LRU order survives a restart), re-check refs, label the node.
+
+        A round that fails is logged and counted; the next one runs anyway.
+        """
         period = max(0.2, min(30.0, self.cfg.ref_ttl / 2))
         while True:
             await asyncio.sleep(period)
-            self.store.flush_access_times()
-            await self.refresh_refs()
-            if self.labeler is not None:
-                try:
-                    await self.labeler.sync(self.ready_labels())
-                except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
-                    log.warning("node labels: %s", e)
+            try:
+                await self._housekeeping_round()
+            except Exception:
+                log.exception("housekeeping round failed")
+                self.metrics.housekeeping_errors.inc()
+
+    async def _housekeeping_round(self) -> None:
+        self.store.flush_access_times()
+        await self.refresh_refs()
+        if self.labeler is not None:
+            try:
+                await self.labeler.sync(self.ready_labels())
+            except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
+                log.warning("node labels: %s", e)
+
+    async def _add_configured(self, specs: list[str]) -> asyncio.Task | None:
+        """Resolve the configured repos; one that fails never stops the others (or the start):
+        it is named in /v1/status and /readyz and retried with backoff until it resolves."""
+        retry: dict[str, Iterator[float]] = {}
+        for spec in specs:
+            try:
+                ref, total, _ = await self.add_repo(spec)
+                log.info("repo %s: %d bytes", ref, total)
+            except Exception as e:  # a typo, a 404, the Hub down, metadata we refuse
+                retry[spec] = delays(base=2.0, cap=300.0)
+                self._failed(spec, e, next(retry[spec]))
+        return asyncio.get_running_loop().create_task(self._retry_configured(retry)) if retry else None
+
+    def _failed(self, spec: str, e: Exception, wait: float) -> None:
+        log.error("repo %s: %s (retrying in %.0f s)", spec, e, wait)
+        self.failing[spec] = {"error": f"{e.__class__.__name__}: {e}", "retry_at": time.time() + wait}
+
+    async def _retry_configured(self, retry: dict[str, Iterator[float]]) -> None:
+        while self.failing:
+            spec = min(self.failing, key=lambda s: self.failing[s]["retry_at"])
+            await asyncio.sleep(max(0.0, self.failing[spec]["retry_at"] - time.time()))
+            try:
+                ref, total, _ = await self.add_repo(spec)
+            except Exception as e:
+                self._failed(spec, e, next(retry[spec]))
+                continue
+            del self.failing[spec]
+            log.info("repo %s: %d bytes (resolved on retry)", ref, total)
+            self.refresh_pins()
 
     def stop(self) -> None:
         if not self._stop.is_set():
@@ -373,11 +441,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         await self.open()
-        runner = housekeeping = preload = discovery = None
+        runner = housekeeping = preload = discovery = retry = None
         try:
-            for spec in (*self.cfg.repos, *self.sources.specs(self.cfg.repos)):
-                ref, total, _ = await self.add_repo(spec)
-                log.info("repo %s: %d bytes", ref, total)
+            retry = await self._add_configured([*self.cfg.repos, *self.sources.specs(self.cfg.repos)])
             self.refresh_pins()
             housekeeping = loop.create_task(self._housekeeping())
             preload = loop.create_task(self._preload())
@@ -392,7 +458,7 @@ class Daemon:
                 await self._serve_fuse(self.cfg.mount)
         finally:
             self.ready = False
-            for task in (housekeeping, preload, discovery):
+            for task in (housekeeping, preload, discovery, retry):
                 if task is not None:
                     task.cancel()
             await self.close()

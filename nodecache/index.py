@@ -8,14 +8,28 @@ chunk (it is fetched again) but never claim one that is not on disk.
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lmdb
 
-from .layout import FileEntry, RepoView
+from .layout import (
+    COMMIT_RE,
+    FileEntry,
+    RepoView,
+    validate_blob_id,
+    validate_relpath,
+    validate_repo_id,
+    validate_repo_type,
+    validate_revision,
+    validate_size,
+)
+
+log = logging.getLogger(__name__)
 
 _CHUNK_KEY = struct.Struct(">Q")
 
@@ -41,14 +55,62 @@ class BlobRecord:
         return max(1, -(-self.size // self.chunk_size))
 
 
+_KINDS = ("sha256", "gitsha1", "source")  # "source": the id names a source version (upstream.manifest)
+_STATES = ("partial", "complete", "quarantined")
+_TIERS = ("disk", "shm")
+_BAD = (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError)  # what a hostile entry raises
+
+
+def check_blob(rec: BlobRecord) -> BlobRecord:
+    """Raise ValueError unless every field is sane: records outlive versions, and their
+    fields once came from outside (a size of 10^18 would size our memory at start)."""
+    validate_blob_id(rec.blob_id)
+    validate_size(rec.size)
+    cs = rec.chunk_size
+    if type(cs) is not int or not 64 * 1024 <= cs <= 1 << 30 or cs & (cs - 1):
+        raise ValueError(f"chunk_size {cs!r}")
+    if rec.kind not in _KINDS or rec.state not in _STATES or rec.tier not in _TIERS:
+        raise ValueError(f"kind/state/tier {rec.kind!r}/{rec.state!r}/{rec.tier!r}")
+    if type(rec.last_access) not in (int, float):
+        raise ValueError(f"last_access {rec.last_access!r}")
+    validate_repo_type(rec.repo_type)
+    if rec.repo_id or rec.commit or rec.path:  # where to fetch it: all three, or none
+        validate_repo_id(rec.repo_id)
+        validate_relpath(rec.path)
+        if not COMMIT_RE.fullmatch(rec.commit):
+            raise ValueError(f"commit {rec.commit!r}")
+    return rec
+
+
+def _file(item) -> FileEntry:
+    path, size, blob_id = item
+    return FileEntry(validate_relpath(path), validate_size(size), validate_blob_id(blob_id))
+
+
 def _repo_key(repo_type: str, repo_id: str) -> bytes:
     return f"{repo_type}:{repo_id}\0".encode()
+
+
+def _split_key(key: bytes) -> tuple[str, str, str]:
+    """`type:org/name\0tail` -> (repo_type, repo_id, tail), each part checked."""
+    head, _, tail = key.decode().partition("\0")
+    repo_type, _, repo_id = head.partition(":")
+    return validate_repo_type(repo_type), validate_repo_id(repo_id), tail
+
+
+def _commit_of(raw: bytes) -> str:
+    commit = json.loads(raw)["commit"]
+    if not isinstance(commit, str) or not COMMIT_RE.fullmatch(commit):
+        raise ValueError(f"commit {commit!r}")
+    return commit
 
 
 class Index:
     """One LMDB environment with a named database per kind of record."""
 
-    def __init__(self, path: Path, map_size: int = 1 << 36):
+    def __init__(self, path: Path, map_size: int = 1 << 36, on_invalid: Callable[[str], None] = lambda db: None):
+        """`on_invalid(db)` hears of each entry that failed its check on load (and was dropped)."""
+        self.on_invalid = on_invalid
         path.mkdir(parents=True, exist_ok=True)
         # metasync=False: a crash may lose the last transaction, never integrity.
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, metasync=False)
@@ -61,6 +123,16 @@ class Index:
 
     def close(self) -> None:
         self.env.close()
+
+    def _drop_invalid(self, db_name: str, db, bad: list[tuple[bytes, Exception]]) -> None:
+        """Entries that fail their check are logged, counted and deleted: never fatal."""
+        if not bad:
+            return
+        with self.env.begin(write=True) as txn:
+            for key, e in bad:
+                log.warning("index: dropping invalid %s entry %r: %s", db_name, key[:200], e)
+                txn.delete(key, db=db)
+                self.on_invalid(db_name)
 
     # refs and snapshots ------------------------------------------------------
 
@@ -75,44 +147,87 @@ class Index:
             txn.put(_repo_key(repo_type, repo_id) + revision.encode(), value.encode(), db=self._refs)
 
     def get_ref(self, repo_type: str, repo_id: str, revision: str) -> str | None:
+        key = _repo_key(repo_type, repo_id) + revision.encode()
         with self.env.begin() as txn:
-            raw = txn.get(_repo_key(repo_type, repo_id) + revision.encode(), db=self._refs)
-        return json.loads(raw)["commit"] if raw else None
+            raw = txn.get(key, db=self._refs)
+        try:
+            return _commit_of(raw) if raw else None
+        except _BAD as e:
+            self._drop_invalid("refs", self._refs, [(key, e)])
+            return None
 
     def all_refs(self) -> list[tuple[str, str, str, str, float]]:
         """(repo_type, repo_id, revision, commit, resolved_at) of every ref."""
-        out = []
+        out, bad = [], []
         with self.env.begin() as txn:
             for key, raw in txn.cursor(db=self._refs):
-                head, _, revision = key.decode().partition("\0")
-                repo_type, _, repo_id = head.partition(":")
-                value = json.loads(raw)
-                out.append((repo_type, repo_id, revision, value["commit"], value["at"]))
+                try:
+                    repo_type, repo_id, revision = _split_key(key)
+                    at = json.loads(raw)["at"]
+                    if type(at) not in (int, float):
+                        raise ValueError(f"at {at!r}")
+                    out.append((repo_type, repo_id, validate_revision(revision), _commit_of(raw), at))
+                except _BAD as e:
+                    bad.append((key, e))
+        self._drop_invalid("refs", self._refs, bad)
         return out
 
+    def _files(self, key: bytes, raw: bytes, bad: list) -> list[FileEntry] | None:
+        """A snapshot's file list, or None (and the snapshot marked bad) if any entry fails
+        its check: a listing with holes would claim a commit it does not show. It is
+        resolved again from upstream when asked for."""
+        try:
+            items = json.loads(raw)["files"]
+            if not isinstance(items, list):
+                raise ValueError("files is not a list")
+            return [_file(item) for item in items]
+        except _BAD as e:
+            bad.append((key, e))
+            return None
+
     def get_snapshot(self, repo_type: str, repo_id: str, commit: str) -> list[FileEntry] | None:
+        key = _repo_key(repo_type, repo_id) + commit.encode()
         with self.env.begin() as txn:
-            raw = txn.get(_repo_key(repo_type, repo_id) + commit.encode(), db=self._snaps)
-        return [FileEntry(*f) for f in json.loads(raw)["files"]] if raw else None
+            raw = txn.get(key, db=self._snaps)
+        bad: list = []
+        files = self._files(key, raw, bad) if raw else None
+        self._drop_invalid("snapshots", self._snaps, bad)
+        return files
 
     def views(self) -> list[RepoView]:
         """Every repo with its refs and snapshots, for building the FUSE tree."""
         found: dict[tuple[str, str], RepoView] = {}
 
         def view(key: bytes) -> tuple[RepoView, str]:
-            head, _, tail = key.decode().partition("\0")
-            repo_type, _, repo_id = head.partition(":")
+            repo_type, repo_id, tail = _split_key(key)
             v = found.setdefault((repo_type, repo_id), RepoView(repo_type, repo_id, {}, {}))
             return v, tail
 
+        bad_snaps: list = []
         with self.env.begin() as txn:
             for key, raw in txn.cursor(db=self._snaps):
-                v, commit = view(key)
-                v.snapshots[commit] = [FileEntry(*f) for f in json.loads(raw)["files"]]
-            for key, raw in txn.cursor(db=self._refs):
-                v, revision = view(key)
-                v.refs[revision] = json.loads(raw)["commit"]
+                try:
+                    if not COMMIT_RE.fullmatch(_split_key(key)[2]):
+                        raise ValueError("not a commit")
+                except _BAD as e:
+                    bad_snaps.append((key, e))
+                    continue
+                files = self._files(key, raw, bad_snaps)
+                if files is not None:
+                    v, commit = view(key)
+                    v.snapshots[commit] = files
+        self._drop_invalid("snapshots", self._snaps, bad_snaps)
+        for repo_type, repo_id, revision, commit, _ in self.all_refs():
+            v, _ = view(_repo_key(repo_type, repo_id))
+            v.refs[revision] = commit
         return [found[k] for k in sorted(found)]
+
+    def has_repo(self, repo_type: str, repo_id: str) -> bool:
+        """Any snapshot of the repo recorded (without reading them all)."""
+        prefix = _repo_key(repo_type, repo_id)
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._snaps)
+            return cur.set_range(prefix) and cur.key().startswith(prefix)
 
     def put_repo_meta(self, repo_type: str, repo_id: str, visibility: str) -> None:
         """What the repo's source said of it last time (survives a restart with the source down)."""
@@ -121,9 +236,19 @@ class Index:
             txn.put(_repo_key(repo_type, repo_id), value.encode(), db=self._repos)
 
     def get_repo_meta(self, repo_type: str, repo_id: str) -> dict | None:
+        key = _repo_key(repo_type, repo_id)
         with self.env.begin() as txn:
-            raw = txn.get(_repo_key(repo_type, repo_id), db=self._repos)
-        return json.loads(raw) if raw else None
+            raw = txn.get(key, db=self._repos)
+        if not raw:
+            return None
+        try:
+            meta = json.loads(raw)
+            if meta["visibility"] not in ("public", "gated", "private", "unknown"):
+                raise ValueError(f"visibility {meta['visibility']!r}")
+            return meta
+        except _BAD as e:
+            self._drop_invalid("repos", self._repos, [(key, e)])
+            return None
 
     # pins -------------------------------------------------------------------
 
@@ -138,28 +263,54 @@ class Index:
 
     def pins(self) -> list[tuple[str, str, str, str]]:
         """(repo_type, repo_id, revision, mode) of every pin."""
-        out = []
+        out, bad = [], []
         with self.env.begin() as txn:
             for key, raw in txn.cursor(db=self._pins):
-                head, _, revision = key.decode().partition("\0")
-                repo_type, _, repo_id = head.partition(":")
-                out.append((repo_type, repo_id, revision, json.loads(raw)["mode"]))
+                try:
+                    repo_type, repo_id, revision = _split_key(key)
+                    mode = json.loads(raw)["mode"]
+                    if mode not in ("pin", "hot"):
+                        raise ValueError(f"mode {mode!r}")
+                    out.append((repo_type, repo_id, validate_revision(revision), mode))
+                except _BAD as e:
+                    bad.append((key, e))
+        self._drop_invalid("pins", self._pins, bad)
         return out
 
     # blobs and chunks --------------------------------------------------------
 
+    @staticmethod
+    def _blob(key: bytes, raw: bytes) -> BlobRecord:
+        rec = check_blob(BlobRecord(**json.loads(raw)))
+        if rec.blob_id.encode() != key:
+            raise ValueError(f"record of {rec.blob_id} stored under another id")
+        return rec
+
     def get_blob(self, blob_id: str) -> BlobRecord | None:
+        key = blob_id.encode()
         with self.env.begin() as txn:
-            raw = txn.get(blob_id.encode(), db=self._blobs)
-        return BlobRecord(**json.loads(raw)) if raw else None
+            raw = txn.get(key, db=self._blobs)
+        try:
+            return self._blob(key, raw) if raw else None
+        except _BAD as e:
+            self._drop_invalid("blobs", self._blobs, [(key, e)])
+            return None
 
     def put_blob(self, rec: BlobRecord) -> None:
+        check_blob(rec)  # what cannot be loaded back must not be stored
         with self.env.begin(write=True) as txn:
             txn.put(rec.blob_id.encode(), json.dumps(asdict(rec)).encode(), db=self._blobs)
 
     def all_blobs(self) -> list[BlobRecord]:
+        out, bad = [], []
         with self.env.begin() as txn:
-            return [BlobRecord(**json.loads(raw)) for _, raw in txn.cursor(db=self._blobs)]
+            for key, raw in txn.cursor(db=self._blobs):
+                try:
+                    out.append(self._blob(key, raw))
+                except _BAD as e:
+                    bad.append((key, e))
+        self._drop_invalid("blobs", self._blobs, bad)
+        return out
 
     def set_chunk(self, blob_id: str, index: int, digest: int) -> None:
         self.set_chunks([(blob_id, index, digest)])

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
 from .fill import Filler, FillError
 from .repos import RepoRef
 from .upstream import UpstreamError
+
+log = logging.getLogger(__name__)
+MAX_KEPT = 1000  # jobs remembered for GET /v1/jobs/{id}
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Jobs:
         for job in self.jobs.values():
             if job.ref.commit == ref.commit and job.ref.repo_id == ref.repo_id and job.state == "running":
                 return job
+        self._forget_finished()
         job = Job(str(next(self._ids)), ref, blobs, total)
         job.task = asyncio.get_running_loop().create_task(self._run(job))
         self.jobs[job.id] = job
@@ -77,8 +82,17 @@ class Jobs:
             job.state, job.error = "error", str(e)
         except asyncio.CancelledError:
             job.state, job.error = "error", "daemon is shutting down"
+        except Exception as e:  # a job never stays "running" forever: it would block its snapshot
+            log.exception("job %s (%s) failed", job.id, job.ref)
+            job.state, job.error = "error", f"internal error: {e.__class__.__name__}: {e}"
         finally:
             job.finished = time.time()
+
+    def _forget_finished(self) -> None:
+        """Bounded: past MAX_KEPT jobs, the oldest finished ones are forgotten (running ones never)."""
+        finished = [j.id for j in self.jobs.values() if j.state != "running"]
+        for job_id in finished[: max(0, len(self.jobs) - MAX_KEPT + 1)]:
+            del self.jobs[job_id]
 
     def counts(self) -> dict[str, int]:
         out = {"running": 0, "ready": 0, "error": 0}

@@ -22,6 +22,8 @@ _REPO_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _REV_PART_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 MAX_NAME = 255
 MAX_PATH = 4096
+MAX_BLOB_SIZE = 5 << 40  # 5 TiB, the largest S3 object; a Hub file is far smaller
+MAX_FILES = 2_000_000  # files in one snapshot: the largest datasets hold ~10^6
 
 CACHEDIR_TAG = (
     b"Signature: 8a477f597d28d172789f06886806bc55\n# This file is a cache directory tag created by nodecache.\n"
@@ -37,6 +39,8 @@ class InvalidName(ValueError):
 
 def validate_repo_id(repo_id: str) -> str:
     """`org/name` or `name`; each part a plain name, no `--` (it is the folder separator)."""
+    if not isinstance(repo_id, str):
+        raise InvalidName(f"invalid repo id {repo_id!r}: expected 'org/name'")
     parts = repo_id.split("/")
     if not 1 <= len(parts) <= 2 or len(repo_id) > 96:
         raise InvalidName(f"invalid repo id {repo_id!r}: expected 'org/name'")
@@ -47,14 +51,14 @@ def validate_repo_id(repo_id: str) -> str:
 
 
 def validate_repo_type(repo_type: str) -> str:
-    if repo_type not in REPO_TYPES:
+    if not isinstance(repo_type, str) or repo_type not in REPO_TYPES:
         raise InvalidName(f"invalid repo type {repo_type!r}: one of {sorted(REPO_TYPES)}")
     return repo_type
 
 
 def validate_revision(revision: str) -> str:
     """A branch, tag, `refs/pr/N` or commit; it becomes `refs/<revision>`, so no `..`."""
-    if not revision or len(revision) > 200:
+    if not isinstance(revision, str) or not revision or len(revision) > 200:
         raise InvalidName(f"invalid revision {revision!r}")
     for part in revision.split("/"):
         if part in ("", ".", "..") or not _REV_PART_RE.fullmatch(part):
@@ -64,7 +68,7 @@ def validate_revision(revision: str) -> str:
 
 def validate_relpath(path: str) -> str:
     """A repo file path: relative, `/`-separated, no `.`/`..`/empty parts, no NUL."""
-    if not path or len(path) > MAX_PATH or "\0" in path or "\\" in path:
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH or "\0" in path or "\\" in path:
         raise InvalidName(f"invalid file path {path!r}")
     for part in path.split("/"):
         if part in ("", ".", "..") or len(part.encode()) > MAX_NAME:
@@ -72,8 +76,15 @@ def validate_relpath(path: str) -> str:
     return path
 
 
+def validate_size(size: object) -> int:
+    """A file size from outside: an int in [0, MAX_BLOB_SIZE] (a huge one would size our memory)."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_BLOB_SIZE:
+        raise InvalidName(f"invalid file size {size!r}: an integer from 0 to {MAX_BLOB_SIZE}")
+    return size
+
+
 def validate_blob_id(blob_id: str) -> str:
-    if not BLOB_ID_RE.fullmatch(blob_id):
+    if not isinstance(blob_id, str) or not BLOB_ID_RE.fullmatch(blob_id):
         raise InvalidName(f"invalid blob id {blob_id!r}")
     return blob_id
 

@@ -74,6 +74,15 @@ class Metrics:
         )
         self.peers = Gauge(p + "peers", "Cluster members known, by health.", ["state"], registry=r)
         self.blobs = Gauge(p + "blobs", "Blobs known to the index, by state.", ["state"], registry=r)
+        self.index_invalid = Counter(
+            p + "index_invalid_entries",
+            "Index entries that failed their check on load and were dropped.",
+            ["db"],
+            registry=r,
+        )
+        self.housekeeping_errors = Counter(
+            p + "housekeeping_errors", "Housekeeping rounds that failed (logged; the loop goes on).", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

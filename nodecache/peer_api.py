@@ -1,9 +1,15 @@
-"""The peer face: `GET /v1/blobs/{id}?chunk=k` serves one chunk to another node.
+"""The peer face: `GET /v1/blobs/{id}?chunk=k&repo=…&commit=…` serves one chunk to another node.
+
+Only nodes holding the cluster token may ask; a node without one serves no
+peer at all. A request names a snapshot, not a blob's shape: the owner looks
+the blob up in its own index, or resolves `(repo, commit)` through its own
+sources, and serves only blobs that belong to that snapshot, with sizes it
+resolved itself. Nothing in a query string ever becomes an index record.
 
 The owner of a chunk fills through on a miss (coalesced with its own readers),
 using only its upstreams when it is not the owner itself, so a request never
-hops to a third node. Requests need the cluster token; each reply carries the
-chunk's xxh3, which the receiver checks before using a byte.
+hops to a third node. Each reply carries the chunk's xxh3, which the receiver
+checks before using a byte.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import xxhash
 from aiohttp import web
 
 from .index import BlobRecord
-from .layout import COMMIT_RE, validate_blob_id, validate_relpath, validate_repo_id, validate_repo_type
+from .layout import COMMIT_RE, format_spec, validate_blob_id, validate_repo_id, validate_repo_type
 from .peers import XXH3_HEADER, RateLimit, rank
 
 if TYPE_CHECKING:
@@ -32,24 +38,40 @@ def _int(query, key: str, default: int | None = None) -> int:
     return int(raw)
 
 
-def _record_from_descriptor(daemon: Daemon, blob_id: str, query) -> BlobRecord:
-    """A blob this node never saw: learn how to fill it from the asking peer."""
+def check_bearer(request: web.Request, token: str | None, what: str) -> None:
+    """401 unless the request carries `token`; with no token configured the face is closed (403)."""
+    if not token:
+        raise web.HTTPForbidden(reason="peer_api_disabled", text=f"{what} is off: this node has no cluster_token")
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise web.HTTPUnauthorized(reason="cluster token required", text=f"{what} needs the cluster token")
+
+
+async def owned_record(daemon: Daemon, blob_id: str, query) -> BlobRecord:
+    """This node's own record of a blob the asking peer says is in `repo`@`commit`.
+
+    A blob already known is served as recorded here. Otherwise the snapshot is
+    resolved through this node's sources (if its policy lets it fetch that
+    repo), and the blob must be one of its files.
+    """
+    rec = daemon.store.record(blob_id)
+    if rec is not None:
+        return rec
+    repo_type = validate_repo_type(query.get("repo_type", "model"))
+    repo_id = validate_repo_id(query.get("repo", ""))
     commit = query.get("commit", "")
-    kind = query.get("kind", "")
-    if not COMMIT_RE.fullmatch(commit) or kind not in ("sha256", "gitsha1"):
-        raise ValueError("fill descriptor needs a 40-hex 'commit' and kind 'sha256' or 'gitsha1'")
-    rec = BlobRecord(
-        blob_id=blob_id,
-        size=_int(query, "size"),
-        kind=kind,
-        chunk_size=daemon.cfg.chunk_size,
-        repo_type=validate_repo_type(query.get("repo_type", "model")),
-        repo_id=validate_repo_id(query.get("repo", "")),
-        commit=commit,
-        path=validate_relpath(query.get("path", "")),
-    )
-    daemon.index.put_blob(rec)
-    return daemon.store.record(blob_id) or rec
+    if not COMMIT_RE.fullmatch(commit):
+        raise ValueError("query parameter 'commit' must be 40 hex digits")
+    if not daemon.may_fetch(repo_type, repo_id):
+        raise web.HTTPForbidden(reason="not_allowed", text=f"this node does not fetch {repo_type} {repo_id}")
+    files = daemon.index.get_snapshot(repo_type, repo_id, commit)
+    if files is None:
+        await daemon.add_repo(format_spec(repo_type, repo_id, commit))  # NotFound -> 404
+        files = daemon.index.get_snapshot(repo_type, repo_id, commit) or []
+    rec = daemon.store.record(blob_id) if any(f.blob_id == blob_id for f in files) else None
+    if rec is None:
+        raise web.HTTPNotFound(reason="not_found", text=f"blob {blob_id} is not in {repo_id}@{commit}")
+    return rec
 
 
 def add_routes(app: web.Application, daemon: Daemon) -> None:
@@ -57,17 +79,13 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
     pacer = RateLimit(daemon.cfg.peer_upload_bps)
 
     async def chunk(request: web.Request) -> web.Response:
-        token = daemon.cfg.cluster_token
-        if token:
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), token.encode()):
-                raise web.HTTPUnauthorized(reason="cluster token required", text="peer API needs the cluster token")
+        check_bearer(request, daemon.cfg.cluster_token, "the peer API")
         blob_id = validate_blob_id(request.match_info["id"])
         q = request.query
         k = _int(q, "chunk")
         if _int(q, "chunk_size", daemon.cfg.chunk_size) != daemon.cfg.chunk_size:
             raise web.HTTPConflict(reason="chunk_size_mismatch", text="peers must share one chunk_size")
-        rec = daemon.store.record(blob_id) or _record_from_descriptor(daemon, blob_id, q)
+        rec = await owned_record(daemon, blob_id, q)
         if rec.state == "quarantined":
             raise web.HTTPNotFound(reason="not_found", text=f"blob {blob_id} is quarantined here")
         if k >= rec.n_chunks:

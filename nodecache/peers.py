@@ -55,6 +55,11 @@ class RateLimit:
             await asyncio.sleep(start - now)
 
 
+def join_host_port(host: str, port: str | int) -> str:
+    """`host:port`, with an IPv6 address in brackets (as URLs need it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 # --- membership -----------------------------------------------------------------
 
 
@@ -91,7 +96,7 @@ class Membership:
         except OSError as e:
             log.warning("peer discovery %s: %s", self.dns, e)
             return
-        found = {f"{info[4][0]}:{port}" for info in infos}
+        found = {join_host_port(info[4][0], port) for info in infos}
         members = sorted(found | {self.me})
         if members != self.members:
             log.info("peers: %s", ", ".join(members))
@@ -107,16 +112,8 @@ class Membership:
 
 
 def descriptor(rec: BlobRecord) -> dict[str, str]:
-    """What an owner needs to fill a blob it has never heard of."""
-    return {
-        "repo_type": rec.repo_type,
-        "repo": rec.repo_id,
-        "commit": rec.commit,
-        "path": rec.path,
-        "size": str(rec.size),
-        "kind": rec.kind,
-        "chunk_size": str(rec.chunk_size),
-    }
+    """The snapshot a blob belongs to: an owner that never heard of it resolves that itself."""
+    return {"repo_type": rec.repo_type, "repo": rec.repo_id, "commit": rec.commit, "chunk_size": str(rec.chunk_size)}
 
 
 class PeerSource:

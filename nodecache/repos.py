@@ -7,10 +7,11 @@ exact sizes while not one byte of content has been fetched.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .index import BlobRecord, Index
-from .layout import COMMIT_RE, parse_repo_spec
+from .layout import COMMIT_RE, MAX_FILES, parse_repo_spec, validate_blob_id, validate_relpath, validate_size
 from .upstream import NotFound, Resolved, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,15 @@ class RepoRef:
 
 
 def register(index: Index, chunk_size: int, repo_type: str, repo_id: str, revision: str, res: Resolved) -> None:
-    """Record a resolved snapshot: its file list, its ref, and a record per new blob."""
+    """Record a resolved snapshot: its file list, its ref, and a record per new blob.
+
+    Whatever a source listed is checked here, the one door into the index:
+    bounded counts and sizes, names that can become paths, one entry per path.
+    """
+    try:
+        check_snapshot(res)
+    except ValueError as e:  # InvalidName too
+        raise UpstreamError(f"{repo_type} {repo_id}@{revision}: {e}") from None
     for f in res.files:
         if index.get_blob(f.entry.blob_id) is None:
             rec = BlobRecord(
@@ -48,17 +57,41 @@ def register(index: Index, chunk_size: int, repo_type: str, repo_id: str, revisi
         index.put_ref(repo_type, repo_id, revision, res.commit)
 
 
-async def ensure_repo(index: Index, upstream: Upstream, chunk_size: int, spec: str) -> RepoRef:
-    """Resolve upstream; if upstream is unreachable, fall back to what the index knows."""
+def check_snapshot(res: Resolved) -> None:
+    if not COMMIT_RE.fullmatch(res.commit):
+        raise ValueError(f"commit {res.commit!r}")
+    if len(res.files) > MAX_FILES:
+        raise ValueError(f"{len(res.files)} files, more than {MAX_FILES}")
+    seen: set[str] = set()
+    for f in res.files:
+        validate_relpath(f.entry.path)
+        validate_size(f.entry.size)
+        validate_blob_id(f.entry.blob_id)
+        if f.entry.path in seen:
+            raise ValueError(f"{f.entry.path!r} listed twice")
+        seen.add(f.entry.path)
+
+
+async def ensure_repo(
+    index: Index, upstream: Upstream, chunk_size: int, spec: str, accept: Callable[[Resolved], str] | None = None
+) -> RepoRef:
+    """Resolve upstream; if upstream is unreachable, fall back to what the index knows.
+
+    `accept` may refuse a resolution before anything is recorded: it returns
+    "" to accept or the reason to refuse (raised as NotFound).
+    """
     repo_type, repo_id, revision = parse_repo_spec(spec)
     try:
         res = await upstream.resolve(repo_type, repo_id, revision)
+        refused = accept(res) if accept else ""
+        if refused:
+            raise NotFound(f"{repo_type} {repo_id}: {refused}")
     except NotFound:
         raise
     except UpstreamError as e:
         commit = revision if COMMIT_RE.fullmatch(revision) else index.get_ref(repo_type, repo_id, revision)
         if commit and index.get_snapshot(repo_type, repo_id, commit) is not None:
-            log.warning("upstream unreachable (%s); serving %s@%s from the index", e, repo_id, revision)
+            log.warning("cannot resolve upstream (%s); serving %s@%s from the index", e, repo_id, revision)
             return RepoRef(repo_type, repo_id, revision, commit)
         raise
     register(index, chunk_size, repo_type, repo_id, revision, res)

@@ -57,8 +57,8 @@ def make_app(daemon: Daemon) -> web.Application:
         return web.json_response({"ok": True})
 
     async def readyz(_: web.Request) -> web.Response:
-        if daemon.ready:
-            return web.json_response({"ready": True})
+        if daemon.ready:  # a configured repo that does not resolve is named, not fatal
+            return web.json_response({"ready": True, "repos_failing": sorted(daemon.failing)})
         return _error(503, "not_ready", "mount or index not up yet")
 
     async def metrics(_: web.Request) -> web.Response:

@@ -118,7 +118,7 @@ def test_flags_override_env():
     cfg = load(flags, environ=env)
     assert cfg.chunk_size == 16 * MiB
     assert cfg.repos == ("org/flag", "datasets/org/d")  # a tuple, replacing (not adding to) the env's
-    assert (cfg.listen_host, cfg.listen_port) == ("[::1]", 8000)
+    assert (cfg.listen_host, cfg.listen_port) == ("::1", 8000)  # the address to bind, without brackets
     assert cfg.fill_on_open is False
     assert cfg.cache_dir == Path("/flag/dir")
     assert cfg.mount == Path("/flag/mnt")

@@ -95,6 +95,16 @@ def test_daemonset_args_are_accepted_by_the_cli_and_config():
     # the ConfigMap is a config file `serve` accepts, with the container's env on top
     [cm] = docs(DS / "configmap.yaml")
     env = {e["name"]: e.get("value", "") for e in c["nodecache"]["env"] if "value" in e}
+    secrets = {e["name"] for e in c["nodecache"]["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    required = {
+        e["name"]
+        for e in c["nodecache"]["env"]
+        if e.get("valueFrom", {}).get("secretKeyRef", {}).get("optional") is False
+    }
+    assert {"NODECACHE_CLUSTER_TOKEN", "NODECACHE_ADMIN_TOKEN"} <= required, (
+        "the tokens that guard the node are required"
+    )
+    env.update({name: "from-the-secret" for name in secrets})
     env = {k: v.replace("$(POD_IP)", "10.1.2.3") for k, v in env.items()}
     cfg_file = Path(serve.config)
     assert cfg_file.parent.as_posix() in {m["mountPath"] for m in c["nodecache"]["volumeMounts"]}

@@ -214,11 +214,13 @@ def test_dns_discovery_through_the_system_resolver(cluster_factory, shared_repo)
 
 
 def test_peer_uploads_are_paced(hub, daemons, small_repo):
-    d = daemons(repos=(SMALL,), env={"NODECACHE_PEERS": "127.0.0.1:9", "NODECACHE_PEER_UPLOAD_BPS": str(4 * MiB)})
+    env = {"NODECACHE_PEERS": "127.0.0.1:9", "NODECACHE_PEER_UPLOAD_BPS": str(4 * MiB), "NODECACHE_CLUSTER_TOKEN": "t"}
+    d = daemons(repos=(SMALL,), env=env)
     blob = sha256_file(small_repo / "model.safetensors")
     (d.hub / "models--org--small" / "snapshots" / hub.commits[SMALL] / "model.safetensors").read_bytes()
     t0 = time.monotonic()
     for k in range(3):
-        with urllib.request.urlopen(f"{d.url}/v1/blobs/{blob}?chunk={k}", timeout=30) as r:
+        req = urllib.request.Request(f"{d.url}/v1/blobs/{blob}?chunk={k}", headers={"Authorization": "Bearer t"})
+        with urllib.request.urlopen(req, timeout=30) as r:
             assert len(r.read()) == MiB
     assert time.monotonic() - t0 >= 0.45, "3 MiB at 4 MiB/s: the 2nd and 3rd chunk wait"

@@ -7,13 +7,24 @@ refusal while the node keeps serving correct bytes and restarts cleanly.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import itertools
 import json
+import os
+import time
 import urllib.error
 import urllib.request
 
+import lmdb
 import pytest
 from conftest import MiB, _need_fuse
 
+from nodecache.backoff import delays
+from nodecache.expiring import ExpiringSet
+from nodecache.jobs import Jobs
+from nodecache.peers import Membership, join_host_port
+from nodecache.repos import RepoRef
 from nodecache.testing.daemon import DaemonProcess
 from nodecache.testing.hub import HubEmulator
 from nodecache.upstream.hf import visibility_of
@@ -57,6 +68,25 @@ def http(url: str, method: str = "GET", body: dict | None = None, headers=None) 
     return status, json.loads(raw) if "json" in ctype else raw
 
 
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def counters(d: DaemonProcess, name: str) -> dict[str, float]:
+    """label value -> sample of one labelled counter in /metrics."""
+    out = {}
+    for line in d.metrics().splitlines():
+        if line.startswith(name + "{"):
+            label = line.split('"')[1]
+            out[label] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def test_visibility_comes_only_from_the_hubs_own_fields():
     assert visibility_of({"private": False, "gated": False}) == "public"
     assert visibility_of({"private": False, "gated": "manual"}) == "gated"
@@ -71,3 +101,185 @@ def test_repo_visibility_is_recorded_and_shown(tmp_path, tenant_hub):
         assert status == 200
         seen = {r["repo"]: r["visibility"] for r in body["repos"]}
         assert seen == {PUBLIC: "public", GATED: "gated", PRIVATE: "private"}
+
+
+# --- the peer API -----------------------------------------------------------------------
+
+BRICK = (
+    "/v1/blobs/"
+    + "ab" * 32
+    + "?chunk=0&commit="
+    + "c" * 40
+    + "&kind=sha256&size=999999999999999999&repo=org/x&path=a.bin"
+)
+
+
+def test_the_brick_request_is_refused_and_the_node_restarts(tmp_path, tenant_hub):
+    """Was: 500 (OSError: File too large), and every later start died with MemoryError."""
+    d = node(tmp_path, tenant_hub).start()
+    try:
+        status, body = http(d.url + BRICK)  # a node without a cluster token serves no peer at all
+        assert status == 403 and body["error"] == "peer_api_disabled", body
+    finally:
+        assert d.stop() == 0
+    d = node(tmp_path, tenant_hub, env={"NODECACHE_CLUSTER_TOKEN": "k"}).start()
+    try:
+        auth = {"Authorization": "Bearer k"}
+        assert http(d.url + BRICK)[0] == 401
+        status, body = http(d.url + BRICK, headers=auth)  # org/x: not a repo this node fetches
+        assert status == 403 and body["error"] == "not_allowed", body
+        assert "ab" * 32 not in json.dumps(http(d.url + "/v1/repos")[1])
+    finally:
+        assert d.stop() == 0
+    with d:  # the next start mounts and serves
+        snap = d.hub / "models--org--public" / "snapshots" / tenant_hub.commits[PUBLIC]
+        assert (snap / "config.json").read_bytes() == b'{"hidden_size": 512, "model_type": "tiny"}'
+        assert d.status()["blobs"]["partial"] + d.status()["blobs"]["complete"] == 5  # only PUBLIC's own
+
+
+def test_a_peer_cannot_plant_a_blob_or_open_a_private_repo(tmp_path, tenant_hub, small_repo):
+    env = {"NODECACHE_CLUSTER_TOKEN": "k"}
+    with node(tmp_path, tenant_hub, repos=(PUBLIC,), env=env) as d:
+        auth = {"Authorization": "Bearer k"}
+        commit = tenant_hub.commits[PUBLIC]
+        base = f"{d.url}/v1/blobs/%s?chunk=0&repo=%s&commit=%s"
+        # A well-known id claimed to be in PUBLIC's snapshot, which does not list it: 404, nothing recorded.
+        status, body = http(base % ("f" * 64, PUBLIC, commit), headers=auth)
+        assert status == 404 and body["error"] == "not_found"
+        # A repo this node was never told to fetch (private, with the node's token): 403, no upstream call.
+        before = tenant_hub.stats.api_calls if hasattr(tenant_hub.stats, "api_calls") else None
+        status, body = http(base % ("f" * 64, PRIVATE, tenant_hub.commits[PRIVATE]), headers=auth)
+        assert status == 403 and body["error"] == "not_allowed"
+        if before is not None:
+            assert tenant_hub.stats.api_calls == before
+        assert [r["repo"] for r in http(d.url + "/v1/repos")[1]["repos"]] == [PUBLIC]
+        # A real blob of the snapshot is served, with sizes this node resolved itself.
+        blob = hashlib.sha256((small_repo / "model.safetensors").read_bytes()).hexdigest()
+        status, body = http(base % (blob, PUBLIC, commit) + "&size=1&kind=gitsha1&path=x", headers=auth)
+        assert status == 200 and body == (small_repo / "model.safetensors").read_bytes()[:MiB]
+
+
+# --- the index: nothing stored may stop a start -------------------------------------------
+
+
+def test_hostile_index_entries_are_dropped_not_fatal(tmp_path, tenant_hub):
+    d = node(tmp_path, tenant_hub)
+    with d:
+        pass
+    env = lmdb.open(str(d.cache_dir / "index"), max_dbs=8)
+    bad = {
+        b"blobs": {
+            ("ab" * 32).encode(): json.dumps(
+                {"blob_id": "ab" * 32, "size": 10**18, "kind": "sha256", "chunk_size": 1 << 20}
+            ).encode(),
+            ("cd" * 32).encode(): b"\xff not json",
+            ("ef" * 32).encode(): json.dumps(
+                {"blob_id": "ef" * 32, "size": 5, "kind": "md5", "chunk_size": 7}
+            ).encode(),
+        },
+        b"snapshots": {
+            b"model:org/public\x00" + b"1" * 40: json.dumps({"files": [["../../etc/passwd", 1, "a" * 64]]}).encode(),
+            b"model:../x\x00" + b"2" * 40: json.dumps({"files": []}).encode(),
+        },
+        b"refs": {b"model:org/public\x00evil": json.dumps({"commit": "../../x", "at": 0}).encode()},
+        b"pins": {b"model:org/public\x00main": json.dumps({"mode": "forever"}).encode()},
+        b"repos": {b"model:org/public\x00": b"[]"},
+    }
+    with env.begin(write=True) as txn:
+        for name, entries in bad.items():
+            db = env.open_db(name, txn=txn)
+            for key, value in entries.items():
+                txn.put(key, value, db=db)
+    env.close()
+    with d:  # starts, mounts, serves the good repo
+        snap = d.hub / "models--org--public" / "snapshots" / tenant_hub.commits[PUBLIC]
+        assert (snap / "config.json").read_bytes() == b'{"hidden_size": 512, "model_type": "tiny"}'
+        assert sorted(os.listdir(d.hub / "models--org--public" / "snapshots")) == [tenant_hub.commits[PUBLIC]]
+        assert "dropping invalid blobs entry" in d.log()
+        dropped = counters(d, "nodecache_index_invalid_entries_total")
+        assert dropped.get("blobs", 0) >= 3 and dropped.get("refs", 0) >= 1 and dropped.get("pins", 0) >= 1, dropped
+    with d:  # and they are gone for good
+        assert "dropping invalid" not in d.log().rsplit("mounted at", 2)[-1]
+
+
+# --- start and housekeeping -----------------------------------------------------------------
+
+
+def test_a_repo_that_does_not_resolve_never_stops_serve(tmp_path, tenant_hub, small_repo):
+    typo = "org/pubilc"
+    with node(tmp_path, tenant_hub, repos=(typo, PUBLIC)) as d:
+        snap = d.hub / "models--org--public" / "snapshots" / tenant_hub.commits[PUBLIC]
+        assert (snap / "config.json").read_bytes() == (small_repo / "config.json").read_bytes()
+        failing = d.status()["repos_failing"]
+        assert list(failing) == [typo] and "not found" in failing[typo]["error"]
+        assert http(d.url + "/readyz") == (200, {"ready": True, "repos_failing": [typo]})
+        commit = tenant_hub.add_repo(typo, small_repo)  # the repo appears upstream: the retry finds it
+        assert wait_for(lambda: not d.status()["repos_failing"], timeout=30)
+        assert (d.hub / "models--org--pubilc" / "snapshots" / commit / "config.json").exists()
+
+
+def test_bad_upstream_metadata_on_refresh_does_not_end_housekeeping(tmp_path, tenant_hub, small_repo):
+    with node(tmp_path, tenant_hub, repos=(PUBLIC, GATED), env={"NODECACHE_REF_TTL": "1"}) as d:
+        tenant_hub.add_repo(PUBLIC, {"a\\b": b"x", "config.json": b"{}"})  # a name we refuse
+        new = tenant_hub.add_repo(GATED, {"config.json": b'{"v": 2}'}, gated=True)
+        refs = d.hub / "models--org--gated" / "refs" / "main"
+        assert wait_for(lambda: refs.read_text() == new, timeout=30), "housekeeping went on"
+        assert wait_for(lambda: "invalid file path 'a\\\\b'" in d.log(), timeout=30)
+        assert (d.hub / "models--org--public" / "refs" / "main").read_text() == tenant_hub.commits[PUBLIC]
+        assert d.proc.poll() is None
+
+
+# --- on_demand -----------------------------------------------------------------------------------
+
+
+def test_on_demand_wildcards_resolve_only_public_repos(tmp_path, tenant_hub):
+    env = {"NODECACHE_ON_DEMAND": "org/*"}
+    with node(tmp_path, tenant_hub, repos=(), env=env) as d:
+        assert os.path.isdir(d.hub / "models--org--public")
+        for name in ("models--org--private", "models--org--gated"):
+            assert not os.path.exists(d.hub / name), name
+        assert sorted(r["repo"] for r in http(d.url + "/v1/repos")[1]["repos"]) == [PUBLIC]
+    env = {"NODECACHE_ON_DEMAND": f"{PRIVATE} org/pub*"}  # named exactly: the operator chose it
+    with node(tmp_path / "named", tenant_hub, repos=(), env=env) as d:
+        assert (d.hub / "models--org--private" / "snapshots" / tenant_hub.commits[PRIVATE] / "secret.txt").exists()
+        assert not os.path.exists(d.hub / "models--org--gated")
+
+
+def test_negative_cache_is_bounded_in_size_and_time():
+    now = [0.0]
+    s = ExpiringSet(ttl=30, max_items=3, clock=lambda: now[0])
+    for k in "abcd":
+        s.add(k)
+    assert "a" not in s and all(k in s for k in "bcd") and len(s) == 3
+    now[0] = 31
+    assert "b" not in s and len(s) == 0
+
+
+def test_retry_delays_double_with_jitter_and_cap():
+    got = list(itertools.islice(delays(2.0, 10.0, jitter=lambda lo, hi: 1.0), 5))
+    assert got == [2.0, 4.0, 8.0, 10.0, 10.0]
+    low = list(itertools.islice(delays(2.0, 10.0, jitter=lambda lo, hi: lo), 2))
+    assert low == [1.0, 2.0]
+
+
+def test_ipv6_peers_are_written_with_brackets():
+    assert join_host_port("fd00::1", 8470) == "[fd00::1]:8470"
+    assert join_host_port("10.0.0.1", "8470") == "10.0.0.1:8470"
+    m = Membership("[::1]:8470", dns="::1:8470")
+    asyncio.run(m.resolve_dns())
+    assert m.members == ["[::1]:8470"]
+
+
+def test_a_job_that_hits_an_unexpected_error_ends_in_error():
+    class Broken:
+        async def fill_blobs(self, blobs, progress):
+            raise RuntimeError("disk on fire")
+
+    async def run():
+        jobs = Jobs(Broken())
+        job = jobs.start(RepoRef("model", "org/x", "main", "c" * 40), ["a" * 64], 1)
+        await job.task
+        return job
+
+    job = asyncio.run(run())
+    assert job.state == "error" and "disk on fire" in job.error

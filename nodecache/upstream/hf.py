@@ -17,7 +17,15 @@ from urllib.parse import quote, urljoin, urlsplit
 import aiohttp
 
 from ..index import BlobRecord
-from ..layout import COMMIT_RE, REPO_TYPES, FileEntry, validate_blob_id, validate_relpath
+from ..layout import (
+    COMMIT_RE,
+    MAX_FILES,
+    REPO_TYPES,
+    FileEntry,
+    validate_blob_id,
+    validate_relpath,
+    validate_size,
+)
 from ..metrics import Metrics
 from . import NotFound, RemoteFile, Resolved, UpstreamError
 
@@ -194,21 +202,28 @@ def joined(pieces: list) -> bytes:
 
 
 def _parse_revision(info: dict) -> Resolved:
-    commit = info.get("sha", "")
-    if not COMMIT_RE.fullmatch(commit):
-        raise UpstreamError(f"upstream gave no commit sha: {commit!r}")
-    files = []
-    for s in info.get("siblings", []):
-        lfs = s.get("lfs")
-        if lfs and lfs.get("sha256"):
-            blob_id, kind, size = lfs["sha256"], "sha256", lfs.get("size", s.get("size"))
-        else:
-            blob_id, kind, size = s.get("blobId", ""), "gitsha1", s.get("size")
-        if size is None:
-            raise UpstreamError(f"upstream gave no size for {s.get('rfilename')!r}")
-        entry = FileEntry(validate_relpath(s["rfilename"]), int(size), validate_blob_id(blob_id))
-        files.append(RemoteFile(entry, kind))
-    return Resolved(commit, files, visibility_of(info))
+    """The Hub's revision document -> Resolved; anything malformed is an UpstreamError, never a crash."""
+    try:
+        commit = info.get("sha", "")
+        if not isinstance(commit, str) or not COMMIT_RE.fullmatch(commit):
+            raise UpstreamError(f"upstream gave no commit sha: {commit!r}")
+        siblings = info.get("siblings", [])
+        if not isinstance(siblings, list) or len(siblings) > MAX_FILES:
+            raise UpstreamError(f"upstream listed {type(siblings).__name__} of files, at most {MAX_FILES}")
+        files = []
+        for s in siblings:
+            lfs = s.get("lfs")
+            if lfs and lfs.get("sha256"):
+                blob_id, kind, size = lfs["sha256"], "sha256", lfs.get("size", s.get("size"))
+            else:
+                blob_id, kind, size = s.get("blobId", ""), "gitsha1", s.get("size")
+            if size is None:
+                raise UpstreamError(f"upstream gave no size for {s.get('rfilename')!r}")
+            entry = FileEntry(validate_relpath(s["rfilename"]), validate_size(size), validate_blob_id(blob_id))
+            files.append(RemoteFile(entry, kind))
+        return Resolved(commit, files, visibility_of(info))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # InvalidName is a ValueError
+        raise UpstreamError(f"upstream sent invalid metadata: {e.__class__.__name__}: {e}") from None
 
 
 def visibility_of(info: dict) -> str:
