@@ -36,8 +36,7 @@ from pathlib import Path
 import grpc
 
 from .. import __version__, mounts
-from ..layout import InvalidName, parse_repo_spec, repo_folder_name
-from ..layout import format_spec as layout_spec
+from ..layout import InvalidName, format_spec, parse_repo_spec, repo_folder_name
 from . import policy as policy_mod
 from .policy import Policy, PolicyFile
 from .proto import load
@@ -51,7 +50,6 @@ FUSE_SOURCE = "nodecache"  # fsname= of the daemon's FUSE mount
 CONTEXT_KEYS = {"model", "revision", "waitForCache"}
 KUBELET_KEY_PREFIX = "csi.storage.k8s.io/"  # pod info and the ephemeral flag, added by kubelet
 POD_NAMESPACE = KUBELET_KEY_PREFIX + "pod.namespace"  # kubelet overwrites any value a pod spec gives
-POD_NAME = KUBELET_KEY_PREFIX + "pod.name"
 POD_SERVICE_ACCOUNT = KUBELET_KEY_PREFIX + "serviceAccount.name"
 TRUE = {"true", "yes", "1"}
 FALSE = {"false", "no", "0", ""}
@@ -236,7 +234,7 @@ class Driver:
         else PERMISSION_DENIED."""
         namespace = context.get(POD_NAMESPACE, "")
         account = context.get(POD_SERVICE_ACCOUNT, "")
-        what = "the whole hub/" if repo is None else layout_spec(*repo)
+        what = "the whole hub/" if repo is None else format_spec(*repo)
         who = _who(context)
         if repo is None and not self.allow_whole_cache:
             raise CsiError(
@@ -374,7 +372,7 @@ class Driver:
     ) -> None:
         """Resolve (and fill) the repo through the daemon as needed; a PUBLIC grant is checked before any wait."""
         start = time.monotonic()
-        name = layout_spec(repo_type, repo_id)
+        name = format_spec(repo_type, repo_id)
         public_only = grant == policy_mod.PUBLIC
         visibility = self._visibility(repo_type, repo_id) if public_only else None
         if visibility not in (None, "public"):  # known already: refused before anything is fetched
