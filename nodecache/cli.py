@@ -261,7 +261,19 @@ def cmd_csi(args: argparse.Namespace) -> int:
         raise CliError("csi needs --mount (or NODECACHE_MOUNT)")
     token = Path(args.admin_token_file).read_text().strip() if args.admin_token_file else None
     token = token or os.environ.get("NODECACHE_ADMIN_TOKEN") or None
-    d = driver.Driver(Path(mount), node_id, args.daemon_url, args.kubelet_dir, args.wait_timeout, admin_token=token)
+    policy = driver.PolicyFile(Path(args.policy)) if args.policy else None
+    if policy is not None:
+        policy.current()  # logs what it loaded, or why not; a bad file refuses volumes, it never stops the plugin
+    d = driver.Driver(
+        Path(mount),
+        node_id,
+        args.daemon_url,
+        args.kubelet_dir,
+        args.wait_timeout,
+        admin_token=token,
+        policy=policy,
+        allow_whole_cache=args.allow_whole_cache,
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -340,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--admin-token-file",
         help="the daemon's admin token (prefetch is a mutating /v1 call; or $NODECACHE_ADMIN_TOKEN)",
+    )
+    c.add_argument(
+        "--policy",
+        help="YAML file: pod namespace (and service account) -> repo globs it may mount, re-read when it changes "
+        "(default: public repos only, for every pod)",
+    )
+    c.add_argument(
+        "--allow-whole-cache",
+        action="store_true",
+        help="let a volume without `model` publish the whole hub/ (every repo on the node, private ones included)",
     )
     c.set_defaults(fn=cmd_csi)
     return p

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,12 +19,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import BIG, SMALL, sha256_file
+from conftest import BIG, SMALL, MiB, _need_fuse, sha256_file
 
 from nodecache import mounts
 from nodecache.csi.driver import parse_endpoint
+from nodecache.csi.policy import PolicyError, parse_policy, repo_matches
 from nodecache.csi.proto import load
-from nodecache.testing.hub import Fault
+from nodecache.testing.daemon import DaemonProcess
+from nodecache.testing.hub import Fault, HubEmulator
 
 pb, pb_grpc = load()
 Mode = pb.VolumeCapability.AccessMode.Mode
@@ -218,7 +221,7 @@ def test_publish_model_inline_readonly_idempotent(hub, daemons, csi, small_repo)
 
 def test_publish_whole_hub_static_pv_hf_offline(hub, daemons, csi, small_repo):
     d = daemons()
-    c = csi(d)
+    c = csi(d, extra=["--allow-whole-cache"])
     t = c.target("pv-models")
     # a static PV: volumeHandle + volumeAttributes, ReadOnlyMany, readOnly: true
     c.publish(t, {}, volume_id="nodecache-hub", capability=cap(Mode.MULTI_NODE_READER_ONLY), readonly=True)
@@ -277,11 +280,22 @@ def test_invalid_arguments(daemons, csi):
     assert mounts.at(str(t)) == [] and not t.exists()
 
 
-def test_unknown_model_not_found_and_target_removed(daemons, csi):
-    c = csi(daemons())
+def test_unknown_model_not_found_and_target_removed(daemons, csi, tmp_path):
+    d = daemons()
+    policy = tmp_path / "csi-policy.yaml"
+    policy.write_text("rules: [{namespace: team-a, privateRepos: ['org/*']}]")
+    c = csi(d, extra=["--policy", str(policy)])
     t = c.target()
     t.mkdir()  # as if an earlier attempt had created it
-    assert code_of(lambda: c.publish(t, {"model": "org/does-not-exist"})) == grpc.StatusCode.NOT_FOUND
+    ctx = {"model": "org/does-not-exist", "csi.storage.k8s.io/pod.namespace": "team-a"}
+    assert code_of(lambda: c.publish(t, ctx)) == grpc.StatusCode.NOT_FOUND
+    assert mounts.at(str(t)) == [] and not t.exists()
+    # a pod granted public repos only cannot tell a missing repo from a private one: both are refused alike
+    assert c.stop() == 0
+    c = csi(d)
+    t.mkdir()
+    message = refused(lambda: c.publish(t, {"model": "org/does-not-exist"}))
+    assert "org/does-not-exist" in message and "not one or does not exist" in message
     assert mounts.at(str(t)) == [] and not t.exists()
 
 
@@ -383,7 +397,7 @@ def shared_pods_dir(c: Csi):
 @pytest.mark.parametrize("how", ["sigterm", "kill9"])
 def test_daemon_restart_reconciles_published_targets(hub, daemons, csi, tmp_path, how):
     d = daemons()
-    c = csi(d)
+    c = csi(d, extra=["--allow-whole-cache"])
     commit = hub.commits[SMALL]
     with shared_pods_dir(c):
         t_model, t_hub = c.target("model"), c.target("hub", pod="pod-2")
@@ -493,3 +507,255 @@ def test_mountinfo_parsing_and_probe_of_a_hung_path(monkeypatch):
     assert time.monotonic() - t0 < 1.5 and threading.active_count() <= before + 1
     release.set()
     wait_until(lambda: mounts.probe("/hung", 0.5) == errno.ENOTCONN, timeout=5, what="probe after release")
+
+
+# --- multi-tenancy: who may mount what ---------------------------------------------------------
+
+TOKEN = "hf_node_token_for_every_tenant"
+PUBLIC, GATED, PRIVATE = "team-a/public", "team-a/gated", "team-a/private"
+PRIVATE_DS = "datasets/team-a/private"
+SECRET = b"team A's private weights\n"
+
+POLICY = """
+rules:
+  - namespace: team-a                 # its own org, private repos and datasets included
+    repos: ["team-a/*"]
+    privateRepos: ["team-a/private", "datasets/team-a/*"]
+  - namespace: "team-b*"              # team-a's public repos only
+    repos: ["team-a/*"]
+  - namespace: team-b
+    serviceAccount: trainer           # ... and, for this service account, the gated one (licence accepted)
+    privateRepos: ["team-a/gated"]
+  - namespace: ops
+    wholeCache: true
+"""
+
+
+@pytest.fixture
+def tenant_hub(small_repo):
+    """A Hub with a public, a gated and a private model and a private dataset; the node's token sees all."""
+    with HubEmulator(token=TOKEN) as h:
+        h.commits = {
+            PUBLIC: h.add_repo(PUBLIC, small_repo),
+            GATED: h.add_repo(GATED, small_repo, gated=True),
+            PRIVATE: h.add_repo(PRIVATE, {"secret.txt": SECRET}, private=True),
+            PRIVATE_DS: h.add_repo(PRIVATE, {"rows.csv": b"a,b\n1,2\n"}, repo_type="dataset", private=True),
+        }
+        yield h
+
+
+@pytest.fixture
+def node(tmp_path, tenant_hub):
+    """A daemon holding the node's HF token (as the DaemonSet does); PUBLIC and PRIVATE resolved at start,
+    GATED and the dataset only when a publish asks for them."""
+    _need_fuse()
+    work = tmp_path / "node"
+    work.mkdir()
+    env = {"NODECACHE_CHUNK_SIZE": str(MiB), "NODECACHE_READ_TIMEOUT": "20", "NODECACHE_FSYNC": "false"}
+    d = DaemonProcess(work, tenant_hub.url, [PUBLIC, PRIVATE], env={**env, "HF_TOKEN": TOKEN})
+    d.start()
+    yield d
+    d.stop()
+
+
+def pod(namespace: str, account: str = "default", **attrs) -> dict:
+    """Volume context as kubelet sends it with podInfoOnMount: the volume's attributes plus the pod's."""
+    return {
+        **attrs,
+        "csi.storage.k8s.io/pod.name": f"{namespace}-pod",
+        "csi.storage.k8s.io/pod.namespace": namespace,
+        "csi.storage.k8s.io/pod.uid": f"uid-{namespace}-{account}",
+        "csi.storage.k8s.io/serviceAccount.name": account,
+        "csi.storage.k8s.io/ephemeral": "true",
+    }
+
+
+def refused(call) -> str:
+    """The call fails with PERMISSION_DENIED; its message."""
+    with pytest.raises(grpc.RpcError) as ei:
+        call()
+    assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED, ei.value.details()
+    return ei.value.details()
+
+
+def write_configmap(directory: Path, name: str, text: str) -> Path:
+    """Update a file the way kubelet updates a ConfigMap volume: a new timestamped dir, `..data` swapped to it by
+    rename(2), `name` a symlink through `..data`, the old dir removed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "..data"
+    old = os.readlink(data) if data.is_symlink() else None
+    fresh = directory / f"..{time.monotonic_ns()}"
+    fresh.mkdir()
+    (fresh / name).write_text(text)
+    (directory / "..data_tmp").symlink_to(fresh.name)
+    os.rename(directory / "..data_tmp", data)
+    if not (directory / name).is_symlink():
+        (directory / name).symlink_to(f"..data/{name}")
+    if old is not None:
+        shutil.rmtree(directory / old)
+    return directory / name
+
+
+def test_policy_documents_and_globs():
+    p = parse_policy(POLICY, "policy.yaml")
+    assert p.grant("team-a", "default", "model", PRIVATE) == "any"
+    assert p.grant("team-a", "default", "model", PUBLIC) == "public"
+    assert p.grant("team-a", "default", "dataset", "team-a/private") == "any"
+    assert p.grant("team-b", "default", "model", GATED) == "public"
+    assert p.grant("team-b", "trainer", "model", GATED) == "any"
+    assert p.grant("team-b-dev", "trainer", "model", GATED) == "public"  # the trainer rule names team-b only
+    assert p.grant("team-c", "default", "model", PUBLIC) is None
+    assert p.grant("team-b", "default", "model", "team-a2/x") is None
+    assert p.whole_cache("ops", "any") and not p.whole_cache("team-a", "default")
+    # one pattern per path segment: `*/*` is every org's models, never a dataset or a deeper path
+    assert repo_matches("*/*", "model", "org/x") and not repo_matches("*/*", "dataset", "org/x")
+    assert repo_matches("datasets/org/*", "dataset", "org/x") and not repo_matches("org/*", "dataset", "org/x")
+    assert repo_matches("*", "model", "gpt2") and not repo_matches("*", "model", "org/x")
+    assert parse_policy("rules: [{namespace: a, repos: [models/org/*]}]", "p").grant("a", "", "model", "org/x")
+    for bad, where in [
+        ("", "empty"),
+        ("rules: {}", "rules"),
+        ("rules: [{repos: ['org/*']}]", "namespace"),
+        ("rules: [{namespace: a, repo: ['org/*']}]", "unknown key"),
+        ("rules: [{namespace: a, repos: 'org/*'}]", "list"),
+        ("rules: [{namespace: a, repos: ['dataset/org/*']}]", "dataset"),
+        ("rules: [{namespace: a, repos: ['org /*']}]", "org /*"),
+        ("rules: [{namespace: a, wholeCache: 'yes'}]", "wholeCache"),
+        ("rules: [{namespace: 'a b'}]", "namespace"),
+        ("rules:\n  - namespace: [", "YAML"),
+        ("[" * 50_000, "deeply"),
+    ]:
+        with pytest.raises(PolicyError, match=re.escape(where)):
+            parse_policy(bad, "policy.yaml")
+
+
+def test_whole_cache_needs_the_flag(hub, daemons, csi):
+    d = daemons()
+    off = csi(d)
+    t = off.target("hub")
+    message = refused(lambda: off.publish(t, {}, volume_id="hub"))
+    assert "whole hub/" in message and "--allow-whole-cache" in message
+    message = refused(lambda: off.publish(t, pod("team-a"), volume_id="hub"))
+    assert "'team-a'" in message and "whole hub/" in message
+    assert mounts.at(str(t)) == [] and not t.exists()
+    assert off.stop() == 0
+    on = csi(d, extra=["--allow-whole-cache"])
+    on.publish(t, pod("team-a"), volume_id="hub")
+    assert (t / "models--org--small" / "refs" / "main").read_text() == hub.commits[SMALL]
+    on.unpublish(t, volume_id="hub")
+
+
+def test_without_a_policy_only_public_repos(tenant_hub, node, csi):
+    c = csi(node)
+    t = c.target()
+    c.publish(t, pod("anyone", model=PUBLIC))  # public: every pod, with or without pod info
+    assert (t / "refs" / "main").read_text() == tenant_hub.commits[PUBLIC]
+    c.unpublish(t)
+    messages = {}
+    for repo, visibility in ((PRIVATE, "private"), (GATED, "gated"), (PRIVATE_DS, "private"), ("team-a/nope", "")):
+        message = refused(lambda repo=repo: c.publish(t, pod("anyone", model=repo)))
+        assert repo in message and "'anyone'" in message and "--policy" in message, message
+        messages[repo] = message.replace(repo, "REPO")
+        assert mounts.at(str(t)) == [] and not t.exists()
+        if visibility:  # the node's admins see why in the plugin's log
+            assert f"asked for {repo}, which is {visibility}: refused" in c.log()
+    # the pod cannot tell a private or gated repo from one that does not exist
+    assert len(set(messages.values())) == 1, messages
+
+
+def test_policy_by_namespace_service_account_and_visibility(tenant_hub, node, csi, tmp_path):
+    policy = write_configmap(tmp_path / "csi-policy", "csi-policy.yaml", POLICY)
+    c = csi(node, extra=["--policy", str(policy), "--allow-whole-cache"])
+    t = c.target()
+    # team-a: its public model, its private model and its private dataset
+    c.publish(t, pod("team-a", model=PRIVATE))
+    assert (t / "snapshots" / tenant_hub.commits[PRIVATE] / "secret.txt").read_bytes() == SECRET
+    c.unpublish(t)
+    for repo in (PUBLIC, PRIVATE_DS):
+        c.publish(t, pod("team-a", model=repo))
+        assert (t / "refs" / "main").read_text() == tenant_hub.commits[repo]
+        c.unpublish(t)
+    # team-b: team-a's globs, public only; a private repo the node already knows is refused before any fetch
+    c.publish(t, pod("team-b", model=PUBLIC))
+    c.unpublish(t)
+    before, jobs = tenant_hub.stats.data_bytes, node.status()["jobs"]
+    message = refused(lambda: c.publish(t, pod("team-b", model=PRIVATE)))
+    assert PRIVATE in message and "'team-b'" in message and "only if it is a public repo" in message, message
+    assert "privateRepos" in message and str(policy) in message
+    assert f"asked for {PRIVATE}, which is private" in c.log()
+    assert tenant_hub.stats.data_bytes == before and node.status()["jobs"] == jobs
+    # a gated repo the node has not resolved: resolved through the daemon, then refused for its visibility
+    message = refused(lambda: c.publish(t, pod("team-b", model=GATED, waitForCache="true")))
+    assert GATED in message and "'team-b'" in message and "only if it is a public repo" in message, message
+    assert f"asked for {GATED}, which is gated" in c.log()
+    assert mounts.at(str(t)) == [] and not t.exists()
+    # ... and allowed to the one service account the policy names for it
+    c.publish(t, pod("team-b", "trainer", model=GATED, waitForCache="true"))
+    weights = t / "snapshots" / tenant_hub.commits[GATED] / "model.safetensors"
+    assert float(os.getxattr(weights, "user.nodecache.cached")) == 1.0
+    c.unpublish(t)
+    # namespaces and repos no rule names
+    for ctx, repo in (
+        (pod("team-c", model=PUBLIC), PUBLIC),
+        (pod("team-b", "trainer", model="team-z/public"), "team-z/public"),
+        (pod("team-b", model="datasets/team-a/private"), "datasets/team-a/private"),
+    ):
+        ns = ctx["csi.storage.k8s.io/pod.namespace"]
+        message = refused(lambda ctx=ctx: c.publish(t, ctx))
+        assert repo in message and f"'{ns}'" in message and "no rule" in message, message
+    # no pod info (a CSIDriver without podInfoOnMount): the policy cannot decide, so it refuses
+    message = refused(lambda: c.publish(t, {"model": PUBLIC}))
+    assert PUBLIC in message and "podInfoOnMount: true" in message
+    # the whole hub/: the flag, and a rule with wholeCache for the namespace
+    message = refused(lambda: c.publish(t, pod("team-a"), volume_id="hub"))
+    assert "whole hub/" in message and "'team-a'" in message and "wholeCache" in message
+    c.publish(t, pod("ops"), volume_id="hub")
+    assert (t / f"models--{PRIVATE.replace('/', '--')}" / "refs" / "main").exists()
+    c.unpublish(t, volume_id="hub")
+    assert mounts.at(str(t)) == [] and not t.exists()
+
+
+def test_policy_reloads_and_a_bad_version_keeps_the_last_good(tenant_hub, node, csi, tmp_path):
+    cm = tmp_path / "csi-policy"
+    policy = write_configmap(cm, "csi-policy.yaml", POLICY)
+    c = csi(node, extra=["--policy", str(policy)])
+    t = c.target()
+    c.publish(t, pod("team-a", model=PRIVATE))
+    c.unpublish(t)
+    # a broken update: the last good policy stays in force, reported once however often it is asked
+    write_configmap(cm, "csi-policy.yaml", POLICY.replace("privateRepos:", "privateRepos: [", 1))
+    for _ in range(3):
+        c.publish(t, pod("team-a", model=PRIVATE))
+        c.unpublish(t)
+        assert "team-b" in refused(lambda: c.publish(t, pod("team-b", model=PRIVATE)))
+    bad = [line for line in c.log().splitlines() if "keeping the policy loaded before" in line]
+    assert len(bad) == 1 and str(policy) in bad[0] and "not valid YAML" in bad[0], c.log()
+    # a good update takes effect at the next publish, without a restart
+    write_configmap(cm, "csi-policy.yaml", "rules:\n  - namespace: team-b\n    privateRepos: ['team-a/*']\n")
+    message = refused(lambda: c.publish(t, pod("team-a", model=PRIVATE)))
+    assert PRIVATE in message and "'team-a'" in message and "no rule" in message
+    c.publish(t, pod("team-b", model=PRIVATE))
+    c.unpublish(t)
+    assert c.proc.poll() is None
+
+
+def test_a_policy_that_never_loaded_refuses_everything(tenant_hub, node, csi, tmp_path):
+    cm = tmp_path / "csi-policy"
+    missing = cm / "csi-policy.yaml"
+    c = csi(node, extra=["--policy", str(missing), "--allow-whole-cache"])  # a plugin that starts: no crash loop
+    t = c.target()
+    message = refused(lambda: c.publish(t, pod("team-a", model=PUBLIC)))
+    assert PUBLIC in message and "'team-a'" in message and "never loaded" in message
+    write_configmap(cm, "csi-policy.yaml", "rules: [{namespace: team-a, repo: ['team-a/*']}]")  # a typo'd key
+    message = refused(lambda: c.publish(t, pod("team-a"), volume_id="hub"))
+    assert "whole hub/" in message and "never loaded" in message and "unknown key" in message
+    write_configmap(cm, "csi-policy.yaml", POLICY)
+    c.publish(t, pod("team-a", model=PUBLIC))
+    c.unpublish(t)
+    lines = [line for line in c.log().splitlines() if " nodecache.csi.policy: " in line]
+    assert [("refusing every volume" in x, "loaded" in x) for x in lines] == [
+        (True, False),
+        (True, False),
+        (False, True),
+    ]
+    assert c.proc.poll() is None

@@ -16,6 +16,7 @@ import yaml
 from nodecache import config as config_mod
 from nodecache.cli import build_parser
 from nodecache.csi.driver import CONTEXT_KEYS, DRIVER_NAME
+from nodecache.csi.policy import parse_policy
 from nodecache.layout import parse_repo_spec, repo_folder_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_the_validator_is_strict():
 def test_kustomize_builds_valid_objects():
     objs = kustomize(DS)
     assert sorted(o["kind"] for o in objs) == sorted(
-        ["Namespace", "ServiceAccount", "CSIDriver", "ConfigMap", "Service", "DaemonSet"]
+        ["Namespace", "ServiceAccount", "CSIDriver", "ConfigMap", "ConfigMap", "Service", "DaemonSet"]
     )
     for o in objs:
         kubernetes_validate.validate(o, K8S, strict=True)
@@ -166,6 +167,32 @@ def test_csi_wiring_socket_registration_and_driver_name():
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] in {p["name"] for p in c["nodecache"]["ports"]}
 
 
+def shipped_policy():
+    """The CSI policy the manifests ship, as the plugin would load it from its --policy path."""
+    c = containers()
+    args = build_parser().parse_args(c["csi-plugin"]["args"])
+    path = Path(args.policy)
+    [mount] = [m for m in c["csi-plugin"]["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert "subPath" not in mount, "a subPath mount never receives ConfigMap updates"
+    [vol] = [v for v in daemonset()["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    [cm] = docs(DS / "csi-policy.yaml")
+    assert vol["configMap"]["name"] == cm["metadata"]["name"]
+    return args, parse_policy(cm["data"][path.name], str(path))
+
+
+def test_csi_policy_is_shipped_secure_and_wired():
+    args, policy = shipped_policy()
+    assert args.allow_whole_cache is False, "the whole hub/ is off unless an admin turns it on"
+    assert policy.rules, "the plugin is started with a policy"
+    assert not any(r.private_repos or r.whole_cache for r in policy.rules), (
+        "private repos only where an admin lists them"
+    )
+    assert policy.grant("any-namespace", "default", "model", "Qwen/Qwen2.5-0.5B-Instruct") == "public"
+    assert policy.grant("any-namespace", "default", "dataset", "org/data") is None
+    [drv] = docs(DS / "csidriver.yaml")
+    assert drv["spec"]["podInfoOnMount"] is True, "the policy decides by the pod's namespace"
+
+
 def _workload_pods(objs: list[dict]) -> list[dict]:
     return [o["spec"]["template"]["spec"] for o in objs if o["kind"] == "Deployment"]
 
@@ -204,6 +231,9 @@ def test_examples_mount_read_only_with_host_to_container(path):
                     repo_type, repo_id, _ = parse_repo_spec(attrs["model"])
                     assert m["mountPath"] == env["HF_HUB_CACHE"] + "/" + repo_folder_name(repo_type, repo_id)
                     assert repo_id in ctr["args"]
+                    ns = next(o for o in objs if o["kind"] == "Deployment")["metadata"]["namespace"]
+                    sa = pod.get("serviceAccountName", "default")
+                    assert shipped_policy()[1].grant(ns, sa, repo_type, repo_id), "the shipped policy allows it"
                 else:
                     assert m["mountPath"] == env["HF_HUB_CACHE"]
 

@@ -6,10 +6,14 @@ on every call, so a restarted plugin (or daemon) picks up where it was.
 Volume context (`volumeAttributes` of a PV, or `volumeAttributes` of an inline
 CSI volume):
   model         `org/name` (or `datasets/org/name`): publish `hub/models--org--name`;
-                absent: publish the whole `hub/`
+                absent: publish the whole `hub/` (only with --allow-whole-cache)
   revision      the daemon resolves and prefetches it (in the background)
   waitForCache  "true": return only once every byte of the model is cached and
                 verified, or UNAVAILABLE after --wait-timeout so kubelet retries
+
+Who may mount what is the policy's (policy.py), decided from the pod's namespace
+and service account that kubelet adds (CSIDriver `podInfoOnMount: true`) and the
+repo's visibility as the daemon recorded it; a refusal is PERMISSION_DENIED.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from pathlib import Path
 import grpc
 
 from .. import __version__, mounts
-from ..layout import InvalidName, parse_repo_spec, repo_folder_name
+from ..layout import InvalidName, format_spec, parse_repo_spec, repo_folder_name
+from . import policy as policy_mod
+from .policy import Policy, PolicyFile
 from .proto import load
 
 log = logging.getLogger(__name__)
@@ -43,6 +49,8 @@ DRIVER_NAME = "nodecache.csi.k8s.io"
 FUSE_SOURCE = "nodecache"  # fsname= of the daemon's FUSE mount
 CONTEXT_KEYS = {"model", "revision", "waitForCache"}
 KUBELET_KEY_PREFIX = "csi.storage.k8s.io/"  # pod info and the ephemeral flag, added by kubelet
+POD_NAMESPACE = KUBELET_KEY_PREFIX + "pod.namespace"  # kubelet overwrites any value a pod spec gives
+POD_SERVICE_ACCOUNT = KUBELET_KEY_PREFIX + "serviceAccount.name"
 TRUE = {"true", "yes", "1"}
 FALSE = {"false", "no", "0", ""}
 
@@ -68,6 +76,30 @@ def parse_endpoint(endpoint: str) -> str:
     return os.path.abspath(path)
 
 
+def _who(context: dict[str, str]) -> str:
+    """The pod as refusals name it: its namespace, and its service account when kubelet gave it."""
+    namespace, account = context.get(POD_NAMESPACE, ""), context.get(POD_SERVICE_ACCOUNT, "")
+    who = f"namespace {namespace!r}" if namespace else "a pod of unknown namespace"
+    return who + (f" (service account {account!r})" if account else "")
+
+
+def not_public(context: dict[str, str], repo: str, why: str, policy: Policy) -> CsiError:
+    """The refusal of a repo that a PUBLIC grant does not cover. Private, gated and unknown repos get the same
+    answer as a repo that does not exist, as the Hub answers strangers: the pod's events must not tell which
+    private names exist. The plugin's log (the node's admins) says which it was."""
+    who = _who(context)
+    log.info("%s asked for %s, which is %s: refused (its grant is public repos only)", who, repo, why)
+    fix = (
+        f"if it is private or gated, list it under privateRepos of a rule for this namespace in {policy.origin}"
+        if policy.needs_pod_info
+        else "if it is private or gated, give the CSI plugin a --policy whose privateRepos allow it here"
+    )
+    return CsiError(
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"{who} may mount {repo} only if it is a public repo, and it is not one or does not exist: {fix}",
+    )
+
+
 class Driver:
     """The node plugin's logic, callable without gRPC (the servicers are thin)."""
 
@@ -80,6 +112,8 @@ class Driver:
         wait_timeout: float = 90.0,
         probe_timeout: float = 5.0,
         admin_token: str | None = None,
+        policy: PolicyFile | None = None,
+        allow_whole_cache: bool = False,
     ):
         self.mount = os.path.abspath(mount)
         self.hub = os.path.join(self.mount, "hub")
@@ -89,6 +123,8 @@ class Driver:
         self.wait_timeout = wait_timeout
         self.probe_timeout = probe_timeout
         self.admin_token = admin_token
+        self.policy_file = policy  # None: policy.DEFAULT (public repos only)
+        self.allow_whole_cache = allow_whole_cache
         self.poll_interval = 0.5
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
@@ -158,11 +194,13 @@ class Driver:
         except (OSError, ValueError) as e:
             raise CsiError(grpc.StatusCode.UNAVAILABLE, f"daemon at {self.daemon_url} not reachable: {e}") from None
 
-    def _daemon_prefetch(self, repo_type: str, repo_id: str, revision: str | None, wait: bool) -> dict:
-        """Have the daemon resolve a repo and fill it in the background; with `wait`, until every byte is verified."""
-        start = time.monotonic()
-        job = self._api("POST", "/v1/prefetch", {"repo": repo_id, "repo_type": repo_type, "revision": revision})
-        while wait and job.get("state") == "running":
+    def _start_prefetch(self, repo_type: str, repo_id: str, revision: str | None) -> dict:
+        """Have the daemon resolve a repo (and fill it in the background): its prefetch job."""
+        return self._api("POST", "/v1/prefetch", {"repo": repo_id, "repo_type": repo_type, "revision": revision})
+
+    def _wait_job(self, repo_id: str, job: dict, start: float) -> None:
+        """Until every byte of the job's snapshot is verified, or UNAVAILABLE after wait_timeout (kubelet retries)."""
+        while job.get("state") == "running":
             if time.monotonic() - start >= self.wait_timeout:
                 raise CsiError(
                     grpc.StatusCode.UNAVAILABLE,
@@ -171,9 +209,66 @@ class Driver:
                 )
             time.sleep(min(self.poll_interval, max(0.0, self.wait_timeout - (time.monotonic() - start))))
             job = self._api("GET", f"/v1/jobs/{job['id']}")
-        if wait and job.get("state") != "ready":
+        if job.get("state") != "ready":
             raise CsiError(grpc.StatusCode.UNAVAILABLE, f"filling {repo_id} failed: {job.get('error')}")
-        return job
+
+    def _visibility(self, repo_type: str, repo_id: str) -> str | None:
+        """What the daemon recorded of the repo's source: public, gated, private, unknown; None if not resolved yet."""
+        query = "" if repo_type == "model" else f"?repo_type={repo_type}"
+        try:
+            info = self._api("GET", f"/v1/repos/{repo_id}{query}")
+        except CsiError as e:
+            if e.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        visibility = info.get("visibility")
+        return visibility if isinstance(visibility, str) else "unknown"
+
+    # -- policy --------------------------------------------------------------
+
+    def policy(self) -> Policy:
+        return policy_mod.DEFAULT if self.policy_file is None else self.policy_file.current()
+
+    def authorize(self, context: dict[str, str], repo: tuple[str, str] | None) -> tuple[str, Policy]:
+        """The pod's grant for `repo` (None: the whole hub/), ANY or PUBLIC, and the policy that gave it;
+        else PERMISSION_DENIED."""
+        namespace = context.get(POD_NAMESPACE, "")
+        account = context.get(POD_SERVICE_ACCOUNT, "")
+        what = "the whole hub/" if repo is None else format_spec(*repo)
+        who = _who(context)
+        if repo is None and not self.allow_whole_cache:
+            raise CsiError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{who} may not publish {what}: it holds every repo on this node, private ones included, "
+                "and is off unless the CSI plugin runs with --allow-whole-cache; name a model instead "
+                "(volumeAttributes: {model: org/name})",
+            )
+        policy = self.policy()
+        if policy.broken is not None:
+            raise CsiError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{who} may not publish {what}: the CSI policy {policy.origin} has never loaded "
+                f"({policy.broken}), so every volume is refused until it does",
+            )
+        if policy.needs_pod_info and not namespace:
+            raise CsiError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{who} may not publish {what}: the volume context has no {POD_NAMESPACE}, which the policy "
+                f"{policy.origin} needs (the CSIDriver object must set podInfoOnMount: true)",
+            )
+        if repo is None:
+            if not policy.whole_cache(namespace, account):
+                raise CsiError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{who} may not publish {what}: no rule of {policy.origin} with wholeCache: true applies to it",
+                )
+            return policy_mod.ANY, policy
+        grant = policy.grant(namespace, account, *repo)
+        if grant is None:
+            raise CsiError(
+                grpc.StatusCode.PERMISSION_DENIED, f"{who} may not mount {what}: no rule of {policy.origin} allows it"
+            )
+        return grant, policy
 
     # -- Node ----------------------------------------------------------------
 
@@ -210,36 +305,34 @@ class Driver:
         if wait_s not in TRUE | FALSE:
             raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, f'waitForCache must be "true" or "false", not {wait_s!r}')
         wait = wait_s in TRUE
-        folder = None
+        repo = None
         if model:
             try:
                 repo_type, repo_id, _ = parse_repo_spec(model + ("@" + revision if revision else ""))
                 folder = repo_folder_name(repo_type, repo_id)
             except InvalidName as e:
                 raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            repo = (repo_type, repo_id)
         elif revision or wait:
             raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "revision/waitForCache need a model")
 
         with self.claim(target):
+            try:
+                grant, policy = self.authorize(volume_context, repo)
+            except CsiError:
+                self._remove_target(target)
+                raise
             fuse = self.live_mount()
             if fuse is None:
                 raise CsiError(grpc.StatusCode.UNAVAILABLE, f"the nodecache daemon is not serving at {self.mount}")
-            source = self.hub if folder is None else os.path.join(self.hub, folder)
-            if folder is not None:
-                present = mounts.probe(source, self.probe_timeout) == 0
-                if revision or wait or not present:
-                    try:
-                        self._daemon_prefetch(repo_type, repo_id, revision, wait)
-                    except CsiError as e:
-                        if e.code == grpc.StatusCode.NOT_FOUND:
-                            self._remove_target(target)
-                        raise
-                    err = mounts.probe(source, self.probe_timeout)
-                    if err == errno.ENOENT:
+            source = self.hub if repo is None else os.path.join(self.hub, folder)
+            if repo is not None:
+                try:
+                    self._prepare(source, repo_type, repo_id, revision, wait, grant, policy, volume_context)
+                except CsiError as e:
+                    if e.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
                         self._remove_target(target)
-                        raise CsiError(grpc.StatusCode.NOT_FOUND, f"model {model} is not in the cache tree")
-                    if err:
-                        raise CsiError(grpc.StatusCode.UNAVAILABLE, f"{source}: {os.strerror(err)}")
+                    raise
             want_root = "/" + os.path.relpath(source, self.mount)
             entries = mounts.mountinfo()
             top = mounts.top(target, entries)
@@ -265,6 +358,45 @@ class Driver:
             except OSError as e:
                 raise CsiError(grpc.StatusCode.INTERNAL, f"bind {source} -> {target}: {e}") from None
             log.info("publish %s: %s -> %s (read-only)", volume_id, source, target)
+
+    def _prepare(
+        self,
+        source: str,
+        repo_type: str,
+        repo_id: str,
+        revision: str | None,
+        wait: bool,
+        grant: str,
+        policy: Policy,
+        context: dict[str, str],
+    ) -> None:
+        """Resolve (and fill) the repo through the daemon as needed; a PUBLIC grant is checked before any wait."""
+        start = time.monotonic()
+        name = format_spec(repo_type, repo_id)
+        public_only = grant == policy_mod.PUBLIC
+        visibility = self._visibility(repo_type, repo_id) if public_only else None
+        if visibility not in (None, "public"):  # known already: refused before anything is fetched
+            raise not_public(context, name, visibility, policy)
+        present = mounts.probe(source, self.probe_timeout) == 0
+        if not (revision or wait or not present or (public_only and visibility is None)):
+            return
+        try:
+            job = self._start_prefetch(repo_type, repo_id, revision)
+        except CsiError as e:
+            if public_only and visibility is None and e.code == grpc.StatusCode.NOT_FOUND:
+                raise not_public(context, name, "not found", policy) from None
+            raise
+        if public_only and visibility is None:  # resolved just now: its source has said what it is
+            visibility = self._visibility(repo_type, repo_id)
+            if visibility != "public":
+                raise not_public(context, name, visibility or "unknown", policy)
+        if wait:
+            self._wait_job(repo_id, job, start)
+        err = mounts.probe(source, self.probe_timeout)
+        if err == errno.ENOENT:
+            raise CsiError(grpc.StatusCode.NOT_FOUND, f"model {name} is not in the cache tree")
+        if err:
+            raise CsiError(grpc.StatusCode.UNAVAILABLE, f"{source}: {os.strerror(err)}")
 
     def _remove_target(self, target: str) -> None:
         if mounts.at(target):
