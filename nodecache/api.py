@@ -87,7 +87,23 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
         return web.json_response(daemon.status())
 
     async def prefetch(request: web.Request) -> web.Response:
-        job = await daemon.prefetch(_spec(await _body(request)))
+        """`{"fill": false}`: resolve only (the tree shows it, no byte is fetched): 200 with what it is."""
+        body = await _body(request)
+        spec = _spec(body)
+        if body.get("fill", True) is False:
+            ref, total, _ = await daemon.add_repo(spec)
+            meta = daemon.index.get_repo_meta(ref.repo_type, ref.repo_id) or {}
+            return web.json_response(
+                {
+                    "repo": ref.repo_id,
+                    "repo_type": ref.repo_type,
+                    "revision": ref.revision,
+                    "commit": ref.commit,
+                    "total": total,
+                    "visibility": meta.get("visibility", "unknown"),
+                }
+            )
+        job = await daemon.prefetch(spec)
         return web.json_response(job.as_dict(), status=202)
 
     async def job(request: web.Request) -> web.Response:

@@ -653,7 +653,10 @@ def test_without_a_policy_only_public_repos(tenant_hub, node, csi):
     c.unpublish(t)
     messages = {}
     for repo, visibility in ((PRIVATE, "private"), (GATED, "gated"), (PRIVATE_DS, "private"), ("team-a/nope", "")):
+        before, jobs = tenant_hub.stats.data_bytes, node.status()["jobs"]
         message = refused(lambda repo=repo: c.publish(t, pod("anyone", model=repo)))
+        # resolved to learn its visibility, never filled: no byte of it fetched, no job
+        assert tenant_hub.stats.data_bytes == before and node.status()["jobs"] == jobs, repo
         assert repo in message and "'anyone'" in message and "--policy" in message, message
         messages[repo] = message.replace(repo, "REPO")
         assert mounts.at(str(t)) == [] and not t.exists()

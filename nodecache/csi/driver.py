@@ -377,19 +377,24 @@ class Driver:
         visibility = self._visibility(repo_type, repo_id) if public_only else None
         if visibility not in (None, "public"):  # known already: refused before anything is fetched
             raise not_public(context, name, visibility, policy)
-        present = mounts.probe(source, self.probe_timeout) == 0
-        if not (revision or wait or not present or (public_only and visibility is None)):
-            return
-        try:
-            job = self._start_prefetch(repo_type, repo_id, revision)
-        except CsiError as e:
-            if public_only and visibility is None and e.code == grpc.StatusCode.NOT_FOUND:
-                raise not_public(context, name, "not found", policy) from None
-            raise
-        if public_only and visibility is None:  # resolved just now: its source has said what it is
-            visibility = self._visibility(repo_type, repo_id)
+        if public_only and visibility is None:  # resolve only (no byte fetched): its source says what it is
+            try:
+                resolved = self._api(
+                    "POST",
+                    "/v1/prefetch",
+                    {"repo": repo_id, "repo_type": repo_type, "revision": revision, "fill": False},
+                )
+            except CsiError as e:
+                if e.code == grpc.StatusCode.NOT_FOUND:
+                    raise not_public(context, name, "not found", policy) from None
+                raise
+            visibility = resolved.get("visibility") if isinstance(resolved, dict) else None
             if visibility != "public":
                 raise not_public(context, name, visibility or "unknown", policy)
+        present = mounts.probe(source, self.probe_timeout) == 0
+        if not (revision or wait or not present):
+            return
+        job = self._start_prefetch(repo_type, repo_id, revision)
         if wait:
             self._wait_job(repo_id, job, start)
         err = mounts.probe(source, self.probe_timeout)
