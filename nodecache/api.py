@@ -1,7 +1,8 @@
 """The control API (`/v1`): repos, status, prefetch jobs, pins, eviction.
 
-Read-only calls are open on the node; mutating ones need `Authorization:
-Bearer <admin token>` when an admin token is configured. Thin: every call is
+When an admin token is configured, every `/v1` call needs `Authorization:
+Bearer <admin token>`: mutating ones because they fill or empty the disk, reads
+because they name every repo on the node, private ones included. Thin: every call is
 one daemon method.
 """
 
@@ -140,11 +141,12 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
             raise web.HTTPNotFound(reason="not_found", text=str(e.args[0])) from None
         return web.json_response({"evicted_blobs": n, "freed_bytes": freed, "kept_in_use_or_pinned": kept})
 
-    app.router.add_get("/v1/repos", repos)
-    app.router.add_get("/v1/repos/{repo:[^/]+(?:/[^/]+)?}", repo)
-    app.router.add_get("/v1/status", status)
+    # Reads name repos (private ones included): with an admin token configured, they need it too.
+    app.router.add_get("/v1/repos", admin(repos))
+    app.router.add_get("/v1/repos/{repo:[^/]+(?:/[^/]+)?}", admin(repo))
+    app.router.add_get("/v1/status", admin(status))
     app.router.add_post("/v1/prefetch", admin(prefetch))
-    app.router.add_get("/v1/jobs/{id}", job)
+    app.router.add_get("/v1/jobs/{id}", admin(job))
     app.router.add_post("/v1/pin", admin(pin))
     app.router.add_delete("/v1/pin", admin(unpin))
     app.router.add_post("/v1/evict", admin(evict))

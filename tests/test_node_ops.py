@@ -48,14 +48,9 @@ def cached(path: Path) -> float:
     return float(os.getxattr(path, "user.nodecache.cached"))
 
 
-def wait_job(d, job: dict) -> dict:
-    import time
-
-    deadline = time.monotonic() + 60
-    while job["state"] == "running" and time.monotonic() < deadline:
-        time.sleep(0.1)
-        job = api(d, "GET", f"/v1/jobs/{job['id']}")[1]
-    return job
+def wait_job(d, job: dict, token: str | None = None) -> dict:
+    """The job once it has ended (the daemon answers ?wait when it does)."""
+    return api(d, "GET", f"/v1/jobs/{job['id']}?wait=60", token=token)[1]
 
 
 def disk_used(d) -> int:
@@ -131,24 +126,28 @@ def test_shm_tier_takes_small_files_and_hot_pins(hub, daemons, tmp_path, small_r
 def test_control_api(hub, daemons):
     token = "s3cret-admin"
     d = daemons(repos=(SMALL,), env={"NODECACHE_ADMIN_TOKEN": token})
-    status, repos = api(d, "GET", "/v1/repos")
+    status, repos = api(d, "GET", "/v1/repos", token=token)
     assert status == 200 and [r["repo"] for r in repos["repos"]] == [SMALL]
     snap = repos["repos"][0]["snapshots"][0]
     assert snap["commit"] == hub.commits[SMALL] and snap["bytes_cached"] == 0 and snap["complete"] is False
-    assert api(d, "GET", f"/v1/repos/{SMALL}")[1]["refs"] == {"main": hub.commits[SMALL]}
-    assert api(d, "GET", "/v1/repos/org/unknown")[0] == 404
-    st = api(d, "GET", "/v1/status")[1]
+    assert api(d, "GET", f"/v1/repos/{SMALL}", token=token)[1]["refs"] == {"main": hub.commits[SMALL]}
+    assert api(d, "GET", "/v1/repos/org/unknown", token=token)[0] == 404
+    st = api(d, "GET", "/v1/status", token=token)[1]
     assert st["ready"] is True and st["tiers"][0]["name"] == "disk" and st["peers"] == []
 
-    # mutating calls need the admin token
+    # every /v1 call needs the admin token: mutating ones fill or empty the disk, reads name every repo
     for method, path, body in (
         ("POST", "/v1/prefetch", {"repo": BIG}),
         ("POST", "/v1/pin", {"repo": BIG}),
         ("POST", "/v1/evict", {"all": True}),
         ("DELETE", "/v1/pin", {"repo": BIG}),
+        ("GET", "/v1/repos", None),
+        ("GET", f"/v1/repos/{SMALL}", None),
+        ("GET", "/v1/status", None),
+        ("GET", "/v1/jobs/1", None),
     ):
         status, err = api(d, method, path, body)
-        assert status == 401 and set(err) == {"error", "detail"}
+        assert status == 401 and set(err) == {"error", "detail"}, (path, status, err)
         assert api(d, method, path, body, token="wrong")[0] == 401
 
     # bad input: JSON errors with 4xx, never a traceback
@@ -169,14 +168,14 @@ def test_control_api(hub, daemons):
     status, job = api(d, "POST", "/v1/prefetch", {"repo": SMALL, "revision": "main"}, token=token)
     assert status == 202 and job["total"] > 0
     for bad in ("abc", "-1", "301", "nan"):
-        status, err = api(d, "GET", f"/v1/jobs/{job['id']}?wait={bad}")
+        status, err = api(d, "GET", f"/v1/jobs/{job['id']}?wait={bad}", token=token)
         assert status == 400 and "wait" in err["detail"], (bad, err)
-    job = api(d, "GET", f"/v1/jobs/{job['id']}?wait=60")[1]  # answers when the job ends, no polling
+    job = api(d, "GET", f"/v1/jobs/{job['id']}?wait=60", token=token)[1]  # answers when the job ends, no polling
     assert job["state"] == "ready" and job["done"] == job["total"] and job["seconds"] > 0
-    assert api(d, "GET", "/v1/repos")[1]["repos"][0]["snapshots"][0]["complete"] is True
+    assert api(d, "GET", "/v1/repos", token=token)[1]["repos"][0]["snapshots"][0]["complete"] is True
 
     status, job = api(d, "POST", "/v1/pin", {"repo": BIG}, token=token)
-    assert status == 202 and wait_job(d, job)["state"] == "ready"
+    assert status == 202 and wait_job(d, job, token)["state"] == "ready"
     status, out = api(d, "POST", "/v1/evict", {"all": True}, token=token)
     assert status == 200 and out["evicted_blobs"] >= 1 and out["kept_in_use_or_pinned"] >= 1
     assert api(d, "POST", "/v1/evict", {}, token=token)[0] == 400
