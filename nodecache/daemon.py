@@ -33,7 +33,7 @@ from .metrics import Metrics
 from .peers import Membership, Peers
 from .policy import RepoPolicy
 from .repos import RepoRef, ensure_repo, snapshot_blobs
-from .server import make_app
+from .server import OneLineBadRequests, make_app
 from .store import Store, Tier
 from .upstream import NotFound, UpstreamError
 from .upstream.hf import HfUpstream
@@ -448,7 +448,7 @@ class Daemon:
             housekeeping = loop.create_task(self._housekeeping())
             preload = loop.create_task(self._preload())
             discovery = loop.create_task(self.membership.run())
-            runner = web.AppRunner(make_app(self), access_log=None)
+            runner = web.AppRunner(make_app(self), access_log=None, logger=OneLineBadRequests())
             await runner.setup()
             await web.TCPSite(runner, self.cfg.listen_host, self.cfg.listen_port).start()
             if self.cfg.mount is None:

@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import api, mirror, peer_api
 from .fill import FillError
@@ -37,6 +38,8 @@ async def _json_errors(request: web.Request, handler):
         return _error(e.status, e.reason, e.text or e.reason)
     except (InvalidName, ValueError) as e:
         return _error(400, "bad_request", str(e))
+    except RecursionError:  # json.loads of "[[[[…": any parser of a request body can raise it
+        return _error(400, "bad_request", "input nested too deeply")
     except NotFound as e:
         return _error(404, "not_found", str(e))
     except FillError as e:
@@ -48,6 +51,21 @@ async def _json_errors(request: web.Request, handler):
     except Exception as e:  # the one place that may see anything
         log.exception("%s %s failed", request.method, request.path)
         return _error(500, "internal", e.__class__.__name__)
+
+
+class OneLineBadRequests(logging.LoggerAdapter):
+    """aiohttp logs each request its parser refuses (it answers 400 itself) with a whole
+    traceback at ERROR: anyone on the network could fill the log. One warning line instead."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("nodecache.http"), {})
+
+    def exception(self, msg, *args, exc_info=True, **kw) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            first = (exc_info.message or "").strip().splitlines()[:1]
+            self.logger.warning("refused a malformed HTTP request (400): %s", (first or ["?"])[0][:200])
+            return
+        self.logger.error(msg, *args, exc_info=exc_info, **kw)
 
 
 def make_app(daemon: Daemon) -> web.Application:

@@ -12,8 +12,11 @@ import hashlib
 import itertools
 import json
 import os
+import random
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import lmdb
@@ -283,3 +286,90 @@ def test_a_job_that_hits_an_unexpected_error_ends_in_error():
 
     job = asyncio.run(run())
     assert job.state == "error" and "disk on fire" in job.error
+
+
+# --- a bounded fuzz of every HTTP face ------------------------------------------------------
+
+HOSTILE = [
+    "..", "%2e%2e", "../../etc/passwd", "%00", "a%00b", "%ff%fe", "\u00e9t\u00e9", "\U0001f600", "a\\b", "-1", "0",
+    "99999999999999999999", "NaN", "inf", "[]", "{}", ";", "'", '"', "%", "//", "models--org--public", "refs/pr/1",
+    "main", "x" * 300, "y" * 5000, "c" * 40, "ab" * 32, "org/public", "org/private", "datasets/org/x", " ", "*/*",
+]  # fmt: skip
+QUERY_KEYS = ["chunk", "chunk_size", "repo", "commit", "repo_type", "size", "kind", "path", "local_only", "wait",
+              "expand[]", "blobs", "recursive", "cursor", "revision"]  # fmt: skip
+
+
+def _request(rng: random.Random, blob: str, commit: str) -> tuple[str, str, dict[str, str], bytes]:
+    """One hostile request: a method, a raw path with query, headers, a body."""
+    pick = lambda: rng.choice(HOSTILE)  # noqa: E731
+    enc = lambda t: urllib.parse.quote(t, safe="/%") if rng.random() < 0.7 else t.replace(" ", "%20")  # noqa: E731
+    templates = [  # (the method the route expects, a path)
+        ("GET", f"/v1/blobs/{rng.choice([blob, pick()])}"), ("GET", "/v1/repos"), ("GET", f"/v1/repos/{pick()}"),
+        ("GET", f"/v1/repos/org/{pick()}"), ("GET", f"/v1/jobs/{pick()}"), ("GET", "/v1/status"),
+        ("POST", "/v1/prefetch"), ("POST", "/v1/pin"), ("DELETE", "/v1/pin"), ("POST", "/v1/evict"),
+        ("GET", f"/org/public/resolve/{rng.choice(['main', commit, pick()])}/{rng.choice(['config.json', pick()])}"),
+        ("HEAD", f"/org/{rng.choice(['public', 'private', 'gated'])}/resolve/main/{rng.choice(['config.json', pick()])}"),
+        ("GET", f"/{pick()}/resolve/main/{pick()}"), ("GET", f"/datasets/{pick()}/resolve/{pick()}/{pick()}"),
+        ("GET", f"/api/models/{rng.choice(['org/public', 'org/private', 'org/gated', pick()])}"),
+        ("GET", f"/api/models/org/public/revision/{pick()}"), ("GET", f"/api/models/{pick()}/tree/{pick()}/{pick()}"),
+        ("POST", f"/api/models/org/{rng.choice(['public', 'private', 'gated'])}/paths-info/{pick()}"),
+        ("GET", f"/api/datasets/{pick()}"), ("GET", "/healthz"), ("GET", "/metrics"), ("GET", f"/{pick()}"),
+    ]  # fmt: skip
+    method, path = rng.choice(templates)
+    if rng.random() < 0.15:
+        method = rng.choice(["GET", "HEAD", "POST", "DELETE", "PUT", "PATCH"])
+    path = enc(path)
+    if rng.random() < 0.8:
+        query = [(rng.choice(QUERY_KEYS), rng.choice([pick(), commit, blob, "0", "1", "true"])) for _ in range(4)]
+        path += "?" + "&".join(f"{urllib.parse.quote(k)}={enc(v)}" for k, v in query)
+    headers = {}
+    if rng.random() < 0.7:
+        right = "k" if path.startswith("/v1/blobs") else "adm"
+        headers["Authorization"] = "Bearer " + rng.choice([right, right, right, "hf_x", TOKEN, pick()[:100]])
+    if rng.random() < 0.3:
+        headers["Range"] = rng.choice(["bytes=0-0", "bytes=-1", "bytes=5-2", "bytes=0-", "bytes=a-b", "bytes=0-1,4-5",
+                                       "bytes=99999999999999999999-", pick()[:100]])  # fmt: skip
+    body = b""
+    if method in ("POST", "PUT", "DELETE", "PATCH"):
+        body = rng.choice([
+            json.dumps({"repo": rng.choice(["org/public", pick()]), "revision": pick(), "all": rng.random() < 0.1,
+                        "mode": pick(), "fill": rng.choice([False, True, pick()])}).encode(),
+            json.dumps({"paths": [pick() for _ in range(rng.randint(0, 5))]}).encode(),
+            json.dumps([1, 2]).encode(), b"{not json", b"\xff\xfe", b"[" * 5000 + b"]" * 5000,
+            json.dumps({"paths": ["a"] * 20000}).encode(), b"paths=config.json&paths=..",
+        ])  # fmt: skip
+        headers["Content-Type"] = rng.choice(["application/json", "application/x-www-form-urlencoded", "text/plain"])
+    return method, path, headers, body
+
+
+def _send(port: int, method: str, path: str, headers: dict[str, str], body: bytes) -> int:
+    """The raw request over a socket (no client library tidies it up); the status code."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head.encode("utf-8", "surrogateescape") + b"\r\n" + body)
+        status_line = s.makefile("rb").readline()
+    return int(status_line.split()[1])
+
+
+def test_fuzzing_every_http_face_leaves_a_node_that_serves_and_restarts(tmp_path, tenant_hub, small_repo):
+    rng = random.Random(1414)
+    blob = hashlib.sha256((small_repo / "model.safetensors").read_bytes()).hexdigest()
+    commit = tenant_hub.commits[PUBLIC]
+    env = {"NODECACHE_CLUSTER_TOKEN": "k", "NODECACHE_ADMIN_TOKEN": "adm", "NODECACHE_ON_DEMAND": "org/*"}
+    d = node(tmp_path, tenant_hub, repos=(PUBLIC,), env=env)
+    statuses: dict[int, int] = {}
+    with d:
+        for i in range(4000):
+            method, path, headers, body = _request(rng, blob, commit)
+            status = _send(d.port, method, path, headers, body)
+            statuses[status] = statuses.get(status, 0) + 1
+            assert status != 500, (i, method, path[:300], headers, body[:200], d.log()[-3000:])
+        assert http(d.url + "/healthz") == (200, {"ok": True})
+        snap = d.hub / "models--org--public" / "snapshots" / commit
+        assert (snap / "model.safetensors").read_bytes() == (small_repo / "model.safetensors").read_bytes()
+        assert "Traceback" not in d.log()
+    assert d.stop() == 0
+    with d:  # a clean restart over whatever the fuzz made the daemon store
+        assert (snap / "config.json").read_bytes() == (small_repo / "config.json").read_bytes()
+    assert sum(v for k, v in statuses.items() if 400 <= k < 500) > 1000, statuses  # most were refused
