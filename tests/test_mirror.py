@@ -267,7 +267,7 @@ def test_private_repo_needs_a_token_upstream_accepts(private_hub, small_repo, tm
     env = {"NODECACHE_CHUNK_SIZE": str(MiB), "NODECACHE_FSYNC": "false", "NODECACHE_READ_TIMEOUT": "20"}
     env["NODECACHE_MIRROR_ALLOW"] = "org/secret"
     d = DaemonProcess(tmp_path, private_hub.url, [], env=env, extra_args=["--token-file", str(tmp_path / "token")])
-    with d.start():
+    with d:  # starts it (`with d.start()` started a second daemon and leaked the first)
         path = "/org/secret/resolve/main/config.json"
         want = (small_repo / "config.json").read_bytes()
         status, headers, _ = raw(d, "GET", path)
