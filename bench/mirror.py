@@ -192,7 +192,8 @@ def main() -> None:
                 daemon.stop()
             run_dir = work / f"node{r}"
             run_dir.mkdir()
-            daemon = DaemonProcess(run_dir, hub_url, []).start(timeout=60)
+            # Not resolved at start: the mirror adds it on the first call (mirror_allow lets it).
+            daemon = DaemonProcess(run_dir, hub_url, [], env={"NODECACHE_MIRROR_ALLOW": REPO}).start(timeout=60)
             secs["mirror_cold"].append(download(daemon.url, work / "client"))
             settle.append(wait_settled(daemon))  # warm = every blob in the store and verified
             cold_up.append(upstream_bytes(daemon))
@@ -218,7 +219,7 @@ def main() -> None:
                 "file_mib": args.file_mib,
                 "rate_limit_mbps": args.rate_limit_mbps,
                 "repeats": args.repeats,
-                "daemon": "defaults (8 MiB chunks, 8 parallel per blob, fsync on)",
+                "daemon": "defaults (8 MiB chunks, 8 parallel per blob, fsync on), mirror_allow the repo",
                 "client": "huggingface_hub snapshot_download, fresh process and cache per run",
             },
             "repo_bytes": size,

@@ -52,6 +52,8 @@ class Config:
     admin_token: str | None = field(default=None, repr=False)  # required by mutating /v1 calls when set
     preload: tuple[str, ...] = ()  # "org/name[@rev][=pin|=hot]" filled at start, in this order
     on_demand: tuple[str, ...] = ()  # globs of repo ids a lookup may resolve upstream, e.g. "org/*"
+    mirror_allow: tuple[str, ...] | None = None  # globs of repos mirror calls may fetch; None: as a lookup may
+    mirror_public: tuple[str, ...] = ()  # globs of repos the mirror serves to any caller, whatever their sources say
     sources: tuple[str, ...] = ()  # "org/name=hf,s3://bucket/prefix": a repo's upstreams, tried in order per chunk
     s3_endpoint_url: str | None = None  # S3-compatible endpoint (MinIO, moto); default: AWS via the boto3 chain
     s3_region: str | None = None  # default: the boto3 chain's
@@ -101,6 +103,10 @@ class Config:
                 "cluster_token: peers/peers_dns are set but no cluster token is; every node of the cluster needs "
                 "the same one (NODECACHE_CLUSTER_TOKEN), else anyone on the network could use the peer API"
             )
+        for key in ("mirror_allow", "mirror_public"):
+            for glob in getattr(self, key) or ():
+                if not glob or "@" in glob or any(c.isspace() or not c.isprintable() for c in glob):
+                    raise ConfigError(f"{key}: {glob!r} is not a repo glob like 'org/*' or 'datasets/org/name'")
         from .upstream.sources import check_config  # non-HF sources: syntax only, no I/O
 
         check_config(self)

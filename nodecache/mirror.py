@@ -13,24 +13,33 @@ Routes (models, and the same under `datasets/` and `spaces/`):
   `Content-Length`, `Accept-Ranges`, single ranges as 206 + `Content-Range`.
   Bytes stream as chunks arrive: a partially cached blob starts at once.
 - `GET /api/{type}s/{repo}[/revision/{rev}]` and `/api/{type}s/{repo}/tree/{rev}[/{path}]`:
-  forwarded with the caller's `Authorization`; Xet fields and headers are
-  stripped and pagination links point back at the mirror. Upstream
-  unreachable: answered from the index when the revision is cached.
+  relayed to the Hub (Xet fields and headers stripped, pagination links
+  pointed back at the mirror) when the repo is the Hub's and the caller may
+  see it; otherwise, or with the Hub unreachable, answered from the index.
 - `POST /api/{type}s/{repo}/paths-info/{rev}`: answered from the index.
 
-Access: every request for cached bytes of a repo first proves that upstream
-lets the caller (by its own `Authorization`) see that repo; public repos and
-positive checks are remembered for `ACCESS_TTL`. A caller without access gets
-the Hub's own answer (status, `X-Error-Code`, message). When upstream cannot
-be reached, cached content of a repo known to be public is still served;
-everything else is 502/504, never a made-up 404.
+Access: every route makes one decision (`Mirror.open`) before it reveals
+anything. The repo must be one a mirror request may make the node fetch
+(`mirror_allow`, by default the node's `RepoPolicy`; else 404, and nothing is
+asked upstream or written to the index). It is resolved through its own source
+chain, which records its visibility in the index. Public repos are open to
+everyone; gated repos' metadata too. Anything else needs the caller to prove
+access with its own token, by a request this module shapes (a revision
+document for metadata, a HEAD of the file for bytes) sent to the Hub the
+repo's chain starts with; positive answers are remembered for `ACCESS_TTL`.
+A repo whose chain does not start at the Hub (S3, HTTP, a directory) is open
+only to the admin token or through `mirror_public`. When the Hub cannot be
+asked, an anonymous caller of a non-public repo gets 401 and anyone else 503;
+nothing is ever learnt from a caller-shaped answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import hashlib
+import hmac
 import json
 import logging
 import re
@@ -47,12 +56,14 @@ from .layout import (
     REPO_TYPES,
     FileEntry,
     InvalidName,
+    format_spec,
     tree_listing,
     validate_relpath,
     validate_repo_id,
     validate_revision,
 )
-from .upstream import NotFound, UpstreamError
+from .upstream import VISIBILITIES, NotFound, UpstreamError
+from .upstream.hf import HfUpstream
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -60,8 +71,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ACCESS_TTL = 60.0  # a positive access check (or "this repo is public") is trusted this long
+ACCESS_TTL = 60.0  # a caller's access, proven upstream, is trusted this long
+ACCESS_MAX = 10_000  # remembered (repo, caller) grants; beyond, expired ones are dropped
 REF_TTL = 30.0  # a branch/tag -> commit answer is reused this long (commits: forever)
+REFS_MAX = 4096  # remembered revision -> commit answers
 DOWN_WINDOW = 10.0  # after upstream failed us, uncached reads fail fast (504) for this long
 MIN_STEP, MAX_STEP = 1 << 20, 8 << 20  # bytes per Filler.read while streaming
 _TYPE_OF = {v: k for k, v in REPO_TYPES.items()}  # "models" -> "model"
@@ -222,15 +235,63 @@ def parse_api_path(raw_path: str) -> tuple[str, str, str, list[str]]:
     return repo_type, repo_id, (rest[0] if rest else ""), rest[1:]
 
 
+# ---- who may see what (pure) ------------------------------------------------------
+
+
+def repo_name(repo_type: str, repo_id: str) -> str:
+    """`org/name`, `datasets/org/name`: what `mirror_allow` and `mirror_public` globs match."""
+    return format_spec(repo_type, repo_id)
+
+
+def matches(globs, repo_type: str, repo_id: str) -> bool:
+    name = repo_name(repo_type, repo_id)
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def named_by(globs, repo_type: str, repo_id: str) -> bool:
+    """Listed by its exact name (a glob without wildcards): private repos need this."""
+    name = repo_name(repo_type, repo_id)
+    return any(g == name for g in globs if not any(c in g for c in "*?["))
+
+
+def proof_needed(visibility: str, files: bool) -> str | None:
+    """What a caller must prove to the Hub: None (nothing), "meta" (it sees the repo) or "files".
+
+    Gated repos' metadata is public and their files are not; a repo not known
+    to be public or gated is treated as private.
+    """
+    if visibility == "public" or (visibility == "gated" and not files):
+        return None
+    return "files" if files else "meta"
+
+
+def anonymous_refusal(t: Target, visibility: str, files: bool) -> HubError:
+    """The Hub's own answer to a caller without a token (huggingface_hub maps the codes to its errors)."""
+    kind = t.repo_type
+    if visibility == "gated" and files:
+        return HubError(401, f"Access to {kind} {t.repo_id} is restricted. You must be authenticated.", "GatedRepo")
+    return HubError(401, f"Repository {t.repo_id} not found, or it needs a token with access", "RepoNotFound")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One request's access: the revision it reads, why it may, and what may be relayed upstream."""
+
+    ref: RepoRef
+    why: str  # "public" | "caller" (proven upstream) | "admin" | "mirror_public"
+    relay: bool  # API answers may come from the Hub (the repo's chain starts there)
+    auth: str | None  # the Authorization to relay: the caller's own, never the admin token
+
+
 class Mirror:
-    """The mirror's state: access and ref caches, and the repos' known visibility."""
+    """The mirror's state: proven grants, ref and file caches, and whether upstream answers."""
 
     def __init__(self, daemon: Daemon):
         self.d = daemon
-        self._access: dict[tuple[str, str, str], float] = {}  # (type, repo, auth hash) -> valid until
-        self._public: dict[tuple[str, str], tuple[bool, float]] = {}  # last known visibility, when
+        self._grants: dict[tuple[str, str, str, str], float] = {}  # (type, repo, auth hash, proof) -> until
+        self._checking: dict[tuple[str, ...], asyncio.Task] = {}  # one upstream check per question at a time
         self._refs: dict[tuple[str, str, str], tuple[RepoRef, float]] = {}
-        self._resolving: dict[tuple[str, str, str], asyncio.Task] = {}
+        self._resolving: dict[tuple[str, str, str, bool], asyncio.Task] = {}
         self._files: dict[tuple[str, str, str], dict[str, FileEntry]] = {}
         self._down_until = 0.0  # upstream failed a mirror call recently
 
@@ -241,83 +302,142 @@ class Mirror:
     def upstream_down(self) -> bool:
         return time.monotonic() < self._down_until
 
-    @property
-    def up(self):
-        return self.d.upstream
+    def hub_of(self, t: Target) -> HfUpstream | None:
+        """The Hub the repo's bytes come from, if its chain starts there (else None: the operator's own)."""
+        first = self.d.sources.for_repo(t.repo_type, t.repo_id)[0]
+        return first if isinstance(first, HfUpstream) else None
 
     # ---- access -----------------------------------------------------------------
 
-    async def authorize(self, t: Target, auth: str | None, path: str | None = None, force: bool = False) -> bool:
-        """Raise the Hub's error unless upstream lets `auth` read the repo; True if upstream answered.
+    def allowed(self, t: Target) -> bool:
+        """May a mirror request make the node resolve and fetch this repo? `mirror_allow`, or by
+        default the node's own rule (`RepoPolicy`: the configured repos, `on_demand`, the index)."""
+        allow = self.d.cfg.mirror_allow
+        if allow is None:
+            return self.d.may_fetch(t.repo_type, t.repo_id)
+        return matches(allow, t.repo_type, t.repo_id)
 
-        False means upstream was unreachable and the repo is known to be public,
-        so cached content may still be served.
-        """
-        now = time.monotonic()
-        key = (t.repo_type, t.repo_id)
-        public = self._public.get(key)
-        if public and public[0] and public[1] + ACCESS_TTL > now and not force:
-            return True
-        akey = (*key, hashlib.sha256(auth.encode()).hexdigest() if auth else "")
-        if self._access.get(akey, 0.0) > now and not force:
-            return True
-        try:
-            status, headers, body = await self.up.api(
-                "GET", f"{t.api_base}/revision/{quote(t.revision, safe='')}", authorization=auth
-            )
-        except UpstreamError as e:
-            self._upstream_failed()
-            return self._offline(t, str(e))
-        if status in (401, 403, 404):
-            raise _relayed_error(status, headers, body)
-        if status != 200:
-            self._upstream_failed()
-            return self._offline(t, f"upstream answered {status}")
-        self._down_until = 0.0
-        try:
-            doc = json.loads(body)
-            private, gated = bool(doc.get("private")), doc.get("gated") not in (None, False)
-        except (ValueError, AttributeError):
-            raise HubError(502, "upstream sent an unreadable repo document") from None
-        if gated and path is not None:  # gated metadata is public; the files are not
-            await self._check_gated(t, path, auth)
-        self._public[key] = (not private and not gated, now)
-        if private or gated:
-            self._access[akey] = now + ACCESS_TTL
-            if len(self._access) > 10_000:
-                self._access = {k: v for k, v in self._access.items() if v > now}
-        return True
+    def named(self, t: Target) -> bool:
+        """Named by the operator, not only matched by a wildcard."""
+        allow = self.d.cfg.mirror_allow
+        return self.d.policy.names(t.repo_type, t.repo_id) or named_by(allow or (), t.repo_type, t.repo_id)
 
-    async def _check_gated(self, t: Target, path: str, auth: str | None) -> None:
-        try:
-            status, headers, body = await self.up.api("HEAD", f"{t.resolve_base}/{quote(path)}", authorization=auth)
-        except UpstreamError as e:
-            raise HubError(504, f"upstream unreachable, cannot check access to gated repo: {e}") from None
-        if status in (401, 403, 404):
-            raise _relayed_error(status, headers, body)
-        if status >= 500:
-            raise HubError(502, f"upstream answered {status} to an access check")
-
-    def _offline(self, t: Target, why: str) -> bool:
-        """Upstream is unreachable: may cached bytes of this repo still be served?"""
-        public = self._public.get((t.repo_type, t.repo_id))
-        # A daemon without a token can only have cached repos that were public.
-        if (public and public[0]) or (public is None and not self.d.cfg.hub_token):
-            log.warning("upstream unreachable (%s); serving %s from the cache", why, t.repo_id)
+    def _is_admin(self, auth: str | None) -> bool:
+        token = self.d.cfg.admin_token
+        if not token or not auth:
             return False
-        raise HubError(504, f"upstream unreachable, cannot check access to {t.repo_id}: {why}")
+        return hmac.compare_digest(auth.removeprefix("Bearer ").strip().encode(), token.encode())
+
+    async def open(self, request: web.Request, t: Target, path: str | None = None) -> Grant:
+        """The one access decision of every route: a Grant, or the Hub-style refusal raised.
+
+        `path` is the file a resolve route serves (its bytes need more than its
+        metadata). The caller is cleared before any answer says whether a
+        revision or a file exists.
+        """
+        auth = request.headers.get("Authorization") or None
+        if auth is not None and not (auth.isascii() and auth.isprintable()):
+            raise HubError(400, "the Authorization header must be printable ASCII")
+        admin = self._is_admin(auth)
+        if not admin and not self.allowed(t):
+            raise HubError(404, f"Repository {t.repo_id} is not mirrored by this node (mirror_allow)", "RepoNotFound")
+        # A repo matched only by a wildcard resolves only if the Hub calls it public (as a
+        # lookup through the mount does): a private one would enter the index and the tree.
+        public_only = not (admin or self.named(t) or self.d.index.has_repo(t.repo_type, t.repo_id))
+        try:
+            ref, failed = await self.resolve(t, public_only), None
+        except HubError as e:
+            ref, failed = None, e
+        meta = self.d.index.get_repo_meta(t.repo_type, t.repo_id)
+        if failed is not None and meta is None:  # never recorded: nothing to protect, nothing to tell
+            if failed.status == 404:  # not which of repo, revision or visibility refused it
+                raise HubError(404, f"Repository {t.repo_id} not found, or not public and not named", "RepoNotFound")
+            raise failed
+        visibility = (meta or {}).get("visibility", "unknown")
+        hub = self.hub_of(t)
+        if admin:
+            why = "admin"
+        elif matches(self.d.cfg.mirror_public, t.repo_type, t.repo_id):
+            why = "mirror_public"
+        elif hub is None:
+            raise HubError(
+                401,
+                f"Repository {t.repo_id} is this node's own (not the Hub's): not public (mirror_public)",
+                "RepoNotFound",
+            )
+        else:
+            why = await self._check_caller(
+                hub,
+                t,
+                auth,
+                visibility if visibility in VISIBILITIES else "unknown",
+                ref.commit if ref else t.revision,
+                path,
+            )
+        if failed is not None:
+            raise failed
+        assert ref is not None
+        relay = hub is not None and why in ("public", "caller")
+        return Grant(ref, why, relay, auth if relay else None)
+
+    async def _check_caller(
+        self, hub: HfUpstream, t: Target, auth: str | None, visibility: str, revision: str, path: str | None
+    ) -> str:
+        """Why this caller may read the repo ("public", or "caller" once its Hub says so), or the refusal."""
+        proof = proof_needed(visibility, path is not None)
+        if proof is None:
+            return "public"
+        if auth is None:
+            raise anonymous_refusal(t, visibility, path is not None)
+        now = time.monotonic()
+        key = (t.repo_type, t.repo_id, hashlib.sha256(auth.encode()).hexdigest())
+        if self._grants.get((*key, "files"), 0.0) > now or self._grants.get((*key, proof), 0.0) > now:
+            return "caller"
+        if proof == "files":  # the Hub's gate is on the file route: ask for (the head of) the file itself
+            prefix = "" if t.repo_type == "model" else REPO_TYPES[t.repo_type] + "/"
+            method, url = "HEAD", f"/{prefix}{t.repo_id}/resolve/{quote(revision, safe='')}/{quote(path or '')}"
+        else:
+            method, url = "GET", f"{t.api_base}/revision/{quote(revision, safe='')}"
+        ask = (*key, method, url)
+        task = self._checking.get(ask)
+        if task is None:
+            task = self._checking[ask] = asyncio.get_running_loop().create_task(
+                hub.api(method, url, authorization=auth)
+            )
+            task.add_done_callback(lambda _: self._checking.pop(ask, None))
+        try:
+            status, headers, body = await asyncio.shield(task)
+        except UpstreamError as e:
+            self._upstream_failed()
+            raise HubError(503, f"cannot check access to {t.repo_id} now: {e}", headers={"Retry-After": "10"}) from None
+        if status in (401, 403, 404):
+            raise _relayed_error(status, headers, body)
+        if not 200 <= status < 400:
+            self._upstream_failed()
+            raise HubError(
+                503,
+                f"cannot check access to {t.repo_id} now: upstream answered {status}",
+                headers={"Retry-After": "10"},
+            )
+        self._down_until = 0.0
+        if len(self._grants) >= ACCESS_MAX:
+            self._grants = {k: v for k, v in self._grants.items() if v > now}
+            if len(self._grants) >= ACCESS_MAX:
+                self._grants.clear()
+        self._grants[(*key, proof)] = now + ACCESS_TTL
+        return "caller"
 
     # ---- revisions --------------------------------------------------------------
 
-    async def resolve(self, t: Target) -> RepoRef:
+    async def resolve(self, t: Target, public_only: bool = False) -> RepoRef:
         """Revision -> commit through daemon.add_repo (index + FUSE tree), one call per key at a time."""
-        key = (t.repo_type, t.repo_id, t.revision)
-        hit = self._refs.get(key)
+        hit = self._refs.get((t.repo_type, t.repo_id, t.revision))
         if hit and hit[1] > time.monotonic():
             return hit[0]
+        key = (t.repo_type, t.repo_id, t.revision, public_only)
         task = self._resolving.get(key)
         if task is None:
-            task = self._resolving[key] = asyncio.get_running_loop().create_task(self._add_repo(t))
+            task = self._resolving[key] = asyncio.get_running_loop().create_task(self._add_repo(t, public_only))
             task.add_done_callback(lambda _: self._resolving.pop(key, None))
         try:
             return await asyncio.shield(task)
@@ -327,9 +447,11 @@ class Mirror:
         except UpstreamError as e:
             raise HubError(504, f"upstream unreachable and {t.spec} not cached: {e}") from None
 
-    async def _add_repo(self, t: Target) -> RepoRef:
-        ref, _, _ = await self.d.add_repo(t.spec)
+    async def _add_repo(self, t: Target, public_only: bool) -> RepoRef:
+        ref, _, _ = await self.d.add_repo(t.spec, public_only=public_only)
         ttl = float("inf") if COMMIT_RE.fullmatch(t.revision) else min(REF_TTL, self.d.cfg.ref_ttl)
+        if len(self._refs) >= REFS_MAX:
+            self._refs.clear()
         self._refs[(t.repo_type, t.repo_id, t.revision)] = (ref, time.monotonic() + ttl)
         return ref
 
@@ -345,23 +467,13 @@ class Mirror:
             files = self._files[key] = {f.path: f for f in listed}
         return files
 
-    def _cached_offline(self, t: Target) -> RepoRef | None:
-        """What the index alone knows of a revision (for answers while upstream is down)."""
-        from .repos import RepoRef
-
-        commit = t.revision if COMMIT_RE.fullmatch(t.revision) else None
-        commit = commit or self.d.index.get_ref(t.repo_type, t.repo_id, t.revision)
-        if commit and self.d.index.get_snapshot(t.repo_type, t.repo_id, commit) is not None:
-            return RepoRef(t.repo_type, t.repo_id, t.revision, commit)
-        return None
-
     # ---- /resolve -----------------------------------------------------------------
 
     async def handle_resolve(self, request: web.Request) -> web.StreamResponse:
         try:
             t, path = parse_resolve_path(request.raw_path)
-            online = await self.authorize(t, request.headers.get("Authorization"), path)
-            ref = await self.resolve(t)
+            grant = await self.open(request, t, path)
+            ref = grant.ref
             entry = self.files(ref).get(path)
             if entry is None:
                 raise HubError(
@@ -370,16 +482,15 @@ class Mirror:
                     "EntryNotFound",
                     {"X-Repo-Commit": ref.commit},
                 )
-            return await self._serve(request, t, ref, entry, online)
+            return await self._serve(request, t, grant, entry)
         except HubError as e:
             return e.response()
         except (InvalidName, UnicodeDecodeError) as e:
             return HubError(400, str(e)).response()
 
-    async def _serve(
-        self, request: web.Request, t: Target, ref: RepoRef, entry: FileEntry, online: bool
-    ) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, t: Target, grant: Grant, entry: FileEntry) -> web.StreamResponse:
         filler = self.d.filler
+        ref = grant.ref
         try:
             rec = filler.record(entry.blob_id)
         except FillError as e:
@@ -401,20 +512,32 @@ class Mirror:
         start, end = rng or (0, entry.size)
         if rng:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
-        if end > start and not self._present(entry.blob_id, start):
-            if online and self.upstream_down:  # access came from the cache: is upstream back?
-                online = await self.authorize(t, request.headers.get("Authorization"), entry.path, force=True)
-            if not online:
-                raise HubError(504, f"upstream unreachable and {entry.path!a} of {ref.repo_id} is not cached")
+        if end > start and self.upstream_down and not self._present(entry.blob_id, start):
+            await self._probe(ref, entry)
+        # A whole blob is filled in the background for a GET of the whole file; a Range
+        # (any caller can ask for one byte of a huge file) fills only what it reads,
+        # unless the repo is one the operator configured or the caller is the admin.
+        whole = rng is None or grant.why == "admin" or self.d.policy.names(t.repo_type, t.repo_id)
         hold = getattr(filler, "hold", None)
         if hold:
             hold(entry.blob_id)  # an open download: not to be evicted under it
         try:
-            return await self._stream(request, entry, start, end, rng is not None, headers)
+            return await self._stream(request, entry, start, end, rng is not None, headers, whole)
         finally:
             release = getattr(filler, "release", None)
             if hold and release:
                 release(entry.blob_id)
+
+    async def _probe(self, ref: RepoRef, entry: FileEntry) -> None:
+        """Upstream failed us lately and these bytes are not here: fail fast (504) unless the
+        repo's sources answer again (one metadata request through its chain)."""
+        try:
+            await self.d.sources.resolve(ref.repo_type, ref.repo_id, ref.commit)
+        except UpstreamError as e:
+            raise HubError(
+                504, f"upstream unreachable and {entry.path!a} of {ref.repo_id} is not cached: {e}"
+            ) from None
+        self._down_until = 0.0
 
     def _present(self, blob_id: str, offset: int) -> bool:
         try:
@@ -424,12 +547,19 @@ class Mirror:
         return st.has(offset // st.rec.chunk_size)
 
     async def _stream(
-        self, request: web.Request, entry: FileEntry, start: int, end: int, partial: bool, headers: dict[str, str]
+        self,
+        request: web.Request,
+        entry: FileEntry,
+        start: int,
+        end: int,
+        partial: bool,
+        headers: dict[str, str],
+        whole: bool,
     ) -> web.StreamResponse:
         """Send [start, end) as the chunks arrive, one read ahead of the socket."""
         filler = self.d.filler
         rec = filler.record(entry.blob_id)
-        if self.d.cfg.fill_on_open and end > start:
+        if self.d.cfg.fill_on_open and whole and end > start:
             filler.fill_in_background(entry.blob_id)
         step = max(MIN_STEP, min(MAX_STEP, rec.chunk_size))
         loop = asyncio.get_running_loop()
@@ -497,12 +627,17 @@ class Mirror:
         except (InvalidName, UnicodeDecodeError) as e:
             return HubError(400, str(e)).response()
 
-    async def _forward(self, request: web.Request, path: str) -> web.Response | None:
-        """Relay an API GET upstream; None when upstream is unreachable (or 5xx/429)."""
+    async def _forward(self, request: web.Request, t: Target, grant: Grant, path: str) -> web.Response | None:
+        """Relay an API GET to the repo's Hub, for a caller already cleared; None: answer from the index.
+
+        The caller's query and token go as they came (the answer is the caller's);
+        nothing in the answer changes what the mirror believes about the repo.
+        """
+        hub = self.hub_of(t)
+        if not grant.relay or hub is None:
+            return None
         try:
-            status, headers, body = await self.up.api(
-                "GET", path, authorization=request.headers.get("Authorization"), params=request.query
-            )
+            status, headers, body = await hub.api("GET", path, authorization=grant.auth, params=request.query)
         except UpstreamError as e:
             log.warning("upstream unreachable for %s: %s", path, e)
             self._upstream_failed()
@@ -513,7 +648,7 @@ class Mirror:
         self._down_until = 0.0
         out = {k: headers[k] for k in _RELAY_HEADERS if k in headers}
         if "Link" in headers:
-            link = rewrite_link(headers["Link"], self.up.endpoint, f"{request.scheme}://{request.host}")
+            link = rewrite_link(headers["Link"], hub.endpoint, f"{request.scheme}://{request.host}")
             if link:
                 out["Link"] = link
         if "json" in headers.get("Content-Type", ""):
@@ -524,13 +659,13 @@ class Mirror:
         return web.Response(status=status, body=body, headers=out)
 
     async def _info(self, request: web.Request, t: Target, explicit: bool) -> web.Response:
+        grant = await self.open(request, t)
         path = f"{t.api_base}/revision/{quote(t.revision, safe='')}" if explicit else t.api_base
-        resp = await self._forward(request, path)
+        resp = await self._forward(request, t, grant, path)
         if resp is not None:
-            if resp.status == 200:
-                self._learn_visibility(t, resp.body)
             return resp
-        ref = self._offline_ref(t, request)
+        ref = grant.ref
+        visibility = (self.d.index.get_repo_meta(t.repo_type, t.repo_id) or {}).get("visibility")
         blobs = request.query.get("blobs", "").lower() in ("1", "true")
         siblings = []
         for f in self.files(ref).values():
@@ -542,8 +677,8 @@ class Mirror:
             "_id": hashlib.sha1(f"{t.repo_type}/{t.repo_id}".encode()).hexdigest()[:24],
             "id": t.repo_id,
             "sha": ref.commit,
-            "private": False,
-            "gated": False,
+            "private": visibility != "public" and visibility != "gated",
+            "gated": "auto" if visibility == "gated" else False,
             "disabled": False,
             "tags": [],
             "siblings": siblings,
@@ -551,22 +686,6 @@ class Mirror:
         if t.repo_type == "model":
             doc["modelId"] = t.repo_id
         return web.json_response(doc)
-
-    def _learn_visibility(self, t: Target, body) -> None:
-        with contextlib.suppress(ValueError, AttributeError, TypeError):
-            doc = json.loads(body)
-            public = not doc.get("private") and doc.get("gated") in (None, False)
-            self._public[(t.repo_type, t.repo_id)] = (public, time.monotonic())
-
-    def _offline_ref(self, t: Target, request: web.Request) -> RepoRef:
-        auth = request.headers.get("Authorization")
-        akey = (t.repo_type, t.repo_id, hashlib.sha256(auth.encode()).hexdigest() if auth else "")
-        if self._access.get(akey, 0.0) <= time.monotonic():  # no fresh positive check for this caller
-            self._offline(t, "upstream unreachable")  # raises unless the repo may be served
-        ref = self._cached_offline(t)
-        if ref is None:
-            raise HubError(504, f"upstream unreachable and {t.spec} is not cached")
-        return ref
 
     def _file_fields(self, f: FileEntry, oid_key: str, lfs_key: str) -> dict[str, object]:
         """size, git oid and lfs info of a file, as the Hub reports them."""
@@ -592,11 +711,12 @@ class Mirror:
         return [entries[p] for p in sorted(entries)]
 
     async def _tree(self, request: web.Request, t: Target, path: str) -> web.Response:
+        grant = await self.open(request, t)
         url = f"{t.api_base}/tree/{quote(t.revision, safe='')}" + (f"/{quote(path, safe='')}" if path else "")
-        resp = await self._forward(request, url)
+        resp = await self._forward(request, t, grant, url)
         if resp is not None:
             return resp
-        ref = self._offline_ref(t, request)
+        ref = grant.ref
         recursive = request.query.get("recursive", "").lower() in ("1", "true")
         entries = self._entries(ref, path, recursive)
         if path and not entries:
@@ -604,6 +724,7 @@ class Mirror:
         return web.json_response(entries)
 
     async def _paths_info(self, request: web.Request, t: Target) -> web.Response:
+        ref = (await self.open(request, t)).ref
         if (request.content_type or "").endswith("json"):
             try:
                 body = await request.json()
@@ -621,8 +742,6 @@ class Mirror:
         for p in paths:
             if p:
                 validate_relpath(p)
-        await self.authorize(t, request.headers.get("Authorization"))
-        ref = await self.resolve(t)
         files = self.files(ref)
         out, dirs = [], None
         for p in dict.fromkeys(paths):

@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -41,6 +42,9 @@ def tree_hashes(root):
             out[os.path.relpath(p, root)] = sha(p)
     return out
 """
+
+
+ALLOW_ORG = {"NODECACHE_MIRROR_ALLOW": "org/* datasets/org/*"}  # the repos mirror callers may make the node fetch
 
 
 def run_client(daemon: DaemonProcess, tmp: Path, code: str, token: str | None = None, timeout: float = 60) -> dict:
@@ -90,7 +94,7 @@ def wait_settled(daemon: DaemonProcess, hub: HubEmulator, timeout: float = 20) -
 
 def test_hf_client_through_mirror(daemons, hub, small_repo, big_repo, tmp_path):
     """Every client call the issue names, against a cold daemon; then again with zero upstream bytes."""
-    d = daemons(repos=())  # nothing resolved at start: the mirror adds repos on demand
+    d = daemons(repos=(), env=ALLOW_ORG)  # nothing resolved at start: the mirror adds repos on demand
     hub.add_repo("org/ds", {"data/train.csv": b"a,b\n1,2\n", "README.md": b"# ds"}, repo_type="dataset")
     pr_commit = hub.add_repo(SMALL, {"config.json": b'{"pr": 1}'}, revision="refs/pr/1")
     code = f"""
@@ -187,7 +191,7 @@ def test_concurrent_cold_clients_share_one_fetch_and_stream_early(daemons, hub, 
 
 
 def test_ranges_and_client_resume(daemons, hub, big_repo, tmp_path):
-    d = daemons(repos=())
+    d = daemons(repos=(), env=ALLOW_ORG)
     data = (big_repo / "weights.bin").read_bytes()
     path = f"/{BIG}/resolve/main/weights.bin"
     for rng, (start, end) in {
@@ -227,7 +231,7 @@ print(json.dumps({{"sha": sha({str(part)!r})}}))
 
 
 def test_tree_pages_stay_on_the_mirror(daemons, hub, small_repo):
-    d = daemons(repos=())
+    d = daemons(repos=(), env=ALLOW_ORG)
     url, seen = f"{d.url}/api/models/{SMALL}/tree/main?recursive=true&limit=2", []
     while url:
         with urllib.request.urlopen(url, timeout=10) as r:
@@ -261,8 +265,9 @@ def test_private_repo_needs_a_token_upstream_accepts(private_hub, small_repo, tm
     _need_fuse()
     (tmp_path / "token").write_text("hf_good")
     env = {"NODECACHE_CHUNK_SIZE": str(MiB), "NODECACHE_FSYNC": "false", "NODECACHE_READ_TIMEOUT": "20"}
+    env["NODECACHE_MIRROR_ALLOW"] = "org/secret"
     d = DaemonProcess(tmp_path, private_hub.url, [], env=env, extra_args=["--token-file", str(tmp_path / "token")])
-    with d.start():
+    with d:  # starts it (`with d.start()` started a second daemon and leaked the first)
         path = "/org/secret/resolve/main/config.json"
         want = (small_repo / "config.json").read_bytes()
         status, headers, _ = raw(d, "GET", path)
@@ -307,7 +312,7 @@ except RepositoryNotFoundError as e:
 
 
 def test_upstream_down_serves_cached_and_refuses_the_rest(daemons, hub, small_repo, tmp_path):
-    d = daemons(repos=(SMALL, BIG))  # both resolved, no bytes yet
+    d = daemons(repos=(SMALL, BIG), env=ALLOW_ORG)  # both resolved, no bytes yet
     code = f"""
 from huggingface_hub import snapshot_download
 print(json.dumps({{"snap": tree_hashes(snapshot_download({SMALL!r}, cache_dir={str(tmp_path / "c1")!r}))}}))
@@ -367,6 +372,8 @@ BAD_INPUTS = [
     ("GET", "/org/small/resolve/main/config.json", {"Range": "bytes=-0"}, None),
     ("GET", "/org/small/resolve/main/config.json", {"Range": "bytes=" + "9" * 40 + "-"}, None),
     ("GET", "/org/small/resolve/main/config.json", {"X-Big": "x" * 20000}, None),
+    ("GET", "/org/small/resolve/main/config.json", {"Authorization": "Bearer \xff\xfe"}, None),
+    ("GET", "/api/models/org/small", {"Authorization": "Bearer a\tb"}, None),
     ("GET", "/api/models/org/small/tree/main/..%2F..%2Fetc", {}, None),
     ("GET", "/api/models/org/small/tree/%2e%2e", {}, None),
     ("GET", "/api/models/org/small/revision/..", {}, None),
@@ -412,3 +419,247 @@ def test_bad_input_gets_4xx_json_never_a_crash(daemons, hub):
     log = d.log()
     assert log.count("Traceback") == log.count("LineTooLong: 400") <= 1
     assert "ERROR nodecache" not in log
+
+
+# ---- access (issue 14): one decision for every route, asked of the repo's own sources ----------
+
+GOOD, OTHER, ADMIN = "hf_good_token_123", "hf_other_user_456", "admin-token-0123456789"
+SECRET = b"tenant A's private weights\n"
+TWIN = b"the operator's bucket, not the Hub's twin\n"
+
+
+@pytest.fixture
+def access_hub(small_repo):
+    """The Hub as tenants see it: public, gated and private repos; GOOD is granted everything."""
+    with HubEmulator(token=GOOD) as h:
+        h.other_tokens.add(OTHER)
+        h.commits = {
+            "org/public": h.add_repo("org/public", small_repo),
+            "org/gated": h.add_repo("org/gated", small_repo, gated=True),
+            "org/secret": h.add_repo("org/secret", {"secret.txt": SECRET}, private=True),
+            "org/twin": h.add_repo("org/twin", {"secret.txt": b"the Hub's public twin\n"}),
+        }
+        yield h
+
+
+@pytest.fixture
+def nodes(tmp_path, access_hub):
+    """Daemons against `access_hub`; each one started is stopped after the test."""
+    _need_fuse()
+    started: list[DaemonProcess] = []
+
+    def make(repos=(), env=None, name="node", extra_args=None) -> DaemonProcess:
+        base = {"NODECACHE_CHUNK_SIZE": str(MiB), "NODECACHE_READ_TIMEOUT": "20", "NODECACHE_FSYNC": "false"}
+        d = DaemonProcess(
+            tmp_path / name, access_hub.url, list(repos), env={**base, **(env or {})}, extra_args=extra_args
+        )
+        started.append(d)
+        return d.start()
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def prefetched(d: DaemonProcess, repo: str) -> None:
+    """Every byte of `repo` in the node's store, through the admin API (as an operator would)."""
+    status, _, body = raw(d, "POST", "/v1/prefetch", bearer(ADMIN), json.dumps({"repo": repo}).encode())
+    assert status == 202, body
+    status, _, body = raw(d, "GET", f"/v1/jobs/{json.loads(body)['id']}?wait=60", bearer(ADMIN))
+    assert json.loads(body)["state"] == "ready", body
+
+
+def repos_listed(d: DaemonProcess) -> set[str]:
+    return {r["repo"] for r in json.loads(raw(d, "GET", "/v1/repos")[2])["repos"]}
+
+
+def test_paths_info_opens_no_gated_files(nodes, access_hub, small_repo):
+    """Bypass: an anonymous paths-info of a gated repo was remembered as access to its files."""
+    d = nodes(repos=("org/gated",), env={"HF_TOKEN": GOOD})
+    path = "/org/gated/resolve/main/config.json"
+    want = (small_repo / "config.json").read_bytes()
+    assert raw(d, "GET", path, bearer(GOOD))[2] == want  # cached now
+    status, _, body = raw(
+        d,
+        "POST",
+        "/api/models/org/gated/paths-info/main",
+        {"Content-Type": "application/json"},
+        b'{"paths": ["config.json"]}',
+    )
+    assert status == 200 and [e["path"] for e in json.loads(body)] == ["config.json"]  # gated metadata is public
+    for method in ("GET", "HEAD"):
+        status, headers, body = raw(d, method, path)
+        assert (status, headers.get("X-Error-Code")) == (401, "GatedRepo"), (method, status, body[:200])
+        assert want not in body
+    status, headers, _ = raw(d, "GET", path, bearer(OTHER))  # a token the Hub did not grant
+    assert (status, headers.get("X-Error-Code")) == (403, "GatedRepo")
+
+
+def test_a_caller_shaped_answer_makes_nothing_public(nodes, access_hub, small_repo):
+    """Bypass: `?expand[]=downloads` has no private/gated fields, and was read as "public"."""
+    d = nodes(repos=("org/gated", "org/secret"), env={"HF_TOKEN": GOOD})
+    assert raw(d, "GET", "/org/gated/resolve/main/config.json", bearer(GOOD))[0] == 200
+    assert raw(d, "GET", "/org/secret/resolve/main/secret.txt", bearer(GOOD))[2] == SECRET
+    status, _, body = raw(d, "GET", "/api/models/org/gated?expand[]=downloads")
+    assert status == 200 and json.loads(body) == {"_id": json.loads(body)["_id"], "id": "org/gated", "downloads": 0}
+    assert raw(d, "GET", "/api/models/org/secret?expand[]=downloads")[0] == 401
+    for path, code in (
+        ("/org/gated/resolve/main/config.json", "GatedRepo"),
+        ("/org/secret/resolve/main/secret.txt", "RepoNotFound"),
+    ):
+        status, headers, body = raw(d, "GET", path)
+        assert (status, headers.get("X-Error-Code")) == (401, code), (path, status, body[:200])
+
+
+@pytest.mark.parametrize("down_status", [503, 429])
+def test_restart_with_the_hub_down_serves_private_bytes_to_nobody(nodes, access_hub, small_repo, tmp_path, down_status):
+    """Bypass: after a restart with the Hub unreachable, cached private repos were served to anyone."""
+    (tmp_path / "secret-token").write_text(GOOD)
+    shutil.copytree(small_repo, tmp_path / "bucket" / "weights")
+    env = {
+        "NODECACHE_REPO_TOKENS": f"org/secret={tmp_path / 'secret-token'}",  # no node-wide token
+        "NODECACHE_SOURCES": f"local/weights=file://{tmp_path / 'bucket' / 'weights'}",
+        "NODECACHE_ADMIN_TOKEN": ADMIN,
+    }
+    d = nodes(repos=("org/public",), env=env)
+    for repo in ("org/secret", "org/public", "local/weights"):
+        prefetched(d, repo)
+    d.stop()
+    access_hub.down, access_hub.down_status = True, down_status
+    d.start()
+    private = ("/org/secret/resolve/main/secret.txt", "/local/weights/resolve/main/config.json")
+    for path in private:
+        for method in ("GET", "HEAD"):
+            status, headers, body = raw(d, method, path)
+            assert (status, headers.get("X-Error-Code")) == (401, "RepoNotFound"), (path, method, status, body[:200])
+            assert SECRET not in body
+    status, _, body = raw(d, "GET", private[0], bearer(GOOD))  # a token nobody can check now
+    assert status == 503 and SECRET not in body and "error" in json.loads(body)
+    for api in ("/api/models/org/secret", "/api/models/org/secret/tree/main", "/api/models/local/weights"):
+        assert raw(d, "GET", api)[0] == 401, api
+    # Known public (recorded when the Hub last answered): still served from the cache.
+    status, _, body = raw(d, "GET", "/org/public/resolve/main/config.json")
+    assert status == 200 and body == (small_repo / "config.json").read_bytes()
+    # The operator (admin token) reads anything the node holds.
+    assert raw(d, "GET", private[0], bearer(ADMIN))[2] == SECRET
+    access_hub.down = False
+    assert raw(d, "GET", private[0], bearer(GOOD))[2] == SECRET
+    assert raw(d, "GET", private[0], bearer(OTHER))[0] == 401
+    assert f"Bearer {ADMIN}" not in access_hub.stats.tokens, "the admin token went upstream"
+
+
+def test_a_public_hub_twin_does_not_open_a_bucket(nodes, access_hub, tmp_path):
+    """Bypass: access was asked of the Hub while the bytes came from the repo's bucket."""
+    bucket = tmp_path / "bucket" / "twin"
+    bucket.mkdir(parents=True)
+    (bucket / "secret.txt").write_bytes(TWIN)
+    env = {"HF_TOKEN": GOOD, "NODECACHE_SOURCES": f"org/twin=file://{bucket}", "NODECACHE_ADMIN_TOKEN": ADMIN}
+    d = nodes(env=env)
+    calls = [
+        ("GET", "/org/twin/resolve/main/secret.txt", {}, None),
+        ("HEAD", "/org/twin/resolve/main/secret.txt", {}, None),
+        ("GET", "/api/models/org/twin", {}, None),
+        ("GET", "/api/models/org/twin/revision/main", {}, None),
+        ("GET", "/api/models/org/twin/tree/main", {}, None),
+        (
+            "POST",
+            "/api/models/org/twin/paths-info/main",
+            {"Content-Type": "application/json"},
+            b'{"paths": ["secret.txt"]}',
+        ),
+    ]
+    for method, path, headers, body in calls:
+        for auth in ({}, bearer(GOOD)):
+            status, _, data = raw(d, method, path, {**headers, **auth}, body)
+            assert status == 401, (method, path, auth, status, data[:200])
+            assert TWIN not in data and b"public twin" not in data
+    # The operator reads it, and the listing is the bucket's, not the Hub's twin.
+    assert raw(d, "GET", calls[0][1], bearer(ADMIN))[2] == TWIN
+    status, _, data = raw(d, "GET", "/api/models/org/twin", bearer(ADMIN))
+    assert status == 200 and [s["rfilename"] for s in json.loads(data)["siblings"]] == ["secret.txt"]
+    assert json.loads(data)["private"] is True
+    assert f"Bearer {ADMIN}" not in access_hub.stats.tokens
+
+
+def test_mirror_public_opens_a_bucket_backed_repo_to_everyone(nodes, access_hub, tmp_path):
+    bucket = tmp_path / "bucket" / "shared"
+    bucket.mkdir(parents=True)
+    (bucket / "weights.txt").write_bytes(TWIN)
+    env = {"NODECACHE_SOURCES": f"team/shared=file://{bucket}", "NODECACHE_MIRROR_PUBLIC": "team/*"}
+    d = nodes(env=env)
+    assert raw(d, "GET", "/team/shared/resolve/main/weights.txt")[2] == TWIN
+    status, _, data = raw(d, "GET", "/api/models/team/shared/tree/main")
+    assert status == 200 and [e["path"] for e in json.loads(data)] == ["weights.txt"]
+
+
+def test_only_allowed_repos_are_fetched_and_a_range_fills_no_whole_blob(daemons, hub, big_repo):
+    """Bypass: any GET registered any repo and a 1-byte Range filled the whole file (disk, eviction)."""
+    hub.add_repo("evil/huge", big_repo)
+    d = daemons(repos=(SMALL,), env={"NODECACHE_ON_DEMAND": "org/b*"})  # org/big: allowed, not configured
+    before = dict(hub.stats.requests)
+    for method, path in (
+        ("GET", "/evil/huge/resolve/main/weights.bin"),
+        ("HEAD", "/evil/huge/resolve/main/weights.bin"),
+        ("GET", "/api/models/evil/huge"),
+        ("GET", "/api/models/evil/huge/tree/main"),
+    ):
+        status, headers, _ = raw(d, method, path, {"Range": "bytes=0-0"})
+        assert (status, headers.get("X-Error-Code")) == (404, "RepoNotFound"), (method, path, status)
+    status, _, _ = raw(d, "POST", "/api/models/evil/huge/paths-info/main", {"Content-Type": "application/json"}, b"{}")
+    assert status == 404
+    assert hub.stats.requests == before, "a repo outside mirror_allow was asked upstream"
+    assert "evil/huge" not in repos_listed(d)
+    # Allowed but not configured: a Range fetches its chunks (and read-ahead), not the whole blob.
+    data = (big_repo / "weights.bin").read_bytes()
+    status, _, body = raw(d, "GET", f"/{BIG}/resolve/main/weights.bin", {"Range": "bytes=0-0"})
+    assert status == 206 and body == data[:1]
+    wait_settled(d, hub)
+    assert hub.stats.data_bytes <= 9 * MiB, hub.stats.data_bytes  # chunk 0 + 8 read-ahead
+    assert "org/big" in repos_listed(d)
+
+
+def test_mirror_allow_is_the_list_when_set(daemons, hub):
+    d = daemons(repos=(SMALL,), env={"NODECACHE_MIRROR_ALLOW": "org/big"})
+    assert raw(d, "GET", f"/{SMALL}/resolve/main/config.json")[0] == 404  # configured for the mount, not mirrored
+    assert raw(d, "GET", f"/{BIG}/resolve/main/config.json")[0] == 200
+    # The admin may make the node fetch anything, as with /v1/prefetch; no admin token configured: nobody is admin.
+    assert raw(d, "GET", f"/{SMALL}/resolve/main/config.json", bearer(ADMIN))[0] == 404
+
+
+def test_access_rules_are_pure_and_explicit():
+    from nodecache import config
+    from nodecache.mirror import matches, named_by, proof_needed
+
+    assert proof_needed("public", files=True) is None
+    assert proof_needed("gated", files=False) is None and proof_needed("gated", files=True) == "files"
+    assert proof_needed("private", files=False) == "meta" and proof_needed("unknown", files=True) == "files"
+    globs = ("team/*", "datasets/org/c", "org/d")
+    assert matches(globs, "model", "team/x") and not matches(globs, "dataset", "team/x")
+    assert matches(globs, "dataset", "org/c") and not matches(globs, "model", "org/c")
+    assert named_by(globs, "model", "org/d") and not named_by(globs, "model", "team/x")
+    assert config.load(environ={"NODECACHE_MIRROR_ALLOW": ""}).mirror_allow == ()  # explicit: nothing
+    assert config.load(environ={}).mirror_allow is None  # unset: the node's own rule
+    for key in ("NODECACHE_MIRROR_ALLOW", "NODECACHE_MIRROR_PUBLIC"):
+        with pytest.raises(config.ConfigError, match=key.removeprefix("NODECACHE_").lower()):
+            config.load(environ={key: "org/a@main"})
+
+
+def test_a_wildcard_resolves_no_private_repo_for_a_mirror_caller(nodes, access_hub, small_repo):
+    """As for lookups through the mount: only a named repo may be private (else it would enter the tree)."""
+    d = nodes(env={"HF_TOKEN": GOOD, "NODECACHE_ON_DEMAND": "org/*"})
+    for auth in ({}, bearer(GOOD)):
+        for path in ("/org/secret/resolve/main/secret.txt", "/org/secret/resolve/nobranch/secret.txt"):
+            status, headers, body = raw(d, "GET", path, auth)
+            assert (status, headers.get("X-Error-Code")) == (404, "RepoNotFound"), (path, auth, status)
+            assert b"private" not in body and b"revision" not in body.lower()  # nothing told of what refused it
+    assert raw(d, "GET", "/org/public/resolve/main/config.json")[2] == (small_repo / "config.json").read_bytes()
+    assert repos_listed(d) == {"org/public"}
+    assert not (d.hub / "models--org--secret").exists()
+    # Named exactly, it resolves; the caller still proves access with its own token.
+    d = nodes(env={"HF_TOKEN": GOOD, "NODECACHE_MIRROR_ALLOW": "org/secret org/public"}, name="named")
+    assert raw(d, "GET", "/org/secret/resolve/main/secret.txt")[0] == 401
+    assert raw(d, "GET", "/org/secret/resolve/main/secret.txt", bearer(GOOD))[2] == SECRET

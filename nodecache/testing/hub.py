@@ -65,6 +65,7 @@ class HubStats:
         self.data_bytes = 0  # body bytes handed to the socket by data responses (resolve 200 + CDN)
         self.ranges: list[tuple[str, int, int]] = []  # (blob id, start, end exclusive)
         self.auth_on_cdn = 0
+        self.tokens: set[str] = set()  # every Authorization the Hub origin was sent
 
 
 class _HubError(Exception):
@@ -202,6 +203,7 @@ class HubEmulator:
         # Tokens of other users: valid, but granted no gated repo (the Hub answers 403 GatedRepo).
         self.other_tokens: set[str] = set()
         self.down = False
+        self.down_status = 503  # what a down Hub answers: 503, or 429 (rate limited)
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._lfs: dict[str, _File] = {}  # sha256 -> file: what the CDN serves
         self._signatures: dict[str, tuple[str, int]] = {}  # sig -> (sha256, expiry)
@@ -317,9 +319,11 @@ class HubEmulator:
 
     async def _hub(self, request: web.Request) -> web.StreamResponse:
         try:
+            if "Authorization" in request.headers:
+                self.stats.tokens.add(request.headers["Authorization"])
             if self.down:
                 self.stats.requests["down"] += 1
-                raise _HubError(503, "Service unavailable: upstream down")
+                raise _HubError(self.down_status, "Service unavailable: upstream down")
             path = request.raw_path.split("?", 1)[0]
             if path == "/_emulator/stats":  # for tests that run the emulator in another process
                 st = self.stats
@@ -390,10 +394,17 @@ class HubEmulator:
             "disabled": False,
             "lastModified": repo.modified[commit],
             "tags": [],
+            "downloads": 0,
+            "likes": 0,
             "siblings": siblings,
         }
         if repo_type == "model":
             info["modelId"] = repo_id
+        expand = request.query.getall("expand[]", [])
+        if expand:  # like the Hub: only _id, id and the fields asked for
+            if unknown := [k for k in expand if k not in info or k in ("_id", "id")]:
+                raise _HubError(400, f"Invalid expand: {unknown[0]!a}")
+            info = {"_id": info["_id"], "id": repo_id, **{k: info[k] for k in expand}}
         return web.json_response(info)
 
     def _tree(self, request: web.Request, files: dict[str, _File], commit: str, base: str) -> web.Response:
@@ -475,7 +486,7 @@ class HubEmulator:
         try:
             if self.down:
                 self.stats.requests["down"] += 1
-                raise _HubError(503, "Service unavailable: upstream down")
+                raise _HubError(self.down_status, "Service unavailable: upstream down")
             sha256 = request.path.removeprefix("/blobs/")
             signed = self._signatures.get(request.query.get("sig", ""))
             query = (request.query.get("exp"), sha256)
