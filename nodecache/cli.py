@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import cccli
 from . import config as config_mod
 from .fill import FillError
 from .layout import InvalidName
@@ -171,6 +172,8 @@ def _age(ts: float) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    if args.compile_caches:
+        return cccli.ls(lambda m, p, b: _call(args, m, p, b), args.json)
     repos = _call(args, "GET", "/v1/repos")["repos"]
     if args.json:
         print(json.dumps(repos, indent=2))
@@ -231,6 +234,10 @@ def cmd_unpin(args: argparse.Namespace) -> int:
 
 
 def cmd_evict(args: argparse.Namespace) -> int:
+    if args.compile_cache is not None:
+        if args.spec or args.all:
+            raise CliError("give a repo, --all or --compile-cache KEY, not several")
+        return cccli.evict(lambda m, p, b: _call(args, m, p, b), args.compile_cache)
     if bool(args.spec) == bool(args.all):
         raise CliError("give a repo (org/name[@rev]) or --all")
     out = _call(args, "POST", "/v1/evict", {"all": True} if args.all else _spec_body(args.spec))
@@ -325,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = client("ls", "list cached repos: revision, commit, size, cached %%, pinned, last used", cmd_ls)
     c.add_argument("--json", action="store_true")
+    c.add_argument("--compile-caches", action="store_true", help="list compile caches instead")
     c = client("status", "tiers, blobs, fills, jobs, pins", cmd_status)
     c.add_argument("--json", action="store_true")
     c = client("pin", "keep a revision (never evicted) and fill it", cmd_pin)
@@ -336,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = client("evict", "drop cached bytes of a repo/revision, or of everything unpinned", cmd_evict)
     c.add_argument("spec", nargs="?", help="[datasets/]org/name[@rev]")
     c.add_argument("--all", action="store_true")
+    c.add_argument("--compile-cache", metavar="KEY", help="remove a compile cache (as `ls --compile-caches` names it)")
+    c = client("compile-cache", "seal a compile cache now (peers can then fill from it)", None)
+    c.add_argument("action", choices=["seal"])
+    c.add_argument("key", help="the compile cache's key, as `ls --compile-caches` names it")
+    c.set_defaults(fn=lambda args: cccli.seal(lambda m, p, b: _call(args, m, p, b), args.key))
 
     d = sub.add_parser("demo", help="serve the bundled all-MiniLM-L6-v2 through the Hub emulator, mount, list, load")
     d.add_argument("--workdir", default="/tmp/nodecache-demo")

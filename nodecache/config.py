@@ -71,6 +71,9 @@ class Config:
     node_name: str | None = None  # this Kubernetes node (KUBE_NODE_NAME): label it with the repos it holds
     kube_api: str | None = None  # API server URL; default: in-cluster from the service account
     kube_token_file: Path | None = None  # with kube_api: a bearer token file
+    compile_cache_max: int = 0  # bytes of compile caches (trees + sealed blobs); 0: no quota
+    compile_cache_seal_after: float = 60.0  # seal a compile cache after its tree has been quiet this long
+    compile_cache_fill_timeout: float = 60.0  # a publish waits this long for a peer's snapshot, then goes on
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -86,7 +89,18 @@ class Config:
             raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT")
         if not 0 < self.low_watermark <= self.high_watermark <= 1:
             raise ConfigError("low_watermark/high_watermark: need 0 < low <= high <= 1")
-        for key in ("disk_max", "shm_max", "shm_file_max", "min_free", "peer_upload_bps", "hash_memory"):
+        for key in ("compile_cache_seal_after", "compile_cache_fill_timeout"):
+            if not 0 < getattr(self, key) < 1e9:  # also refuses NaN
+                raise ConfigError(f"{key}: must be > 0 seconds")
+        for key in (
+            "disk_max",
+            "shm_max",
+            "shm_file_max",
+            "min_free",
+            "peer_upload_bps",
+            "hash_memory",
+            "compile_cache_max",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0")
         for key in ("repos", "preload"):
@@ -141,7 +155,16 @@ def _check_types(cfg: Config) -> None:
 
 
 _TYPES = (("Path", Path), ("str", str), ("int", int), ("float", float), ("bool", bool), ("tuple", tuple))
-_SIZE_KEYS = {"chunk_size", "disk_max", "shm_max", "shm_file_max", "min_free", "peer_upload_bps", "hash_memory"}
+_SIZE_KEYS = {
+    "chunk_size",
+    "disk_max",
+    "shm_max",
+    "shm_file_max",
+    "min_free",
+    "peer_upload_bps",
+    "hash_memory",
+    "compile_cache_max",
+}
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 

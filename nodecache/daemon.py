@@ -21,6 +21,8 @@ from aiohttp import web
 
 from . import layout
 from .backoff import delays
+from .ccpeers import PeerSnapshots
+from .compilecache import CompileCaches
 from .config import Config
 from .expiring import ExpiringSet
 from .fill import Filler
@@ -103,6 +105,27 @@ class Daemon:
         self.jobs = Jobs(self.filler)
         self.labeler = NodeLabeler.from_config(cfg, self.session)
         self.refresh_pins()
+        self.compile_caches = self._compile_caches()
+
+    def _compile_caches(self) -> CompileCaches:
+        """Writable per-key directories for compile artifacts, shared with peers as sealed snapshots (issue 19)."""
+        cfg, m = self.cfg, self.metrics
+        peers = None
+        if self.peers is not None:
+            verify = m.verify_failures.labels("compile_cache_peer").inc
+            peers = PeerSnapshots(
+                self.session, cfg.cluster_token, self.membership.live, cfg.me, cfg.peer_timeout, verify
+            )
+        return CompileCaches(
+            cfg.cache_dir / "compile-caches",
+            cfg.me,
+            cfg.compile_cache_max,
+            cfg.compile_cache_seal_after,
+            cfg.compile_cache_fill_timeout,
+            peers,
+            on_invalid=lambda what: m.index_invalid.labels("compile_cache_" + what).inc(),
+            on_event=lambda event: m.compile_cache_events.labels(event).inc(),
+        )
 
     def upstream_chain(self, rec: BlobRecord) -> list:
         """The upstream sources of a blob, in order (peers come before these)."""
@@ -305,6 +328,10 @@ class Daemon:
         self.metrics.peers.labels("failed").set(len(self.membership.members) - healthy)
         for state, n in self.jobs.counts().items():
             self.metrics.jobs.labels(state).set(n)
+        cc = self.compile_caches
+        self.metrics.compile_cache_bytes.set(cc.used())
+        self.metrics.compile_caches.labels("in_use").set(sum(1 for k in cc.keys.values() if k.users))
+        self.metrics.compile_caches.labels("idle").set(sum(1 for k in cc.keys.values() if not k.users))
         for ref, _ in self.pinned_refs():  # bounded cardinality: pinned repos only
             recs = [self.store.record(b) for b in dict.fromkeys(snapshot_blobs(self.index, ref))]
             total = sum(r.size for r in recs if r)
@@ -391,6 +418,17 @@ class Daemon:
                 log.exception("housekeeping round failed")
                 self.metrics.housekeeping_errors.inc()
 
+    async def _compile_cache_rounds(self) -> None:
+        """Seal quiet compile caches and keep their quota; a failed round is logged and the next one runs."""
+        period = max(0.2, min(10.0, self.cfg.compile_cache_seal_after / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.compile_caches.tick()
+            except Exception:
+                log.exception("compile-cache round failed")
+                self.metrics.housekeeping_errors.inc()
+
     async def _housekeeping_round(self) -> None:
         self.store.flush_access_times()
         await self.refresh_refs()
@@ -441,11 +479,12 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         await self.open()
-        runner = housekeeping = preload = discovery = retry = None
+        runner = housekeeping = preload = discovery = retry = compile_caches = None
         try:
             retry = await self._add_configured([*self.cfg.repos, *self.sources.specs(self.cfg.repos)])
             self.refresh_pins()
             housekeeping = loop.create_task(self._housekeeping())
+            compile_caches = loop.create_task(self._compile_cache_rounds())
             preload = loop.create_task(self._preload())
             discovery = loop.create_task(self.membership.run())
             runner = web.AppRunner(make_app(self), access_log=None, logger=OneLineBadRequests())
@@ -458,7 +497,7 @@ class Daemon:
                 await self._serve_fuse(self.cfg.mount)
         finally:
             self.ready = False
-            for task in (housekeeping, preload, discovery, retry):
+            for task in (housekeeping, preload, discovery, retry, compile_caches):
                 if task is not None:
                     task.cancel()
             await self.close()

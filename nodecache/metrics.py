@@ -56,6 +56,24 @@ class Metrics:
             registry=r,
         )
         self.jobs = Gauge(p + "prefetch_jobs", "Prefetch jobs, by state.", ["state"], registry=r)
+        self.compile_cache_bytes = Gauge(
+            p + "compile_cache_bytes", "Bytes of compile-cache trees and sealed blobs on this node.", registry=r
+        )
+        self.compile_caches = Gauge(
+            p + "compile_caches", "Compile-cache keys on this node, by state (in_use, idle).", ["state"], registry=r
+        )
+        self.compile_cache_events = Counter(
+            p + "compile_cache_events",
+            "Compile-cache seals, fills from peers, fill timeouts, evictions.",
+            ["event"],
+            registry=r,
+        )
+        self.compile_cache_publishes = Counter(
+            p + "compile_cache_publishes",
+            "Compile-cache volumes published, by how the tree was found.",
+            ["filled"],
+            registry=r,
+        )
         self.peer_bytes_sent = Counter(p + "peer_bytes_sent", "Chunk bytes served to peers.", registry=r)
         self.peer_bytes_received = Counter(
             p + "peer_bytes_received", "Verified chunk bytes fetched from peers.", registry=r

@@ -118,6 +118,16 @@ def bind_readonly(source: str, target: str) -> None:
         raise OSError(e, f"read-only remount: {os.strerror(e)}", target)
 
 
+def bind_writable(source: str, target: str) -> None:
+    """MS_BIND, then MS_REMOUNT|MS_BIND|MS_NOSUID|MS_NODEV: read-write, but no setuid files or devices."""
+    _check(_libc.mount(source.encode(), target.encode(), None, MS_BIND, None), "bind mount", target)
+    rc = _libc.mount(None, target.encode(), None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV, None)
+    if rc != 0:
+        e = ctypes.get_errno()
+        _libc.umount2(target.encode(), MNT_DETACH)
+        raise OSError(e, f"nosuid,nodev remount: {os.strerror(e)}", target)
+
+
 def unmount(target: str) -> None:
     """Unmount the top mount at `target`; lazily detach it when it is busy or its daemon is gone."""
     if _libc.umount2(target.encode(), UMOUNT_NOFOLLOW) == 0:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import api, mirror, peer_api
+from . import api, ccapi, mirror, peer_api
 from .fill import FillError
 from .layout import InvalidName
 from .upstream import NotFound, UpstreamError
@@ -88,5 +88,6 @@ def make_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/metrics", metrics)
     api.add_routes(app, daemon)
     peer_api.add_routes(app, daemon)
+    ccapi.add_routes(app, daemon)  # compile caches (issue 19)
     mirror.add_routes(app, daemon)  # HF_ENDPOINT-compatible mirror (issue 8)
     return app

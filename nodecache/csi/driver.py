@@ -37,6 +37,7 @@ import grpc
 
 from .. import __version__, mounts
 from ..layout import InvalidName, format_spec, parse_repo_spec, repo_folder_name
+from . import compilecache
 from . import policy as policy_mod
 from .policy import Policy, PolicyFile
 from .proto import load
@@ -47,7 +48,7 @@ pb, pb_grpc = load()
 
 DRIVER_NAME = "nodecache.csi.k8s.io"
 FUSE_SOURCE = "nodecache"  # fsname= of the daemon's FUSE mount
-CONTEXT_KEYS = {"model", "revision", "waitForCache"}
+CONTEXT_KEYS = {"model", "revision", "waitForCache", "kind"}
 KUBELET_KEY_PREFIX = "csi.storage.k8s.io/"  # pod info and the ephemeral flag, added by kubelet
 POD_NAMESPACE = KUBELET_KEY_PREFIX + "pod.namespace"  # kubelet overwrites any value a pod spec gives
 POD_SERVICE_ACCOUNT = KUBELET_KEY_PREFIX + "serviceAccount.name"
@@ -293,6 +294,13 @@ class Driver:
             raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, f"target_path must be absolute: {target_path!r}")
         # any access mode is fine (kubelet sends SINGLE_NODE_WRITER for inline volumes): always read-only
         target = os.path.normpath(target_path)
+        kind = volume_context.get("kind", "model")
+        if kind == compilecache.KIND:  # a writable per-key directory on local disk (issue 19)
+            return compilecache.publish(self, volume_id, target, volume_context, POD_NAMESPACE)
+        if kind != "model":
+            raise CsiError(
+                grpc.StatusCode.INVALID_ARGUMENT, f'kind must be "model" or "{compilecache.KIND}", not {kind!r}'
+            )
         unknown = {k for k in volume_context if k not in CONTEXT_KEYS and not k.startswith(KUBELET_KEY_PREFIX)}
         if unknown:
             raise CsiError(
@@ -416,6 +424,8 @@ class Driver:
             raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "target_path is required")
         target = os.path.normpath(os.path.abspath(target_path))
         with self.claim(target):
+            if compilecache.is_compile_cache(target):
+                compilecache.release(self, target)  # first: if the daemon cannot be told, kubelet retries
             try:
                 n = mounts.unmount_all(target)
             except OSError as e:

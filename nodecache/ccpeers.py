@@ -1,0 +1,96 @@
+"""Compile-cache snapshots between nodes: ask every peer for a key's newest manifest, fetch blobs verified.
+
+Peers are trusted with bytes only as far as their hashes hold: a manifest is
+parsed as hostile input (ccmanifest.parse, for the key asked), a blob is kept
+only if its size and sha256 are what the manifest says, else the next peer is
+asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+
+from . import ccmanifest as cm
+from .ccmanifest import BadManifest, Manifest
+
+log = logging.getLogger(__name__)
+
+
+class PeerSnapshots:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        token: str | None,
+        members: Callable[[], list[str]],
+        me: str,
+        timeout: float = 20.0,
+        on_verify_failure: Callable[[], None] | None = None,
+    ):
+        self.session = session
+        self.token = token
+        self.members = members
+        self.me = me
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout)
+        self.on_verify_failure = on_verify_failure or (lambda: None)
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def _manifest(self, peer: str, key: str) -> Manifest | None:
+        url = f"http://{peer}/v1/compile-caches/peer/{cm.key_name(key)}/manifest"
+        try:
+            async with self.session.get(url, headers=self._headers(), timeout=self.timeout) as r:
+                if r.status != 200:
+                    return None
+                data = await r.content.read(cm.MAX_MANIFEST + 1)
+            return cm.parse(data, key)
+        except BadManifest as e:
+            log.warning("compile cache %s: refused the manifest of peer %s: %s", key, peer, e)
+            return None
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            log.info("compile cache %s: peer %s: %s", key, peer, e)
+            return None
+
+    async def newest(self, key: str) -> tuple[Manifest, list[str]] | None:
+        """The newest snapshot any peer has, and the peers that have exactly it (the others are tried too)."""
+        peers = [p for p in self.members() if p != self.me]
+        found = await asyncio.gather(*(self._manifest(p, key) for p in peers))
+        best: Manifest | None = None
+        for m in found:
+            if m is not None and m.newer_than(best):
+                best = m
+        if best is None:
+            return None
+        exact = [p for p, m in zip(peers, found, strict=True) if m is not None and m.id == best.id]
+        return best, exact + [p for p in peers if p not in exact]
+
+    async def fetch_blob(self, sha: str, size: int, dest: Path, peers: list[str]) -> bool:
+        """Write the blob to dest from the first peer that serves it with the right size and hash."""
+        for peer in peers:
+            url = f"http://{peer}/v1/compile-caches/peer/blobs/{sha}"
+            try:
+                async with self.session.get(url, headers=self._headers(), timeout=self.timeout) as r:
+                    if r.status != 200:
+                        continue
+                    h, n = hashlib.sha256(), 0
+                    with open(dest, "wb") as f:
+                        async for chunk in r.content.iter_chunked(1 << 20):
+                            n += len(chunk)
+                            if n > size:
+                                break
+                            h.update(chunk)
+                            f.write(chunk)
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                log.info("compile-cache blob %s from %s: %s", sha[:12], peer, e)
+                continue
+            if n == size and h.hexdigest() == sha:
+                return True
+            log.warning("compile-cache blob %s from %s failed verification; trying the next peer", sha[:12], peer)
+            self.on_verify_failure()
+        return False

@@ -1,0 +1,100 @@
+"""The `kind: compile-cache` volume: a read-write bind of the daemon's per-key directory on local disk.
+
+The daemon owns the directories (quota, sealing, filling from peers): the
+plugin asks it for the key's tree (`POST /v1/compile-caches/acquire`), binds
+it `rw,nosuid,nodev` at the target, and tells it when the target goes
+(`release`), so a key a pod uses is never evicted.
+
+Keys are per namespace: the daemon's key is `<pod namespace>/<key>`, so a pod
+can never read or write another namespace's compiled kernels (they are code
+its GPU processes will run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import grpc
+
+from .. import ccmanifest as cm
+from .. import mounts
+
+if TYPE_CHECKING:
+    from .driver import Driver
+
+log = logging.getLogger(__name__)
+
+KIND = "compile-cache"
+KEYS = {"kind", "key"}  # the only attributes of this kind (besides kubelet's own)
+
+
+def scoped_key(context: dict[str, str], namespace_key: str) -> str:
+    """The daemon's key for a volume: the pod's namespace, then the user's free text."""
+    from .driver import CsiError
+
+    unknown = {k for k in context if k not in KEYS and not k.startswith("csi.storage.k8s.io/")}
+    if unknown:
+        raise CsiError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"unknown volume attribute(s) {sorted(unknown)} for kind {KIND}; known: {sorted(KEYS)}",
+        )
+    namespace = context.get(namespace_key, "")
+    if not namespace:
+        raise CsiError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"a {KIND} volume needs {namespace_key} in its volume context (the CSIDriver must set "
+            "podInfoOnMount: true): compile caches are kept per namespace",
+        )
+    try:
+        return cm.check_key(f"{namespace}/{cm.check_key(context.get('key'))}")
+    except cm.BadKey as e:
+        raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, f"attribute 'key': {e}") from None
+
+
+def publish(driver: Driver, volume_id: str, target: str, context: dict[str, str], namespace_key: str) -> None:
+    from .driver import CsiError
+
+    key = scoped_key(context, namespace_key)
+    with driver.claim(target):
+        got = driver._api("POST", "/v1/compile-caches/acquire", {"key": key, "target": target})
+        source = got.get("path") if isinstance(got, dict) else None
+        if not isinstance(source, str) or not os.path.isabs(source):
+            raise CsiError(grpc.StatusCode.INTERNAL, f"the daemon answered no directory for {key!r}: {got!r}")
+        top = mounts.top(target)
+        if top is not None:
+            if not top.is_fuse and _same_dir(source, target):
+                log.info("publish %s -> %s: compile cache already published", volume_id, target)
+                return
+            raise CsiError(
+                grpc.StatusCode.ALREADY_EXISTS, f"{target} already has another volume mounted ({top.source}:{top.root})"
+            )
+        try:
+            os.makedirs(target, exist_ok=True)
+            mounts.bind_writable(source, target)
+        except OSError as e:
+            with contextlib.suppress(CsiError):
+                release(driver, target)
+            raise CsiError(grpc.StatusCode.INTERNAL, f"bind {source} -> {target}: {e}") from None
+        log.info("publish %s: compile cache %r (%s) -> %s (read-write)", volume_id, key, got.get("filled"), target)
+
+
+def _same_dir(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def release(driver: Driver, target: str) -> None:
+    """Tell the daemon the target no longer uses its key. Called before the unmount: if the daemon cannot
+    be told, the unpublish fails (UNAVAILABLE) with the volume still mounted, and kubelet retries it."""
+    driver._api("POST", "/v1/compile-caches/release", {"target": target})
+
+
+def is_compile_cache(target: str) -> bool:
+    """A non-FUSE bind at the target: ours are the compile caches (model volumes are binds of the FUSE mount)."""
+    return any(not e.is_fuse for e in mounts.at(target))
