@@ -48,8 +48,12 @@ class PeerSnapshots:
             async with self.session.get(url, headers=self._headers(), timeout=self.timeout) as r:
                 if r.status != 200:
                     return None
-                data = await r.content.read(cm.MAX_MANIFEST + 1)
-            return cm.parse(data, key)
+                data = bytearray()
+                async for chunk in r.content.iter_chunked(1 << 20):
+                    data += chunk
+                    if len(data) > cm.MAX_MANIFEST:
+                        break  # parse refuses it, named
+            return cm.parse(bytes(data), key)
         except BadManifest as e:
             log.warning("compile cache %s: refused the manifest of peer %s: %s", key, peer, e)
             return None
