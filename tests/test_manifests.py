@@ -210,6 +210,11 @@ def test_examples_mount_read_only_with_host_to_container(path):
             assert env.get("HF_HUB_OFFLINE") == "1"
             for m in ctr["volumeMounts"]:
                 [vol] = [v for v in pod["volumes"] if v["name"] == m["name"]]
+                if vol.get("csi", {}).get("volumeAttributes", {}).get("kind") == "compile-cache":
+                    assert set(vol["csi"]["volumeAttributes"]) == {"kind", "key"} and not m.get("readOnly")
+                    for var in ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+                        assert env[var].startswith(m["mountPath"] + "/"), var
+                    continue
                 attrs = None
                 if "csi" in vol:
                     assert vol["csi"]["driver"] == DRIVER_NAME and vol["csi"]["readOnly"] is True
