@@ -65,6 +65,7 @@ class Daemon:
         self._not_found = ExpiringSet(ttl=30.0, max_items=10_000)  # on-demand lookups that failed
         self._resolving: dict[tuple[str, str], asyncio.Future] = {}  # (spec, kind) -> one resolution
         self.failing: dict[str, dict] = {}  # configured repos that did not resolve: spec -> error, next retry
+        self._background: set[asyncio.Task] = set()
 
     async def open(self) -> None:
         """Everything but the faces: usable for standalone prefetch too."""
@@ -92,7 +93,7 @@ class Daemon:
         connector = aiohttp.TCPConnector(limit=max(64, cfg.parallel_total * 2))
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
         self.upstream = HfUpstream(cfg.hub_url, self.session, self.metrics, token=cfg.hub_token)
-        self.filler = Filler(cfg, self.index, self.store, self.upstream, self.metrics)
+        self.filler = Filler(cfg, self.index, self.store, self.upstream, self.metrics, self._quarantined)
         self.sources = build_sources(cfg, self.session, self.metrics, self.upstream)  # per-repo chains (issue 6)
         self.filler.sources = self.sources.chain
         self.membership = Membership(cfg.me, cfg.peers, cfg.peers_dns)
@@ -158,6 +159,19 @@ class Daemon:
             if shm.fits(rec.size, shm.high):
                 return "shm"
         return "disk"
+
+    def _quarantined(self, blob_id: str) -> None:
+        """A blob failed its proof: the pages the kernel cached of it must go too."""
+        if self.fs is None or self.fuse_session is None:
+            return
+        session, inodes = self.fuse_session, self.fs.inodes_of(blob_id)
+
+        async def drop() -> None:
+            self.metrics.page_cache_invalidations.inc(await session.invalidate(inodes))
+
+        task = asyncio.get_running_loop().create_task(drop())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _evicted(self, tier: str, nbytes: int) -> None:
         self.metrics.evictions.labels(tier).inc()

@@ -39,8 +39,19 @@ class FillError(Exception):
 class Filler:
     """Chunk scheduler of one node: coalescing, read-ahead, background fills."""
 
-    def __init__(self, cfg: Config, index: Index, store: Store, upstream: Upstream, metrics: Metrics):
+    def __init__(
+        self,
+        cfg: Config,
+        index: Index,
+        store: Store,
+        upstream: Upstream,
+        metrics: Metrics,
+        on_quarantine: Callable[[str], None] = lambda blob_id: None,
+    ):
         self.cfg = cfg
+        # Told of every blob whose proof failed, after its bytes were moved aside:
+        # the owner drops copies the store does not own (the kernel's page cache).
+        self.on_quarantine = on_quarantine
         self.index = index
         self.store = store
         self.upstream = upstream
@@ -358,6 +369,7 @@ class Filler:
         if not task.cancelled() and isinstance(task.exception(), Quarantined):
             self.metrics.verify_failures.labels("upstream").inc()
             log.error("%s", task.exception())
+            self.on_quarantine(task.exception().blob_id)
 
     # whole blobs ---------------------------------------------------------------
 

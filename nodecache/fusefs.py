@@ -72,6 +72,7 @@ class NodecacheFS:
         self._time_ns = time.time_ns()
         self._ino_of: dict[str, int] = {"": ROOT_INODE}
         self._path_of: dict[int, str] = {ROOT_INODE: ""}
+        self._blob_inodes: dict[str, set[int]] = {}  # blob id -> inodes showing it (one per repo)
         self._handles: dict[int, Node] = {}
         self._next_fh = 1
         self.root = root
@@ -110,7 +111,13 @@ class NodecacheFS:
             a.mode, a.size = stat.S_IFLNK | 0o777, len(node.target)
         else:
             a.size = node.size
+            if node.kind == "blob":
+                self._blob_inodes.setdefault(node.blob_id, set()).add(a.ino)
         return a
+
+    def inodes_of(self, blob_id: str) -> list[int]:
+        """Every inode the kernel may hold pages of this blob under."""
+        return sorted(self._blob_inodes.get(blob_id, ()))
 
     # metadata ------------------------------------------------------------------
 

@@ -133,6 +133,34 @@ class Session:
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
+    async def invalidate(self, inodes: list[int]) -> int:
+        """Drop every page (and the attributes) the kernel caches for these inodes;
+        returns how many it knew. The next read of them comes to us.
+
+        Written from a thread: the kernel locks each page to drop it, and a page
+        under a read we have not answered yet stays locked until our loop answers.
+        An inode the kernel does not know (forgotten, never looked up) is ENOENT.
+        """
+        fd = self._fd
+
+        def work() -> int:
+            dropped = 0
+            for ino in inodes:
+                try:
+                    os.write(fd, p.notify_inval_inode(ino))
+                    dropped += 1
+                except OSError as e:
+                    if e.errno == errno.ENOENT:
+                        continue
+                    if e.errno not in (errno.ENODEV, errno.EBADF):
+                        log.error("invalidating inode %d: %s", ino, e)
+                    break  # unmounted or closed under us: nothing left to drop
+            return dropped
+
+        if fd < 0 or not inodes:
+            return 0
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
     # reading requests ------------------------------------------------------------
 
     def _on_readable(self) -> None:

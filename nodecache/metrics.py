@@ -37,6 +37,11 @@ class Metrics:
         self.verify_failures = Counter(
             p + "verify_failures", "Blobs or chunks that failed verification.", ["source"], registry=r
         )
+        self.page_cache_invalidations = Counter(
+            p + "page_cache_invalidations",
+            "Inodes whose pages the kernel dropped because their blob failed verification.",
+            registry=r,
+        )
         self.fill_inflight = Gauge(p + "fill_inflight", "Chunk fetches in flight.", registry=r)
         self.coalesced_waits = Counter(
             p + "coalesced_waits", "Reads that joined a fetch already in flight.", registry=r

@@ -99,6 +99,10 @@ class BlobState:
 class Quarantined(Exception):
     """The blob's bytes did not hash to its id; it is never served again."""
 
+    def __init__(self, blob_id: str, message: str):
+        super().__init__(message)
+        self.blob_id = blob_id
+
 
 def bad_chunks(path: Path, chunk_size: int, size: int, chunks: dict[int, int]) -> list[int]:
     """Recorded chunks whose bytes on disk no longer match their xxh3 at write time."""
@@ -514,7 +518,7 @@ class Store:
             self.index.drop_chunks(rec.blob_id)  # presence of a complete blob is implied
             return
         self.quarantine(st)
-        raise Quarantined(f"blob {rec.blob_id} hashed to {got}")
+        raise Quarantined(rec.blob_id, f"blob {rec.blob_id} hashed to {got}")
 
     async def _advance(self, st: BlobState, prefix: _Prefix) -> None:
         """Feed the in-order run of available chunks to the blob's running hash.
