@@ -83,6 +83,8 @@ class Daemon:
             on_evict=self._evicted,
             direct_io=cfg.direct_io,
             hash_memory=cfg.hash_memory,
+            retry_base=cfg.retry_base,
+            quarantine_limits=(cfg.quarantine_files, cfg.quarantine_max, cfg.quarantine_ttl),
         )
         self.store.placement = self._place
         self._hot: set[str] = set()
@@ -161,10 +163,13 @@ class Daemon:
         return "disk"
 
     def _quarantined(self, blob_id: str) -> None:
-        """A blob failed its proof: the pages the kernel cached of it must go too."""
+        """A blob failed its proof: the pages the kernel cached of it must go too, and
+        handles the kernel reads in passthrough mode must stop reading its file."""
         if self.fs is None or self.fuse_session is None:
             return
         session, inodes = self.fuse_session, self.fs.inodes_of(blob_id)
+        if any(session.in_passthrough(ino) for ino in inodes):
+            self.store.discard_quarantined(blob_id)
 
         async def drop() -> None:
             self.metrics.page_cache_invalidations.inc(await session.invalidate(inodes))
@@ -278,13 +283,22 @@ class Daemon:
     def status(self) -> dict:
         from . import __version__
 
+        quarantine = self.store.quarantine_usage()
         return {
             "version": __version__,
             "ready": self.ready,
             "mount": str(self.cfg.mount) if self.cfg.mount else None,
             "passthrough": bool(self.fuse_session and self.fuse_session.passthrough and self.ready),
             "tiers": [
-                {"name": t.name, "path": str(t.root), "used": t.used, "capacity": t.capacity(), "fs_free": t.fs_free()}
+                {
+                    "name": t.name,
+                    "path": str(t.root),
+                    "used": t.used,
+                    "capacity": t.capacity(),
+                    "fs_free": t.fs_free(),
+                    "quarantine_files": quarantine[t.name][0],
+                    "quarantine_bytes": quarantine[t.name][1],
+                }
                 for t in self.store.tiers.values()
             ],
             "fills_inflight": self.filler.inflight,
@@ -314,6 +328,9 @@ class Daemon:
         for t in self.store.tiers.values():
             self.metrics.cache_bytes.labels(t.name).set(t.used)
             self.metrics.cache_capacity_bytes.labels(t.name).set(t.capacity())
+        for tier, (files, nbytes) in self.store.quarantine_usage().items():
+            self.metrics.quarantine_files.labels(tier).set(files)
+            self.metrics.quarantine_bytes.labels(tier).set(nbytes)
         healthy = sum(p["healthy"] for p in self.membership.status())
         self.metrics.peers.labels("healthy").set(healthy)
         self.metrics.peers.labels("failed").set(len(self.membership.members) - healthy)
@@ -407,6 +424,7 @@ class Daemon:
 
     async def _housekeeping_round(self) -> None:
         self.store.flush_access_times()
+        self.store.clean_quarantine()  # the age bound; count and bytes hold at every quarantine
         await self.refresh_refs()
         if self.labeler is not None:
             try:

@@ -313,6 +313,10 @@ class Session:
         self._backing[ino] = (backing_id, 1)
         return backing_id
 
+    def in_passthrough(self, ino: int) -> bool:
+        """Whether the kernel reads this inode's backing file itself for some open handle."""
+        return ino in self._backing
+
     def _closed(self, fh: int) -> None:
         ino, passthrough = self._fh_mode.pop(fh, (0, False))
         if not passthrough:

@@ -52,6 +52,15 @@ class Metrics:
         self.cache_capacity_bytes = Gauge(
             p + "cache_capacity_bytes", "Byte capacity of each tier (quota or filesystem size).", ["tier"], registry=r
         )
+        self.quarantine_bytes = Gauge(
+            p + "quarantine_bytes",
+            "Bytes of blobs that failed their proof, kept for inspection (part of cache_bytes), by tier.",
+            ["tier"],
+            registry=r,
+        )
+        self.quarantine_files = Gauge(
+            p + "quarantine_files", "Blobs that failed their proof, kept for inspection, by tier.", ["tier"], registry=r
+        )
         self.evictions = Counter(p + "evictions", "Blobs evicted, by tier.", ["tier"], registry=r)
         self.evicted_bytes = Counter(p + "evicted_bytes", "Bytes evicted, by tier.", ["tier"], registry=r)
         self.repo_cached_ratio = Gauge(

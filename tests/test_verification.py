@@ -7,15 +7,19 @@ and waits for events (metrics, job states), never for a fixed time.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import shutil
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import MiB, snapshot_dir
 from prometheus_client.parser import text_string_to_metric_families
 
+from nodecache.store import proof_backoff, quarantine_excess
 from nodecache.testing.hub import Fault
 
 REPO = "org/verify"
@@ -58,14 +62,15 @@ def pread(path, offset: int, size: int) -> bytes:
 def repo(hub):
     """One 8-chunk LFS file of random bytes (chunk size 1 MiB in the daemons fixture)."""
     data = os.urandom(8 * MiB)
-    commit = hub.add_repo(REPO, {"w.safetensors": data, "config.json": b"{}"})
+    commit = hub.add_repo(REPO, {"w.safetensors": data})
     return data, commit
 
 
-def test_a_failed_proof_drops_the_pages_the_kernel_cached(hub, daemons, repo):
-    """A lazy read serves a corrupted chunk before the blob can be proven (documented);
-    once the proof fails, the kernel must not keep serving those pages from its cache
-    (keep_cache): FUSE_NOTIFY_INVAL_INODE drops them, so the next read reaches the daemon."""
+def test_a_failed_proof_drops_cached_pages_fails_open_handles_and_is_fetched_again(hub, daemons, repo):
+    """A lazy read serves a corrupted chunk before the blob can be proven (documented).
+    Once the proof fails: the kernel must not serve those pages from its cache any more
+    (keep_cache; FUSE_NOTIFY_INVAL_INODE drops them), the handle that read them gets EIO,
+    the bad bytes are kept in quarantine, and the blob is fetched again and proven."""
     data, commit = repo
     d = daemons(
         repos=(REPO,),
@@ -74,15 +79,80 @@ def test_a_failed_proof_drops_the_pages_the_kernel_cached(hub, daemons, repo):
     )
     path = snapshot_dir(d, REPO, commit) / "w.safetensors"
     hub.faults.append(Fault("corrupt"))  # the first data response: chunk 0, first byte flipped
-    assert pread(path, 0, 4096) == bytes([data[0] ^ 0xFF]) + data[1:4096]  # served before any proof
-    assert pread(path, 0, 4096)[0] == data[0] ^ 0xFF  # and now cached by the kernel
+    with open(path, "rb") as old:
+        assert os.pread(old.fileno(), 4096, 0) == bytes([data[0] ^ 0xFF]) + data[1:4096]  # served before any proof
+        assert pread(path, 0, 4096)[0] == data[0] ^ 0xFF  # and now cached by the kernel
 
+        job = api(d, "POST", "/v1/prefetch", {"repo": REPO})
+        job = api(d, "GET", f"/v1/jobs/{job['id']}?wait=60")
+        assert job["state"] == "ready", job  # the second attempt was proven
+        wait_for("the kernel's pages to be dropped", lambda: counter(d, "nodecache_page_cache_invalidations_total"))
+        assert counter(d, "nodecache_verify_failures_total", source="upstream") == 1
+
+        assert pread(path, 0, 4096) == data[:4096], "a new open read the kernel's stale pages"
+        with pytest.raises(OSError) as e:  # it may have used wrong bytes already: it must not read on
+            os.pread(old.fileno(), 4096, MiB)
+        assert e.value.errno == errno.EIO
+    assert pread(path, 0, len(data)) == data
+    blob = hashlib.sha256(data).hexdigest()
+    kept = d.cache_dir / "quarantine" / blob
+    assert kept.read_bytes()[:1] == bytes([data[0] ^ 0xFF]) and kept.stat().st_size == len(data)
+    tiers = {t["name"]: t for t in d.status()["tiers"]}
+    assert tiers["disk"]["quarantine_files"] == 1 and tiers["disk"]["quarantine_bytes"] == len(data)
+    assert tiers["disk"]["used"] >= 2 * len(data)  # the good copy and the quarantined one
+    assert d.status()["blobs"]["quarantined"] == 0
+
+
+def test_a_failed_attempt_is_retried_from_the_next_source(hub, daemons, repo, tmp_path):
+    """The sources that served the failed attempt are asked last next time: here the Hub
+    sent a wrong byte, so the retry reads a directory copy of the repo instead."""
+    data, commit = repo
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "w.safetensors").write_bytes(data)
+    d = daemons(repos=(REPO,), env={"NODECACHE_SOURCES": f"{REPO}=hf,file://{copy}"})
+    hub.faults.append(Fault("corrupt"))
     job = api(d, "POST", "/v1/prefetch", {"repo": REPO})
-    job = api(d, "GET", f"/v1/jobs/{job['id']}?wait=60")
-    assert job["state"] == "error", job
-    wait_for("the kernel's pages to be dropped", lambda: counter(d, "nodecache_page_cache_invalidations_total"))
+    assert api(d, "GET", f"/v1/jobs/{job['id']}?wait=60")["state"] == "ready"
     assert counter(d, "nodecache_verify_failures_total", source="upstream") == 1
+    hf = counter(d, "nodecache_upstream_bytes_total", upstream="hf")
+    local = counter(d, "nodecache_upstream_bytes_total", upstream="local")
+    assert local == len(data) and hf == len(data), (hf, local)  # every retried chunk from the copy
+    assert pread(snapshot_dir(d, REPO, commit) / "w.safetensors", 0, len(data)) == data
 
-    with pytest.raises(OSError) as e:  # reaches the daemon: the blob is quarantined
-        pread(path, 0, 4096)
-    assert e.value.errno == errno.EIO
+
+def test_shm_blobs_are_quarantined_in_their_tier_within_bounds(hub, daemons, tmp_path):
+    """No EXDEV: each tier has its own quarantine dir. Its files count in the tier's usage
+    and metrics, and only the newest `quarantine_files` are kept."""
+    files = {f"{n}.safetensors": os.urandom(MiB // 2) for n in "ab"}
+    commit = hub.add_repo(REPO, files)
+    shm = Path("/dev/shm") / f"nodecache-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        env = {"NODECACHE_SHM_DIR": str(shm), "NODECACHE_QUARANTINE_FILES": "1"}
+        d = daemons(repos=(REPO,), env=env)
+        hub.faults += [Fault("corrupt"), Fault("corrupt")]  # the first response of each blob
+        job = api(d, "POST", "/v1/prefetch", {"repo": REPO})
+        assert api(d, "GET", f"/v1/jobs/{job['id']}?wait=60")["state"] == "ready"
+        assert counter(d, "nodecache_verify_failures_total") == 2
+        kept = list((shm / "quarantine").iterdir())
+        assert len(kept) == 1 and kept[0].stat().st_size == MiB // 2  # the older one was cleaned
+        assert not (d.cache_dir / "quarantine").exists() or not list((d.cache_dir / "quarantine").iterdir())
+        assert counter(d, "nodecache_quarantine_files", tier="shm") == 1
+        assert counter(d, "nodecache_quarantine_bytes", tier="shm") == MiB // 2
+        assert counter(d, "nodecache_cache_bytes", tier="shm") == 3 * (MiB // 2)  # two blobs + one kept
+        for name, want in files.items():
+            assert pread(snapshot_dir(d, REPO, commit) / name, 0, MiB) == want
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_quarantine_bounds_count_bytes_and_age():
+    now = 1000.0
+    entries = [("old", 10, now - 50), ("mid", 10, now - 20), ("new", 10, now - 1)]
+    assert quarantine_excess(entries, now, 16, 1 << 30, 100) == []
+    assert quarantine_excess(entries, now, 2, 1 << 30, 100) == ["old"]  # count: the newest stay
+    assert sorted(quarantine_excess(entries, now, 16, 25, 100)) == ["old"]  # bytes: 20 of 25 kept
+    assert sorted(quarantine_excess(entries, now, 16, 15, 100)) == ["mid", "old"]
+    assert sorted(quarantine_excess(entries, now, 16, 1 << 30, 30)) == ["old"]  # age
+    assert quarantine_excess([("huge", 100, now)], now, 16, 50, 100) == ["huge"]  # bigger than the cap: not kept
+    assert [proof_backoff(n, 0.2) for n in (1, 2, 3)] == [0.2, 0.8, 3.2] and proof_backoff(20, 0.2) == 300
