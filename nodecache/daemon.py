@@ -103,6 +103,9 @@ class Daemon:
         if cfg.peers or cfg.peers_dns:
             self.peers = Peers(self.membership, self.session, cfg.cluster_token, self.metrics, cfg.peer_timeout)
             self.filler.sources = lambda rec, k: self.peers.chain(self.upstream_chain(rec), rec, k)
+        for view in self.index.views():
+            for files in view.snapshots.values():
+                self._verify_first(view.repo_id, files)
         self.jobs = Jobs(self.filler)
         self.labeler = NodeLabeler.from_config(cfg, self.session)
         self.refresh_pins()
@@ -119,6 +122,14 @@ class Daemon:
         await self.store.settle()
         self.store.close()
         self.index.close()
+
+    def _verify_first(self, repo_id: str, files: list) -> None:
+        """Blobs shown under a verify_before_serve name anywhere are read only once proven."""
+        self.filler.verify_first.update(f.blob_id for f in files if self.cfg.verify_first(repo_id, f.path))
+
+    def _resolved(self, ref: RepoRef) -> RepoRef:
+        self._verify_first(ref.repo_id, self.index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit) or [])
+        return ref
 
     def may_fetch(self, repo_type: str, repo_id: str) -> bool:
         """May a request (a peer's, a lookup's) make this node resolve the repo upstream?"""
@@ -141,7 +152,9 @@ class Daemon:
         def public(res) -> str:
             return "" if res.visibility == "public" else f"{res.visibility} repos are resolved only when named"
 
-        ref = await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec, public if public_only else None)
+        ref = self._resolved(
+            await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec, public if public_only else None)
+        )
         blobs = snapshot_blobs(self.index, ref)
         if self.fs is not None:
             self.fs.set_tree(layout.build_root(self.index.views()))
@@ -352,8 +365,10 @@ class Daemon:
             if time.time() - at < self.cfg.ref_ttl:
                 continue
             try:
-                ref = await ensure_repo(
-                    self.index, self.sources, self.cfg.chunk_size, layout.format_spec(repo_type, repo_id, revision)
+                ref = self._resolved(
+                    await ensure_repo(
+                        self.index, self.sources, self.cfg.chunk_size, layout.format_spec(repo_type, repo_id, revision)
+                    )
                 )
             except (UpstreamError, ValueError) as e:
                 log.warning("cannot re-resolve %s@%s: %s", repo_id, revision, e)

@@ -67,6 +67,7 @@ class Filler:
         self.metrics = metrics
         self.closing = False
         self.pinned: set[str] = set()  # blob ids the owner wants kept (pins); never evicted
+        self.verify_first: set[str] = set()  # blob ids whose reads wait for the whole-blob proof (verify_before_serve)
         self._open: dict[str, int] = {}  # blob id -> open handles / reads in progress
         self._inflight: dict[tuple[str, int], asyncio.Task] = {}
         self._fetched: dict[tuple[str, int], asyncio.Future] = {}  # set once a chunk's bytes are off the wire
@@ -155,15 +156,35 @@ class Filler:
         if since is not None and self.generation(blob_id) != since:
             raise FillError(f"blob {blob_id} failed verification after it was opened; open it again")
 
-    async def _backoff(self, blob_id: str) -> None:
-        """A quarantined blob is fetched again once its backoff ends: wait for that if it is within read_timeout."""
+    async def _backoff(self, blob_id: str, deadline: float) -> None:
+        """A quarantined blob is fetched again once its backoff ends: wait for that if it ends before the deadline."""
         rec = self.record(blob_id)
         wait = rec.retry_at - time.time()
-        if rec.state == "quarantined" and 0 < wait <= self.cfg.read_timeout:
+        if rec.state == "quarantined" and 0 < wait <= deadline - time.monotonic():
             await asyncio.sleep(wait)
 
+    async def _proven(self, blob_id: str, deadline: float) -> None:
+        """verify_before_serve: fill the whole blob and wait until its proof holds, trying
+        again after failed proofs, until the deadline."""
+        while self.record(blob_id).state != "complete":
+            await self._backoff(blob_id, deadline)
+            task = self.fill_in_background(blob_id)
+            if task is None:
+                self.state(blob_id)  # raises why (waiting out a failed proof past the deadline)
+                if self.record(blob_id).state != "complete":
+                    raise FillError(f"blob {blob_id} could not be filled")
+                return
+            try:
+                await self._await(task, f"proof of {blob_id}", deadline - time.monotonic())
+            except FillError:
+                if self.record(blob_id).state != "quarantined":
+                    raise
+
     async def _read(self, blob_id: str, offset: int, size: int) -> bytes:
-        await self._backoff(blob_id)
+        deadline = time.monotonic() + self.cfg.read_timeout
+        await self._backoff(blob_id, deadline)
+        if blob_id in self.verify_first:
+            await self._proven(blob_id, deadline)
         st = self.state(blob_id)
         rec = st.rec
         size = max(0, min(size, rec.size - offset))
@@ -186,10 +207,11 @@ class Filler:
         rec.last_access = time.time()
         return data
 
-    async def _await(self, fut: asyncio.Future, what: str) -> None:
+    async def _await(self, fut: asyncio.Future, what: str, timeout: float | None = None) -> None:
         """Wait for fills, bounded by read_timeout; map every failure to FillError."""
+        timeout = self.cfg.read_timeout if timeout is None else max(0.0, timeout)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self.cfg.read_timeout)
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
             raise FillError(f"{what}: timed out after {self.cfg.read_timeout:.0f}s") from None
         except asyncio.CancelledError:
@@ -413,15 +435,21 @@ class Filler:
         used = self._used.pop(blob_id, {})
         if task.cancelled() or not isinstance(task.exception(), Quarantined):
             return
-        self.quarantined(blob_id, "peer" if "peer" in used.values() else "upstream", sorted(used))
         log.error("%s (chunks from %s)", task.exception(), ", ".join(sorted(used)) or "nowhere")
+        # Readers of a verify_before_serve blob never got a byte of it before its proof.
+        seen = blob_id not in self.verify_first
+        self.quarantined(blob_id, "peer" if "peer" in used.values() else "upstream", sorted(used), seen)
 
-    def quarantined(self, blob_id: str, source: str, served_by: list[str]) -> None:
-        """The store moved a blob aside (failed proof or scrub): everyone holding its bytes must let go."""
+    def quarantined(self, blob_id: str, source: str, served_by: list[str], seen: bool = True) -> None:
+        """The store moved a blob aside (failed proof or scrub): everyone holding its bytes must let go.
+
+        `seen`: readers may have been served its bytes (handles opened before get EIO from now on).
+        """
         rec = self.record(blob_id)
         rec.demoted = served_by
         self.index.put_blob(rec)
-        self._generation[blob_id] = self.generation(blob_id) + 1
+        if seen:
+            self._generation[blob_id] = self.generation(blob_id) + 1
         self.metrics.verify_failures.labels(source).inc()
         log.warning("blob %s quarantined (%d failure(s)), fetched again in %.1fs", blob_id, rec.failures,
                     max(0.0, rec.retry_at - time.time()))  # fmt: skip

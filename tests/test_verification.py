@@ -19,6 +19,7 @@ import pytest
 from conftest import MiB, snapshot_dir
 from prometheus_client.parser import text_string_to_metric_families
 
+from nodecache.config import Config, ConfigError, load
 from nodecache.store import proof_backoff, quarantine_excess
 from nodecache.testing.hub import Fault
 
@@ -144,6 +145,55 @@ def test_shm_blobs_are_quarantined_in_their_tier_within_bounds(hub, daemons, tmp
             assert pread(snapshot_dir(d, REPO, commit) / name, 0, MiB) == want
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_verify_before_serve_holds_reads_until_the_proof(hub, daemons):
+    """A file matching verify_before_serve is never read before its whole-blob proof: a
+    read starts the whole fill and waits; a corrupted upstream body never reaches the
+    reader (FUSE or mirror), it is retried. Other files stay lazy."""
+    files = {"w.bin": os.urandom(4 * MiB), "x.pt": os.urandom(4 * MiB), "w.safetensors": os.urandom(4 * MiB)}
+    commit = hub.add_repo(REPO, files)
+    env = {
+        "NODECACHE_VERIFY_BEFORE_SERVE": "*.bin,*.pt,other/*=*.safetensors",
+        "NODECACHE_FILL_ON_OPEN": "false",
+        "NODECACHE_READ_AHEAD_CHUNKS": "0",
+    }
+    d = daemons(repos=(REPO,), env=env)
+    snap = snapshot_dir(d, REPO, commit)
+
+    hub.faults.append(Fault("corrupt"))  # the first response: chunk 0 of w.bin, first byte flipped
+    assert pread(snap / "w.bin", 0, 4096) == files["w.bin"][:4096]
+    assert d.status()["blobs"]["complete"] == 1, "the read returned before the proof"
+    assert counter(d, "nodecache_verify_failures_total", source="upstream") == 1  # and it was retried
+
+    hub.faults.append(Fault("corrupt"))
+    with urllib.request.urlopen(f"{d.url}/{REPO}/resolve/main/x.pt", timeout=60) as r:
+        assert r.read() == files["x.pt"]
+    assert counter(d, "nodecache_verify_failures_total", source="upstream") == 2
+
+    assert pread(snap / "w.safetensors", 0, 4096) == files["w.safetensors"][:4096]  # lazy: no proof yet
+    assert d.status()["blobs"] == {"partial": 1, "complete": 2, "quarantined": 0}
+
+
+def test_verify_before_serve_config():
+    default = Config()
+    assert default.verify_first("org/m", "pytorch_model.bin") and default.verify_first("org/m", "sub/opt.pt")
+    assert default.verify_first("org/m", "a.pkl") and not default.verify_first("org/m", "model.safetensors")
+    some = Config(verify_before_serve=("org/*=*.safetensors", "*.gguf"))
+    assert some.verify_first("org/m", "x/model.safetensors") and not some.verify_first("other/m", "model.safetensors")
+    assert some.verify_first("other/m", "q.gguf") and not some.verify_first("org/m", "pytorch_model.bin")
+    assert Config(verify_before_serve=("*",)).verify_first("a/b", "config.json")
+    assert not Config(verify_before_serve=()).verify_first("a/b", "x.bin")
+    env = {"NODECACHE_VERIFY_BEFORE_SERVE": "true"}
+    assert load(environ=env).verify_before_serve == ("*",)
+    assert load(environ={"NODECACHE_VERIFY_BEFORE_SERVE": "false"}).verify_before_serve == ()
+    assert load(environ={"NODECACHE_VERIFY_BEFORE_SERVE": "*.bin, org/*=*.pt"}).verify_before_serve == (
+        "*.bin",
+        "org/*=*.pt",
+    )
+    for bad in ("=*.bin", "org/*="):
+        with pytest.raises(ConfigError, match="verify_before_serve"):
+            Config(verify_before_serve=(bad,))
 
 
 def test_quarantine_bounds_count_bytes_and_age():
