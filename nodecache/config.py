@@ -54,6 +54,8 @@ class Config:
     min_free: int = 256 * MiB  # always leave this much free on each tier's filesystem
     # "[REPO_GLOB=]PATH_GLOB": reads of matching files wait for the whole-blob proof; ("*",): all; (): none
     verify_before_serve: tuple[str, ...] = PICKLE_GLOBS
+    scrub_bps: int = 32 * MiB  # bytes/s the background scrub re-hashes complete blobs at; 0: off
+    scrub_interval: float = 86400.0  # a complete blob is re-hashed in the background at most this often
     quarantine_files: int = 16  # per tier: blobs that failed their proof, kept for inspection (newest first)...
     quarantine_max: int = 4 << 30  # ...up to this many bytes...
     quarantine_ttl: float = 7 * 86400.0  # ...for at most this many seconds
@@ -89,15 +91,16 @@ class Config:
                 raise ConfigError(f"{key}: {getattr(self, key)} is out of range")
         if not self.read_timeout > 0:  # also refuses NaN
             raise ConfigError("read_timeout: must be > 0")
-        if not self.quarantine_ttl >= 0:
-            raise ConfigError("quarantine_ttl: must be >= 0")
+        for key in ("quarantine_ttl", "scrub_interval"):
+            if not getattr(self, key) >= 0:  # also refuses NaN
+                raise ConfigError(f"{key}: must be >= 0")
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT")
         if not 0 < self.low_watermark <= self.high_watermark <= 1:
             raise ConfigError("low_watermark/high_watermark: need 0 < low <= high <= 1")
         for key in ("disk_max", "shm_max", "shm_file_max", "min_free", "peer_upload_bps", "hash_memory",
-                    "quarantine_files", "quarantine_max"):  # fmt: skip
+                    "quarantine_files", "quarantine_max", "scrub_bps"):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0")
         for key in ("repos", "preload"):
@@ -167,7 +170,7 @@ def _check_types(cfg: Config) -> None:
 
 _TYPES = (("Path", Path), ("str", str), ("int", int), ("float", float), ("bool", bool), ("tuple", tuple))
 _SIZE_KEYS = {"chunk_size", "disk_max", "shm_max", "shm_file_max", "min_free", "peer_upload_bps", "hash_memory"}
-_SIZE_KEYS |= {"quarantine_max"}
+_SIZE_KEYS |= {"quarantine_max", "scrub_bps"}
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 

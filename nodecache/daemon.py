@@ -33,6 +33,7 @@ from .metrics import Metrics
 from .peers import Membership, Peers
 from .policy import RepoPolicy
 from .repos import RepoRef, ensure_repo, snapshot_blobs
+from .scrub import Scrubber
 from .server import OneLineBadRequests, make_app
 from .store import Store, Tier
 from .upstream import NotFound, UpstreamError
@@ -107,6 +108,7 @@ class Daemon:
             for files in view.snapshots.values():
                 self._verify_first(view.repo_id, files)
         self.jobs = Jobs(self.filler)
+        self.scrubber = Scrubber(self.store, self.filler, self.metrics, cfg.scrub_bps, cfg.scrub_interval)
         self.labeler = NodeLabeler.from_config(cfg, self.session)
         self.refresh_pins()
 
@@ -116,6 +118,7 @@ class Daemon:
 
     async def close(self) -> None:
         await self.jobs.close()
+        await self.scrubber.close()
         await self.filler.close()
         await self.sources.close()
         await self.session.close()
@@ -230,20 +233,35 @@ class Daemon:
         self.refresh_pins()
         return found
 
+    def cached_blobs(self, spec: str | None) -> tuple[RepoRef | None, list[str]]:
+        """The blobs of one cached repo (every snapshot, or the revision in `spec`), or of the whole
+        cache (spec None); KeyError if the repo is not in the cache. The ref names what was asked."""
+        if spec is None:
+            return None, [r.blob_id for r in self.index.all_blobs()]
+        repo_type, repo_id, revision = layout.parse_repo_spec(spec)
+        view = next((v for v in self.index.views() if (v.repo_type, v.repo_id) == (repo_type, repo_id)), None)
+        if view is None:
+            raise KeyError(f"{repo_type} {repo_id} is not in the cache")
+        if "@" not in spec:
+            ref = RepoRef(repo_type, repo_id, "", "")
+            commits = list(view.snapshots)
+        else:
+            ref = RepoRef(repo_type, repo_id, revision, view.refs.get(revision, revision))
+            commits = [ref.commit]
+        return ref, list(dict.fromkeys(f.blob_id for c in commits for f in view.snapshots.get(c, [])))
+
+    def verify(self, spec: str | None) -> Job:
+        """Re-check the stored bytes of one repo (or revision), or of the whole cache, as a job."""
+        ref, blob_ids = self.cached_blobs(spec)
+        total = sum(rec.size for b in blob_ids if (rec := self.store.record(b)) is not None)
+        return self.jobs.start(ref, blob_ids, total, kind="verify", work=self.scrubber.verify)
+
     def evict(self, spec: str | None) -> tuple[int, int, int]:
         """Evict the blobs of one repo (or revision), or every unpinned blob.
 
         Returns (blobs evicted, bytes freed, blobs kept because pinned or in use).
         """
-        if spec is None:
-            blob_ids = [r.blob_id for r in self.index.all_blobs()]
-        else:
-            repo_type, repo_id, revision = layout.parse_repo_spec(spec)
-            view = next((v for v in self.index.views() if (v.repo_type, v.repo_id) == (repo_type, repo_id)), None)
-            if view is None:
-                raise KeyError(f"{repo_type} {repo_id} is not in the cache")
-            commits = list(view.snapshots) if "@" not in spec else [view.refs.get(revision, revision)]
-            blob_ids = [f.blob_id for c in commits for f in view.snapshots.get(c, [])]
+        blob_ids = self.cached_blobs(spec)[1]
         evicted = freed = kept = 0
         for blob_id in dict.fromkeys(blob_ids):
             rec = self.store.record(blob_id)
@@ -488,13 +506,14 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         await self.open()
-        runner = housekeeping = preload = discovery = retry = None
+        runner = housekeeping = preload = discovery = retry = scrub = None
         try:
             retry = await self._add_configured([*self.cfg.repos, *self.sources.specs(self.cfg.repos)])
             self.refresh_pins()
             housekeeping = loop.create_task(self._housekeeping())
             preload = loop.create_task(self._preload())
             discovery = loop.create_task(self.membership.run())
+            scrub = loop.create_task(self.scrubber.run())
             runner = web.AppRunner(make_app(self), access_log=None, logger=OneLineBadRequests())
             await runner.setup()
             await web.TCPSite(runner, self.cfg.listen_host, self.cfg.listen_port).start()
@@ -505,7 +524,7 @@ class Daemon:
                 await self._serve_fuse(self.cfg.mount)
         finally:
             self.ready = False
-            for task in (housekeeping, preload, discovery, retry):
+            for task in (housekeeping, preload, discovery, retry, scrub):
                 if task is not None:
                     task.cancel()
             await self.close()

@@ -560,16 +560,18 @@ class Filler:
         report()
 
     async def _fill_proven(self, blob_id: str, attempts: int) -> None:
-        for attempt in range(attempts):
+        tried = 0
+        for _ in range(2 * attempts):  # each turn fills, or waits out a failed proof's backoff
             task = self.fill_in_background(blob_id)  # None: complete, or waiting out a failed proof
             if task is not None:
+                tried += 1
                 try:
                     await self._await(task, "prefetch")
                 except FillError:
                     if self.record(blob_id).state != "quarantined":
                         raise
             rec = self.record(blob_id)
-            if rec.state != "quarantined" or attempt + 1 == attempts or self.closing:
+            if rec.state != "quarantined" or tried == attempts or self.closing:
                 return
             await asyncio.sleep(max(0.0, rec.retry_at - time.time()))
 

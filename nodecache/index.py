@@ -52,6 +52,7 @@ class BlobRecord:
     failures: int = 0  # proofs failed in a row; reset by a proof that holds
     retry_at: float = 0.0  # quarantined: not fetched again before this (wall clock)
     demoted: list[str] = field(default_factory=list)  # sources that served the last failed attempt: asked last
+    verified_at: float = 0.0  # complete: when its bytes on disk last proved its id (fill or scrub; wall clock)
 
     @property
     def n_chunks(self) -> int:
@@ -74,8 +75,9 @@ def check_blob(rec: BlobRecord) -> BlobRecord:
         raise ValueError(f"chunk_size {cs!r}")
     if rec.kind not in _KINDS or rec.state not in _STATES or rec.tier not in _TIERS:
         raise ValueError(f"kind/state/tier {rec.kind!r}/{rec.state!r}/{rec.tier!r}")
-    if type(rec.last_access) not in (int, float) or type(rec.retry_at) not in (int, float):
-        raise ValueError(f"last_access/retry_at {rec.last_access!r}/{rec.retry_at!r}")
+    for key in ("last_access", "retry_at", "verified_at"):
+        if type(getattr(rec, key)) not in (int, float):
+            raise ValueError(f"{key} {getattr(rec, key)!r}")
     if type(rec.failures) is not int or not 0 <= rec.failures <= 1 << 20:
         raise ValueError(f"failures {rec.failures!r}")
     if not isinstance(rec.demoted, list) or len(rec.demoted) > 64:

@@ -42,6 +42,9 @@ class Metrics:
             "Inodes whose pages the kernel dropped because their blob failed verification.",
             registry=r,
         )
+        self.scrubbed_bytes = Counter(
+            p + "scrubbed_bytes", "Bytes of complete blobs re-hashed (background scrub and verify jobs).", registry=r
+        )
         self.fill_inflight = Gauge(p + "fill_inflight", "Chunk fetches in flight.", registry=r)
         self.coalesced_waits = Counter(
             p + "coalesced_waits", "Reads that joined a fetch already in flight.", registry=r

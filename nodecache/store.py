@@ -99,6 +99,12 @@ class BlobState:
             self.missing -= 1
             self.cached += self.chunk_len(index)
 
+    def unmark(self, index: int) -> None:
+        if self.present[index]:
+            self.present[index] = 0
+            self.missing += 1
+            self.cached -= self.chunk_len(index)
+
     def chunk_range(self, index: int) -> tuple[int, int]:
         start = index * self.rec.chunk_size
         return start, min(start + self.rec.chunk_size, self.rec.size)
@@ -552,9 +558,10 @@ class Store:
             )
         if got == rec.blob_id:
             rec.state = "complete"
-            rec.failures, rec.retry_at, rec.demoted = 0, 0.0, []
+            rec.failures, rec.retry_at, rec.demoted, rec.verified_at = 0, 0.0, [], time.time()
             self.index.put_blob(rec)
-            self.index.drop_chunks(rec.blob_id)  # presence of a complete blob is implied
+            if rec.kind != "source":  # presence of a complete blob is implied; a source blob's xxh3s are its proof
+                self.index.drop_chunks(rec.blob_id)
             return
         self.quarantine(st)
         raise Quarantined(rec.blob_id, f"blob {rec.blob_id} hashed to {got}")
@@ -599,6 +606,56 @@ class Store:
                 prefix.next = k + 1  # taken: a failed write of chunk k from now on spoils the hash
                 ahead = loop.run_in_executor(self._hash_pool, load, k + 1) if on_disk(k + 1) else None
                 await loop.run_in_executor(self._hash_pool, digest, item)
+
+    async def rehash(self, rec: BlobRecord, pace=None, hashed=None) -> str | None:
+        """What a complete blob's file proves now (scrub): the id it hashes to, `rec.blob_id` for a
+        source-identified blob whose chunks still match their xxh3s, else a description of the damage;
+        None if it cannot be checked (a source blob completed before its xxh3s were kept).
+        `pace(n)` is awaited before each piece of n bytes is read, `hashed(n)` called after it."""
+        path = self.path(rec.blob_id)
+        loop = asyncio.get_running_loop()
+        if rec.kind == "source":
+            chunks = self.index.chunks(rec.blob_id)
+            if len(chunks) < rec.n_chunks:
+                return None
+            for i in range(rec.n_chunks):
+                if pace is not None:
+                    await pace(min(rec.chunk_size, rec.size - i * rec.chunk_size))
+                args = (path, rec.chunk_size, rec.size, {i: chunks[i]})
+                if await loop.run_in_executor(self._hash_pool, bad_chunks, *args):
+                    return f"chunk {i} no longer matches its xxh3"
+                if hashed is not None:
+                    hashed(min(rec.chunk_size, rec.size - i * rec.chunk_size))
+            return rec.blob_id
+        hasher = _new_hasher(rec.kind, rec.size)
+        for start in range(0, rec.size, _HASH_BUF):
+            n = min(_HASH_BUF, rec.size - start)
+            if pace is not None:
+                await pace(n)
+            await loop.run_in_executor(self._hash_pool, _hash_range, hasher, path, start, n, self.buffers)
+            if hashed is not None:
+                hashed(n)
+        return hasher.hexdigest()
+
+    async def check_chunks(self, rec: BlobRecord) -> int:
+        """Re-check a partial blob's recorded chunks against their xxh3; forget the bad ones
+        (they are fetched again). Returns how many were bad."""
+        chunks = self.index.chunks(rec.blob_id)
+        if rec.state != "partial" or not chunks:
+            return 0
+        args = (self.path(rec.blob_id), rec.chunk_size, rec.size, chunks)
+        try:
+            bad = await asyncio.get_running_loop().run_in_executor(None, bad_chunks, *args)
+        except FileNotFoundError:
+            return 0
+        if bad:
+            self.index.drop_chunks(rec.blob_id, bad)
+            st = self._states.get(rec.blob_id)
+            for i in bad if st is not None else ():
+                if st.has(i):
+                    self.tiers[rec.tier].used -= st.chunk_len(i)
+                    st.unmark(i)
+        return len(bad)
 
     def quarantine(self, st: BlobState) -> None:
         """Move the blob's bytes aside and schedule its refetch (after proof_backoff).
