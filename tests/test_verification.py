@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -104,6 +106,30 @@ def test_a_failed_proof_drops_cached_pages_fails_open_handles_and_is_fetched_aga
     assert tiers["disk"]["quarantine_files"] == 1 and tiers["disk"]["quarantine_bytes"] == len(data)
     assert tiers["disk"]["used"] >= 2 * len(data)  # the good copy and the quarantined one
     assert d.status()["blobs"]["quarantined"] == 0
+
+
+def test_while_quarantined_reads_fail_with_a_reason_and_peers_are_refused(hub, daemons, repo):
+    """During the backoff after a failed proof, a read that cannot wait it out within
+    read_timeout gets EIO at once, and the peer API refuses the blob's chunks."""
+    data, commit = repo
+    env = {"NODECACHE_RETRY_BASE": "600", "NODECACHE_CLUSTER_TOKEN": "peer-secret"}  # backoff 600 s > read_timeout
+    d = daemons(repos=(REPO,), env=env)
+    hub.faults.append(Fault("corrupt"))
+    job = api(d, "POST", "/v1/prefetch", {"repo": REPO})  # it waits out the backoff (5 min at most), then retries
+    wait_for("the failed proof", lambda: d.status()["blobs"]["quarantined"] == 1)
+    assert api(d, "GET", f"/v1/jobs/{job['id']}")["state"] == "running"
+    with pytest.raises(OSError) as e:
+        pread(snapshot_dir(d, REPO, commit) / "w.safetensors", 0, 4096)
+    assert e.value.errno == errno.EIO
+    assert "failed verification; it is fetched again in" in d.log()
+    blob = hashlib.sha256(data).hexdigest()
+    query = urllib.parse.urlencode(
+        {"chunk": 0, "repo": REPO, "commit": commit, "path": "w.safetensors", "size": len(data), "kind": "sha256"}
+    )
+    req = urllib.request.Request(f"{d.url}/v1/blobs/{blob}?{query}", headers={"Authorization": "Bearer peer-secret"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 404 and "quarantined" in json.loads(e.value.read())["detail"]
 
 
 def test_a_failed_attempt_is_retried_from_the_next_source(hub, daemons, repo, tmp_path):
