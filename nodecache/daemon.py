@@ -186,6 +186,8 @@ class Daemon:
         session, inodes = self.fuse_session, self.fs.inodes_of(blob_id)
         if any(session.in_passthrough(ino) for ino in inodes):
             self.store.discard_quarantined(blob_id)
+            for ino in inodes:
+                session.retire(ino)
 
         async def drop() -> None:
             self.metrics.page_cache_invalidations.inc(await session.invalidate(inodes))

@@ -85,6 +85,7 @@ class Session:
         # The kernel refuses (EIO) to mix passthrough and cached opens of one inode, and a second
         # backing file for it: an inode's live opens share one mode, and one backing id.
         self._backing: dict[int, tuple[int, int]] = {}  # inode -> (backing id, passthrough opens)
+        self._retired: set[int] = set()  # inodes whose backing file went bad while still open
         self._cached: dict[int, int] = {}  # inode -> cached (served) opens
         self._fh_mode: dict[int, tuple[int, bool]] = {}  # file handle -> (inode, passthrough?)
         self._buf = bytearray(_BUF)
@@ -277,6 +278,11 @@ class Session:
         raise FuseError(errno.EROFS if op in p.WRITES else errno.ENOSYS)
 
     async def _open(self, ino: int, flags: int) -> bytes:
+        if ino in self._retired:
+            # Its open handles read a backing file that failed verification (emptied), and the
+            # kernel takes no other file, nor a served open, for the inode until they are closed.
+            log.warning("open of inode %d refused: handles of its failed backing file are still open", ino)
+            raise FuseError(errno.EIO)
         opened = await self.ops.open(ino, flags)
         backing_id = None
         if opened.backing is not None and not self._cached.get(ino):
@@ -317,6 +323,11 @@ class Session:
         """Whether the kernel reads this inode's backing file itself for some open handle."""
         return ino in self._backing
 
+    def retire(self, ino: int) -> None:
+        """The inode's backing file failed verification: no new open may share it."""
+        if ino in self._backing:
+            self._retired.add(ino)
+
     def _closed(self, fh: int) -> None:
         ino, passthrough = self._fh_mode.pop(fh, (0, False))
         if not passthrough:
@@ -325,6 +336,8 @@ class Session:
                 self._cached[ino] = n
             return
         backing_id, count = self._backing.pop(ino)
+        if count == 1:
+            self._retired.discard(ino)
         if count > 1:
             self._backing[ino] = (backing_id, count - 1)
             return
