@@ -142,24 +142,27 @@ class Session:
         under a read we have not answered yet stays locked until our loop answers.
         An inode the kernel does not know (forgotten, never looked up) is ENOENT.
         """
-        fd = self._fd
+        if self._fd < 0 or not inodes:
+            return 0
+        fd = os.dup(self._fd)  # ours: the session may close its fd (and the number be reused) meanwhile
 
         def work() -> int:
             dropped = 0
-            for ino in inodes:
-                try:
-                    os.write(fd, p.notify_inval_inode(ino))
-                    dropped += 1
-                except OSError as e:
-                    if e.errno == errno.ENOENT:
-                        continue
-                    if e.errno not in (errno.ENODEV, errno.EBADF):
-                        log.error("invalidating inode %d: %s", ino, e)
-                    break  # unmounted or closed under us: nothing left to drop
+            try:
+                for ino in inodes:
+                    try:
+                        os.write(fd, p.notify_inval_inode(ino))
+                        dropped += 1
+                    except OSError as e:
+                        if e.errno == errno.ENOENT:
+                            continue
+                        if e.errno != errno.ENODEV:
+                            log.error("invalidating inode %d: %s", ino, e)
+                        break  # unmounted under us: nothing left to drop
+            finally:
+                os.close(fd)
             return dropped
 
-        if fd < 0 or not inodes:
-            return 0
         return await asyncio.get_running_loop().run_in_executor(None, work)
 
     # reading requests ------------------------------------------------------------
