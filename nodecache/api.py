@@ -1,4 +1,4 @@
-"""The control API (`/v1`): repos, status, prefetch jobs, pins, eviction.
+"""The control API (`/v1`): repos, status, prefetch and verify jobs, pins, eviction.
 
 When an admin token is configured, every `/v1` call needs `Authorization:
 Bearer <admin token>`: mutating ones because they fill or empty the disk, reads
@@ -141,6 +141,14 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
             raise web.HTTPNotFound(reason="not_found", text=str(e.args[0])) from None
         return web.json_response({"evicted_blobs": n, "freed_bytes": freed, "kept_in_use_or_pinned": kept})
 
+    async def verify(request: web.Request) -> web.Response:
+        """Re-check stored bytes: {repo, revision?, repo_type?} or {} for the whole cache."""
+        try:
+            job = daemon.verify(_spec(await _body(request), need_repo=False))
+        except KeyError as e:
+            raise web.HTTPNotFound(reason="not_found", text=str(e.args[0])) from None
+        return web.json_response(job.as_dict(), status=202)
+
     # Reads name repos (private ones included): with an admin token configured, they need it too.
     app.router.add_get("/v1/repos", admin(repos))
     app.router.add_get("/v1/repos/{repo:[^/]+(?:/[^/]+)?}", admin(repo))
@@ -150,3 +158,4 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
     app.router.add_post("/v1/pin", admin(pin))
     app.router.add_delete("/v1/pin", admin(unpin))
     app.router.add_post("/v1/evict", admin(evict))
+    app.router.add_post("/v1/verify", admin(verify))

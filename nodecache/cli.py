@@ -1,4 +1,4 @@
-"""`nodecache` command line: serve, prefetch, ls, status, pin, unpin, evict, demo.
+"""`nodecache` command line: serve, prefetch, verify, ls, status, pin, unpin, evict, demo.
 
 Exit codes: 0 ok, 1 error (one line on stderr, never a traceback), 2 usage.
 """
@@ -161,6 +161,28 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
         print(f"job {job['id']}: {job['repo']}@{job['revision']} ({job['commit'][:12]}) {job['state']}")
     else:
         _follow(args, job)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    job = _call(args, "POST", "/v1/verify", _spec_body(args.spec) if args.spec else {})
+    what = args.spec or "the whole cache"
+    if args.no_wait:
+        print(f"job {job['id']}: verify {what} {job['state']}")
+        return 0
+    bar = Progress(job["total"], f"verify {what}")
+    while job["state"] == "running":
+        bar.update(job["done"])
+        job = _call(args, "GET", f"/v1/jobs/{job['id']}?wait=1")
+    bar.update(job["done"], final=True)
+    if job["state"] != "ready":
+        raise CliError(job["error"] or f"job {job['id']} is {job['state']}")
+    line = f"verified {what}: {job['checked']} blobs, {job['total']:,} bytes"
+    if job["failed"]:
+        line += f"; {job['failed']} failed (quarantined, fetched again, now proven): " + " ".join(job["failed_blobs"])
+    if job["dropped_chunks"]:
+        line += f"; {job['dropped_chunks']} stored chunk(s) of partial blobs were damaged and will be fetched again"
+    print(line)
     return 0
 
 
@@ -341,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wait", action="store_true", help="wait until it is fully cached")
     c = client("unpin", "remove a pin", cmd_unpin)
     c.add_argument("spec", help="[datasets/]org/name[@rev]")
+    c = client(
+        "verify", "re-hash the stored bytes of a repo/revision (or of every repo); damage is fetched again", cmd_verify
+    )
+    c.add_argument("spec", nargs="?", help="[datasets/]org/name[@rev] (default: the whole cache)")
+    c.add_argument("--no-wait", action="store_true", help="print the job id and return")
     c = client("evict", "drop cached bytes of a repo/revision, or of everything unpinned", cmd_evict)
     c.add_argument("spec", nargs="?", help="[datasets/]org/name[@rev]")
     c.add_argument("--all", action="store_true")

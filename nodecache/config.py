@@ -7,6 +7,7 @@ environment variables, then command-line flags.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from . import layout
 
 MiB = 1024 * 1024
+# Formats loaded with pickle: a wrong byte in them is code run by the loader, not a wrong weight.
+PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.joblib")
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,13 @@ class Config:
     high_watermark: float = 0.9  # evict when a tier is fuller than this fraction...
     low_watermark: float = 0.8  # ...down to this fraction
     min_free: int = 256 * MiB  # always leave this much free on each tier's filesystem
+    # "[REPO_GLOB=]PATH_GLOB": reads of matching files wait for the whole-blob proof; ("*",): all; (): none
+    verify_before_serve: tuple[str, ...] = PICKLE_GLOBS
+    scrub_bps: int = 32 * MiB  # bytes/s the background scrub re-hashes complete blobs at; 0: off
+    scrub_interval: float = 86400.0  # a complete blob is re-hashed in the background at most this often
+    quarantine_files: int = 16  # per tier: blobs that failed their proof, kept for inspection (newest first)...
+    quarantine_max: int = 4 << 30  # ...up to this many bytes...
+    quarantine_ttl: float = 7 * 86400.0  # ...for at most this many seconds
     admin_token: str | None = field(default=None, repr=False)  # required by mutating /v1 calls when set
     preload: tuple[str, ...] = ()  # "org/name[@rev][=pin|=hot]" filled at start, in this order
     on_demand: tuple[str, ...] = ()  # globs of repo ids a lookup may resolve upstream, e.g. "org/*"
@@ -84,6 +94,9 @@ class Config:
                 raise ConfigError(f"{key}: {getattr(self, key)} is out of range")
         if not self.read_timeout > 0:  # also refuses NaN
             raise ConfigError("read_timeout: must be > 0")
+        for key in ("quarantine_ttl", "scrub_interval"):
+            if not getattr(self, key) >= 0:  # also refuses NaN
+                raise ConfigError(f"{key}: must be >= 0")
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"listen: {self.listen!r} is not HOST:PORT")
@@ -100,6 +113,9 @@ class Config:
             "peer_upload_bps",
             "hash_memory",
             "compile_cache_max",
+            "quarantine_files",
+            "quarantine_max",
+            "scrub_bps",
         ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0")
@@ -121,9 +137,23 @@ class Config:
             for glob in getattr(self, key) or ():
                 if not glob or "@" in glob or any(c.isspace() or not c.isprintable() for c in glob):
                     raise ConfigError(f"{key}: {glob!r} is not a repo glob like 'org/*' or 'datasets/org/name'")
+        for pattern in self.verify_before_serve:
+            repo_glob, sep, path_glob = pattern.partition("=")
+            if not pattern or (sep and not (repo_glob and path_glob)):
+                raise ConfigError(f"verify_before_serve: {pattern!r} is not [REPO_GLOB=]PATH_GLOB")
         from .upstream.sources import check_config  # non-HF sources: syntax only, no I/O
 
         check_config(self)
+
+    def verify_first(self, repo_id: str, path: str) -> bool:
+        """Whether reads of this file of this repo wait for its whole-blob proof (verify_before_serve)."""
+        for pattern in self.verify_before_serve:
+            repo_glob, sep, path_glob = pattern.partition("=")
+            if not sep:
+                repo_glob, path_glob = "*", pattern
+            if fnmatch.fnmatchcase(repo_id, repo_glob) and fnmatch.fnmatchcase(path, path_glob):
+                return True
+        return False
 
     @property
     def me(self) -> str:
@@ -164,6 +194,8 @@ _SIZE_KEYS = {
     "peer_upload_bps",
     "hash_memory",
     "compile_cache_max",
+    "quarantine_max",
+    "scrub_bps",
 }
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
@@ -193,6 +225,8 @@ def _convert(f: dataclasses.Field, raw: str):
             return None
         raise ConfigError(f"{f.name}: must not be empty")
     if "tuple" in kind:
+        if f.name == "verify_before_serve" and raw.lower() in ("true", "false"):
+            return ("*",) if raw.lower() == "true" else ()
         return tuple(x for x in raw.replace(",", " ").split() if x)
     try:
         if kind.startswith("int"):
@@ -234,6 +268,8 @@ def read_file(path: Path) -> dict:
             raise ConfigError(f"{key}: unknown setting in {path}")
         if f.name == "preload":
             value = tuple(_preload_entry(v) for v in value or ())
+        elif f.name == "verify_before_serve" and isinstance(value, bool):  # true: every file; false: none
+            value = ("*",) if value else ()
         elif f.name == "repos" and isinstance(value, list):  # items may be {id, revision?, sources?}
             from .upstream.sources import yaml_repos
 

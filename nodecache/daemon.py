@@ -35,6 +35,7 @@ from .metrics import Metrics
 from .peers import Membership, Peers
 from .policy import RepoPolicy
 from .repos import RepoRef, ensure_repo, snapshot_blobs
+from .scrub import Scrubber
 from .server import OneLineBadRequests, make_app
 from .store import Store, Tier
 from .upstream import NotFound, UpstreamError
@@ -67,6 +68,7 @@ class Daemon:
         self._not_found = ExpiringSet(ttl=30.0, max_items=10_000)  # on-demand lookups that failed
         self._resolving: dict[tuple[str, str], asyncio.Future] = {}  # (spec, kind) -> one resolution
         self.failing: dict[str, dict] = {}  # configured repos that did not resolve: spec -> error, next retry
+        self._background: set[asyncio.Task] = set()
 
     async def open(self) -> None:
         """Everything but the faces: usable for standalone prefetch too."""
@@ -84,6 +86,8 @@ class Daemon:
             on_evict=self._evicted,
             direct_io=cfg.direct_io,
             hash_memory=cfg.hash_memory,
+            retry_base=cfg.retry_base,
+            quarantine_limits=(cfg.quarantine_files, cfg.quarantine_max, cfg.quarantine_ttl),
         )
         self.store.placement = self._place
         self._hot: set[str] = set()
@@ -94,7 +98,7 @@ class Daemon:
         connector = aiohttp.TCPConnector(limit=max(64, cfg.parallel_total * 2))
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
         self.upstream = HfUpstream(cfg.hub_url, self.session, self.metrics, token=cfg.hub_token)
-        self.filler = Filler(cfg, self.index, self.store, self.upstream, self.metrics)
+        self.filler = Filler(cfg, self.index, self.store, self.upstream, self.metrics, self._quarantined)
         self.sources = build_sources(cfg, self.session, self.metrics, self.upstream)  # per-repo chains (issue 6)
         self.filler.sources = self.sources.chain
         self.membership = Membership(cfg.me, cfg.peers, cfg.peers_dns)
@@ -102,7 +106,11 @@ class Daemon:
         if cfg.peers or cfg.peers_dns:
             self.peers = Peers(self.membership, self.session, cfg.cluster_token, self.metrics, cfg.peer_timeout)
             self.filler.sources = lambda rec, k: self.peers.chain(self.upstream_chain(rec), rec, k)
+        for view in self.index.views():
+            for files in view.snapshots.values():
+                self._verify_first(view.repo_id, files)
         self.jobs = Jobs(self.filler)
+        self.scrubber = Scrubber(self.store, self.filler, self.metrics, cfg.scrub_bps, cfg.scrub_interval)
         self.labeler = NodeLabeler.from_config(cfg, self.session)
         self.refresh_pins()
         self.compile_caches = self._compile_caches()
@@ -133,12 +141,21 @@ class Daemon:
 
     async def close(self) -> None:
         await self.jobs.close()
+        await self.scrubber.close()
         await self.filler.close()
         await self.sources.close()
         await self.session.close()
         await self.store.settle()
         self.store.close()
         self.index.close()
+
+    def _verify_first(self, repo_id: str, files: list) -> None:
+        """Blobs shown under a verify_before_serve name anywhere are read only once proven."""
+        self.filler.verify_first.update(f.blob_id for f in files if self.cfg.verify_first(repo_id, f.path))
+
+    def _resolved(self, ref: RepoRef) -> RepoRef:
+        self._verify_first(ref.repo_id, self.index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit) or [])
+        return ref
 
     def may_fetch(self, repo_type: str, repo_id: str) -> bool:
         """May a request (a peer's, a lookup's) make this node resolve the repo upstream?"""
@@ -161,7 +178,9 @@ class Daemon:
         def public(res) -> str:
             return "" if res.visibility == "public" else f"{res.visibility} repos are resolved only when named"
 
-        ref = await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec, public if public_only else None)
+        ref = self._resolved(
+            await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec, public if public_only else None)
+        )
         blobs = snapshot_blobs(self.index, ref)
         if self.fs is not None:
             self.fs.set_tree(layout.build_root(self.index.views()))
@@ -181,6 +200,24 @@ class Daemon:
             if shm.fits(rec.size, shm.high):
                 return "shm"
         return "disk"
+
+    def _quarantined(self, blob_id: str) -> None:
+        """A blob failed its proof: the pages the kernel cached of it must go too, and
+        handles the kernel reads in passthrough mode must stop reading its file."""
+        if self.fs is None or self.fuse_session is None:
+            return
+        session, inodes = self.fuse_session, self.fs.inodes_of(blob_id)
+        if any(session.in_passthrough(ino) for ino in inodes):
+            self.store.discard_quarantined(blob_id)
+            for ino in inodes:
+                session.retire(ino)
+
+        async def drop() -> None:
+            self.metrics.page_cache_invalidations.inc(await session.invalidate(inodes))
+
+        task = asyncio.get_running_loop().create_task(drop())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _evicted(self, tier: str, nbytes: int) -> None:
         self.metrics.evictions.labels(tier).inc()
@@ -221,20 +258,35 @@ class Daemon:
         self.refresh_pins()
         return found
 
+    def cached_blobs(self, spec: str | None) -> tuple[RepoRef | None, list[str]]:
+        """The blobs of one cached repo (every snapshot, or the revision in `spec`), or of the whole
+        cache (spec None); KeyError if the repo is not in the cache. The ref names what was asked."""
+        if spec is None:
+            return None, [r.blob_id for r in self.index.all_blobs()]
+        repo_type, repo_id, revision = layout.parse_repo_spec(spec)
+        view = next((v for v in self.index.views() if (v.repo_type, v.repo_id) == (repo_type, repo_id)), None)
+        if view is None:
+            raise KeyError(f"{repo_type} {repo_id} is not in the cache")
+        if "@" not in spec:
+            ref = RepoRef(repo_type, repo_id, "", "")
+            commits = list(view.snapshots)
+        else:
+            ref = RepoRef(repo_type, repo_id, revision, view.refs.get(revision, revision))
+            commits = [ref.commit]
+        return ref, list(dict.fromkeys(f.blob_id for c in commits for f in view.snapshots.get(c, [])))
+
+    def verify(self, spec: str | None) -> Job:
+        """Re-check the stored bytes of one repo (or revision), or of the whole cache, as a job."""
+        ref, blob_ids = self.cached_blobs(spec)
+        total = sum(rec.size for b in blob_ids if (rec := self.store.record(b)) is not None)
+        return self.jobs.start(ref, blob_ids, total, kind="verify", work=self.scrubber.verify)
+
     def evict(self, spec: str | None) -> tuple[int, int, int]:
         """Evict the blobs of one repo (or revision), or every unpinned blob.
 
         Returns (blobs evicted, bytes freed, blobs kept because pinned or in use).
         """
-        if spec is None:
-            blob_ids = [r.blob_id for r in self.index.all_blobs()]
-        else:
-            repo_type, repo_id, revision = layout.parse_repo_spec(spec)
-            view = next((v for v in self.index.views() if (v.repo_type, v.repo_id) == (repo_type, repo_id)), None)
-            if view is None:
-                raise KeyError(f"{repo_type} {repo_id} is not in the cache")
-            commits = list(view.snapshots) if "@" not in spec else [view.refs.get(revision, revision)]
-            blob_ids = [f.blob_id for c in commits for f in view.snapshots.get(c, [])]
+        blob_ids = self.cached_blobs(spec)[1]
         evicted = freed = kept = 0
         for blob_id in dict.fromkeys(blob_ids):
             rec = self.store.record(blob_id)
@@ -287,13 +339,22 @@ class Daemon:
     def status(self) -> dict:
         from . import __version__
 
+        quarantine = self.store.quarantine_usage()
         return {
             "version": __version__,
             "ready": self.ready,
             "mount": str(self.cfg.mount) if self.cfg.mount else None,
             "passthrough": bool(self.fuse_session and self.fuse_session.passthrough and self.ready),
             "tiers": [
-                {"name": t.name, "path": str(t.root), "used": t.used, "capacity": t.capacity(), "fs_free": t.fs_free()}
+                {
+                    "name": t.name,
+                    "path": str(t.root),
+                    "used": t.used,
+                    "capacity": t.capacity(),
+                    "fs_free": t.fs_free(),
+                    "quarantine_files": quarantine[t.name][0],
+                    "quarantine_bytes": quarantine[t.name][1],
+                }
                 for t in self.store.tiers.values()
             ],
             "fills_inflight": self.filler.inflight,
@@ -323,6 +384,9 @@ class Daemon:
         for t in self.store.tiers.values():
             self.metrics.cache_bytes.labels(t.name).set(t.used)
             self.metrics.cache_capacity_bytes.labels(t.name).set(t.capacity())
+        for tier, (files, nbytes) in self.store.quarantine_usage().items():
+            self.metrics.quarantine_files.labels(tier).set(files)
+            self.metrics.quarantine_bytes.labels(tier).set(nbytes)
         healthy = sum(p["healthy"] for p in self.membership.status())
         self.metrics.peers.labels("healthy").set(healthy)
         self.metrics.peers.labels("failed").set(len(self.membership.members) - healthy)
@@ -348,8 +412,10 @@ class Daemon:
             if time.time() - at < self.cfg.ref_ttl:
                 continue
             try:
-                ref = await ensure_repo(
-                    self.index, self.sources, self.cfg.chunk_size, layout.format_spec(repo_type, repo_id, revision)
+                ref = self._resolved(
+                    await ensure_repo(
+                        self.index, self.sources, self.cfg.chunk_size, layout.format_spec(repo_type, repo_id, revision)
+                    )
                 )
             except (UpstreamError, ValueError) as e:
                 log.warning("cannot re-resolve %s@%s: %s", repo_id, revision, e)
@@ -431,6 +497,7 @@ class Daemon:
 
     async def _housekeeping_round(self) -> None:
         self.store.flush_access_times()
+        self.store.clean_quarantine()  # the age bound; count and bytes hold at every quarantine
         await self.refresh_refs()
         if self.labeler is not None:
             try:
@@ -479,7 +546,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         await self.open()
-        runner = housekeeping = preload = discovery = retry = compile_caches = None
+        runner = housekeeping = preload = discovery = retry = compile_caches = scrub = None
         try:
             retry = await self._add_configured([*self.cfg.repos, *self.sources.specs(self.cfg.repos)])
             self.refresh_pins()
@@ -487,6 +554,7 @@ class Daemon:
             compile_caches = loop.create_task(self._compile_cache_rounds())
             preload = loop.create_task(self._preload())
             discovery = loop.create_task(self.membership.run())
+            scrub = loop.create_task(self.scrubber.run())
             runner = web.AppRunner(make_app(self), access_log=None, logger=OneLineBadRequests())
             await runner.setup()
             await web.TCPSite(runner, self.cfg.listen_host, self.cfg.listen_port).start()
@@ -497,7 +565,7 @@ class Daemon:
                 await self._serve_fuse(self.cfg.mount)
         finally:
             self.ready = False
-            for task in (housekeeping, preload, discovery, retry, compile_caches):
+            for task in (housekeeping, preload, discovery, retry, compile_caches, scrub):
                 if task is not None:
                     task.cancel()
             await self.close()

@@ -6,6 +6,10 @@ missing chunk is fetched once per node however many readers want it
 rest of the blob in the background. Failures are retried with jittered
 backoff until the read's deadline; only then does the reader get an error,
 and the next read tries again.
+
+A blob whose whole-blob proof fails is quarantined by the store; here it gets
+a new generation (handles opened before get EIO from then on), its next fetch
+waits out a backoff and asks the sources that served the failed attempt last.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from .upstream import NotFound, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
+PROOF_ATTEMPTS = 3  # a prefetch tries a blob whose proof keeps failing this many times
+
 
 class FillError(Exception):
     """A read that could not be satisfied; `errno` is what the FUSE face answers."""
@@ -39,8 +45,19 @@ class FillError(Exception):
 class Filler:
     """Chunk scheduler of one node: coalescing, read-ahead, background fills."""
 
-    def __init__(self, cfg: Config, index: Index, store: Store, upstream: Upstream, metrics: Metrics):
+    def __init__(
+        self,
+        cfg: Config,
+        index: Index,
+        store: Store,
+        upstream: Upstream,
+        metrics: Metrics,
+        on_quarantine: Callable[[str], None] = lambda blob_id: None,
+    ):
         self.cfg = cfg
+        # Told of every blob whose proof failed, after its bytes were moved aside:
+        # the owner drops copies the store does not own (the kernel's page cache).
+        self.on_quarantine = on_quarantine
         self.index = index
         self.store = store
         self.upstream = upstream
@@ -50,6 +67,7 @@ class Filler:
         self.metrics = metrics
         self.closing = False
         self.pinned: set[str] = set()  # blob ids the owner wants kept (pins); never evicted
+        self.verify_first: set[str] = set()  # blob ids whose reads wait for the whole-blob proof (verify_before_serve)
         self._open: dict[str, int] = {}  # blob id -> open handles / reads in progress
         self._inflight: dict[tuple[str, int], asyncio.Task] = {}
         self._fetched: dict[tuple[str, int], asyncio.Future] = {}  # set once a chunk's bytes are off the wire
@@ -58,6 +76,8 @@ class Filler:
         self._background: dict[str, asyncio.Task] = {}
         self._pumps: set[asyncio.Task] = set()  # streamed multi-chunk requests (runs)
         self._slots = asyncio.Semaphore(cfg.parallel_total)
+        self._generation: dict[str, int] = {}  # blob id -> failed proofs seen while running
+        self._used: dict[str, dict[str, str]] = {}  # blob id -> {source name: kind} of its current attempt
         store.protected = self.protected
 
     def protected(self, blob_id: str) -> bool:
@@ -95,9 +115,21 @@ class Filler:
 
     def state(self, blob_id: str) -> BlobState:
         rec = self.record(blob_id)
-        if rec.state == "quarantined":
-            raise FillError(f"blob {blob_id} failed verification and is quarantined")
+        if rec.state == "quarantined" and not self.store.retry(rec):
+            wait = rec.retry_at - time.time()
+            raise FillError(f"blob {blob_id} failed verification; it is fetched again in {wait:.0f}s")
         return self.store.state(rec)
+
+    def generation(self, blob_id: str) -> int:
+        """Changes when the blob fails a proof: a handle opened before must not read on."""
+        return self._generation.get(blob_id, 0)
+
+    def chain(self, rec: BlobRecord, k: int) -> list[Upstream]:
+        """Where chunk k may come from, in order; the sources that served a failed attempt of this blob go last."""
+        chain = self.sources(rec, k)
+        if rec.demoted:
+            chain = sorted(chain, key=lambda src: src.name in rec.demoted)  # stable: the rest keep their order
+        return chain
 
     def cached_bytes(self, blob_id: str) -> int:
         """Verified bytes on disk; a quarantined blob counts as none."""
@@ -105,15 +137,54 @@ class Filler:
 
     # reads ---------------------------------------------------------------------
 
-    async def read(self, blob_id: str, offset: int, size: int) -> bytes:
-        """Exactly the bytes [offset, offset+size) clipped to the blob, or FillError."""
+    async def read(self, blob_id: str, offset: int, size: int, since: int | None = None) -> bytes:
+        """Exactly the bytes [offset, offset+size) clipped to the blob, or FillError.
+
+        `since`: the blob's generation when the reader opened it; if a proof
+        failed since, the reader may hold wrong bytes already and gets EIO.
+        """
         self.hold(blob_id)
         try:
-            return await self._read(blob_id, offset, size)
+            self._same_generation(blob_id, since)
+            data = await self._read(blob_id, offset, size)
+            self._same_generation(blob_id, since)  # a proof may have failed while we waited
+            return data
         finally:
             self.release(blob_id)
 
+    def _same_generation(self, blob_id: str, since: int | None) -> None:
+        if since is not None and self.generation(blob_id) != since:
+            raise FillError(f"blob {blob_id} failed verification after it was opened; open it again")
+
+    async def _backoff(self, blob_id: str, deadline: float) -> None:
+        """A quarantined blob is fetched again once its backoff ends: wait for that if it ends before the deadline."""
+        rec = self.record(blob_id)
+        wait = rec.retry_at - time.time()
+        if rec.state == "quarantined" and 0 < wait <= deadline - time.monotonic():
+            await asyncio.sleep(wait)
+
+    async def _proven(self, blob_id: str, deadline: float) -> None:
+        """verify_before_serve: fill the whole blob and wait until its proof holds, trying
+        again after failed proofs, until the deadline."""
+        while self.record(blob_id).state != "complete":
+            await self._backoff(blob_id, deadline)
+            task = self.fill_in_background(blob_id)
+            if task is None:
+                self.state(blob_id)  # raises why (waiting out a failed proof past the deadline)
+                if self.record(blob_id).state != "complete":
+                    raise FillError(f"blob {blob_id} could not be filled")
+                return
+            try:
+                await self._await(task, f"proof of {blob_id}", deadline - time.monotonic())
+            except FillError:
+                if self.record(blob_id).state != "quarantined":
+                    raise
+
     async def _read(self, blob_id: str, offset: int, size: int) -> bytes:
+        deadline = time.monotonic() + self.cfg.read_timeout
+        await self._backoff(blob_id, deadline)
+        if blob_id in self.verify_first:
+            await self._proven(blob_id, deadline)
         st = self.state(blob_id)
         rec = st.rec
         size = max(0, min(size, rec.size - offset))
@@ -136,10 +207,11 @@ class Filler:
         rec.last_access = time.time()
         return data
 
-    async def _await(self, fut: asyncio.Future, what: str) -> None:
+    async def _await(self, fut: asyncio.Future, what: str, timeout: float | None = None) -> None:
         """Wait for fills, bounded by read_timeout; map every failure to FillError."""
+        timeout = self.cfg.read_timeout if timeout is None else max(0.0, timeout)
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self.cfg.read_timeout)
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
             raise FillError(f"{what}: timed out after {self.cfg.read_timeout:.0f}s") from None
         except asyncio.CancelledError:
@@ -298,6 +370,7 @@ class Filler:
         try:
             async with aclosing(source.stream(st.rec, start, end, st.rec.chunk_size)) as parts:
                 async for data in parts:
+                    self._used.setdefault(st.rec.blob_id, {})[source.name] = kind
                     if not handed[run[i]].done():  # its task may have been cancelled
                         handed[run[i]].set_result((data, kind))
                     i += 1
@@ -323,9 +396,12 @@ class Filler:
         delay = self.cfg.retry_base
         while True:
             errors: list[UpstreamError] = []
-            for src in sources if sources is not None else self.sources(rec, k):
+            for src in sources if sources is not None else self.chain(rec, k):
                 try:
-                    return await src.fetch(rec, start, end), getattr(src, "kind", "upstream")
+                    data = await src.fetch(rec, start, end)
+                    kind = getattr(src, "kind", "upstream")
+                    self._used.setdefault(rec.blob_id, {})[src.name] = kind
+                    return data, kind
                 except UpstreamError as e:
                     errors.append(e)
                     log.info("%s/%s [%d-%d) from %s failed: %s", rec.repo_id, rec.path, start, end, src.name, e)
@@ -351,13 +427,33 @@ class Filler:
                 return done
             task = self._finishing[blob_id] = asyncio.get_running_loop().create_task(self.store.finish(st))
             task.add_done_callback(lambda t: (self._finishing.pop(blob_id, None), _consume(t)))
-            task.add_done_callback(self._count_verify)
+            task.add_done_callback(lambda t: self._proved(blob_id, t))
         return task
 
-    def _count_verify(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and isinstance(task.exception(), Quarantined):
-            self.metrics.verify_failures.labels("upstream").inc()
-            log.error("%s", task.exception())
+    def _proved(self, blob_id: str, task: asyncio.Task) -> None:
+        """After a proof: on failure, new generation, sources of the attempt asked last, owner told."""
+        used = self._used.pop(blob_id, {})
+        if task.cancelled() or not isinstance(task.exception(), Quarantined):
+            return
+        log.error("%s (chunks from %s)", task.exception(), ", ".join(sorted(used)) or "nowhere")
+        # Readers of a verify_before_serve blob never got a byte of it before its proof.
+        seen = blob_id not in self.verify_first
+        self.quarantined(blob_id, "peer" if "peer" in used.values() else "upstream", sorted(used), seen)
+
+    def quarantined(self, blob_id: str, source: str, served_by: list[str], seen: bool = True) -> None:
+        """The store moved a blob aside (failed proof or scrub): everyone holding its bytes must let go.
+
+        `seen`: readers may have been served its bytes (handles opened before get EIO from now on).
+        """
+        rec = self.record(blob_id)
+        rec.demoted = served_by
+        self.index.put_blob(rec)
+        if seen:
+            self._generation[blob_id] = self.generation(blob_id) + 1
+        self.metrics.verify_failures.labels(source).inc()
+        log.warning("blob %s quarantined (%d failure(s)), fetched again in %.1fs", blob_id, rec.failures,
+                    max(0.0, rec.retry_at - time.time()))  # fmt: skip
+        self.on_quarantine(blob_id)
 
     # whole blobs ---------------------------------------------------------------
 
@@ -416,7 +512,7 @@ class Filler:
         size = run_length(len(todo) + 1, workers, self.cfg.fill_run_chunks)
         if self._open.get(st.rec.blob_id, 0) > 0:
             size = 1  # someone reads it front to back: one chunk per request lands chunks in that order
-        chain = self.sources(st.rec, run[0])
+        chain = self.chain(st.rec, run[0])
         if not chain or not hasattr(chain[0], "stream") or self._busy(st, run[0]) or st.rec.size == 0:
             return run, None
         first = chain[0]
@@ -425,7 +521,7 @@ class Filler:
             and todo
             and todo[0] == run[-1] + 1
             and not self._busy(st, todo[0])
-            and self.sources(st.rec, todo[0])[0] is first
+            and self.chain(st.rec, todo[0])[0] is first
         ):
             run.append(todo.popleft())
         return run, first
@@ -433,25 +529,51 @@ class Filler:
     def _busy(self, st: BlobState, k: int) -> bool:
         return st.has(k) or (st.rec.blob_id, k) in self._inflight
 
-    async def fill_blobs(self, blob_ids: list[str], progress: Callable[[int], None] | None = None) -> None:
-        """Fill and verify blobs completely (prefetch); progress(bytes_done) as it goes."""
+    async def fill_blobs(
+        self, blob_ids: list[str], progress: Callable[[int], None] | None = None, attempts: int = PROOF_ATTEMPTS
+    ) -> None:
+        """Fill and verify blobs completely (prefetch); progress(bytes_done) as it goes.
+
+        A blob whose proof fails is tried again after its backoff, up to `attempts` times in all.
+        """
         ids = list(dict.fromkeys(blob_ids))
-        tasks = [t for b in ids if (t := self.fill_in_background(b)) is not None]
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._fill_proven(b, attempts)) for b in ids]
 
         def report() -> None:
             if progress:
                 progress(sum(self.cached_bytes(b) for b in ids))
 
         report()
-        while tasks and not all(t.done() for t in tasks):
-            await asyncio.wait(tasks, timeout=0.25)
-            report()
-        for t in tasks:
-            await self._await(t, "prefetch")
+        try:
+            while tasks and not all(t.done() for t in tasks):
+                await asyncio.wait(tasks, timeout=0.25)
+                report()
+            for t in tasks:
+                await t
+        finally:
+            for t in tasks:
+                t.cancel()
         bad = [b for b in ids if self.record(b).state != "complete"]
         if bad:
             raise FillError(f"{len(bad)} blob(s) not complete, e.g. {bad[0]} is {self.record(bad[0]).state}")
         report()
+
+    async def _fill_proven(self, blob_id: str, attempts: int) -> None:
+        tried = 0
+        for _ in range(2 * attempts):  # each turn fills, or waits out a failed proof's backoff
+            task = self.fill_in_background(blob_id)  # None: complete, or waiting out a failed proof
+            if task is not None:
+                tried += 1
+                try:
+                    await self._await(task, "prefetch")
+                except FillError:
+                    if self.record(blob_id).state != "quarantined":
+                        raise
+            rec = self.record(blob_id)
+            if rec.state != "quarantined" or tried == attempts or self.closing:
+                return
+            await asyncio.sleep(max(0.0, rec.retry_at - time.time()))
 
     async def close(self) -> None:
         """Stop fetching: every waiting reader is woken with an error."""

@@ -72,7 +72,9 @@ class NodecacheFS:
         self._time_ns = time.time_ns()
         self._ino_of: dict[str, int] = {"": ROOT_INODE}
         self._path_of: dict[int, str] = {ROOT_INODE: ""}
+        self._blob_inodes: dict[str, set[int]] = {}  # blob id -> inodes showing it (one per repo)
         self._handles: dict[int, Node] = {}
+        self._generation: dict[int, int] = {}  # fh -> its blob's generation at open (see Filler.read)
         self._next_fh = 1
         self.root = root
         self.on_demand = None  # async (folder name) -> bool: resolve an unknown repo upstream
@@ -110,7 +112,13 @@ class NodecacheFS:
             a.mode, a.size = stat.S_IFLNK | 0o777, len(node.target)
         else:
             a.size = node.size
+            if node.kind == "blob":
+                self._blob_inodes.setdefault(node.blob_id, set()).add(a.ino)
         return a
+
+    def inodes_of(self, blob_id: str) -> list[int]:
+        """Every inode the kernel may hold pages of this blob under."""
+        return sorted(self._blob_inodes.get(blob_id, ()))
 
     # metadata ------------------------------------------------------------------
 
@@ -190,6 +198,7 @@ class NodecacheFS:
         backing = None
         if node.kind == "blob":
             self.filler.hold(node.blob_id)  # an open blob is never evicted
+            self._generation[fh] = self.filler.generation(node.blob_id)
             if self.filler.record(node.blob_id).state == "complete":
                 backing = self.filler.store.path(node.blob_id)  # verified: the kernel may read it itself
             elif self.fill_on_open:
@@ -203,12 +212,13 @@ class NodecacheFS:
         if node.kind == "static":
             return node.data[off : off + size]
         t0 = time.perf_counter()
-        data = await self.filler.read(node.blob_id, off, size)
+        data = await self.filler.read(node.blob_id, off, size, since=self._generation.get(fh))
         self.metrics.fuse_read_seconds.observe(time.perf_counter() - t0)
         return data
 
     async def release(self, fh: int) -> None:
         node = self._handles.pop(fh, None)
+        self._generation.pop(fh, None)
         if node is not None and node.kind == "blob":
             self.filler.release(node.blob_id)
 

@@ -46,6 +46,9 @@ FOPEN_PASSTHROUGH = 1 << 7
 
 ENOATTR = 61  # ENODATA: what getxattr returns for a missing attribute
 
+# notifications: unsolicited messages to the kernel (unique 0, the code where a reply has its error)
+NOTIFY_INVAL_INODE = 2
+
 # ioctls on /dev/fuse: register / drop a backing file for passthrough
 _IOC_WRITE = 1
 BACKING_OPEN = (_IOC_WRITE << 30) | (16 << 16) | (229 << 8) | 1  # _IOW(229, 1, struct fuse_backing_map)
@@ -68,6 +71,7 @@ GETXATTR_OUT = struct.Struct("<II")  # size padding
 DIRENT_HEAD = struct.Struct("<QQII")  # ino off namelen type
 KSTATFS = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen frsize padding spare
 BACKING_MAP = struct.Struct("<iIQ")  # fd flags padding
+NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
 INIT_OUT_SIZE = 64
 
 
@@ -149,6 +153,13 @@ def entry_out(a: Attr) -> bytes:
 def attr_out(a: Attr) -> bytes:
     sec, nsec = _split(a.timeout)
     return ATTR_OUT_HEAD.pack(sec, nsec, 0) + a.pack()
+
+
+def notify_inval_inode(ino: int, offset: int = 0, length: int = 0) -> bytes:
+    """Ask the kernel to drop an inode's cached pages from `offset` (length 0: to the end)
+    and its cached attributes. A negative offset drops the attributes only."""
+    body = NOTIFY_INVAL_INODE_OUT.pack(ino, offset, length)
+    return OUT_HEADER.pack(OUT_HEADER.size + len(body), NOTIFY_INVAL_INODE, 0) + body
 
 
 def open_out(fh: int, flags: int = 0, backing_id: int = 0) -> bytes:

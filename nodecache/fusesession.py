@@ -85,6 +85,7 @@ class Session:
         # The kernel refuses (EIO) to mix passthrough and cached opens of one inode, and a second
         # backing file for it: an inode's live opens share one mode, and one backing id.
         self._backing: dict[int, tuple[int, int]] = {}  # inode -> (backing id, passthrough opens)
+        self._retired: set[int] = set()  # inodes whose backing file went bad while still open
         self._cached: dict[int, int] = {}  # inode -> cached (served) opens
         self._fh_mode: dict[int, tuple[int, bool]] = {}  # file handle -> (inode, passthrough?)
         self._buf = bytearray(_BUF)
@@ -132,6 +133,37 @@ class Session:
     def _finish(self) -> None:
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
+
+    async def invalidate(self, inodes: list[int]) -> int:
+        """Drop every page (and the attributes) the kernel caches for these inodes;
+        returns how many it knew. The next read of them comes to us.
+
+        Written from a thread: the kernel locks each page to drop it, and a page
+        under a read we have not answered yet stays locked until our loop answers.
+        An inode the kernel does not know (forgotten, never looked up) is ENOENT.
+        """
+        if self._fd < 0 or not inodes:
+            return 0
+        fd = os.dup(self._fd)  # ours: the session may close its fd (and the number be reused) meanwhile
+
+        def work() -> int:
+            dropped = 0
+            try:
+                for ino in inodes:
+                    try:
+                        os.write(fd, p.notify_inval_inode(ino))
+                        dropped += 1
+                    except OSError as e:
+                        if e.errno == errno.ENOENT:
+                            continue
+                        if e.errno != errno.ENODEV:
+                            log.error("invalidating inode %d: %s", ino, e)
+                        break  # unmounted under us: nothing left to drop
+            finally:
+                os.close(fd)
+            return dropped
+
+        return await asyncio.get_running_loop().run_in_executor(None, work)
 
     # reading requests ------------------------------------------------------------
 
@@ -249,6 +281,11 @@ class Session:
         raise FuseError(errno.EROFS if op in p.WRITES else errno.ENOSYS)
 
     async def _open(self, ino: int, flags: int) -> bytes:
+        if ino in self._retired:
+            # Its open handles read a backing file that failed verification (emptied), and the
+            # kernel takes no other file, nor a served open, for the inode until they are closed.
+            log.warning("open of inode %d refused: handles of its failed backing file are still open", ino)
+            raise FuseError(errno.EIO)
         opened = await self.ops.open(ino, flags)
         backing_id = None
         if opened.backing is not None and not self._cached.get(ino):
@@ -285,6 +322,15 @@ class Session:
         self._backing[ino] = (backing_id, 1)
         return backing_id
 
+    def in_passthrough(self, ino: int) -> bool:
+        """Whether the kernel reads this inode's backing file itself for some open handle."""
+        return ino in self._backing
+
+    def retire(self, ino: int) -> None:
+        """The inode's backing file failed verification: no new open may share it."""
+        if ino in self._backing:
+            self._retired.add(ino)
+
     def _closed(self, fh: int) -> None:
         ino, passthrough = self._fh_mode.pop(fh, (0, False))
         if not passthrough:
@@ -293,6 +339,8 @@ class Session:
                 self._cached[ino] = n
             return
         backing_id, count = self._backing.pop(ino)
+        if count == 1:
+            self._retired.discard(ino)
         if count > 1:
             self._backing[ino] = (backing_id, count - 1)
             return

@@ -12,7 +12,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lmdb
@@ -49,6 +49,10 @@ class BlobRecord:
     path: str = ""
     last_access: float = 0.0
     tier: str = "disk"  # which store tier holds its file
+    failures: int = 0  # proofs failed in a row; reset by a proof that holds
+    retry_at: float = 0.0  # quarantined: not fetched again before this (wall clock)
+    demoted: list[str] = field(default_factory=list)  # sources that served the last failed attempt: asked last
+    verified_at: float = 0.0  # complete: when its bytes on disk last proved its id (fill or scrub; wall clock)
 
     @property
     def n_chunks(self) -> int:
@@ -71,8 +75,15 @@ def check_blob(rec: BlobRecord) -> BlobRecord:
         raise ValueError(f"chunk_size {cs!r}")
     if rec.kind not in _KINDS or rec.state not in _STATES or rec.tier not in _TIERS:
         raise ValueError(f"kind/state/tier {rec.kind!r}/{rec.state!r}/{rec.tier!r}")
-    if type(rec.last_access) not in (int, float):
-        raise ValueError(f"last_access {rec.last_access!r}")
+    for key in ("last_access", "retry_at", "verified_at"):
+        if type(getattr(rec, key)) not in (int, float):
+            raise ValueError(f"{key} {getattr(rec, key)!r}")
+    if type(rec.failures) is not int or not 0 <= rec.failures <= 1 << 20:
+        raise ValueError(f"failures {rec.failures!r}")
+    if not isinstance(rec.demoted, list) or len(rec.demoted) > 64:
+        raise ValueError("demoted: not a short list")
+    if not all(isinstance(name, str) and len(name) <= 300 for name in rec.demoted):
+        raise ValueError("demoted: not source names")
     validate_repo_type(rec.repo_type)
     if rec.repo_id or rec.commit or rec.path:  # where to fetch it: all three, or none
         validate_repo_id(rec.repo_id)

@@ -1,4 +1,4 @@
-"""Prefetch jobs: a fill of a whole snapshot that outlives the request that started it.
+"""Jobs: a fill (prefetch) or a re-check (verify) of blobs that outlives the request that started it.
 
 Status is truthful by construction: `ready` only after every blob of the
 snapshot is complete, i.e. all chunks stored and the whole-blob hash matched.
@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .fill import Filler, FillError
@@ -19,13 +20,17 @@ from .upstream import UpstreamError
 log = logging.getLogger(__name__)
 MAX_KEPT = 1000  # jobs remembered for GET /v1/jobs/{id}
 
+Work = Callable[[list[str], Callable[[int], None]], Awaitable[dict | None]]
+
 
 @dataclass
 class Job:
     id: str
-    ref: RepoRef
+    ref: RepoRef | None  # None: every blob of the cache (verify); revision "": every cached revision
     blobs: list[str]
     total: int
+    kind: str = "prefetch"  # prefetch | verify
+    result: dict = field(default_factory=dict)  # what the work reported (verify: checked, failed, ...)
     done: int = 0
     state: str = "running"  # running | ready | error
     error: str = ""
@@ -37,12 +42,14 @@ class Job:
         elapsed = (self.finished or time.time()) - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 and self.state == "running" else None
+        ref = self.ref
         return {
             "id": self.id,
-            "repo": self.ref.repo_id,
-            "repo_type": self.ref.repo_type,
-            "revision": self.ref.revision,
-            "commit": self.ref.commit,
+            "kind": self.kind,
+            "repo": ref.repo_id if ref else None,
+            "repo_type": ref.repo_type if ref else None,
+            "revision": (ref.revision or None) if ref else None,
+            "commit": (ref.commit or None) if ref else None,
             "state": self.state,
             "done": self.done,
             "total": self.total,
@@ -50,6 +57,7 @@ class Job:
             "seconds": round(elapsed, 3),  # from the request to now, or to verified completion
             "eta_s": None if eta is None else round(eta, 1),
             "error": self.error,
+            **self.result,
         }
 
 
@@ -61,22 +69,26 @@ class Jobs:
         self.jobs: dict[str, Job] = {}
         self._ids = itertools.count(1)
 
-    def start(self, ref: RepoRef, blobs: list[str], total: int) -> Job:
+    def start(
+        self, ref: RepoRef | None, blobs: list[str], total: int, kind: str = "prefetch", work: Work | None = None
+    ) -> Job:
+        """A new job, or the running one of the same kind for the same snapshot. `work(blobs,
+        progress)` does it (default: fill the blobs) and may return fields for the job's answer."""
         for job in self.jobs.values():
-            if job.ref.commit == ref.commit and job.ref.repo_id == ref.repo_id and job.state == "running":
+            if job.state == "running" and _key(job.kind, job.ref) == _key(kind, ref):
                 return job
         self._forget_finished()
-        job = Job(str(next(self._ids)), ref, blobs, total)
-        job.task = asyncio.get_running_loop().create_task(self._run(job))
+        job = Job(str(next(self._ids)), ref, blobs, total, kind)
+        job.task = asyncio.get_running_loop().create_task(self._run(job, work or self.filler.fill_blobs))
         self.jobs[job.id] = job
         return job
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, work: Work) -> None:
         def progress(done: int) -> None:
             job.done = done
 
         try:
-            await self.filler.fill_blobs(job.blobs, progress)
+            job.result = await work(job.blobs, progress) or {}
             job.state = "ready"
         except (FillError, UpstreamError) as e:
             job.state, job.error = "error", str(e)
@@ -105,3 +117,8 @@ class Jobs:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _key(kind: str, ref: RepoRef | None) -> tuple:
+    """Jobs of one kind for one snapshot are one job (whichever revision named it)."""
+    return (kind,) if ref is None else (kind, ref.repo_type, ref.repo_id, ref.commit)

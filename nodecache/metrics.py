@@ -37,6 +37,14 @@ class Metrics:
         self.verify_failures = Counter(
             p + "verify_failures", "Blobs or chunks that failed verification.", ["source"], registry=r
         )
+        self.page_cache_invalidations = Counter(
+            p + "page_cache_invalidations",
+            "Inodes whose pages the kernel dropped because their blob failed verification.",
+            registry=r,
+        )
+        self.scrubbed_bytes = Counter(
+            p + "scrubbed_bytes", "Bytes of complete blobs re-hashed (background scrub and verify jobs).", registry=r
+        )
         self.fill_inflight = Gauge(p + "fill_inflight", "Chunk fetches in flight.", registry=r)
         self.coalesced_waits = Counter(
             p + "coalesced_waits", "Reads that joined a fetch already in flight.", registry=r
@@ -46,6 +54,15 @@ class Metrics:
         )
         self.cache_capacity_bytes = Gauge(
             p + "cache_capacity_bytes", "Byte capacity of each tier (quota or filesystem size).", ["tier"], registry=r
+        )
+        self.quarantine_bytes = Gauge(
+            p + "quarantine_bytes",
+            "Bytes of blobs that failed their proof, kept for inspection (part of cache_bytes), by tier.",
+            ["tier"],
+            registry=r,
+        )
+        self.quarantine_files = Gauge(
+            p + "quarantine_files", "Blobs that failed their proof, kept for inspection, by tier.", ["tier"], registry=r
         )
         self.evictions = Counter(p + "evictions", "Blobs evicted, by tier.", ["tier"], registry=r)
         self.evicted_bytes = Counter(p + "evicted_bytes", "Bytes evicted, by tier.", ["tier"], registry=r)

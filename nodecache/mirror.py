@@ -563,10 +563,11 @@ class Mirror:
             filler.fill_in_background(entry.blob_id)
         step = max(MIN_STEP, min(MAX_STEP, rec.chunk_size))
         loop = asyncio.get_running_loop()
+        since = filler.generation(entry.blob_id)  # a proof failing mid-download cuts it
 
         def read_from(pos: int) -> asyncio.Task:
             stop = min(end, (pos // step + 1) * step)  # aligned: a read waits for whole chunks only
-            return loop.create_task(filler.read(entry.blob_id, pos, stop - pos))
+            return loop.create_task(filler.read(entry.blob_id, pos, stop - pos, since=since))
 
         pending = read_from(start) if end > start else None
         try:

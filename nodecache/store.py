@@ -3,7 +3,10 @@
 A blob lives at `<root>/blobs/<id[:2]>/<id>`, created sparse at its full size.
 A chunk is written, synced, then recorded in the index with its xxh3-64; only
 recorded chunks are ever served. When every chunk is present the whole file is
-hashed and must equal its id (sha256 or git blob sha1), or it is quarantined.
+hashed and must equal its id (sha256 or git blob sha1), or it is quarantined:
+moved to its tier's `quarantine/` (a rename on the same filesystem), kept there
+for inspection within bounds (files, bytes, age), and fetched again after a
+backoff that grows with each failure.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import errno
 import hashlib
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +55,11 @@ class Tier:
     high: float = 0.9
     low: float = 0.8
     min_free: int = 0
-    used: int = 0
+    used: int = 0  # includes `quarantined`
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
 
     def capacity(self) -> int:
         st = os.statvfs(self.root)
@@ -91,13 +99,45 @@ class BlobState:
             self.missing -= 1
             self.cached += self.chunk_len(index)
 
+    def unmark(self, index: int) -> None:
+        if self.present[index]:
+            self.present[index] = 0
+            self.missing += 1
+            self.cached -= self.chunk_len(index)
+
     def chunk_range(self, index: int) -> tuple[int, int]:
         start = index * self.rec.chunk_size
         return start, min(start + self.rec.chunk_size, self.rec.size)
 
 
 class Quarantined(Exception):
-    """The blob's bytes did not hash to its id; it is never served again."""
+    """The blob's bytes did not hash to its id: moved aside, never served, fetched again later."""
+
+    def __init__(self, blob_id: str, message: str):
+        super().__init__(message)
+        self.blob_id = blob_id
+
+
+def proof_backoff(failures: int, base: float, cap: float = 300.0) -> float:
+    """Seconds before a blob whose proof failed `failures` times in a row is fetched again:
+    base, 4x per failure, capped (a source that keeps sending wrong bytes is not hammered)."""
+    return min(cap, base * 4 ** max(0, failures - 1))
+
+
+def quarantine_excess(
+    entries: list[tuple[str, int, float]], now: float, max_files: int, max_bytes: int, ttl: float
+) -> list[str]:
+    """Names of quarantined files (name, bytes, mtime) to delete: all but the newest that
+    fit in max_files and max_bytes and are younger than ttl."""
+    keep_files = keep_bytes = 0
+    drop = []
+    for name, size, mtime in sorted(entries, key=lambda e: e[2], reverse=True):
+        if keep_files < max_files and keep_bytes + size <= max_bytes and now - mtime <= ttl:
+            keep_files += 1
+            keep_bytes += size
+        else:
+            drop.append(name)
+    return drop
 
 
 def bad_chunks(path: Path, chunk_size: int, size: int, chunks: dict[int, int]) -> list[int]:
@@ -178,6 +218,8 @@ class Store:
         on_evict=None,
         direct_io: bool = True,
         hash_memory: int = 256 * 1024 * 1024,
+        retry_base: float = 0.2,
+        quarantine_limits: tuple[int, int, float] = (16, 4 << 30, 7 * 86400.0),
     ):
         self.index = index
         self.fsync = fsync
@@ -190,10 +232,11 @@ class Store:
         # waiting on the disk, or the proof of a blob lags its last byte.
         self._hash_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nodecache-hash")
         self.tiers = {t.name: t for t in (tiers or [Tier("disk", root)])}
-        self.quarantine_dir = root / "quarantine"
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        self.retry_base = retry_base
+        self.quarantine_limits = quarantine_limits  # per tier: files, bytes, seconds
         for t in self.tiers.values():
             (t.root / "blobs").mkdir(parents=True, exist_ok=True)
+            t.quarantine.mkdir(exist_ok=True)
         # Set by the owner: blobs that must not be evicted (open, in flight, pinned),
         # and the tier a new blob should go to.
         self.protected: Callable[[str], bool] = lambda blob_id: False
@@ -262,6 +305,7 @@ class Store:
                 if path.name not in known:  # a file no index entry claims
                     log.warning("removing orphan blob file %s", path)
                     path.unlink(missing_ok=True)
+            tier.used += sum(size for _, size, _ in self._quarantined(tier))
 
     # presence ---------------------------------------------------------------
 
@@ -317,6 +361,10 @@ class Store:
     def evict_lru(self, tier: Tier, incoming: int = 0) -> int:
         """Evict least-recently-read unprotected blobs until under the low watermark."""
         freed = 0
+        for path, size, _ in sorted(self._quarantined(tier), key=lambda e: e[2]):  # evidence before cache
+            if tier.fits(incoming, tier.low):
+                return freed
+            freed += self._unlink_quarantined(tier, path, size)
         recs = {r.blob_id: r for r in self.index.all_blobs()}
         recs.update(self._recs)  # in-memory records have the fresh access times
         for rec in sorted(recs.values(), key=lambda r: r.last_access):
@@ -510,11 +558,13 @@ class Store:
             )
         if got == rec.blob_id:
             rec.state = "complete"
+            rec.failures, rec.retry_at, rec.demoted, rec.verified_at = 0, 0.0, [], time.time()
             self.index.put_blob(rec)
-            self.index.drop_chunks(rec.blob_id)  # presence of a complete blob is implied
+            if rec.kind != "source":  # presence of a complete blob is implied; a source blob's xxh3s are its proof
+                self.index.drop_chunks(rec.blob_id)
             return
         self.quarantine(st)
-        raise Quarantined(f"blob {rec.blob_id} hashed to {got}")
+        raise Quarantined(rec.blob_id, f"blob {rec.blob_id} hashed to {got}")
 
     async def _advance(self, st: BlobState, prefix: _Prefix) -> None:
         """Feed the in-order run of available chunks to the blob's running hash.
@@ -557,18 +607,143 @@ class Store:
                 ahead = loop.run_in_executor(self._hash_pool, load, k + 1) if on_disk(k + 1) else None
                 await loop.run_in_executor(self._hash_pool, digest, item)
 
+    async def rehash(self, rec: BlobRecord, pace=None, hashed=None) -> str | None:
+        """What a complete blob's file proves now (scrub): the id it hashes to, `rec.blob_id` for a
+        source-identified blob whose chunks still match their xxh3s, else a description of the damage;
+        None if it cannot be checked (a source blob completed before its xxh3s were kept).
+        `pace(n)` is awaited before each piece of n bytes is read, `hashed(n)` called after it."""
+        path = self.path(rec.blob_id)
+        loop = asyncio.get_running_loop()
+        if rec.kind == "source":
+            chunks = self.index.chunks(rec.blob_id)
+            if len(chunks) < rec.n_chunks:
+                return None
+            for i in range(rec.n_chunks):
+                if pace is not None:
+                    await pace(min(rec.chunk_size, rec.size - i * rec.chunk_size))
+                args = (path, rec.chunk_size, rec.size, {i: chunks[i]})
+                if await loop.run_in_executor(self._hash_pool, bad_chunks, *args):
+                    return f"chunk {i} no longer matches its xxh3"
+                if hashed is not None:
+                    hashed(min(rec.chunk_size, rec.size - i * rec.chunk_size))
+            return rec.blob_id
+        hasher = _new_hasher(rec.kind, rec.size)
+        for start in range(0, rec.size, _HASH_BUF):
+            n = min(_HASH_BUF, rec.size - start)
+            if pace is not None:
+                await pace(n)
+            await loop.run_in_executor(self._hash_pool, _hash_range, hasher, path, start, n, self.buffers)
+            if hashed is not None:
+                hashed(n)
+        return hasher.hexdigest()
+
+    async def check_chunks(self, rec: BlobRecord) -> int:
+        """Re-check a partial blob's recorded chunks against their xxh3; forget the bad ones
+        (they are fetched again). Returns how many were bad."""
+        chunks = self.index.chunks(rec.blob_id)
+        if rec.state != "partial" or not chunks:
+            return 0
+        args = (self.path(rec.blob_id), rec.chunk_size, rec.size, chunks)
+        try:
+            bad = await asyncio.get_running_loop().run_in_executor(None, bad_chunks, *args)
+        except FileNotFoundError:
+            return 0
+        if bad:
+            self.index.drop_chunks(rec.blob_id, bad)
+            st = self._states.get(rec.blob_id)
+            for i in bad if st is not None else ():
+                if st.has(i):
+                    self.tiers[rec.tier].used -= st.chunk_len(i)
+                    st.unmark(i)
+        return len(bad)
+
     def quarantine(self, st: BlobState) -> None:
+        """Move the blob's bytes aside and schedule its refetch (after proof_backoff).
+
+        Its file goes to its own tier's quarantine dir (same filesystem: a
+        rename, also for shm) and stays counted in that tier's usage until
+        cleaned; a second failure of the same blob replaces the first file.
+        """
         rec = st.rec
-        rec.state = "quarantined"
-        self.index.put_blob(rec)
-        self.index.drop_chunks(rec.blob_id)
+        tier = self.tiers[rec.tier]
         fd = self._fds.pop(rec.blob_id, None)
         if fd is not None:
             os.close(fd)
-        os.replace(self.path(rec.blob_id), self.quarantine_dir / rec.blob_id)
-        self.tiers[rec.tier].used -= st.cached
+        dest = tier.quarantine / rec.blob_id
+        replaced = dest.stat().st_size if dest.exists() else 0
+        tier.used -= st.cached + replaced
+        try:
+            os.replace(self.path(rec.blob_id), dest)
+            os.utime(dest)  # its age in quarantine starts now
+            tier.used += dest.stat().st_size
+        except FileNotFoundError:
+            pass
+        rec.state = "quarantined"
+        rec.failures += 1
+        rec.retry_at = time.time() + proof_backoff(rec.failures, self.retry_base)
+        self.index.put_blob(rec)
+        self.index.drop_chunks(rec.blob_id)
         self._states.pop(rec.blob_id, None)
         self._drop_prefix(rec.blob_id)
+        self.clean_quarantine()
+
+    def retry(self, rec: BlobRecord) -> bool:
+        """A quarantined blob whose backoff is over becomes fetchable again (from nothing)."""
+        if rec.state != "quarantined" or time.time() < rec.retry_at:
+            return False
+        rec.state = "partial"
+        self.index.put_blob(rec)
+        return True
+
+    def _quarantined(self, tier: Tier) -> list[tuple[Path, int, float]]:
+        """(path, bytes, mtime) of every file in a tier's quarantine dir."""
+        out = []
+        for path in tier.quarantine.iterdir():
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append((path, st.st_size, st.st_mtime))
+        return out
+
+    def _unlink_quarantined(self, tier: Tier, path: Path, size: int) -> int:
+        path.unlink(missing_ok=True)
+        tier.used -= size
+        log.info("removed quarantined %s (%d bytes) from %s", path.name, size, tier.name)
+        return size
+
+    def clean_quarantine(self, now: float | None = None) -> int:
+        """Enforce the quarantine bounds on every tier; returns bytes freed."""
+        now = time.time() if now is None else now
+        freed = 0
+        for tier in self.tiers.values():
+            found = self._quarantined(tier)
+            by_name = {path.name: (path, size) for path, size, _ in found}
+            listed = [(path.name, size, mtime) for path, size, mtime in found]
+            for name in quarantine_excess(listed, now, *self.quarantine_limits):
+                freed += self._unlink_quarantined(tier, *by_name[name])
+        return freed
+
+    def quarantine_usage(self) -> dict[str, tuple[int, int]]:
+        """tier name -> (files, bytes) in quarantine."""
+        out = {}
+        for name, tier in self.tiers.items():
+            found = self._quarantined(tier)
+            out[name] = (len(found), sum(size for _, size, _ in found))
+        return out
+
+    def discard_quarantined(self, blob_id: str) -> None:
+        """Empty a quarantined file that readers still have open in passthrough mode: the
+        kernel reads it directly, so truncating it is the only way to stop them (they see
+        end of file, never the wrong bytes). Its evidence is lost."""
+        for tier in self.tiers.values():
+            path = tier.quarantine / validate_blob_id(blob_id)
+            try:
+                size = path.stat().st_size
+                os.truncate(path, 0)
+            except FileNotFoundError:
+                continue
+            self._unlink_quarantined(tier, path, size)
 
     def recover(self) -> int:
         """Re-verify every recorded chunk of partial blobs against its xxh3.

@@ -66,6 +66,8 @@ def daemons(tmp_path, hub):
 
     def make(repos=(SMALL,), env=None, workdir: Path | None = None, start=True, **kw) -> DaemonProcess:
         base = {"NODECACHE_CHUNK_SIZE": str(MiB), "NODECACHE_READ_TIMEOUT": "20", "NODECACHE_FSYNC": "false"}
+        # Lazy reads of weights.bin are what most tests are about; test_verification covers the default.
+        base["NODECACHE_VERIFY_BEFORE_SERVE"] = ""
         d = DaemonProcess(workdir or tmp_path, hub.url, list(repos), env={**base, **(env or {})}, **kw)
         started.append(d)
         return d.start() if start else d

@@ -81,3 +81,13 @@ def test_attr_packs_size_blocks_and_mode():
     a = p.Attr(ino=2, mode=stat.S_IFREG | 0o444, size=1000, time_ns=1_700_000_000_123_456_789)
     f = p.ATTR.unpack(a.pack())
     assert f[0:3] == (2, 1000, 2) and f[3] == 1_700_000_000 and f[6] == 123_456_789 and f[9] == a.mode
+
+
+def test_inval_inode_notification_is_an_unsolicited_message():
+    """fuse_out_header with unique 0 and the notify code (2) in the error field, then
+    fuse_notify_inval_inode_out {u64 ino; s64 off; s64 len}: 40 bytes."""
+    msg = p.notify_inval_inode(1234)
+    assert len(msg) == 40 and p.NOTIFY_INVAL_INODE_OUT.size == 24
+    assert p.OUT_HEADER.unpack_from(msg) == (40, 2, 0)
+    assert p.NOTIFY_INVAL_INODE_OUT.unpack_from(msg, 16) == (1234, 0, 0)  # every page, to the end
+    assert p.NOTIFY_INVAL_INODE_OUT.unpack_from(p.notify_inval_inode(7, -1), 16) == (7, -1, 0)  # attributes only

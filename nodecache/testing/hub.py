@@ -44,11 +44,11 @@ INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 class Fault:
     """One injected failure, consumed FIFO by the next data response (resolve 200 GET or CDN GET)."""
 
-    kind: Literal["500", "reset", "truncate", "slow"]
+    kind: Literal["500", "reset", "truncate", "slow", "corrupt"]
     seconds: float = 0.0  # delay before the first byte, for "slow"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("500", "reset", "truncate", "slow"):
+        if self.kind not in ("500", "reset", "truncate", "slow", "corrupt"):
             raise ValueError(f"unknown fault kind {self.kind!r}")
 
 
@@ -527,6 +527,8 @@ class HubEmulator:
         t0, sent = loop.time(), 0
         try:
             async for data in _read(f.source, start, stop_at, chunk):
+                if kind == "corrupt" and sent == 0 and data:  # a wrong first byte, full length, status 200/206
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
                 # Counted before the write: a client that already has the bytes must see them counted.
                 self.stats.data_bytes += len(data)
                 await resp.write(data)
