@@ -336,7 +336,7 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 class Daemon(DaemonProcess):
-    """The tests' daemon harness (by PID, mount detached if left), plus what benches
+    """The tests' daemon harness (by PID; reports a mount `serve` left), plus what benches
     read: one sub-directory per daemon of a work dir, metrics as numbers, a snapshot's path."""
 
     def __init__(self, work: Path, hub_url: str, repos: list[str], env: dict[str, str] | None = None, name="d"):

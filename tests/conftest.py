@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from nodecache.testing.daemon import DaemonProcess
+from nodecache.testing.daemon import DaemonProcess, LeftBehind
 from nodecache.testing.hub import HubEmulator
 
 MiB = 1024 * 1024
@@ -73,8 +73,14 @@ def daemons(tmp_path, hub):
         return d.start() if start else d
 
     yield make
-    for d in started:
-        d.stop()
+    left = []
+    for d in started:  # all of them, even if one left something behind
+        try:
+            d.stop()
+        except LeftBehind as e:
+            left.append(e)
+    if left:
+        raise left[0]
 
 
 def sha256_file(path: Path) -> str:

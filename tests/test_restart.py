@@ -86,8 +86,7 @@ def test_kill9_during_eviction_churn_leaves_a_consistent_store(hub, daemons, tmp
         t.start()
         time.sleep(0.3 + 0.2 * round_)
         d.kill9()
-        t.join(30)
-        d.stop()  # detaches the dead mount
+        t.join(30)  # the next `serve` detaches the dead mount itself
 
     d = daemons(repos=("org/churn",), env=env, cache_dir=cache, workdir=tmp_path)
     snap = snapshot_dir(d, "org/churn", commit)

@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .daemon import DaemonProcess, is_mounted
+from .daemon import DaemonProcess, LeftBehind
 
 HUB_PORT, CDN_PORT, NODE_PORT = 8080, 8081, 8470
 
@@ -146,8 +146,13 @@ class Cluster:
             return json.load(r)
 
     def stop(self) -> None:
+        """Remove everything; then raise the first LeftBehind a node reported (cleaned up already)."""
+        left: list[LeftBehind] = []
         for node in self.nodes:
-            node.stop()
+            try:
+                node.stop()
+            except LeftBehind as e:
+                left.append(e)
         if self.hub_proc is not None and self.hub_proc.poll() is None:
             self.hub_proc.terminate()
             try:
@@ -155,14 +160,13 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 self.hub_proc.kill()
                 self.hub_proc.wait(5)
-        for node in self.nodes:
-            if is_mounted(node.mount):
-                subprocess.run(["fusermount3", "-u", "-z", str(node.mount)], capture_output=True)
         for ns in self.namespaces:
             _ip("netns", "del", ns, check=False)  # takes its veth pair with it
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         self.namespaces.clear()
         _ip("link", "del", self.bridge, check=False)
+        if left:
+            raise left[0]
 
     def __enter__(self) -> Cluster:
         return self.start()

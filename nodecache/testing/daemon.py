@@ -1,8 +1,14 @@
 """Run a real `nodecache serve` in a subprocess, for tests, benchmarks and the demo.
 
 The daemon must never run in the process that reads its mount: a process
-touching its own FUSE mount from the serving loop deadlocks. Cleanup is by
-PID, then by detaching the mount if the daemon left it behind.
+touching its own FUSE mount from the serving loop deadlocks.
+
+The harness never does the product's work: `start` leaves a dead mount of a
+killed daemon for `serve` to detach, and `stop` sends SIGTERM and lets `serve`
+unmount. Only afterwards does it clean up (by PID, then the mount), and it
+raises `LeftBehind` when it had to clean what `serve` should have: a mount
+that outlived a daemon that was not killed with -9, a stale mount that a new
+`serve` did not detach, a daemon that ignored SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,6 +23,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .. import mounts
+
+
+class LeftBehind(AssertionError):
+    """The daemon did not clean up after itself; the harness had to."""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -25,9 +37,22 @@ def free_port() -> int:
 
 
 def is_mounted(path: Path) -> bool:
-    target = os.path.abspath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    return bool(mounts.at(os.path.abspath(path)))
+
+
+def detach_dead(path: Path) -> int:
+    """Lazily detach dead FUSE mounts (their daemon is gone: ENOTCONN) from the top of
+    path's stack; a live mount (another daemon's) stops it. Returns how many went.
+
+    Decided by probing, not by device number: the kernel reuses a freed minor at once.
+    """
+    target, n = os.path.abspath(path), 0
+    while n < 8 and (top := mounts.top(target)) is not None and top.is_fuse:
+        if mounts.probe(target, 5.0) not in mounts.STALE_ERRNOS:
+            break
+        mounts.unmount(target)
+        n += 1
+    return n
 
 
 class DaemonProcess:
@@ -58,30 +83,41 @@ class DaemonProcess:
         self.args += extra_args or []
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self.killed = False  # by kill9: a dead mount is then expected, and the next `serve` detaches it
 
     @property
     def hub(self) -> Path:
         return self.mount / "hub"
 
     def start(self, timeout: float = 30.0) -> DaemonProcess:
-        if is_mounted(self.mount):  # a dead mount left by kill -9: stat on it fails with ENOTCONN
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mount)], check=False, capture_output=True)
-        self.mount.mkdir(parents=True, exist_ok=True)
+        """Start `serve` and wait for /readyz. A dead mount left by kill -9 stays for `serve` to detach."""
+        stale = len(mounts.at(os.path.abspath(self.mount)))
+        self.killed = False
+        if not stale:  # with a dead mount here, mkdir would fail with ENOTCONN: serve makes it
+            self.mount.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.stop()  # raises LeftBehind if it died with its mount up
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=1) as r:
                     if r.status == 200:
-                        return self
+                        break
             except OSError:
                 pass
             time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.log()}")
+        else:
+            self.stop()
+            raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.log()}")
+        stack = mounts.at(os.path.abspath(self.mount))
+        if stale and len(stack) > 1:  # ours on top of the dead one(s)
+            self.stop()
+            detach_dead(self.mount)
+            raise LeftBehind(f"serve did not detach the stale mount at {self.mount}:\n{self.log()}")
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -97,24 +133,29 @@ class DaemonProcess:
     def kill9(self) -> None:
         """Crash it: the mount stays behind, dead (ENOTCONN), as after a real crash."""
         if self.proc and self.proc.poll() is None:
+            self.killed = True
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM and wait; then make sure nothing is left mounted."""
-        rc = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(10)
-            rc = self.proc.returncode
-        if is_mounted(self.mount):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mount)], check=False, capture_output=True)
-        return rc
+        """SIGTERM and wait, as kubelet does; `serve` unmounts on its own. Then clean up
+        whatever it left (by PID, then its dead mount) and raise LeftBehind if that was needed."""
+        if self.proc is None:
+            return None
+        problems = []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                problems.append(f"did not exit within {timeout:.0f}s of SIGTERM")
+                self.proc.kill()
+                self.proc.wait(10)
+        if detach_dead(self.mount) and not self.killed:
+            problems.append(f"left its mount at {self.mount} (exit code {self.proc.returncode})")
+        if problems:
+            raise LeftBehind(f"nodecache serve {'; '.join(problems)}:\n{self.log()[-3000:]}")
+        return self.proc.returncode
 
     def __enter__(self) -> DaemonProcess:
         return self.start()
