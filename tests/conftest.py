@@ -1,4 +1,10 @@
-"""Fixtures: generated repos, a real Hub emulator, real daemons with real FUSE mounts."""
+"""Fixtures: generated repos, a real Hub emulator, real daemons with real FUSE mounts.
+
+Also the skip guard: every skip is listed with its reason at the end of a run,
+and a skip whose reason is not in allowed_skips.txt (what this machine cannot
+do, see machine.py) fails the run, so `python3 -m pytest tests -q` passes only
+when everything this machine can run did run.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,11 @@ import hashlib
 import os
 from pathlib import Path
 
+import machine
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from skipguard import SkipGuard
 
 from nodecache.testing.daemon import DaemonProcess, LeftBehind
 from nodecache.testing.hub import HubEmulator
@@ -18,9 +26,16 @@ SMALL = "org/small"
 BIG = "org/big"
 
 
+ALLOWED_SKIPS = Path(__file__).with_name("allowed_skips.txt")
+
+
 def _need_fuse() -> None:
-    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
-        pytest.skip("needs root and /dev/fuse (run the suite as root on a host with FUSE)")
+    if reason := machine.fuse():
+        pytest.skip(reason)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(SkipGuard(ALLOWED_SKIPS), "nodecache-skip-guard")
 
 
 @pytest.fixture(scope="session")

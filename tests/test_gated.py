@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import MiB, sha256_file
+from conftest import MiB, _need_fuse, sha256_file
 
 from nodecache.testing.daemon import DaemonProcess
 from nodecache.testing.hub import HubEmulator
@@ -19,8 +19,7 @@ GOOD, OTHER = "hf_good_token_123", "hf_other_user_456"
 
 @pytest.fixture
 def gated_hub(small_repo):
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.skip("needs root and /dev/fuse")
+    _need_fuse()
     with HubEmulator(token=GOOD) as h:
         h.other_tokens.add(OTHER)
         h.commit = h.add_repo(GATED, small_repo, gated=True)
