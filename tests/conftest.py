@@ -15,6 +15,7 @@ from pathlib import Path
 import machine
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import save_file
 from skipguard import SkipGuard
 
@@ -96,6 +97,19 @@ def daemons(tmp_path, hub):
             left.append(e)
     if left:
         raise left[0]
+
+
+def counter(daemon: DaemonProcess, name: str, **labels: str) -> float:
+    """One sample of the daemon's /metrics; 0 if no sample has these labels yet (a labelled
+    counter appears on its first increment), but the family must exist: a typo raises."""
+    families = list(text_string_to_metric_families(daemon.metrics()))
+    if not any(name == f.name or name.startswith(f.name + "_") for f in families):
+        raise KeyError(f"the daemon exports no metric {name}")
+    for fam in families:
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
 
 
 def sha256_file(path: Path) -> str:

@@ -21,7 +21,7 @@ import grpc
 import pytest
 from conftest import BIG, SMALL, MiB, _need_fuse, sha256_file
 
-from nodecache import mounts
+from nodecache import __version__, mounts
 from nodecache.csi.driver import parse_endpoint
 from nodecache.csi.policy import PolicyError, parse_policy, repo_matches
 from nodecache.csi.proto import load
@@ -159,7 +159,7 @@ def test_identity_and_node_rpcs(daemons, csi):
     info = c.identity.GetPluginInfo(pb.GetPluginInfoRequest())
     assert info.name == "nodecache.csi.k8s.io"
     assert len(info.name) <= 63 and re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", info.name)
-    assert info.vendor_version
+    assert info.vendor_version == __version__ != ""
     caps = c.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
     assert not any(x.service.type == x.service.CONTROLLER_SERVICE for x in caps.capabilities)
     assert c.identity.Probe(pb.ProbeRequest()).ready.value is True

@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import MiB, _need_fuse, sha256_file
+from conftest import MiB, _need_fuse, counter, sha256_file
 
 from nodecache.testing.daemon import DaemonProcess
 from nodecache.testing.hub import HubEmulator
@@ -39,7 +39,8 @@ def test_gated_repo_through_the_mount(gated_hub, tmp_path, small_repo):
         with pytest.raises(OSError) as e:
             (snap / "config.json").read_bytes()
         assert e.value.errno == errno.EIO
-        assert "GatedRepo" in d.log() or "401" in d.log()
+        assert counter(d, "nodecache_upstream_requests_total", code="401") >= 1, "the Hub refused it"
+        assert "org/gated/config.json: HTTP 401" in d.log()  # the reason, naming the file
     finally:
         d.stop()
     d = daemon(tmp_path / "granted", gated_hub, HF_TOKEN=GOOD)

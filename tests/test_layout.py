@@ -97,12 +97,23 @@ def test_repo_folder_name_rejects_bad_type_and_id():
 
 
 def test_every_accepted_repo_id_round_trips():
-    repo_id = "org-/name"
-    try:
-        validate_repo_id(repo_id)
-    except InvalidName:
-        return  # rejecting it is a correct outcome
-    assert parse_repo_folder(repo_folder_name("model", repo_id)) == ("model", repo_id)
+    """Ids built from the characters that matter to `--` splitting: each one the validator
+    accepts must come back from its folder name unchanged, for every repo type."""
+    import itertools
+
+    parts = ["".join(p) for n in (1, 2, 3) for p in itertools.product("a-._", repeat=n)]
+    candidates = [*parts, *(f"{o}/{n}" for o, n in itertools.product(parts, repeat=2))]
+    accepted = []
+    for repo_id in candidates:
+        try:
+            accepted.append(validate_repo_id(repo_id))
+        except InvalidName:
+            continue
+    assert "org-/name" not in accepted and "a-/b" not in accepted, "an org ending in '-' makes '---'"
+    assert len(accepted) > 100, len(accepted)  # not vacuous: many ids with '-', '.', '_' inside
+    for repo_type in ("model", "dataset", "space"):
+        for repo_id in accepted:
+            assert parse_repo_folder(repo_folder_name(repo_type, repo_id)) == (repo_type, repo_id), repo_id
 
 
 # --- validation ---------------------------------------------------------------

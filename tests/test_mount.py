@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir
+from conftest import BIG, SMALL, MiB, counter, sha256_file, snapshot_dir
 from safetensors.numpy import load_file
 
 from nodecache.layout import repo_folder_name
@@ -92,7 +92,8 @@ def test_lazy_fill_fetches_only_what_is_read(hub, daemons, small_repo):
     fetched = {blob for blob, _, _ in hub.stats.ranges}
     assert len(fetched) == 1
     assert hub.stats.data_bytes == len(data)
-    assert "upstream" in d.metrics()
+    assert counter(d, "nodecache_upstream_bytes_total", upstream="hf") == len(data)
+    assert counter(d, "nodecache_read_bytes_total", source="upstream") == len(data)
 
 
 def test_coalescing_sixteen_cold_readers(hub, daemons, big_repo):
@@ -178,7 +179,7 @@ def test_lookup_handler_refuses_dot_dot_and_long_names():
         assert asyncio.run(lookup(bad)) == errno.ENOENT, bad
 
 
-def test_cached_xattr_and_metrics(hub, daemons):
+def test_cached_xattr_and_metrics(hub, daemons, big_repo):
     d = daemons(env={"NODECACHE_FILL_ON_OPEN": "false"}, repos=(BIG,))
     path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
     assert float(os.getxattr(path, "user.nodecache.cached")) == 0.0
@@ -187,5 +188,5 @@ def test_cached_xattr_and_metrics(hub, daemons):
     frac = float(os.getxattr(path, "user.nodecache.cached"))
     assert 0 < frac < 1, "one chunk plus read-ahead, not the whole blob"
     assert float(os.getxattr(snapshot_dir(d, BIG, hub.commits[BIG]), "user.nodecache.cached")) < 1
-    assert sha256_file(path)  # read everything
+    assert sha256_file(path) == sha256_file(big_repo / "weights.bin")  # read everything
     assert float(os.getxattr(path, "user.nodecache.cached")) == 1.0

@@ -8,8 +8,7 @@ import time
 import machine
 import numpy as np
 import pytest
-from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import BIG, SMALL, MiB, counter, sha256_file, snapshot_dir
 from safetensors.numpy import load_file
 
 
@@ -21,14 +20,6 @@ def passthrough_daemon(daemons, **kw):
     d = daemons(**kw)
     assert d.status()["passthrough"] is True, f"this kernel has FUSE passthrough; the daemon did not use it:\n{d.log()}"
     return d
-
-
-def counter(d, name: str, **labels: str) -> float:
-    for fam in text_string_to_metric_families(d.metrics()):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
 
 
 def wait_complete(d, n: int, timeout: float = 30.0) -> None:

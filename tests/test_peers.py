@@ -172,8 +172,11 @@ def test_peer_api_needs_the_cluster_token_and_rejects_bad_input(hub, daemons, sm
         status, body, _ = get(blob_id, params)
         assert 400 <= status < 500, (blob_id, params, status, body)
         assert b"Traceback" not in body
-    status, _, _ = get(blob, {**good, "chunk": "1", "local_only": "1"})
-    assert status in (200, 404)
+    # local_only answers only from what is here: chunk 1 was never asked for, until it is
+    assert get(blob, {**good, "chunk": "1", "local_only": "1"})[0] == 404
+    assert get(blob, {**good, "chunk": "1"})[0] == 200
+    status, body, _ = get(blob, {**good, "chunk": "1", "local_only": "1"})
+    assert status == 200 and body == (small_repo / "model.safetensors").read_bytes()[MiB : 2 * MiB]
     assert d.proc.poll() is None
 
 
