@@ -302,6 +302,47 @@ def test_fault_slow(hub: HubEmulator) -> None:
         Fault("bogus")  # type: ignore[arg-type]
 
 
+def test_faults_that_send_wrong_bytes(hub: HubEmulator) -> None:
+    """Each looks like a good response to a client that checks only status and length."""
+    location = request(hub.url, f"/{REPO}/resolve/main/model.safetensors")[1]["Location"]
+    rng = {"Range": "bytes=1000-1999"}
+    hub.add_repo("org/other", {"w.bin": bytes(400_000)}, lfs_patterns=["*.bin"])
+    hub.faults += [Fault("flip"), Fault("flip", at=1000), Fault("flip", whole=True), Fault("wrong_range")]
+    hub.faults += [Fault("other_file"), Fault("whole")]
+    status, headers, body = request(location, headers=rng)
+    assert (status, headers["Content-Range"], len(body)) == (206, "bytes 1000-1999/300000", 1000)
+    assert [i for i in range(1000) if body[i] != WEIGHTS[1000 + i]] == [500]  # the middle byte
+    assert body[500] == WEIGHTS[1500] ^ 0xFF
+    body = request(location, headers=rng)[2]
+    assert body[0] == WEIGHTS[1000] ^ 0xFF and body[1:] == WEIGHTS[1001:2000]
+    status, headers, body = request(location, headers=rng)  # Range ignored, then flipped
+    assert status == 200 and "Content-Range" not in headers and len(body) == len(WEIGHTS)
+    assert [i for i in range(len(WEIGHTS)) if body[i] != WEIGHTS[i]] == [len(WEIGHTS) // 2]
+    status, headers, body = request(location, headers=rng)
+    assert (status, headers["Content-Range"], body) == (206, "bytes 2000-2999/300000", WEIGHTS[2000:3000])
+    status, headers, body = request(location, headers=rng)
+    assert (status, headers["Content-Range"], body) == (206, "bytes 1000-1999/300000", bytes(1000))
+    assert request(location, headers=rng)[:3:2] == (200, WEIGHTS)
+    assert hub.faults == []
+    assert request(location, headers=rng)[2] == WEIGHTS[1000:2000], "faults are consumed"
+
+
+def test_fault_hold_waits_for_the_test(hub: HubEmulator) -> None:
+    import threading
+
+    fault = Fault("hold")
+    hub.faults.append(fault)
+    got: list[bytes] = []
+    t = threading.Thread(target=lambda: got.append(request(hub.url, f"/{REPO}/resolve/main/config.json")[2]))
+    t.start()
+    assert fault.reached.wait(10), "the request never reached the emulator"
+    time.sleep(0.2)  # a held response stays held: nothing arrives while release is unset
+    assert got == [] and t.is_alive()
+    fault.release.set()
+    t.join(10)
+    assert got == [FILES["config.json"]]
+
+
 def test_down(hub: HubEmulator) -> None:
     location = request(hub.url, f"/{REPO}/resolve/main/model.safetensors")[1]["Location"]
     hub.down = True

@@ -40,15 +40,33 @@ SIGNED_URL_TTL = 3600
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 
 
+FaultKind = Literal["500", "reset", "truncate", "slow", "corrupt", "flip", "wrong_range", "other_file", "whole", "hold"]
+
+
 @dataclass
 class Fault:
-    """One injected failure, consumed FIFO by the next data response (resolve 200 GET or CDN GET)."""
+    """One injected failure, consumed FIFO by the next data response (resolve 200 GET or CDN GET).
 
-    kind: Literal["500", "reset", "truncate", "slow", "corrupt"]
+    Broken transfers: "500", "reset" and "truncate" (half the body, then RST or FIN),
+    "slow" (`seconds` before the first byte). Wrong bytes that look right: "corrupt"
+    (the body's first byte inverted), "flip" (one byte of the body inverted, the
+    middle one unless `at` names an offset in the file), "wrong_range" (another range of the file, labelled so in Content-Range),
+    "other_file" (the same range of another file of the emulator, at least as long),
+    "whole" (200 with the whole file: a server that ignores Range). `whole=True` makes
+    any kind answer that way. "hold": the response waits before its first byte until
+    the test sets `release`, and sets `reached` when it gets there (so a test can act
+    while a request is known to be in flight).
+    """
+
+    kind: FaultKind
     seconds: float = 0.0  # delay before the first byte, for "slow"
+    at: int | None = None  # file offset of the byte "flip" inverts
+    whole: bool = False
+    reached: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
+    release: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("500", "reset", "truncate", "slow", "corrupt"):
+        if self.kind not in FaultKind.__args__:
             raise ValueError(f"unknown fault kind {self.kind!r}")
 
 
@@ -252,6 +270,11 @@ class HubEmulator:
         if commit not in repo.commits:
             raise ValueError(f"unknown commit {commit} in {repo_id}")
         repo.refs[ref] = commit
+
+    def _files(self) -> Iterable[_File]:
+        for repo in self._repos.values():
+            for files in repo.commits.values():
+                yield from files.values()
 
     # ---- lifecycle ---------------------------------------------------------------
 
@@ -502,8 +525,15 @@ class HubEmulator:
 
     async def _send(self, request: web.Request, f: _File, headers: dict[str, str]) -> web.StreamResponse:
         """Serve (a range of) a file in bounded chunks, applying throttle and faults."""
+        fault = self.faults[0] if self.faults and request.method != "HEAD" else None
+        kind = fault.kind if fault else None
         rng = _parse_range(request.headers.get("Range"), f.size)
+        if fault and (fault.whole or kind == "whole"):
+            rng = None
         start, end = rng or (0, f.size)
+        if rng and kind == "wrong_range":  # the neighbouring range, honestly labelled
+            n = end - start
+            start, end = (start + n, end + n) if end + n <= f.size else (max(0, start - n), max(n, start))
         resp = web.StreamResponse(status=206 if rng else 200, headers=headers)
         resp.headers.update({"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
         if rng:
@@ -512,12 +542,27 @@ class HubEmulator:
         if request.method == "HEAD":
             await resp.prepare(request)
             return resp
-        fault = self.faults.pop(0) if self.faults else None
-        kind = fault.kind if fault else None
+        if fault:
+            self.faults.pop(0)
+        source = f.source
+        if kind == "other_file":
+            other = next((o for o in self._files() if o.blob_id != f.blob_id and o.size >= end), None)
+            if other is None:
+                raise _HubError(500, f"fault other_file: no other file of {end} bytes or more")
+            source = other.source
         if fault and kind == "500":
             raise _HubError(500, "Internal Error (injected fault)")
         if fault and kind == "slow":
             await asyncio.sleep(fault.seconds)
+        if fault and kind == "hold":
+            fault.reached.set()
+            while not fault.release.is_set():
+                await asyncio.sleep(0.01)
+        flip = None
+        if fault and kind == "flip":
+            flip = fault.at if fault.at is not None else (start + end) // 2
+        elif kind == "corrupt":
+            flip = start
         stop_at = start + (end - start) // 2 if kind in ("reset", "truncate") else end
         self.stats.ranges.append((f.blob_id, start, end))
         await resp.prepare(request)
@@ -526,9 +571,10 @@ class HubEmulator:
         loop = asyncio.get_running_loop()
         t0, sent = loop.time(), 0
         try:
-            async for data in _read(f.source, start, stop_at, chunk):
-                if kind == "corrupt" and sent == 0 and data:  # a wrong first byte, full length, status 200/206
-                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+            async for data in _read(source, start, stop_at, chunk):
+                if flip is not None and start + sent <= flip < start + sent + len(data):
+                    i = flip - start - sent
+                    data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
                 # Counted before the write: a client that already has the bytes must see them counted.
                 self.stats.data_bytes += len(data)
                 await resp.write(data)
