@@ -25,6 +25,12 @@ class CliError(Exception):
     """A failure to report as one line and exit 1."""
 
 
+def shown_percent(done: int, total: int, complete: bool) -> float:
+    """100 only for a verified snapshot: a partial one never shows more than 99.9 (rounded or not)."""
+    pct = done / total * 100 if total else 100.0
+    return pct if complete else min(pct, 99.9)
+
+
 class Progress:
     """A one-line progress bar on stderr: percent, bytes, rate, ETA."""
 
@@ -34,18 +40,18 @@ class Progress:
         self._last_print = 0.0
         self.tty = stream.isatty()
 
-    def update(self, done: int, final: bool = False) -> None:
+    def update(self, done: int, final: bool = False, complete: bool = False) -> None:
+        """`complete`: every byte is stored and verified (only then 100%)."""
         now = time.monotonic()
         if not final and now - self._last_print < (0.2 if self.tty else 2.0):
             return
         self._last_print = now
         elapsed = max(now - self.start, 1e-6)
         rate = done / elapsed
-        frac = done / self.total if self.total else 1.0
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        bar = "#" * int(frac * 30)
+        pct = shown_percent(done, self.total, complete)
+        bar = "#" * int(pct * 30 / 100)
         eta = f"ETA {(self.total - done) / rate:,.0f}s" if rate > 0 else ""
-        line = f"{self.label} [{bar:<30}] {frac * 100:5.1f}% {done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB {rate / 1e6:,.1f} MB/s {eta}"
+        line = f"{self.label} [{bar:<30}] {pct:5.1f}% {done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB {rate / 1e6:,.1f} MB/s {eta}"
         end = "\n" if final or not self.tty else ""
         self.stream.write(("\r" if self.tty else "") + line + end)
         self.stream.flush()
@@ -90,7 +96,7 @@ async def _prefetch_standalone(cfg: config_mod.Config, spec: str) -> None:
         ref, total, blobs = await d.add_repo(spec)
         bar = Progress(total, f"{ref.repo_id}@{ref.revision}")
         await d.filler.fill_blobs(blobs, bar.update)
-        bar.update(total, final=True)
+        bar.update(total, final=True, complete=True)
         print(f"ready: {ref} {len(set(blobs))} blobs, {total:,} bytes verified in {cfg.cache_dir}")
     finally:
         await d.close()
@@ -146,7 +152,7 @@ def _follow(args: argparse.Namespace, job: dict) -> None:
         bar.update(job["done"])
         time.sleep(0.3)
         job = _call(args, "GET", f"/v1/jobs/{job['id']}")
-    bar.update(job["done"], final=True)
+    bar.update(job["done"], final=True, complete=job["state"] == "ready")
     if job["state"] != "ready":
         raise CliError(job["error"] or f"job {job['id']} is {job['state']}")
     print(f"ready: {job['repo']}@{job['revision']} ({job['commit'][:12]}) {job['total']:,} bytes verified")
@@ -208,8 +214,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 f"{rev}:{m}" for rev, m in r["pinned"].items() if rev in snap["revisions"] or rev == snap["commit"]
             )
             total = snap["bytes_total"]
-            pct = snap["bytes_cached"] / total * 100 if total else 100.0
-            cached = "100%" if snap["complete"] else f"{min(pct, 99.9):.1f}%"  # never round up to ready
+            pct = shown_percent(snap["bytes_cached"], total, snap["complete"])
+            cached = "100%" if snap["complete"] else f"{pct:.1f}%"
             name = r["repo"] if r["repo_type"] == "model" else f"{r['repo_type']}s/{r['repo']}"
             rows.append(
                 (

@@ -400,7 +400,10 @@ class Daemon:
             recs = [self.store.record(b) for b in dict.fromkeys(snapshot_blobs(self.index, ref))]
             total = sum(r.size for r in recs if r)
             cached = sum(self.store.cached_bytes(r) for r in recs if r)
-            self.metrics.repo_cached_ratio.labels(ref.repo_id).set(cached / total if total else 1.0)
+            ratio = cached / total if total else 1.0
+            if not all(r and r.state == "complete" for r in recs):
+                ratio = min(ratio, 0.999)  # 1 only once verified
+            self.metrics.repo_cached_ratio.labels(ref.repo_id).set(ratio)
 
     # revisions that move, repos nobody listed --------------------------------------
 

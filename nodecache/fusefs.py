@@ -174,10 +174,13 @@ class NodecacheFS:
         if name != XATTR_CACHED:
             raise FuseError(ENOATTR)
         _, node = self._node(inode)
-        blobs = {b: self.filler.record(b).size for b in _blob_ids(node)}
-        total = sum(blobs.values())
-        done = sum(self.filler.cached_bytes(b) for b in blobs)
-        return f"{(done / total) if total else 1.0:.6f}".encode()
+        recs = [self.filler.record(b) for b in set(_blob_ids(node))]
+        total = sum(r.size for r in recs)
+        done = sum(self.filler.cached_bytes(r.blob_id) for r in recs)
+        frac = done / total if total else 1.0
+        if any(r.state != "complete" for r in recs):
+            frac = min(frac, 0.999)  # 1 means stored and verified; unproven bytes never round up to it
+        return f"{frac:.6f}".encode()
 
     @_guard("listxattr")
     async def listxattr(self, inode: int) -> list[bytes]:

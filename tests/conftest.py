@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import machine
@@ -97,6 +98,26 @@ def daemons(tmp_path, hub):
             left.append(e)
     if left:
         raise left[0]
+
+
+def wait_until(pred, what: str, timeout: float = 60.0, every: float = 0.05):
+    """Poll `pred` until it returns something truthy, and return that; fail naming `what`.
+
+    The way to wait in a test: for an event the product exposes (a status field, a
+    metric, an xattr, a log line, an emulator's `Fault.reached`), never a bare sleep.
+    The timeout only bounds a failure; a slow machine just waits longer.
+    """
+    deadline = time.monotonic() + timeout
+    while not (got := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+    return got
+
+
+def verified(path: Path) -> bool:
+    """The xattr says 1 only once every blob below `path` is stored and its hash proven."""
+    return float(os.getxattr(path, "user.nodecache.cached")) == 1.0
 
 
 def counter(daemon: DaemonProcess, name: str, **labels: str) -> float:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BIG, SMALL, sha256_file, snapshot_dir
+from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir, verified, wait_until
 
 
 def nodecache(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -99,3 +99,44 @@ def test_prefetch_of_a_repo_with_an_empty_file(hub, tmp_path):
     assert blob.is_file() and blob.stat().st_size == 0
     ranges = [(s, e) for _, s, e in hub.stats.ranges]
     assert all(e > s for s, e in ranges), "no request for an empty range"
+
+
+def test_a_partial_snapshot_never_shows_more_than_99_9_percent(hub, daemons):
+    """All of a snapshot but one byte is here, and the test holds that byte's response:
+    the progress bar, `nodecache ls` and the mount's xattr say 99.9 %, never 100."""
+    import threading
+
+    from nodecache.testing.hub import Fault
+
+    commit = hub.add_repo("org/nearly", {"w.bin": os.urandom(4 * MiB), "z.txt": b"z"})
+    d = daemons(repos=("org/nearly",))
+    snap = snapshot_dir(d, "org/nearly", commit)
+    assert len((snap / "w.bin").read_bytes()) == 4 * MiB
+    wait_until(lambda: verified(snap / "w.bin"), "w.bin verified")
+    held = Fault("hold")
+    hub.faults.append(held)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "nodecache", "prefetch", "org/nearly", "--endpoint", d.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(cli.stderr), daemon=True)
+    reader.start()
+    try:
+        assert held.reached.wait(30), "the last byte was never asked for"
+        assert os.getxattr(snap, "user.nodecache.cached") == b"0.999000"
+        ls = nodecache("ls", "--endpoint", d.url)
+        assert ls.returncode == 0 and " 99.9% " in ls.stdout, ls.stdout
+        # the bar prints every 2 s when not on a terminal: wait for a line with all but 1 byte done
+        line = wait_until(lambda: next((ln for ln in lines if "4.2/4.2 MB" in ln), None), "a progress line")
+        assert " 99.9% " in line and not any("100.0%" in ln for ln in lines), lines
+    finally:
+        held.release.set()
+        out = cli.stdout.read()
+        cli.wait(60)
+        reader.join(10)
+    assert cli.returncode == 0 and out.startswith("ready: org/nearly@main")
+    assert "100.0%" in lines[-1], "verified: now it is 100 %"
+    assert os.getxattr(snap, "user.nodecache.cached") == b"1.000000"

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir
+from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir, verified, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 EVICT = "org/evict"
@@ -68,8 +68,10 @@ def test_lru_eviction_spares_open_and_pinned_blobs(hub, daemons, evict_repos):
 
     assert sha256_file(snap / "a.bin") == want["a.bin"]
     assert sha256_file(snap / "b.bin") == want["b.bin"]
+    wait_until(lambda: verified(snap / "a.bin") and verified(snap / "b.bin"), "a and b verified")
     with open(snap / "a.bin", "rb") as held:  # a is the least recently used, but open
         assert sha256_file(snap / "c.bin") == want["c.bin"]
+        wait_until(lambda: verified(snap / "c.bin"), "c verified")
         assert disk_used(d) <= quota + slack
         assert cached(snap / "a.bin") == 1.0, "an open blob is never evicted"
         assert cached(snap / "b.bin") == 0.0, "the LRU unprotected blob went"
