@@ -1,8 +1,10 @@
 """Wires index, store, upstream, fill, FUSE and HTTP on one asyncio loop.
 
 Shutdown order matters: readers still waiting for bytes are woken with EIO
-first, then the FUSE session stops, then the mount goes. Without a SIGTERM handler
-the mount would be left stale (ENOTCONN) for every pod bound to it.
+first, then the mount is detached while the session still answers (a reader's
+immediate retry gets EIO again, not ECONNABORTED), and the connection goes once
+the kernel lets go of it or after a short grace. Without a SIGTERM handler the
+mount would be left stale (ENOTCONN) for every pod bound to it.
 """
 
 from __future__ import annotations
@@ -607,6 +609,7 @@ class Daemon:
             stop.cancel()
             self.ready = False
             await self.filler.close()  # wake every waiting reader with EIO
+            await session.unmount()  # then the mount goes, answering (EIO) until its readers let go
         finally:
             session.close()
             with contextlib.suppress(asyncio.CancelledError):

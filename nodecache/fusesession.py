@@ -10,6 +10,7 @@ bytes between the kernel and those handlers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -116,6 +117,25 @@ class Session:
         finally:
             for _, task in list(self._running.values()):
                 task.cancel()
+
+    async def unmount(self, grace: float = 2.0) -> None:
+        """Detach the mount, answering requests until the kernel lets go of the connection
+        (the last open file of the detached mount is closed: ENODEV) or `grace` passes.
+
+        A reader just answered with an error may ask again at once (the kernel
+        retries a failed read-ahead as a plain read); dropping the connection under
+        it would turn that error into ECONNABORTED.
+        """
+        if self._fd < 0:
+            return
+        try:
+            mounts.unmount(str(self.mountpoint))
+        except OSError as e:
+            log.warning("unmount %s: %s", self.mountpoint, e)
+        if self._done is not None and not self._done.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._done), grace)
+        self.close()
 
     def close(self) -> None:
         """Unmount (lazily: open files elsewhere do not block us) and drop the connection."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 
+import pytest
 from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir
 
 from nodecache.testing.hub import Fault
@@ -98,3 +99,37 @@ def test_kill9_during_eviction_churn_leaves_a_consistent_store(hub, daemons, tmp
     allocated = sum(p.stat().st_blocks * 512 for p in on_disk)
     assert used <= 16 * MiB + 8 * MiB and allocated <= used + MiB, (used, allocated)
     assert {p.name for p in on_disk} <= {hashlib.sha256(v).hexdigest() for v in files.values()}
+
+
+@pytest.mark.parametrize("flags", ["os.O_RDONLY", "os.O_RDONLY | os.O_DIRECT"], ids=["buffered", "O_DIRECT"])
+def test_sigterm_gives_waiting_readers_eio_then_the_mount_goes(hub, daemons, flags):
+    """What kubelet does to the pod: SIGTERM. A reader waiting for upstream bytes gets EIO from
+    the daemon (not ENOTCONN or ECONNABORTED from a connection already gone: a buffered
+    reader's failed read-ahead is retried at once), then `serve` unmounts and exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    from nodecache import mounts
+
+    d = daemons(repos=(BIG,), env={"NODECACHE_FILL_ON_OPEN": "false", "NODECACHE_READ_AHEAD_CHUNKS": "0"})
+    path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
+    held = Fault("hold")
+    hub.faults.append(held)
+    code = (
+        f"import errno, mmap, os; fd = os.open({str(path)!r}, {flags})\n"
+        "try:\n    os.preadv(fd, [mmap.mmap(-1, 4096)], 0); print('data')\n"
+        "except OSError as e:\n    print(errno.errorcode[e.errno])\n"
+    )
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.reached.wait(30), "the read never reached upstream"
+        d.proc.send_signal(signal.SIGTERM)
+        assert reader.communicate(timeout=30)[0].strip() == "EIO", d.log()
+        assert d.proc.wait(30) == 0
+    finally:
+        held.release.set()
+        if reader.poll() is None:
+            reader.kill()
+    assert mounts.at(str(d.mount)) == [], "serve unmounted on its way out"
+    assert d.stop() == 0  # nothing left for the harness to clean
