@@ -30,13 +30,15 @@ repo's chain starts with; positive answers are remembered for `ACCESS_TTL`.
 A repo whose chain does not start at the Hub (S3, HTTP, a directory) is open
 only to the admin token or through `mirror_public`. When the Hub cannot be
 asked, an anonymous caller of a non-public repo gets 401 and anyone else 503;
-nothing is ever learnt from a caller-shaped answer.
+nothing is ever learnt from a caller-shaped answer. A fill that finds the disk
+full with nothing evictable is 507.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import hmac
@@ -574,7 +576,8 @@ class Mirror:
             first = await pending if pending else b""
         except FillError as e:
             timed_out = "timed out" in str(e)
-            raise HubError(504 if timed_out else 502, f"could not fetch {entry.path!a}: {e}") from None
+            status = 507 if e.errno == errno.ENOSPC else 504 if timed_out else 502
+            raise HubError(status, f"could not fetch {entry.path!a}: {e}") from None
         resp = web.StreamResponse(status=206 if partial else 200, headers=headers)
         resp.content_length = end - start
         await resp.prepare(request)

@@ -12,9 +12,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import machine
 import pytest
-from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir, verified, wait_until
+from conftest import BIG, SMALL, MiB, counter, sha256_file, snapshot_dir, verified, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+
+from nodecache import mounts
 
 EVICT = "org/evict"
 PINNED = "org/pinned"
@@ -94,14 +97,68 @@ def test_lru_eviction_spares_open_and_pinned_blobs(hub, daemons, evict_repos):
 
 
 def test_enospc_when_nothing_can_be_evicted(hub, daemons, evict_repos):
+    """ENOSPC from FUSE, 507 from HTTP (the mirror and the peer API), an error from a prefetch."""
     commit = hub.add_repo(EVICT, evict_repos[EVICT])
-    d = daemons(repos=(EVICT,), env={"NODECACHE_DISK_MAX": str(8 * MiB), "NODECACHE_MIN_FREE": "0"})
+    env = {"NODECACHE_DISK_MAX": str(8 * MiB), "NODECACHE_MIN_FREE": "0", "NODECACHE_CLUSTER_TOKEN": "tok"}
+    d = daemons(repos=(EVICT,), env={**env, "NODECACHE_PEERS": "127.0.0.1:9"})
+    snap = snapshot_dir(d, EVICT, commit)
     with pytest.raises(OSError) as e:
-        (snapshot_dir(d, EVICT, commit) / "a.bin").read_bytes()
+        (snap / "a.bin").read_bytes()  # 12 MiB into 8: its own chunks are not evictable while it fills
     assert e.value.errno == errno.ENOSPC
-    status, body = api(d, "POST", "/v1/prefetch", {"repo": EVICT})
-    job = wait_job(d, body)
-    assert job["state"] == "error" and "full" in job["error"]
+    d.stop()
+    d = daemons(repos=(EVICT,), env={**env, "NODECACHE_FILL_ON_OPEN": "false", "NODECACHE_READ_AHEAD_CHUNKS": "0"})
+    with open(snap / "c.bin", "rb") as held:  # 8 MiB of an open file: the quota is full, nothing evictable
+        os.posix_fadvise(held.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no kernel read-ahead past them
+        assert held.read(8 * MiB) == (evict_repos[EVICT] / "c.bin").read_bytes()[: 8 * MiB]
+        with pytest.raises(OSError) as e:
+            (snap / "b.bin").read_bytes()
+        assert e.value.errno == errno.ENOSPC
+        with pytest.raises(urllib.error.HTTPError) as http:
+            urllib.request.urlopen(f"{d.url}/{EVICT}/resolve/main/b.bin", timeout=60)
+        assert http.value.code == 507 and "full" in http.value.headers["X-Error-Message"]
+        blob = sha256_file(evict_repos[EVICT] / "d.bin")
+        req = urllib.request.Request(f"{d.url}/v1/blobs/{blob}?chunk=0", headers={"Authorization": "Bearer tok"})
+        with pytest.raises(urllib.error.HTTPError) as http:
+            urllib.request.urlopen(req, timeout=60)
+        assert http.value.code == 507 and json.load(http.value)["error"] == "insufficient_storage"
+        status, body = api(d, "POST", "/v1/prefetch", {"repo": EVICT})
+        job = wait_job(d, body)
+        assert job["state"] == "error" and "full" in job["error"]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 64 MiB tmpfs of the test's own, so free space is known and nobody else uses it."""
+    if reason := machine.mount_tmpfs():
+        pytest.skip(reason)
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    mounts.mount("tmpfs", str(fs), "tmpfs", 0, "size=64m")
+    try:
+        yield fs
+    finally:
+        mounts.unmount(str(fs))
+
+
+def test_min_free_is_always_left_on_the_filesystem(hub, small_fs, daemons, evict_repos):
+    """No quota binds (4 x 12 MiB is below 90 % of 64 MiB): only min_free makes room, by evicting."""
+    commit = hub.add_repo(EVICT, evict_repos[EVICT])
+    min_free, slack = 32 * MiB, 8 * MiB  # slack: chunks reserved together see the same free space
+    env = {"NODECACHE_MIN_FREE": str(min_free), "NODECACHE_DIRECT_IO": "false"}
+    d = daemons(repos=(EVICT,), env=env, cache_dir=small_fs / "cache")
+    snap = snapshot_dir(d, EVICT, commit)
+
+    def free() -> int:
+        st = os.statvfs(small_fs)
+        return st.f_bavail * st.f_frsize
+
+    for name in FILES:
+        assert sha256_file(snap / name) == sha256_file(evict_repos[EVICT] / name)
+        wait_until(lambda name=name: verified(snap / name), f"{name} verified")
+        assert free() >= min_free - slack, (name, free())
+    assert counter(d, "nodecache_evictions_total", tier="disk") >= 2, "min_free made room by evicting"
+    tier = d.status()["tiers"][0]
+    assert tier["fs_free"] >= min_free - slack and tier["used"] <= 64 * MiB - min_free
 
 
 def test_shm_tier_takes_small_files_and_hot_pins(hub, daemons, tmp_path, small_repo):
