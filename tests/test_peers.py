@@ -13,8 +13,7 @@ from pathlib import Path
 
 import machine
 import pytest
-from conftest import SMALL, MiB, sha256_file
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import BIG, SMALL, MiB, counter, sha256_file, snapshot_dir, wait_until
 
 from nodecache import peers as peers_mod
 from nodecache.testing.cluster import Cluster
@@ -75,14 +74,6 @@ def read_all(c: Cluster, nodes, repo: str, files: list[str]) -> dict[tuple[int, 
         t.join(300)
     assert not errors, errors
     return out
-
-
-def counter(node, name: str, **labels) -> float:
-    for fam in text_string_to_metric_families(node.metrics()):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
 
 
 def test_three_nodes_share_one_upstream_transfer(cluster_factory, shared_repo):
@@ -224,3 +215,46 @@ def test_peer_uploads_are_paced(hub, daemons, small_repo):
         with urllib.request.urlopen(req, timeout=30) as r:
             assert len(r.read()) == MiB
     assert time.monotonic() - t0 >= 0.45, "3 MiB at 4 MiB/s: the 2nd and 3rd chunk wait"
+
+
+def test_a_failed_peer_is_skipped_for_5_s(hub, daemons, big_repo):
+    """A member that cannot be reached is not asked again for 5 s (chunks it owns go straight
+    upstream), then it is asked again."""
+    import mmap
+
+    from nodecache.testing.daemon import free_port
+
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    env = {"NODECACHE_PEERS": dead, "NODECACHE_CLUSTER_TOKEN": "tok"}
+    env.update(NODECACHE_FILL_ON_OPEN="false", NODECACHE_READ_AHEAD_CHUNKS="0")  # one chunk per read
+    d = daemons(repos=(BIG,), env=env)
+    blob = sha256_file(big_repo / "weights.bin")
+    owned = [k for k in range(72) if peers_mod.rank(sorted([d.address, dead]), blob, k)[0] == dead]
+    want = (big_repo / "weights.bin").read_bytes()
+    fd = os.open(snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin", os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, MiB)
+
+    def read_chunk(k: int) -> None:  # O_DIRECT: exactly this chunk, no kernel read-ahead
+        assert os.preadv(fd, [buf], k * MiB) == MiB and buf[:] == want[k * MiB : (k + 1) * MiB]
+
+    def healthy() -> bool:
+        return next(p["healthy"] for p in d.status()["peers"] if p["peer"] == dead)
+
+    def unreachable() -> float:
+        return counter(d, "nodecache_peer_fallbacks_total", reason="unreachable")
+
+    try:
+        t0 = time.monotonic()
+        read_chunk(owned[0])
+        assert unreachable() == 1 and not healthy()
+        for k in owned[1:4]:
+            read_chunk(k)
+        assert not healthy(), "this machine took 5 s for three local reads"
+        assert unreachable() == 1, "asked again within 5 s"
+        wait_until(healthy, "the failed peer back in the member list", timeout=30)
+        assert time.monotonic() - t0 >= 5.0
+        read_chunk(owned[4])
+        assert unreachable() == 2, "asked again after 5 s"
+    finally:
+        os.close(fd)
+        buf.close()
