@@ -133,6 +133,11 @@ def counter(daemon: DaemonProcess, name: str, **labels: str) -> float:
     return 0.0
 
 
+def files_containing(root: Path, secret: str) -> list[Path]:
+    """Files under root (the LMDB index with its free pages, blobs, quarantine) holding `secret`."""
+    return [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import MiB, _need_fuse, counter, sha256_file
+from conftest import MiB, _need_fuse, counter, files_containing, sha256_file
 
 from nodecache.testing.daemon import DaemonProcess
 from nodecache.testing.hub import HubEmulator
@@ -46,8 +46,12 @@ def test_gated_repo_through_the_mount(gated_hub, tmp_path, small_repo):
     d = daemon(tmp_path / "granted", gated_hub, HF_TOKEN=GOOD)
     try:
         snap = d.hub / "models--org--gated" / "snapshots" / gated_hub.commit
+        gated_hub.stats.reset()
         assert sha256_file(snap / "model.safetensors") == sha256_file(small_repo / "model.safetensors")
         assert GOOD not in d.log() and GOOD not in d.metrics()
+        # the Hub needed the token (gated); its CDN got the bytes requests, never the token
+        assert gated_hub.stats.requests["cdn_get"] >= 1 and gated_hub.stats.auth_on_cdn == 0
+        assert files_containing(d.cache_dir, GOOD) == [], "the token is in no index entry"
     finally:
         d.stop()
 
@@ -70,5 +74,6 @@ def test_mirror_serves_cached_gated_bytes_only_to_granted_callers(gated_hub, tmp
         for token, want in ((None, 401), (OTHER, 403)):  # cached now, still refused
             status, _, code = get(token)
             assert (status, code) == (want, "GatedRepo"), token
+        assert files_containing(d.cache_dir, GOOD) == files_containing(d.cache_dir, OTHER) == []
     finally:
         d.stop()

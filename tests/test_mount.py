@@ -192,3 +192,12 @@ def test_cached_xattr_and_metrics(hub, daemons, big_repo):
     wait_until(lambda: verified(path), "the whole-blob proof")  # 0.999 until then
     # all but config.json's 2 bytes: a partial snapshot never shows more than 99.9 %
     assert os.getxattr(snapshot_dir(d, BIG, hub.commits[BIG]), "user.nodecache.cached") == b"0.999000"
+
+
+def test_read_ahead_is_raised_to_16_mib_after_init(daemons):
+    """The INIT reply resets the mount's bdi read_ahead_kb (128 KiB reads); the daemon raises it after."""
+    from nodecache import mounts
+
+    d = daemons()
+    dev = mounts.top(str(d.mount)).dev
+    assert Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text().strip() == "16384"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import BIG, SMALL, MiB, sha256_file
+from conftest import BIG, SMALL, MiB, files_containing, sha256_file
 
 from nodecache import config
 from nodecache.index import BlobRecord
@@ -431,6 +431,7 @@ def test_http_upstream_with_manifest_and_auth(daemons, small_repo, tmp_path):
         assert all(os.readlink(snap / p).endswith(h) for p, h in tree_hashes(small_repo).items())
         assert wait_complete(d, 4) == {"partial": 0, "complete": 4, "quarantined": 0}
         assert token not in d.log() + d.metrics()
+        assert files_containing(d.cache_dir, token) == [], "the token is in no index entry"
     finally:
         srv.close()
 
@@ -462,6 +463,8 @@ def test_private_repo_per_repo_token(tmp_path, small_repo, daemons):
             snap = offline_snapshot(good, "org/secret")
             assert snap.name == commit and tree_hashes(snap) == tree_hashes(small_repo)
             assert token not in good.log() + good.metrics() + json.dumps(status(good))
+            assert wait_complete(good, 4)["complete"] == 4
         finally:
             good.stop()
         assert token not in good.log()
+        assert files_containing(good.cache_dir, token) == [], "the token is in no index entry"
