@@ -242,7 +242,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"nodecache {st['version']}  ready={st['ready']}  mount={st['mount']}")
     for t in st["tiers"]:
         print(f"tier {t['name']:<5} {t['used'] / 1e9:,.2f} / {t['capacity'] / 1e9:,.2f} GB used  ({t['path']})")
-    print(f"blobs {st['blobs']}  fills in flight {st['fills_inflight']}  jobs {st['jobs']}")
+    print(
+        f"blobs {st['blobs']}  filling {st['blobs_filling']}  chunks in flight {st['fills_inflight']}  jobs {st['jobs']}"
+    )
     for p in st["pins"]:
         print(f"pinned {p['repo']}@{p['revision']} ({p['commit'][:12]}) {p['mode']}")
     return 0

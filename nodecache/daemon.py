@@ -360,6 +360,7 @@ class Daemon:
                 for t in self.store.tiers.values()
             ],
             "fills_inflight": self.filler.inflight,
+            "blobs_filling": self.filler.filling,
             "jobs": self.jobs.counts(),
             "blobs": self.blob_counts(),
             "pins": [

@@ -94,6 +94,11 @@ class Filler:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def filling(self) -> int:
+        """Blobs with a whole-blob fill or its proof still running (0: the node is quiet)."""
+        return len(self._background.keys() | self._finishing.keys())
+
     def hold(self, blob_id: str) -> None:
         """An open handle (FUSE open, an HTTP download): keep the blob until release()."""
         self._open[blob_id] = self._open.get(blob_id, 0) + 1

@@ -320,7 +320,8 @@ def test_wait_for_cache_fills_before_returning(hub, daemons, csi, big_repo):
 
 
 def test_wait_for_cache_is_bounded_and_concurrent_calls_abort(hub, daemons, csi):
-    hub.faults.extend(Fault("slow", seconds=1.0) for _ in range(200))
+    held = Fault("hold")  # the fill's first response waits for the test: the model cannot be complete
+    hub.faults.append(held)
     d = daemons(repos=(SMALL, BIG))
     c = csi(d, extra=["--wait-timeout", "2"])
     t = c.target()
@@ -336,13 +337,15 @@ def test_wait_for_cache_is_bounded_and_concurrent_calls_abort(hub, daemons, csi)
     th = threading.Thread(target=slow_publish)
     start = time.monotonic()
     th.start()
-    time.sleep(0.5)
-    assert code_of(lambda: c.publish(t, {"model": BIG, "waitForCache": "true"})) == grpc.StatusCode.ABORTED
-    th.join(30)
-    assert first == [grpc.StatusCode.UNAVAILABLE], "kubelet retries UNAVAILABLE"
-    assert time.monotonic() - start < 10
-    assert mounts.at(str(t)) == []
-    hub.faults.clear()
+    try:
+        assert held.reached.wait(30), "the publish never started a fill"  # so it is in flight now
+        assert code_of(lambda: c.publish(t, {"model": BIG, "waitForCache": "true"})) == grpc.StatusCode.ABORTED
+        th.join(30)
+        assert first == [grpc.StatusCode.UNAVAILABLE], "kubelet retries UNAVAILABLE"
+        assert time.monotonic() - start < 20, "bounded by --wait-timeout (2 s), not by the fill"
+        assert mounts.at(str(t)) == []
+    finally:
+        held.release.set()
 
 
 def test_unpublish_of_a_dead_bind(hub, daemons, csi):
@@ -496,7 +499,7 @@ def test_mountinfo_parsing_and_probe_of_a_hung_path(monkeypatch):
 
     def hang(path):
         if path == "/hung":
-            release.wait(10)
+            release.wait(60)
             raise OSError(errno.ENOTCONN, "gone")
         return real(path)
 
@@ -504,7 +507,8 @@ def test_mountinfo_parsing_and_probe_of_a_hung_path(monkeypatch):
     before = threading.active_count()
     t0 = time.monotonic()
     assert [mounts.probe("/hung", 0.2) for _ in range(5)] == [errno.ETIMEDOUT] * 5
-    assert time.monotonic() - t0 < 1.5 and threading.active_count() <= before + 1
+    # each gave up after its own 0.2 s: waiting for the hung call would have taken 60 s
+    assert time.monotonic() - t0 < 30 and threading.active_count() <= before + 1
     release.set()
     wait_until(lambda: mounts.probe("/hung", 0.5) == errno.ENOTCONN, timeout=5, what="probe after release")
 

@@ -7,10 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir
+from conftest import BIG, SMALL, sha256_file, snapshot_dir
 
 from nodecache.testing.hub import Fault
 
@@ -35,18 +34,19 @@ def test_statfs_xattrs_and_unknown_requests(hub, daemons):
 def test_a_reader_killed_mid_read_leaves_the_daemon_serving(hub, daemons, big_repo):
     """The kernel interrupts the killed reader's requests; our late replies must not break the session."""
     d = daemons(repos=(BIG,), env={"NODECACHE_FILL_ON_OPEN": "false"})
-    hub.rate_limit_bps = MiB  # slow enough that the reader is still waiting when it dies
+    held = Fault("hold")  # one response waits for the test: the reader cannot finish the file
+    hub.faults.append(held)
     path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
     reader = subprocess.Popen([sys.executable, "-c", f"open({str(path)!r}, 'rb').read()"])
     try:
-        time.sleep(1.0)
-        assert reader.poll() is None, "the reader finished before it could be killed"
+        assert held.reached.wait(30), "the reader's reads never reached upstream"
+        assert reader.poll() is None, "the reader finished without a byte it needs"
         reader.send_signal(signal.SIGKILL)
         reader.wait(10)
     finally:
+        held.release.set()  # the late reply lands after its reader is gone
         if reader.poll() is None:
             reader.kill()
-    hub.rate_limit_bps = None
     assert sha256_file(path) == sha256_file(big_repo / "weights.bin")
     assert d.status()["ready"]
 
@@ -58,11 +58,12 @@ def test_a_reader_killed_mid_read_leaves_the_daemon_serving(hub, daemons, big_re
 def test_a_reader_waiting_on_a_slow_fill_dies_at_once(hub, daemons, big_repo, how, sig):
     """FUSE INTERRUPT. A read the reader waits on directly (O_DIRECT; also every lookup)
     keeps a killed or signalled process in the kernel until it is answered; we answer
-    EINTR at once instead of after the fill (here 8 s), and the fill goes on. A buffered
+    EINTR at once instead of after the fill (here: never, until the test releases it), and the fill goes on. A buffered
     read waits on page locks, which only a fatal signal breaks (the kernel's doing)."""
     d = daemons(repos=(BIG,), env={"NODECACHE_FILL_ON_OPEN": "false", "NODECACHE_READ_AHEAD_CHUNKS": "0"})
     path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
-    hub.faults.append(Fault("slow", seconds=8))  # the first data response waits 8 s
+    held = Fault("hold")  # the reader's one request waits upstream until the reader is dead
+    hub.faults.append(held)
     flags = "os.O_RDONLY | os.O_DIRECT" if how == "O_DIRECT" else "os.O_RDONLY"
     code = (
         f"import mmap, os; fd = os.open({str(path)!r}, {flags}); print('open', flush=True); "
@@ -71,17 +72,13 @@ def test_a_reader_waiting_on_a_slow_fill_dies_at_once(hub, daemons, big_repo, ho
     reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert reader.stdout.readline() == "open\n"
-        deadline = time.monotonic() + 10
-        while "nodecache_fill_inflight 1.0" not in d.metrics() and time.monotonic() < deadline:
-            time.sleep(0.05)  # until its read waits on upstream
-        assert "nodecache_fill_inflight 1.0" in d.metrics(), "the read never reached upstream"
-        time.sleep(0.3)
-        t0 = time.monotonic()
+        assert held.reached.wait(30), "the read never reached upstream"  # the reader waits on it now
         reader.send_signal(sig)
-        reader.wait(10)
-        assert time.monotonic() - t0 < 3, "the reader waited for the fill"
+        # the fill cannot end while held: a reader that waited for it would be here until read_timeout (20 s)
+        reader.wait(15)
         assert reader.returncode != 0
     finally:
+        held.release.set()
         if reader.poll() is None:
             reader.kill()
             reader.wait(30)

@@ -341,6 +341,9 @@ def test_fault_hold_waits_for_the_test(hub: HubEmulator) -> None:
     fault.release.set()
     t.join(10)
     assert got == [FILES["config.json"]]
+    later = Fault("500", after=2)
+    hub.faults.append(later)
+    assert [request(hub.url, f"/{REPO}/resolve/main/config.json")[0] for _ in range(4)] == [200, 200, 500, 200]
 
 
 def test_down(hub: HubEmulator) -> None:

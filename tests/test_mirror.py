@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIG, SMALL, MiB, _need_fuse, sha256_file
+from conftest import BIG, SMALL, MiB, _need_fuse, sha256_file, wait_until
 
 from nodecache.testing.daemon import DaemonProcess
 from nodecache.testing.hub import HubEmulator
@@ -81,15 +81,15 @@ def raw(daemon: DaemonProcess, method: str, path: str, headers: dict | None = No
         conn.close()
 
 
-def wait_settled(daemon: DaemonProcess, hub: HubEmulator, timeout: float = 20) -> None:
-    """Background fills (started by GETs) are over: upstream bytes stop moving, nothing in flight."""
-    deadline, last = time.monotonic() + timeout, -1
-    while time.monotonic() < deadline:
-        m = [ln for ln in daemon.metrics().splitlines() if ln.startswith("nodecache_fill_inflight ")]
-        if m and float(m[0].split()[1]) == 0 and hub.stats.data_bytes == last:
-            return
-        last = hub.stats.data_bytes
-        time.sleep(0.3)
+def wait_settled(daemon: DaemonProcess) -> None:
+    """Background fills (started by GETs) are over, as the daemon says: no blob filling or
+    being proven, no chunk in flight."""
+
+    def quiet() -> bool:
+        st = daemon.status()
+        return st["blobs_filling"] == 0 and st["fills_inflight"] == 0
+
+    wait_until(quiet, "background fills to end")
 
 
 def test_hf_client_through_mirror(daemons, hub, small_repo, big_repo, tmp_path):
@@ -141,7 +141,7 @@ print(json.dumps(out))
     assert out["ds"] == "a,b\n1,2\n" and out["ds_files"] == ["README.md", "data/train.csv"]
     assert out["pr"] == ['{"pr": 1}', pr_commit]
     # One upstream fetch per byte, however many clients and calls wanted it.
-    wait_settled(d, hub)
+    wait_settled(d)
     total = sum(p.stat().st_size for r in (small_repo, big_repo) for p in r.rglob("*") if p.is_file()) + 100
     assert hub.stats.data_bytes <= total
     # The repos the mirror resolved are in the FUSE view too.
@@ -186,7 +186,7 @@ def test_concurrent_cold_clients_share_one_fetch_and_stream_early(daemons, hub, 
     assert len(results) == 4 and {r[0] for r in results.values()} == {want}
     assert all(r[2] == 72 * MiB for r in results.values())
     assert min(r[1] for r in results.values()) < 72 * MiB // 2, "first bytes waited for the whole fill"
-    wait_settled(d, hub)
+    wait_settled(d)
     assert hub.stats.data_bytes == 72 * MiB, "one upstream fetch for all clients"
 
 
@@ -319,7 +319,7 @@ print(json.dumps({{"snap": tree_hashes(snapshot_download({SMALL!r}, cache_dir={s
 """
     want = source_hashes(small_repo)
     assert run_client(d, tmp_path, code)["snap"] == want
-    wait_settled(d, hub)
+    wait_settled(d)
     assert raw(d, "HEAD", f"/{BIG}/resolve/main/weights.bin")[0] == 200  # BIG known public, no bytes
     hub.down = True
     status, headers, body = raw(d, "GET", f"/{SMALL}/resolve/main/config.json")

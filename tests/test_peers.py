@@ -93,12 +93,22 @@ def test_owner_killed_mid_transfer_others_fall_back_then_it_resumes(cluster_fact
     c = cluster_factory({REPO: shared_repo}, nodes=3, upstream_mbit=800)
     name = "model-00000-of-00002.safetensors"
     want = sha256_file(shared_repo / name)
-    killer = threading.Timer(1.5, c.nodes[2].kill9)
+    reading, killed_mid_transfer = threading.Event(), []
+
+    def kill_once_it_serves() -> None:  # the owner of a third of the chunks, once it has sent some
+        wait_until(lambda: counter(c.nodes[2], "nodecache_peer_bytes_sent_total") > 0, "node 2 serving peers")
+        killed_mid_transfer.append(reading.is_set())
+        c.nodes[2].kill9()
+
+    killer = threading.Thread(target=kill_once_it_serves)
     killer.start()
     try:
+        reading.set()
         got = read_all(c, (0, 1), REPO, [name])
+        reading.clear()
     finally:
-        killer.join()
+        killer.join(120)
+    assert killed_mid_transfer == [True], "the readers were done before the owner died"
     assert got == {(0, name): want, (1, name): want}
     assert c.nodes[2].proc.returncode is not None
     fallbacks = sum(counter(n, "nodecache_peer_fallbacks_total") for n in c.nodes[:2])

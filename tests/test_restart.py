@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import time
 
 import pytest
-from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir
+from conftest import BIG, SMALL, MiB, counter, sha256_file, snapshot_dir, wait_until
 
 from nodecache.testing.hub import Fault
 
@@ -16,7 +15,7 @@ def test_restart_serves_everything_with_upstream_gone(hub, daemons, small_repo):
     snap = snapshot_dir(d, SMALL, hub.commits[SMALL])
     want = {p.relative_to(small_repo): sha256_file(p) for p in small_repo.rglob("*") if p.is_file()}
     assert {rel: sha256_file(snap / rel) for rel in want} == want
-    time.sleep(0.5)  # let background whole-blob verification finish
+    wait_until(lambda: d.status()["blobs"]["complete"] == len(want), "every blob verified")
     assert d.stop() == 0
     hub.stop()  # upstream is gone for good
     d2 = daemons(repos=(SMALL,), cache_dir=d.cache_dir)
@@ -25,32 +24,31 @@ def test_restart_serves_everything_with_upstream_gone(hub, daemons, small_repo):
 
 
 def test_kill9_during_fill_resumes_without_wrong_bytes(hub, daemons, big_repo):
-    # Slow every data response down so the crash lands mid-fill.
-    hub.faults.extend(Fault("slow", seconds=0.3) for _ in range(40))
+    # The 10th data response waits for the test: the crash lands mid-fill, whatever the machine's speed.
+    held = Fault("hold", after=9)
+    hub.faults.append(held)
     d = daemons(repos=(BIG,), env={"NODECACHE_FSYNC": "true"})
     path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
     with open(path, "rb") as f:
         head = f.read(MiB)  # opens the blob: background fill starts
-    deadline = time.monotonic() + 20
-    while float(_cached(path)) < 0.1 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    frac_before = float(_cached(path))
-    assert 0 < frac_before < 1, "crash must land mid-fill"
-    d.kill9()
-    hub.faults.clear()
-    # Responses to the dead daemon still sleeping in their "slow" fault are counted when
-    # they wake; let them settle so only the restarted daemon's requests are counted.
-    time.sleep(1.0)
-    hub.stats.reset()
-    d2 = daemons(repos=(BIG,), cache_dir=d.cache_dir)
-    want = (big_repo / "weights.bin").read_bytes()
-    assert head == want[:MiB]
-    assert float(_cached(path)) >= frac_before - 1 / 72, "verified chunks survive the crash"
-    got = path.read_bytes()
-    assert hashlib.sha256(got).digest() == hashlib.sha256(want).digest()
-    refetched = sum(e - s for _, s, e in hub.stats.ranges)
-    assert refetched < len(want), "the restart resumed instead of starting over"
-    assert d2.proc.poll() is None
+    try:
+        assert held.reached.wait(30), "the fill never got to its 10th request"
+        wait_until(lambda: float(_cached(path)) >= 0.1, "some chunks recorded")  # 9 responses of 1-2 chunks
+        frac_before = float(_cached(path))
+        assert frac_before < 1, "the held chunk is missing"
+        d.kill9()
+        hub.stats.reset()  # the held response is counted when released, after the restart's reads
+        d2 = daemons(repos=(BIG,), cache_dir=d.cache_dir)
+        want = (big_repo / "weights.bin").read_bytes()
+        assert head == want[:MiB]
+        assert float(_cached(path)) >= frac_before - 1 / 72, "verified chunks survive the crash"
+        got = path.read_bytes()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(want).digest()
+        refetched = sum(e - s for _, s, e in hub.stats.ranges)
+        assert refetched < len(want), "the restart resumed instead of starting over"
+        assert d2.proc.poll() is None
+    finally:
+        held.release.set()
 
 
 def _cached(path) -> str:
@@ -78,15 +76,22 @@ def test_kill9_during_eviction_churn_leaves_a_consistent_store(hub, daemons, tmp
 
         def churn(snap=snap) -> None:
             try:
-                for name in rng.sample(sorted(files), k=len(files)):
+                for name in [*rng.sample(sorted(files), k=len(files))] * 2:  # 72 MiB through 16
                     (snap / name).read_bytes()
             except OSError:  # the crash lands mid-read
                 pass
 
         t = threading.Thread(target=churn)
         t.start()
-        time.sleep(0.3 + 0.2 * round_)
+        wait_until(  # a little later each round
+            lambda d=d, n=1 + round_: counter(d, "nodecache_evictions_total", tier="disk") >= n,
+            "reads forcing evictions",
+        )
+        held = Fault("hold")  # the next data response waits for the test: the crash lands mid-fill
+        hub.faults.append(held)
+        assert held.reached.wait(60), "the churn fetched nothing more"
         d.kill9()
+        held.release.set()
         t.join(30)  # the next `serve` detaches the dead mount itself
 
     d = daemons(repos=("org/churn",), env=env, cache_dir=cache, workdir=tmp_path)

@@ -55,13 +55,15 @@ class Fault:
     "whole" (200 with the whole file: a server that ignores Range). `whole=True` makes
     any kind answer that way. "hold": the response waits before its first byte until
     the test sets `release`, and sets `reached` when it gets there (so a test can act
-    while a request is known to be in flight).
+    while a request is known to be in flight). `after`: let that many data responses
+    through unharmed first (the fault stays at the head of the queue meanwhile).
     """
 
     kind: FaultKind
     seconds: float = 0.0  # delay before the first byte, for "slow"
     at: int | None = None  # file offset of the byte "flip" inverts
     whole: bool = False
+    after: int = 0
     reached: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
     release: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
@@ -526,6 +528,9 @@ class HubEmulator:
     async def _send(self, request: web.Request, f: _File, headers: dict[str, str]) -> web.StreamResponse:
         """Serve (a range of) a file in bounded chunks, applying throttle and faults."""
         fault = self.faults[0] if self.faults and request.method != "HEAD" else None
+        if fault and fault.after > 0:
+            fault.after -= 1
+            fault = None
         kind = fault.kind if fault else None
         rng = _parse_range(request.headers.get("Range"), f.size)
         if fault and (fault.whole or kind == "whole"):
