@@ -300,8 +300,10 @@ def test_metrics_move_with_local_and_upstream_reads(hub, daemons, small_repo):
     first = samples()
     assert first[("nodecache_read_bytes_total", (("source", "upstream"),))] > 0
     assert first[("nodecache_upstream_bytes_total", (("upstream", "hf"),))] >= size
-    Path("/proc/sys/vm/drop_caches").write_text("1")  # make the kernel ask the daemon again
+    with open(path, "rb") as f:  # drop this file's pages, not the host's: the kernel asks the daemon again
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     path.read_bytes()
+    wait_until(lambda: d.status()["blobs"]["complete"] == 1, "model.safetensors verified")
     second = samples()
     local = ("nodecache_read_bytes_total", (("source", "local"),))
     assert second.get(local, 0) > first.get(local, 0)

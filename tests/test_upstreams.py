@@ -307,10 +307,10 @@ def test_s3_plain_prefix_through_the_mount(daemons, moto, bucket, small_repo):
     assert moto.env["AWS_SECRET_ACCESS_KEY"] not in d.log() + m
 
 
-def test_s3_hf_cache_and_local_dir_copies_keep_real_ids(daemons, hub, moto, bucket, small_repo, tmp_path):
+def test_s3_hf_cache_and_local_dir_copies_keep_real_ids(daemons, hub, moto, bucket, small_repo, tmp_path, monkeypatch):
     from huggingface_hub import snapshot_download
 
-    os.environ.pop("HF_HUB_OFFLINE", None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # restored after the test
     cache = tmp_path / "hfcache"
     snapshot_download(SMALL, cache_dir=str(cache), endpoint=hub.url)
     local_dir = tmp_path / "localdir"
