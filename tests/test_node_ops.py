@@ -156,7 +156,7 @@ def test_min_free_is_always_left_on_the_filesystem(hub, small_fs, daemons, evict
         assert sha256_file(snap / name) == sha256_file(evict_repos[EVICT] / name)
         wait_until(lambda name=name: verified(snap / name), f"{name} verified")
         assert free() >= min_free - slack, (name, free())
-    assert counter(d, "nodecache_evictions_total", tier="disk") >= 2, "min_free made room by evicting"
+    assert counter(d, "nodecache_evictions_total", tier="disk") >= 1, "min_free made room by evicting"
     tier = d.status()["tiers"][0]
     assert tier["fs_free"] >= min_free - slack and tier["used"] <= 64 * MiB - min_free
 

@@ -91,7 +91,11 @@ class DaemonProcess:
 
     def start(self, timeout: float = 30.0) -> DaemonProcess:
         """Start `serve` and wait for /readyz. A dead mount left by kill -9 stays for `serve` to detach."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"already running (pid {self.proc.pid})")
         stale = len(mounts.at(os.path.abspath(self.mount)))
+        if stale and mounts.probe(os.path.abspath(self.mount), 5.0) not in mounts.STALE_ERRNOS:
+            raise RuntimeError(f"a live mount is at {self.mount} already: another daemon serves there")
         self.killed = False
         if not stale:  # with a dead mount here, mkdir would fail with ENOTCONN: serve makes it
             self.mount.mkdir(parents=True, exist_ok=True)
@@ -158,7 +162,8 @@ class DaemonProcess:
         return self.proc.returncode
 
     def __enter__(self) -> DaemonProcess:
-        return self.start()
+        running = self.proc is not None and self.proc.poll() is None
+        return self if running else self.start()  # `with d.start():` starts it once
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
