@@ -158,7 +158,7 @@ def test_min_free_is_always_left_on_the_filesystem(hub, small_fs, daemons, evict
         assert free() >= min_free - slack, (name, free())
     assert counter(d, "nodecache_evictions_total", tier="disk") >= 1, "min_free made room by evicting"
     tier = d.status()["tiers"][0]
-    assert tier["fs_free"] >= min_free - slack and tier["used"] <= 64 * MiB - min_free
+    assert tier["fs_free"] >= min_free - slack and tier["used"] <= 64 * MiB - min_free + slack
 
 
 def test_shm_tier_takes_small_files_and_hot_pins(hub, daemons, tmp_path, small_repo):
