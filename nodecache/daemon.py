@@ -40,6 +40,7 @@ from .repos import RepoRef, ensure_repo, snapshot_blobs
 from .scrub import Scrubber
 from .server import OneLineBadRequests, make_app
 from .store import Store, Tier
+from .tree import HubTree
 from .upstream import NotFound, UpstreamError
 from .upstream.hf import HfUpstream
 from .upstream.sources import build_sources
@@ -185,7 +186,7 @@ class Daemon:
         )
         blobs = snapshot_blobs(self.index, ref)
         if self.fs is not None:
-            self.fs.set_tree(layout.build_root(self.index.views()))
+            self.fs.repo_changed(ref.repo_type, ref.repo_id)
         total = sum(self.filler.record(b).size for b in dict.fromkeys(blobs))
         return ref, total, blobs
 
@@ -429,9 +430,9 @@ class Daemon:
             if ref.commit != commit:
                 log.info("%s@%s moved %s -> %s", repo_id, revision, commit[:12], ref.commit[:12])
                 changed += 1
+                if self.fs is not None:
+                    self.fs.repo_changed(repo_type, repo_id)
         if changed:
-            if self.fs is not None:
-                self.fs.set_tree(layout.build_root(self.index.views()))
             self.refresh_pins()
             for ref, _ in self.pinned_refs():
                 blobs = snapshot_blobs(self.index, ref)
@@ -582,7 +583,7 @@ class Daemon:
         clear_stale_mount(mountpoint.absolute())
         mountpoint.mkdir(parents=True, exist_ok=True)
         mountpoint = mountpoint.resolve()  # now, before mounting: later it would stat our own mount
-        self.fs = NodecacheFS(layout.build_root(self.index.views()), self.filler, self.metrics, self.cfg.fill_on_open)
+        self.fs = NodecacheFS(HubTree(self.index), self.filler, self.metrics, self.cfg.fill_on_open)
         if self.cfg.on_demand:
             self.fs.on_demand = self.resolve_on_demand
         opens = self.metrics.fuse_opens
@@ -592,6 +593,7 @@ class Daemon:
             passthrough=self.cfg.passthrough,
             on_open=lambda passthrough: opens.labels("passthrough" if passthrough else "served").inc(),
         )
+        self.fs.kernel = session
         try:
             session.mount()
         except OSError as e:  # e.g. no /dev/fuse, not root, mountpoint busy: one clear line

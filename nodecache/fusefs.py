@@ -11,25 +11,29 @@ still filling is served by `read()` through the fill path, with keep_cache.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .fill import Filler, FillError
 from .fuseproto import ENOATTR, Attr
-from .fusesession import FuseError, Opened
+from .fusesession import FuseError, Opened, Session
 from .layout import MAX_NAME, InvalidName, Node
 from .metrics import Metrics
+from .tree import HubTree
 
 log = logging.getLogger(__name__)
 
 XATTR_CACHED = b"user.nodecache.cached"
-_LONG = 300.0  # blobs and snapshots never change under a name
-_SHORT = 1.0  # refs/ and repo listings do
+_LONG = 86400.0  # blobs/ and snapshots/<commit>/ never change under a name: the kernel may keep them a day
+_SHORT = 1.0  # refs/ and repo listings do (and are invalidated explicitly when they do)
 ROOT_INODE = 1
 
 
@@ -65,7 +69,7 @@ def _guard(op: str):
 class NodecacheFS:
     """Inodes are assigned per path on first lookup and stay stable across tree swaps."""
 
-    def __init__(self, root: Node, filler: Filler, metrics: Metrics, fill_on_open: bool = True):
+    def __init__(self, tree: HubTree, filler: Filler, metrics: Metrics, fill_on_open: bool = True):
         self.filler = filler
         self.metrics = metrics
         self.fill_on_open = fill_on_open
@@ -76,12 +80,18 @@ class NodecacheFS:
         self._handles: dict[int, Node] = {}
         self._generation: dict[int, int] = {}  # fh -> its blob's generation at open (see Filler.read)
         self._next_fh = 1
-        self.root = root
+        self.tree = tree
+        self.root = tree.root
         self.on_demand = None  # async (folder name) -> bool: resolve an unknown repo upstream
+        self.kernel: Session | None = None  # the mounted session, told to drop what it caches of a changed repo
 
-    def set_tree(self, root: Node) -> None:
-        """Swap in a rebuilt tree (new refs or snapshots); inodes keep their paths."""
-        self.root = root
+    def repo_changed(self, repo_type: str, repo_id: str) -> None:
+        """The index has a new repo, ref or snapshot: show it, and make the kernel
+        look the repo's folder up again (its dentries below go with it)."""
+        folder = self.tree.repo_changed(repo_type, repo_id)
+        hub = self._ino_of.get("hub")
+        if folder is not None and hub is not None and self.kernel is not None:
+            asyncio.get_running_loop().create_task(self.kernel.invalidate_entries([(hub, folder.encode())]))
 
     # tree helpers ------------------------------------------------------------
 
@@ -104,7 +114,8 @@ class NodecacheFS:
         return ino
 
     def _attr(self, path: str, node: Node) -> Attr:
-        short = "/refs" in path or path.count("/") <= 1
+        parts = path.split("/", 4)  # hub/<repo>/{snapshots/<commit>,blobs/<id>}/...
+        short = len(parts) < 4 or parts[2] not in ("snapshots", "blobs")
         a = Attr(self._ino(path), stat.S_IFREG | 0o444, timeout=_SHORT if short else _LONG, time_ns=self._time_ns)
         if node.kind == "dir":
             a.mode, a.nlink = stat.S_IFDIR | 0o555, 2
@@ -130,7 +141,7 @@ class NodecacheFS:
             raise FuseError(errno.ENOENT)
         node = parent.children.get(text)
         if node is None and path == "hub" and self.on_demand is not None and await self.on_demand(text):
-            node = self.root.children["hub"].children.get(text)
+            node = self.tree.hub.children.get(text)
         if node is None:
             raise FuseError(errno.ENOENT)
         child = f"{path}/{text}" if path else text
@@ -155,11 +166,12 @@ class NodecacheFS:
         return inode
 
     @_guard("readdir")
-    async def readdir(self, fh: int, start: int) -> list[tuple[bytes, Attr]]:
-        """Entries from index `start` on; the session packs as many as fit."""
+    async def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr]]:
+        """Entries from index `start` on, made as the session packs them: a page
+        of a huge folder costs that page (the sorted names are kept per folder)."""
         path, node = self._node(fh)
-        names = sorted(node.children)[start:]
-        return [(n.encode(), self._attr(f"{path}/{n}" if path else n, node.children[n])) for n in names]
+        children, prefix = node.children, f"{path}/" if path else ""
+        return ((n.encode(), self._attr(prefix + n, children[n])) for n in itertools.islice(node.names(), start, None))
 
     async def releasedir(self, fh: int) -> None:
         return None
@@ -173,8 +185,15 @@ class NodecacheFS:
     async def getxattr(self, inode: int, name: bytes) -> bytes:
         if name != XATTR_CACHED:
             raise FuseError(ENOATTR)
-        _, node = self._node(inode)
-        recs = [self.filler.record(b) for b in set(_blob_ids(node))]
+        path, node = self._node(inode)
+        if path.count("/") <= 1 and node.kind == "dir":  # the root, hub/ or a repo: its blobs/ hold all
+            repos = [node] if path.count("/") == 1 else self.tree.hub.children.values()
+            ids = (
+                b for r in repos if r.kind == "dir" and "snapshots" in r.children for b in r.children["blobs"].children
+            )
+        else:
+            ids = _blob_ids(node)
+        recs = [self.filler.record(b) for b in set(ids)]
         total = sum(r.size for r in recs)
         done = sum(self.filler.cached_bytes(r.blob_id) for r in recs)
         frac = done / total if total else 1.0

@@ -48,6 +48,7 @@ ENOATTR = 61  # ENODATA: what getxattr returns for a missing attribute
 
 # notifications: unsolicited messages to the kernel (unique 0, the code where a reply has its error)
 NOTIFY_INVAL_INODE = 2
+NOTIFY_INVAL_ENTRY = 3
 
 # ioctls on /dev/fuse: register / drop a backing file for passthrough
 _IOC_WRITE = 1
@@ -72,6 +73,7 @@ DIRENT_HEAD = struct.Struct("<QQII")  # ino off namelen type
 KSTATFS = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen frsize padding spare
 BACKING_MAP = struct.Struct("<iIQ")  # fd flags padding
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
+NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen flags, then the name NUL-terminated
 INIT_OUT_SIZE = 64
 
 
@@ -160,6 +162,12 @@ def notify_inval_inode(ino: int, offset: int = 0, length: int = 0) -> bytes:
     and its cached attributes. A negative offset drops the attributes only."""
     body = NOTIFY_INVAL_INODE_OUT.pack(ino, offset, length)
     return OUT_HEADER.pack(OUT_HEADER.size + len(body), NOTIFY_INVAL_INODE, 0) + body
+
+
+def notify_inval_entry(parent: int, name: bytes) -> bytes:
+    """Ask the kernel to forget the dentry `name` in `parent` (and every dentry below it)."""
+    body = NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), 0) + name + b"\0"
+    return OUT_HEADER.pack(OUT_HEADER.size + len(body), NOTIFY_INVAL_ENTRY, 0) + body
 
 
 def open_out(fh: int, flags: int = 0, backing_id: int = 0) -> bytes:

@@ -15,7 +15,7 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -51,7 +51,7 @@ class Operations(Protocol):
     async def getattr(self, ino: int) -> p.Attr: ...
     async def readlink(self, ino: int) -> bytes: ...
     async def opendir(self, ino: int) -> int: ...
-    async def readdir(self, fh: int, start: int) -> list[tuple[bytes, p.Attr]]: ...
+    async def readdir(self, fh: int, start: int) -> Iterable[tuple[bytes, p.Attr]]: ...
     async def releasedir(self, fh: int) -> None: ...
     async def statfs(self) -> tuple[int, int]: ...
     async def getxattr(self, ino: int, name: bytes) -> bytes: ...
@@ -162,22 +162,30 @@ class Session:
         under a read we have not answered yet stays locked until our loop answers.
         An inode the kernel does not know (forgotten, never looked up) is ENOENT.
         """
-        if self._fd < 0 or not inodes:
+        return await self._notify([p.notify_inval_inode(ino) for ino in inodes], "inode")
+
+    async def invalidate_entries(self, entries: list[tuple[int, bytes]]) -> int:
+        """Make the kernel forget these (parent inode, name) dentries, and all below
+        them: the next path walk through them comes to us. Returns how many it had."""
+        return await self._notify([p.notify_inval_entry(parent, name) for parent, name in entries], "entry")
+
+    async def _notify(self, messages: list[bytes], what: str) -> int:
+        if self._fd < 0 or not messages:
             return 0
         fd = os.dup(self._fd)  # ours: the session may close its fd (and the number be reused) meanwhile
 
         def work() -> int:
             dropped = 0
             try:
-                for ino in inodes:
+                for message in messages:
                     try:
-                        os.write(fd, p.notify_inval_inode(ino))
+                        os.write(fd, message)
                         dropped += 1
                     except OSError as e:
                         if e.errno == errno.ENOENT:
                             continue
                         if e.errno != errno.ENODEV:
-                            log.error("invalidating inode %d: %s", ino, e)
+                            log.error("invalidating an %s: %s", what, e)
                         break  # unmounted under us: nothing left to drop
             finally:
                 os.close(fd)
@@ -370,7 +378,7 @@ class Session:
             log.warning("closing backing id %d: %s", backing_id, e)
 
     @staticmethod
-    def _dirents(entries: list[tuple[bytes, p.Attr]], offset: int, size: int, plus: bool) -> bytes:
+    def _dirents(entries: Iterable[tuple[bytes, p.Attr]], offset: int, size: int, plus: bool) -> bytes:
         out, used = [], 0
         for i, (name, attr) in enumerate(entries, start=offset + 1):
             rec = p.dirent(name, attr, i, plus)

@@ -233,6 +233,54 @@ class Index:
             v.refs[revision] = commit
         return [found[k] for k in sorted(found)]
 
+    def repos(self) -> list[tuple[str, str]]:
+        """(repo_type, repo_id) of every repo with a snapshot, from the keys alone:
+        one cursor jump per repo, no file list read."""
+        out = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._snaps)
+            found = cur.first()
+            while found:
+                key = cur.key()
+                head = key.partition(b"\0")[0]
+                try:
+                    out.append(_split_key(key)[:2])
+                except _BAD:
+                    pass  # views() and get_snapshot() drop it
+                found = cur.set_range(head + b"\1")
+        return out
+
+    def _keys(self, db, repo_type: str, repo_id: str) -> list[tuple[bytes, bytes]]:
+        prefix = _repo_key(repo_type, repo_id)
+        out = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=db)
+            found = cur.set_range(prefix)
+            while found and cur.key().startswith(prefix):
+                out.append((bytes(cur.key()), bytes(cur.value()) if db is self._refs else b""))
+                found = cur.next()
+        return out
+
+    def commits(self, repo_type: str, repo_id: str) -> list[str]:
+        """The commits of one repo's snapshots (keys only)."""
+        n = len(_repo_key(repo_type, repo_id))
+        return [
+            k[n:].decode()
+            for k, _ in self._keys(self._snaps, repo_type, repo_id)
+            if COMMIT_RE.fullmatch(k[n:].decode())
+        ]
+
+    def refs(self, repo_type: str, repo_id: str) -> dict[str, str]:
+        """revision -> commit for one repo."""
+        out, bad = {}, []
+        for key, raw in self._keys(self._refs, repo_type, repo_id):
+            try:
+                out[validate_revision(_split_key(key)[2])] = _commit_of(raw)
+            except _BAD as e:
+                bad.append((key, e))
+        self._drop_invalid("refs", self._refs, bad)
+        return out
+
     def has_repo(self, repo_type: str, repo_id: str) -> bool:
         """Any snapshot of the repo recorded (without reading them all)."""
         prefix = _repo_key(repo_type, repo_id)

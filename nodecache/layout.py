@@ -8,10 +8,12 @@ name that comes from the outside before anything joins it to a path.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
 _PREFIX_TO_TYPE = {v: k for k, v in REPO_TYPES.items()}
@@ -147,26 +149,76 @@ class FileEntry:
     blob_id: str
 
 
-@dataclass
 class Node:
-    """A node of the presented tree. Exactly one of the kinds applies."""
+    """A node of the presented tree. Exactly one of the kinds applies.
 
-    kind: str  # "dir" | "blob" | "static" | "symlink"
-    children: dict[str, Node] = field(default_factory=dict)
-    blob_id: str = ""
-    size: int = 0
-    data: bytes = b""
-    target: str = ""
+    A folder's children may be given as a loader, run on first use: a snapshot
+    of 10^6 files costs nothing until someone looks into it, and then only the
+    folders of that snapshot. Its sorted names are kept once computed, so a
+    listing continues from an offset without sorting again.
+    """
+
+    __slots__ = ("kind", "_children", "_load", "_names", "blob_id", "size", "data", "target")
+
+    def __init__(
+        self,
+        kind: str,  # "dir" | "blob" | "static" | "symlink"
+        children: dict[str, Node] | None = None,
+        blob_id: str = "",
+        size: int = 0,
+        data: bytes = b"",
+        target: str = "",
+        load: Callable[[], dict[str, Node]] | None = None,
+    ):
+        self.kind = kind
+        self._children = children if children is not None or load is not None else {}
+        self._load = load
+        self._names: list[str] | None = None
+        self.blob_id, self.size, self.data, self.target = blob_id, size, data, target
 
     @classmethod
-    def dir(cls) -> Node:
-        return cls("dir")
+    def dir(cls, load: Callable[[], dict[str, Node]] | None = None) -> Node:
+        return cls("dir", load=load)
+
+    @property
+    def children(self) -> dict[str, Node]:
+        if self._children is None:
+            self._children = self._load()  # a loader that raises leaves the folder unloaded
+            self._load = None
+        return self._children
+
+    @property
+    def loaded(self) -> bool:
+        return self._children is not None
+
+    def names(self) -> list[str]:
+        """The children's names, sorted (computed once; `put` keeps it current)."""
+        if self._names is None:
+            self._names = sorted(self.children)
+        return self._names
+
+    def put(self, name: str, node: Node | None) -> None:
+        """Add, replace or (None) remove one child, keeping the sorted names."""
+        children = self.children
+        if self._names is not None and (name in children) != (node is not None):
+            i = bisect.bisect_left(self._names, name)
+            if node is None:
+                del self._names[i]
+            else:
+                self._names.insert(i, name)
+        if node is None:
+            children.pop(name, None)
+        else:
+            children[name] = node
 
     def child_dir(self, name: str) -> Node:
         node = self.children.get(name)
         if node is None:
             node = self.children[name] = Node.dir()
         return node
+
+    def __repr__(self) -> str:
+        return f"Node({self.kind!r})"
 
 
 def static(data: bytes) -> Node:
@@ -183,43 +235,84 @@ class RepoView:
     snapshots: dict[str, list[FileEntry]]  # commit -> files
 
 
-def build_repo_tree(view: RepoView) -> Node:
-    """`models--org--name/{blobs,refs,snapshots}` for one repo."""
-    repo = Node.dir()
-    blobs, refs, snaps = repo.child_dir("blobs"), repo.child_dir("refs"), repo.child_dir("snapshots")
-    for revision, commit in view.refs.items():
+def _refs_tree(refs: dict[str, str]) -> Node:
+    node = Node.dir()
+    for revision, commit in refs.items():
         parts = validate_revision(revision).split("/")
-        parent = refs
+        parent = node
         for part in parts[:-1]:
             parent = parent.child_dir(part)
         parent.children[parts[-1]] = static(commit.encode())  # no trailing newline
-    for commit, files in view.snapshots.items():
+    return node
+
+
+def _snapshot_children(files: list[FileEntry]) -> dict[str, Node]:
+    """One snapshot's folders, built in one pass over its files."""
+    snap = Node.dir()
+    for f in files:
+        parts = validate_relpath(f.path).split("/")
+        parent = snap
+        for part in parts[:-1]:
+            parent = parent.child_dir(part)
+        parent.children[parts[-1]] = Node("symlink", target=blob_symlink_target(f.path, f.blob_id))
+    return snap.children
+
+
+def lazy_repo_tree(refs: dict[str, str], commits: Iterable[str], files_of: Callable[[str], list[FileEntry]]) -> Node:
+    """`models--org--name/{blobs,refs,snapshots}`, each snapshot (and `blobs/`) built
+    from `files_of(commit)` when first looked into."""
+    commits = list(commits)
+    for commit in commits:
         if not COMMIT_RE.fullmatch(commit):
             raise InvalidName(f"invalid commit {commit!r}")
-        snap = snaps.child_dir(commit)
-        for f in files:
-            parts = validate_relpath(f.path).split("/")
-            parent = snap
-            for part in parts[:-1]:
-                parent = parent.child_dir(part)
-            parent.children[parts[-1]] = Node("symlink", target=blob_symlink_target(f.path, f.blob_id))
-            blobs.children[f.blob_id] = Node("blob", blob_id=f.blob_id, size=f.size)
+
+    def blobs() -> dict[str, Node]:
+        out: dict[str, Node] = {}
+        for commit in commits:
+            for f in files_of(commit):
+                out[validate_blob_id(f.blob_id)] = Node("blob", blob_id=f.blob_id, size=f.size)
+        return out
+
+    snaps = {c: Node.dir(functools.partial(lambda c: _snapshot_children(files_of(c)), c)) for c in commits}
+    return Node("dir", {"blobs": Node.dir(blobs), "refs": _refs_tree(refs), "snapshots": Node("dir", snaps)})
+
+
+def build_repo_tree(view: RepoView) -> Node:
+    """`models--org--name/{blobs,refs,snapshots}` for one repo, built (and checked) at once."""
+    repo = lazy_repo_tree(view.refs, view.snapshots, view.snapshots.__getitem__)
+    for _ in walk(repo):
+        pass
     return repo
 
 
-def build_hub_tree(views: Iterable[RepoView]) -> Node:
-    """The whole `hub/` directory: repos, `.locks/` and `CACHEDIR.TAG`.
+def hub_skeleton() -> Node:
+    """`hub/` without repos: `.locks/` and `CACHEDIR.TAG`.
 
     No `version.txt`: transformers >= 5 no longer reads it, and
     huggingface_hub's scan_cache_dir reports it as a corrupted repo.
     """
     hub = Node.dir()
     hub.children["CACHEDIR.TAG"] = static(CACHEDIR_TAG)
-    locks = hub.child_dir(".locks")
+    hub.child_dir(".locks")
+    return hub
+
+
+def put_repo(hub: Node, repo_type: str, repo_id: str, repo: Node | None) -> None:
+    """Show (or with None, hide) one repo folder and its `.locks/` folder."""
+    name = repo_folder_name(repo_type, repo_id)
+    hub.put(name, repo)
+    locks = hub.children[".locks"]
+    if repo is None:
+        locks.put(name, None)
+    elif name not in locks.children:
+        locks.put(name, Node.dir())
+
+
+def build_hub_tree(views: Iterable[RepoView]) -> Node:
+    """The whole `hub/` directory: repos, `.locks/` and `CACHEDIR.TAG`."""
+    hub = hub_skeleton()
     for view in views:
-        name = repo_folder_name(view.repo_type, view.repo_id)
-        hub.children[name] = build_repo_tree(view)
-        locks.child_dir(name)
+        put_repo(hub, view.repo_type, view.repo_id, build_repo_tree(view))
     return hub
 
 
@@ -235,28 +328,39 @@ def tree_listing(ids: dict[str, str], base: str, recursive: bool) -> tuple[list[
 
     Returns the file paths, and the directories with an oid (a sha1 over what
     they contain: stable for a snapshot, like the Hub's tree oids).
+
+    One pass over the paths, each feeding the hashes of the folders above it
+    that are listed: O(files x depth), not O(folders x files).
     """
     prefix = base + "/" if base else ""
     files: list[str] = []
-    dirs: set[str] = set()
+    hashes: dict[str, hashlib._Hash] = {}  # folder -> sha1 over its files
     for path in ids:
         if not path.startswith(prefix):
             continue
         parts = path[len(prefix) :].split("/")
         depth = len(parts) - 1 if recursive else min(1, len(parts) - 1)
-        dirs.update(prefix + "/".join(parts[:i]) for i in range(1, depth + 1))
+        for i in range(1, depth + 1):
+            d = prefix + "/".join(parts[:i])
+            if d not in hashes:
+                hashes[d] = hashlib.sha1()
         if recursive or len(parts) == 1:
             files.append(path)
-    oids = {}
-    for d in dirs:
-        listing = "".join(f"{p}\0{i}\n" for p, i in ids.items() if p.startswith(d + "/"))
-        oids[d] = hashlib.sha1(listing.encode()).hexdigest()
-    return files, oids
+    if hashes:
+        for path, blob_id in ids.items():
+            line = f"{path}\0{blob_id}\n".encode()
+            folder = path
+            while "/" in folder:
+                folder = folder.rsplit("/", 1)[0]
+                h = hashes.get(folder)
+                if h is not None:
+                    h.update(line)
+    return files, {d: h.hexdigest() for d, h in hashes.items()}
 
 
 def walk(node: Node, prefix: str = "") -> Iterable[tuple[str, Node]]:
     """Every (path, node) below `node`, parents first; handy for tests and `ls`."""
-    for name in sorted(node.children):
+    for name in node.names():
         child = node.children[name]
         path = f"{prefix}/{name}" if prefix else name
         yield path, child

@@ -19,9 +19,11 @@ from nodecache.layout import (
     blob_symlink_target,
     build_repo_tree,
     build_root,
+    lazy_repo_tree,
     parse_repo_folder,
     parse_repo_spec,
     repo_folder_name,
+    tree_listing,
     validate_blob_id,
     validate_relpath,
     validate_repo_id,
@@ -505,3 +507,57 @@ def test_parse_repo_spec(spec, expected):
 def test_parse_repo_spec_rejects(spec):
     with pytest.raises(InvalidName):
         parse_repo_spec(spec)
+
+
+def _tree_listing_by_definition(ids: dict[str, str], base: str, recursive: bool):
+    """The Hub's listing spelled out naively (O(folders x files)): what tree_listing must equal."""
+    prefix = base + "/" if base else ""
+    files, dirs = [], set()
+    for path in ids:
+        if path.startswith(prefix):
+            parts = path[len(prefix) :].split("/")
+            depth = len(parts) - 1 if recursive else min(1, len(parts) - 1)
+            dirs.update(prefix + "/".join(parts[:i]) for i in range(1, depth + 1))
+            if recursive or len(parts) == 1:
+                files.append(path)
+    oids = {}
+    for d in dirs:
+        listing = "".join(f"{p}\0{i}\n" for p, i in ids.items() if p.startswith(d + "/"))
+        oids[d] = hashlib.sha1(listing.encode()).hexdigest()
+    return files, oids
+
+
+@pytest.mark.parametrize("base", ["", "a", "a/b", "c", "missing"])
+@pytest.mark.parametrize("recursive", [False, True])
+def test_tree_listing_matches_its_definition(base, recursive):
+    ids = {p: gitsha1(p.encode()) for p in ["x.json", "a/1", "a/b/2", "a/b/c/3", "a/bb/4", "c/5", "ab/6", "a/7"]}
+    assert tree_listing(ids, base, recursive) == _tree_listing_by_definition(ids, base, recursive)
+
+
+def test_tree_listing_is_linear_in_files():
+    """10^5 files in 10^3 folders: one pass, not folders x files (that took minutes)."""
+    import time
+
+    ids = {f"part-{i // 100:04d}/shard-{i:06d}": BLOB for i in range(100_000)}
+    t0 = time.perf_counter()
+    files, oids = tree_listing(ids, "", True)
+    assert len(files) == 100_000 and len(oids) == 1000
+    assert time.perf_counter() - t0 < 10
+
+
+def test_lazy_folders_load_on_first_use_and_keep_sorted_names():
+    calls = []
+
+    def files_of(commit):
+        calls.append(commit)
+        return [FileEntry(f"d/f{i}", 1, BLOB) for i in (3, 1, 2)]
+
+    repo = lazy_repo_tree({"main": C1}, [C1, C2], files_of)
+    assert calls == []  # nothing read until a snapshot is looked into
+    snap = repo.children["snapshots"].children[C1]
+    assert snap.names() == ["d"] and calls == [C1]
+    d = snap.children["d"]
+    assert d.names() == ["f1", "f2", "f3"]
+    d.put("f0", Node("static", data=b""))
+    d.put("f2", None)
+    assert d.names() == ["f0", "f1", "f3"] == sorted(d.children)

@@ -156,16 +156,17 @@ def test_bad_names_are_enoent(hub, daemons, name):
         assert e.value.errno in (errno.ENOENT, errno.ENAMETOOLONG)
 
 
-def test_lookup_handler_refuses_dot_dot_and_long_names():
+def test_lookup_handler_refuses_dot_dot_and_long_names(tmp_path):
     """The kernel resolves `..` itself; the handler must refuse it anyway (NFS export, bugs)."""
     import asyncio
 
-    from nodecache import layout
     from nodecache.fusefs import ROOT_INODE, NodecacheFS
     from nodecache.fusesession import FuseError
+    from nodecache.index import Index
     from nodecache.metrics import Metrics
+    from nodecache.tree import HubTree
 
-    fs = NodecacheFS(layout.build_root([]), filler=None, metrics=Metrics())
+    fs = NodecacheFS(HubTree(Index(tmp_path / "index")), filler=None, metrics=Metrics())
 
     async def lookup(name: bytes) -> int:
         try:
