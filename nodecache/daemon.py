@@ -514,16 +514,39 @@ class Daemon:
 
     async def _add_configured(self, specs: list[str]) -> asyncio.Task | None:
         """Resolve the configured repos; one that fails never stops the others (or the start):
-        it is named in /v1/status and /readyz and retried with backoff until it resolves."""
+        it is named in /v1/status and /readyz and retried with backoff until it resolves.
+
+        A repo the index holds already is shown from it at once (a restart waits on
+        no upstream) and re-resolved in the background, like a ref refresh."""
         retry: dict[str, Iterator[float]] = {}
+        known = [spec for spec in specs if self._indexed(spec)]
         for spec in specs:
-            try:
-                ref, total, _ = await self.add_repo(spec)
-                log.info("repo %s: %d bytes", ref, total)
-            except Exception as e:  # a typo, a 404, the Hub down, metadata we refuse
-                retry[spec] = delays(base=2.0, cap=300.0)
-                self._failed(spec, e, next(retry[spec]))
-        return asyncio.get_running_loop().create_task(self._retry_configured(retry)) if retry else None
+            if spec not in known:
+                await self._add_configured_one(spec, retry)
+
+        async def background() -> None:
+            for spec in known:
+                await self._add_configured_one(spec, retry)
+            if retry:
+                await self._retry_configured(retry)
+
+        return asyncio.get_running_loop().create_task(background()) if known or retry else None
+
+    def _indexed(self, spec: str) -> bool:
+        try:
+            repo_type, repo_id, revision = layout.parse_repo_spec(spec)
+        except layout.InvalidName:
+            return False
+        commit = revision if layout.COMMIT_RE.fullmatch(revision) else self.index.get_ref(repo_type, repo_id, revision)
+        return commit is not None and commit in self.index.commits(repo_type, repo_id)
+
+    async def _add_configured_one(self, spec: str, retry: dict[str, Iterator[float]]) -> None:
+        try:
+            ref, total, _ = await self.add_repo(spec)
+            log.info("repo %s: %d bytes", ref, total)
+        except Exception as e:  # a typo, a 404, the Hub down, metadata we refuse
+            retry[spec] = delays(base=2.0, cap=300.0)
+            self._failed(spec, e, next(retry[spec]))
 
     def _failed(self, spec: str, e: Exception, wait: float) -> None:
         log.error("repo %s: %s (retrying in %.0f s)", spec, e, wait)

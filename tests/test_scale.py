@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 
 from conftest import BIG, SMALL, snapshot_dir
 from test_node_ops import api
 from test_updates import wait_for
 
 from nodecache.layout import repo_folder_name
+from nodecache.testing.daemon import DaemonProcess
 
 FLAT = "org/flat"
 N_FLAT = 3000
@@ -112,3 +114,22 @@ def test_cached_xattr_of_hub_and_repo_folders(hub, daemons):
     whole = float(os.getxattr(d.hub, "user.nodecache.cached"))
     assert 0 < whole < part, "hub/ counts the big repo too"
     assert float(os.getxattr(d.hub / ".locks", "user.nodecache.cached")) == 1.0
+
+
+def test_restart_shows_indexed_repos_without_waiting_on_the_upstream(hub, daemons, tmp_path):
+    """The index is enough to mount: configured repos are re-resolved in the background."""
+    d = daemons(repos=(SMALL,))
+    snap = snapshot_dir(d, SMALL, hub.commits[SMALL])
+    want = (snap / "config.json").read_bytes()
+    assert d.stop() == 0
+    silent = socket.socket()  # accepts connections (the kernel does) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with DaemonProcess(tmp_path / "again", url, [SMALL], cache_dir=d.cache_dir, env=d.env) as d2:
+            d2.start()
+            assert (snapshot_dir(d2, SMALL, hub.commits[SMALL]) / "config.json").read_bytes() == want
+            assert "cannot resolve upstream" not in d2.log(), "mounted while the re-resolution still waits"
+    finally:
+        silent.close()
