@@ -360,6 +360,28 @@ class Index:
         with self.env.begin(write=True) as txn:
             txn.put(rec.blob_id.encode(), json.dumps(asdict(rec)).encode(), db=self._blobs)
 
+    def add_blobs(self, recs: list[BlobRecord]) -> int:
+        """Record the blobs not known yet (or known only by an entry that fails its
+        check), in one transaction: a snapshot of 10^5 files is one commit, not 10^5.
+        Returns how many were recorded."""
+        for rec in recs:
+            check_blob(rec)
+        added = 0
+        with self.env.begin(write=True) as txn:
+            for rec in recs:
+                key = rec.blob_id.encode()
+                raw = txn.get(key, db=self._blobs)
+                if raw is not None:
+                    try:
+                        self._blob(key, raw)
+                        continue
+                    except _BAD as e:
+                        log.warning("index: replacing invalid blobs entry %r: %s", key[:200], e)
+                        self.on_invalid("blobs")
+                txn.put(key, json.dumps(asdict(rec)).encode(), db=self._blobs)
+                added += 1
+        return added
+
     def all_blobs(self) -> list[BlobRecord]:
         out, bad = [], []
         with self.env.begin() as txn:

@@ -38,9 +38,9 @@ def register(index: Index, chunk_size: int, repo_type: str, repo_id: str, revisi
         check_snapshot(res)
     except ValueError as e:  # InvalidName too
         raise UpstreamError(f"{repo_type} {repo_id}@{revision}: {e}") from None
-    for f in res.files:
-        if index.get_blob(f.entry.blob_id) is None:
-            rec = BlobRecord(
+    index.add_blobs(
+        [
+            BlobRecord(
                 blob_id=f.entry.blob_id,
                 size=f.entry.size,
                 kind=f.kind,
@@ -50,7 +50,9 @@ def register(index: Index, chunk_size: int, repo_type: str, repo_id: str, revisi
                 commit=res.commit,
                 path=f.entry.path,
             )
-            index.put_blob(rec)
+            for f in res.files
+        ]
+    )
     index.put_snapshot(repo_type, repo_id, res.commit, [f.entry for f in res.files])
     index.put_repo_meta(repo_type, repo_id, res.visibility)
     if revision != res.commit:  # huggingface_hub writes no ref for a commit revision

@@ -132,6 +132,23 @@ def test_views_group_refs_and_snapshots_by_repo_and_type(index: Index):
 
 def test_views_of_empty_index(index: Index):
     assert index.views() == []
+    assert index.repos() == []
+
+
+def test_per_repo_keys_without_reading_file_lists(index: Index):
+    """What the FUSE tree reads at start and per changed repo: keys, refs, commits of one repo."""
+    index.put_snapshot("model", "org/a", C1, [FileEntry("a.txt", 1, "a" * 40)])
+    index.put_snapshot("model", "org/a", C2, [])
+    index.put_ref("model", "org/a", "main", C2)
+    index.put_ref("model", "org/a", "refs/pr/1", C1)
+    index.put_snapshot("model", "org/ab", C3, [])  # a prefix of nothing: its own repo
+    index.put_snapshot("dataset", "org/a", C3, [])
+    index.put_ref("space", "org/app", "main", C1)  # a ref alone is no repo yet
+    assert index.repos() == [("dataset", "org/a"), ("model", "org/a"), ("model", "org/ab")]
+    assert index.commits("model", "org/a") == [C1, C2]
+    assert index.refs("model", "org/a") == {"main": C2, "refs/pr/1": C1}
+    assert index.commits("model", "org/ab") == [C3] and index.refs("model", "org/ab") == {}
+    assert index.commits("model", "nobody") == [] and index.refs("space", "org/app") == {"main": C1}
 
 
 # --- Index: blobs and chunks ---------------------------------------------------
@@ -148,6 +165,21 @@ def test_blob_records(index: Index):
     other = BlobRecord("b" * 40, 0, "gitsha1", CS)
     index.put_blob(other)
     assert sorted(index.all_blobs(), key=lambda r: r.blob_id) == [rec, other]
+
+
+def test_add_blobs_records_only_new_ones_in_one_transaction(index: Index):
+    done = BlobRecord("a" * 64, 10, "sha256", CS, state="complete")
+    index.put_blob(done)
+    with index.env.begin(write=True) as txn:  # an entry that fails its check is replaced
+        txn.put(b"c" * 40, b"{not json", db=index._blobs)
+    new = [BlobRecord("a" * 64, 10, "sha256", CS), BlobRecord("b" * 40, 3, "gitsha1", CS)]
+    new += [BlobRecord("b" * 40, 3, "gitsha1", CS), BlobRecord("c" * 40, 4, "gitsha1", CS)]
+    assert index.add_blobs(new) == 2
+    assert index.get_blob("a" * 64).state == "complete", "a known blob keeps its record"
+    assert index.get_blob("b" * 40) == new[1] and index.get_blob("c" * 40) == new[3]
+    with pytest.raises(ValueError):
+        index.add_blobs([BlobRecord("d" * 40, -1, "gitsha1", CS)])
+    assert index.get_blob("d" * 40) is None
 
 
 @pytest.mark.parametrize(("size", "n"), [(0, 1), (1, 1), (CS, 1), (CS + 1, 2), (3 * CS, 3), (3 * CS + 7, 4)])
