@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .fill import Filler, FillError
-from .fuseproto import ENOATTR, Attr
+from .fuseproto import ENOATTR, FATTR_FH, FATTR_KILL_SUIDGID, FATTR_LOCKOWNER, FATTR_MODE, FATTR_SIZE, FATTR_TIMES, Attr
 from .fusesession import FuseError, Opened, Session
 from .layout import MAX_NAME, InvalidName, Node
 from .metrics import Metrics
@@ -35,6 +35,14 @@ XATTR_CACHED = b"user.nodecache.cached"
 _LONG = 86400.0  # blobs/ and snapshots/<commit>/ never change under a name: the kernel may keep them a day
 _SHORT = 1.0  # refs/ and repo listings do (and are invalidated explicitly when they do)
 ROOT_INODE = 1
+MAX_LOCK_FILES = 10_000  # in-memory lock files under .locks/: a bound, not a store
+_LOCKS = "hub/.locks"
+
+
+def _is_ref(path: str) -> bool:
+    """`hub/<repo folder>/refs/...`: the files an old client rewrites."""
+    parts = path.split("/", 3)
+    return len(parts) == 4 and parts[0] == "hub" and parts[2] == "refs"
 
 
 def _guard(op: str):
@@ -80,6 +88,8 @@ class NodecacheFS:
         self._handles: dict[int, Node] = {}
         self._generation: dict[int, int] = {}  # fh -> its blob's generation at open (see Filler.read)
         self._next_fh = 1
+        self._rewrites: dict[int, bytearray] = {}  # fh of a ref opened for writing -> which bytes were rewritten
+        self._locks = 0  # lock files held in memory
         self.tree = tree
         self.root = tree.root
         self.on_demand = None  # async (folder name) -> bool: resolve an unknown repo upstream
@@ -118,7 +128,11 @@ class NodecacheFS:
         short = len(parts) < 4 or parts[2] not in ("snapshots", "blobs")
         a = Attr(self._ino(path), stat.S_IFREG | 0o444, timeout=_SHORT if short else _LONG, time_ns=self._time_ns)
         if node.kind == "dir":
-            a.mode, a.nlink = stat.S_IFDIR | 0o555, 2
+            a.mode, a.nlink = stat.S_IFDIR | (0o1777 if path.startswith(_LOCKS) else 0o555), 2
+        elif node.kind == "lock":
+            a.mode = stat.S_IFREG | 0o666
+        elif node.kind == "static" and _is_ref(path):
+            a.mode, a.size = stat.S_IFREG | 0o666, node.size  # rewriting it with what it holds succeeds
         elif node.kind == "symlink":
             a.mode, a.size = stat.S_IFLNK | 0o777, len(node.target)
         else:
@@ -159,11 +173,13 @@ class NodecacheFS:
         return node.target.encode()
 
     @_guard("opendir")
-    async def opendir(self, inode: int) -> int:
-        _, node = self._node(inode)
+    async def opendir(self, inode: int) -> Opened:
+        """A folder of a snapshot never changes: the kernel may keep its listing (FOPEN_CACHE_DIR)."""
+        path, node = self._node(inode)
         if node.kind != "dir":
             raise FuseError(errno.ENOTDIR)
-        return inode
+        parts = path.split("/", 4)
+        return Opened(inode, keep_cache=len(parts) >= 4 and parts[2] == "snapshots")
 
     @_guard("readdir")
     async def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr]]:
@@ -209,14 +225,12 @@ class NodecacheFS:
 
     @_guard("open")
     async def open(self, inode: int, flags: int) -> Opened:
+        path, node = self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
-            raise FuseError(errno.EROFS)
-        _, node = self._node(inode)
+            return self._open_for_writing(path, node, flags)
         if node.kind not in ("blob", "static"):
             raise FuseError(errno.EISDIR if node.kind == "dir" else errno.EINVAL)
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = node
+        fh = self._handle(node)
         backing = None
         if node.kind == "blob":
             self.filler.hold(node.blob_id)  # an open blob is never evicted
@@ -231,6 +245,8 @@ class NodecacheFS:
     @_guard("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._handles[fh]
+        if node.kind == "lock":
+            return b""
         if node.kind == "static":
             return node.data[off : off + size]
         t0 = time.perf_counter()
@@ -238,7 +254,90 @@ class NodecacheFS:
         self.metrics.fuse_read_seconds.observe(time.perf_counter() - t0)
         return data
 
+    # no-op writes ----------------------------------------------------------------
+    #
+    # Old clients (huggingface_hub 0.26 online) rewrite refs/<rev> with the commit it
+    # already holds and take lock files under .locks/. Those succeed; a write that
+    # would change any byte is EROFS. Lock files live in memory, bounded.
+
+    def _open_for_writing(self, path: str, node: Node, flags: int) -> Opened:
+        if node.kind == "lock":
+            return Opened(self._handle(node), direct_io=True)
+        if node.kind != "static" or not _is_ref(path) or flags & os.O_APPEND:
+            raise FuseError(errno.EROFS)
+        fh = self._handle(node)
+        # After O_TRUNC the whole content must be written again for the file to stay as it is.
+        self._rewrites[fh] = bytearray(len(node.data)) if flags & os.O_TRUNC else bytearray(b"\1" * len(node.data))
+        return Opened(fh, direct_io=True)
+
+    def _handle(self, node: Node) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = node
+        return fh
+
+    @_guard("write")
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        node = self._handles[fh]
+        if node.kind == "lock":
+            return len(data)  # a lock file's content is nobody's business: dropped
+        written = self._rewrites.get(fh)
+        if written is None or node.data[offset : offset + len(data)] != data:
+            raise FuseError(errno.EROFS)
+        written[offset : offset + len(data)] = b"\1" * len(data)
+        return len(data)
+
+    @_guard("flush")
+    async def flush(self, fh: int) -> None:
+        """Where a rewrite after O_TRUNC that left bytes out is refused (close() sees it)."""
+        written = self._rewrites.get(fh)
+        if written is not None and 0 in written:
+            raise FuseError(errno.EROFS)
+
+    @_guard("setattr")
+    async def setattr(self, inode: int, valid: int, size: int) -> Attr:
+        path, node = self._node(inode)
+        harmless = FATTR_TIMES | FATTR_FH | FATTR_LOCKOWNER | FATTR_KILL_SUIDGID
+        if node.kind == "lock":
+            harmless |= FATTR_MODE | FATTR_SIZE  # filelock chmods and truncates its lock file
+        elif node.kind == "static" and _is_ref(path) and size == node.size:
+            harmless |= FATTR_SIZE
+        if valid & ~harmless:
+            raise FuseError(errno.EROFS)
+        return self._attr(path, node)
+
+    @_guard("create")
+    async def create(self, parent_inode: int, name: bytes, flags: int) -> tuple[Attr, Opened]:
+        path, parent = self._node(parent_inode)
+        text = name.decode("utf-8", "strict")
+        if not path.startswith(_LOCKS + "/") or parent.kind != "dir" or path.count("/") != 2:
+            raise FuseError(errno.EROFS)  # lock files go in .locks/<repo folder>/ only
+        if text in (".", "..") or "/" in text or len(name) > MAX_NAME:
+            raise FuseError(errno.EINVAL)
+        node = parent.children.get(text)
+        if node is None:
+            if self._locks >= MAX_LOCK_FILES:
+                raise FuseError(errno.ENOSPC)
+            node = Node("lock")
+            parent.put(text, node)
+            self._locks += 1
+        elif node.kind != "lock":
+            raise FuseError(errno.EROFS)
+        return self._attr(f"{path}/{text}", node), Opened(self._handle(node), direct_io=True)
+
+    @_guard("unlink")
+    async def unlink(self, parent_inode: int, name: bytes) -> None:
+        path, parent = self._node(parent_inode)
+        node = parent.children.get(name.decode("utf-8", "strict")) if parent.kind == "dir" else None
+        if node is None:
+            raise FuseError(errno.ENOENT)
+        if node.kind != "lock":
+            raise FuseError(errno.EROFS)
+        parent.put(name.decode(), None)
+        self._locks -= 1
+
     async def release(self, fh: int) -> None:
+        self._rewrites.pop(fh, None)
         node = self._handles.pop(fh, None)
         self._generation.pop(fh, None)
         if node is not None and node.kind == "blob":

@@ -21,6 +21,7 @@ KERNEL_MINOR = 40  # passthrough arrived in 7.40; nothing newer is needed
 LOOKUP, FORGET, GETATTR, READLINK, OPEN, READ, STATFS, RELEASE = 1, 2, 3, 5, 14, 15, 17, 18
 GETXATTR, LISTXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 22, 23, 25, 26, 27, 28, 29
 INTERRUPT, DESTROY, BATCH_FORGET, READDIRPLUS = 36, 38, 42, 44
+SETATTR, UNLINK, WRITE, CREATE = 4, 10, 16, 35  # answered only for no-op writes (see fusefs)
 NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
 # what an INTERRUPT may cancel: a read can wait minutes for its bytes; nothing else holds
 # state that a cancel half way would leak (an open's backing file, a release)
@@ -30,6 +31,7 @@ WRITES = frozenset({4, 6, 8, 9, 10, 11, 12, 13, 16, 20, 21, 24, 30, 35, 43, 45, 
 
 # INIT flags (64 bits: the upper half travels in flags2)
 ASYNC_READ = 1 << 0
+ATOMIC_O_TRUNC = 1 << 3  # O_TRUNC comes with OPEN, not as a SETATTR before it
 BIG_WRITES = 1 << 5
 DO_READDIRPLUS = 1 << 13
 READDIRPLUS_AUTO = 1 << 14
@@ -40,6 +42,7 @@ INIT_EXT = 1 << 30
 PASSTHROUGH = 1 << 37
 
 # open reply flags
+FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_CACHE_DIR = 1 << 3
 FOPEN_PASSTHROUGH = 1 << 7
@@ -69,6 +72,12 @@ RELEASE_IN = struct.Struct("<Q")  # fh
 INTERRUPT_IN = struct.Struct("<Q")  # unique of the request to interrupt
 GETXATTR_IN = struct.Struct("<II")  # size padding, then the name NUL-terminated
 GETXATTR_OUT = struct.Struct("<II")  # size padding
+CREATE_IN = struct.Struct("<IIII")  # flags mode umask open_flags, then the name NUL-terminated
+WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner flags padding, then the data
+WRITE_OUT = struct.Struct("<II")  # size padding
+SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")  # valid padding fh size lock_owner a/m/ctime (+nsec) mode ...
+FATTR_MODE, FATTR_SIZE, FATTR_FH, FATTR_LOCKOWNER, FATTR_KILL_SUIDGID = 1 << 0, 1 << 3, 1 << 6, 1 << 9, 1 << 11
+FATTR_TIMES = (1 << 4) | (1 << 5) | (1 << 7) | (1 << 8) | (1 << 10)  # atime mtime atime_now mtime_now ctime
 DIRENT_HEAD = struct.Struct("<QQII")  # ino off namelen type
 KSTATFS = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen frsize padding spare
 BACKING_MAP = struct.Struct("<iIQ")  # fd flags padding

@@ -44,13 +44,14 @@ class Opened:
     fh: int
     keep_cache: bool = False
     backing: Path | None = None  # a file the kernel may read itself (passthrough) instead of asking us
+    direct_io: bool = False  # every read and write comes to us (the no-op writes of fusefs)
 
 
 class Operations(Protocol):
     async def lookup(self, parent: int, name: bytes) -> p.Attr: ...
     async def getattr(self, ino: int) -> p.Attr: ...
     async def readlink(self, ino: int) -> bytes: ...
-    async def opendir(self, ino: int) -> int: ...
+    async def opendir(self, ino: int) -> Opened: ...
     async def readdir(self, fh: int, start: int) -> Iterable[tuple[bytes, p.Attr]]: ...
     async def releasedir(self, fh: int) -> None: ...
     async def statfs(self) -> tuple[int, int]: ...
@@ -59,6 +60,11 @@ class Operations(Protocol):
     async def open(self, ino: int, flags: int) -> Opened: ...
     async def read(self, fh: int, offset: int, size: int) -> bytes: ...
     async def release(self, fh: int) -> None: ...
+    async def create(self, parent: int, name: bytes, flags: int) -> tuple[p.Attr, Opened]: ...
+    async def write(self, fh: int, offset: int, data: bytes) -> int: ...
+    async def flush(self, fh: int) -> None: ...
+    async def setattr(self, ino: int, valid: int, size: int) -> p.Attr: ...
+    async def unlink(self, parent: int, name: bytes) -> None: ...
 
 
 class Session:
@@ -77,7 +83,7 @@ class Session:
         self.mountpoint = mountpoint
         self.fsname = fsname
         self.want = p.ASYNC_READ | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.PARALLEL_DIROPS | p.MAX_PAGES
-        self.want |= p.CACHE_SYMLINKS | (p.PASSTHROUGH if passthrough else 0)
+        self.want |= p.CACHE_SYMLINKS | p.ATOMIC_O_TRUNC | (p.PASSTHROUGH if passthrough else 0)
         self.agreed = 0
         self.initialized = asyncio.Event()
         self._fd = -1
@@ -96,13 +102,15 @@ class Session:
         return bool(self.agreed & p.PASSTHROUGH)
 
     def mount(self) -> None:
-        """Open /dev/fuse and mount it read-only at `mountpoint` (needs CAP_SYS_ADMIN)."""
+        """Open /dev/fuse and mount it at `mountpoint` (needs CAP_SYS_ADMIN).
+
+        Not MS_RDONLY: old clients rewrite `refs/<rev>` with the commit it holds
+        and take lock files under `.locks/`, and fusefs lets those no-ops succeed.
+        Every other write opcode is refused here (EROFS) or by fusefs."""
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other,max_read={1 << 20}"
         try:
-            mounts.mount(
-                self.fsname, str(self.mountpoint), FSTYPE, mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV, opts
-            )
+            mounts.mount(self.fsname, str(self.mountpoint), FSTYPE, mounts.MS_NOSUID | mounts.MS_NODEV, opts)
         except OSError:
             os.close(fd)
             raise
@@ -288,7 +296,8 @@ class Session:
             await ops.release(fh)
             return b""
         if op == p.OPENDIR:
-            return p.open_out(await ops.opendir(req.nodeid))
+            opened = await ops.opendir(req.nodeid)
+            return p.open_out(opened.fh, p.FOPEN_CACHE_DIR | p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
         if op in (p.READDIR, p.READDIRPLUS):
             fh, offset, size = p.READ_IN.unpack_from(body)
             return self._dirents(await ops.readdir(fh, offset), offset, size, op == p.READDIRPLUS)
@@ -304,6 +313,26 @@ class Session:
         if op == p.LISTXATTR:
             size, _ = p.GETXATTR_IN.unpack_from(body)
             return _sized(b"".join(n + b"\0" for n in await ops.listxattr(req.nodeid)), size)
+        if op == p.CREATE:
+            flags, _, _, _ = p.CREATE_IN.unpack_from(body)
+            attr, opened = await ops.create(req.nodeid, p.name_arg(body[p.CREATE_IN.size :]), flags)
+            self._fh_mode[opened.fh] = (attr.ino, False)
+            self._cached[attr.ino] = self._cached.get(attr.ino, 0) + 1
+            return p.entry_out(attr) + p.open_out(opened.fh, p.FOPEN_DIRECT_IO)
+        if op == p.WRITE:
+            fh, offset, size, _, _, _, _ = p.WRITE_IN.unpack_from(body)
+            data = bytes(body[p.WRITE_IN.size : p.WRITE_IN.size + size])
+            return p.WRITE_OUT.pack(await ops.write(fh, offset, data), 0)
+        if op == p.FLUSH:
+            (fh,) = p.RELEASE_IN.unpack_from(body)
+            await ops.flush(fh)
+            return b""
+        if op == p.SETATTR:
+            valid, _, _, size, *_ = p.SETATTR_IN.unpack_from(body)
+            return p.attr_out(await ops.setattr(req.nodeid, valid, size))
+        if op == p.UNLINK:
+            await ops.unlink(req.nodeid, p.name_arg(body))
+            return b""
         if op == p.DESTROY:
             return b""
         raise FuseError(errno.EROFS if op in p.WRITES else errno.ENOSYS)
@@ -323,6 +352,8 @@ class Session:
         if backing_id is not None:
             return p.open_out(opened.fh, p.FOPEN_PASSTHROUGH, backing_id)
         self._cached[ino] = self._cached.get(ino, 0) + 1
+        if opened.direct_io:
+            return p.open_out(opened.fh, p.FOPEN_DIRECT_IO)
         return p.open_out(opened.fh, p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
 
     def _backing_id(self, ino: int, path: Path) -> int | None:
