@@ -757,6 +757,8 @@ class Store:
             if rec.state != "partial":
                 continue
             chunks = self.index.chunks(rec.blob_id)
+            if not chunks:
+                continue  # nothing fetched yet (most blobs of a big dataset): nothing to check or drop
             path = self.path(rec.blob_id)
             if not path.exists():
                 self.index.drop_chunks(rec.blob_id)
