@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-import itertools
 import logging
 import os
 import stat
@@ -186,8 +185,10 @@ class NodecacheFS:
         """Entries from index `start` on, made as the session packs them: a page
         of a huge folder costs that page (the sorted names are kept per folder)."""
         path, node = self._node(fh)
-        children, prefix = node.children, f"{path}/" if path else ""
-        return ((n.encode(), self._attr(prefix + n, children[n])) for n in itertools.islice(node.names(), start, None))
+        children, names, prefix = node.children, node.names(), f"{path}/" if path else ""
+        return (
+            (names[i].encode(), self._attr(prefix + names[i], children[names[i]])) for i in range(start, len(names))
+        )
 
     async def releasedir(self, fh: int) -> None:
         return None
