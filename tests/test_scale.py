@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import socket
 
-from conftest import BIG, SMALL, snapshot_dir
+from conftest import BIG, SMALL, counter, snapshot_dir
 from test_node_ops import api
 from test_updates import wait_for
 
@@ -23,8 +22,7 @@ N_FLAT = 3000
 
 
 def requests(d, op: str) -> float:
-    m = re.search(rf'^nodecache_fuse_requests_total{{op="{op}"}} (\S+)$', d.metrics(), re.M)
-    return float(m.group(1)) if m else 0.0
+    return counter(d, "nodecache_fuse_requests_total", op=op)
 
 
 def flat_repo(hub, tmp_path) -> str:
@@ -128,7 +126,6 @@ def test_restart_shows_indexed_repos_without_waiting_on_the_upstream(hub, daemon
     try:
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         with DaemonProcess(tmp_path / "again", url, [SMALL], cache_dir=d.cache_dir, env=d.env) as d2:
-            d2.start()
             assert (snapshot_dir(d2, SMALL, hub.commits[SMALL]) / "config.json").read_bytes() == want
             assert "cannot resolve upstream" not in d2.log(), "mounted while the re-resolution still waits"
     finally:
