@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .layout import REPO_TYPES, format_spec, validate_repo_id, validate_revision
+from .layout import REPO_TYPES, RepoSpec
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
 
-def _spec(body: dict, need_repo: bool = True) -> str | None:
-    """{"repo": "org/name", "revision": "main", "repo_type": "model"} -> "org/name@main"."""
+def _spec(body: dict, need_repo: bool = True) -> RepoSpec | None:
+    """{"repo": "org/name", "revision": "main", "repo_type": "model"} -> RepoSpec (revision None if absent)."""
     repo = body.get("repo")
     if repo is None and not need_repo:
         return None
@@ -32,9 +32,7 @@ def _spec(body: dict, need_repo: bool = True) -> str | None:
     if repo_type not in REPO_TYPES:
         raise ValueError(f"field 'repo_type' must be one of {sorted(REPO_TYPES)}")
     revision = body.get("revision")
-    return format_spec(
-        repo_type, validate_repo_id(repo), None if revision is None else validate_revision(str(revision))
-    )
+    return RepoSpec(repo_type, repo, None if revision is None else str(revision))
 
 
 def _seconds(text: str, name: str, most: float = 300.0) -> float:
@@ -123,12 +121,11 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
         return web.json_response(job.as_dict(), status=202)
 
     async def unpin(request: web.Request) -> web.Response:
-        spec = _spec(await _body(request))
-        if "@" not in spec:
-            spec += "@main"
+        given = _spec(await _body(request))
+        spec = given.at(given.rev)
         if not daemon.unpin(spec):
             raise web.HTTPNotFound(reason="not_found", text=f"no pin for {spec}")
-        return web.json_response({"unpinned": spec})
+        return web.json_response({"unpinned": str(spec)})
 
     async def evict(request: web.Request) -> web.Response:
         body = await _body(request)

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import cccli
 from . import config as config_mod
 from .fill import FillError
-from .layout import InvalidName
+from .layout import InvalidName, RepoSpec
 from .upstream import UpstreamError
 
 
@@ -93,7 +93,7 @@ async def _prefetch_standalone(cfg: config_mod.Config, spec: str) -> None:
     d = Daemon(cfg)
     await d.open()
     try:
-        ref, total, blobs = await d.add_repo(spec)
+        ref, total, blobs = await d.add_repo(RepoSpec.parse(spec))
         bar = Progress(total, f"{ref.repo_id}@{ref.revision}")
         await d.filler.fill_blobs(blobs, bar.update)
         bar.update(total, final=True, complete=True)
@@ -135,13 +135,12 @@ def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = 
         raise CliError(f"cannot reach the daemon at {_endpoint(args)}: {getattr(e, 'reason', e)}") from None
 
 
-def _spec_body(spec: str) -> dict:
-    from .layout import parse_repo_spec
-
-    repo_type, repo_id, revision = parse_repo_spec(spec)
-    body = {"repo": repo_id, "repo_type": repo_type}
-    if "@" in spec:
-        body["revision"] = revision
+def _spec_body(text: str) -> dict:
+    """`[datasets/]org/name[@rev]` -> the /v1 body naming it (no revision key when none is given)."""
+    spec = RepoSpec.parse(text)
+    body = {"repo": spec.repo_id, "repo_type": spec.repo_type}
+    if spec.revision is not None:
+        body["revision"] = spec.revision
     return body
 
 

@@ -125,7 +125,7 @@ class Config:
                 if mode not in ("", "pin", "hot"):
                     raise ConfigError(f"{key}: {mode!r} is not pin or hot")
                 try:
-                    layout.parse_repo_spec(spec)
+                    layout.RepoSpec.parse(spec)
                 except layout.InvalidName as e:
                     raise ConfigError(f"{key}: {e}") from None
         if (self.peers or self.peers_dns) and not self.cluster_token:

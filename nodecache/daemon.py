@@ -33,6 +33,7 @@ from .fusesession import Session
 from .index import BlobRecord, Index
 from .jobs import Job, Jobs
 from .labels import NodeLabeler, label_key
+from .layout import RepoSpec
 from .metrics import Metrics
 from .peers import Membership, Peers
 from .policy import RepoPolicy
@@ -69,7 +70,7 @@ class Daemon:
         self.fuse_session: Session | None = None
         self.policy = RepoPolicy.from_config(cfg)
         self._not_found = ExpiringSet(ttl=30.0, max_items=10_000)  # on-demand lookups that failed
-        self._resolving: dict[tuple[str, str], asyncio.Future] = {}  # (spec, kind) -> one resolution
+        self._resolving: dict[tuple[RepoSpec, str], asyncio.Future] = {}  # (spec, kind) -> one resolution
         self.failing: dict[str, dict] = {}  # configured repos that did not resolve: spec -> error, next retry
         self._background: set[asyncio.Task] = set()
 
@@ -164,7 +165,7 @@ class Daemon:
         """May a request (a peer's, a lookup's) make this node resolve the repo upstream?"""
         return self.policy.allows(repo_type, repo_id) or self.index.has_repo(repo_type, repo_id)
 
-    async def add_repo(self, spec: str, public_only: bool = False) -> tuple[RepoRef, int, list[str]]:
+    async def add_repo(self, spec: RepoSpec, public_only: bool = False) -> tuple[RepoRef, int, list[str]]:
         """Resolve a repo into the index and show it in the tree; (ref, bytes, blob ids).
 
         Concurrent calls for one spec share one resolution. `public_only`
@@ -177,7 +178,7 @@ class Daemon:
             pending.add_done_callback(lambda _: self._resolving.pop(key, None))
         return await asyncio.shield(pending)
 
-    async def _add_repo(self, spec: str, public_only: bool) -> tuple[RepoRef, int, list[str]]:
+    async def _add_repo(self, spec: RepoSpec, public_only: bool) -> tuple[RepoRef, int, list[str]]:
         def public(res) -> str:
             return "" if res.visibility == "public" else f"{res.visibility} repos are resolved only when named"
 
@@ -190,7 +191,7 @@ class Daemon:
         total = sum(self.filler.record(b).size for b in dict.fromkeys(blobs))
         return ref, total, blobs
 
-    async def prefetch(self, spec: str) -> Job:
+    async def prefetch(self, spec: RepoSpec) -> Job:
         ref, total, blobs = await self.add_repo(spec)
         return self.jobs.start(ref, blobs, total)
 
@@ -229,9 +230,7 @@ class Daemon:
     def pinned_refs(self) -> list[tuple[RepoRef, str]]:
         out = []
         for repo_type, repo_id, revision, mode in self.index.pins():
-            commit = (
-                revision if layout.COMMIT_RE.fullmatch(revision) else self.index.get_ref(repo_type, repo_id, revision)
-            )
+            commit = self.index.commit_of(repo_type, repo_id, revision)
             if commit:
                 out.append((RepoRef(repo_type, repo_id, revision, commit), mode))
         return out
@@ -246,7 +245,7 @@ class Daemon:
                 hot.update(blobs)
         self.filler.pinned, self._hot = pinned, hot
 
-    async def pin(self, spec: str, mode: str = "pin") -> Job:
+    async def pin(self, spec: RepoSpec, mode: str = "pin") -> Job:
         """Keep a revision forever (mode "hot": in shm when it fits) and fill it now."""
         if mode not in ("pin", "hot"):
             raise ValueError(f"pin mode must be 'pin' or 'hot', not {mode!r}")
@@ -255,22 +254,21 @@ class Daemon:
         self.refresh_pins()
         return self.jobs.start(ref, blobs, total)
 
-    def unpin(self, spec: str) -> bool:
-        repo_type, repo_id, revision = layout.parse_repo_spec(spec)
-        found = self.index.delete_pin(repo_type, repo_id, revision)
+    def unpin(self, spec: RepoSpec) -> bool:
+        found = self.index.delete_pin(spec.repo_type, spec.repo_id, spec.rev)
         self.refresh_pins()
         return found
 
-    def cached_blobs(self, spec: str | None) -> tuple[RepoRef | None, list[str]]:
+    def cached_blobs(self, spec: RepoSpec | None) -> tuple[RepoRef | None, list[str]]:
         """The blobs of one cached repo (every snapshot, or the revision in `spec`), or of the whole
         cache (spec None); KeyError if the repo is not in the cache. The ref names what was asked."""
         if spec is None:
             return None, [r.blob_id for r in self.index.all_blobs()]
-        repo_type, repo_id, revision = layout.parse_repo_spec(spec)
+        repo_type, repo_id, revision = spec.repo_type, spec.repo_id, spec.revision
         view = next((v for v in self.index.views() if (v.repo_type, v.repo_id) == (repo_type, repo_id)), None)
         if view is None:
             raise KeyError(f"{repo_type} {repo_id} is not in the cache")
-        if "@" not in spec:
+        if revision is None:
             ref = RepoRef(repo_type, repo_id, "", "")
             commits = list(view.snapshots)
         else:
@@ -278,13 +276,13 @@ class Daemon:
             commits = [ref.commit]
         return ref, list(dict.fromkeys(f.blob_id for c in commits for f in view.snapshots.get(c, [])))
 
-    def verify(self, spec: str | None) -> Job:
+    def verify(self, spec: RepoSpec | None) -> Job:
         """Re-check the stored bytes of one repo (or revision), or of the whole cache, as a job."""
         ref, blob_ids = self.cached_blobs(spec)
         total = sum(rec.size for b in blob_ids if (rec := self.store.record(b)) is not None)
         return self.jobs.start(ref, blob_ids, total, kind="verify", work=self.scrubber.verify)
 
-    def evict(self, spec: str | None) -> tuple[int, int, int]:
+    def evict(self, spec: RepoSpec | None) -> tuple[int, int, int]:
         """Evict the blobs of one repo (or revision), or every unpinned blob.
 
         Returns (blobs evicted, bytes freed, blobs kept because pinned or in use).
@@ -421,7 +419,7 @@ class Daemon:
             try:
                 ref = self._resolved(
                     await ensure_repo(
-                        self.index, self.sources, self.cfg.chunk_size, layout.format_spec(repo_type, repo_id, revision)
+                        self.index, self.sources, self.cfg.chunk_size, RepoSpec(repo_type, repo_id, revision)
                     )
                 )
             except (UpstreamError, ValueError) as e:
@@ -450,7 +448,7 @@ class Daemon:
         if parsed is None or not self.policy.allows(*parsed) or folder in self._not_found:
             return False
         try:
-            await self.add_repo(layout.format_spec(*parsed), public_only=not self.policy.names(*parsed))
+            await self.add_repo(RepoSpec(*parsed), public_only=not self.policy.names(*parsed))
             return True
         except (NotFound, UpstreamError) as e:
             log.info("on-demand %s: %s", folder, e)
@@ -462,7 +460,7 @@ class Daemon:
         for entry in self.cfg.preload:
             spec, _, mode = entry.partition("=")
             try:
-                job = await (self.pin(spec, mode) if mode else self.prefetch(spec))
+                job = await (self.pin(RepoSpec.parse(spec), mode) if mode else self.prefetch(RepoSpec.parse(spec)))
                 if job.task is not None:
                     await asyncio.wait([job.task])
                 log.info("preload %s: %s", spec, job.state)
@@ -534,15 +532,15 @@ class Daemon:
 
     def _indexed(self, spec: str) -> bool:
         try:
-            repo_type, repo_id, revision = layout.parse_repo_spec(spec)
+            parsed = RepoSpec.parse(spec)
         except layout.InvalidName:
             return False
-        commit = revision if layout.COMMIT_RE.fullmatch(revision) else self.index.get_ref(repo_type, repo_id, revision)
-        return commit is not None and commit in self.index.commits(repo_type, repo_id)
+        commit = self.index.commit_of(parsed.repo_type, parsed.repo_id, parsed.rev)
+        return commit is not None and commit in self.index.commits(parsed.repo_type, parsed.repo_id)
 
     async def _add_configured_one(self, spec: str, retry: dict[str, Iterator[float]]) -> None:
         try:
-            ref, total, _ = await self.add_repo(spec)
+            ref, total, _ = await self.add_repo(RepoSpec.parse(spec))
             log.info("repo %s: %d bytes", ref, total)
         except Exception as e:  # a typo, a 404, the Hub down, metadata we refuse
             retry[spec] = delays(base=2.0, cap=300.0)
@@ -557,7 +555,7 @@ class Daemon:
             spec = min(self.failing, key=lambda s: self.failing[s]["retry_at"])
             await asyncio.sleep(max(0.0, self.failing[spec]["retry_at"] - time.time()))
             try:
-                ref, total, _ = await self.add_repo(spec)
+                ref, total, _ = await self.add_repo(RepoSpec.parse(spec))
             except Exception as e:
                 self._failed(spec, e, next(retry[spec]))
                 continue

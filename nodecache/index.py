@@ -167,6 +167,10 @@ class Index:
             self._drop_invalid("refs", self._refs, [(key, e)])
             return None
 
+    def commit_of(self, repo_type: str, repo_id: str, revision: str) -> str | None:
+        """The commit a revision names here: itself if it is one, else its recorded ref (None: unknown)."""
+        return revision if COMMIT_RE.fullmatch(revision) else self.get_ref(repo_type, repo_id, revision)
+
     def all_refs(self) -> list[tuple[str, str, str, str, float]]:
         """(repo_type, repo_id, revision, commit, resolved_at) of every ref."""
         out, bad = [], []

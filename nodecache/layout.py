@@ -91,20 +91,60 @@ def validate_blob_id(blob_id: str) -> str:
     return blob_id
 
 
+@dataclass(frozen=True)
+class RepoSpec:
+    """A repo and maybe a revision, validated: what `[datasets/]org/name[@rev]` names.
+
+    Parsed once where it comes in (CLI, config, /v1, mirror, CSI, peer API) and
+    passed on as it is. `revision` None means none was given: "main" where one is
+    needed (`rev`), every snapshot where the question is "which snapshots".
+    """
+
+    repo_type: str
+    repo_id: str
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_repo_type(self.repo_type)
+        validate_repo_id(self.repo_id)
+        if self.revision is not None:
+            validate_revision(self.revision)
+
+    @classmethod
+    def parse(cls, text: str) -> RepoSpec:
+        """`[datasets/]org/name[@rev]`; a bare trailing `@` means `@main`."""
+        repo, at, revision = text.partition("@")
+        repo_type = "model"
+        first, _, rest = repo.partition("/")
+        if first in _PREFIX_TO_TYPE and rest.count("/") == 1:
+            repo_type, repo = _PREFIX_TO_TYPE[first], rest
+        return cls(repo_type, validate_repo_id(repo), (revision or "main") if at else None)
+
+    @property
+    def rev(self) -> str:
+        """The revision to resolve: the one given, else "main"."""
+        return self.revision or "main"
+
+    @property
+    def repo(self) -> tuple[str, str]:
+        return self.repo_type, self.repo_id
+
+    @property
+    def name(self) -> str:
+        """`org/name`, `datasets/org/name`: the form repo globs match."""
+        return ("" if self.repo_type == "model" else REPO_TYPES[self.repo_type] + "/") + self.repo_id
+
+    def at(self, revision: str | None) -> RepoSpec:
+        return RepoSpec(self.repo_type, self.repo_id, revision)
+
+    def __str__(self) -> str:
+        return self.name + ("" if self.revision is None else f"@{self.revision}")
+
+
 def parse_repo_spec(spec: str) -> tuple[str, str, str]:
-    """`[datasets/]org/name[@rev]` -> (repo_type, repo_id, revision)."""
-    repo, _, revision = spec.partition("@")
-    repo_type = "model"
-    first, _, rest = repo.partition("/")
-    if first in _PREFIX_TO_TYPE and rest.count("/") == 1:
-        repo_type, repo = _PREFIX_TO_TYPE[first], rest
-    return repo_type, validate_repo_id(repo), validate_revision(revision or "main")
-
-
-def format_spec(repo_type: str, repo_id: str, revision: str | None = None) -> str:
-    """Inverse of parse_repo_spec."""
-    prefix = "" if repo_type == "model" else REPO_TYPES[validate_repo_type(repo_type)] + "/"
-    return prefix + repo_id + (f"@{revision}" if revision else "")
+    """`[datasets/]org/name[@rev]` -> (repo_type, repo_id, revision), "main" when none is given."""
+    parsed = RepoSpec.parse(spec)
+    return parsed.repo_type, parsed.repo_id, parsed.rev
 
 
 # --- names ------------------------------------------------------------------

@@ -58,7 +58,7 @@ from .layout import (
     REPO_TYPES,
     FileEntry,
     InvalidName,
-    format_spec,
+    RepoSpec,
     tree_listing,
     validate_relpath,
     validate_repo_id,
@@ -194,14 +194,12 @@ class Target:
         return f"/api/{REPO_TYPES[self.repo_type]}/{self.repo_id}"
 
     @property
-    def spec(self) -> str:
-        prefix = "" if self.repo_type == "model" else REPO_TYPES[self.repo_type] + "/"
-        return f"{prefix}{self.repo_id}@{self.revision}"
+    def spec(self) -> RepoSpec:
+        return RepoSpec(self.repo_type, self.repo_id, self.revision)
 
     @property
     def resolve_base(self) -> str:
-        prefix = "" if self.repo_type == "model" else REPO_TYPES[self.repo_type] + "/"
-        return f"/{prefix}{self.repo_id}/resolve/{quote(self.revision, safe='')}"
+        return f"/{self.spec.name}/resolve/{quote(self.revision, safe='')}"
 
 
 def parse_resolve_path(raw_path: str) -> tuple[Target, str]:
@@ -242,7 +240,7 @@ def parse_api_path(raw_path: str) -> tuple[str, str, str, list[str]]:
 
 def repo_name(repo_type: str, repo_id: str) -> str:
     """`org/name`, `datasets/org/name`: what `mirror_allow` and `mirror_public` globs match."""
-    return format_spec(repo_type, repo_id)
+    return RepoSpec(repo_type, repo_id).name
 
 
 def matches(globs, repo_type: str, repo_id: str) -> bool:
@@ -396,8 +394,7 @@ class Mirror:
         if self._grants.get((*key, "files"), 0.0) > now or self._grants.get((*key, proof), 0.0) > now:
             return "caller"
         if proof == "files":  # the Hub's gate is on the file route: ask for (the head of) the file itself
-            prefix = "" if t.repo_type == "model" else REPO_TYPES[t.repo_type] + "/"
-            method, url = "HEAD", f"/{prefix}{t.repo_id}/resolve/{quote(revision, safe='')}/{quote(path or '')}"
+            method, url = "HEAD", f"/{t.spec.name}/resolve/{quote(revision, safe='')}/{quote(path or '')}"
         else:
             method, url = "GET", f"{t.api_base}/revision/{quote(revision, safe='')}"
         ask = (*key, method, url)

@@ -22,7 +22,7 @@ import xxhash
 from aiohttp import web
 
 from .index import BlobRecord
-from .layout import COMMIT_RE, format_spec, validate_blob_id, validate_repo_id, validate_repo_type
+from .layout import COMMIT_RE, RepoSpec, validate_blob_id, validate_repo_id, validate_repo_type
 from .peers import XXH3_HEADER, RateLimit, rank
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ async def owned_record(daemon: Daemon, blob_id: str, query) -> BlobRecord:
         raise web.HTTPForbidden(reason="not_allowed", text=f"this node does not fetch {repo_type} {repo_id}")
     files = daemon.index.get_snapshot(repo_type, repo_id, commit)
     if files is None:
-        await daemon.add_repo(format_spec(repo_type, repo_id, commit))  # NotFound -> 404
+        await daemon.add_repo(RepoSpec(repo_type, repo_id, commit))  # NotFound -> 404
         files = daemon.index.get_snapshot(repo_type, repo_id, commit) or []
     rec = daemon.store.record(blob_id) if any(f.blob_id == blob_id for f in files) else None
     if rec is None:

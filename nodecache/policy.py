@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from .layout import format_spec, parse_repo_spec
+from .layout import RepoSpec
 
 
 def spec_key(spec: str) -> tuple[str, str]:
     """`[datasets/]org/name[@rev][=mode]` -> (repo_type, repo_id)."""
-    repo_type, repo_id, _ = parse_repo_spec(spec.partition("=")[0])
-    return repo_type, repo_id
+    return RepoSpec.parse(spec.partition("=")[0]).repo
 
 
 @dataclass(frozen=True)
@@ -43,5 +42,5 @@ class RepoPolicy:
     def allows(self, repo_type: str, repo_id: str) -> bool:
         if self.names(repo_type, repo_id):
             return True
-        name = format_spec(repo_type, repo_id)
+        name = RepoSpec(repo_type, repo_id).name
         return any(fnmatchcase(name, g) for g in self.globs)

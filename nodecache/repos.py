@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .index import BlobRecord, Index
-from .layout import COMMIT_RE, MAX_FILES, parse_repo_spec, validate_blob_id, validate_relpath, validate_size
+from .layout import COMMIT_RE, MAX_FILES, RepoSpec, validate_blob_id, validate_relpath, validate_size
 from .upstream import NotFound, Resolved, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -75,14 +75,14 @@ def check_snapshot(res: Resolved) -> None:
 
 
 async def ensure_repo(
-    index: Index, upstream: Upstream, chunk_size: int, spec: str, accept: Callable[[Resolved], str] | None = None
+    index: Index, upstream: Upstream, chunk_size: int, spec: RepoSpec, accept: Callable[[Resolved], str] | None = None
 ) -> RepoRef:
     """Resolve upstream; if upstream is unreachable, fall back to what the index knows.
 
     `accept` may refuse a resolution before anything is recorded: it returns
     "" to accept or the reason to refuse (raised as NotFound).
     """
-    repo_type, repo_id, revision = parse_repo_spec(spec)
+    repo_type, repo_id, revision = spec.repo_type, spec.repo_id, spec.rev
     try:
         res = await upstream.resolve(repo_type, repo_id, revision)
         refused = accept(res) if accept else ""
@@ -91,7 +91,7 @@ async def ensure_repo(
     except NotFound:
         raise
     except UpstreamError as e:
-        commit = revision if COMMIT_RE.fullmatch(revision) else index.get_ref(repo_type, repo_id, revision)
+        commit = index.commit_of(repo_type, repo_id, revision)
         if commit and index.get_snapshot(repo_type, repo_id, commit) is not None:
             log.warning("cannot resolve upstream (%s); serving %s@%s from the index", e, repo_id, revision)
             return RepoRef(repo_type, repo_id, revision, commit)

@@ -36,7 +36,7 @@ from pathlib import Path
 import grpc
 
 from .. import __version__, mounts
-from ..layout import InvalidName, format_spec, parse_repo_spec, repo_folder_name
+from ..layout import InvalidName, RepoSpec, repo_folder_name
 from . import compilecache
 from . import policy as policy_mod
 from .policy import Policy, PolicyFile
@@ -235,7 +235,7 @@ class Driver:
         else PERMISSION_DENIED."""
         namespace = context.get(POD_NAMESPACE, "")
         account = context.get(POD_SERVICE_ACCOUNT, "")
-        what = "the whole hub/" if repo is None else format_spec(*repo)
+        what = "the whole hub/" if repo is None else RepoSpec(*repo).name
         who = _who(context)
         if repo is None and not self.allow_whole_cache:
             raise CsiError(
@@ -316,7 +316,10 @@ class Driver:
         repo = None
         if model:
             try:
-                repo_type, repo_id, _ = parse_repo_spec(model + ("@" + revision if revision else ""))
+                spec = RepoSpec.parse(model)
+                if revision and spec.revision is not None:
+                    raise InvalidName(f"model {model!r} names a revision and so does revision {revision!r}")
+                repo_type, repo_id = spec.at(revision).repo
                 folder = repo_folder_name(repo_type, repo_id)
             except InvalidName as e:
                 raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
@@ -380,7 +383,7 @@ class Driver:
     ) -> None:
         """Resolve (and fill) the repo through the daemon as needed; a PUBLIC grant is checked before any wait."""
         start = time.monotonic()
-        name = format_spec(repo_type, repo_id)
+        name = RepoSpec(repo_type, repo_id).name
         public_only = grant == policy_mod.PUBLIC
         visibility = self._visibility(repo_type, repo_id) if public_only else None
         if visibility not in (None, "public"):  # known already: refused before anything is fetched

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from ..layout import REPO_TYPES, format_spec
+from ..layout import REPO_TYPES, RepoSpec
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _name_glob(value: object, where: str) -> str:
 
 def repo_matches(glob: str, repo_type: str, repo_id: str) -> bool:
     """Segment by segment, so `*/*` is every model of an org and never a dataset."""
-    name = format_spec(repo_type, repo_id).split("/")
+    name = RepoSpec(repo_type, repo_id).name.split("/")
     pattern = glob.split("/")
     return len(name) == len(pattern) and all(fnmatchcase(n, p) for n, p in zip(name, pattern, strict=True))
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ..index import BlobRecord
-from ..layout import COMMIT_RE, InvalidName, parse_repo_spec
+from ..layout import COMMIT_RE, InvalidName, RepoSpec
 from . import NotFound, Resolved, Upstream, UpstreamError
 from .manifest import SOURCE_KIND, Snapshot, SourceFile, SourceObject, build_snapshot
 
@@ -91,17 +91,17 @@ def parse_sources(entries: tuple[str, ...] | list[str]) -> dict[tuple[str, str],
     out: dict[tuple[str, str], list[SourceSpec]] = {}
     for repo, *srcs in groups:
         try:
-            repo_type, repo_id, revision = parse_repo_spec(repo.strip())
+            spec = RepoSpec.parse(repo.strip())
         except InvalidName as e:
             raise ValueError(f"{repo!r}: {e}") from None
-        if "@" in repo:
+        if spec.revision is not None:
             raise ValueError(f"{repo!r}: sources belong to a repo, not a revision")
         specs = [parse_source(s) for s in srcs if s.strip()]
         if not specs:
             raise ValueError(f"{repo!r}: no sources")
-        if (repo_type, repo_id) in out:
+        if spec.repo in out:
             raise ValueError(f"{repo!r}: listed twice")
-        out[(repo_type, repo_id)] = specs
+        out[spec.repo] = specs
     return out
 
 
@@ -207,10 +207,8 @@ class Sources:
 
     def specs(self, configured: tuple[str, ...] = ()) -> list[str]:
         """Repos named in `sources` but not in `repos`: resolved at start too."""
-        have = {parse_repo_spec(s.partition("=")[0])[:2] for s in configured}
-        return [
-            repo_id if t == "model" else f"{t}s/{repo_id}" for t, repo_id in self.chains if (t, repo_id) not in have
-        ]
+        have = {RepoSpec.parse(s.partition("=")[0]).repo for s in configured}
+        return [RepoSpec(t, repo_id).name for t, repo_id in self.chains if (t, repo_id) not in have]
 
     async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved:
         chain = self.for_repo(repo_type, repo_id)
@@ -311,7 +309,7 @@ def parse_repo_tokens(entries) -> dict[tuple[str, str], str]:
         if not sep or not path.startswith("/"):
             raise ValueError(f"{entry!r}: an entry is REPO=/absolute/token/file")
         try:
-            repo_type, repo_id, _ = parse_repo_spec(repo.strip())
+            repo_type, repo_id = RepoSpec.parse(repo.strip()).repo
         except InvalidName as e:
             raise ValueError(f"{repo!r}: {e}") from None
         token = _read_secret(path)
@@ -345,7 +343,7 @@ def check_config(cfg) -> None:
     for entry in cfg.repo_tokens:
         repo, sep, path = entry.partition("=")
         try:
-            parse_repo_spec(repo.strip())
+            RepoSpec.parse(repo.strip())
         except InvalidName as e:
             raise ConfigError(f"repo_tokens: {e}") from None
         if not sep or not path.startswith("/"):
