@@ -1,4 +1,4 @@
-"""A set whose members expire, bounded in size: for negative caches a request can grow."""
+"""Sets whose members expire and windows that close by themselves: time spent as data, bounded."""
 
 from __future__ import annotations
 
@@ -34,3 +34,23 @@ class ExpiringSet:
         while self._until and next(iter(self._until.values())) <= now:  # insertion order = expiry order
             self._until.popitem(last=False)
         return len(self._until)
+
+    def discard(self, key: Hashable) -> None:
+        self._until.pop(key, None)
+
+
+class Window:
+    """True for `seconds` after `open()` (a failure seen, a scan done), then false by itself."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self._until = float("-inf")
+
+    def open(self) -> None:
+        self._until = self.clock() + self.seconds
+
+    def close(self) -> None:
+        self._until = float("-inf")
+
+    def __bool__(self) -> bool:
+        return self.clock() < self._until

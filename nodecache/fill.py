@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import aclosing
 
+from .backoff import delays
 from .config import Config
 from .index import BlobRecord, Index
 from .metrics import Metrics
@@ -398,7 +398,7 @@ class Filler:
         if start == end:
             return b"", "local"  # the one chunk of an empty file: nothing to ask anyone for
         deadline = time.monotonic() + self.cfg.read_timeout
-        delay = self.cfg.retry_base
+        backoff = delays(self.cfg.retry_base, 5.0)
         while True:
             errors: list[UpstreamError] = []
             for src in sources if sources is not None else self.chain(rec, k):
@@ -418,8 +418,7 @@ class Filler:
             if self.closing or left <= 0:
                 raise errors[-1]
             log.warning("retrying %s/%s [%d-%d): %s", rec.repo_id, rec.path, start, end, errors[-1])
-            await asyncio.sleep(min(left, delay * random.uniform(0.5, 1.5)))
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(min(left, next(backoff)))
 
     def _finish(self, st: BlobState) -> asyncio.Future:
         """Prove the whole blob once every chunk is in; all callers share one check."""

@@ -52,6 +52,7 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
+from .expiring import Window
 from .fill import FillError
 from .layout import (
     COMMIT_RE,
@@ -293,14 +294,14 @@ class Mirror:
         self._refs: dict[tuple[str, str, str], tuple[RepoRef, float]] = {}
         self._resolving: dict[tuple[str, str, str, bool], asyncio.Task] = {}
         self._files: dict[tuple[str, str, str], dict[str, FileEntry]] = {}
-        self._down_until = 0.0  # upstream failed a mirror call recently
+        self._down = Window(DOWN_WINDOW)  # open while upstream failed a mirror call recently
 
     def _upstream_failed(self) -> None:
-        self._down_until = time.monotonic() + DOWN_WINDOW
+        self._down.open()
 
     @property
     def upstream_down(self) -> bool:
-        return time.monotonic() < self._down_until
+        return bool(self._down)
 
     def hub_of(self, t: Target) -> HfUpstream | None:
         """The Hub the repo's bytes come from, if its chain starts there (else None: the operator's own)."""
@@ -418,7 +419,7 @@ class Mirror:
                 f"cannot check access to {t.repo_id} now: upstream answered {status}",
                 headers={"Retry-After": "10"},
             )
-        self._down_until = 0.0
+        self._down.close()
         if len(self._grants) >= ACCESS_MAX:
             self._grants = {k: v for k, v in self._grants.items() if v > now}
             if len(self._grants) >= ACCESS_MAX:
@@ -536,7 +537,7 @@ class Mirror:
             raise HubError(
                 504, f"upstream unreachable and {entry.path!a} of {ref.repo_id} is not cached: {e}"
             ) from None
-        self._down_until = 0.0
+        self._down.close()
 
     def _present(self, blob_id: str, offset: int) -> bool:
         try:
@@ -646,7 +647,7 @@ class Mirror:
         if status >= 500 or status == 429:
             self._upstream_failed()
             return None
-        self._down_until = 0.0
+        self._down.close()
         out = {k: headers[k] for k in _RELAY_HEADERS if k in headers}
         if "Link" in headers:
             link = rewrite_link(headers["Link"], hub.endpoint, f"{request.scheme}://{request.host}")

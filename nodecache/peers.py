@@ -16,6 +16,7 @@ import time
 import aiohttp
 import xxhash
 
+from .expiring import ExpiringSet
 from .index import BlobRecord
 from .metrics import Metrics
 from .upstream import NotFound, UpstreamError
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 XXH3_HEADER = "X-Nodecache-Xxh3"
 _BACKOFF = 5.0  # a failed peer is skipped this long
+_MAX_MEMBERS = 4096  # failed peers remembered at once (a DNS answer names at most a few hundred)
 
 
 # --- pure ---------------------------------------------------------------------
@@ -71,21 +73,19 @@ class Membership:
         self.dns = dns
         self.refresh = refresh
         self.members: list[str] = sorted(set(static) | {me})
-        self._failed_until: dict[str, float] = {}
+        self._failed = ExpiringSet(ttl=_BACKOFF, max_items=_MAX_MEMBERS)  # skipped until they expire
 
     def live(self) -> list[str]:
-        now = time.monotonic()
-        return [m for m in self.members if m == self.me or self._failed_until.get(m, 0) <= now]
+        return [m for m in self.members if m == self.me or m not in self._failed]
 
     def failed(self, member: str) -> None:
-        self._failed_until[member] = time.monotonic() + _BACKOFF
+        self._failed.add(member)
 
     def ok(self, member: str) -> None:
-        self._failed_until.pop(member, None)
+        self._failed.discard(member)
 
     def status(self) -> list[dict]:
-        now = time.monotonic()
-        return [{"peer": m, "self": m == self.me, "healthy": self._failed_until.get(m, 0) <= now} for m in self.members]
+        return [{"peer": m, "self": m == self.me, "healthy": m not in self._failed} for m in self.members]
 
     async def resolve_dns(self) -> None:
         """One DNS refresh: `name:port` -> every address of name, plus ourselves."""

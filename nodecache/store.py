@@ -27,6 +27,7 @@ from pathlib import Path
 import xxhash
 
 from . import directio
+from .backoff import proof_backoff
 from .groupcommit import GroupCommit
 from .index import BlobRecord, Index
 from .layout import validate_blob_id
@@ -116,12 +117,6 @@ class Quarantined(Exception):
     def __init__(self, blob_id: str, message: str):
         super().__init__(message)
         self.blob_id = blob_id
-
-
-def proof_backoff(failures: int, base: float, cap: float = 300.0) -> float:
-    """Seconds before a blob whose proof failed `failures` times in a row is fetched again:
-    base, 4x per failure, capped (a source that keeps sending wrong bytes is not hammered)."""
-    return min(cap, base * 4 ** max(0, failures - 1))
 
 
 def quarantine_excess(

@@ -23,9 +23,10 @@ import pytest
 from conftest import MiB, snapshot_dir
 from prometheus_client.parser import text_string_to_metric_families
 
+from nodecache.backoff import proof_backoff
 from nodecache.config import Config, ConfigError, load
 from nodecache.index import Index
-from nodecache.store import proof_backoff, quarantine_excess
+from nodecache.store import quarantine_excess
 from nodecache.testing.hub import Fault
 
 REPO = "org/verify"

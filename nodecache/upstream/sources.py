@@ -15,10 +15,10 @@ import asyncio
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ..expiring import Window
 from ..index import BlobRecord
 from ..layout import COMMIT_RE, InvalidName, RepoSpec
 from . import NotFound, Resolved, Upstream, UpstreamError
@@ -125,7 +125,7 @@ class ListingUpstream:
         self._by_id: dict[str, SourceFile] = {}
         self._by_path: dict[str, SourceFile] = {}
         self._scan_lock = asyncio.Lock()
-        self._scanned_at = -_RESCAN_EVERY
+        self._scanned = Window(_RESCAN_EVERY)  # open for a while after each listing
 
     def __repr__(self) -> str:
         return f"<{self.__class__.__name__} {self.url}>"
@@ -141,7 +141,7 @@ class ListingUpstream:
 
     async def snapshot(self, revision: str = "main") -> Snapshot:
         snap = await build_snapshot(await self._list(), self._read_small, self.url, revision)
-        self._scanned_at = time.monotonic()
+        self._scanned.open()
         for f in snap.files:
             self._by_id[f.blob_id] = f
             self._by_path[f.path] = f
@@ -159,8 +159,8 @@ class ListingUpstream:
         if f is None:
             async with self._scan_lock:
                 f = self._by_id.get(rec.blob_id)
-                if f is None and time.monotonic() - self._scanned_at >= _RESCAN_EVERY:
-                    self._scanned_at = time.monotonic()
+                if f is None and not self._scanned:
+                    self._scanned.open()
                     await self.snapshot()
                     f = self._by_id.get(rec.blob_id)
         if f is None:  # the same content under the same path, stated by another source's id
