@@ -52,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import GiB, MiB  # noqa: E402
 
+from nodecache import mounts  # noqa: E402
+
 REPO = "bench/cluster"
 SHARDS = 2
 POLL_S = 0.1
@@ -195,7 +197,7 @@ def new_cluster(work: Path, name: str, repo_dir: Path, n: int, args: argparse.Na
 
 def stop_cluster(c) -> None:
     c.stop()
-    live = common.mounts_under(c.workdir)
+    live = mounts.under(c.workdir)
     if live:
         print(f"warning: still mounted under {c.workdir}: {live}", file=sys.stderr)
     else:

@@ -32,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python bench/x.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+from nodecache import mounts  # noqa: E402
 from nodecache.testing.daemon import DaemonProcess  # noqa: E402
 
 # ---- machine and bookkeeping ---------------------------------------------------------
@@ -246,30 +247,12 @@ def parallel_read(path: Path, readers: int) -> tuple[int, float]:
 # ---- mounts ------------------------------------------------------------------------------
 
 
-def mount_of(path: Path) -> str | None:
-    """major:minor of a mount exactly at `path` (string match on mountinfo; never stats it)."""
-    target = os.path.abspath(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
-                found = fields[2]
-    return found
-
-
-def mounts_under(path: Path) -> list[str]:
-    root = os.path.abspath(path).rstrip("/") + "/"
-    with open("/proc/self/mountinfo") as f:
-        return [ln.split()[4] for ln in f if (ln.split()[4] + "/").startswith(root)]
-
-
 def bdi_read_ahead_kb(mnt: Path) -> int | None:
-    dev = mount_of(mnt)
-    if dev is None:
+    entry = mounts.top(os.path.abspath(mnt))
+    if entry is None:
         return None
     with contextlib.suppress(OSError, ValueError):
-        return int(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text())
+        return int(Path(f"/sys/class/bdi/{entry.dev}/read_ahead_kb").read_text())
     return None
 
 
@@ -281,7 +264,7 @@ def workdir(prefix: str, keep: bool = False) -> Iterator[Path]:
     try:
         yield d
     finally:
-        live = mounts_under(d)
+        live = mounts.under(d)
         if live:
             print(f"warning: not removing {d}: still mounted: {live}", file=sys.stderr)
         elif not keep:

@@ -44,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import GiB, MiB  # noqa: E402
 
+from nodecache import mounts  # noqa: E402
+
 REPO = "bench/upstream-fill"
 SHARDS = 2
 
@@ -300,7 +302,7 @@ def run(args: argparse.Namespace) -> dict:
                 )  # fmt: skip
                 print(f"  {kind:<18} {secs:7.2f} s  {total / secs / 1e6:8,.1f} MB/s  "
                       f"peak {details[kind][-1]['peak_connections']} conns", flush=True)  # fmt: skip
-                live = common.mounts_under(dest)
+                live = mounts.under(dest)
                 if not live:
                     shutil.rmtree(dest, ignore_errors=True)
 

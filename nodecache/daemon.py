@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +20,14 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from . import layout
+from . import layout, mounts
 from .backoff import delays
 from .ccpeers import PeerSnapshots
 from .compilecache import CompileCaches
 from .config import Config
 from .expiring import ExpiringSet
 from .fill import Filler
-from .fusefs import NodecacheFS, find_mount, set_read_ahead
+from .fusefs import NodecacheFS
 from .fusesession import Session
 from .index import BlobRecord, Index
 from .jobs import Job, Jobs
@@ -47,15 +46,6 @@ from .upstream.hf import HfUpstream
 from .upstream.sources import build_sources
 
 log = logging.getLogger(__name__)
-
-
-def clear_stale_mount(mountpoint: Path) -> None:
-    """A daemon killed with -9 leaves a dead FUSE mount (ENOTCONN): detach it."""
-    if find_mount(mountpoint) is not None:
-        log.warning("detaching a stale mount at %s", mountpoint)
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False, capture_output=True)
-        if find_mount(mountpoint) is not None:
-            subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
 
 
 class Daemon:
@@ -601,7 +591,8 @@ class Daemon:
                 await runner.cleanup()
 
     async def _serve_fuse(self, mountpoint: Path) -> None:
-        clear_stale_mount(mountpoint.absolute())
+        if mounts.detach(mountpoint):  # a daemon killed with -9 leaves a dead FUSE mount (ENOTCONN)
+            log.warning("detached a stale mount at %s", mountpoint.absolute())
         mountpoint.mkdir(parents=True, exist_ok=True)
         mountpoint = mountpoint.resolve()  # now, before mounting: later it would stat our own mount
         self.fs = NodecacheFS(HubTree(self.index), self.filler, self.metrics, self.cfg.fill_on_open)
@@ -624,7 +615,7 @@ class Daemon:
             await asyncio.wait([main, asyncio.ensure_future(session.initialized.wait())], return_when="FIRST_COMPLETED")
             if session.initialized.is_set():
                 await asyncio.sleep(0.05)  # the INIT reply resets read_ahead_kb: write after it
-                if not set_read_ahead(mountpoint, self.cfg.bdi_read_ahead_kb):
+                if not mounts.set_read_ahead(mountpoint, self.cfg.bdi_read_ahead_kb):
                     log.warning("could not raise read_ahead_kb; reads stay at 128 KiB")
                 self.ready = True
                 log.info("mounted at %s (passthrough %s)", mountpoint, "on" if session.passthrough else "off")

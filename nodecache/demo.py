@@ -18,8 +18,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import mounts
 from .layout import repo_folder_name
-from .testing.daemon import DaemonProcess, free_port, is_mounted
+from .testing.daemon import DaemonProcess, free_port
 
 REPO = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -84,8 +85,7 @@ def main(workdir: Path, keep: bool = False) -> int:
     import numpy as np
 
     model = bundled_model()
-    if is_mounted(workdir / "mnt"):
-        subprocess.run(["fusermount3", "-u", "-z", str(workdir / "mnt")], check=False)
+    mounts.detach(workdir / "mnt")
     shutil.rmtree(workdir / "cache", ignore_errors=True)  # a cold start every time
     workdir.mkdir(parents=True, exist_ok=True)
     with hub_process(model) as (hub_url, commit, cdn_url):
@@ -137,5 +137,5 @@ def main(workdir: Path, keep: bool = False) -> int:
                 except KeyboardInterrupt:
                     pass
             ok = same and out.returncode == 0
-    _step("stopped and unmounted" if not is_mounted(workdir / "mnt") else "WARNING: mount still present")
+    _step("stopped and unmounted" if not mounts.is_mounted(workdir / "mnt") else "WARNING: mount still present")
     return 0 if ok else 1

@@ -19,7 +19,6 @@ import os
 import stat
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from .fill import Filler, FillError
 from .fuseproto import ENOATTR, FATTR_FH, FATTR_KILL_SUIDGID, FATTR_LOCKOWNER, FATTR_MODE, FATTR_SIZE, FATTR_TIMES, Attr
@@ -353,37 +352,3 @@ def _blob_ids(node: Node):
         yield node.target.rsplit("/", 1)[1]
     for child in node.children.values():
         yield from _blob_ids(child)
-
-
-def find_mount(mountpoint: Path, mountinfo: str | None = None) -> str | None:
-    """major:minor of the mount at `mountpoint`, from /proc/self/mountinfo.
-
-    Pure string work on purpose: realpath/stat of our own mount from the loop
-    thread deadlocks the daemon, so callers resolve the path before mounting.
-    """
-    if mountinfo is None:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
-    target = os.path.abspath(mountpoint)
-    found = None
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
-            found = fields[2]  # the last one listed is the one on top
-    return found
-
-
-def set_read_ahead(mountpoint: Path, kb: int) -> bool:
-    """Raise the mount's bdi read_ahead_kb: 1 MiB reads instead of 128 KiB ones.
-
-    Must run after FUSE_INIT was answered: the INIT reply resets it.
-    """
-    dev = find_mount(mountpoint)
-    if dev is None or kb <= 0:
-        return False
-    path = Path("/sys/class/bdi") / dev / "read_ahead_kb"
-    try:
-        path.write_text(str(kb))
-        return int(path.read_text()) == kb
-    except OSError as e:
-        log.warning("cannot set %s: %s", path, e)
-        return False

@@ -36,10 +36,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def is_mounted(path: Path) -> bool:
-    return bool(mounts.at(os.path.abspath(path)))
-
-
 def detach_dead(path: Path) -> int:
     """Lazily detach dead FUSE mounts (their daemon is gone: ENOTCONN) from the top of
     path's stack; a live mount (another daemon's) stops it. Returns how many went.
