@@ -9,12 +9,12 @@ one daemon method.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .auth import admin_only
 from .layout import REPO_TYPES, RepoSpec
 
 if TYPE_CHECKING:
@@ -58,18 +58,7 @@ async def _body(request: web.Request) -> dict:
 
 
 def add_routes(app: web.Application, daemon: Daemon) -> None:
-    def admin(handler):
-        async def checked(request: web.Request) -> web.StreamResponse:
-            token = daemon.cfg.admin_token
-            if token:
-                given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(given.encode(), token.encode()):
-                    raise web.HTTPUnauthorized(
-                        reason="admin token required", text="Authorization: Bearer <admin token> required"
-                    )
-            return await handler(request)
-
-        return checked
+    admin = admin_only(daemon.cfg.admin_token)
 
     async def repos(_: web.Request) -> web.Response:
         return web.json_response({"repos": daemon.repos_status()})

@@ -7,15 +7,14 @@ nothing else of the disk.
 
 from __future__ import annotations
 
-import hmac
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from . import ccmanifest as cm
 from .api import _body
+from .auth import admin_only, check_bearer
 from .compilecache import InUse
-from .peer_api import check_bearer
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -32,17 +31,7 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
     def caches():
         return daemon.compile_caches
 
-    def admin(handler):
-        async def checked(request: web.Request) -> web.StreamResponse:
-            token = daemon.cfg.admin_token
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if token and not hmac.compare_digest(given.encode(), token.encode()):
-                raise web.HTTPUnauthorized(
-                    reason="admin token required", text="Authorization: Bearer <admin token> required"
-                )
-            return await handler(request)
-
-        return checked
+    admin = admin_only(daemon.cfg.admin_token)
 
     async def listing(_: web.Request) -> web.Response:
         c = caches()

@@ -41,7 +41,6 @@ import contextlib
 import errno
 import fnmatch
 import hashlib
-import hmac
 import json
 import logging
 import re
@@ -52,6 +51,7 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
+from .auth import bearer_matches
 from .expiring import Window
 from .fill import FillError
 from .layout import (
@@ -325,9 +325,7 @@ class Mirror:
 
     def _is_admin(self, auth: str | None) -> bool:
         token = self.d.cfg.admin_token
-        if not token or not auth:
-            return False
-        return hmac.compare_digest(auth.removeprefix("Bearer ").strip().encode(), token.encode())
+        return bool(token and auth) and bearer_matches(auth, token)
 
     async def open(self, request: web.Request, t: Target, path: str | None = None) -> Grant:
         """The one access decision of every route: a Grant, or the Hub-style refusal raised.

@@ -15,12 +15,12 @@ checks before using a byte.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import TYPE_CHECKING
 
 import xxhash
 from aiohttp import web
 
+from .auth import check_bearer
 from .index import BlobRecord
 from .layout import COMMIT_RE, RepoSpec, validate_blob_id, validate_repo_id, validate_repo_type
 from .peers import XXH3_HEADER, RateLimit, rank
@@ -36,15 +36,6 @@ def _int(query, key: str, default: int | None = None) -> int:
     if raw is None or not raw.isdigit() or len(raw) > 18:
         raise ValueError(f"query parameter {key!r} must be a non-negative integer")
     return int(raw)
-
-
-def check_bearer(request: web.Request, token: str | None, what: str) -> None:
-    """401 unless the request carries `token`; with no token configured the face is closed (403)."""
-    if not token:
-        raise web.HTTPForbidden(reason="peer_api_disabled", text=f"{what} is off: this node has no cluster_token")
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), token.encode()):
-        raise web.HTTPUnauthorized(reason="cluster token required", text=f"{what} needs the cluster token")
 
 
 async def owned_record(daemon: Daemon, blob_id: str, query) -> BlobRecord:
