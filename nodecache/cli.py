@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cccli
+from . import cccli, control
 from . import config as config_mod
 from .fill import FillError
 from .layout import InvalidName, RepoSpec
@@ -110,29 +110,15 @@ def _endpoint(args: argparse.Namespace) -> str:
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
     """One control-API call; any failure becomes a one-line CliError."""
-    import urllib.error
-    import urllib.request
-
-    url = _endpoint(args) + path
-    headers = {"Content-Type": "application/json"}
     token = os.environ.get("NODECACHE_ADMIN_TOKEN")
     if getattr(args, "admin_token_file", None):
         token = Path(args.admin_token_file).read_text().strip()
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return json.load(resp)
-    except urllib.error.HTTPError as e:
-        try:
-            detail = json.load(e).get("detail", e.reason)
-        except ValueError:
-            detail = e.reason
-        raise CliError(f"daemon answered {e.code}: {detail}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise CliError(f"cannot reach the daemon at {_endpoint(args)}: {getattr(e, 'reason', e)}") from None
+        return control.call(_endpoint(args), method, path, body, token, timeout=120)
+    except control.ApiError as e:
+        if e.status is None:
+            raise CliError(f"cannot reach the daemon at {_endpoint(args)}: {e.detail}") from None
+        raise CliError(f"daemon answered {e.status}: {e.detail}") from None
 
 
 def _spec_body(text: str) -> dict:

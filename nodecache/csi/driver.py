@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import select
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import grpc
 
-from .. import __version__, mounts
+from .. import __version__, control, mounts
 from ..layout import InvalidName, RepoSpec, repo_folder_name
 from . import compilecache
 from . import policy as policy_mod
@@ -175,25 +174,18 @@ class Driver:
 
     def _api(self, method: str, path: str, body: dict | None = None) -> dict:
         """One call to the daemon's control API; errors become CSI status codes."""
-        headers = {"Content-Type": "application/json"}
-        if self.admin_token:
-            headers["Authorization"] = f"Bearer {self.admin_token}"
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.daemon_url + path, data=data, headers=headers, method=method)
         try:
-            with self._http.open(req, timeout=30) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            try:
-                detail = json.loads(e.read()).get("detail", e.reason)
-            except (ValueError, OSError):
-                detail = e.reason
-            code = {404: grpc.StatusCode.NOT_FOUND, 400: grpc.StatusCode.INVALID_ARGUMENT}.get(e.code)
-            if e.code in (401, 403):
+            return control.call(self.daemon_url, method, path, body, self.admin_token, 30, self._http.open)
+        except control.ApiError as e:
+            if e.status is None:
+                raise CsiError(
+                    grpc.StatusCode.UNAVAILABLE, f"daemon at {self.daemon_url} not reachable: {e.cause}"
+                ) from None
+            code = {404: grpc.StatusCode.NOT_FOUND, 400: grpc.StatusCode.INVALID_ARGUMENT}.get(e.status)
+            detail = e.detail
+            if e.status in (401, 403):
                 detail = f"{detail} (give the CSI plugin the daemon's admin token: --admin-token-file)"
-            raise CsiError(code or grpc.StatusCode.UNAVAILABLE, f"daemon answered {e.code}: {detail}") from None
-        except (OSError, ValueError) as e:
-            raise CsiError(grpc.StatusCode.UNAVAILABLE, f"daemon at {self.daemon_url} not reachable: {e}") from None
+            raise CsiError(code or grpc.StatusCode.UNAVAILABLE, f"daemon answered {e.status}: {detail}") from None
 
     def _start_prefetch(self, repo_type: str, repo_id: str, revision: str | None) -> dict:
         """Have the daemon resolve a repo (and fill it in the background): its prefetch job."""
