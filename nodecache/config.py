@@ -11,8 +11,10 @@ import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import layout
+from .upstream.sourcespec import parse_repo_token_files, parse_sources
 
 MiB = 1024 * 1024
 # Formats loaded with pickle: a wrong byte in them is code run by the loader, not a wrong weight.
@@ -141,9 +143,7 @@ class Config:
             repo_glob, sep, path_glob = pattern.partition("=")
             if not pattern or (sep and not (repo_glob and path_glob)):
                 raise ConfigError(f"verify_before_serve: {pattern!r} is not [REPO_GLOB=]PATH_GLOB")
-        from .upstream.sources import check_config  # non-HF sources: syntax only, no I/O
-
-        check_config(self)
+        _check_sources(self)  # non-HF sources: syntax only, no I/O
 
     def verify_first(self, repo_id: str, path: str) -> bool:
         """Whether reads of this file of this repo wait for its whole-blob proof (verify_before_serve)."""
@@ -249,6 +249,42 @@ def _preload_entry(item) -> str:
     return spec + ("=hot" if pin == "hot" else "=pin" if pin is True else "")
 
 
+def _check_sources(cfg: Config) -> None:
+    """Syntax of the source settings, at config time (no I/O); ConfigError names the key."""
+    try:
+        parse_sources(cfg.sources)
+    except ValueError as e:
+        raise ConfigError(f"sources: {e}") from None
+    try:
+        parse_repo_token_files(cfg.repo_tokens)
+    except ValueError as e:
+        raise ConfigError(f"repo_tokens: {e}") from None
+    url = cfg.s3_endpoint_url
+    if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
+        raise ConfigError(f"s3_endpoint_url: {url!r} is not an http(s) URL")
+
+
+def _yaml_repos(items: list) -> tuple[tuple[str, ...], list[str]]:
+    """YAML `repos` items: a spec string or `{id, revision?, sources?: [..]}` -> (specs, sources entries)."""
+    specs, sources = [], []
+    for item in items:
+        if isinstance(item, str):
+            specs.append(item)
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise ConfigError(f"repos: {item!r} needs an 'id'")
+        unknown = set(item) - {"id", "revision", "sources"}
+        if unknown:
+            raise ConfigError(f"repos: unknown key(s) {sorted(unknown)} in {item['id']!r}")
+        specs.append(item["id"] + (f"@{item['revision']}" if item.get("revision") else ""))
+        srcs = item.get("sources")
+        if srcs:
+            if isinstance(srcs, str):
+                srcs = [srcs]
+            sources.append(f"{item['id']}=" + ",".join(str(s) for s in srcs))
+    return tuple(specs), sources
+
+
 def read_file(path: Path) -> dict:
     """The YAML config file: keys are Config fields; unknown keys are an error."""
     import yaml
@@ -271,9 +307,7 @@ def read_file(path: Path) -> dict:
         elif f.name == "verify_before_serve" and isinstance(value, bool):  # true: every file; false: none
             value = ("*",) if value else ()
         elif f.name == "repos" and isinstance(value, list):  # items may be {id, revision?, sources?}
-            from .upstream.sources import yaml_repos
-
-            value, more = yaml_repos(value)
+            value, more = _yaml_repos(value)
             extra_sources.extend(more)
         elif isinstance(value, list):
             value = tuple(str(v) for v in value)

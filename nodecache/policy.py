@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from .layout import RepoSpec
+from .upstream.sourcespec import parse_sources
 
 
 def spec_key(spec: str) -> tuple[str, str]:
@@ -27,8 +28,6 @@ class RepoPolicy:
 
     @classmethod
     def from_config(cls, cfg) -> RepoPolicy:
-        from .upstream.sources import parse_sources  # pure parsing of the config's syntax
-
         specs = (*cfg.repos, *cfg.preload, *(e.partition("=")[0].strip() for e in cfg.repo_tokens))
         named = {spec_key(s) for s in specs} | set(parse_sources(cfg.sources))
         # A glob without a wildcard names one repo exactly: it may be private.

@@ -40,7 +40,7 @@ from nodecache.upstream.manifest import (
     source_blob_id,
 )
 from nodecache.upstream.s3 import S3Upstream
-from nodecache.upstream.sources import parse_s3_url, parse_sources
+from nodecache.upstream.sourcespec import parse_s3_url, parse_sources
 
 pytestmark = pytest.mark.timeout(180)
 

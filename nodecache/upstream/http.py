@@ -15,8 +15,8 @@ import aiohttp
 from ..metrics import Metrics
 from . import NotFound, UpstreamError
 from .hf import HfUpstream
+from .listing import ListingUpstream
 from .manifest import MANIFEST, SourceFile, SourceObject, parse_manifest
-from .sources import ListingUpstream
 
 
 class HttpUpstream(ListingUpstream):

@@ -15,8 +15,8 @@ import os
 
 from ..metrics import Metrics
 from . import NotFound, UpstreamError
+from .listing import ListingUpstream
 from .manifest import SourceFile, SourceObject
-from .sources import ListingUpstream
 
 
 class LocalUpstream(ListingUpstream):

@@ -21,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..metrics import Metrics
 from . import NotFound, UpstreamError
+from .listing import ListingUpstream
 from .manifest import SourceFile, SourceObject, checksum_sha256
-from .sources import ListingUpstream, parse_s3_url
+from .sourcespec import parse_s3_url
 
 log = logging.getLogger(__name__)
 

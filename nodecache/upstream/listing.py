@@ -1,0 +1,90 @@
+"""Sources that are a listing of objects under a root (s3, http, local): the shared base."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..expiring import Window
+from ..index import BlobRecord
+from ..layout import COMMIT_RE
+from . import NotFound, Resolved, UpstreamError
+from .manifest import SOURCE_KIND, Snapshot, SourceFile, SourceObject, build_snapshot
+
+log = logging.getLogger(__name__)
+
+_RESCAN_EVERY = 30.0  # a source that does not know a blob lists itself again at most this often
+
+
+class ListingUpstream:
+    """A source that lists objects under a root and reads byte ranges of one.
+
+    Subclasses implement `_list`, `_read_small` and `_read_range`. The last
+    snapshot built is remembered by blob id (and path), so chunk fetches know
+    each blob's key and version; a blob this source has not seen (a repo
+    resolved from the Hub, falling back here) triggers one fresh listing.
+    """
+
+    name = "source"
+    kind = "upstream"
+
+    def __init__(self, url: str):
+        self.url = url
+        self._by_id: dict[str, SourceFile] = {}
+        self._by_path: dict[str, SourceFile] = {}
+        self._scan_lock = asyncio.Lock()
+        self._scanned = Window(_RESCAN_EVERY)  # open for a while after each listing
+
+    def __repr__(self) -> str:
+        return f"<{self.__class__.__name__} {self.url}>"
+
+    async def _list(self) -> list[SourceObject]:
+        raise NotImplementedError
+
+    async def _read_small(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    async def _read_range(self, f: SourceFile, start: int, end: int) -> bytes | bytearray:
+        raise NotImplementedError
+
+    async def snapshot(self, revision: str = "main") -> Snapshot:
+        snap = await build_snapshot(await self._list(), self._read_small, self.url, revision)
+        self._scanned.open()
+        for f in snap.files:
+            self._by_id[f.blob_id] = f
+            self._by_path[f.path] = f
+        return snap
+
+    async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved:
+        snap = await self.snapshot(revision)
+        if COMMIT_RE.fullmatch(revision) and snap.commit != revision:
+            raise NotFound(f"{self.url}: holds {snap.commit[:12]}, not revision {revision[:12]} of {repo_id}")
+        log.info("%s: %s layout, %d files, commit %s", self.url, snap.layout, len(snap.files), snap.commit[:12])
+        return snap.resolved()
+
+    async def _locate(self, rec: BlobRecord) -> SourceFile:
+        f = self._by_id.get(rec.blob_id)
+        if f is None:
+            async with self._scan_lock:
+                f = self._by_id.get(rec.blob_id)
+                if f is None and not self._scanned:
+                    self._scanned.open()
+                    await self.snapshot()
+                    f = self._by_id.get(rec.blob_id)
+        if f is None:  # the same content under the same path, stated by another source's id
+            same = self._by_path.get(rec.path)
+            if same is not None and same.size == rec.size and rec.kind != SOURCE_KIND:
+                f = same
+        if f is None:
+            raise NotFound(f"{self.url}: does not hold {rec.path!r} (blob {rec.blob_id[:12]})")
+        return f
+
+    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes | bytearray:
+        f = await self._locate(rec)
+        data = await self._read_range(f, start, end)
+        if len(data) != end - start:
+            raise UpstreamError(f"{self.url}/{f.key}: got {len(data)} bytes of [{start}-{end})")
+        return data
+
+    async def close(self) -> None:
+        pass
