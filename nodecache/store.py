@@ -443,7 +443,7 @@ class Store:
         """Write, sync, then record: the order that makes a crash safe.
 
         `data` is the chunk's bytes, or a list of buffers that make them up in
-        order (as a stream delivered them; see HfUpstream.parts).
+        order (as a stream delivered them; see upstream.ranges.range_parts).
         cache=False: nobody is reading this chunk now, so it goes around the
         page cache (see directio) where the store allows. Syncs and records
         are shared with the chunks written at the same time (groupcommit).

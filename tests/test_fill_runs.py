@@ -20,7 +20,7 @@ from nodecache import directio
 from nodecache.fill import run_length
 from nodecache.testing.hub import Fault
 from nodecache.upstream import UpstreamError
-from nodecache.upstream.hf import HfUpstream
+from nodecache.upstream.ranges import range_parts
 
 
 def test_run_lengths_shrink_and_cover_the_blob():
@@ -37,7 +37,7 @@ def test_run_lengths_shrink_and_cover_the_blob():
 
 async def _parts(url: str, start: int, end: int, piece: int) -> list[bytes]:
     async with aiohttp.ClientSession() as s, s.get(url, headers={"Range": f"bytes={start}-{end - 1}"}) as resp:
-        return [b"".join(p) async for p in HfUpstream.parts(resp, start, end, piece)]
+        return [b"".join(p) async for p in range_parts(resp, start, end, piece)]
 
 
 def test_one_response_is_split_into_chunks(hub, big_repo):
@@ -57,7 +57,7 @@ def test_a_truncated_run_keeps_the_chunks_it_delivered(hub, big_repo):
 
     async def read() -> None:
         async with aiohttp.ClientSession() as s, s.get(url, headers={"Range": f"bytes=0-{4 * MiB - 1}"}) as resp:
-            async for p in HfUpstream.parts(resp, 0, 4 * MiB, MiB):
+            async for p in range_parts(resp, 0, 4 * MiB, MiB):
                 got.append(b"".join(p))
 
     with pytest.raises((UpstreamError, aiohttp.ClientPayloadError)):  # stream() makes both UpstreamError

@@ -8,7 +8,6 @@ keyed by blob id (never by URL), and to which we never send our token.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
@@ -28,8 +27,8 @@ from ..layout import (
 )
 from ..metrics import Metrics
 from . import NotFound, RemoteFile, Resolved, UpstreamError
+from .ranges import joined, range_parts
 
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _LOCATION_TTL = 300.0  # signed CDN URLs live longer than this on the real Hub
 
 
@@ -126,7 +125,7 @@ class HfUpstream:
                         continue
                     if resp.status in (401, 403, 404):
                         raise NotFound(f"{rec.repo_id}/{rec.path}: HTTP {resp.status}")
-                    async for pieces in self.parts(resp, start, end, piece):
+                    async for pieces in range_parts(resp, start, end, piece):
                         self.metrics.upstream_bytes.labels(self.name).inc(sum(map(len, pieces)))
                         yield pieces
                     return
@@ -141,64 +140,6 @@ class HfUpstream:
         prefix = "" if rec.repo_type == "model" else REPO_TYPES[rec.repo_type] + "/"
         path = quote(validate_relpath(rec.path))
         return f"{self.endpoint}/{prefix}{rec.repo_id}/resolve/{rec.commit}/{path}", False
-
-    @staticmethod
-    async def parts(resp: aiohttp.ClientResponse, start: int, end: int, piece: int) -> AsyncIterator[list]:
-        """Exactly the range asked for, as `piece`-sized parts (the last may be shorter).
-
-        A part is the list of buffers the socket delivered, cut at part
-        boundaries but never joined: joining 8 MiB means a copy into fresh
-        pages, which cost the event loop more than receiving them (perf: half
-        its CPU in a fill). Streamed, so memory stays at one part; a server
-        that ignores Range (200) is read only up to `end`, never whole.
-        """
-        if resp.status == 206:
-            m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
-            if not m or int(m[1]) != start or int(m[2]) != end - 1:
-                raise UpstreamError(f"wrong Content-Range {resp.headers.get('Content-Range')!r} for [{start}-{end})")
-        elif resp.status != 200:
-            raise UpstreamError(f"HTTP {resp.status}")
-        skip = start if resp.status == 200 else 0
-        pos = start
-        pieces: list = []
-        have = 0
-        async for data in resp.content.iter_any():
-            if skip:
-                if len(data) <= skip:
-                    skip -= len(data)
-                    continue
-                data, skip = memoryview(data)[skip:], 0
-            while data:
-                want = min(piece, end - pos)
-                if len(data) > want - have:
-                    view = memoryview(data)
-                    pieces.append(view[: want - have])
-                    data = view[want - have :]
-                else:
-                    pieces.append(data)
-                    data = b""
-                have += len(pieces[-1])
-                if have == want:
-                    yield pieces
-                    pos += have
-                    pieces, have = [], 0
-                    if pos == end:
-                        return
-        raise UpstreamError(f"truncated body: {pos - start + have} of {end - start} bytes")
-
-    @classmethod
-    async def body(cls, resp: aiohttp.ClientResponse, start: int, end: int) -> bytes:
-        """The whole range [start, end) as one bytes object."""
-        async for pieces in cls.parts(resp, start, end, end - start):
-            return joined(pieces)
-        return b""
-
-
-def joined(pieces: list) -> bytes:
-    """One bytes object of a part's buffers (a copy unless it is one already)."""
-    if len(pieces) == 1 and isinstance(pieces[0], bytes):
-        return pieces[0]
-    return b"".join(pieces)
 
 
 def _parse_revision(info: dict) -> Resolved:

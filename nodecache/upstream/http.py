@@ -14,9 +14,9 @@ import aiohttp
 
 from ..metrics import Metrics
 from . import NotFound, UpstreamError
-from .hf import HfUpstream
 from .listing import ListingUpstream
 from .manifest import MANIFEST, SourceFile, SourceObject, parse_manifest
+from .ranges import range_body
 
 
 class HttpUpstream(ListingUpstream):
@@ -71,7 +71,7 @@ class HttpUpstream(ListingUpstream):
             async with await self._get(f.key, {"Range": f"bytes={start}-{end - 1}"}) as resp:
                 self.metrics.upstream_requests.labels(str(resp.status)).inc()
                 self._check(resp.status, f.key)
-                data = await HfUpstream.body(resp, start, end)
+                data = await range_body(resp, start, end)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise UpstreamError(f"{self.url}/{f.key} [{start}-{end}): {e.__class__.__name__}: {e}") from None
         except UpstreamError as e:
