@@ -15,15 +15,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import grpc
 
 from .. import ccmanifest as cm
 from .. import mounts
+from .errors import CsiError
 
-if TYPE_CHECKING:
-    from .driver import Driver
+
+class Driver(Protocol):
+    """What publishing a compile cache needs of the CSI driver."""
+
+    claim: Callable[[str], AbstractContextManager]
+    _api: Callable[..., dict]
+
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +41,6 @@ KEYS = {"kind", "key"}  # the only attributes of this kind (besides kubelet's ow
 
 def scoped_key(context: dict[str, str], namespace_key: str) -> str:
     """The daemon's key for a volume: the pod's namespace, then the user's free text."""
-    from .driver import CsiError
-
     unknown = {k for k in context if k not in KEYS and not k.startswith("csi.storage.k8s.io/")}
     if unknown:
         raise CsiError(
@@ -55,8 +61,6 @@ def scoped_key(context: dict[str, str], namespace_key: str) -> str:
 
 
 def publish(driver: Driver, volume_id: str, target: str, context: dict[str, str], namespace_key: str) -> None:
-    from .driver import CsiError
-
     key = scoped_key(context, namespace_key)
     with driver.claim(target):
         got = driver._api("POST", "/v1/compile-caches/acquire", {"key": key, "target": target})

@@ -38,6 +38,7 @@ from .. import __version__, control, mounts
 from ..layout import InvalidName, RepoSpec, repo_folder_name
 from . import compilecache
 from . import policy as policy_mod
+from .errors import CsiError
 from .policy import Policy, PolicyFile
 from .proto import load
 
@@ -53,12 +54,6 @@ POD_NAMESPACE = KUBELET_KEY_PREFIX + "pod.namespace"  # kubelet overwrites any v
 POD_SERVICE_ACCOUNT = KUBELET_KEY_PREFIX + "serviceAccount.name"
 TRUE = {"true", "yes", "1"}
 FALSE = {"false", "no", "0", ""}
-
-
-class CsiError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def parse_endpoint(endpoint: str) -> str:
