@@ -3,22 +3,20 @@
 When an admin token is configured, every `/v1` call needs `Authorization:
 Bearer <admin token>`: mutating ones because they fill or empty the disk, reads
 because they name every repo on the node, private ones included. Thin: every call is
-one daemon method.
+one call on Operations or Status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .auth import admin_only
 from .layout import REPO_TYPES, RepoSpec
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .ops import Operations
+from .status import Status
 
 
 def _spec(body: dict, need_repo: bool = True) -> RepoSpec | None:
@@ -57,46 +55,35 @@ async def _body(request: web.Request) -> dict:
     return body
 
 
-def add_routes(app: web.Application, daemon: Daemon) -> None:
-    admin = admin_only(daemon.cfg.admin_token)
+def add_routes(app: web.Application, admin_token: str | None, ops: Operations, report: Status) -> None:
+    admin = admin_only(admin_token)
 
     async def repos(_: web.Request) -> web.Response:
-        return web.json_response({"repos": daemon.repos_status()})
+        return web.json_response({"repos": report.repos()})
 
     async def repo(request: web.Request) -> web.Response:
         name = request.match_info["repo"]
         repo_type = request.query.get("repo_type", "model")
-        for r in daemon.repos_status():
+        for r in report.repos():
             if r["repo"] == name and r["repo_type"] == repo_type:
                 return web.json_response(r)
         raise web.HTTPNotFound(reason="not_found", text=f"{repo_type} {name!r} is not in the cache")
 
     async def status(_: web.Request) -> web.Response:
-        return web.json_response(daemon.status())
+        return web.json_response(report.node())
 
     async def prefetch(request: web.Request) -> web.Response:
         """`{"fill": false}`: resolve only (the tree shows it, no byte is fetched): 200 with what it is."""
         body = await _body(request)
         spec = _spec(body)
         if body.get("fill", True) is False:
-            ref, total, _ = await daemon.add_repo(spec)
-            meta = daemon.index.get_repo_meta(ref.repo_type, ref.repo_id) or {}
-            return web.json_response(
-                {
-                    "repo": ref.repo_id,
-                    "repo_type": ref.repo_type,
-                    "revision": ref.revision,
-                    "commit": ref.commit,
-                    "total": total,
-                    "visibility": meta.get("visibility", "unknown"),
-                }
-            )
-        job = await daemon.prefetch(spec)
+            return web.json_response(await ops.resolve(spec))
+        job = await ops.prefetch(spec)
         return web.json_response(job.as_dict(), status=202)
 
     async def job(request: web.Request) -> web.Response:
         """`?wait=S`: answer when the job ends or after S seconds (<= 300), instead of polling."""
-        j = daemon.jobs.jobs.get(request.match_info["id"])
+        j = ops.job(request.match_info["id"])
         if j is None:
             raise web.HTTPNotFound(reason="not_found", text=f"no job {request.match_info['id']!r}")
         wait = _seconds(request.query.get("wait", "0"), "wait")
@@ -106,13 +93,13 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
 
     async def pin(request: web.Request) -> web.Response:
         body = await _body(request)
-        job = await daemon.pin(_spec(body), str(body.get("mode", "pin")))
+        job = await ops.pin(_spec(body), str(body.get("mode", "pin")))
         return web.json_response(job.as_dict(), status=202)
 
     async def unpin(request: web.Request) -> web.Response:
         given = _spec(await _body(request))
         spec = given.at(given.rev)
-        if not daemon.unpin(spec):
+        if not ops.unpin(spec):
             raise web.HTTPNotFound(reason="not_found", text=f"no pin for {spec}")
         return web.json_response({"unpinned": str(spec)})
 
@@ -122,7 +109,7 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
         if spec is None and body.get("all") is not True:
             raise ValueError("give 'repo' (and optionally 'revision'), or 'all': true")
         try:
-            n, freed, kept = daemon.evict(spec)
+            n, freed, kept = ops.evict(spec)
         except KeyError as e:
             raise web.HTTPNotFound(reason="not_found", text=str(e.args[0])) from None
         return web.json_response({"evicted_blobs": n, "freed_bytes": freed, "kept_in_use_or_pinned": kept})
@@ -130,7 +117,7 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
     async def verify(request: web.Request) -> web.Response:
         """Re-check stored bytes: {repo, revision?, repo_type?} or {} for the whole cache."""
         try:
-            job = daemon.verify(_spec(await _body(request), need_repo=False))
+            job = ops.verify(_spec(await _body(request), need_repo=False))
         except KeyError as e:
             raise web.HTTPNotFound(reason="not_found", text=str(e.args[0])) from None
         return web.json_response(job.as_dict(), status=202)

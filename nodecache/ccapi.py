@@ -7,17 +7,14 @@ nothing else of the disk.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
 from . import ccmanifest as cm
 from .api import _body
 from .auth import admin_only, check_bearer
-from .compilecache import InUse
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .compilecache import CompileCaches, InUse
+from .config import Config
+from .metrics import Metrics
 
 
 def _key(body: dict) -> str:
@@ -27,11 +24,11 @@ def _key(body: dict) -> str:
         raise ValueError(f"field 'key': {e}") from None
 
 
-def add_routes(app: web.Application, daemon: Daemon) -> None:
+def add_routes(app: web.Application, cfg: Config, compile_caches: CompileCaches, metrics: Metrics) -> None:
     def caches():
-        return daemon.compile_caches
+        return compile_caches
 
-    admin = admin_only(daemon.cfg.admin_token)
+    admin = admin_only(cfg.admin_token)
 
     async def listing(_: web.Request) -> web.Response:
         c = caches()
@@ -43,7 +40,7 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
         if not isinstance(target, str):
             raise ValueError("field 'target' (the absolute path the volume is published at) is required")
         path, how = await caches().acquire(_key(body), target)
-        daemon.metrics.compile_cache_publishes.labels(how).inc()
+        metrics.compile_cache_publishes.labels(how).inc()
         return web.json_response({"path": str(path), "name": path.parent.name, "filled": how})
 
     async def release(request: web.Request) -> web.Response:
@@ -73,7 +70,7 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
         return web.json_response({"evicted": key, "freed_bytes": freed})
 
     async def peer_manifest(request: web.Request) -> web.Response:
-        check_bearer(request, daemon.cfg.cluster_token, "the peer API")
+        check_bearer(request, cfg.cluster_token, "the peer API")
         name = request.match_info["name"]
         k = caches().keys.get(name) if cm.NAME_RE.fullmatch(name) else None
         if k is None or k.sealed is None:
@@ -81,11 +78,11 @@ def add_routes(app: web.Application, daemon: Daemon) -> None:
         return web.Response(body=k.sealed.dump(), content_type="application/json")
 
     async def peer_blob(request: web.Request) -> web.StreamResponse:
-        check_bearer(request, daemon.cfg.cluster_token, "the peer API")
+        check_bearer(request, cfg.cluster_token, "the peer API")
         path = caches().blob(request.match_info["sha"])
         if path is None:
             raise web.HTTPNotFound(reason="not_found", text="no such compile-cache blob here")
-        if daemon.cfg.peer_fault == "flip":  # testing: a peer with bad memory or disk
+        if cfg.peer_fault == "flip":  # testing: a peer with bad memory or disk
             data = bytearray(path.read_bytes())
             if data:
                 data[0] ^= 0x01

@@ -93,7 +93,7 @@ async def _prefetch_standalone(cfg: config_mod.Config, spec: str) -> None:
     d = Daemon(cfg)
     await d.open()
     try:
-        ref, total, blobs = await d.add_repo(RepoSpec.parse(spec))
+        ref, total, blobs = await d.catalog.add_repo(RepoSpec.parse(spec))
         bar = Progress(total, f"{ref.repo_id}@{ref.revision}")
         await d.filler.fill_blobs(blobs, bar.update)
         bar.update(total, final=True, complete=True)

@@ -53,6 +53,8 @@ class Filler:
         upstream: Upstream,
         metrics: Metrics,
         on_quarantine: Callable[[str], None] = lambda blob_id: None,
+        sources: Callable[[BlobRecord, int], list[Upstream]] | None = None,
+        pinned: set[str] | None = None,
     ):
         self.cfg = cfg
         # Told of every blob whose proof failed, after its bytes were moved aside:
@@ -63,10 +65,10 @@ class Filler:
         self.upstream = upstream
         # Where chunk k of a blob may come from, in order (peers, then upstreams);
         # each failure falls through to the next source before any backoff.
-        self.sources: Callable[[BlobRecord, int], list[Upstream]] = lambda rec, k: [upstream]
+        self.sources: Callable[[BlobRecord, int], list[Upstream]] = sources or (lambda rec, k: [upstream])
         self.metrics = metrics
         self.closing = False
-        self.pinned: set[str] = set()  # blob ids the owner wants kept (pins); never evicted
+        self.pinned: set[str] = set() if pinned is None else pinned  # blob ids kept (pins): never evicted
         self.verify_first: set[str] = set()  # blob ids whose reads wait for the whole-blob proof (verify_before_serve)
         self._open: dict[str, int] = {}  # blob id -> open handles / reads in progress
         self._inflight: dict[tuple[str, int], asyncio.Task] = {}

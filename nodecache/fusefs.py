@@ -18,7 +18,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from .fill import Filler, FillError
 from .fuseproto import ENOATTR, FATTR_FH, FATTR_KILL_SUIDGID, FATTR_LOCKOWNER, FATTR_MODE, FATTR_SIZE, FATTR_TIMES, Attr
@@ -75,7 +75,14 @@ def _guard(op: str):
 class NodecacheFS:
     """Inodes are assigned per path on first lookup and stay stable across tree swaps."""
 
-    def __init__(self, tree: HubTree, filler: Filler, metrics: Metrics, fill_on_open: bool = True):
+    def __init__(
+        self,
+        tree: HubTree,
+        filler: Filler,
+        metrics: Metrics,
+        fill_on_open: bool = True,
+        on_demand: Callable[[str], Awaitable[bool]] | None = None,
+    ):
         self.filler = filler
         self.metrics = metrics
         self.fill_on_open = fill_on_open
@@ -90,7 +97,7 @@ class NodecacheFS:
         self._locks = 0  # lock files held in memory
         self.tree = tree
         self.root = tree.root
-        self.on_demand = None  # async (folder name) -> bool: resolve an unknown repo upstream
+        self.on_demand = on_demand  # async (folder name) -> bool: resolve an unknown repo upstream
         self.kernel: Session | None = None  # the mounted session, told to drop what it caches of a changed repo
 
     def repo_changed(self, repo_type: str, repo_id: str) -> None:

@@ -46,14 +46,16 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 from aiohttp import web
 
 from .auth import bearer_matches
+from .catalog import Catalog
+from .config import Config
 from .expiring import Window
-from .fill import FillError
+from .fill import Filler, FillError
+from .index import Index
 from .layout import (
     COMMIT_RE,
     REPO_TYPES,
@@ -65,12 +67,10 @@ from .layout import (
     validate_repo_id,
     validate_revision,
 )
+from .repos import RepoRef
 from .upstream import VISIBILITIES, NotFound, UpstreamError
 from .upstream.hf import HfUpstream
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
-    from .repos import RepoRef
+from .upstream.sources import Sources
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +287,8 @@ class Grant:
 class Mirror:
     """The mirror's state: proven grants, ref and file caches, and whether upstream answers."""
 
-    def __init__(self, daemon: Daemon):
-        self.d = daemon
+    def __init__(self, cfg: Config, catalog: Catalog, index: Index, filler: Filler, sources: Sources):
+        self.cfg, self.catalog, self.index, self.filler, self.sources = cfg, catalog, index, filler, sources
         self._grants: dict[tuple[str, str, str, str], float] = {}  # (type, repo, auth hash, proof) -> until
         self._checking: dict[tuple[str, ...], asyncio.Task] = {}  # one upstream check per question at a time
         self._refs: dict[tuple[str, str, str], tuple[RepoRef, float]] = {}
@@ -305,7 +305,7 @@ class Mirror:
 
     def hub_of(self, t: Target) -> HfUpstream | None:
         """The Hub the repo's bytes come from, if its chain starts there (else None: the operator's own)."""
-        first = self.d.sources.for_repo(t.repo_type, t.repo_id)[0]
+        first = self.sources.for_repo(t.repo_type, t.repo_id)[0]
         return first if isinstance(first, HfUpstream) else None
 
     # ---- access -----------------------------------------------------------------
@@ -313,18 +313,18 @@ class Mirror:
     def allowed(self, t: Target) -> bool:
         """May a mirror request make the node resolve and fetch this repo? `mirror_allow`, or by
         default the node's own rule (`RepoPolicy`: the configured repos, `on_demand`, the index)."""
-        allow = self.d.cfg.mirror_allow
+        allow = self.cfg.mirror_allow
         if allow is None:
-            return self.d.may_fetch(t.repo_type, t.repo_id)
+            return self.catalog.may_fetch(t.repo_type, t.repo_id)
         return matches(allow, t.repo_type, t.repo_id)
 
     def named(self, t: Target) -> bool:
         """Named by the operator, not only matched by a wildcard."""
-        allow = self.d.cfg.mirror_allow
-        return self.d.policy.names(t.repo_type, t.repo_id) or named_by(allow or (), t.repo_type, t.repo_id)
+        allow = self.cfg.mirror_allow
+        return self.catalog.policy.names(t.repo_type, t.repo_id) or named_by(allow or (), t.repo_type, t.repo_id)
 
     def _is_admin(self, auth: str | None) -> bool:
-        token = self.d.cfg.admin_token
+        token = self.cfg.admin_token
         return bool(token and auth) and bearer_matches(auth, token)
 
     async def open(self, request: web.Request, t: Target, path: str | None = None) -> Grant:
@@ -342,12 +342,12 @@ class Mirror:
             raise HubError(404, f"Repository {t.repo_id} is not mirrored by this node (mirror_allow)", "RepoNotFound")
         # A repo matched only by a wildcard resolves only if the Hub calls it public (as a
         # lookup through the mount does): a private one would enter the index and the tree.
-        public_only = not (admin or self.named(t) or self.d.index.has_repo(t.repo_type, t.repo_id))
+        public_only = not (admin or self.named(t) or self.index.has_repo(t.repo_type, t.repo_id))
         try:
             ref, failed = await self.resolve(t, public_only), None
         except HubError as e:
             ref, failed = None, e
-        meta = self.d.index.get_repo_meta(t.repo_type, t.repo_id)
+        meta = self.index.get_repo_meta(t.repo_type, t.repo_id)
         if failed is not None and meta is None:  # never recorded: nothing to protect, nothing to tell
             if failed.status == 404:  # not which of repo, revision or visibility refused it
                 raise HubError(404, f"Repository {t.repo_id} not found, or not public and not named", "RepoNotFound")
@@ -356,7 +356,7 @@ class Mirror:
         hub = self.hub_of(t)
         if admin:
             why = "admin"
-        elif matches(self.d.cfg.mirror_public, t.repo_type, t.repo_id):
+        elif matches(self.cfg.mirror_public, t.repo_type, t.repo_id):
             why = "mirror_public"
         elif hub is None:
             raise HubError(
@@ -428,7 +428,7 @@ class Mirror:
     # ---- revisions --------------------------------------------------------------
 
     async def resolve(self, t: Target, public_only: bool = False) -> RepoRef:
-        """Revision -> commit through daemon.add_repo (index + FUSE tree), one call per key at a time."""
+        """Revision -> commit through Catalog.add_repo (index + FUSE tree), one call per key at a time."""
         hit = self._refs.get((t.repo_type, t.repo_id, t.revision))
         if hit and hit[1] > time.monotonic():
             return hit[0]
@@ -446,8 +446,8 @@ class Mirror:
             raise HubError(504, f"upstream unreachable and {t.spec} not cached: {e}") from None
 
     async def _add_repo(self, t: Target, public_only: bool) -> RepoRef:
-        ref, _, _ = await self.d.add_repo(t.spec, public_only=public_only)
-        ttl = float("inf") if COMMIT_RE.fullmatch(t.revision) else min(REF_TTL, self.d.cfg.ref_ttl)
+        ref, _, _ = await self.catalog.add_repo(t.spec, public_only=public_only)
+        ttl = float("inf") if COMMIT_RE.fullmatch(t.revision) else min(REF_TTL, self.cfg.ref_ttl)
         if len(self._refs) >= REFS_MAX:
             self._refs.clear()
         self._refs[(t.repo_type, t.repo_id, t.revision)] = (ref, time.monotonic() + ttl)
@@ -457,7 +457,7 @@ class Mirror:
         key = (ref.repo_type, ref.repo_id, ref.commit)
         files = self._files.get(key)
         if files is None:
-            listed = self.d.index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit)
+            listed = self.index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit)
             if listed is None:
                 raise HubError(504, f"snapshot {ref.commit} of {ref.repo_id} is not in the index")
             if len(self._files) > 256:
@@ -487,7 +487,7 @@ class Mirror:
             return HubError(400, str(e)).response()
 
     async def _serve(self, request: web.Request, t: Target, grant: Grant, entry: FileEntry) -> web.StreamResponse:
-        filler = self.d.filler
+        filler = self.filler
         ref = grant.ref
         try:
             rec = filler.record(entry.blob_id)
@@ -515,7 +515,7 @@ class Mirror:
         # A whole blob is filled in the background for a GET of the whole file; a Range
         # (any caller can ask for one byte of a huge file) fills only what it reads,
         # unless the repo is one the operator configured or the caller is the admin.
-        whole = rng is None or grant.why == "admin" or self.d.policy.names(t.repo_type, t.repo_id)
+        whole = rng is None or grant.why == "admin" or self.catalog.policy.names(t.repo_type, t.repo_id)
         hold = getattr(filler, "hold", None)
         if hold:
             hold(entry.blob_id)  # an open download: not to be evicted under it
@@ -530,7 +530,7 @@ class Mirror:
         """Upstream failed us lately and these bytes are not here: fail fast (504) unless the
         repo's sources answer again (one metadata request through its chain)."""
         try:
-            await self.d.sources.resolve(ref.repo_type, ref.repo_id, ref.commit)
+            await self.sources.resolve(ref.repo_type, ref.repo_id, ref.commit)
         except UpstreamError as e:
             raise HubError(
                 504, f"upstream unreachable and {entry.path!a} of {ref.repo_id} is not cached: {e}"
@@ -539,7 +539,7 @@ class Mirror:
 
     def _present(self, blob_id: str, offset: int) -> bool:
         try:
-            st = self.d.filler.state(blob_id)
+            st = self.filler.state(blob_id)
         except FillError:
             return False
         return st.has(offset // st.rec.chunk_size)
@@ -555,9 +555,9 @@ class Mirror:
         whole: bool,
     ) -> web.StreamResponse:
         """Send [start, end) as the chunks arrive, one read ahead of the socket."""
-        filler = self.d.filler
+        filler = self.filler
         rec = filler.record(entry.blob_id)
-        if self.d.cfg.fill_on_open and whole and end > start:
+        if self.cfg.fill_on_open and whole and end > start:
             filler.fill_in_background(entry.blob_id)
         step = max(MIN_STEP, min(MAX_STEP, rec.chunk_size))
         loop = asyncio.get_running_loop()
@@ -665,7 +665,7 @@ class Mirror:
         if resp is not None:
             return resp
         ref = grant.ref
-        visibility = (self.d.index.get_repo_meta(t.repo_type, t.repo_id) or {}).get("visibility")
+        visibility = (self.index.get_repo_meta(t.repo_type, t.repo_id) or {}).get("visibility")
         blobs = request.query.get("blobs", "").lower() in ("1", "true")
         siblings = []
         for f in self.files(ref).values():
@@ -690,7 +690,7 @@ class Mirror:
     def _file_fields(self, f: FileEntry, oid_key: str, lfs_key: str) -> dict[str, object]:
         """size, git oid and lfs info of a file, as the Hub reports them."""
         try:
-            kind = self.d.filler.record(f.blob_id).kind
+            kind = self.filler.record(f.blob_id).kind
         except FillError:
             kind = "sha256" if len(f.blob_id) == 64 else "gitsha1"
         if kind != "sha256":
@@ -755,10 +755,9 @@ class Mirror:
         return web.json_response(out)
 
 
-def add_routes(app: web.Application, daemon: Daemon) -> Mirror:
+def add_routes(app: web.Application, mirror: Mirror) -> Mirror:
     """Register the mirror. Its patterns never match `/healthz`, `/readyz`, `/metrics` or `/v1/...`
     (aiohttp also tries exact paths before these catch-alls)."""
-    mirror = Mirror(daemon)
     api = r"/api/{kind:(models|datasets|spaces)}/{tail:.+}"
     app.router.add_get(api, mirror.handle_api)
     app.router.add_post(api, mirror.handle_api)

@@ -15,18 +15,36 @@ checks before using a byte.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import xxhash
 from aiohttp import web
 
 from .auth import check_bearer
-from .index import BlobRecord
+from .catalog import Catalog
+from .config import Config
+from .fill import Filler
+from .index import BlobRecord, Index
 from .layout import COMMIT_RE, RepoSpec, validate_blob_id, validate_repo_id, validate_repo_type
-from .peers import XXH3_HEADER, RateLimit, rank
+from .metrics import Metrics
+from .peers import XXH3_HEADER, Membership, Peers, RateLimit, rank
+from .store import Store
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
+
+@dataclass(frozen=True)
+class PeerFace:
+    """What the peer API needs of the node."""
+
+    cfg: Config
+    store: Store
+    index: Index
+    filler: Filler
+    catalog: Catalog
+    membership: Membership
+    peers: Peers | None
+    upstream_chain: Callable[[BlobRecord], list]  # a blob's upstream sources (never a second peer hop)
+    metrics: Metrics
 
 
 def _int(query, key: str, default: int | None = None) -> int:
@@ -38,14 +56,14 @@ def _int(query, key: str, default: int | None = None) -> int:
     return int(raw)
 
 
-async def owned_record(daemon: Daemon, blob_id: str, query) -> BlobRecord:
+async def owned_record(node: PeerFace, blob_id: str, query) -> BlobRecord:
     """This node's own record of a blob the asking peer says is in `repo`@`commit`.
 
     A blob already known is served as recorded here. Otherwise the snapshot is
     resolved through this node's sources (if its policy lets it fetch that
     repo), and the blob must be one of its files.
     """
-    rec = daemon.store.record(blob_id)
+    rec = node.store.record(blob_id)
     if rec is not None:
         return rec
     repo_type = validate_repo_type(query.get("repo_type", "model"))
@@ -53,47 +71,47 @@ async def owned_record(daemon: Daemon, blob_id: str, query) -> BlobRecord:
     commit = query.get("commit", "")
     if not COMMIT_RE.fullmatch(commit):
         raise ValueError("query parameter 'commit' must be 40 hex digits")
-    if not daemon.may_fetch(repo_type, repo_id):
+    if not node.catalog.may_fetch(repo_type, repo_id):
         raise web.HTTPForbidden(reason="not_allowed", text=f"this node does not fetch {repo_type} {repo_id}")
-    files = daemon.index.get_snapshot(repo_type, repo_id, commit)
+    files = node.index.get_snapshot(repo_type, repo_id, commit)
     if files is None:
-        await daemon.add_repo(RepoSpec(repo_type, repo_id, commit))  # NotFound -> 404
-        files = daemon.index.get_snapshot(repo_type, repo_id, commit) or []
-    rec = daemon.store.record(blob_id) if any(f.blob_id == blob_id for f in files) else None
+        await node.catalog.add_repo(RepoSpec(repo_type, repo_id, commit))  # NotFound -> 404
+        files = node.index.get_snapshot(repo_type, repo_id, commit) or []
+    rec = node.store.record(blob_id) if any(f.blob_id == blob_id for f in files) else None
     if rec is None:
         raise web.HTTPNotFound(reason="not_found", text=f"blob {blob_id} is not in {repo_id}@{commit}")
     return rec
 
 
-def add_routes(app: web.Application, daemon: Daemon) -> None:
+def add_routes(app: web.Application, node: PeerFace) -> None:
     uploads: list[asyncio.Semaphore] = []  # created on the serving loop
-    pacer = RateLimit(daemon.cfg.peer_upload_bps)
+    pacer = RateLimit(node.cfg.peer_upload_bps)
 
     async def chunk(request: web.Request) -> web.Response:
-        check_bearer(request, daemon.cfg.cluster_token, "the peer API")
+        check_bearer(request, node.cfg.cluster_token, "the peer API")
         blob_id = validate_blob_id(request.match_info["id"])
         q = request.query
         k = _int(q, "chunk")
-        if _int(q, "chunk_size", daemon.cfg.chunk_size) != daemon.cfg.chunk_size:
+        if _int(q, "chunk_size", node.cfg.chunk_size) != node.cfg.chunk_size:
             raise web.HTTPConflict(reason="chunk_size_mismatch", text="peers must share one chunk_size")
-        rec = await owned_record(daemon, blob_id, q)
+        rec = await owned_record(node, blob_id, q)
         if rec.state == "quarantined":
             raise web.HTTPNotFound(reason="not_found", text=f"blob {blob_id} is quarantined here")
         if k >= rec.n_chunks:
             raise web.HTTPRequestRangeNotSatisfiable(reason="bad_chunk", text=f"chunk {k} >= {rec.n_chunks}")
-        me_owner = daemon.peers is None or rank(daemon.membership.live(), blob_id, k)[0] == daemon.cfg.me
-        sources = None if me_owner else daemon.upstream_chain(rec)  # never a second peer hop
+        me_owner = node.peers is None or rank(node.membership.live(), blob_id, k)[0] == node.cfg.me
+        sources = None if me_owner else node.upstream_chain(rec)  # never a second peer hop
         if not uploads:
-            uploads.append(asyncio.Semaphore(daemon.cfg.peer_uploads))
+            uploads.append(asyncio.Semaphore(node.cfg.peer_uploads))
         async with uploads[0]:
-            data = await daemon.filler.read_chunk(blob_id, k, sources=sources, local_only=q.get("local_only") == "1")
+            data = await node.filler.read_chunk(blob_id, k, sources=sources, local_only=q.get("local_only") == "1")
         if data is None:
             raise web.HTTPNotFound(reason="not_found", text=f"chunk {k} of {blob_id} is not here")
         digest = f"{xxhash.xxh3_64_intdigest(data):016x}"
-        if daemon.cfg.peer_fault == "flip":  # testing: a peer with bad memory or disk
+        if node.cfg.peer_fault == "flip":  # testing: a peer with bad memory or disk
             data = bytes([data[0] ^ 0x01]) + data[1:]
         await pacer.take(len(data))
-        daemon.metrics.peer_bytes_sent.inc(len(data))
+        node.metrics.peer_bytes_sent.inc(len(data))
         return web.Response(body=data, headers={XXH3_HEADER: digest}, content_type="application/octet-stream")
 
     app.router.add_get("/v1/blobs/{id}", chunk)

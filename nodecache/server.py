@@ -1,4 +1,4 @@
-"""The HTTP face: health, metrics and the control API, thin over the daemon.
+"""The HTTP faces on one port: health, metrics, /v1, the peer API, compile caches, the mirror.
 
 Every error leaves as JSON `{error, detail}` with a 4xx/5xx status; no
 traceback ever reaches a client.
@@ -8,18 +8,45 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import api, ccapi, mirror, peer_api
-from .fill import FillError
+from .catalog import Catalog
+from .compilecache import CompileCaches
+from .config import Config
+from .fill import Filler, FillError
+from .index import Index
 from .layout import InvalidName
+from .metrics import Metrics
+from .ops import Operations
+from .peers import Membership, Peers
+from .status import Serving, Status
+from .store import Store
 from .upstream import NotFound, UpstreamError
+from .upstream.sources import Sources
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
+
+@dataclass(frozen=True)
+class Faces:
+    """What the HTTP faces are built from; each face is given only the part it uses."""
+
+    cfg: Config
+    metrics: Metrics
+    serving: Serving
+    status: Status
+    ops: Operations
+    catalog: Catalog
+    index: Index
+    store: Store
+    filler: Filler
+    sources: Sources
+    membership: Membership
+    peers: Peers | None
+    compile_caches: CompileCaches
+
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +95,31 @@ class OneLineBadRequests(logging.LoggerAdapter):
         self.logger.error(msg, *args, exc_info=exc_info, **kw)
 
 
-def make_app(daemon: Daemon) -> web.Application:
+def make_app(f: Faces) -> web.Application:
     app = web.Application(middlewares=[_json_errors])
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
     async def readyz(_: web.Request) -> web.Response:
-        if daemon.ready:  # a configured repo that does not resolve is named, not fatal
-            return web.json_response({"ready": True, "repos_failing": sorted(daemon.failing)})
+        if f.serving.ready:  # a configured repo that does not resolve is named, not fatal
+            return web.json_response({"ready": True, "repos_failing": sorted(f.serving.failing)})
         return _error(503, "not_ready", "mount or index not up yet")
 
     async def metrics(_: web.Request) -> web.Response:
-        daemon.update_gauges()
-        return web.Response(body=daemon.metrics.render(), content_type="text/plain", charset="utf-8")
+        f.status.update_gauges()
+        return web.Response(body=f.metrics.render(), content_type="text/plain", charset="utf-8")
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    api.add_routes(app, daemon)
-    peer_api.add_routes(app, daemon)
-    ccapi.add_routes(app, daemon)  # compile caches (issue 19)
-    mirror.add_routes(app, daemon)  # HF_ENDPOINT-compatible mirror (issue 8)
+    api.add_routes(app, f.cfg.admin_token, f.ops, f.status)
+    peer_api.add_routes(
+        app,
+        peer_api.PeerFace(
+            f.cfg, f.store, f.index, f.filler, f.catalog, f.membership, f.peers, f.sources.chain, f.metrics
+        ),
+    )
+    ccapi.add_routes(app, f.cfg, f.compile_caches, f.metrics)  # compile caches (issue 19)
+    mirror.add_routes(app, mirror.Mirror(f.cfg, f.catalog, f.index, f.filler, f.sources))  # issue 8
     return app

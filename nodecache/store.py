@@ -215,6 +215,7 @@ class Store:
         hash_memory: int = 256 * 1024 * 1024,
         retry_base: float = 0.2,
         quarantine_limits: tuple[int, int, float] = (16, 4 << 30, 7 * 86400.0),
+        placement: Callable[[BlobRecord], str] = lambda rec: "disk",
     ):
         self.index = index
         self.fsync = fsync
@@ -232,10 +233,9 @@ class Store:
         for t in self.tiers.values():
             (t.root / "blobs").mkdir(parents=True, exist_ok=True)
             t.quarantine.mkdir(exist_ok=True)
-        # Set by the owner: blobs that must not be evicted (open, in flight, pinned),
-        # and the tier a new blob should go to.
+        # Set by the filler: blobs that must not be evicted (open, in flight, pinned).
         self.protected: Callable[[str], bool] = lambda blob_id: False
-        self.placement: Callable[[BlobRecord], str] = lambda rec: "disk"
+        self.placement = placement  # the tier a new blob goes to
         self.on_evict = on_evict or (lambda tier, nbytes: None)
         self._recs: dict[str, BlobRecord] = {}
         self._states: dict[str, BlobState] = {}

@@ -1,0 +1,124 @@
+"""Which repos this node knows: resolving them into the index, one resolution per spec at a time.
+
+A request that nobody configured (a lookup through the mount, a mirror call, a
+peer) may make the node resolve a repo only if the policy allows it, and a repo
+matched only by a wildcard must be public. After a resolution the tree is told
+once per repo (`on_change`), and blobs under verify_before_serve names are marked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from . import layout
+from .config import Config
+from .expiring import ExpiringSet
+from .fill import Filler
+from .index import Index
+from .layout import RepoSpec
+from .policy import RepoPolicy
+from .repos import RepoRef, ensure_repo, snapshot_blobs
+from .upstream import NotFound, UpstreamError
+from .upstream.sources import Sources
+
+log = logging.getLogger(__name__)
+
+
+class Catalog:
+    def __init__(
+        self,
+        cfg: Config,
+        index: Index,
+        sources: Sources,
+        filler: Filler,
+        policy: RepoPolicy,
+        on_change: Callable[[str, str], None],
+    ):
+        self.cfg, self.index, self.sources, self.filler, self.policy = cfg, index, sources, filler, policy
+        self.on_change = on_change  # (repo_type, repo_id): the tree must show what the index now holds
+        self._not_found = ExpiringSet(ttl=30.0, max_items=10_000)  # on-demand lookups that failed
+        self._resolving: dict[tuple[RepoSpec, str], asyncio.Future] = {}  # (spec, kind) -> one resolution
+        for view in index.views():
+            for files in view.snapshots.values():
+                self._verify_first(view.repo_id, files)
+
+    def _verify_first(self, repo_id: str, files: list) -> None:
+        """Blobs shown under a verify_before_serve name anywhere are read only once proven."""
+        self.filler.verify_first.update(f.blob_id for f in files if self.cfg.verify_first(repo_id, f.path))
+
+    def _resolved(self, ref: RepoRef) -> RepoRef:
+        self._verify_first(ref.repo_id, self.index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit) or [])
+        return ref
+
+    def indexed(self, spec: RepoSpec) -> bool:
+        """Does the index hold the snapshot this spec names (a restart can show it at once)?"""
+        commit = self.index.commit_of(spec.repo_type, spec.repo_id, spec.rev)
+        return commit is not None and commit in self.index.commits(spec.repo_type, spec.repo_id)
+
+    def may_fetch(self, repo_type: str, repo_id: str) -> bool:
+        """May a request (a peer's, a lookup's) make this node resolve the repo upstream?"""
+        return self.policy.allows(repo_type, repo_id) or self.index.has_repo(repo_type, repo_id)
+
+    async def add_repo(self, spec: RepoSpec, public_only: bool = False) -> tuple[RepoRef, int, list[str]]:
+        """Resolve a repo into the index and show it in the tree; (ref, bytes, blob ids).
+
+        Concurrent calls for one spec share one resolution. `public_only`
+        (requests nobody configured) refuses a repo the Hub does not call public.
+        """
+        key = (spec, "public" if public_only else "any")
+        pending = self._resolving.get(key)
+        if pending is None:
+            pending = self._resolving[key] = asyncio.ensure_future(self._add_repo(spec, public_only))
+            pending.add_done_callback(lambda _: self._resolving.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _add_repo(self, spec: RepoSpec, public_only: bool) -> tuple[RepoRef, int, list[str]]:
+        def public(res) -> str:
+            return "" if res.visibility == "public" else f"{res.visibility} repos are resolved only when named"
+
+        ref = self._resolved(
+            await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec, public if public_only else None)
+        )
+        blobs = snapshot_blobs(self.index, ref)
+        self.on_change(ref.repo_type, ref.repo_id)
+        total = sum(self.filler.record(b).size for b in dict.fromkeys(blobs))
+        return ref, total, blobs
+
+    async def refresh_refs(self) -> int:
+        """Re-resolve refs older than ref_ttl; a new commit appears as a new snapshot
+        beside the old one (which stays readable). The number of refs that moved."""
+        changed = 0
+        for repo_type, repo_id, revision, commit, at in self.index.all_refs():
+            if time.time() - at < self.cfg.ref_ttl:
+                continue
+            try:
+                spec = RepoSpec(repo_type, repo_id, revision)
+                ref = self._resolved(await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec))
+            except (UpstreamError, ValueError) as e:
+                log.warning("cannot re-resolve %s@%s: %s", repo_id, revision, e)
+                continue
+            if ref.commit != commit:
+                log.info("%s@%s moved %s -> %s", repo_id, revision, commit[:12], ref.commit[:12])
+                changed += 1
+                self.on_change(repo_type, repo_id)
+        return changed
+
+    async def resolve_on_demand(self, folder: str) -> bool:
+        """A lookup of `models--org--name` nobody listed: resolve it if `on_demand` allows.
+
+        Any process that sees the mount can look up any name, so a repo matched
+        only by a wildcard must be public; private and gated ones must be named.
+        """
+        parsed = layout.parse_repo_folder(folder)
+        if parsed is None or not self.policy.allows(*parsed) or folder in self._not_found:
+            return False
+        try:
+            await self.add_repo(RepoSpec(*parsed), public_only=not self.policy.names(*parsed))
+            return True
+        except (NotFound, UpstreamError) as e:
+            log.info("on-demand %s: %s", folder, e)
+            self._not_found.add(folder)
+            return False

@@ -1,0 +1,108 @@
+"""What an operator asks of a node (/v1, the CLI, preload): prefetch, pin, unpin, verify, evict.
+
+Each is a few calls on the catalog, the pins, the store and the jobs; the
+control API is a thin JSON layer over this.
+"""
+
+from __future__ import annotations
+
+from .catalog import Catalog
+from .fill import Filler
+from .index import Index
+from .jobs import Job, Jobs
+from .layout import RepoSpec
+from .pins import Pins
+from .repos import RepoRef, snapshot_blobs
+from .scrub import Scrubber
+from .store import Store
+
+
+class Operations:
+    def __init__(
+        self, catalog: Catalog, pins: Pins, index: Index, store: Store, filler: Filler, jobs: Jobs, scrubber: Scrubber
+    ):
+        self.catalog, self.pins, self.index, self.store = catalog, pins, index, store
+        self.filler, self.jobs, self.scrubber = filler, jobs, scrubber
+
+    async def resolve(self, spec: RepoSpec) -> dict:
+        """Resolve only (the tree shows it, no byte is fetched): what it is."""
+        ref, total, _ = await self.catalog.add_repo(spec)
+        meta = self.index.get_repo_meta(ref.repo_type, ref.repo_id) or {}
+        return {
+            "repo": ref.repo_id,
+            "repo_type": ref.repo_type,
+            "revision": ref.revision,
+            "commit": ref.commit,
+            "total": total,
+            "visibility": meta.get("visibility", "unknown"),
+        }
+
+    async def prefetch(self, spec: RepoSpec) -> Job:
+        ref, total, blobs = await self.catalog.add_repo(spec)
+        return self.jobs.start(ref, blobs, total)
+
+    def job(self, job_id: str) -> Job | None:
+        return self.jobs.jobs.get(job_id)
+
+    async def pin(self, spec: RepoSpec, mode: str = "pin") -> Job:
+        """Keep a revision forever (mode "hot": in shm when it fits) and fill it now."""
+        if mode not in ("pin", "hot"):
+            raise ValueError(f"pin mode must be 'pin' or 'hot', not {mode!r}")
+        ref, total, blobs = await self.catalog.add_repo(spec)
+        self.index.put_pin(ref.repo_type, ref.repo_id, ref.revision, mode)
+        self.pins.refresh()
+        return self.jobs.start(ref, blobs, total)
+
+    def unpin(self, spec: RepoSpec) -> bool:
+        found = self.index.delete_pin(spec.repo_type, spec.repo_id, spec.rev)
+        self.pins.refresh()
+        return found
+
+    def fill_pinned(self) -> None:
+        """Pinned revisions follow their refs: fill what a moved ref now names."""
+        self.pins.refresh()
+        for ref, _ in self.pins.refs():
+            blobs = snapshot_blobs(self.index, ref)
+            if any(self.filler.record(b).state != "complete" for b in blobs):
+                self.jobs.start(ref, blobs, sum(self.filler.record(b).size for b in dict.fromkeys(blobs)))
+
+    def cached_blobs(self, spec: RepoSpec | None) -> tuple[RepoRef | None, list[str]]:
+        """The blobs of one cached repo (every snapshot, or the revision in `spec`), or of the whole
+        cache (spec None); KeyError if the repo is not in the cache. The ref names what was asked."""
+        if spec is None:
+            return None, [r.blob_id for r in self.index.all_blobs()]
+        repo_type, repo_id, revision = spec.repo_type, spec.repo_id, spec.revision
+        view = next((v for v in self.index.views() if (v.repo_type, v.repo_id) == (repo_type, repo_id)), None)
+        if view is None:
+            raise KeyError(f"{repo_type} {repo_id} is not in the cache")
+        if revision is None:
+            ref = RepoRef(repo_type, repo_id, "", "")
+            commits = list(view.snapshots)
+        else:
+            ref = RepoRef(repo_type, repo_id, revision, view.refs.get(revision, revision))
+            commits = [ref.commit]
+        return ref, list(dict.fromkeys(f.blob_id for c in commits for f in view.snapshots.get(c, [])))
+
+    def verify(self, spec: RepoSpec | None) -> Job:
+        """Re-check the stored bytes of one repo (or revision), or of the whole cache, as a job."""
+        ref, blob_ids = self.cached_blobs(spec)
+        total = sum(rec.size for b in blob_ids if (rec := self.store.record(b)) is not None)
+        return self.jobs.start(ref, blob_ids, total, kind="verify", work=self.scrubber.verify)
+
+    def evict(self, spec: RepoSpec | None) -> tuple[int, int, int]:
+        """Evict the blobs of one repo (or revision), or every unpinned blob.
+
+        Returns (blobs evicted, bytes freed, blobs kept because pinned or in use).
+        """
+        blob_ids = self.cached_blobs(spec)[1]
+        evicted = freed = kept = 0
+        for blob_id in dict.fromkeys(blob_ids):
+            rec = self.store.record(blob_id)
+            if rec is None or self.store.cached_bytes(rec) == 0:
+                continue
+            if self.filler.protected(blob_id):
+                kept += 1
+                continue
+            freed += self.store.evict(rec)
+            evicted += 1
+        return evicted, freed, kept

@@ -1,0 +1,47 @@
+"""Pinned revisions: which blobs are never evicted, and which go to shm while it has room."""
+
+from __future__ import annotations
+
+from .index import BlobRecord, Index
+from .repos import RepoRef, snapshot_blobs
+from .store import Tier
+
+
+class Pins:
+    """The pinned and "hot" blob sets, recomputed from the index's pins (shared with the
+    filler, which spares pinned blobs, and the store, which places hot ones)."""
+
+    def __init__(self, index: Index, shm: Tier | None, shm_file_max: int):
+        self.index, self.shm, self.shm_file_max = index, shm, shm_file_max
+        self.pinned: set[str] = set()  # blob ids of pinned revisions: never evicted
+        self.hot: set[str] = set()  # blob ids of "hot" pins: in shm when they fit
+
+    def place(self, rec: BlobRecord) -> str:
+        """Small files and blobs of "hot" pins go to shm while it has room."""
+        shm = self.shm
+        if shm is not None and (rec.size <= self.shm_file_max or rec.blob_id in self.hot):
+            if shm.fits(rec.size, shm.high):
+                return "shm"
+        return "disk"
+
+    def refs(self) -> list[tuple[RepoRef, str]]:
+        """(ref, mode) of every pin whose revision the index can name a commit for."""
+        out = []
+        for repo_type, repo_id, revision, mode in self.index.pins():
+            commit = self.index.commit_of(repo_type, repo_id, revision)
+            if commit:
+                out.append((RepoRef(repo_type, repo_id, revision, commit), mode))
+        return out
+
+    def refresh(self) -> None:
+        pinned: set[str] = set()
+        hot: set[str] = set()
+        for ref, mode in self.refs():
+            blobs = snapshot_blobs(self.index, ref)
+            pinned.update(blobs)
+            if mode == "hot":
+                hot.update(blobs)
+        self.pinned.clear()
+        self.pinned.update(pinned)
+        self.hot.clear()
+        self.hot.update(hot)
