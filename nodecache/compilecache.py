@@ -28,8 +28,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
+
 from . import ccmanifest as cm
 from .ccmanifest import BadManifest, Entry, Manifest
+from .ccpeers import PeerSnapshots
+from .config import Config
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -532,3 +537,23 @@ class CompileCaches:
 
     def listing(self) -> list[dict]:
         return sorted((k.as_dict() for k in self.keys.values()), key=lambda d: -d["last_used"])
+
+
+def node_compile_caches(
+    cfg: Config, m: Metrics, session: aiohttp.ClientSession, live: Callable[[], list[str]], with_peers: bool
+) -> CompileCaches:
+    """A node's compile caches from its config, shared with its peers as sealed snapshots if it has any."""
+    peers = None
+    if with_peers:
+        verify = m.verify_failures.labels("compile_cache_peer").inc
+        peers = PeerSnapshots(session, cfg.cluster_token, live, cfg.me, cfg.peer_timeout, verify)
+    return CompileCaches(
+        cfg.cache_dir / "compile-caches",
+        cfg.me,
+        cfg.compile_cache_max,
+        cfg.compile_cache_seal_after,
+        cfg.compile_cache_fill_timeout,
+        peers,
+        on_invalid=lambda what: m.index_invalid.labels("compile_cache_" + what).inc(),
+        on_event=lambda event: m.compile_cache_events.labels(event).inc(),
+    )
