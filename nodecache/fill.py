@@ -370,7 +370,7 @@ class Filler:
         one, with the usual retries and every source in order.
         """
         start, end = st.chunk_range(run[0])[0], st.chunk_range(run[-1])[1]
-        kind = getattr(source, "kind", "upstream")
+        kind = source.kind
         i = 0
         await self._slots.acquire()
         self.metrics.fill_inflight.inc()
@@ -406,7 +406,7 @@ class Filler:
             for src in sources if sources is not None else self.chain(rec, k):
                 try:
                     data = await src.fetch(rec, start, end)
-                    kind = getattr(src, "kind", "upstream")
+                    kind = src.kind
                     self._used.setdefault(rec.blob_id, {})[src.name] = kind
                     return data, kind
                 except UpstreamError as e:
@@ -519,7 +519,7 @@ class Filler:
         if self._open.get(st.rec.blob_id, 0) > 0:
             size = 1  # someone reads it front to back: one chunk per request lands chunks in that order
         chain = self.chain(st.rec, run[0])
-        if not chain or not hasattr(chain[0], "stream") or self._busy(st, run[0]) or st.rec.size == 0:
+        if not chain or not chain[0].streams or self._busy(st, run[0]) or st.rec.size == 0:
             return run, None
         first = chain[0]
         while (

@@ -516,15 +516,11 @@ class Mirror:
         # (any caller can ask for one byte of a huge file) fills only what it reads,
         # unless the repo is one the operator configured or the caller is the admin.
         whole = rng is None or grant.why == "admin" or self.catalog.policy.names(t.repo_type, t.repo_id)
-        hold = getattr(filler, "hold", None)
-        if hold:
-            hold(entry.blob_id)  # an open download: not to be evicted under it
+        filler.hold(entry.blob_id)  # an open download: not to be evicted under it
         try:
             return await self._stream(request, entry, start, end, rng is not None, headers, whole)
         finally:
-            release = getattr(filler, "release", None)
-            if hold and release:
-                release(entry.blob_id)
+            filler.release(entry.blob_id)
 
     async def _probe(self, ref: RepoRef, entry: FileEntry) -> None:
         """Upstream failed us lately and these bytes are not here: fail fast (504) unless the

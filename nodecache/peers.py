@@ -120,6 +120,7 @@ class PeerSource:
     """Chunk fetches from one peer; the reply's xxh3 is checked before use."""
 
     kind = "peer"
+    streams = False
 
     def __init__(
         self,
@@ -139,6 +140,9 @@ class PeerSource:
         self.membership = membership
         self.timeout = timeout
         self.local_only = local_only
+
+    async def close(self) -> None:
+        """Nothing of its own: the session is the daemon's."""
 
     async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
         chunk = start // rec.chunk_size

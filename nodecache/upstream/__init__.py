@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,10 +39,20 @@ class Resolved:
 
 
 class Upstream(Protocol):
-    name: str
+    """Every source declares all of this; nothing is probed with hasattr/getattr."""
+
+    name: str  # for logs and the per-attempt record of who served a blob
+    kind: str  # "upstream" | "peer": what a failed proof is blamed on
+    streams: bool  # can serve a run of chunks as one streamed request (`stream`)
 
     async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved:
         """Revision -> commit and the full file list (sizes and blob ids)."""
 
     async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
         """Exactly bytes [start, end) of the blob, or raise UpstreamError."""
+
+    def stream(self, rec: BlobRecord, start: int, end: int, piece: int) -> AsyncIterator[list]:
+        """Bytes [start, end) as `piece`-sized parts (lists of buffers); only where `streams`."""
+
+    async def close(self) -> None:
+        """Release what the source holds (threads, clients); the shared HTTP session is not its own."""

@@ -41,6 +41,8 @@ class HfUpstream:
     """Client of the Hub's HTTP API over one shared aiohttp session."""
 
     name = "hf"
+    kind = "upstream"
+    streams = True
 
     def __init__(self, endpoint: str, session: aiohttp.ClientSession, metrics: Metrics, token: str | None = None):
         self.endpoint = endpoint.rstrip("/")
@@ -140,6 +142,9 @@ class HfUpstream:
         prefix = "" if rec.repo_type == "model" else REPO_TYPES[rec.repo_type] + "/"
         path = quote(validate_relpath(rec.path))
         return f"{self.endpoint}/{prefix}{rec.repo_id}/resolve/{rec.commit}/{path}", False
+
+    async def close(self) -> None:
+        """Nothing of its own: the aiohttp session is the daemon's."""
 
 
 def _parse_revision(info: dict) -> Resolved:

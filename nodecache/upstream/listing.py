@@ -27,6 +27,7 @@ class ListingUpstream:
 
     name = "source"
     kind = "upstream"
+    streams = False
 
     def __init__(self, url: str):
         self.url = url
@@ -85,6 +86,9 @@ class ListingUpstream:
         if len(data) != end - start:
             raise UpstreamError(f"{self.url}/{f.key}: got {len(data)} bytes of [{start}-{end})")
         return data
+
+    def stream(self, rec: BlobRecord, start: int, end: int, piece: int):
+        raise NotImplementedError("a listing source is read chunk by chunk (streams = False)")
 
     async def close(self) -> None:
         pass

@@ -39,6 +39,7 @@ class Sources:
 
     name = "sources"
     kind = "upstream"
+    streams = False
 
     def __init__(self, hf: Upstream, chains: dict[tuple[str, str], list[Upstream]]):
         self.hf = hf
@@ -88,7 +89,7 @@ class Sources:
         seen: set[int] = set()
         for chain in self.chains.values():
             for src in chain:
-                if id(src) not in seen and hasattr(src, "close") and src is not self.hf:
+                if id(src) not in seen and src is not self.hf:
                     seen.add(id(src))
                     await src.close()
 
