@@ -85,9 +85,7 @@ class Daemon:
         if cfg.peers or cfg.peers_dns:
             peers = self.peers = Peers(self.membership, self.session, cfg.cluster_token, m, cfg.peer_timeout)
             chain = lambda rec, k: peers.chain(self.sources.chain(rec), rec, k)  # noqa: E731
-        self.filler = Filler(
-            cfg, self.index, self.store, self.upstream, m, self.fuse.quarantined, sources=chain, pinned=self.pins.pinned
-        )
+        self.filler = Filler(cfg, self.index, self.store, chain, m, self.fuse.quarantined, pinned=self.pins.pinned)
         policy = RepoPolicy.from_config(cfg)
         self.catalog = Catalog(cfg, self.index, self.sources, self.filler, policy, self.fuse.tree_changed)
         self.jobs = Jobs(self.filler)

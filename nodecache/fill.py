@@ -50,10 +50,9 @@ class Filler:
         cfg: Config,
         index: Index,
         store: Store,
-        upstream: Upstream,
+        sources: Callable[[BlobRecord, int], list[Upstream]],
         metrics: Metrics,
         on_quarantine: Callable[[str], None] = lambda blob_id: None,
-        sources: Callable[[BlobRecord, int], list[Upstream]] | None = None,
         pinned: set[str] | None = None,
     ):
         self.cfg = cfg
@@ -62,10 +61,9 @@ class Filler:
         self.on_quarantine = on_quarantine
         self.index = index
         self.store = store
-        self.upstream = upstream
         # Where chunk k of a blob may come from, in order (peers, then upstreams);
         # each failure falls through to the next source before any backoff.
-        self.sources: Callable[[BlobRecord, int], list[Upstream]] = sources or (lambda rec, k: [upstream])
+        self.sources = sources
         self.metrics = metrics
         self.closing = False
         self.pinned: set[str] = set() if pinned is None else pinned  # blob ids kept (pins): never evicted

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .index import BlobRecord, Index
 from .layout import COMMIT_RE, MAX_FILES, RepoSpec, validate_blob_id, validate_relpath, validate_size
-from .upstream import NotFound, Resolved, Upstream, UpstreamError
+from .upstream import NotFound, Resolved, Resolver, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def check_snapshot(res: Resolved) -> None:
 
 
 async def ensure_repo(
-    index: Index, upstream: Upstream, chunk_size: int, spec: RepoSpec, accept: Callable[[Resolved], str] | None = None
+    index: Index, upstream: Resolver, chunk_size: int, spec: RepoSpec, accept: Callable[[Resolved], str] | None = None
 ) -> RepoRef:
     """Resolve upstream; if upstream is unreachable, fall back to what the index knows.
 

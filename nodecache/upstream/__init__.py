@@ -38,6 +38,12 @@ class Resolved:
     visibility: str = "private"
 
 
+class Resolver(Protocol):
+    """What turns a revision into a snapshot: one source, or a repo's chain of them (Sources)."""
+
+    async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved: ...
+
+
 class Upstream(Protocol):
     """Every source declares all of this; nothing is probed with hasattr/getattr."""
 

@@ -33,13 +33,9 @@ log = logging.getLogger(__name__)
 class Sources:
     """Every configured upstream, and which of them serve which repo, in order.
 
-    Usable wherever an `Upstream` is: `resolve` tries the repo's sources in
-    order; `chain(rec, k)` is the fill path's per-chunk source list.
+    A `Resolver`: `resolve` tries the repo's sources in order; `chain(rec, k)` is
+    the fill path's per-chunk source list.
     """
-
-    name = "sources"
-    kind = "upstream"
-    streams = False
 
     def __init__(self, hf: Upstream, chains: dict[tuple[str, str], list[Upstream]]):
         self.hf = hf
@@ -73,17 +69,6 @@ class Sources:
         if all(isinstance(e, NotFound) for e in errors):
             raise NotFound("; ".join(str(e) for e in errors))
         raise UpstreamError("; ".join(str(e) for e in errors))
-
-    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes | bytearray:
-        errors: list[UpstreamError] = []
-        for src in self.chain(rec):
-            try:
-                return await src.fetch(rec, start, end)
-            except UpstreamError as e:
-                errors.append(e)
-        if errors and all(isinstance(e, NotFound) for e in errors):
-            raise errors[-1]
-        raise errors[-1] if errors else UpstreamError(f"no source for {rec.repo_id}")
 
     async def close(self) -> None:
         seen: set[int] = set()
