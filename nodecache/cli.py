@@ -57,9 +57,14 @@ class Progress:
         self.stream.flush()
 
 
+def _token(args: argparse.Namespace, flag: str) -> str | None:
+    """The token in the file a `--*-token-file` flag names (a mounted Secret), without its line end."""
+    path = getattr(args, flag, None)
+    return Path(path).read_text().strip() if path else None
+
+
 def _cfg(args: argparse.Namespace) -> config_mod.Config:
-    token = Path(args.token_file).read_text().strip() if getattr(args, "token_file", None) else None
-    admin = Path(args.admin_token_file).read_text().strip() if getattr(args, "admin_token_file", None) else None
+    token, admin = _token(args, "token_file"), _token(args, "admin_token_file")
     return config_mod.load(
         {
             "admin_token": admin,
@@ -110,9 +115,9 @@ def _endpoint(args: argparse.Namespace) -> str:
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> dict:
     """One control-API call; any failure becomes a one-line CliError."""
-    token = os.environ.get("NODECACHE_ADMIN_TOKEN")
-    if getattr(args, "admin_token_file", None):
-        token = Path(args.admin_token_file).read_text().strip()
+    token = _token(args, "admin_token_file")
+    if token is None:
+        token = os.environ.get("NODECACHE_ADMIN_TOKEN")
     try:
         return control.call(_endpoint(args), method, path, body, token, timeout=120)
     except control.ApiError as e:
@@ -281,7 +286,7 @@ def cmd_csi(args: argparse.Namespace) -> int:
     mount = args.mount or os.environ.get("NODECACHE_MOUNT")
     if not mount:
         raise CliError("csi needs --mount (or NODECACHE_MOUNT)")
-    token = Path(args.admin_token_file).read_text().strip() if args.admin_token_file else None
+    token = _token(args, "admin_token_file")
     token = token or os.environ.get("NODECACHE_ADMIN_TOKEN") or None
     policy = driver.PolicyFile(Path(args.policy)) if args.policy else None
     if policy is not None:
