@@ -55,16 +55,13 @@ class Filler:
         on_quarantine: Callable[[str], None] = lambda blob_id: None,
         pinned: set[str] | None = None,
     ):
-        self.cfg = cfg
+        self.cfg, self.index, self.store, self.metrics = cfg, index, store, metrics
         # Told of every blob whose proof failed, after its bytes were moved aside:
         # the owner drops copies the store does not own (the kernel's page cache).
         self.on_quarantine = on_quarantine
-        self.index = index
-        self.store = store
         # Where chunk k of a blob may come from, in order (peers, then upstreams);
         # each failure falls through to the next source before any backoff.
         self.sources = sources
-        self.metrics = metrics
         self.closing = False
         self.pinned: set[str] = set() if pinned is None else pinned  # blob ids kept (pins): never evicted
         self.verify_first: set[str] = set()  # blob ids whose reads wait for the whole-blob proof (verify_before_serve)
