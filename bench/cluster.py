@@ -506,16 +506,16 @@ def plot(res: dict, path: Path) -> None:
     a2.set_xlabel("nodes N")
     a2.set_ylabel("upstream bytes / S")
     a2.legend(fontsize=8)
-    fig.suptitle(
+    common.save_figure(
+        fig,
+        path,
         f"{res['size_bytes'] / 1e9:.2f} GB repo, upstream {res['upstream_MBps']:.0f} MB/s, node links "
         f"{res['node_MBps']:.0f} MB/s (tc tbf), {res['machine']['nproc']} CPUs, {res['date'][:10]}",
-        fontsize=10,
     )
-    common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--nodes", default="1,2,4", help="comma-separated node counts")
     p.add_argument("--size-gib", type=float, default=1.0)
     p.add_argument("--upstream-mbit", type=int, default=800, help="tc rate of the emulator's link (800 = 100 MB/s)")

@@ -106,9 +106,16 @@ def add_run_args(p: argparse.ArgumentParser, wait_quiet: float = 120) -> None:
     p.add_argument("--wait-quiet", type=float, default=wait_quiet, help="wait up to this long for idle CPUs first (s)")
 
 
-def save_figure(fig, path: Path) -> None:
+def arg_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A bench's command line: its module docstring is the help text, as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def save_figure(fig, path: Path, title: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
+    if title is not None:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -289,17 +289,17 @@ def plot(res: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("MB/s (median; whiskers min-max)")
     m = res["machine"]
-    fig.suptitle(
+    common.save_figure(
+        fig,
+        path,
         f"nodecache FUSE (passthrough {'on' if res['passthrough'].get('fuse') else 'off'}; served = every read "
         f"through the daemon) vs raw store file: {res['size_gib']} GiB, chunk {res['chunk_size'] // MiB} MiB, "
         f"1 MiB reads, {res['reps']} passes, {m['nproc']} CPUs, kernel {m['kernel']}, {res['date'][:10]}",
-        fontsize=10,
     )
-    common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--size-gib", type=float, default=2.0)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--chunk-size", type=int, help="NODECACHE_CHUNK_SIZE for the daemon (default: its own, 8 MiB)")

@@ -415,17 +415,17 @@ def plot(res: dict, path: Path) -> None:
     a1.set_ylabel("wall time, s (median, whiskers min-max)")
     a2.set_ylabel("MB/s")
     a2.legend(fontsize=8)
-    fig.suptitle(
+    common.save_figure(
+        fig,
+        path,
         f"Upstream fill of {total / 1e9:.2f} GB at {res['rate_MBps_per_connection']} MB/s per connection: "
         f"speedup {res['speedup_vs_snapshot_download']:.2f}x, fill/cap {res['fill_vs_cap']:.2f} "
         f"({res['machine']['nproc']} CPUs, {res['date'][:10]})",
-        fontsize=10,
     )
-    common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--size-gib", type=float, default=1.0)
     p.add_argument("--rate-mbps", type=float, default=50.0, help="per-connection cap of the emulator, MB/s (1e6 B/s)")
     p.add_argument("--reps", type=int, default=3)
