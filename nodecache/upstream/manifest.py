@@ -17,7 +17,7 @@ snapshot in the HF layout:
    "source". Such an id proves nothing about the bytes, so there is no
    whole-blob hash to check: every chunk is instead fetched pinned to the
    version seen at resolve time (S3 If-Match, file mtime/size) and its xxh3 is
-   re-checked on disk before the blob is marked complete (`verify_source_blob`).
+   re-checked on disk before the blob is marked complete (`Store.finish`).
 
 The synthesized commit is the first 40 hex of sha256 over the sorted manifest
 (path, size, id), so it changes exactly when the content (or its version) does.
