@@ -419,6 +419,13 @@ class Index:
                     out[_CHUNK_KEY.unpack(key[len(prefix) :])[0]] = _CHUNK_KEY.unpack(value)[0]
         return out
 
+    def has_chunks(self, blob_id: str) -> bool:
+        """Any chunk recorded (one cursor step, not a read of them all)."""
+        prefix = blob_id.encode() + b"\0"
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._chunks)
+            return cur.set_range(prefix) and cur.key().startswith(prefix)
+
     def drop_chunks(self, blob_id: str, indexes: list[int] | None = None) -> None:
         """Forget some (or all) chunks of a blob, e.g. after failed verification."""
         prefix = blob_id.encode() + b"\0"

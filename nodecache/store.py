@@ -12,6 +12,7 @@ backoff that grows with each failure.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import hashlib
 import logging
@@ -144,6 +145,38 @@ def bad_chunks(path: Path, chunk_size: int, size: int, chunks: dict[int, int]) -
             if xxhash.xxh3_64_intdigest(data) != digest:
                 bad.append(i)
     return bad
+
+
+def release_unrecorded(path: Path, chunk_size: int, size: int, recorded: set[int]) -> None:
+    """Give back the disk blocks of chunks a crash left written but unrecorded.
+
+    The tier counts recorded chunks only, so such blocks would hold space the
+    quota cannot see (every chunk in flight at a kill -9). Holes are punched
+    over each run of unrecorded chunks; without hole punching (EOPNOTSUPP) a
+    blob with nothing recorded is emptied by truncation.
+    """
+    n = max(1, -(-size // chunk_size))
+    runs, start = [], None
+    for i in range(n + 1):
+        if i < n and i not in recorded:
+            start = i if start is None else start
+        elif start is not None:
+            runs.append((start * chunk_size, min(i * chunk_size, size) - start * chunk_size))
+            start = None
+    if not runs:
+        return
+    with _own_fd(path, os.O_RDWR) as fd:
+        for offset, length in runs:
+            if length > 0 and _LIBC.fallocate(fd, _PUNCH_HOLE, offset, length) != 0:
+                if not recorded:
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, size)
+                return
+
+
+_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (linux/falloc.h)
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 @contextmanager
@@ -748,19 +781,22 @@ class Store:
         Returns how many chunks were dropped.
         """
         dropped = 0
+        on_disk = {p.name for t in self.tiers.values() for p in (t.root / "blobs").glob("*/*")}  # no stat per blob
         for rec in self.index.all_blobs():
             if rec.state != "partial":
                 continue
+            if rec.blob_id not in on_disk and not self.index.has_chunks(rec.blob_id):
+                continue  # nothing fetched yet (most blobs of a big dataset): nothing to check or give back
             chunks = self.index.chunks(rec.blob_id)
-            if not chunks:
-                continue  # nothing fetched yet (most blobs of a big dataset): nothing to check or drop
             path = self.path(rec.blob_id)
-            if not path.exists():
-                self.index.drop_chunks(rec.blob_id)
-                dropped += len(chunks)
+            if rec.blob_id not in on_disk:
+                if chunks:
+                    self.index.drop_chunks(rec.blob_id)
+                    dropped += len(chunks)
                 continue
-            bad = bad_chunks(path, rec.chunk_size, rec.size, chunks)
+            bad = bad_chunks(path, rec.chunk_size, rec.size, chunks) if chunks else []
             if bad:
                 self.index.drop_chunks(rec.blob_id, bad)
                 dropped += len(bad)
+            release_unrecorded(path, rec.chunk_size, rec.size, set(chunks) - set(bad))
         return dropped

@@ -408,6 +408,30 @@ def test_recover_drops_only_chunks_whose_bytes_changed(cache: Path, index: Index
         fresh.close()
 
 
+def test_recover_gives_back_blocks_of_chunks_written_but_never_recorded(cache: Path, index: Index, store: Store):
+    """A kill -9 between a chunk's write and its record leaves blocks the quota cannot see."""
+    data = payload(4 * CS, seed=9)
+    rec = record("sha256", data)
+    index.put_blob(rec)
+    asyncio.run(fill(store, rec, data, order=[1]))
+    store.close()
+    with open(store.path(rec.blob_id), "r+b") as f:  # chunks 2 and 3 written, the crash before their record
+        f.seek(2 * CS)
+        f.write(data[2 * CS :])
+        f.flush()
+        os.fsync(f.fileno())
+    assert os.stat(store.path(rec.blob_id)).st_blocks * 512 >= 3 * CS
+    fresh = Store(cache, index)
+    try:
+        assert fresh.recover() == 0
+        assert os.stat(store.path(rec.blob_id)).st_blocks * 512 <= CS + 4096  # chunk 1 only
+        assert os.path.getsize(store.path(rec.blob_id)) == 4 * CS
+        with open(store.path(rec.blob_id), "rb") as f:
+            assert f.read()[CS : 2 * CS] == data[CS : 2 * CS]  # the recorded chunk is intact
+    finally:
+        fresh.close()
+
+
 def test_recover_handles_truncated_and_missing_files_and_skips_complete(cache: Path, index: Index, store: Store):
     a = payload(3 * CS, seed=6)
     b = payload(2 * CS, seed=7)
