@@ -371,7 +371,10 @@ def container_with(volume: Path, where: Path):
 
         def run(cmd: str) -> subprocess.CompletedProcess:
             return subprocess.run(
-                ["nsenter", f"--mount=/proc/{p.pid}/ns/mnt", "sh", "-c", cmd], capture_output=True, text=True
+                # --root: a mount namespace's own root is not the container's when the tests run chrooted
+                ["nsenter", f"--mount=/proc/{p.pid}/ns/mnt", f"--root=/proc/{p.pid}/root", "sh", "-c", cmd],
+                capture_output=True,
+                text=True,
             )
 
         yield run
