@@ -252,8 +252,15 @@ def test_examples_mount_read_only_with_host_to_container(path):
 def test_dockerfile_installs_with_the_ci_script_and_lints_clean():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:|^ARG PYTHON=python:3\.11-slim", text, re.M), "slim Python base"
-    assert len(re.findall(r"^FROM ", text, re.M)) == 2, "multi-stage: build, runtime"
-    assert re.search(r"^RUN NODECACHE_SETUP=image bash \.ci/setup", text, re.M), "one install script"
+    stages = re.findall(r"^FROM (\S+)(?: AS (\w+))?$", text, re.M)
+    assert stages == [("${PYTHON}", "build"), ("${PYTHON}", "runtime"), ("runtime", "check"), ("runtime", "")]
+    assert "NODECACHE_SETUP=image bash .ci/setup" in text, "one install script"
+    assert re.search(r"^ARG WHEELS=$", text, re.M) and 'PIP_FIND_LINKS="/src/$WHEELS"' in text, "optional wheelhouse"
+    runtime = text.split(" AS runtime\n")[1].split(" AS check\n")[0]
+    assert "COPY . " not in runtime and "/src /src" not in runtime, (
+        "the runtime stage takes the package, not the checkout"
+    )
+    assert "RUN python3 /check/image-check.py /check" in text and (ROOT / "scripts" / "image-check.py").is_file()
     assert 'ENTRYPOINT ["nodecache"]' in text
     assert "fuse3" in text
     setup = (ROOT / ".ci" / "setup").read_text()
