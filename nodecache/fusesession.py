@@ -87,6 +87,7 @@ class Session:
         self.agreed = 0
         self.initialized = asyncio.Event()
         self._fd = -1
+        self._dev = ""  # major:minor of our mount, to unmount it and nothing under it
         self._done: asyncio.Future | None = None
         self._running: dict[int, tuple[int, asyncio.Task]] = {}  # request unique -> (opcode, handler)
         # The kernel refuses (EIO) to mix passthrough and cached opens of one inode, and a second
@@ -115,6 +116,8 @@ class Session:
             os.close(fd)
             raise
         self._fd = fd
+        top = mounts.top(str(self.mountpoint))  # mountinfo as text: no stat of our own mount
+        self._dev = top.dev if top is not None else ""
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -136,10 +139,7 @@ class Session:
         """
         if self._fd < 0:
             return
-        try:
-            mounts.unmount(str(self.mountpoint))
-        except OSError as e:
-            log.warning("unmount %s: %s", self.mountpoint, e)
+        self._detach()
         if self._done is not None and not self._done.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._done), grace)
@@ -150,13 +150,21 @@ class Session:
         if self._fd < 0:
             return
         asyncio.get_running_loop().remove_reader(self._fd)
+        self._detach()
+        os.close(self._fd)
+        self._fd = -1
+        self._finish()
+
+    def _detach(self) -> None:
+        """Unmount our mount if it is still on top at the mountpoint, and nothing else: what is under
+        it (in a container, the bind of the host's directory the mount dir is) is not ours."""
+        top = mounts.top(str(self.mountpoint))
+        if top is None or top.dev != self._dev:
+            return
         try:
             mounts.unmount(str(self.mountpoint))
         except OSError as e:
             log.warning("unmount %s: %s", self.mountpoint, e)
-        os.close(self._fd)
-        self._fd = -1
-        self._finish()
 
     def _finish(self) -> None:
         if self._done is not None and not self._done.done():

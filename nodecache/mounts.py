@@ -135,16 +135,20 @@ def set_read_ahead(mountpoint: str | os.PathLike, kb: int) -> bool:
 
 
 def detach(path: str | os.PathLike) -> bool:
-    """Lazily detach whatever is mounted at `path` (a FUSE mount left dead by kill -9, ENOTCONN);
-    whether anything was. fusermount3 first (it works unprivileged on one's own FUSE mounts),
-    then umount2(MNT_DETACH) for what is left."""
-    target = os.path.abspath(path)
-    if not at(target):
-        return False
-    subprocess.run(["fusermount3", "-u", "-z", target], check=False, capture_output=True)
-    with contextlib.suppress(OSError):
-        unmount_all(target)
-    return True
+    """Lazily detach the FUSE mounts stacked on top at `path` (left dead by kill -9, ENOTCONN);
+    whether any was. Nothing under them: in a container the mount dir is itself a bind of the
+    host's directory, and without it the host would never see a later mount. fusermount3 first
+    (it works unprivileged on one's own FUSE mounts), then umount2(MNT_DETACH)."""
+    target, n = os.path.abspath(path), 0
+    while n < 64 and (entry := top(target)) is not None and entry.is_fuse:
+        subprocess.run(["fusermount3", "-u", "-z", target], check=False, capture_output=True)
+        if top(target) == entry:
+            with contextlib.suppress(OSError):
+                unmount(target)
+            if top(target) == entry:
+                break
+        n += 1
+    return n > 0
 
 
 def _check(rc: int, what: str, path: str) -> None:

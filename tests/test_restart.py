@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import BIG, SMALL, MiB, counter, sha256_file, snapshot_dir, wait_until
 
+from nodecache import mounts
 from nodecache.testing.hub import Fault
 
 
@@ -138,3 +142,33 @@ def test_sigterm_gives_waiting_readers_eio_then_the_mount_goes(hub, daemons, fla
             reader.kill()
     assert mounts.at(str(d.mount)) == [], "serve unmounted on its way out"
     assert d.stop() == 0  # nothing left for the harness to clean
+
+
+def test_the_mount_dir_bind_of_a_container_stays_and_the_host_sees_every_mount(hub, daemons, tmp_path):
+    """In the DaemonSet the mount dir is a hostPath bind (Bidirectional). The daemon mounts on top of
+    it, also after a kill -9, and never detaches the bind itself: the host would lose every later mount."""
+    host = tmp_path / "host-mnt"  # the node's directory, on a shared mount as on a systemd host
+    host.mkdir()
+    subprocess.run(["mount", "--bind", str(host), str(host)], check=True)
+    d = daemons(start=False)
+    try:
+        subprocess.run(["mount", "--make-shared", str(host)], check=True)
+        d.mount.mkdir(parents=True)
+        subprocess.run(["mount", "--bind", str(host), str(d.mount)], check=True)  # the container's view
+        [bind] = mounts.at(str(d.mount))
+        d.start()
+        config = Path("hub", "models--" + SMALL.replace("/", "--"), "snapshots", hub.commits[SMALL], "config.json")
+        want = (d.mount / config).read_bytes()
+        assert (host / config).read_bytes() == want, "the host reads the daemon's mount"
+        d.kill9()
+        d2 = daemons(cache_dir=d.cache_dir)
+        assert [e.fstype for e in mounts.at(str(d.mount))] == [bind.fstype, "fuse.nodecache"]
+        assert mounts.at(str(d.mount))[0] == bind, "the bind under the dead mount was kept"
+        assert (host / config).read_bytes() == want, "the host reads the new mount"
+        assert d2.stop() == 0
+        assert mounts.at(str(d.mount)) == [bind] and mounts.at(str(host))[-1].fstype == bind.fstype
+    finally:
+        d.stop()
+        for path in (d.mount, host):
+            with contextlib.suppress(OSError):
+                mounts.unmount_all(str(path))

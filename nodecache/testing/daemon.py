@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from .. import mounts
+from ..fusesession import FSTYPE
 
 
 class LeftBehind(AssertionError):
@@ -34,6 +35,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ours(path: Path) -> list[mounts.MountEntry]:
+    """The nodecache mounts (live or dead) stacked at `path`; a bind under them (the mount dir of a
+    container, bound from the host) is not one of them."""
+    return [e for e in mounts.at(os.path.abspath(path)) if e.fstype == FSTYPE]
 
 
 def detach_dead(path: Path) -> int:
@@ -89,7 +96,7 @@ class DaemonProcess:
         """Start `serve` and wait for /readyz. A dead mount left by kill -9 stays for `serve` to detach."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError(f"already running (pid {self.proc.pid})")
-        stale = len(mounts.at(os.path.abspath(self.mount)))
+        stale = len(ours(self.mount))
         if stale and mounts.probe(os.path.abspath(self.mount), 5.0) not in mounts.STALE_ERRNOS:
             raise RuntimeError(f"a live mount is at {self.mount} already: another daemon serves there")
         self.killed = False
@@ -112,8 +119,7 @@ class DaemonProcess:
         else:
             self.stop()
             raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.log()}")
-        stack = mounts.at(os.path.abspath(self.mount))
-        if stale and len(stack) > 1:  # ours on top of the dead one(s)
+        if stale and len(ours(self.mount)) > 1:  # ours on top of the dead one(s)
             self.stop()
             detach_dead(self.mount)
             raise LeftBehind(f"serve did not detach the stale mount at {self.mount}:\n{self.log()}")
