@@ -47,10 +47,10 @@ ENTRYPOINT ["nodecache"]
 CMD ["--help"]
 
 # --- check: the runtime stage proves itself during the build, without a container run ---
-# (the CLI, the shipped ConfigMap and DaemonSet args, a verified prefetch from the bundled Hub emulator
+# (the CLI, the shipped ConfigMaps and DaemonSet args, a verified prefetch from the bundled Hub emulator
 # on loopback, the CSI plugin over its unix socket; see scripts/image-check.py)
 FROM runtime AS check
-COPY daemonset/configmap.yaml daemonset/daemonset.yaml scripts/image-check.py /check/
+COPY daemonset/configmap.yaml daemonset/csi-policy.yaml daemonset/daemonset.yaml scripts/image-check.py /check/
 RUN python3 /check/image-check.py /check && touch /check/passed
 
 # --- the image: the runtime stage, once its checks have passed ---

@@ -23,6 +23,7 @@ from nodecache import __version__
 from nodecache import config as config_mod
 from nodecache.cli import build_parser
 from nodecache.csi.driver import DRIVER_NAME
+from nodecache.csi.policy import parse_policy
 from nodecache.csi.proto import load
 
 REPO = "image-check/tiny"
@@ -40,7 +41,7 @@ def cli() -> None:
 
 
 def shipped_config(manifests: Path, tmp: Path) -> None:
-    """The ConfigMap is a config file `serve` accepts, and the DaemonSet's args parse."""
+    """The ConfigMaps are a config file `serve` accepts and a policy `csi` accepts; the DaemonSet's args parse."""
     [ds] = [d for d in yaml.safe_load_all((manifests / "daemonset.yaml").read_text()) if d and d["kind"] == "DaemonSet"]
     containers = {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}
     serve = build_parser().parse_args(containers["nodecache"]["args"])
@@ -49,8 +50,16 @@ def shipped_config(manifests: Path, tmp: Path) -> None:
     [cm] = [d for d in yaml.safe_load_all((manifests / "configmap.yaml").read_text()) if d]
     local = tmp / "config.yaml"
     local.write_text(cm["data"][Path(serve.config).name])
-    cfg = config_mod.load(environ={"NODECACHE_ADVERTISE": "10.1.2.3:8470"}, file=local)
+    # the container's environment on top, as in the pod: its values, and something for each Secret key
+    env = {e["name"]: e.get("value", "from-the-secret") for e in containers["nodecache"]["env"]}
+    env = {k: v.replace("$(POD_IP)", "10.1.2.3") for k, v in env.items()}
+    cfg = config_mod.load(environ=env, file=local)
     check(str(cfg.mount) == csi.mount and cfg.listen_port == 8470, "the shipped ConfigMap loads as a config file")
+    [policy_cm] = [d for d in yaml.safe_load_all((manifests / "csi-policy.yaml").read_text()) if d]
+    policy = tmp / "csi-policy.yaml"
+    policy.write_text(policy_cm["data"][Path(csi.policy).name])
+    parse_policy(policy.read_text(), str(policy))
+    print("ok: the shipped CSI policy ConfigMap parses", flush=True)
     bad = tmp / "bad.yaml"
     bad.write_text("disk_maxx: 1Gi\n")
     r = subprocess.run(
@@ -98,6 +107,7 @@ def csi_plugin(hub: Hub, tmp: Path) -> None:
     sock = tmp / "plugin" / "csi.sock"
     args = ["nodecache", "csi", "--endpoint", f"unix://{sock}", "--node-id", "image-check"]
     args += ["--mount", str(tmp / "mnt"), "--daemon-url", hub.url, "--kubelet-dir", str(tmp / "kubelet")]
+    args += ["--policy", str(tmp / "csi-policy.yaml")]  # the shipped one (shipped_config wrote it)
     proc = subprocess.Popen(args)
     channel = grpc.insecure_channel(f"unix://{sock}")
     try:
