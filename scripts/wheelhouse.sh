@@ -3,7 +3,8 @@
 #
 # Downloads a wheel of every dependency of nodecache (with --test: also the test extras, the demo
 # model and huggingface_hub 0.26.5 for .venv-hf026) into DIR, for the Python version X.Y (default:
-# this machine's python3), plus setuptools for the editable install. Then `PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR bash .ci/setup`, or the Dockerfile with
+# this machine's python3), plus setuptools for the editable install. Then
+# `PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR bash .ci/setup`, or the Dockerfile with
 # --build-arg WHEELS=DIR, installs with no network: an air-gapped machine, a chroot or a container build
 # that cannot verify the package index's TLS certificate. Wheels only (--only-binary): nothing is compiled
 # on the way in. Run it from a machine that reaches the package index, for the target's CPU architecture.
