@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import grpc
+import machine
 import pytest
 from conftest import BIG, SMALL, MiB, _need_fuse, sha256_file
 
@@ -769,3 +770,38 @@ def test_a_policy_that_never_loaded_refuses_everything(tenant_hub, node, csi, tm
         (False, True),
     ]
     assert c.proc.poll() is None
+
+
+PROPAGATION = """
+import os, sys
+from nodecache import mounts
+work = sys.argv[1]
+src, shared, peer = (os.path.join(work, n) for n in ("src", "shared", "peer"))
+for d in (src, shared, peer):
+    os.makedirs(d)
+mounts.mount("tmpfs", src, "tmpfs", 0, "size=1m")  # a writable source, like the FUSE mount now is
+mounts.mount("tmpfs", shared, "tmpfs", 0, "size=1m")
+mounts.mount("none", shared, "", 1 << 20, "")  # MS_SHARED
+mounts.mount(shared, peer, "", mounts.MS_BIND, "")  # peer: the same peer group, as under a shared /
+os.makedirs(os.path.join(shared, "t"))
+mounts.bind_readonly(src, os.path.join(shared, "t"))
+for where in ("shared", "peer"):
+    [top] = mounts.at(os.path.join(work, where, "t"))[-1:]
+    print(where, top.readonly)
+"""
+
+
+def test_a_read_only_bind_is_read_only_in_every_propagated_copy(tmp_path):
+    """Under a shared parent (systemd's /, every Kubernetes node) the kernel copies a new bind to
+    each peer as it is made; a read-only remount afterwards leaves those copies writable."""
+    if reason := machine.mount_tmpfs():
+        pytest.skip(reason)
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", PROPAGATION, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["shared", "True", "peer", "True"], out.stdout
