@@ -107,18 +107,7 @@ class Config:
         for key in ("compile_cache_seal_after", "compile_cache_fill_timeout"):
             if not 0 < getattr(self, key) < 1e9:  # also refuses NaN
                 raise ConfigError(f"{key}: must be > 0 seconds")
-        for key in (
-            "disk_max",
-            "shm_max",
-            "shm_file_max",
-            "min_free",
-            "peer_upload_bps",
-            "hash_memory",
-            "compile_cache_max",
-            "quarantine_files",
-            "quarantine_max",
-            "scrub_bps",
-        ):
+        for key in sorted((_SIZE_KEYS - {"chunk_size"}) | {"quarantine_files"}):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0")
         for key in ("repos", "preload"):

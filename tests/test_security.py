@@ -14,14 +14,13 @@ import json
 import os
 import random
 import socket
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
 import lmdb
 import pytest
-from conftest import MiB, _need_fuse
+from conftest import MiB, _need_fuse, wait_until
 
 from nodecache.backoff import delays
 from nodecache.expiring import ExpiringSet
@@ -69,15 +68,6 @@ def http(url: str, method: str = "GET", body: dict | None = None, headers=None) 
     except urllib.error.HTTPError as e:
         status, raw, ctype = e.code, e.read(), e.headers.get("Content-Type", "")
     return status, json.loads(raw) if "json" in ctype else raw
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def counters(d: DaemonProcess, name: str) -> dict[str, float]:
@@ -218,7 +208,7 @@ def test_a_repo_that_does_not_resolve_never_stops_serve(tmp_path, tenant_hub, sm
         assert list(failing) == [typo] and "not found" in failing[typo]["error"]
         assert http(d.url + "/readyz") == (200, {"ready": True, "repos_failing": [typo]})
         commit = tenant_hub.add_repo(typo, small_repo)  # the repo appears upstream: the retry finds it
-        assert wait_for(lambda: not d.status()["repos_failing"], timeout=30)
+        wait_until(lambda: not d.status()["repos_failing"], "the retry to resolve it")
         assert (d.hub / "models--org--pubilc" / "snapshots" / commit / "config.json").exists()
 
 
@@ -227,8 +217,8 @@ def test_bad_upstream_metadata_on_refresh_does_not_end_housekeeping(tmp_path, te
         tenant_hub.add_repo(PUBLIC, {"a\\b": b"x", "config.json": b"{}"})  # a name we refuse
         new = tenant_hub.add_repo(GATED, {"config.json": b'{"v": 2}'}, gated=True)
         refs = d.hub / "models--org--gated" / "refs" / "main"
-        assert wait_for(lambda: refs.read_text() == new, timeout=30), "housekeeping went on"
-        assert wait_for(lambda: "invalid file path 'a\\\\b'" in d.log(), timeout=30)
+        wait_until(lambda: refs.read_text() == new, "housekeeping to go on past the bad repo")
+        wait_until(lambda: "invalid file path 'a\\\\b'" in d.log(), "the refusal in the log")
         assert (d.hub / "models--org--public" / "refs" / "main").read_text() == tenant_hub.commits[PUBLIC]
         assert d.proc.poll() is None
 
