@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-from conftest import SMALL
+from conftest import SMALL, wait_until
 from test_csi import code_of, csi  # noqa: F401  (csi is a fixture)
 
 from nodecache import ccmanifest as cm
@@ -43,15 +43,6 @@ def api(daemon, method: str, path: str, body: dict | None = None) -> tuple[int, 
 
 def listing(daemon) -> dict[str, dict]:
     return {k["key"]: k for k in api(daemon, "GET", "/v1/compile-caches")[1]["compile_caches"]}
-
-
-def wait_until(pred, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def cli(daemon, *args: str) -> subprocess.CompletedProcess:

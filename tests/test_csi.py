@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import machine
 import pytest
-from conftest import BIG, SMALL, MiB, _need_fuse, sha256_file
+from conftest import BIG, SMALL, MiB, _need_fuse, sha256_file, wait_until
 
 from nodecache import __version__, mounts
 from nodecache.csi.driver import parse_endpoint
@@ -137,15 +137,6 @@ def code_of(call) -> grpc.StatusCode:
 
 def dev_of(path: Path) -> str:
     return mounts.top(str(path)).dev
-
-
-def wait_until(pred, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def readable(path: Path) -> bool:
