@@ -59,6 +59,31 @@ def test_rewriting_a_ref_with_its_commit_succeeds_and_changes_refused(hub, daemo
     assert ref.read_text() == commit
 
 
+def test_content_is_never_writable(hub, daemons, small_repo):
+    """The mount is not `ro` at the kernel level (for the no-op writes above): every other write is refused here."""
+    d = daemons()
+    repo = d.hub / repo_folder_name("model", SMALL)
+    snap = repo / "snapshots" / hub.commits[SMALL]
+    blob = next((repo / "blobs").iterdir())
+    attempts = {
+        "write a snapshot file": lambda: open(snap / "config.json", "r+b").close(),
+        "truncate a blob": lambda: open(blob, "wb").close(),
+        "append to a blob": lambda: open(blob, "ab").close(),
+        "create in a snapshot": lambda: open(snap / "new.txt", "w").close(),
+        "mkdir in a snapshot": lambda: os.mkdir(snap / "newdir"),
+        "unlink a snapshot link": lambda: os.unlink(snap / "config.json"),
+        "rename a snapshot link": lambda: os.rename(snap / "config.json", snap / "c.json"),
+        "symlink in blobs": lambda: os.symlink("x", repo / "blobs" / "evil"),
+        "chmod a blob": lambda: os.chmod(blob, 0o777),
+        "truncate a blob by path": lambda: os.truncate(blob, 0),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS, (what, e.value)
+    assert (snap / "config.json").read_bytes() == (small_repo / "config.json").read_bytes()
+
+
 def test_lock_files_live_in_memory_under_locks_only(hub, daemons):
     d = daemons()
     locks = d.hub / ".locks" / repo_folder_name("model", SMALL)
