@@ -14,7 +14,7 @@ import json
 from aiohttp import web
 
 from .auth import admin_only
-from .layout import REPO_TYPES, RepoSpec
+from .layout import REPO_TYPES, InvalidName, RepoSpec, validate_repo_id, validate_repo_type
 from .ops import Operations
 from .status import Status
 
@@ -64,9 +64,12 @@ def add_routes(app: web.Application, admin_token: str | None, ops: Operations, r
     async def repo(request: web.Request) -> web.Response:
         name = request.match_info["repo"]
         repo_type = request.query.get("repo_type", "model")
-        for r in report.repos():
-            if r["repo"] == name and r["repo_type"] == repo_type:
-                return web.json_response(r)
+        try:
+            found = report.repo(validate_repo_type(repo_type), validate_repo_id(name))
+        except InvalidName:  # no such repo can be in the cache
+            found = None
+        if found is not None:
+            return web.json_response(found)
         raise web.HTTPNotFound(reason="not_found", text=f"{repo_type} {name!r} is not in the cache")
 
     async def status(_: web.Request) -> web.Response:

@@ -285,6 +285,16 @@ class Index:
         self._drop_invalid("refs", self._refs, bad)
         return out
 
+    def view(self, repo_type: str, repo_id: str) -> RepoView | None:
+        """One repo's refs and snapshots (its keys and file lists only; None: not in the index)."""
+        refs = self.refs(repo_type, repo_id)
+        snapshots = {}
+        for commit in self.commits(repo_type, repo_id):
+            files = self.get_snapshot(repo_type, repo_id, commit)
+            if files is not None:
+                snapshots[commit] = files
+        return RepoView(repo_type, repo_id, refs, snapshots) if refs or snapshots else None
+
     def has_repo(self, repo_type: str, repo_id: str) -> bool:
         """Any snapshot of the repo recorded (without reading them all)."""
         prefix = _repo_key(repo_type, repo_id)

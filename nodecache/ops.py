@@ -72,7 +72,7 @@ class Operations:
         if spec is None:
             return None, [r.blob_id for r in self.index.all_blobs()]
         repo_type, repo_id, revision = spec.repo_type, spec.repo_id, spec.revision
-        view = next((v for v in self.index.views() if (v.repo_type, v.repo_id) == (repo_type, repo_id)), None)
+        view = self.index.view(repo_type, repo_id)  # this repo only, not the whole index
         if view is None:
             raise KeyError(f"{repo_type} {repo_id} is not in the cache")
         if revision is None:

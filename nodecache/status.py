@@ -15,6 +15,7 @@ from .fill import Filler
 from .index import Index
 from .jobs import Jobs
 from .labels import label_key
+from .layout import RepoView
 from .metrics import Metrics
 from .peers import Membership
 from .pins import Pins
@@ -46,39 +47,42 @@ class Status:
     metrics: Metrics
 
     def repos(self) -> list[dict]:
-        pins = {(r.repo_type, r.repo_id, r.revision): mode for r, mode in self.pins.refs()}
-        out = []
-        for view in self.index.views():
-            meta = self.index.get_repo_meta(view.repo_type, view.repo_id) or {}
-            snaps = []
-            for commit, files in view.snapshots.items():
-                blobs = {f.blob_id: f.size for f in files}
-                recs = [self.store.record(b) for b in blobs]
-                snaps.append(
-                    {
-                        "commit": commit,
-                        "revisions": sorted(r for r, c in view.refs.items() if c == commit),
-                        "files": len(files),
-                        "bytes_total": sum(blobs.values()),
-                        "bytes_cached": sum(self.store.cached_bytes(r) for r in recs if r),
-                        "complete": all(r is not None and r.state == "complete" for r in recs),
-                        "last_access": max((r.last_access for r in recs if r), default=0.0),
-                    }
-                )
-            out.append(
+        pins = self.pins.refs()
+        return [self._repo(view, pins) for view in self.index.views()]
+
+    def repo(self, repo_type: str, repo_id: str) -> dict | None:
+        """One repo's entry of repos(), from its own index entries only (the CSI plugin asks per publish)."""
+        view = self.index.view(repo_type, repo_id)
+        return None if view is None else self._repo(view, self.pins.refs())
+
+    def _repo(self, view: RepoView, pinned: list) -> dict:
+        meta = self.index.get_repo_meta(view.repo_type, view.repo_id) or {}
+        snaps = []
+        for commit, files in view.snapshots.items():
+            blobs = {f.blob_id: f.size for f in files}
+            recs = [self.store.record(b) for b in blobs]
+            snaps.append(
                 {
-                    "repo": view.repo_id,
-                    "repo_type": view.repo_type,
-                    "node_label": label_key(view.repo_type, view.repo_id),
-                    "visibility": meta.get("visibility", "unknown"),
-                    "refs": view.refs,
-                    "pinned": {
-                        rev: mode for (t, r, rev), mode in pins.items() if (t, r) == (view.repo_type, view.repo_id)
-                    },
-                    "snapshots": snaps,
+                    "commit": commit,
+                    "revisions": sorted(r for r, c in view.refs.items() if c == commit),
+                    "files": len(files),
+                    "bytes_total": sum(blobs.values()),
+                    "bytes_cached": sum(self.store.cached_bytes(r) for r in recs if r),
+                    "complete": all(r is not None and r.state == "complete" for r in recs),
+                    "last_access": max((r.last_access for r in recs if r), default=0.0),
                 }
             )
-        return out
+        return {
+            "repo": view.repo_id,
+            "repo_type": view.repo_type,
+            "node_label": label_key(view.repo_type, view.repo_id),
+            "visibility": meta.get("visibility", "unknown"),
+            "refs": view.refs,
+            "pinned": {
+                r.revision: mode for r, mode in pinned if (r.repo_type, r.repo_id) == (view.repo_type, view.repo_id)
+            },
+            "snapshots": snaps,
+        }
 
     def node(self) -> dict:
         quarantine = self.store.quarantine_usage()
