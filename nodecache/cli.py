@@ -18,6 +18,7 @@ from . import cccli, control
 from . import config as config_mod
 from .fill import FillError
 from .layout import InvalidName, RepoSpec
+from .tokenfile import read_secret
 from .upstream import UpstreamError
 
 
@@ -60,7 +61,12 @@ class Progress:
 def _token(args: argparse.Namespace, flag: str) -> str | None:
     """The token in the file a `--*-token-file` flag names (a mounted Secret), without its line end."""
     path = getattr(args, flag, None)
-    return Path(path).read_text().strip() if path else None
+    if not path:
+        return None
+    try:
+        return read_secret(path)
+    except ValueError as e:
+        raise CliError(f"--{flag.replace('_', '-')}: {e}") from None
 
 
 def _cfg(args: argparse.Namespace) -> config_mod.Config:

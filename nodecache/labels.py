@@ -17,6 +17,8 @@ from pathlib import Path
 
 import aiohttp
 
+from .tokenfile import read_secret
+
 log = logging.getLogger(__name__)
 
 PREFIX = "nodecache.io/"
@@ -45,14 +47,18 @@ class NodeLabeler:
         """In-cluster (service account) unless kube_api is given; None when there is no node name."""
         if not cfg.node_name:
             return None
-        if cfg.kube_api:
-            token = Path(cfg.kube_token_file).read_text().strip() if cfg.kube_token_file else None
-            return cls(cfg.kube_api, cfg.node_name, token, session)
-        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        if not host or not (_SA / "token").exists():
-            log.warning("node_name is set but there is no Kubernetes API here; node labels are off")
+        try:
+            if cfg.kube_api:
+                token = read_secret(cfg.kube_token_file) if cfg.kube_token_file else None
+                return cls(cfg.kube_api, cfg.node_name, token, session)
+            host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+            if not host or not (_SA / "token").exists():
+                log.warning("node_name is set but there is no Kubernetes API here; node labels are off")
+                return None
+            token = read_secret(_SA / "token")
+        except ValueError as e:  # labels are an aid to the scheduler: never a reason not to serve
+            log.error("node labels are off: %s", e)
             return None
-        token = (_SA / "token").read_text().strip()
         return cls(f"https://{host}:{port}", cfg.node_name, token, session, str(_SA / "ca.crt"))
 
     async def sync(self, ready: set[str]) -> bool:

@@ -140,3 +140,9 @@ def test_a_partial_snapshot_never_shows_more_than_99_9_percent(hub, daemons):
     assert cli.returncode == 0 and out.startswith("ready: org/nearly@main")
     assert "100.0%" in lines[-1], "verified: now it is 100 %"
     assert os.getxattr(snap, "user.nodecache.cached") == b"1.000000"
+
+
+def test_unreadable_token_file_is_one_line_naming_the_flag(tmp_path):
+    out = nodecache("ls", "--endpoint", "http://127.0.0.1:1", "--admin-token-file", str(tmp_path / "absent"))
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out
+    assert "--admin-token-file" in out.stderr and "absent" in out.stderr

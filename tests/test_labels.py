@@ -94,3 +94,29 @@ def test_node_is_labelled_with_fully_cached_repos(hub, daemons, tmp_path, kube):
     urllib.request.urlopen(req, timeout=30).close()
     assert wait(lambda: small not in kube.labels), "the label goes when the bytes go"
     assert all(set(p) == {"metadata"} for p in kube.patches)
+
+
+def test_unreadable_kube_token_file_turns_labels_off_not_the_daemon(tmp_path, caplog):
+    """A Secret that did not mount is a log line, not a crash loop: labels only help the scheduler."""
+    from types import SimpleNamespace
+
+    from nodecache.labels import NodeLabeler
+
+    cfg = SimpleNamespace(node_name="node-a", kube_api="http://127.0.0.1:1", kube_token_file=tmp_path / "missing")
+    with caplog.at_level("ERROR", logger="nodecache.labels"):
+        assert NodeLabeler.from_config(cfg, session=None) is None
+    assert "node labels are off" in caplog.text and "missing" in caplog.text
+
+
+def test_token_file_reader_names_the_file_never_the_content(tmp_path):
+    from nodecache.tokenfile import read_secret
+
+    good = tmp_path / "token"
+    good.write_text("hf_secret\n")
+    assert read_secret(good) == "hf_secret"
+    bad = tmp_path / "binary"
+    bad.write_bytes(b"\xff\xfe hf_secret")
+    for path in (bad, tmp_path / "absent"):
+        with pytest.raises(ValueError) as e:
+            read_secret(path)
+        assert str(path) in str(e.value) and "hf_secret" not in str(e.value)

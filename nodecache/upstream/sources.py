@@ -17,6 +17,7 @@ from ..config import Config, ConfigError
 from ..index import BlobRecord
 from ..layout import RepoSpec
 from ..metrics import Metrics
+from ..tokenfile import read_secret
 from . import NotFound, Resolved, Upstream, UpstreamError
 from .hf import HfUpstream
 from .http import HttpUpstream
@@ -131,11 +132,3 @@ def read_repo_tokens(entries) -> dict[tuple[str, str], str]:
             raise ValueError(f"{RepoSpec(*repo).name!r}: token file {path} is empty")
         out[repo] = token
     return out
-
-
-def read_secret(path) -> str:
-    """A token or header kept in a file (a mounted Secret): its text without the line end."""
-    try:
-        return open(path).read().strip()
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from None
