@@ -7,6 +7,11 @@ Layout under `<cache_dir>/compile-caches/`:
   blobs/<sha256>           file contents of sealed snapshots, one copy per content
   tmp/                     staging; emptied at start
 
+Snapshots travel between nodes (ccpeers: small blobs in batches, see
+ccframes) and, with `compile_cache_upstream`, through a bucket (ccupstream):
+a node uploads what it sealed itself; a publish takes the newest snapshot of
+its peers and the bucket, whichever is newer.
+
 Pods own `tree/` and may put anything there, so it is walked through directory
 fds, never following a symlink, and only regular files, directories and
 symlinks that stay inside the tree are sealed. A bad meta.json or sealed.json
@@ -30,15 +35,19 @@ from pathlib import Path
 
 import aiohttp
 
+from . import ccframes as cf
 from . import ccmanifest as cm
+from .backoff import delays
 from .ccmanifest import BadManifest, Entry, Manifest
 from .ccpeers import PeerSnapshots
+from .ccupstream import S3Snapshots, UpstreamFailed
 from .config import Config
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 BUF = 1 << 20
+FETCHES = 8  # batch requests (and big-blob streams) in flight during one fill
 
 
 class InUse(Exception):
@@ -59,6 +68,7 @@ class Key:
     sealed: Manifest | None = None
     sealed_fingerprint: str = ""  # the tree's fingerprint when it was sealed or filled
     stats: dict = field(default_factory=dict)  # path -> (size, mtime_ns, ino, sha256) at the last seal
+    uploaded: str = ""  # id of the last snapshot of ours written to the upstream
 
     def as_dict(self) -> dict:
         return {
@@ -76,6 +86,7 @@ class Key:
                 "at": self.sealed.sealed_at,
                 "node": self.sealed.node,
                 "files": self.sealed.files,
+                "uploaded": self.uploaded == self.sealed.id,
             },
             "dirty": self.fingerprint != self.sealed_fingerprint,
         }
@@ -185,6 +196,7 @@ class CompileCaches:
         peers=None,
         on_invalid: Callable[[str], None] | None = None,
         on_event: Callable[[str], None] | None = None,
+        upstream: S3Snapshots | None = None,
     ):
         self.root = root
         self.node = node
@@ -192,10 +204,13 @@ class CompileCaches:
         self.seal_after = seal_after
         self.fill_timeout = fill_timeout
         self.peers = peers  # ccpeers.PeerSnapshots, or None without peers
+        self.upstream = upstream  # ccupstream.S3Snapshots, or None without compile_cache_upstream
+        self._uploads: dict[str, asyncio.Task] = {}
+        self._upload_retry: dict[str, tuple[float, object]] = {}  # name -> (not before, delays iterator)
         self.on_invalid = on_invalid or (lambda what: None)
         self.keys: dict[str, Key] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self.on_event = on_event or (lambda event: None)  # seal, fill, fill_timeout, eviction
+        self.on_event = on_event or (lambda event: None)  # seal, fill, fill_timeout, fill_failed, eviction, upload
         for sub in ("keys", "blobs", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / "tmp", ignore_errors=True)
@@ -225,6 +240,7 @@ class CompileCaches:
                 if not isinstance(users, list) or not all(isinstance(u, str) and u.startswith("/") for u in users):
                     raise ValueError("users must be a list of absolute paths")
                 k = Key(key, d.name, float(meta["created"]), float(meta["last_used"]), set(users[:10_000]))
+                k.uploaded = str(meta.get("uploaded", ""))[:64]
             except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
                 log.warning("compile caches: ignoring %s: bad meta.json (%s)", d, e)
                 self.on_invalid("meta")
@@ -250,6 +266,7 @@ class CompileCaches:
             "last_used": k.last_used,
             "users": sorted(k.users),
             "sealed_fingerprint": k.sealed_fingerprint,
+            "uploaded": k.uploaded,
         }
         tmp = self._dir(k.name) / "meta.json.tmp"
         tmp.write_text(json.dumps(doc))
@@ -289,19 +306,38 @@ class CompileCaches:
                 self.keys[name] = k
                 self._save(k)
                 how = "empty"
-            if not k.users and self.peers is not None:  # a tree in use is never swapped
+            if not k.users and (self.peers is not None or self.upstream is not None):  # in use: never swapped
                 try:
-                    filled = await asyncio.wait_for(self._fill_from_peers(k), self.fill_timeout)
-                    how = "peer" if filled else how
+                    how = await asyncio.wait_for(self._fill(k), self.fill_timeout) or how
                 except TimeoutError:
-                    log.warning(
-                        "compile cache %s: no fill from peers within %.0fs; published as it is", key, self.fill_timeout
-                    )
+                    log.warning("compile cache %s: no fill within %.0fs; published as it is", key, self.fill_timeout)
                     self.on_event("fill_timeout")
+                except (OSError, BadManifest) as e:
+                    log.warning("compile cache %s: fill failed (%s); published as it is", key, e)
+                    self.on_event("fill_failed")
             k.users.add(target)
             k.last_used = time.time()
             self._save(k)
             return self.tree(name), how
+
+    def adopt(self, name: str, target: str) -> str:
+        """Record `target` as a user of the key named `name` (its hashed directory), as the CSI plugin sees
+        it bound: no fill, no swap. For binds the daemon forgot (its state lost or restored). -> the key."""
+        if not cm.NAME_RE.fullmatch(name) or name not in self.keys:
+            raise KeyError(f"no compile cache named {name!r} on this node")
+        if not target.startswith("/") or "\0" in target or len(target) > cm.MAX_PATH:
+            raise ValueError("target must be an absolute path")
+        k = self.keys[name]
+        if target not in k.users:
+            k.users.add(target)
+            k.last_used = time.time()
+            self._save(k)
+            log.info("compile cache %s: %s is bound to it (told by the CSI plugin)", k.key, target)
+        return k.key
+
+    def users(self) -> dict[str, str]:
+        """target -> key name, for every target some key believes uses it."""
+        return {t: k.name for k in self.keys.values() for t in k.users}
 
     def release(self, target: str) -> list[str]:
         """Forget `target` as a user of whichever key had it; the keys it used."""
@@ -465,47 +501,121 @@ class CompileCaches:
                     await self.seal(k.key)
                 except (OSError, BadManifest) as e:
                     log.warning("compile cache %s: seal failed: %s", k.key, e)
+            self._start_upload(k, now)
         self.enforce_quota()
+
+    # -- the upstream -------------------------------------------------------------------
+
+    def _start_upload(self, k: Key, now: float) -> None:
+        """Upload a snapshot this node sealed itself, once, in the background (retried with backoff)."""
+        m = k.sealed
+        if self.upstream is None or m is None or m.node != self.node or k.uploaded == m.id:
+            return
+        if k.name in self._uploads or now < self._upload_retry.get(k.name, (0.0, None))[0]:
+            return
+        self._uploads[k.name] = asyncio.get_running_loop().create_task(self._upload(k, m))
+
+    async def _upload(self, k: Key, m: Manifest) -> None:
+        try:
+            n = await self.upstream.publish(m, self.blob)
+        except (UpstreamFailed, OSError) as e:
+            retry = self._upload_retry.get(k.name, (0.0, delays(5.0, 300.0)))[1]
+            wait = next(retry)
+            self._upload_retry[k.name] = (time.time() + wait, retry)
+            log.warning("compile cache %s: upload to %s failed (%s); again in %.0fs", k.key, self.upstream.url, e, wait)
+            return
+        finally:
+            self._uploads.pop(k.name, None)
+        self._upload_retry.pop(k.name, None)
+        if self.keys.get(k.name) is k:
+            k.uploaded = m.id
+            self._save(k)
+        self.on_event("upload")
+        log.info("compile cache %s: snapshot %s uploaded to %s (%d new blobs)", k.key, m.id[:12], self.upstream.url, n)
+
+    async def close(self) -> None:
+        for task in list(self._uploads.values()):
+            task.cancel()
+        if self._uploads:
+            await asyncio.gather(*self._uploads.values(), return_exceptions=True)
+        if self.upstream is not None:
+            self.upstream.close()
 
     # -- filling from a snapshot -------------------------------------------------------
 
-    async def _fill_from_peers(self, k: Key) -> bool:
-        """Replace the tree with the newest peer snapshot if it is newer than ours and our tree is clean."""
-        found = await self.peers.newest(k.key)
-        if found is None:
-            return False
-        m, sources = found
-        if not m.newer_than(k.sealed):
-            return False
+    async def _newest_upstream(self, key: str) -> Manifest | None:
+        try:
+            return await self.upstream.newest(key)
+        except UpstreamFailed as e:
+            log.warning("compile cache %s: %s", key, e)
+            return None
+
+    async def _fill(self, k: Key) -> str | None:
+        """Replace the tree with the newest snapshot of the peers and the upstream if it is newer than ours
+        and our tree is clean. -> where it came from ("peer", "upstream"), or None if nothing was done."""
+        peers, remote = await asyncio.gather(
+            self.peers.newest(k.key) if self.peers is not None else asyncio.sleep(0),
+            self._newest_upstream(k.key) if self.upstream is not None else asyncio.sleep(0),
+        )
+        best, source = (peers[0], peers[1]) if peers else (None, None)
+        if remote is not None and remote.newer_than(best):
+            best, source = remote, self.upstream
+        if best is None or not best.newer_than(k.sealed):
+            return None
         await asyncio.to_thread(self._measure, k)
         if k.files and k.fingerprint != k.sealed_fingerprint:
-            log.info("compile cache %s: local writes not sealed yet; keeping them over %s", k.key, m.id[:12])
-            return False
-        await self.fill(k, m, sources)
-        return True
+            log.info("compile cache %s: local writes not sealed yet; keeping them over %s", k.key, best.id[:12])
+            return None
+        await self.fill(k, best, source)
+        return source.name
 
-    async def fill(self, k: Key, m: Manifest, sources: list[str]) -> None:
-        """Fetch the snapshot's missing blobs (each verified), build the tree beside the old one, swap."""
+    async def fill(self, k: Key, m: Manifest, source) -> None:
+        """Fetch the snapshot's missing blobs from `source` (small ones in batches, big ones streamed, each
+        verified), build the tree beside the old one, swap."""
         missing = {e.sha256: e.size for e in m.entries if e.type == "file" and self.blob(e.sha256) is None}
-        sem = asyncio.Semaphore(16)
+        small = [(sha, n) for sha, n in missing.items() if n <= cf.SMALL]
+        big = [(sha, n) for sha, n in missing.items() if n > cf.SMALL]
+        sem = asyncio.Semaphore(FETCHES)
+
+        async def batch(i: int, items: list[tuple[str, int]]) -> None:
+            async with sem:
+                got = await source.fetch_small(items, i)
+                await asyncio.to_thread(self._put_blobs, got)
+            if len(got) < len(items):
+                raise OSError(f"{len(items) - len(got)} blob(s) of {k.key!r}: no {source.name} served them intact")
 
         async def one(sha: str, size: int) -> None:
             async with sem:
                 dest = self.root / "tmp" / f"fetch-{sha}-{time.monotonic_ns()}"
                 try:
-                    ok = await self.peers.fetch_blob(sha, size, dest, sources)
-                    if not ok:
-                        raise OSError(f"blob {sha} of {k.key!r}: no peer served it intact")
+                    if not await source.fetch_blob(sha, size, dest):
+                        raise OSError(f"blob {sha} of {k.key!r}: no {source.name} served it intact")
                     os.replace(dest, self.root / "blobs" / sha)
                 finally:
                     dest.unlink(missing_ok=True)
 
-        await asyncio.gather(*(one(s, n) for s, n in missing.items()))
+        tasks = [batch(i, items) for i, items in enumerate(cf.batches(small))] + [one(s, n) for s, n in big]
+        try:
+            async with asyncio.TaskGroup() as group:
+                for t in tasks:
+                    group.create_task(t)
+        except BaseExceptionGroup as eg:  # the first failure says why; the others were cancelled
+            raise eg.exceptions[0] from None
         await asyncio.to_thread(self._materialize, k, m)
         self._measure(k)
         self._publish_manifest(k, m)
         self.on_event("fill")
-        log.info("compile cache %s filled from peers: %d files, %d bytes, %s", k.key, m.files, m.bytes, m.id[:12])
+        log.info(
+            "compile cache %s filled from %s: %d files, %d bytes, %s", k.key, source.name, m.files, m.bytes, m.id[:12]
+        )
+
+    def _put_blobs(self, blobs: dict[str, bytes]) -> None:
+        """Verified blobs into blobs/ (each written aside, then renamed: a blob is whole or absent)."""
+        for sha, data in blobs.items():
+            tmp = self.root / "tmp" / f"put-{sha}-{time.monotonic_ns()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.root / "blobs" / sha)
 
     def _materialize(self, k: Key, m: Manifest) -> None:
         stage = self.root / "tmp" / f"stage-{k.name}-{time.monotonic_ns()}"
@@ -543,10 +653,18 @@ def node_compile_caches(
     cfg: Config, m: Metrics, session: aiohttp.ClientSession, live: Callable[[], list[str]], with_peers: bool
 ) -> CompileCaches:
     """A node's compile caches from its config, shared with its peers as sealed snapshots if it has any."""
-    peers = None
+    peers = upstream = None
     if with_peers:
         verify = m.verify_failures.labels("compile_cache_peer").inc
         peers = PeerSnapshots(session, cfg.cluster_token, live, cfg.me, cfg.peer_timeout, verify)
+    if cfg.compile_cache_upstream:
+        upstream = S3Snapshots(
+            cfg.compile_cache_upstream,
+            endpoint_url=cfg.s3_endpoint_url,
+            region=cfg.s3_region,
+            path_style=cfg.s3_path_style,
+            on_verify_failure=m.verify_failures.labels("compile_cache_upstream").inc,
+        )
     return CompileCaches(
         cfg.cache_dir / "compile-caches",
         cfg.me,
@@ -556,4 +674,5 @@ def node_compile_caches(
         peers,
         on_invalid=lambda what: m.index_invalid.labels("compile_cache_" + what).inc(),
         on_event=lambda event: m.compile_cache_events.labels(event).inc(),
+        upstream=upstream,
     )

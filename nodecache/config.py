@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import layout
-from .upstream.sourcespec import parse_repo_token_files, parse_sources
+from .upstream.sourcespec import parse_repo_token_files, parse_s3_url, parse_sources
 
 MiB = 1024 * 1024
 # Formats loaded with pickle: a wrong byte in them is code run by the loader, not a wrong weight.
@@ -86,6 +86,7 @@ class Config:
     compile_cache_max: int = 0  # bytes of compile caches (trees + sealed blobs); 0: no quota
     compile_cache_seal_after: float = 60.0  # seal a compile cache after its tree has been quiet this long
     compile_cache_fill_timeout: float = 60.0  # a publish waits this long for a peer's snapshot, then goes on
+    compile_cache_upstream: str | None = None  # "s3://bucket/prefix": sealed snapshots also kept there
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -248,6 +249,11 @@ def _check_sources(cfg: Config) -> None:
         parse_repo_token_files(cfg.repo_tokens)
     except ValueError as e:
         raise ConfigError(f"repo_tokens: {e}") from None
+    if cfg.compile_cache_upstream is not None:
+        try:
+            parse_s3_url(cfg.compile_cache_upstream)
+        except ValueError as e:
+            raise ConfigError(f"compile_cache_upstream: {e}") from None
     url = cfg.s3_endpoint_url
     if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
         raise ConfigError(f"s3_endpoint_url: {url!r} is not an http(s) URL")

@@ -101,6 +101,7 @@ class Daemon:
 
     async def close(self) -> None:
         await self.jobs.close()
+        await self.compile_caches.close()
         await self.scrubber.close()
         await self.filler.close()
         await self.sources.close()
