@@ -594,6 +594,7 @@ class CompileCaches:
                 finally:
                     dest.unlink(missing_ok=True)
 
+        t0 = time.monotonic()
         tasks = [batch(i, items) for i, items in enumerate(cf.batches(small))] + [one(s, n) for s, n in big]
         try:
             async with asyncio.TaskGroup() as group:
@@ -601,13 +602,15 @@ class CompileCaches:
                     group.create_task(t)
         except BaseExceptionGroup as eg:  # the first failure says why; the others were cancelled
             raise eg.exceptions[0] from None
+        t1 = time.monotonic()
         await asyncio.to_thread(self._materialize, k, m)
-        self._measure(k)
+        await asyncio.to_thread(self._measure, k)
         self._publish_manifest(k, m)
         self.on_event("fill")
         log.info(
-            "compile cache %s filled from %s: %d files, %d bytes, %s", k.key, source.name, m.files, m.bytes, m.id[:12]
-        )
+            "compile cache %s filled from %s: %d files, %d bytes (%d fetched), %s; fetch %.2fs, build %.2fs",
+            k.key, source.name, m.files, m.bytes, sum(missing.values()), m.id[:12], t1 - t0, time.monotonic() - t1,
+        )  # fmt: skip
 
     def _put_blobs(self, blobs: dict[str, bytes]) -> None:
         """Verified blobs into blobs/ (each written aside, then renamed: a blob is whole or absent)."""
