@@ -270,3 +270,38 @@ def test_manifest_parse_refuses_hostile_documents():
     assert m.files == 1 and cm.parse(m.dump(), "k").id == m.id
     assert cm.key_name("k") == cm.key_name("k") != cm.key_name("k ")
     assert Path(cm.key_name("../x")).name == cm.key_name("../x") and cm.NAME_RE.fullmatch(cm.key_name("../x"))
+
+
+def test_the_plugin_keeps_the_daemons_key_users_true_to_the_mount_table(daemons, csi):  # noqa: F811
+    d = daemons(env={"NODECACHE_COMPILE_CACHE_SEAL_AFTER": "3600"})
+    c = csi(d)
+    t = c.target("cc")
+    c.publish(t, cc(), volume_id="v")
+    (t / "kernel.cubin").write_bytes(b"k" * 4096)
+    key = "team-a/" + KEY
+    meta = d.cache_dir / "compile-caches" / "keys" / cm.key_name(key) / "meta.json"
+    # the daemon's state of who uses the key is lost (restored from an old copy, a crash before its save)
+    d.stop()
+    doc = json.loads(meta.read_text())
+    assert doc["users"] == [str(t)]
+    meta.write_text(json.dumps({**doc, "users": []}))
+    d.start()
+    wait_until(lambda: listing(d)[key]["in_use"] == 1, what="the plugin telling the daemon the bind is in use")
+    status, body = api(d, "POST", "/v1/compile-caches/evict", {"key": key})
+    assert status == 409 and body["error"] == "in_use", "a key bound to a pod is not evicted after the restart"
+    assert api(d, "GET", "/v1/compile-caches/users")[1]["users"] == {str(t): cm.key_name(key)}
+    # an unpublish the daemon never heard of: a target under kubelet's pods dir it counts but nothing binds
+    ghost = c.target("cc", "pod-gone")
+    assert api(d, "POST", "/v1/compile-caches/acquire", {"key": key, "target": str(ghost)})[0] == 200
+    outside = "/not/kubelets/target"  # not the plugin's to judge: left as it is
+    assert api(d, "POST", "/v1/compile-caches/acquire", {"key": key, "target": outside})[0] == 200
+    wait_until(lambda: str(ghost) not in api(d, "GET", "/v1/compile-caches/users")[1]["users"], what="ghost released")
+    assert set(api(d, "GET", "/v1/compile-caches/users")[1]["users"]) == {str(t), outside}
+    # the adopt call refuses what it cannot use
+    for body in ({"name": "../x", "target": "/a"}, {"name": "0" * 32, "target": "/a"}):
+        assert api(d, "POST", "/v1/compile-caches/adopt", body)[0] == 404
+    assert api(d, "POST", "/v1/compile-caches/adopt", {"name": cm.key_name(key), "target": "rel"})[0] == 400
+    assert api(d, "POST", "/v1/compile-caches/adopt", {"name": 5})[0] == 400
+    c.unpublish(t, "v")
+    api(d, "POST", "/v1/compile-caches/release", {"target": outside})
+    assert listing(d)[key]["in_use"] == 0

@@ -8,6 +8,13 @@ it `rw,nosuid,nodev` at the target, and tells it when the target goes
 Keys are per namespace: the daemon's key is `<pod namespace>/<key>`, so a pod
 can never read or write another namespace's compiled kernels (they are code
 its GPU processes will run).
+
+The plugin's watch loop also keeps the daemon's record of which targets use a
+key true to the mount table (`UserSync`): a bind the daemon does not know of
+(its state lost or restored from an old copy) is told to it, so that key is
+not evicted or swapped under a pod; a target under kubelet's pods dir that the
+daemon counts but that is not bound (an unpublish it never heard of) is
+released, so the key can be evicted again.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
@@ -102,3 +110,73 @@ def release(driver: Driver, target: str) -> None:
 def is_compile_cache(target: str) -> bool:
     """A non-FUSE bind at the target: ours are the compile caches (model volumes are binds of the FUSE mount)."""
     return any(not e.is_fuse for e in mounts.at(target))
+
+
+TREE_ROOT_RE = re.compile(r".*/keys/([0-9a-f]{32})/tree")  # a bind of a key's tree, as mountinfo shows its root
+
+
+def bound(kubelet_pods: str, entries: list[mounts.MountEntry]) -> dict[str, str]:
+    """target -> key directory name of every compile-cache bind under kubelet's pods dir."""
+    out = {}
+    for e in entries:
+        match = TREE_ROOT_RE.fullmatch(e.root)
+        if not e.is_fuse and match and e.mountpoint.startswith(kubelet_pods):
+            out[e.mountpoint] = match.group(1)
+    return out
+
+
+class UserSync:
+    """One pass per call of the plugin's watch loop; each change made under the target's claim, after
+    reading the mount table again, so it never races a publish or unpublish of the same target."""
+
+    def __init__(self, driver: Driver, kubelet_pods: str):
+        self.driver = driver
+        self.kubelet_pods = kubelet_pods
+        self.failing = False
+        self.warned: set[str] = set()
+
+    def run(self) -> tuple[list[str], list[str]]:
+        """-> (targets told to the daemon, targets released)."""
+        try:
+            known = self.driver._api("GET", "/v1/compile-caches/users")["users"]
+            out = self._sync(known if isinstance(known, dict) else {})
+        except (CsiError, KeyError, TypeError) as e:
+            if not self.failing:  # the daemon restarting is normal: one line, not one per pass
+                log.warning("compile-cache user sync: %s", e)
+            self.failing = True
+            return [], []
+        if self.failing:
+            log.info("compile-cache user sync: daemon answering again")
+        self.failing = False
+        return out
+
+    def _sync(self, known: dict) -> tuple[list[str], list[str]]:
+        told, released = [], []
+        now = bound(self.kubelet_pods, mounts.mountinfo())
+        for target, name in now.items():
+            if known.get(target) == name:
+                continue
+            with self.driver.claim(target, wait=True) as mine:
+                if not mine or bound(self.kubelet_pods, mounts.mountinfo()).get(target) != name:
+                    continue
+                try:
+                    self.driver._api("POST", "/v1/compile-caches/adopt", {"name": name, "target": target})
+                except CsiError as e:
+                    if e.code != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    if target not in self.warned:  # its directory is not the daemon's any more: said once
+                        log.warning("compile-cache user sync: %s is bound to a key the daemon lacks: %s", target, e)
+                        self.warned.add(target)
+                    continue
+                log.info("compile-cache user sync: told the daemon %s uses %s", target, name)
+                told.append(target)
+        for target in known:
+            if target in now or not isinstance(target, str) or not target.startswith(self.kubelet_pods):
+                continue
+            with self.driver.claim(target, wait=True) as mine:
+                if not mine or target in bound(self.kubelet_pods, mounts.mountinfo()):
+                    continue
+                release(self.driver, target)
+                log.info("compile-cache user sync: %s is not bound; released", target)
+                released.append(target)
+        return told, released

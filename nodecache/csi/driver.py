@@ -473,7 +473,9 @@ class Driver:
         return done
 
     def watch(self, stop: threading.Event, interval: float = 2.0) -> None:
-        """Reconcile on every mount-table change (POLLPRI on mountinfo) and every `interval` seconds."""
+        """Reconcile on every mount-table change (POLLPRI on mountinfo) and every `interval` seconds; keep the
+        daemon's record of compile-cache users true to the mount table."""
+        users = compilecache.UserSync(self, self.kubelet_pods)
         with open("/proc/self/mountinfo", "rb") as f:
             poller = select.poll()
             poller.register(f, select.POLLPRI | select.POLLERR)
@@ -481,6 +483,7 @@ class Driver:
                 try:
                     self.clean_stale_mount()  # a crashed daemon's dead mount: gone before its restart
                     self.reconcile()
+                    users.run()
                 except Exception:  # never let the watcher die
                     log.exception("reconcile failed")
                 poller.poll(interval * 1000)
