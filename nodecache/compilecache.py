@@ -206,6 +206,7 @@ class CompileCaches:
         self.peers = peers  # ccpeers.PeerSnapshots, or None without peers
         self.upstream = upstream  # ccupstream.S3Snapshots, or None without compile_cache_upstream
         self._uploads: dict[str, asyncio.Task] = {}
+        self._fetching: dict[str, set[str]] = {}  # key name -> blobs of the snapshot being filled (kept by gc)
         self._upload_retry: dict[str, tuple[float, object]] = {}  # name -> (not before, delays iterator)
         self.on_invalid = on_invalid or (lambda what: None)
         self.keys: dict[str, Key] = {}
@@ -307,14 +308,19 @@ class CompileCaches:
                 self._save(k)
                 how = "empty"
             if not k.users and (self.peers is not None or self.upstream is not None):  # in use: never swapped
-                try:
-                    how = await asyncio.wait_for(self._fill(k), self.fill_timeout) or how
+                try:  # the wait bounds finding and fetching; building the tree is local and always finishes
+                    fetched = await asyncio.wait_for(self._fetch_newest(k), self.fill_timeout)
+                    if fetched is not None:
+                        await self._install(k, *fetched)
+                        how = fetched[1]
                 except TimeoutError:
                     log.warning("compile cache %s: no fill within %.0fs; published as it is", key, self.fill_timeout)
                     self.on_event("fill_timeout")
                 except (OSError, BadManifest) as e:
                     log.warning("compile cache %s: fill failed (%s); published as it is", key, e)
                     self.on_event("fill_failed")
+                finally:
+                    self._fetching.pop(name, None)
             k.users.add(target)
             k.last_used = time.time()
             self._save(k)
@@ -395,7 +401,7 @@ class CompileCaches:
         return out
 
     def gc_blobs(self) -> int:
-        keep = set().union(*(k.sealed.blobs() for k in self.keys.values() if k.sealed)) if self.keys else set()
+        keep = set().union(*(k.sealed.blobs() for k in self.keys.values() if k.sealed), *self._fetching.values())
         n = 0
         with os.scandir(self.root / "blobs") as it:
             for e in it:
@@ -550,9 +556,9 @@ class CompileCaches:
             log.warning("compile cache %s: %s", key, e)
             return None
 
-    async def _fill(self, k: Key) -> str | None:
-        """Replace the tree with the newest snapshot of the peers and the upstream if it is newer than ours
-        and our tree is clean. -> where it came from ("peer", "upstream"), or None if nothing was done."""
+    async def _fetch_newest(self, k: Key) -> tuple[Manifest, str, float] | None:
+        """Fetch the blobs of the newest snapshot of the peers and the upstream if it is newer than ours and
+        our tree is clean. -> (that snapshot, where it came from: peer|upstream, fetch seconds), or None."""
         peers, remote = await asyncio.gather(
             self.peers.newest(k.key) if self.peers is not None else asyncio.sleep(0),
             self._newest_upstream(k.key) if self.upstream is not None else asyncio.sleep(0),
@@ -566,12 +572,14 @@ class CompileCaches:
         if k.files and k.fingerprint != k.sealed_fingerprint:
             log.info("compile cache %s: local writes not sealed yet; keeping them over %s", k.key, best.id[:12])
             return None
-        await self.fill(k, best, source)
-        return source.name
+        t0 = time.monotonic()
+        self._fetching[k.name] = best.blobs()
+        await self.fetch(k, best, source)
+        return best, source.name, time.monotonic() - t0
 
-    async def fill(self, k: Key, m: Manifest, source) -> None:
-        """Fetch the snapshot's missing blobs from `source` (small ones in batches, big ones streamed, each
-        verified), build the tree beside the old one, swap."""
+    async def fetch(self, k: Key, m: Manifest, source) -> None:
+        """Fetch the snapshot's missing blobs from `source` into blobs/: small ones in batches, big ones
+        streamed, each verified; the first failure cancels the rest and is raised."""
         missing = {e.sha256: e.size for e in m.entries if e.type == "file" and self.blob(e.sha256) is None}
         small = [(sha, n) for sha, n in missing.items() if n <= cf.SMALL]
         big = [(sha, n) for sha, n in missing.items() if n > cf.SMALL]
@@ -594,7 +602,6 @@ class CompileCaches:
                 finally:
                     dest.unlink(missing_ok=True)
 
-        t0 = time.monotonic()
         tasks = [batch(i, items) for i, items in enumerate(cf.batches(small))] + [one(s, n) for s, n in big]
         try:
             async with asyncio.TaskGroup() as group:
@@ -602,14 +609,17 @@ class CompileCaches:
                     group.create_task(t)
         except BaseExceptionGroup as eg:  # the first failure says why; the others were cancelled
             raise eg.exceptions[0] from None
-        t1 = time.monotonic()
+
+    async def _install(self, k: Key, m: Manifest, source: str, fetch_s: float) -> None:
+        """Build the snapshot's tree beside the old one and swap it in (its blobs are all here)."""
+        t0 = time.monotonic()
         await asyncio.to_thread(self._materialize, k, m)
         await asyncio.to_thread(self._measure, k)
         self._publish_manifest(k, m)
         self.on_event("fill")
         log.info(
-            "compile cache %s filled from %s: %d files, %d bytes (%d fetched), %s; fetch %.2fs, build %.2fs",
-            k.key, source.name, m.files, m.bytes, sum(missing.values()), m.id[:12], t1 - t0, time.monotonic() - t1,
+            "compile cache %s filled from %s: %d files, %d bytes, %s; fetch %.2fs, build %.2fs",
+            k.key, source, m.files, m.bytes, m.id[:12], fetch_s, time.monotonic() - t0,
         )  # fmt: skip
 
     def _put_blobs(self, blobs: dict[str, bytes]) -> None:
