@@ -7,9 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import time
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,8 @@ from test_csi import csi  # noqa: F401  (fixture)
 
 from nodecache import ccframes as cf
 from nodecache import ccmanifest as cm
+from nodecache import config
+from nodecache.config import ConfigError
 from nodecache.testing.compiletree import digest, make_tree
 from nodecache.testing.s3 import MotoServer
 
@@ -160,3 +164,37 @@ def test_a_node_without_peers_starts_warm_from_s3_and_flipped_bytes_are_caught(d
     out = api(e, "POST", "/v1/compile-caches/acquire", {"key": KEY, "target": "/pods/e/cc"})[1]
     assert out["filled"] == "upstream" and digest(Path(out["path"])) == want, "the next intact manifest, mended blob"
     assert "content is not what its name says" in e.log()
+
+
+def test_uploads_to_peers_are_paced_to_peer_upload_bps(daemons):
+    d = daemons(
+        env={
+            "NODECACHE_CLUSTER_TOKEN": TOKEN,
+            "NODECACHE_COMPILE_CACHE_SEAL_AFTER": "3600",
+            "NODECACHE_PEER_UPLOAD_BPS": "1Mi",
+            "NODECACHE_PEER_UPLOADS": "1",
+        }
+    )
+    _, m = sealed_tree(d, small=20)
+    big = sorted({e.sha256 for e in m.entries if e.type == "file" and e.size > cf.SMALL})
+    assert len(big) == 2
+
+    def get(sha: str) -> str:
+        req = urllib.request.Request(
+            f"{d.url}/v1/compile-caches/peer/blobs/{sha}", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return hashlib.sha256(r.read()).hexdigest()
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(get, big)) == big
+    # 4 MiB at 1 MiB/s in 1 MiB pieces, the node's total: the first piece goes at once, the others wait
+    assert time.monotonic() - t0 >= 3.0
+
+
+def test_compile_cache_upstream_must_be_an_s3_url():
+    for bad in ("http://bucket/x", "s3://", "s3://b/../x", "s3://UPPER/x"):
+        with pytest.raises(ConfigError, match="compile_cache_upstream"):
+            config.load(environ={"NODECACHE_COMPILE_CACHE_UPSTREAM": bad})
+    assert config.load(environ={"NODECACHE_COMPILE_CACHE_UPSTREAM": "s3://b-1/p/q"}).compile_cache_upstream
