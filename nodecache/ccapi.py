@@ -71,9 +71,6 @@ def add_routes(app: web.Application, cfg: Config, compile_caches: CompileCaches,
     uploads = asyncio.Semaphore(cfg.peer_uploads)
     pacer = RateLimit(cfg.peer_upload_bps)
 
-    def flip(data: bytes) -> bytes:  # testing (peer_fault=flip): a peer with bad memory or disk
-        return bytes([data[0] ^ 0x01]) + data[1:] if data else data
-
     async def listing(_: web.Request) -> web.Response:
         c = caches()
         return web.json_response({"compile_caches": c.listing(), "used_bytes": c.used(), "max_bytes": c.max_bytes})
@@ -148,11 +145,7 @@ def add_routes(app: web.Application, cfg: Config, compile_caches: CompileCaches,
                 resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
                 resp.content_length = os.fstat(f.fileno()).st_size
                 await resp.prepare(request)
-                first = True
                 while chunk := await asyncio.to_thread(f.read, 1 << 20):
-                    if first and cfg.peer_fault == "flip":
-                        chunk = flip(chunk)
-                    first = False
                     await pacer.take(len(chunk))
                     await resp.write(chunk)
                 await resp.write_eof()
@@ -171,8 +164,6 @@ def add_routes(app: web.Application, cfg: Config, compile_caches: CompileCaches,
                 if data is None:
                     await resp.write(cf.header(None))
                     continue
-                if cfg.peer_fault == "flip":
-                    data = flip(data)
                 await pacer.take(len(data))
                 await resp.write(cf.header(len(data)) + data)
             await resp.write_eof()

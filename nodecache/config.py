@@ -79,7 +79,6 @@ class Config:
     peer_timeout: float = 20.0  # a chunk fetch from a peer gives up after this (then: next source)
     peer_uploads: int = 8  # concurrent chunk uploads to peers, so peers cannot starve local reads
     peer_upload_bps: int = 0  # bytes/s this node serves to peers in total; 0: no cap
-    peer_fault: str = ""  # testing only: "flip" serves peers corrupted bytes
     node_name: str | None = None  # this Kubernetes node (KUBE_NODE_NAME): label it with the repos it holds
     kube_api: str | None = None  # API server URL; default: in-cluster from the service account
     kube_token_file: Path | None = None  # with kube_api: a bearer token file

@@ -108,8 +108,6 @@ def add_routes(app: web.Application, node: PeerFace) -> None:
         if data is None:
             raise web.HTTPNotFound(reason="not_found", text=f"chunk {k} of {blob_id} is not here")
         digest = f"{xxhash.xxh3_64_intdigest(data):016x}"
-        if node.cfg.peer_fault == "flip":  # testing: a peer with bad memory or disk
-            data = bytes([data[0] ^ 0x01]) + data[1:]
         await pacer.take(len(data))
         node.metrics.peer_bytes_sent.inc(len(data))
         return web.Response(body=data, headers={XXH3_HEADER: digest}, content_type="application/octet-stream")

@@ -37,7 +37,9 @@ def metric(node, needle: str) -> float:
 
 
 def test_sealed_tree_travels_newest_wins_and_flips_are_caught(cluster_factory, small_repo):  # noqa: F811
-    c = cluster_factory({SMALL: small_repo}, nodes=3, env={"NODECACHE_COMPILE_CACHE_SEAL_AFTER": "3600"})
+    c = cluster_factory(
+        {SMALL: small_repo}, nodes=3, tampered={0: False}, env={"NODECACHE_COMPILE_CACHE_SEAL_AFTER": "3600"}
+    )
     a, b, cnode = c.nodes
     tree_a, how = acquire(a, "/pods/a/cc")
     assert how == "empty"
@@ -64,9 +66,7 @@ def test_sealed_tree_travels_newest_wins_and_flips_are_caught(cluster_factory, s
     call(a, "/v1/compile-caches/release", {"target": "/pods/a/cc2"})
 
     # A now serves flipped bytes: C gets every blob from B instead, verified file by file
-    a.stop()
-    a.env["NODECACHE_PEER_FAULT"] = "flip"
-    a.start()
+    c.set_tamper(0, True)
     tree_c, how = acquire(cnode, "/pods/c/cc")
     assert how == "peer"
     assert digest(tree_c) == digest(tree_b)

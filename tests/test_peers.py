@@ -118,7 +118,7 @@ def test_owner_killed_mid_transfer_others_fall_back_then_it_resumes(cluster_fact
 
 
 def test_a_peer_serving_flipped_bits_is_caught(cluster_factory, shared_repo):
-    c = cluster_factory({REPO: shared_repo}, nodes=3, node_env={0: {"NODECACHE_PEER_FAULT": "flip"}})
+    c = cluster_factory({REPO: shared_repo}, nodes=3, tampered={0: True})
     files = sorted(p.name for p in shared_repo.iterdir())
     want = {f: sha256_file(shared_repo / f) for f in files}
     got = read_all(c, (1, 2), REPO, files)

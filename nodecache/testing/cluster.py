@@ -42,6 +42,7 @@ class Cluster:
         token: str = "cluster-secret",
         node_env: dict[int, dict[str, str]] | None = None,
         dns_name: str | None = None,
+        tampered: dict[int, bool] | None = None,
     ):
         self.workdir = workdir
         self.repos = repos
@@ -51,6 +52,8 @@ class Cluster:
         self.node_env = node_env or {}
         self.dns_name = dns_name  # discover peers by DNS: /etc/netns/<ns>/hosts lists every node under it
         self.token = token
+        self.tampered = tampered or {}  # node -> tampering at start: the node sits behind nodecache.testing.tamper
+        self.proxies: list[subprocess.Popen] = []
         self.id = secrets.token_hex(2)
         self.net = f"10.{secrets.randbelow(50) + 200}.{secrets.randbelow(250) + 1}"
         self.bridge = f"ncbr{self.id}"
@@ -113,6 +116,8 @@ class Cluster:
             peers = ",".join(f"{a}:{NODE_PORT}" for a in addrs)
             for i, addr in enumerate(addrs):
                 ns = self._add_host(f"n{i}", addr, self.node_mbit)
+                if i in self.tampered:
+                    self._proxy(ns, addr, self.tampered[i])
                 node = self.node(i, ns, addr, peers, token_file)
                 self.nodes.append(node)
             for node in self.nodes:
@@ -122,11 +127,31 @@ class Cluster:
             self.stop()
             raise
 
+    def _proxy(self, ns: str, addr: str, on: bool) -> None:
+        args = [sys.executable, "-m", "nodecache.testing.tamper", "--listen", f"{addr}:{NODE_PORT}"]
+        args += ["--to", f"{addr}:{NODE_PORT + 1}"] + (["--on"] if on else [])
+        proc = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{ns}", *args], stdout=subprocess.PIPE, text=True)
+        self.proxies.append(proc)
+        if "listening" not in (proc.stdout.readline() if proc.stdout else ""):
+            raise RuntimeError("tampering proxy did not start in its namespace")
+
+    def set_tamper(self, i: int, on: bool) -> None:
+        """Turn node i's lying on or off (it must have been started behind the proxy)."""
+        if i not in self.tampered:
+            raise ValueError(f"node {i} is not behind a tampering proxy")
+        addr = f"{self.net}.{10 + i}:{NODE_PORT}"
+        req = urllib.request.Request(f"http://{addr}/_tamper", data=json.dumps({"on": on}).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert json.load(r) == {"on": on}
+
     def node(self, i: int, ns: str, addr: str, peers: str, token_file: Path) -> DaemonProcess:
         workdir = self.workdir / f"node{i}"
         workdir.mkdir(parents=True, exist_ok=True)
         env = {"NODECACHE_PEERS": peers, "NODECACHE_CLUSTER_TOKEN": self.token, "NODECACHE_FSYNC": "false", **self.env}
         env.update(self.node_env.get(i, {}))
+        port = NODE_PORT
+        if i in self.tampered:  # peers reach it through the proxy at the advertised address only
+            port, env["NODECACHE_ADVERTISE"] = NODE_PORT + 1, f"{addr}:{NODE_PORT}"
         prefix = ["nsenter", f"--net=/var/run/netns/{ns}"]
         if self.dns_name:
             # `ip netns exec` bind-mounts /etc/netns/<ns>/hosts over /etc/hosts for the daemon
@@ -139,7 +164,7 @@ class Cluster:
             del env["NODECACHE_PEERS"]
             env["NODECACHE_PEERS_DNS"] = f"{self.dns_name}:{NODE_PORT}"
             prefix = ["ip", "netns", "exec", ns]
-        return DaemonProcess(workdir, self.hub_url, list(self.repos), env=env, host=addr, port=NODE_PORT, prefix=prefix)
+        return DaemonProcess(workdir, self.hub_url, list(self.repos), env=env, host=addr, port=port, prefix=prefix)
 
     def hub_stats(self) -> dict:
         with urllib.request.urlopen(self.hub_url + "/_emulator/stats", timeout=10) as r:
@@ -153,13 +178,13 @@ class Cluster:
                 node.stop()
             except LeftBehind as e:
                 left.append(e)
-        if self.hub_proc is not None and self.hub_proc.poll() is None:
-            self.hub_proc.terminate()
+        for proc in [p for p in (self.hub_proc, *self.proxies) if p is not None and p.poll() is None]:
+            proc.terminate()
             try:
-                self.hub_proc.wait(10)
+                proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.hub_proc.kill()
-                self.hub_proc.wait(5)
+                proc.kill()
+                proc.wait(5)
         for ns in self.namespaces:
             _ip("netns", "del", ns, check=False)  # takes its veth pair with it
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
