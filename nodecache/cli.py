@@ -83,6 +83,7 @@ def _cfg(args: argparse.Namespace) -> config_mod.Config:
             "read_timeout": getattr(args, "read_timeout", None),
             "fill_on_open": False if getattr(args, "no_fill_on_open", False) else None,
             "passthrough": False if getattr(args, "no_passthrough", False) else None,
+            "keeper_socket": getattr(args, "keeper_socket", None),
         },
         file=Path(args.config) if getattr(args, "config", None) else None,
     )
@@ -273,6 +274,13 @@ def cmd_evict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keeper(args: argparse.Namespace) -> int:
+    from . import keeper
+
+    keeper.run(Path(args.socket))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -339,7 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-passthrough", action="store_true", help="serve every read from the daemon (no FUSE passthrough)"
     )
     s.add_argument("--admin-token-file", help="file with the admin token that mutating /v1 calls must present")
+    s.add_argument("--keeper-socket", help="`nodecache keeper`'s socket: the mount's connection outlives this daemon")
     s.set_defaults(fn=cmd_serve)
+
+    k = sub.add_parser("keeper", help="hold the FUSE connection across daemon restarts (run apart from serve)")
+    k.add_argument("--socket", default="/run/nodecache/keeper.sock", help="unix socket the daemons reach it on")
+    k.set_defaults(fn=cmd_keeper)
 
     f = sub.add_parser("prefetch", help="fill a repo completely (standalone, or through --endpoint)")
     common(f)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import layout
+from . import connstate, layout
 from .upstream.sourcespec import parse_repo_token_files, parse_s3_url, parse_sources
 
 MiB = 1024 * 1024
@@ -46,6 +46,9 @@ class Config:
     hash_memory: int = 256 * MiB  # chunks that land ahead of their blob's in-order hash wait in memory up to this
     bdi_read_ahead_kb: int = 16384  # written to the mount's bdi after FUSE_INIT
     passthrough: bool = True  # complete blobs are read by the kernel from the store file (Linux >= 6.9)
+    keeper_socket: Path | None = None  # `nodecache keeper`'s socket: the FUSE connection outlives the daemon
+    handover_grace: float = 0.5  # at stop, answer requests in flight this long; the next daemon gets the rest
+    state_format: int = 2  # the connection-state format handed over (1: what daemons before format 2 read)
     ref_ttl: float = 600.0  # re-resolve branch refs after this many seconds
     disk_max: int = 0  # byte quota of the disk tier (<cache_dir>/blobs); 0: the filesystem's size
     shm_dir: Path | None = None  # optional shared-memory tier, e.g. /dev/shm/nodecache
@@ -96,6 +99,10 @@ class Config:
                 raise ConfigError(f"{key}: {getattr(self, key)} is out of range")
         if not self.read_timeout > 0:  # also refuses NaN
             raise ConfigError("read_timeout: must be > 0")
+        if not 0 <= self.handover_grace <= 60:  # also refuses NaN
+            raise ConfigError("handover_grace: must be between 0 and 60 seconds")
+        if self.state_format not in connstate.FORMATS:
+            raise ConfigError(f"state_format: {self.state_format} is not one of {connstate.FORMATS}")
         for key in ("quarantine_ttl", "scrub_interval"):
             if not getattr(self, key) >= 0:  # also refuses NaN
                 raise ConfigError(f"{key}: must be >= 0")
@@ -331,6 +338,8 @@ def load(overrides: dict | None = None, environ: dict[str, str] | None = None, f
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if values.get("mount") is not None:
         values["mount"] = Path(values["mount"])
+    if values.get("keeper_socket") is not None:
+        values["keeper_socket"] = Path(values["keeper_socket"])
     values["cache_dir"] = Path(values.get("cache_dir", Config.cache_dir))
     values["repos"] = tuple(values.get("repos", ()))
     try:

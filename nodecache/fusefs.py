@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from .fill import Filler, FillError
 from .fuseproto import ENOATTR, FATTR_FH, FATTR_KILL_SUIDGID, FATTR_LOCKOWNER, FATTR_MODE, FATTR_SIZE, FATTR_TIMES, Attr
 from .fusesession import FuseError, Opened, Session
+from .inodes import InodeTable
 from .layout import MAX_NAME, InvalidName, Node
 from .metrics import Metrics
 from .tree import HubTree
@@ -35,6 +36,11 @@ _SHORT = 1.0  # refs/ and repo listings do (and are invalidated explicitly when 
 ROOT_INODE = 1
 MAX_LOCK_FILES = 10_000  # in-memory lock files under .locks/: a bound, not a store
 _LOCKS = "hub/.locks"
+# A file handle says what a read needs without a table: the next daemon serves handles this one opened.
+_FH_SERIAL_BITS = 20
+_FH_KIND_BITS = 4
+_FH_INO_SHIFT = _FH_SERIAL_BITS + _FH_KIND_BITS
+READ, LOCK, REWRITE = 0, 1, 2  # handle kinds
 
 
 def _is_ref(path: str) -> bool:
@@ -72,27 +78,37 @@ def _guard(op: str):
     return wrap
 
 
+def fh_ino(fh: int) -> int:
+    return fh >> _FH_INO_SHIFT
+
+
+def fh_kind(fh: int) -> int:
+    return (fh >> _FH_SERIAL_BITS) & ((1 << _FH_KIND_BITS) - 1)
+
+
 class NodecacheFS:
-    """Inodes are assigned per path on first lookup and stay stable across tree swaps."""
+    """Inodes are assigned per path on first lookup (by `table`, which outlives this daemon)
+    and stay stable across tree swaps and restarts. A file handle is its inode, its kind and
+    a serial: a handle another daemon opened is served as well as our own."""
 
     def __init__(
         self,
         tree: HubTree,
         filler: Filler,
         metrics: Metrics,
+        table: InodeTable,
         fill_on_open: bool = True,
         on_demand: Callable[[str], Awaitable[bool]] | None = None,
     ):
         self.filler = filler
         self.metrics = metrics
         self.fill_on_open = fill_on_open
+        self.table = table
         self._time_ns = time.time_ns()
-        self._ino_of: dict[str, int] = {"": ROOT_INODE}
-        self._path_of: dict[int, str] = {ROOT_INODE: ""}
         self._blob_inodes: dict[str, set[int]] = {}  # blob id -> inodes showing it (one per repo)
-        self._handles: dict[int, Node] = {}
+        self._handles: dict[int, Node] = {}  # open handles this daemon knows (and holds the blob of)
         self._generation: dict[int, int] = {}  # fh -> its blob's generation at open (see Filler.read)
-        self._next_fh = 1
+        self._next_fh = int.from_bytes(os.urandom(3)) % (1 << _FH_SERIAL_BITS)  # apart from the last daemon's
         self._rewrites: dict[int, bytearray] = {}  # fh of a ref opened for writing -> which bytes were rewritten
         self._locks = 0  # lock files held in memory
         self.tree = tree
@@ -104,14 +120,14 @@ class NodecacheFS:
         """The index has a new repo, ref or snapshot: show it, and make the kernel
         look the repo's folder up again (its dentries below go with it)."""
         folder = self.tree.repo_changed(repo_type, repo_id)
-        hub = self._ino_of.get("hub")
+        hub = self.table.ino("hub")
         if folder is not None and hub is not None and self.kernel is not None:
             asyncio.get_running_loop().create_task(self.kernel.invalidate_entries([(hub, folder.encode())]))
 
     # tree helpers ------------------------------------------------------------
 
     def _node(self, ino: int) -> tuple[str, Node]:
-        path = self._path_of.get(ino)
+        path = self.table.path(ino)
         if path is None:
             raise FuseError(errno.ENOENT)
         node = self.root
@@ -122,11 +138,7 @@ class NodecacheFS:
         return path, node
 
     def _ino(self, path: str) -> int:
-        ino = self._ino_of.get(path)
-        if ino is None:
-            ino = self._ino_of[path] = len(self._ino_of) + ROOT_INODE
-            self._path_of[ino] = path
-        return ino
+        return self.table.ino(path)
 
     def _attr(self, path: str, node: Node) -> Attr:
         parts = path.split("/", 4)  # hub/<repo>/{snapshots/<commit>,blobs/<id>}/...
@@ -202,7 +214,7 @@ class NodecacheFS:
     @_guard("statfs")
     async def statfs(self) -> tuple[int, int]:
         """(files, longest name): a cache has no free space to report."""
-        return len(self._ino_of), MAX_NAME
+        return len(self.table), MAX_NAME
 
     @_guard("getxattr")
     async def getxattr(self, inode: int, name: bytes) -> bytes:
@@ -237,7 +249,7 @@ class NodecacheFS:
             return self._open_for_writing(path, node, flags)
         if node.kind not in ("blob", "static"):
             raise FuseError(errno.EISDIR if node.kind == "dir" else errno.EINVAL)
-        fh = self._handle(node)
+        fh = self._handle(inode, READ, node)
         backing = None
         if node.kind == "blob":
             self.filler.hold(node.blob_id)  # an open blob is never evicted
@@ -251,7 +263,7 @@ class NodecacheFS:
 
     @_guard("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        node = self._handles[fh]
+        node = self._handles.get(fh) or self._adopt(fh)
         if node.kind == "lock":
             return b""
         if node.kind == "static":
@@ -268,24 +280,41 @@ class NodecacheFS:
     # would change any byte is EROFS. Lock files live in memory, bounded.
 
     def _open_for_writing(self, path: str, node: Node, flags: int) -> Opened:
+        ino = self._ino(path)
         if node.kind == "lock":
-            return Opened(self._handle(node), direct_io=True)
+            return Opened(self._handle(ino, LOCK, node), direct_io=True)
         if node.kind != "static" or not _is_ref(path) or flags & os.O_APPEND:
             raise FuseError(errno.EROFS)
-        fh = self._handle(node)
+        fh = self._handle(ino, REWRITE, node)
         # After O_TRUNC the whole content must be written again for the file to stay as it is.
         self._rewrites[fh] = bytearray(len(node.data)) if flags & os.O_TRUNC else bytearray(b"\1" * len(node.data))
         return Opened(fh, direct_io=True)
 
-    def _handle(self, node: Node) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
+    def _handle(self, ino: int, kind: int, node: Node) -> int:
+        fh = ino << _FH_INO_SHIFT | kind << _FH_SERIAL_BITS | self._next_fh
+        self._next_fh = (self._next_fh + 1) % (1 << _FH_SERIAL_BITS)
         self._handles[fh] = node
         return fh
 
+    def _adopt(self, fh: int) -> Node:
+        """A handle the previous daemon opened (the connection was handed over): what it
+        reads follows from its inode. Its blob is held from now on, as our own handles' are;
+        its generation at open is unknown, so a proof that failed before we started is not
+        held against it (the failure invalidated the kernel's pages and retired the inode)."""
+        if fh_kind(fh) == LOCK:
+            node = Node("lock")
+        else:
+            _, node = self._node(fh_ino(fh))
+            if fh_kind(fh) == REWRITE:
+                self._rewrites[fh] = bytearray(b"\1" * len(node.data))
+        if node.kind == "blob":
+            self.filler.hold(node.blob_id)
+        self._handles[fh] = node
+        return node
+
     @_guard("write")
     async def write(self, fh: int, offset: int, data: bytes) -> int:
-        node = self._handles[fh]
+        node = self._handles.get(fh) or self._adopt(fh)
         if node.kind == "lock":
             return len(data)  # a lock file's content is nobody's business: dropped
         written = self._rewrites.get(fh)
@@ -330,7 +359,9 @@ class NodecacheFS:
             self._locks += 1
         elif node.kind != "lock":
             raise FuseError(errno.EROFS)
-        return self._attr(f"{path}/{text}", node), Opened(self._handle(node), direct_io=True)
+        return self._attr(f"{path}/{text}", node), Opened(
+            self._handle(self._ino(f"{path}/{text}"), LOCK, node), direct_io=True
+        )
 
     @_guard("unlink")
     async def unlink(self, parent_inode: int, name: bytes) -> None:

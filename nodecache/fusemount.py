@@ -1,9 +1,16 @@
-"""The FUSE face as the daemon runs it: mount the tree, serve it, keep it current.
+"""The FUSE face as the daemon runs it: mount the tree (or take it over), serve it, keep it current.
 
-Shutdown order matters: readers still waiting for bytes are woken with EIO
-first, then the mount is detached while the session still answers (a reader's
-immediate retry gets EIO again, not ECONNABORTED), and the connection goes once
-the kernel lets go of it or after a short grace.
+With a keeper (`keeper_socket`), the connection outlives the daemon: at start
+the daemon takes the connection the keeper holds and asks the kernel to resend
+what the previous daemon read and never answered; at stop it stops reading,
+answers what is in flight for up to `handover_grace`, and exits leaving the
+rest for the next daemon. Readers only wait.
+
+Without one (or when the keeper is gone), shutdown order matters: readers still
+waiting for bytes are woken with EIO first, then the mount is detached while
+the session still answers (a reader's immediate retry gets EIO again, not
+ECONNABORTED), and the connection goes once the kernel lets go of it or after a
+short grace.
 """
 
 from __future__ import annotations
@@ -11,15 +18,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from . import mounts
 from .config import Config
+from .connstate import ConnState
 from .fill import Filler
 from .fusefs import NodecacheFS
 from .fusesession import Session
 from .index import Index
+from .inodes import InodeTable
+from .lease import Lease
 from .metrics import Metrics
 from .status import Serving
 from .store import Store
@@ -65,42 +76,104 @@ class FuseMount:
         on_demand: Callable[[str], Awaitable[bool]] | None,
         stop: asyncio.Event,
     ) -> None:
-        """Mount, serve until `stop`, unmount; `serving.ready` while the mount answers."""
-        if mounts.detach(mountpoint):  # a daemon killed with -9 leaves a dead FUSE mount (ENOTCONN)
-            log.warning("detached a stale mount at %s", mountpoint.absolute())
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        mountpoint = mountpoint.resolve()  # now, before mounting: later it would stat our own mount
+        """Take the connection from the keeper or mount a new one, serve until `stop`, then hand
+        it over (keeper) or unmount (none); `serving.ready` while the mount answers."""
         cfg = self.cfg
-        self.fs = NodecacheFS(HubTree(self.index), filler, self.metrics, cfg.fill_on_open, on_demand)
+        # Resolve the parent only: with a connection held for us nobody answers a stat of the mount yet.
+        mountpoint = mountpoint.absolute().parent.resolve() / mountpoint.name
+        lease = Lease(cfg.keeper_socket, str(mountpoint), cfg.state_format) if cfg.keeper_socket else None
+        table = InodeTable(cfg.cache_dir / "connection")
+        self.fs = NodecacheFS(HubTree(self.index), filler, self.metrics, table, cfg.fill_on_open, on_demand)
         opens = self.metrics.fuse_opens
         session = self.session = Session(
             self.fs,
             mountpoint,
+            table,
             passthrough=cfg.passthrough,
             on_open=lambda passthrough: opens.labels("passthrough" if passthrough else "served").inc(),
         )
         self.fs.kernel = session
+        taken = await lease.take() if lease is not None else None
+        if taken is not None and not self._adopt(session, table, *taken):
+            await lease.drop()
+            taken = None
+        main = None
         try:
-            session.mount()
-        except OSError as e:  # e.g. no /dev/fuse, not root, mountpoint busy: one clear line
-            raise OSError(f"cannot mount FUSE at {mountpoint}: {e.strerror or e}") from None
-        main = asyncio.get_running_loop().create_task(session.serve())
-        try:
-            await asyncio.wait([main, asyncio.ensure_future(session.initialized.wait())], return_when="FIRST_COMPLETED")
+            if taken is None:
+                await self._mount(session, table, mountpoint, lease)
+            main = asyncio.get_running_loop().create_task(session.serve())
+            if taken is None:
+                await asyncio.wait(
+                    [main, asyncio.ensure_future(session.initialized.wait())], return_when="FIRST_COMPLETED"
+                )
+                if session.initialized.is_set():
+                    await self._initialized(session, table, mountpoint, lease)
+            else:
+                resent = session.resend()
+                await lease.deposit(session.fd, self._state(session, table, mountpoint))  # in our format
+                how = "requests left unanswered resent" if resent else "no FUSE_NOTIFY_RESEND in this kernel"
+                log.info("took over the connection at %s (state format %d; %s)", mountpoint, taken[1].format, how)
             if session.initialized.is_set():
-                await asyncio.sleep(0.05)  # the INIT reply resets read_ahead_kb: write after it
-                if not mounts.set_read_ahead(mountpoint, cfg.bdi_read_ahead_kb):
-                    log.warning("could not raise read_ahead_kb; reads stay at 128 KiB")
                 self.serving.passthrough = session.passthrough
                 self.serving.ready = True
-                log.info("mounted at %s (passthrough %s)", mountpoint, "on" if session.passthrough else "off")
             stopped = asyncio.ensure_future(stop.wait())
             await asyncio.wait([main, stopped], return_when="FIRST_COMPLETED")
             stopped.cancel()
             self.serving.ready = False
-            await filler.close()  # wake every waiting reader with EIO
-            await session.unmount()  # then the mount goes, answering (EIO) until its readers let go
+            if lease is not None and lease.held and not main.done():
+                left = await session.handover(cfg.handover_grace)
+                log.info("handed the connection over to the keeper (%d request(s) left to resend)", left)
+                await filler.close()
+            else:
+                await filler.close()  # wake every waiting reader with EIO
+                await session.unmount()  # then the mount goes, answering (EIO) until its readers let go
+                if lease is not None:
+                    await lease.drop()
         finally:
             session.close()
-            with contextlib.suppress(asyncio.CancelledError):
-                await main
+            if main is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await main
+            if lease is not None:
+                lease.close()
+            table.close()
+
+    def _adopt(self, session: Session, table: InodeTable, fd: int, state: ConnState) -> bool:
+        """Serve the connection the keeper held, if it is still the one mounted here and the
+        inode table is its own; else it is dropped (the CSI plugin re-binds pods to a new one)."""
+        top = mounts.top(str(session.mountpoint))
+        why = None
+        if state.mount != str(session.mountpoint):
+            why = f"it was mounted at {state.mount}"
+        elif top is None or top.dev != state.dev:
+            why = "it is no longer mounted there"
+        elif state.conn_id is not None and state.conn_id != table.conn_id:
+            why = f"the inode table at {self.cfg.cache_dir / 'connection'} is not its own"
+        if why is not None:
+            log.error("not taking over the connection of %s: %s; mounting a new one", session.mountpoint, why)
+            os.close(fd)
+            return False
+        session.adopt(fd, state.dev, state.flags, state.minor)
+        return True
+
+    async def _mount(self, session: Session, table: InodeTable, mountpoint: Path, lease: Lease | None) -> None:
+        if mounts.detach(mountpoint):  # a daemon killed with -9 leaves a dead FUSE mount (ENOTCONN)
+            log.warning("detached a stale mount at %s", mountpoint)
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        table.reset()  # a new connection: the kernel knows no inode number yet
+        try:
+            session.mount()
+        except OSError as e:  # e.g. no /dev/fuse, not root, mountpoint busy: one clear line
+            raise OSError(f"cannot mount FUSE at {mountpoint}: {e.strerror or e}") from None
+
+    async def _initialized(self, session: Session, table: InodeTable, mountpoint: Path, lease: Lease | None) -> None:
+        await asyncio.sleep(0.05)  # the INIT reply resets read_ahead_kb: write after it
+        if not mounts.set_read_ahead(mountpoint, self.cfg.bdi_read_ahead_kb):
+            log.warning("could not raise read_ahead_kb; reads stay at 128 KiB")
+        log.info("mounted at %s (passthrough %s)", mountpoint, "on" if session.passthrough else "off")
+        if lease is not None:
+            await lease.deposit(session.fd, self._state(session, table, mountpoint))
+
+    @staticmethod
+    def _state(session: Session, table: InodeTable, mountpoint: Path) -> ConnState:
+        return ConnState(str(mountpoint), session.dev, session.minor, session.agreed, table.conn_id)

@@ -40,6 +40,7 @@ MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 INIT_EXT = 1 << 30
 PASSTHROUGH = 1 << 37
+HAS_RESEND = 1 << 39  # the kernel re-queues requests read but not answered when told (NOTIFY_RESEND)
 
 # open reply flags
 FOPEN_DIRECT_IO = 1 << 0
@@ -52,6 +53,8 @@ ENOATTR = 61  # ENODATA: what getxattr returns for a missing attribute
 # notifications: unsolicited messages to the kernel (unique 0, the code where a reply has its error)
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
+NOTIFY_RESEND = 7  # no payload
+UNIQUE_RESEND = 1 << 63  # set in the unique of a request the kernel sends again
 
 # ioctls on /dev/fuse: register / drop a backing file for passthrough
 _IOC_WRITE = 1
@@ -177,6 +180,12 @@ def notify_inval_entry(parent: int, name: bytes) -> bytes:
     """Ask the kernel to forget the dentry `name` in `parent` (and every dentry below it)."""
     body = NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), 0) + name + b"\0"
     return OUT_HEADER.pack(OUT_HEADER.size + len(body), NOTIFY_INVAL_ENTRY, 0) + body
+
+
+def notify_resend() -> bytes:
+    """Ask the kernel to send again every request a server read and never answered
+    (a server that died, or left them to its successor)."""
+    return OUT_HEADER.pack(OUT_HEADER.size, NOTIFY_RESEND, 0)
 
 
 def open_out(fh: int, flags: int = 0, backing_id: int = 0) -> bytes:

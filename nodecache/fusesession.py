@@ -22,6 +22,7 @@ from typing import Protocol
 
 from . import fuseproto as p
 from . import mounts
+from .inodes import PASSTHROUGH, SERVED, InodeTable
 
 log = logging.getLogger(__name__)
 
@@ -68,39 +69,90 @@ class Operations(Protocol):
 
 
 class Session:
-    """A mounted FUSE filesystem served by `ops`. `serve()` returns once it is unmounted or closed."""
+    """A mounted FUSE filesystem served by `ops`. `serve()` returns once it is unmounted or closed.
+
+    The connection may outlive this object: `handover()` stops serving without
+    unmounting (another process holds the fd), and `adopt()` serves a connection
+    another process mounted. What must survive that lives in `table`.
+    """
 
     def __init__(
         self,
         ops: Operations,
         mountpoint: Path,
+        table: InodeTable,
         fsname: str = "nodecache",
         passthrough: bool = True,
         on_open: Callable[[bool], None] = lambda passthrough: None,
     ):
         self.ops = ops
+        self.table = table  # inode numbers and open modes: the kernel keeps them past our exit
         self.on_open = on_open  # told, per file open, whether it went to the kernel (passthrough)
         self.mountpoint = mountpoint
         self.fsname = fsname
         self.want = p.ASYNC_READ | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.PARALLEL_DIROPS | p.MAX_PAGES
-        self.want |= p.CACHE_SYMLINKS | p.ATOMIC_O_TRUNC | (p.PASSTHROUGH if passthrough else 0)
+        self.want |= p.CACHE_SYMLINKS | p.ATOMIC_O_TRUNC | p.HAS_RESEND | (p.PASSTHROUGH if passthrough else 0)
         self.agreed = 0
+        self.minor = 0
         self.initialized = asyncio.Event()
         self._fd = -1
         self._dev = ""  # major:minor of our mount, to unmount it and nothing under it
         self._done: asyncio.Future | None = None
         self._running: dict[int, tuple[int, asyncio.Task]] = {}  # request unique -> (opcode, handler)
-        # The kernel refuses (EIO) to mix passthrough and cached opens of one inode, and a second
-        # backing file for it: an inode's live opens share one mode, and one backing id.
-        self._backing: dict[int, tuple[int, int]] = {}  # inode -> (backing id, passthrough opens)
-        self._retired: set[int] = set()  # inodes whose backing file went bad while still open
-        self._cached: dict[int, int] = {}  # inode -> cached (served) opens
-        self._fh_mode: dict[int, tuple[int, bool]] = {}  # file handle -> (inode, passthrough?)
+        self._leaving = False  # handing over: a request we stop working on stays unanswered, for the next server
         self._buf = bytearray(_BUF)
 
     @property
     def passthrough(self) -> bool:
         return bool(self.agreed & p.PASSTHROUGH)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def dev(self) -> str:
+        return self._dev
+
+    def adopt(self, fd: int, dev: str, agreed: int, minor: int) -> None:
+        """Serve a connection mounted (and INIT-ed) by another process: no mount, no INIT.
+        The kernel keeps every request that server read and did not answer: `resend()`."""
+        os.set_blocking(fd, False)
+        self._fd, self._dev, self.agreed, self.minor = fd, dev, agreed, minor
+        self.initialized.set()
+
+    def resend(self) -> bool:
+        """Ask the kernel to queue again the requests a previous server read but never answered
+        (Linux >= 6.9); False where the kernel cannot: those readers wait forever (see README)."""
+        if not self.agreed & p.HAS_RESEND:
+            return False
+        try:
+            os.write(self._fd, p.notify_resend())
+        except OSError as e:
+            log.warning("FUSE_NOTIFY_RESEND: %s", e)
+            return False
+        return True
+
+    async def handover(self, grace: float) -> int:
+        """Stop reading requests, answer those in flight for up to `grace` seconds, then let go of
+        the connection without unmounting: the next server resends what is left unanswered.
+        Returns how many requests were left for it."""
+        if self._fd < 0:
+            return 0
+        asyncio.get_running_loop().remove_reader(self._fd)
+        running = [task for _, task in self._running.values()]
+        if running:
+            await asyncio.wait(running, timeout=grace)
+        self._leaving = True
+        left = [task for _, task in self._running.values() if not task.done()]
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left)
+        os.close(self._fd)
+        self._fd = -1
+        self._finish()
+        return len(left)
 
     def mount(self) -> None:
         """Open /dev/fuse and mount it at `mountpoint` (needs CAP_SYS_ADMIN).
@@ -149,7 +201,8 @@ class Session:
         """Unmount (lazily: open files elsewhere do not block us) and drop the connection."""
         if self._fd < 0:
             return
-        asyncio.get_running_loop().remove_reader(self._fd)
+        with contextlib.suppress(ValueError):
+            asyncio.get_running_loop().remove_reader(self._fd)
         self._detach()
         os.close(self._fd)
         self._fd = -1
@@ -256,10 +309,12 @@ class Session:
     async def _handle(self, req: p.Request) -> None:
         try:
             payload = await self._dispatch(req)
+            self.table.commit()  # new inode numbers are on disk before the kernel hears of them
         except FuseError as e:
             self._reply(req.unique, e.errno)
         except asyncio.CancelledError:
-            self._reply(req.unique, errno.EINTR)
+            if not self._leaving:
+                self._reply(req.unique, errno.EINTR)
             raise
         except Exception:
             log.exception("FUSE opcode %d failed", req.opcode)
@@ -282,7 +337,7 @@ class Session:
         op, body, ops = req.opcode, req.body, self.ops
         if op == p.INIT:
             reply = p.init_reply(body, self.want)
-            self.agreed = reply.flags
+            self.agreed, self.minor = reply.flags, reply.minor
             asyncio.get_running_loop().call_soon(self.initialized.set)  # after the reply is written
             log.info("FUSE 7.%d, passthrough %s", reply.minor, "on" if reply.passthrough else "off")
             return reply.payload
@@ -300,7 +355,7 @@ class Session:
             return await ops.read(fh, offset, size)
         if op == p.RELEASE:
             (fh,) = p.RELEASE_IN.unpack_from(body)
-            self._closed(fh)
+            self._closed(req.nodeid, fh)
             await ops.release(fh)
             return b""
         if op == p.OPENDIR:
@@ -324,8 +379,8 @@ class Session:
         if op == p.CREATE:
             flags, _, _, _ = p.CREATE_IN.unpack_from(body)
             attr, opened = await ops.create(req.nodeid, p.name_arg(body[p.CREATE_IN.size :]), flags)
-            self._fh_mode[opened.fh] = (attr.ino, False)
-            self._cached[attr.ino] = self._cached.get(attr.ino, 0) + 1
+            self.table.commit()
+            self.table.opened(attr.ino, opened.fh, SERVED)
             return p.entry_out(attr) + p.open_out(opened.fh, p.FOPEN_DIRECT_IO)
         if op == p.WRITE:
             fh, offset, size, _, _, _, _ = p.WRITE_IN.unpack_from(body)
@@ -346,30 +401,29 @@ class Session:
         raise FuseError(errno.EROFS if op in p.WRITES else errno.ENOSYS)
 
     async def _open(self, ino: int, flags: int) -> bytes:
-        if ino in self._retired:
+        # The kernel refuses (EIO) to mix passthrough and cached opens of one inode, and a second
+        # backing file for it: an inode's live opens share one mode, and one backing id. Which
+        # handles are open how is in the table: a handle may be released by the next daemon.
+        held = self.table.backing(ino)
+        if held is not None and held[1]:
             # Its open handles read a backing file that failed verification (emptied), and the
             # kernel takes no other file, nor a served open, for the inode until they are closed.
             log.warning("open of inode %d refused: handles of its failed backing file are still open", ino)
             raise FuseError(errno.EIO)
         opened = await self.ops.open(ino, flags)
         backing_id = None
-        if opened.backing is not None and not self._cached.get(ino):
-            backing_id = self._backing_id(ino, opened.backing)
-        self._fh_mode[opened.fh] = (ino, backing_id is not None)
+        if opened.backing is not None and not self.table.open_modes(ino)[1]:
+            backing_id = held[0] if held is not None else self._backing_id(ino, opened.backing)
+        self.table.opened(ino, opened.fh, SERVED if backing_id is None else PASSTHROUGH)
         self.on_open(backing_id is not None)
         if backing_id is not None:
             return p.open_out(opened.fh, p.FOPEN_PASSTHROUGH, backing_id)
-        self._cached[ino] = self._cached.get(ino, 0) + 1
         if opened.direct_io:
             return p.open_out(opened.fh, p.FOPEN_DIRECT_IO)
         return p.open_out(opened.fh, p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
 
     def _backing_id(self, ino: int, path: Path) -> int | None:
-        """One backing id per inode while it has passthrough opens: the kernel refuses two."""
-        held = self._backing.get(ino)
-        if held is not None:
-            self._backing[ino] = (held[0], held[1] + 1)
-            return held[0]
+        """A new backing id for an inode without passthrough opens."""
         if not self.passthrough:
             return None
         try:
@@ -386,35 +440,31 @@ class Session:
         finally:
             os.close(fd)  # the kernel holds its own reference
         # The kernel looks the id up after our reply, in the opener's context: keep it until the last release.
-        self._backing[ino] = (backing_id, 1)
+        self.table.set_backing(ino, backing_id)
         return backing_id
 
     def in_passthrough(self, ino: int) -> bool:
         """Whether the kernel reads this inode's backing file itself for some open handle."""
-        return ino in self._backing
+        return self.table.backing(ino) is not None
 
     def retire(self, ino: int) -> None:
         """The inode's backing file failed verification: no new open may share it."""
-        if ino in self._backing:
-            self._retired.add(ino)
+        held = self.table.backing(ino)
+        if held is not None:
+            self.table.set_backing(ino, held[0], retired=True)
 
-    def _closed(self, fh: int) -> None:
-        ino, passthrough = self._fh_mode.pop(fh, (0, False))
-        if not passthrough:
-            n = self._cached.pop(ino, 0) - 1
-            if n > 0:
-                self._cached[ino] = n
+    def _closed(self, ino: int, fh: int) -> None:
+        mode = self.table.released(ino, fh)
+        if mode != PASSTHROUGH or self.table.open_modes(ino)[0]:
             return
-        backing_id, count = self._backing.pop(ino)
-        if count == 1:
-            self._retired.discard(ino)
-        if count > 1:
-            self._backing[ino] = (backing_id, count - 1)
+        held = self.table.backing(ino)
+        if held is None:
             return
+        self.table.drop_backing(ino)
         try:
-            fcntl.ioctl(self._fd, p.BACKING_CLOSE, bytearray(backing_id.to_bytes(4, "little")))
+            fcntl.ioctl(self._fd, p.BACKING_CLOSE, bytearray(held[0].to_bytes(4, "little")))
         except OSError as e:
-            log.warning("closing backing id %d: %s", backing_id, e)
+            log.warning("closing backing id %d: %s", held[0], e)
 
     @staticmethod
     def _dirents(entries: Iterable[tuple[bytes, p.Attr]], offset: int, size: int, plus: bool) -> bytes:

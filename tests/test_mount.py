@@ -163,10 +163,12 @@ def test_lookup_handler_refuses_dot_dot_and_long_names(tmp_path):
     from nodecache.fusefs import ROOT_INODE, NodecacheFS
     from nodecache.fusesession import FuseError
     from nodecache.index import Index
+    from nodecache.inodes import InodeTable
     from nodecache.metrics import Metrics
     from nodecache.tree import HubTree
 
-    fs = NodecacheFS(HubTree(Index(tmp_path / "index")), filler=None, metrics=Metrics())
+    tree = HubTree(Index(tmp_path / "index"))
+    fs = NodecacheFS(tree, filler=None, metrics=Metrics(), table=InodeTable(tmp_path / "inodes"))
 
     async def lookup(name: bytes) -> int:
         try:

@@ -58,8 +58,55 @@ def detach_dead(path: Path) -> int:
     return n
 
 
+class KeeperProcess:
+    """`nodecache keeper` as a child process. Stopping it ends the connections it holds that no
+    daemon serves (their mounts go dead, and are detached here)."""
+
+    def __init__(self, workdir: Path):
+        self.socket = workdir / "keeper" / "keeper.sock"
+        self.log_path = workdir / "keeper.log"
+        self.proc: subprocess.Popen | None = None
+        self.mounts: list[Path] = []  # mounts to detach once the connections die with us
+
+    def start(self, timeout: float = 30.0) -> KeeperProcess:
+        with open(self.log_path, "ab") as log:
+            cmd = [sys.executable, "-m", "nodecache", "keeper", "--socket", str(self.socket)]
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"keeper did not start:\n{self.log()}")
+            time.sleep(0.02)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for mount in self.mounts:
+            detach_dead(mount)
+
+    def __enter__(self) -> KeeperProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 class DaemonProcess:
-    """`nodecache serve` as a child process with its own mount, cache and port."""
+    """`nodecache serve` as a child process with its own mount, cache and port.
+
+    With a `keeper`, its mount outlives it: `stop` and `kill9` leave the connection
+    to the keeper (alive, unserved: readers wait) and the next `start` takes it over.
+    """
 
     def __init__(
         self,
@@ -72,6 +119,7 @@ class DaemonProcess:
         host: str = "127.0.0.1",
         port: int | None = None,
         prefix: list[str] | None = None,
+        keeper: KeeperProcess | None = None,
     ):
         self.mount = workdir / "mnt"
         self.cache_dir = cache_dir or workdir / "cache"
@@ -84,6 +132,10 @@ class DaemonProcess:
         for r in repos:
             self.args += ["--repo", r]
         self.args += extra_args or []
+        self.keeper = keeper
+        if keeper is not None:
+            self.args += ["--keeper-socket", str(keeper.socket)]
+            keeper.mounts.append(self.mount)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.killed = False  # by kill9: a dead mount is then expected, and the next `serve` detaches it
@@ -97,7 +149,8 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError(f"already running (pid {self.proc.pid})")
         stale = len(ours(self.mount))
-        if stale and mounts.probe(os.path.abspath(self.mount), 5.0) not in mounts.STALE_ERRNOS:
+        # a mount the keeper holds is alive but unserved: a probe would wait for us to serve it
+        if stale and self.keeper is None and mounts.probe(os.path.abspath(self.mount), 5.0) not in mounts.STALE_ERRNOS:
             raise RuntimeError(f"a live mount is at {self.mount} already: another daemon serves there")
         self.killed = False
         if not stale:  # with a dead mount here, mkdir would fail with ENOTCONN: serve makes it
@@ -157,7 +210,7 @@ class DaemonProcess:
                 problems.append(f"did not exit within {timeout:.0f}s of SIGTERM")
                 self.proc.kill()
                 self.proc.wait(10)
-        if detach_dead(self.mount) and not self.killed:
+        if self.keeper is None and detach_dead(self.mount) and not self.killed:
             problems.append(f"left its mount at {self.mount} (exit code {self.proc.returncode})")
         if problems:
             raise LeftBehind(f"nodecache serve {'; '.join(problems)}:\n{self.log()[-3000:]}")

@@ -1,0 +1,177 @@
+"""What the kernel side of a FUSE connection knows, kept where a daemon restart cannot lose it.
+
+The kernel names files by the node ids we gave it and keeps them as long as
+the connection lives, which is longer than a daemon when the connection is
+handed over (see `keeper`). So node ids are not a counter in memory: this
+table is their one source, in an LMDB env of its own, written before the reply
+that tells the kernel a new number. It opens with sync off: a killed process
+loses nothing (the pages are the kernel's), and a reboot ends the connection
+anyway, so the table starts over with every fresh mount (`reset`).
+
+Beside the numbers: how each inode is open (passthrough or served, and its
+backing id), because the kernel refuses to mix the two modes on one inode and
+a second backing file for it, and the daemon that answers the RELEASE may not
+be the one that answered the OPEN.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import lmdb
+
+ROOT = 1
+_Q = struct.Struct(">Q")
+_OPEN_KEY = struct.Struct(">QQ")  # inode, kernel file handle
+_BACKING = struct.Struct("<iB")  # backing id, retired
+MAP_SIZE = 1 << 30  # sparse; ~2.5 million paths, and it starts over with each mount
+PASSTHROUGH, SERVED = b"p", b"s"
+
+
+class InodeTable:
+    """Path <-> inode number. Memory holds a bounded cache; LMDB holds the truth."""
+
+    def __init__(self, path: Path, cache_max: int = 100_000):
+        path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(str(path), max_dbs=4, map_size=MAP_SIZE, sync=False, metasync=False)
+        self._by_path = self.env.open_db(b"by_path")
+        self._by_ino = self.env.open_db(b"by_ino")
+        self._opens = self.env.open_db(b"opens")
+        self._backing = self.env.open_db(b"backing")
+        self.cache_max = cache_max
+        self._ino_of: dict[str, int] = {}
+        self._path_of: dict[int, str] = {}
+        self._pending: dict[str, int] = {}  # numbers handed out, not yet written
+        with self.env.begin() as txn:
+            raw = txn.get(b"next")
+            self._next = _Q.unpack(raw)[0] if raw else ROOT + 1
+            self._count = txn.stat(self._by_path)["entries"]
+            raw = txn.get(b"conn_id")
+        self.conn_id = raw.decode() if raw else ""
+        self._remember("", ROOT)
+
+    def reset(self) -> None:
+        """A fresh connection: the kernel knows no number, every old one may go."""
+        with self.env.begin(write=True) as txn:
+            for db in (self._by_path, self._by_ino, self._opens, self._backing):
+                txn.drop(db, delete=False)
+            txn.delete(b"next")
+            self.conn_id = os.urandom(8).hex()
+            txn.put(b"conn_id", self.conn_id.encode())
+        self._ino_of.clear()
+        self._path_of.clear()
+        self._pending.clear()
+        self._next, self._count = ROOT + 1, 0
+        self._remember("", ROOT)
+
+    def close(self) -> None:
+        self.commit()
+        self.env.close()
+
+    def __len__(self) -> int:
+        return self._count + len(self._pending) + 1
+
+    # numbers ---------------------------------------------------------------------
+
+    def ino(self, path: str) -> int:
+        """The number of `path`, a new one if it never had one (written by the next `commit`)."""
+        ino = self._ino_of.get(path)
+        if ino is not None:
+            return ino
+        ino = self._pending.get(path)
+        if ino is not None:
+            return ino
+        with self.env.begin() as txn:
+            raw = txn.get(path.encode(), db=self._by_path)
+        if raw is not None:
+            ino = _Q.unpack(raw)[0]
+        else:
+            ino = self._pending[path] = self._next
+            self._next += 1
+            return ino
+        self._remember(path, ino)
+        return ino
+
+    def path(self, ino: int) -> str | None:
+        path = self._path_of.get(ino)
+        if path is not None:
+            return path
+        for p, i in self._pending.items():
+            if i == ino:
+                return p
+        with self.env.begin() as txn:
+            raw = txn.get(_Q.pack(ino), db=self._by_ino)
+        if raw is None:
+            return None
+        path = raw.decode()
+        self._remember(path, ino)
+        return path
+
+    def commit(self) -> None:
+        """Write the numbers handed out since the last commit: before the kernel hears of them."""
+        if not self._pending:
+            return
+        with self.env.begin(write=True) as txn:
+            for path, ino in self._pending.items():
+                txn.put(path.encode(), _Q.pack(ino), db=self._by_path)
+                txn.put(_Q.pack(ino), path.encode(), db=self._by_ino)
+            txn.put(b"next", _Q.pack(self._next))
+        self._count += len(self._pending)
+        for path, ino in self._pending.items():
+            self._remember(path, ino)
+        self._pending.clear()
+
+    def _remember(self, path: str, ino: int) -> None:
+        if len(self._ino_of) >= self.cache_max:  # drop the oldest tenth; LMDB still has them
+            for old in list(self._ino_of)[1 : self.cache_max // 10 + 1]:  # [0] is the root
+                self._path_of.pop(self._ino_of.pop(old), None)
+        self._ino_of[path] = ino
+        self._path_of[ino] = path
+
+    # opens -------------------------------------------------------------------------
+
+    def opened(self, ino: int, fh: int, mode: bytes) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(_OPEN_KEY.pack(ino, fh), mode, db=self._opens)
+
+    def released(self, ino: int, fh: int) -> bytes | None:
+        """The mode the handle was opened in; None if it was never recorded (or released already)."""
+        with self.env.begin(write=True) as txn:
+            return txn.pop(_OPEN_KEY.pack(ino, fh), db=self._opens)
+
+    def open_modes(self, ino: int) -> tuple[int, int]:
+        """(passthrough opens, served opens) of an inode."""
+        counts = {PASSTHROUGH: 0, SERVED: 0}
+        prefix = _Q.pack(ino)
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._opens)
+            if cur.set_range(prefix):
+                for key, mode in cur:
+                    if not key.startswith(prefix):
+                        break
+                    counts[mode] = counts.get(mode, 0) + 1
+        return counts[PASSTHROUGH], counts[SERVED]
+
+    def backing(self, ino: int) -> tuple[int, bool] | None:
+        """(backing id, retired) of an inode the kernel reads in passthrough."""
+        with self.env.begin() as txn:
+            raw = txn.get(_Q.pack(ino), db=self._backing)
+        if raw is None:
+            return None
+        backing_id, retired = _BACKING.unpack(raw)
+        return backing_id, bool(retired)
+
+    def set_backing(self, ino: int, backing_id: int, retired: bool = False) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(_Q.pack(ino), _BACKING.pack(backing_id, retired), db=self._backing)
+
+    def drop_backing(self, ino: int) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.delete(_Q.pack(ino), db=self._backing)
+
+    def backed(self) -> list[tuple[int, int]]:
+        """Every (inode, backing id) held."""
+        with self.env.begin() as txn:
+            return [(_Q.unpack(k)[0], _BACKING.unpack(v)[0]) for k, v in txn.cursor(db=self._backing)]

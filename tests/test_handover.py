@@ -1,0 +1,192 @@
+"""The FUSE connection outlives the daemon: restarts (SIGTERM, kill -9, another state format)
+under a reader in a private mount namespace, holding an open fd and an mmap, see no error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIG, SMALL, MiB, verified, wait_until
+
+from nodecache import mounts
+from nodecache.layout import repo_folder_name
+from nodecache.testing.daemon import KeeperProcess
+from nodecache.testing.hub import Fault
+
+
+@pytest.fixture
+def keeper(tmp_path):
+    with KeeperProcess(tmp_path) as k:
+        yield k
+
+
+def snapshot(d, repo: str, commit: str) -> Path:
+    return d.hub / repo_folder_name("model", repo) / "snapshots" / commit
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Reader:
+    """nodecache.testing.reader in `unshare --mount --propagation private`."""
+
+    def __init__(self, tmp_path: Path, spec: dict):
+        self.out, self.stop_file = tmp_path / "reader.json", tmp_path / "reader.stop"
+        spec = {**spec, "out": str(self.out), "stop": str(self.stop_file)}
+        (tmp_path / "reader-spec.json").write_text(json.dumps(spec))
+        cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "nodecache.testing.reader"]
+        self.proc = subprocess.Popen([*cmd, str(tmp_path / "reader-spec.json")], stderr=subprocess.PIPE)
+
+    def stats(self) -> dict:
+        try:
+            return json.loads(self.out.read_text())
+        except (OSError, ValueError):
+            return {"rounds": 0, "errors": [], "slow": []}
+
+    def rounds(self) -> int:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the reader died ({self.proc.returncode}): {self.proc.stderr.read().decode()}")
+        return self.stats()["rounds"]
+
+    def more_rounds(self, n: int = 2) -> None:
+        """Wait until the reader did `n` whole rounds more: every kind of request went through."""
+        start = self.rounds()
+        wait_until(lambda: self.rounds() >= start + n, what="reader rounds")
+
+    def finish(self) -> dict:
+        self.stop_file.touch()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        return self.stats()
+
+
+def test_restarts_under_a_private_reader_with_an_open_fd_and_an_mmap(hub, keeper, daemons, tmp_path, small_repo):
+    d = daemons(keeper=keeper)
+    snap = snapshot(d, SMALL, hub.commits[SMALL])
+    for f in small_repo.rglob("*"):
+        if f.is_file():  # each open fills its blob
+            assert (snap / f.relative_to(small_repo)).read_bytes() == f.read_bytes()
+    wait_until(lambda: verified(snap), what="the snapshot verified (passthrough opens)")
+    files = ("model.safetensors", "config.json", "tokenizer/vocab.txt")
+    reader = Reader(
+        tmp_path,
+        {
+            "files": {str(snap / f): sha256(small_repo / f) for f in files},
+            "hold": str(snap / "model.safetensors"),
+            "hold_sha256": sha256(small_repo / "model.safetensors"),
+            "list": str(d.hub / repo_folder_name("model", SMALL) / "refs"),
+        },
+    )
+    dev = mounts.top(str(d.mount)).dev
+    try:
+        reader.more_rounds()
+        kinds = ["sigterm"] * 10 + ["kill9"] * 3 + ["format1", "format2"]
+        for kind in kinds:
+            if kind == "kill9":
+                d.kill9()
+            else:
+                d.stop()
+            if kind.startswith("format"):
+                d.env["NODECACHE_STATE_FORMAT"] = kind[-1]
+            d.start()
+            reader.more_rounds()
+        stats = reader.finish()
+    finally:
+        if reader.proc.poll() is None:
+            reader.proc.kill()
+    assert reader.proc.returncode == 0, f"the reader died: {reader.proc.stderr.read().decode()}"
+    assert stats["errors"] == [], stats["errors"][:5]
+    assert stats["rounds"] >= 2 * (len(kinds) + 1)
+    assert mounts.top(str(d.mount)).dev == dev, "one connection all along: never mounted again"
+    log = d.log()
+    assert log.count("took over the connection") == len(kinds)
+    assert log.count("requests left unanswered resent") == len(kinds)
+    # each daemon read the format the one before it wrote: 2 (default), then 1, then 2 again
+    assert "state format 2;" in log and log.count("state format 1;") == 1
+    assert "handed the connection over to the keeper" in log
+
+
+def test_a_fill_in_progress_resumes_across_restarts(hub, keeper, daemons, tmp_path, big_repo):
+    """A reader in the middle of a lazily filled blob; the daemon is stopped and killed under it.
+    It gets every byte right, and no chunk is fetched twice beyond those in flight at a switch."""
+    held = Fault("hold", after=6)  # the 7th data response waits: the first switch lands mid-fill
+    hub.faults.append(held)
+    env = {"NODECACHE_PARALLEL_PER_BLOB": "2", "NODECACHE_READ_AHEAD_CHUNKS": "2"}
+    d = daemons(repos=(BIG,), keeper=keeper, env=env)
+    path = snapshot(d, BIG, hub.commits[BIG]) / "weights.bin"
+    want = hashlib.sha256((big_repo / "weights.bin").read_bytes()).hexdigest()
+    script = (
+        "import hashlib, sys\n"
+        "h = hashlib.sha256()\n"
+        "with open(sys.argv[1], 'rb') as f:\n"
+        "    while b := f.read(1 << 20):\n"
+        "        h.update(b)\n"
+        "print(h.hexdigest())\n"
+    )
+    cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script, str(path)]
+    reader = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert held.reached.wait(30), "the fill never got to its 7th response"
+        d.stop()  # SIGTERM mid-fill, one response held
+        held.release.set()
+        d.start()
+        wait_until(lambda: float(os.getxattr(path, "user.nodecache.cached")) > 0.3, what="the fill going on")
+        d.kill9()
+        d.start()
+        out, err = reader.communicate(timeout=120)
+    finally:
+        held.release.set()
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait(10)
+    assert reader.returncode == 0, err
+    assert out.strip() == want
+    size = (big_repo / "weights.bin").stat().st_size
+    fetched = sum(e - s for _, s, e in hub.stats.ranges)
+    # in flight at each of the two switches: the whole-blob fill's 2 requests of 2 chunks, and a read's
+    # read-ahead of 2 chunks (1 MiB each); the held response is counted too, when it is let go
+    in_flight = 2 * (2 * 2 + 2) * MiB + 2 * MiB
+    assert fetched <= size + in_flight, f"{fetched - size} bytes fetched twice: {sorted(hub.stats.ranges)}"
+    assert d.log().count("took over the connection") == 2
+
+
+def test_without_a_keeper_a_stop_still_unmounts(hub, tmp_path, daemons):
+    """A keeper socket nobody listens on: the daemon mounts and serves; its stop unmounts as before."""
+    d = daemons(extra_args=["--keeper-socket", str(tmp_path / "nobody" / "keeper.sock")])
+    assert (snapshot(d, SMALL, hub.commits[SMALL]) / "config.json").read_bytes()
+    assert "no keeper" in d.log()
+    d.stop()
+    assert mounts.at(str(d.mount)) == []
+
+
+def test_the_keeper_coming_back_gets_the_connection_again(hub, tmp_path, daemons):
+    """The keeper restarts under a serving daemon: the daemon deposits its fd again, and a
+    restart after that is a takeover."""
+    k = KeeperProcess(tmp_path).start()
+    try:
+        d = daemons(keeper=k)
+        k.proc.terminate()
+        k.proc.wait(10)
+        wait_until(lambda: "lost the keeper" in d.log(), what="the daemon noticing")
+        k.start()
+        wait_until(lambda: d.log().count("the keeper holds the connection") >= 2, what="deposit again")
+        d.stop()
+        t0 = time.monotonic()
+        d.start()
+        assert "took over the connection" in d.log()
+        assert (snapshot(d, SMALL, hub.commits[SMALL]) / "config.json").read_bytes()
+        assert time.monotonic() - t0 < 60
+        d.stop()
+    finally:
+        k.stop()
+    assert mounts.at(str(d.mount)) == []
