@@ -329,9 +329,12 @@ class Daemon(DaemonProcess):
     """The tests' daemon harness (by PID; reports a mount `serve` left), plus what benches
     read: one sub-directory per daemon of a work dir, metrics as numbers, a snapshot's path."""
 
-    def __init__(self, work: Path, hub_url: str, repos: list[str], env: dict[str, str] | None = None, name="d"):
+    def __init__(
+        self, work: Path, hub_url: str, repos: list[str], env: dict[str, str] | None = None, name="d", keeper=None
+    ):
         (work / name).mkdir(parents=True, exist_ok=True)
-        super().__init__(work / name, hub_url, repos, env={"PYTHONPATH": str(REPO_ROOT), **(env or {})})
+        env = {"PYTHONPATH": str(REPO_ROOT), **(env or {})}
+        super().__init__(work / name, hub_url, repos, env=env, keeper=keeper)
 
     @property
     def pid(self) -> int:

@@ -152,7 +152,10 @@ class Daemon:
         cfg = self.cfg
         runner = None
         tasks: list[asyncio.Task | None] = []
+        on_demand = self.catalog.resolve_on_demand if cfg.on_demand else None
         try:
+            if cfg.mount is not None:  # a connection the keeper holds is served before anything else
+                await self.fuse.take_over(cfg.mount, self.filler, on_demand)
             configured = Configured(self.catalog, self.pins, self.serving.failing)
             tasks.append(await configured.add([*cfg.repos, *self.sources.specs(cfg.repos)]))
             self.pins.refresh()
@@ -170,10 +173,10 @@ class Daemon:
                 self.serving.ready = True
                 await self._stop.wait()
             else:
-                on_demand = self.catalog.resolve_on_demand if cfg.on_demand else None
                 await self.fuse.serve(cfg.mount, self.filler, on_demand, self._stop)
         finally:
             self.serving.ready = False
+            await self.fuse.release()
             for task in tasks:
                 if task is not None:
                     task.cancel()

@@ -44,6 +44,10 @@ class FuseMount:
         self.cfg, self.index, self.store, self.metrics, self.serving = cfg, index, store, metrics, serving
         self.fs: NodecacheFS | None = None
         self.session: Session | None = None
+        self.mountpoint: Path | None = None
+        self._lease: Lease | None = None
+        self._table: InodeTable | None = None
+        self._main: asyncio.Task | None = None  # the session serving
         self._background: set[asyncio.Task] = set()
 
     def tree_changed(self, repo_type: str, repo_id: str) -> None:
@@ -69,20 +73,16 @@ class FuseMount:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def serve(
-        self,
-        mountpoint: Path,
-        filler: Filler,
-        on_demand: Callable[[str], Awaitable[bool]] | None,
-        stop: asyncio.Event,
+    async def take_over(
+        self, mountpoint: Path, filler: Filler, on_demand: Callable[[str], Awaitable[bool]] | None
     ) -> None:
-        """Take the connection from the keeper or mount a new one, serve until `stop`, then hand
-        it over (keeper) or unmount (none); `serving.ready` while the mount answers."""
+        """Build the FUSE face; when the keeper holds our connection, serve it now, before the rest
+        of the start (resolving repos, HTTP): its readers are waiting. `serve` does the rest."""
         cfg = self.cfg
         # Resolve the parent only: with a connection held for us nobody answers a stat of the mount yet.
-        mountpoint = mountpoint.absolute().parent.resolve() / mountpoint.name
-        lease = Lease(cfg.keeper_socket, str(mountpoint), cfg.state_format) if cfg.keeper_socket else None
-        table = InodeTable(cfg.cache_dir / "connection")
+        self.mountpoint = mountpoint = mountpoint.absolute().parent.resolve() / mountpoint.name
+        lease = self._lease = Lease(cfg.keeper_socket, str(mountpoint), cfg.state_format) if cfg.keeper_socket else None
+        table = self._table = InodeTable(cfg.cache_dir / "connection")
         self.fs = NodecacheFS(HubTree(self.index), filler, self.metrics, table, cfg.fill_on_open, on_demand)
         opens = self.metrics.fuse_opens
         session = self.session = Session(
@@ -94,25 +94,40 @@ class FuseMount:
         )
         self.fs.kernel = session
         taken = await lease.take() if lease is not None else None
-        if taken is not None and not self._adopt(session, table, *taken):
+        if taken is None:
+            return
+        if not self._adopt(session, table, *taken):
             await lease.drop()
-            taken = None
-        main = None
+            return
+        self._main = asyncio.get_running_loop().create_task(session.serve())
+        resent = session.resend()
+        await lease.deposit(session.fd, self._state(session, table, mountpoint))  # in our format
+        how = "requests left unanswered resent" if resent else "no FUSE_NOTIFY_RESEND in this kernel"
+        log.info("took over the connection at %s (state format %d; %s)", mountpoint, taken[1].format, how)
+
+    async def serve(
+        self,
+        mountpoint: Path,
+        filler: Filler,
+        on_demand: Callable[[str], Awaitable[bool]] | None,
+        stop: asyncio.Event,
+    ) -> None:
+        """Serve the connection taken over, or mount a new one, until `stop`; then hand it over
+        (keeper) or unmount (none); `serving.ready` while the mount answers."""
+        if self.session is None:
+            await self.take_over(mountpoint, filler, on_demand)
+        session, table, lease = self.session, self._table, self._lease
+        assert session is not None and table is not None
         try:
-            if taken is None:
-                await self._mount(session, table, mountpoint, lease)
-            main = asyncio.get_running_loop().create_task(session.serve())
-            if taken is None:
+            if self._main is None:
+                await self._mount(session, table, self.mountpoint, lease)
+                main = self._main = asyncio.get_running_loop().create_task(session.serve())
                 await asyncio.wait(
                     [main, asyncio.ensure_future(session.initialized.wait())], return_when="FIRST_COMPLETED"
                 )
                 if session.initialized.is_set():
-                    await self._initialized(session, table, mountpoint, lease)
-            else:
-                resent = session.resend()
-                await lease.deposit(session.fd, self._state(session, table, mountpoint))  # in our format
-                how = "requests left unanswered resent" if resent else "no FUSE_NOTIFY_RESEND in this kernel"
-                log.info("took over the connection at %s (state format %d; %s)", mountpoint, taken[1].format, how)
+                    await self._initialized(session, table, self.mountpoint, lease)
+            main = self._main
             if session.initialized.is_set():
                 self.serving.passthrough = session.passthrough
                 self.serving.ready = True
@@ -121,8 +136,7 @@ class FuseMount:
             stopped.cancel()
             self.serving.ready = False
             if lease is not None and lease.held and not main.done():
-                left = await session.handover(cfg.handover_grace)
-                log.info("handed the connection over to the keeper (%d request(s) left to resend)", left)
+                await self.release()
                 await filler.close()
             else:
                 await filler.close()  # wake every waiting reader with EIO
@@ -130,13 +144,27 @@ class FuseMount:
                 if lease is not None:
                     await lease.drop()
         finally:
-            session.close()
-            if main is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await main
-            if lease is not None:
-                lease.close()
-            table.close()
+            await self.release()
+
+    async def release(self) -> None:
+        """Let go of the connection: handed over to the keeper when it holds it (whether or not
+        `serve` ran: a start that failed after the takeover leaves it for the next daemon),
+        else closed. Then the lease ends, and the next daemon may take the connection."""
+        session, lease = self.session, self._lease
+        if session is None:
+            return
+        if lease is not None and lease.held and session.fd >= 0:
+            left = await session.handover(self.cfg.handover_grace)
+            log.info("handed the connection over to the keeper (%d request(s) left to resend)", left)
+        session.close()
+        if self._main is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        if lease is not None:
+            lease.close()
+        if self._table is not None:
+            self._table.close()
+            self._table = None
 
     def _adopt(self, session: Session, table: InodeTable, fd: int, state: ConnState) -> bool:
         """Serve the connection the keeper held, if it is still the one mounted here and the

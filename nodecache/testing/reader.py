@@ -12,7 +12,7 @@ retried; a SIGBUS kills it (the test sees the signal).
 The spec (JSON): {"files": {path: sha256}, "hold": path, "hold_sha256": str,
 "list": dir, "out": path, "stop": path}. It writes `out` (JSON) after every
 round and stops when `stop` exists: {"ops", "rounds", "errors": [...],
-"slow": [[start, seconds, op], ...]} (ops slower than 10 ms, with their start
+"slow": [[start, seconds, op], ...]} (ops slower than 5 ms, with their start
 on the monotonic clock).
 """
 
@@ -25,7 +25,7 @@ import os
 import sys
 import time
 
-SLOW = 0.01
+SLOW = 0.005
 
 
 def main(spec_path: str) -> int:
