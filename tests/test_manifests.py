@@ -80,15 +80,17 @@ def test_the_validator_is_strict():
 def test_kustomize_builds_valid_objects():
     objs = kustomize(DS)
     assert sorted(o["kind"] for o in objs) == sorted(
-        ["Namespace", "ServiceAccount", "CSIDriver", "ConfigMap", "ConfigMap", "Service", "DaemonSet"]
+        ["Namespace", "ServiceAccount", "CSIDriver", "ConfigMap", "ConfigMap", "Service", "DaemonSet", "DaemonSet"]
     )
     for o in objs:
         kubernetes_validate.validate(o, K8S, strict=True)
         if o["kind"] not in ("Namespace", "CSIDriver"):
             assert o["metadata"]["namespace"] == "nodecache"
-    [ds] = by_kind(objs, "DaemonSet")
-    images = {c["name"]: c["image"] for c in ds["spec"]["template"]["spec"]["containers"]}
-    assert images["nodecache"] == images["csi-plugin"] and images["nodecache"].startswith("ghcr.io/")
+    [ds] = [o for o in by_kind(objs, "DaemonSet") if o["metadata"]["name"] == "nodecache"]
+    [keeper] = [o for o in by_kind(objs, "DaemonSet") if o["metadata"]["name"] == "nodecache-keeper"]
+    images = {c["name"]: c["image"] for d in (ds, keeper) for c in d["spec"]["template"]["spec"]["containers"]}
+    assert images["nodecache"] == images["csi-plugin"] == images["keeper"]
+    assert images["nodecache"].startswith("ghcr.io/")
     mon = kustomize(DS / "monitoring")
     assert [o["kind"] for o in mon] == ["PodMonitor"]
 
@@ -161,7 +163,10 @@ def test_csi_wiring_socket_registration_and_driver_name():
     assert drv["spec"]["fsGroupPolicy"] == "None"
     assert sorted(drv["spec"]["volumeLifecycleModes"]) == ["Ephemeral", "Persistent"]
     assert spec["priorityClassName"] == "system-node-critical"
-    assert ds["spec"]["updateStrategy"]["type"] == "OnDelete"
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": "10%", "maxSurge": 0},
+    }
     node_name = {e["name"]: e for e in c["csi-plugin"]["env"]}["KUBE_NODE_NAME"]
     assert node_name["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     [svc] = docs(DS / "service.yaml")
@@ -186,6 +191,30 @@ def shipped_policy():
     return args, parse_policy(cm["data"][path.name], str(path))
 
 
+def test_the_keeper_daemonset_shares_its_socket_with_the_daemon():
+    """The daemon's --keeper-socket is the keeper's --socket, through one host directory both mount;
+    the keeper has no privilege, and its own DaemonSet (a daemon rollout never restarts it)."""
+    [keeper] = by_kind(docs(DS / "keeper.yaml"), "DaemonSet")
+    spec = keeper["spec"]["template"]["spec"]
+    [ctr] = spec["containers"]
+    args = build_parser().parse_args(ctr["args"])
+    serve = build_parser().parse_args(containers()["nodecache"]["args"])
+    assert args.socket == serve.keeper_socket
+
+    def host_dir(pod_spec: dict, ctr: dict, path: str) -> str:
+        [m] = [m for m in ctr["volumeMounts"] if m["mountPath"] == os.path.dirname(path)]
+        [v] = [v for v in pod_spec["volumes"] if v["name"] == m["name"]]
+        return v["hostPath"]["path"]
+
+    ds_spec = daemonset()["spec"]["template"]["spec"]
+    assert host_dir(spec, ctr, args.socket) == host_dir(ds_spec, containers()["nodecache"], serve.keeper_socket)
+    assert ctr["securityContext"]["allowPrivilegeEscalation"] is False and not ctr["securityContext"].get("privileged")
+    assert ctr["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert keeper["spec"]["updateStrategy"]["type"] == "OnDelete"
+    assert spec["nodeSelector"] == ds_spec["nodeSelector"] and spec["tolerations"] == ds_spec["tolerations"]
+    assert "keeper.yaml" in (DS / "kustomization.yaml").read_text()
+
+
 def test_csi_policy_is_shipped_secure_and_wired():
     args, policy = shipped_policy()
     assert args.allow_whole_cache is False, "the whole hub/ is off unless an admin turns it on"
@@ -204,7 +233,9 @@ def _workload_pods(objs: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize("path", sorted((DS / "examples").glob("*.yaml")), ids=lambda p: p.name)
-def test_examples_mount_read_only_with_host_to_container(path):
+def test_examples_mount_read_only(path):
+    """CSI volumes need no mountPropagation (a daemon restart keeps the connection); a hostPath
+    of the mount dir needs HostToContainer, to see a mount made after the pod started."""
     objs = docs(path)
     pvs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PersistentVolume"}
     pvcs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PersistentVolumeClaim"}
@@ -233,7 +264,8 @@ def test_examples_mount_read_only_with_host_to_container(path):
                     attrs = pv["spec"]["csi"].get("volumeAttributes", {})
                 else:
                     assert vol["hostPath"]["path"] == "/var/lib/nodecache/mnt"
-                assert m["readOnly"] is True and m["mountPropagation"] == "HostToContainer"
+                assert m["readOnly"] is True
+                assert m.get("mountPropagation") == ("HostToContainer" if attrs is None else None)
                 if attrs is None:  # hostPath: the mount's root, whose hub/ is the cache
                     assert env["HF_HUB_CACHE"] == m["mountPath"] + "/hub"
                     continue
@@ -288,8 +320,10 @@ def test_node_labels_component(tmp_path):
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "nodecache", "namespace": "nodecache"}]
     [sa] = by_kind(objs, "ServiceAccount")
     assert sa["automountServiceAccountToken"] is True
-    [ds] = by_kind(objs, "DaemonSet")
+    [ds] = [o for o in by_kind(objs, "DaemonSet") if o["metadata"]["name"] == "nodecache"]
     [daemon] = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "nodecache"]
+    [keeper] = [o for o in by_kind(objs, "DaemonSet") if o["metadata"]["name"] == "nodecache-keeper"]
+    assert keeper["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     env = {e["name"]: e for e in daemon["env"]}
     assert env["NODECACHE_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert config_mod.load(environ={"NODECACHE_NODE_NAME": "n1"}).node_name == "n1"

@@ -435,7 +435,10 @@ class Driver:
     def reconcile(self) -> list[str]:
         """Re-bind every published target whose bind points at a dead daemon onto the live mount.
 
-        The new bind is stacked on top of the dead one rather than replacing it:
+        The fallback for a lost connection: with nodecache-keeper holding it, a daemon restart
+        leaves every bind alive and there is nothing to do here (a held, unserved mount probes
+        as a timeout, never as dead). It is lost when the keeper is gone with the daemon, or on
+        a reboot. The new bind is stacked on top of the dead one rather than replacing it:
         a mount event on the target propagates into containers that mounted the
         volume with `mountPropagation: HostToContainer`; an unmount + bind would
         not, they would keep the dead one (ENOTCONN) until the pod restarts.
