@@ -48,6 +48,7 @@ class Config:
     passthrough: bool = True  # complete blobs are read by the kernel from the store file (Linux >= 6.9)
     keeper_socket: Path | None = None  # `nodecache keeper`'s socket: the FUSE connection outlives the daemon
     handover_grace: float = 0.5  # at stop, answer requests in flight this long; the next daemon gets the rest
+    keeper_wait: float = 30.0  # at start, wait this long for the previous daemon to let go of the connection
     state_format: int = 2  # the connection-state format handed over (1: what daemons before format 2 read)
     ref_ttl: float = 600.0  # re-resolve branch refs after this many seconds
     disk_max: int = 0  # byte quota of the disk tier (<cache_dir>/blobs); 0: the filesystem's size
@@ -101,6 +102,8 @@ class Config:
             raise ConfigError("read_timeout: must be > 0")
         if not 0 <= self.handover_grace <= 60:  # also refuses NaN
             raise ConfigError("handover_grace: must be between 0 and 60 seconds")
+        if not 0 < self.keeper_wait <= 600:  # also refuses NaN
+            raise ConfigError("keeper_wait: must be > 0 and at most 600 seconds")
         if self.state_format not in connstate.FORMATS:
             raise ConfigError(f"state_format: {self.state_format} is not one of {connstate.FORMATS}")
         for key in ("quarantine_ttl", "scrub_interval"):

@@ -81,7 +81,9 @@ class FuseMount:
         cfg = self.cfg
         # Resolve the parent only: with a connection held for us nobody answers a stat of the mount yet.
         self.mountpoint = mountpoint = mountpoint.absolute().parent.resolve() / mountpoint.name
-        lease = self._lease = Lease(cfg.keeper_socket, str(mountpoint), cfg.state_format) if cfg.keeper_socket else None
+        lease = self._lease = (
+            Lease(cfg.keeper_socket, str(mountpoint), cfg.state_format, cfg.keeper_wait) if cfg.keeper_socket else None
+        )
         table = self._table = InodeTable(cfg.cache_dir / "connection")
         self.fs = NodecacheFS(HubTree(self.index), filler, self.metrics, table, cfg.fill_on_open, on_demand)
         opens = self.metrics.fuse_opens

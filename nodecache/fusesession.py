@@ -99,6 +99,7 @@ class Session:
         self._dev = ""  # major:minor of our mount, to unmount it and nothing under it
         self._done: asyncio.Future | None = None
         self._running: dict[int, tuple[int, asyncio.Task]] = {}  # request unique -> (opcode, handler)
+        self._handing_over = False
         self._leaving = False  # handing over: a request we stop working on stays unanswered, for the next server
         self._buf = bytearray(_BUF)
 
@@ -135,15 +136,17 @@ class Session:
 
     async def handover(self, grace: float) -> int:
         """Stop reading requests, answer those in flight for up to `grace` seconds, then let go of
-        the connection without unmounting: the next server resends what is left unanswered.
-        Returns how many requests were left for it."""
+        the connection without unmounting: the next server has the kernel resend what is left
+        unanswered. Without FUSE_NOTIFY_RESEND nobody could: those get EIO instead of waiting
+        forever. Returns how many requests were left for the next server."""
         if self._fd < 0:
             return 0
         asyncio.get_running_loop().remove_reader(self._fd)
+        self._handing_over = True
         running = [task for _, task in self._running.values()]
         if running:
             await asyncio.wait(running, timeout=grace)
-        self._leaving = True
+        self._leaving = bool(self.agreed & p.HAS_RESEND)
         left = [task for _, task in self._running.values() if not task.done()]
         for task in left:
             task.cancel()
@@ -152,7 +155,7 @@ class Session:
         os.close(self._fd)
         self._fd = -1
         self._finish()
-        return len(left)
+        return len(left) if self._leaving else 0
 
     def mount(self) -> None:
         """Open /dev/fuse and mount it at `mountpoint` (needs CAP_SYS_ADMIN).
@@ -313,8 +316,8 @@ class Session:
         except FuseError as e:
             self._reply(req.unique, e.errno)
         except asyncio.CancelledError:
-            if not self._leaving:
-                self._reply(req.unique, errno.EINTR)
+            if not self._leaving:  # a signalled reader; or handing over with no resend: EIO, not a hang
+                self._reply(req.unique, errno.EIO if self._handing_over else errno.EINTR)
             raise
         except Exception:
             log.exception("FUSE opcode %d failed", req.opcode)

@@ -42,6 +42,10 @@ class KeeperError(OSError):
     """The keeper is not there, refused, or said something we cannot use."""
 
 
+class KeeperBusy(KeeperError):
+    """Another daemon serves the mount (holds its lease) and did not let go in time."""
+
+
 @dataclass
 class _Held:
     fd: int
@@ -59,7 +63,7 @@ def _connection_alive(fd: int) -> bool:
 class Keeper:
     """The server: one thread per daemon connection; the held fds under one lock."""
 
-    def __init__(self, path: Path, take_timeout: float = 60.0):
+    def __init__(self, path: Path, take_timeout: float = 600.0):
         self.path = path
         self.take_timeout = take_timeout
         self._held: dict[str, _Held] = {}
@@ -175,7 +179,7 @@ class Keeper:
         with self._cond:
             busy = lambda: mount in self._held and self._held[mount].holder not in (None, conn)  # noqa: E731
             if not self._cond.wait_for(lambda: not busy(), timeout=min(timeout, self.take_timeout)):
-                return {"error": f"{mount} is still served by another daemon"}, None
+                return {"error": f"{mount} is still served by another daemon", "busy": True}, None
             held = self._held.get(mount)
             if held is None:
                 return {"state": None, "protocol": PROTOCOL}, None
@@ -225,6 +229,8 @@ class KeeperClient:
         if not isinstance(reply, dict) or "error" in reply:
             for got in fds:
                 os.close(got)
+            if isinstance(reply, dict) and reply.get("busy") is True:
+                raise KeeperBusy(0, f"keeper at {self.path}: {reply['error']}")
             raise KeeperError(0, f"keeper at {self.path}: {reply.get('error') if isinstance(reply, dict) else msg!r}")
         return reply, fds[0] if fds else None
 

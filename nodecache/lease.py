@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import connstate
 from .connstate import ConnState, StateError
-from .keeper import KeeperClient, KeeperError
+from .keeper import KeeperBusy, KeeperClient, KeeperError
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,10 @@ class Lease:
         """The connection the keeper holds for our mount, with its lease; None: mount a new one."""
         try:
             taken = await asyncio.to_thread(self.client.take, self.mount)
+        except KeeperBusy as e:  # mounting over a live daemon's mount would take it from its pods
+            raise OSError(f"{e.strerror}; not mounting over it") from None
         except KeeperError as e:
-            log.warning("no keeper (%s): this mount ends with this daemon", e)
+            log.warning("no keeper (%s): this mount ends with this daemon", e.strerror)
             self.client.close()
             return None
         if taken is None:
@@ -65,7 +67,7 @@ class Lease:
             await asyncio.to_thread(self.client.deposit, self.mount, fd, connstate.encode(state, self.fmt))
         except KeeperError as e:
             if self.held or self._watch is None:
-                log.warning("keeper: %s; a stop now unmounts", e)
+                log.warning("%s; a stop now unmounts", e.strerror)
             self.held = False
             self.client.close()
             return

@@ -16,7 +16,7 @@ from conftest import BIG, SMALL, MiB, verified, wait_until
 
 from nodecache import mounts
 from nodecache.layout import repo_folder_name
-from nodecache.testing.daemon import KeeperProcess
+from nodecache.testing.daemon import KeeperProcess, free_port
 from nodecache.testing.hub import Fault
 
 
@@ -202,3 +202,19 @@ def test_the_keeper_coming_back_gets_the_connection_again(hub, tmp_path, daemons
     finally:
         k.stop()
     assert mounts.at(str(d.mount)) == []
+
+
+def test_a_second_daemon_never_mounts_over_a_serving_one(hub, keeper, daemons, tmp_path):
+    """The keeper gives a connection to one daemon at a time: a second one on the same mount waits
+    for the first to let go (keeper_wait), then exits with one line instead of mounting over it."""
+    d = daemons(keeper=keeper)
+    second = daemons(keeper=keeper, workdir=tmp_path, start=False, env={"NODECACHE_KEEPER_WAIT": "1"})
+    second.log_path = tmp_path / "second.log"
+    second.args[second.args.index("--listen") + 1] = f"127.0.0.1:{free_port()}"
+    with open(second.log_path, "ab") as log:
+        rc = subprocess.run(second.args, env=second.env, stdout=log, stderr=subprocess.STDOUT, timeout=60).returncode
+    assert rc == 1
+    assert "still served by another daemon; not mounting over it" in second.log()
+    assert "Traceback" not in second.log()
+    assert len(mounts.at(str(d.mount))) == 1
+    assert (snapshot(d, SMALL, hub.commits[SMALL]) / "config.json").read_bytes()
