@@ -122,7 +122,7 @@ class Keeper:
                 return
             while True:
                 try:
-                    msg, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 1)
+                    msg, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 1, socket.MSG_CMSG_CLOEXEC)
                 except OSError:
                     return
                 if not msg:
@@ -215,7 +215,7 @@ class KeeperClient:
         assert self.sock is not None
         try:
             socket.send_fds(self.sock, [json.dumps(req).encode()], [fd] if fd is not None else [])
-            msg, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+            msg, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1, socket.MSG_CMSG_CLOEXEC)
         except OSError as e:
             self.close()
             raise KeeperError(e.errno, f"keeper at {self.path}: {e.strerror or e}") from None

@@ -218,3 +218,92 @@ def test_a_second_daemon_never_mounts_over_a_serving_one(hub, keeper, daemons, t
     assert "Traceback" not in second.log()
     assert len(mounts.at(str(d.mount))) == 1
     assert (snapshot(d, SMALL, hub.commits[SMALL]) / "config.json").read_bytes()
+
+
+# the pieces, without a mount ---------------------------------------------------------------
+
+
+def test_connection_state_formats_read_each_other_and_refuse_the_unknown():
+    from nodecache.connstate import FORMATS, ConnState, StateError, decode, encode
+
+    state = ConnState("/mnt", "0:42", 40, (1 << 37) | 1, conn_id="ab12", max_pages=256, max_background=64)
+    for fmt in FORMATS:
+        back = decode(encode(state, fmt))
+        assert (back.mount, back.dev, back.minor, back.flags, back.format) == ("/mnt", "0:42", 40, state.flags, fmt)
+    assert decode(encode(state, 2)).conn_id == "ab12" and decode(encode(state, 1)).conn_id is None
+    newer = json.loads(encode(state, 2))
+    assert decode(json.dumps({**newer, "format": 3, "extra": [1]}).encode()).format == 3, "compat 1: still readable"
+    for bad in (
+        b"not json",
+        b"[]",
+        json.dumps({**newer, "format": 3, "compat": 3}).encode(),  # a format we cannot read
+        json.dumps({**newer, "minor": "40"}).encode(),
+        json.dumps({**newer, "flags": True}).encode(),
+        json.dumps({**newer, "conn_id": 7}).encode(),
+        b" " * 20000,
+    ):
+        with pytest.raises(StateError):
+            decode(bad)
+
+
+def test_the_inode_table_survives_a_reopen_and_starts_over_with_a_new_mount(tmp_path):
+    from nodecache.inodes import PASSTHROUGH, SERVED, InodeTable
+
+    t = InodeTable(tmp_path / "conn", cache_max=20)
+    t.reset()
+    conn_id = t.conn_id
+    inos = {f"hub/f{i}": t.ino(f"hub/f{i}") for i in range(100)}
+    assert len(set(inos.values())) == 100 and 1 not in inos.values()
+    t.commit()
+    assert len(t._ino_of) <= 20, "memory holds a bounded cache"
+    t.opened(inos["hub/f1"], 7, PASSTHROUGH)
+    t.opened(inos["hub/f1"], 8, PASSTHROUGH)
+    t.opened(inos["hub/f2"], 9, SERVED)
+    t.set_backing(inos["hub/f1"], 5)
+    t.env.close()  # as a kill -9 leaves it: no commit of anything pending, no close()
+    t = InodeTable(tmp_path / "conn")
+    assert t.conn_id == conn_id
+    assert {p: t.ino(p) for p in inos} == inos and all(t.path(i) == p for p, i in inos.items())
+    assert t.ino("hub/new") == max(inos.values()) + 1, "numbers are never reused"
+    assert t.open_modes(inos["hub/f1"]) == (2, 0) and t.open_modes(inos["hub/f2"]) == (0, 1)
+    assert t.backing(inos["hub/f1"]) == (5, False)
+    assert t.released(inos["hub/f1"], 7) == PASSTHROUGH and t.released(inos["hub/f1"], 7) is None  # idempotent
+    t.reset()
+    assert t.conn_id != conn_id and t.path(inos["hub/f1"]) is None and t.backing(inos["hub/f1"]) is None
+    t.close()
+
+
+def test_the_keeper_lends_a_connection_to_one_daemon_at_a_time(tmp_path):
+    import threading
+
+    from nodecache.keeper import Keeper, KeeperBusy, KeeperClient, KeeperError
+
+    sock = tmp_path / "k" / "keeper.sock"
+    stop = threading.Event()
+    keeper = Keeper(sock)
+    server = threading.Thread(target=keeper.serve, args=(stop,), daemon=True)
+    server.start()
+    wait_until(sock.exists, what="the keeper's socket")
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"
+    r, w = os.pipe()  # stands in for /dev/fuse: the keeper only holds it
+    try:
+        first = KeeperClient(sock, timeout=5)
+        assert first.take("/mnt") is None
+        first.deposit("/mnt", r, b'{"format": 2}')
+        second = KeeperClient(sock, timeout=0.5)
+        with pytest.raises(KeeperBusy):
+            second.take("/mnt")  # the first still holds the lease
+        with pytest.raises(KeeperError, match="absolute"):
+            second.take("relative")
+        first.close()  # the first daemon is gone (however it went)
+        wait_until(lambda: keeper.held() == {"/mnt": False}, what="the lease to end")
+        fd, state = KeeperClient(sock, timeout=5).take("/mnt")
+        assert state == b'{"format": 2}'
+        os.write(w, b"same pipe")
+        assert os.read(fd, 100) == b"same pipe", "the fd handed back is the one deposited"
+        os.close(fd)
+    finally:
+        stop.set()
+        server.join(10)
+        os.close(r)
+        os.close(w)
