@@ -9,8 +9,8 @@ every file of the snapshot whole, listing refs/ and asking an xattr in a loop
   - killed with -9 and started again (`--kill9` times),
   - restarted writing the other connection-state format (`--swaps` times: 1, 2, 1, ...).
 Each restart waits for the reader to finish two more rounds. The stall of a
-restart is the longest reader op that overlaps the time from the stop to those
-two rounds (0 when none took 5 ms); errors are the reader's failed syscalls and
+restart is the longest reader op that ended between the stop and those two
+rounds (0 when none took 5 ms); errors are the reader's failed syscalls and
 wrong bytes in that window. Writes bench/results/restart.json and restart.png.
 
     python bench/restart.py --sigterm 10 --kill9 3 --swaps 2
@@ -150,7 +150,8 @@ def main() -> None:
             keeper.stop()
     per_restart = []
     for kind, t0, t_ready, t1 in windows:
-        slow = [s for s in stats["slow"] if s[0] <= t1 and s[0] + s[1] >= t0]  # ops overlapping the window
+        # an op belongs to the restart during which it ended (one in flight at a stop ends after it)
+        slow = [s for s in stats["slow"] if t0 <= s[0] + s[1] <= t1]
         errors = [e for e in stats["errors"] if t0 <= e[0] <= t1]
         per_restart.append(
             {
