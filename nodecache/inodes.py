@@ -44,6 +44,7 @@ class InodeTable:
         self._ino_of: dict[str, int] = {}
         self._path_of: dict[int, str] = {}
         self._pending: dict[str, int] = {}  # numbers handed out, not yet written
+        self._whole = False  # memory holds every number (a fresh table, nothing evicted): a miss is new
         with self.env.begin() as txn:
             raw = txn.get(b"next")
             self._next = _Q.unpack(raw)[0] if raw else ROOT + 1
@@ -65,6 +66,7 @@ class InodeTable:
         self._pending.clear()
         self._next, self._count = ROOT + 1, 0
         self._remember("", ROOT)
+        self._whole = True
 
     def close(self) -> None:
         self.commit()
@@ -83,8 +85,10 @@ class InodeTable:
         ino = self._pending.get(path)
         if ino is not None:
             return ino
-        with self.env.begin() as txn:
-            raw = txn.get(path.encode(), db=self._by_path)
+        raw = None
+        if not self._whole:
+            with self.env.begin() as txn:
+                raw = txn.get(path.encode(), db=self._by_path)
         if raw is not None:
             ino = _Q.unpack(raw)[0]
         else:
@@ -101,6 +105,8 @@ class InodeTable:
         for p, i in self._pending.items():
             if i == ino:
                 return p
+        if self._whole:
+            return None
         with self.env.begin() as txn:
             raw = txn.get(_Q.pack(ino), db=self._by_ino)
         if raw is None:
@@ -125,6 +131,7 @@ class InodeTable:
 
     def _remember(self, path: str, ino: int) -> None:
         if len(self._ino_of) >= self.cache_max:  # drop the oldest tenth; LMDB still has them
+            self._whole = False
             for old in list(self._ino_of)[1 : self.cache_max // 10 + 1]:  # [0] is the root
                 self._path_of.pop(self._ino_of.pop(old), None)
         self._ino_of[path] = ino
