@@ -4,7 +4,8 @@ Run it in a mount namespace of its own with private propagation (`unshare
 --mount --propagation private`): its copy of the mount is one no later mount
 can reach, like a container that did not ask for HostToContainer. It holds an
 open fd and an mmap of one file from start to end, and in a loop opens and
-reads every file whole, reads the held fd and the mmap at offsets that move,
+reads every file whole, opens the held file again and reads its head, reads
+the held fd and the mmap at offsets that move,
 lists a folder and asks an xattr (both always reach the daemon), and compares
 every byte with the expected digests. A failed syscall is recorded, never
 retried; a SIGBUS kills it (the test sees the signal).
@@ -63,10 +64,15 @@ def main(spec_path: str) -> int:
 
         return fn
 
+    def read_head(path: str, want: bytes) -> bool:
+        with open(path, "rb") as f:
+            return f.read(len(want)) == want
+
     while not os.path.exists(stop):
         for path, digest in files.items():
             op("read " + os.path.basename(path), read_whole(path, digest))
         off = (step * 65_537) % max(1, size - 4096)
+        op("open held", lambda: read_head(hold, whole[:4096]))
         op("held fd", lambda off=off: os.pread(fd, 4096, off) == whole[off : off + 4096])
         op("mmap", lambda off=off: mm[off : off + 4096] == whole[off : off + 4096])
         op("listdir", lambda: len(os.listdir(spec["list"])) > 0)
