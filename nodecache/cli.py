@@ -96,7 +96,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cfg.mount is None:
         raise CliError("serve needs --mount (or NODECACHE_MOUNT)")
     daemon.run(cfg)
-    return 0
+    # Everything is closed (index, store, sockets). With a keeper, the pods' readers wait for this
+    # process to end (kubelet starts the next daemon only then): skip the interpreter's teardown
+    # of every module and object, 0.1-0.2 s here.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 async def _prefetch_standalone(cfg: config_mod.Config, spec: str) -> None:
