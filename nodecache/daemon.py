@@ -33,7 +33,8 @@ from .scrub import Scrubber
 from .server import Faces, OneLineBadRequests, make_app
 from .startup import Configured, preload
 from .status import Serving, Status
-from .store import Store, Tier
+from .store import Store
+from .tier import Tier
 from .upstream.hf import HfUpstream
 from .upstream.sources import build_sources
 

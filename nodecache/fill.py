@@ -26,7 +26,10 @@ from .backoff import delays
 from .config import Config
 from .index import BlobRecord, Index
 from .metrics import Metrics
-from .store import BlobState, NoSpace, Quarantined, Store
+from .presence import BlobState
+from .quarantine import Quarantined
+from .store import Store
+from .tier import NoSpace
 from .upstream import NotFound, Upstream, UpstreamError
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .index import BlobRecord, Index
 from .repos import RepoRef, snapshot_blobs
-from .store import Tier
+from .tier import Tier
 
 
 class Pins:

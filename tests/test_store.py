@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from nodecache import store as store_mod
+from nodecache import directio
+from nodecache.blobfile import hash_file
 from nodecache.index import BlobRecord, Index
 from nodecache.layout import FileEntry, InvalidName
-from nodecache.store import Quarantined, Store, hash_file
+from nodecache.quarantine import Quarantined
+from nodecache.store import Store
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -563,14 +565,14 @@ def test_whole_blob_hash_advances_with_chunks_in_any_order(cache: Path, index: I
         st = store.state(rec)
         for i in (3, 1, 0, 4, 2):
             await store.write_chunk(st, i, data[i * CS : (i + 1) * CS])
-        await asyncio.gather(*store._hashing)
-        assert store._prefix[bid].next == 5, "the prefix hash caught up as the gaps filled"
+        await asyncio.gather(*store.hashes.tasks)
+        assert store.hashes.prefixes[bid].next == 5, "the prefix hash caught up as the gaps filled"
         await store.finish(st)
 
     try:
         asyncio.run(run())
         assert index.get_blob(bid).state == "complete"
-        assert not store._prefix
+        assert not store.hashes.prefixes
     finally:
         store.close()
 
@@ -592,7 +594,7 @@ def test_concurrent_chunk_writes_share_flushes_and_hash_from_memory(cache: Path,
 
     store._commit._flush = counting
     reads: list[int] = []
-    read_into = store_mod.directio.read_into
+    read_into = directio.read_into
 
     def counting_read(path, offset, length, buf):
         reads.append(offset)
@@ -606,19 +608,19 @@ def test_concurrent_chunk_writes_share_flushes_and_hash_from_memory(cache: Path,
         st = store.state(rec)
         order = [*range(len(parts))][::-1]  # worst case for an in-order hash
         await asyncio.gather(*(store.write_chunk(st, i, pieces[i], cache=False) for i in order))
-        await asyncio.gather(*store._hashing)
+        await asyncio.gather(*store.hashes.tasks)
         await store.finish(st)
 
-    store_mod.directio.read_into = counting_read
+    directio.read_into = counting_read
     try:
         asyncio.run(run())
     finally:
-        store_mod.directio.read_into = read_into
+        directio.read_into = read_into
         store.close()
     assert index.get_blob(rec.blob_id).state == "complete"
     assert sum(flushes) == len(parts) and len(flushes) < len(parts), flushes
     assert reads == [], "every chunk was hashed from memory"
-    assert store._held == 0, "held chunks are let go once hashed"
+    assert store.hashes.held == 0, "held chunks are let go once hashed"
     path = cache / "blobs" / rec.blob_id[:2] / rec.blob_id
     assert path.read_bytes() == data
 
@@ -634,11 +636,11 @@ def test_hash_memory_bound_falls_back_to_reading_back(cache: Path, index: Index)
         parts = chunks_of(data)
         for i in (5, 4, 3, 2):  # none is next in line: held while memory allows
             await store.write_chunk(st, i, parts[i], cache=False)
-            assert store._held <= 2 * CS
+            assert store.hashes.held <= 2 * CS
         await store.write_chunk(st, 1, parts[1], cache=True)  # a reader's chunk: read back from the page cache
-        assert sorted(store._prefix[rec.blob_id].held) == [4, 5]
+        assert sorted(store.hashes.prefixes[rec.blob_id].held) == [4, 5]
         await store.write_chunk(st, 0, parts[0], cache=False)
-        await asyncio.gather(*store._hashing)
+        await asyncio.gather(*store.hashes.tasks)
         await store.finish(st)
 
     try:
@@ -646,7 +648,7 @@ def test_hash_memory_bound_falls_back_to_reading_back(cache: Path, index: Index)
     finally:
         store.close()
     assert index.get_blob(rec.blob_id).state == "complete"
-    assert store._held == 0
+    assert store.hashes.held == 0
 
 
 def test_a_failed_write_of_a_hashed_chunk_spoils_the_running_hash(cache: Path, index: Index):
@@ -674,9 +676,9 @@ def test_a_failed_write_of_a_hashed_chunk_spoils_the_running_hash(cache: Path, i
         with pytest.raises(OSError):
             write = asyncio.create_task(store.write_chunk(st, 0, bad, cache=False))
             await asyncio.sleep(0)  # the hasher takes chunk 0 from memory...
-            await asyncio.gather(*store._hashing)
+            await asyncio.gather(*store.hashes.tasks)
             await write  # ...and then its write fails
-        assert store._prefix[rec.blob_id].spoiled
+        assert store.hashes.prefixes[rec.blob_id].spoiled
         for i in range(3):
             await store.write_chunk(st, i, parts[i], cache=False)
         await store.finish(st)  # hashes the file: the good bytes

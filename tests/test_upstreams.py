@@ -24,9 +24,9 @@ from aiohttp import web
 from conftest import BIG, SMALL, MiB, files_containing, sha256_file
 
 from nodecache import config
+from nodecache.blobfile import bad_chunks
 from nodecache.index import BlobRecord
 from nodecache.metrics import Metrics
-from nodecache.store import bad_chunks
 from nodecache.testing.hub import Fault, HubEmulator
 from nodecache.testing.s3 import MotoServer, upload_dir
 from nodecache.upstream import NotFound

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nodecache.backoff import proof_backoff
 from nodecache.config import Config, ConfigError, load
 from nodecache.index import Index
-from nodecache.store import quarantine_excess
+from nodecache.quarantine import quarantine_excess
 from nodecache.testing.hub import Fault
 
 REPO = "org/verify"

@@ -1,0 +1,138 @@
+"""The whole-blob hash of a fresh fill, advanced over chunks as they land in order,
+so proving a blob at the end costs one chunk, not a re-read of the whole file.
+
+Chunks written around the page cache that arrive ahead of the hash wait in
+`held` (bounded by hash_memory over all blobs), so the hash reads them from
+memory, not back from disk, and does not wait for their writes. A held chunk
+whose write then fails spoils the running hash: the proof falls back to
+hashing the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+
+from . import directio
+from .blobfile import new_hasher
+from .index import BlobRecord
+from .presence import BlobState
+
+
+class Prefix:
+    """One blob's running hash: chunks [0, next) are taken."""
+
+    def __init__(self, rec: BlobRecord):
+        self.hasher = new_hasher(rec.kind, rec.size)
+        self.next = 0  # chunks [0, next) are taken by the hasher
+        self.held: dict[int, tuple[list, int]] = {}  # chunk -> (its buffers, bytes)
+        self.spoiled = False
+        self.lock = asyncio.Lock()
+
+
+class InOrderHashes:
+    """Every running hash of the store; hashing runs in `pool` (not behind chunk writes)."""
+
+    def __init__(self, buffers: directio.BufferPool, pool: Executor, hash_memory: int, path_of: Callable[[str], Path]):
+        self.buffers, self.pool, self.hash_memory, self.path_of = buffers, pool, hash_memory, path_of
+        self.held = 0  # bytes of chunks held (all blobs)
+        self.prefixes: dict[str, Prefix] = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    def start(self, rec: BlobRecord) -> None:
+        """A blob filled from nothing gets a running hash (a "source" id has no hash to run)."""
+        if rec.kind in ("sha256", "gitsha1"):
+            self.prefixes[rec.blob_id] = Prefix(rec)
+
+    def get(self, blob_id: str) -> Prefix | None:
+        return self.prefixes.get(blob_id)
+
+    def hold(self, st: BlobState, prefix: Prefix, index: int, pieces: list, size: int) -> None:
+        """Keep a chunk for the in-order hash if it is ahead of it and memory allows."""
+        if index < prefix.next or index in prefix.held or self.held + size > self.hash_memory:
+            return
+        prefix.held[index] = (pieces, size)
+        self.held += size
+        self.kick(st)
+
+    def unhold(self, prefix: Prefix, index: int, spoil: bool = False) -> list | None:
+        """Stop holding a chunk; returns its pieces if it was held."""
+        held = prefix.held.pop(index, None)
+        if held is not None:
+            self.held -= held[1]
+            return held[0]
+        if spoil and index < prefix.next:
+            prefix.spoiled = True  # the hasher took bytes that never made it to disk
+        return None
+
+    def drop(self, blob_id: str) -> None:
+        prefix = self.prefixes.pop(blob_id, None)
+        if prefix is not None:
+            for index in list(prefix.held):
+                self.unhold(prefix, index)
+
+    def kick(self, st: BlobState) -> None:
+        """Advance the blob's hash if its next chunk is here (the lock serializes; a late task finds nothing)."""
+        prefix = self.prefixes.get(st.rec.blob_id)
+        if prefix is None or prefix.spoiled or prefix.next >= st.rec.n_chunks:
+            return
+        if not (prefix.next in prefix.held or st.has(prefix.next)):
+            return
+        task = asyncio.get_running_loop().create_task(self.advance(st, prefix))
+        self.tasks.add(task)
+        task.add_done_callback(lambda t: (self.tasks.discard(t), t.cancelled() or t.exception()))
+
+    async def result(self, st: BlobState) -> str | None:
+        """The finished hash of a blob whose chunks are all present, or None if it has none
+        (not filled from nothing, or spoiled): then the file must be hashed. Ends its run."""
+        prefix = self.prefixes.get(st.rec.blob_id)
+        if prefix is None:
+            return None
+        await self.advance(st, prefix)
+        self.drop(st.rec.blob_id)
+        if prefix.next == st.rec.n_chunks and not prefix.spoiled:
+            return prefix.hasher.hexdigest()
+        return None
+
+    async def advance(self, st: BlobState, prefix: Prefix) -> None:
+        """Feed the in-order run of available chunks to the blob's running hash.
+
+        A held chunk is hashed from memory; a chunk only on disk is read back
+        (around the page cache) one chunk ahead of the hash, so the disk and
+        the hash work at the same time.
+        """
+        rec = st.rec
+        path = self.path_of(rec.blob_id)
+        loop = asyncio.get_running_loop()
+
+        def load(k: int):
+            start, end = st.chunk_range(k)
+            buf = self.buffers.take(end - start)  # given back by digest(); if we are cancelled, garbage
+            return buf, [directio.read_into(path, start, end - start, buf)]
+
+        def digest(item) -> None:
+            buf, pieces = item
+            for p in pieces:
+                prefix.hasher.update(p)
+            if buf is not None:
+                pieces[0].release()
+                self.buffers.give(buf)
+
+        def on_disk(k: int) -> bool:
+            return k < rec.n_chunks and k not in prefix.held and st.has(k)
+
+        async with prefix.lock:
+            ahead: asyncio.Future | None = None
+            while not prefix.spoiled and self.prefixes.get(rec.blob_id) is prefix:
+                k = prefix.next
+                if k in prefix.held:
+                    item = (None, self.unhold(prefix, k))
+                elif on_disk(k):
+                    item = await (ahead if ahead is not None else loop.run_in_executor(self.pool, load, k))
+                else:
+                    break
+                prefix.next = k + 1  # taken: a failed write of chunk k from now on spoils the hash
+                ahead = loop.run_in_executor(self.pool, load, k + 1) if on_disk(k + 1) else None
+                await loop.run_in_executor(self.pool, digest, item)

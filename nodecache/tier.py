@@ -1,0 +1,52 @@
+"""Where blob files live: tiers (shm, disk) with a byte quota and watermarks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class NoSpace(Exception):
+    """A tier cannot take more bytes, even after evicting everything evictable."""
+
+
+@dataclass
+class Tier:
+    """One place blob files live (shm or disk), with a byte quota and watermarks.
+
+    `used` counts bytes of chunks written (reserved before the write), so the
+    quota is exceeded by at most the chunks in flight.
+    """
+
+    name: str
+    root: Path
+    quota: int = 0  # 0: the filesystem's size
+    high: float = 0.9
+    low: float = 0.8
+    min_free: int = 0
+    used: int = 0  # includes `quarantined`
+
+    @property
+    def blobs(self) -> Path:
+        return self.root / "blobs"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    def blob_path(self, blob_id: str) -> Path:
+        """The file of a (checked) blob id in this tier."""
+        return self.blobs / blob_id[:2] / blob_id
+
+    def capacity(self) -> int:
+        st = os.statvfs(self.root)
+        size = st.f_blocks * st.f_frsize
+        return min(self.quota, size) if self.quota else size
+
+    def fs_free(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def fits(self, n: int, fraction: float) -> bool:
+        return self.used + n <= self.capacity() * fraction and self.fs_free() - n >= self.min_free
