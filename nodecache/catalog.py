@@ -41,13 +41,29 @@ class Catalog:
         self.on_change = on_change  # (repo_type, repo_id): the tree must show what the index now holds
         self._not_found = ExpiringSet(ttl=30.0, max_items=10_000)  # on-demand lookups that failed
         self._resolving: dict[tuple[RepoSpec, str], asyncio.Future] = {}  # (spec, kind) -> one resolution
-        for view in index.views():
+        self._load_verify_first()
+
+    def _load_verify_first(self) -> None:
+        """The index keeps the verify-first blob ids with the patterns that chose them: a start
+        reads that set, not every snapshot, unless verify_before_serve changed since."""
+        patterns = list(self.cfg.verify_before_serve)
+        if self.index.get_meta("verify_first_patterns") == patterns:
+            self.filler.verify_first.update(self.index.verify_first())
+            return
+        ids: set[str] = set()
+        for view in self.index.views():
             for files in view.snapshots.values():
-                self._verify_first(view.repo_id, files)
+                ids.update(f.blob_id for f in files if self.cfg.verify_first(view.repo_id, f.path))
+        self.index.set_verify_first(ids, replace=True)
+        self.index.put_meta("verify_first_patterns", patterns)
+        self.filler.verify_first.update(ids)
 
     def _verify_first(self, repo_id: str, files: list) -> None:
         """Blobs shown under a verify_before_serve name anywhere are read only once proven."""
-        self.filler.verify_first.update(f.blob_id for f in files if self.cfg.verify_first(repo_id, f.path))
+        ids = {f.blob_id for f in files if self.cfg.verify_first(repo_id, f.path)} - self.filler.verify_first
+        if ids:
+            self.index.set_verify_first(ids)
+            self.filler.verify_first.update(ids)
 
     def _resolved(self, ref: RepoRef) -> RepoRef:
         self._verify_first(ref.repo_id, self.index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit) or [])

@@ -124,13 +124,16 @@ class Index:
         self.on_invalid = on_invalid
         path.mkdir(parents=True, exist_ok=True)
         # metasync=False: a crash may lose the last transaction, never integrity.
-        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, metasync=False)
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, metasync=False)
         self._refs = self.env.open_db(b"refs")
         self._snaps = self.env.open_db(b"snapshots")
         self._blobs = self.env.open_db(b"blobs")
         self._chunks = self.env.open_db(b"chunks")
         self._pins = self.env.open_db(b"pins")
         self._repos = self.env.open_db(b"repos")
+        self._meta = self.env.open_db(b"meta")  # small records about the index itself (counters, start marks)
+        self._verify = self.env.open_db(b"verify_first")  # blob ids shown under a verify_before_serve name
+        self._count_blob_states()
 
     def close(self) -> None:
         self.env.close()
@@ -142,8 +145,86 @@ class Index:
         with self.env.begin(write=True) as txn:
             for key, e in bad:
                 log.warning("index: dropping invalid %s entry %r: %s", db_name, key[:200], e)
+                if db is self._blobs:
+                    self._count_state(txn, self._stored_state(txn, key), None)
                 txn.delete(key, db=db)
                 self.on_invalid(db_name)
+
+    # meta ----------------------------------------------------------------------
+
+    def get_meta(self, name: str) -> object | None:
+        """A small JSON record about the index itself (None: absent or unreadable)."""
+        with self.env.begin() as txn:
+            raw = txn.get(name.encode(), db=self._meta)
+        try:
+            return json.loads(raw) if raw else None
+        except _BAD:
+            return None
+
+    def put_meta(self, name: str, value: object | None, sync: bool = False) -> None:
+        """Set (or, with None, delete) a meta record; `sync` makes it durable before returning."""
+        with self.env.begin(write=True) as txn:
+            if value is None:
+                txn.delete(name.encode(), db=self._meta)
+            else:
+                txn.put(name.encode(), json.dumps(value).encode(), db=self._meta)
+        if sync:
+            self.env.sync(True)
+
+    # blob state counters: kept in the transaction that changes a record ----------
+
+    def _count_blob_states(self) -> None:
+        """Count once, for an index written before the counters existed; later writes keep them."""
+        with self.env.begin(write=True) as txn:
+            if txn.get(b"blob_states", db=self._meta) is not None:
+                return
+            counts = dict.fromkeys(_STATES, 0)
+            for key, _ in txn.cursor(db=self._blobs):
+                state = self._stored_state(txn, key)
+                if state is not None:
+                    counts[state] += 1
+            txn.put(b"blob_states", json.dumps(counts).encode(), db=self._meta)
+
+    def _stored_state(self, txn, key: bytes) -> str | None:
+        """The state a stored record counts under (None: absent, or not one we could have counted)."""
+        raw = txn.get(key, db=self._blobs)
+        try:
+            state = json.loads(raw)["state"] if raw else None
+        except _BAD:
+            return None
+        return state if state in _STATES else None
+
+    def _count_state(self, txn, old: str | None, new: str | None) -> None:
+        if old == new:
+            return
+        raw = txn.get(b"blob_states", db=self._meta)
+        counts = json.loads(raw) if raw else dict.fromkeys(_STATES, 0)
+        for state, delta in ((old, -1), (new, 1)):
+            if state is not None:
+                counts[state] = max(0, counts.get(state, 0) + delta)
+        txn.put(b"blob_states", json.dumps(counts).encode(), db=self._meta)
+
+    def blob_states(self) -> dict[str, int]:
+        """How many blob records are in each state: one read, not a scan."""
+        counts = self.get_meta("blob_states")
+        out = dict.fromkeys(_STATES, 0)
+        if isinstance(counts, dict):
+            out.update({k: v for k, v in counts.items() if k in out and type(v) is int})
+        return out
+
+    # verify-first blobs ----------------------------------------------------------
+
+    def verify_first(self) -> set[str]:
+        with self.env.begin() as txn:
+            return {key.decode() for key, _ in txn.cursor(db=self._verify)}
+
+    def set_verify_first(self, blob_ids: set[str], replace: bool = False) -> None:
+        """Add blob ids (or, with `replace`, make the set exactly these)."""
+        with self.env.begin(write=True) as txn:
+            if replace:
+                txn.drop(self._verify, delete=False)
+            for blob_id in blob_ids:
+                txn.put(validate_blob_id(blob_id).encode(), b"", db=self._verify)
 
     # refs and snapshots ------------------------------------------------------
 
@@ -371,8 +452,10 @@ class Index:
 
     def put_blob(self, rec: BlobRecord) -> None:
         check_blob(rec)  # what cannot be loaded back must not be stored
+        key = rec.blob_id.encode()
         with self.env.begin(write=True) as txn:
-            txn.put(rec.blob_id.encode(), json.dumps(asdict(rec)).encode(), db=self._blobs)
+            self._count_state(txn, self._stored_state(txn, key), rec.state)
+            txn.put(key, json.dumps(asdict(rec)).encode(), db=self._blobs)
 
     def add_blobs(self, recs: list[BlobRecord]) -> int:
         """Record the blobs not known yet (or known only by an entry that fails its
@@ -381,6 +464,7 @@ class Index:
         for rec in recs:
             check_blob(rec)
         added = 0
+        counts = dict.fromkeys(_STATES, 0)
         with self.env.begin(write=True) as txn:
             for rec in recs:
                 key = rec.blob_id.encode()
@@ -392,9 +476,20 @@ class Index:
                     except _BAD as e:
                         log.warning("index: replacing invalid blobs entry %r: %s", key[:200], e)
                         self.on_invalid("blobs")
+                        self._count_state(txn, self._stored_state(txn, key), None)
                 txn.put(key, json.dumps(asdict(rec)).encode(), db=self._blobs)
+                counts[rec.state] += 1
                 added += 1
+            if added:
+                self._add_counts(txn, counts)
         return added
+
+    def _add_counts(self, txn, counts: dict[str, int]) -> None:
+        raw = txn.get(b"blob_states", db=self._meta)
+        stored = json.loads(raw) if raw else dict.fromkeys(_STATES, 0)
+        for state, n in counts.items():
+            stored[state] = stored.get(state, 0) + n
+        txn.put(b"blob_states", json.dumps(stored).encode(), db=self._meta)
 
     def all_blobs(self) -> list[BlobRecord]:
         out, bad = [], []

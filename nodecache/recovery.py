@@ -1,9 +1,21 @@
 """What a start learns from the index and the disk before serving: each tier's
-usage, files nobody claims, and chunks recorded but not durably written."""
+usage, files nobody claims, and chunks recorded but not durably written.
+
+A clean stop leaves each tier's usage in the index beside the tier's mark (a
+random name kept in the tier's `blobs/.mark`), synced after the blob files
+were; a start that finds that record, with every mark unchanged, takes the
+usage from it and has nothing to recover: O(tiers), not O(blobs). The record
+is deleted (durably) before serving, so a crash since leaves none, and a tier
+that lost its files (shm after a reboot) has a new mark: both are counted and
+recovered from the index and the disk, as every start used to be.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +26,51 @@ from .quarantine import QuarantineDirs
 from .tier import Tier
 
 log = logging.getLogger(__name__)
+
+_CLEAN = "clean_stop"
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def tier_mark(tier: Tier) -> str:
+    """The tier's mark, made if it has none (a new or wiped tier)."""
+    path = tier.blobs / ".mark"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        mark = uuid.uuid4().hex
+        tmp = path.with_name(".mark.tmp")
+        tmp.write_text(mark)
+        os.replace(tmp, path)
+        return mark
+
+
+def take_clean_stop(index: Index, tiers: dict[str, Tier]) -> bool:
+    """At start: if the last stop was clean and every tier kept its files, set each tier's
+    usage from it and return True. The record is gone (durably) either way."""
+    saved = index.get_meta(_CLEAN)
+    index.put_meta(_CLEAN, None, sync=True)
+    if not isinstance(saved, dict) or set(saved) != set(tiers):
+        return False
+    for name, tier in tiers.items():
+        entry = saved[name]
+        if not isinstance(entry, dict) or entry.get("mark") != tier_mark(tier) or type(entry.get("used")) is not int:
+            return False
+    for name, tier in tiers.items():
+        tier.used = max(0, saved[name]["used"])
+    return True
+
+
+def leave_clean_stop(index: Index, tiers: dict[str, Tier], synced: bool) -> None:
+    """At a clean stop (nothing in flight): flush the tiers' files unless every chunk was
+    synced before it was recorded, then record each tier's usage and mark."""
+    if not synced:
+        for tier in tiers.values():
+            fd = os.open(tier.blobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _LIBC.syncfs(fd)
+            finally:
+                os.close(fd)
+    index.put_meta(_CLEAN, {name: {"used": t.used, "mark": tier_mark(t)} for name, t in tiers.items()}, sync=True)
 
 
 def load_usage(index: Index, tiers: dict[str, Tier], quarantine: QuarantineDirs) -> None:

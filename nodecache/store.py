@@ -77,7 +77,10 @@ class Store:
         self._recs: dict[str, BlobRecord] = {}
         self._states: dict[str, BlobState] = {}
         self._fds = FdCache(self.path)
-        recovery.load_usage(index, self.tiers, self.quarantined)
+        # After a clean stop the index holds each tier's usage and nothing needs recovering.
+        self.clean_start = recovery.take_clean_stop(index, self.tiers)
+        if not self.clean_start:
+            recovery.load_usage(index, self.tiers, self.quarantined)
 
     def path(self, blob_id: str) -> Path:
         validate_blob_id(blob_id)  # never join an unchecked name to a path
@@ -103,6 +106,7 @@ class Store:
         self._hash_pool.shutdown(wait=False, cancel_futures=True)
         self.buffers.close()
         self.flush_access_times()
+        recovery.leave_clean_stop(self.index, self.tiers, synced=self.fsync)
 
     def flush_access_times(self) -> None:
         """last_access lives in memory while serving; persist it now and then."""
@@ -113,8 +117,8 @@ class Store:
                 self.index.put_blob(stored)
 
     def recover(self) -> int:
-        """Re-verify recorded chunks of partial blobs after a crash (recovery.recover)."""
-        return recovery.recover(self.index, self.tiers, self.path)
+        """Re-verify recorded chunks of partial blobs after a crash (recovery.recover); nothing after a clean stop."""
+        return 0 if self.clean_start else recovery.recover(self.index, self.tiers, self.path)
 
     # presence ---------------------------------------------------------------
 

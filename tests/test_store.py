@@ -241,6 +241,39 @@ def test_index_persists_across_close_and_reopen(cache: Path):
         idx.close()
 
 
+def test_index_counts_blob_states_as_it_writes_them(cache: Path):
+    """The counts /metrics and /v1/status show are kept by the writes, and match a scan."""
+    path = cache / "index"
+    idx = Index(path, map_size=64 * MiB)
+
+    def scanned() -> dict[str, int]:
+        counts = dict.fromkeys(("partial", "complete", "quarantined"), 0)
+        for r in idx.all_blobs():
+            counts[r.state] += 1
+        return counts
+
+    a, b, c = (BlobRecord(ch * 64, CS, "sha256", CS) for ch in "abc")
+    assert idx.add_blobs([a, b]) == 2 and idx.add_blobs([a, b, c]) == 1  # known ones are not counted twice
+    assert idx.blob_states() == {"partial": 3, "complete": 0, "quarantined": 0}
+    a.state = "complete"
+    idx.put_blob(a)
+    idx.put_blob(a)  # no change of state
+    b.state = "quarantined"
+    idx.put_blob(b)
+    assert idx.blob_states() == scanned() == {"partial": 1, "complete": 1, "quarantined": 1}
+    with idx.env.begin(write=True) as txn:  # a hostile record: dropped on load, and uncounted
+        txn.put(c.blob_id.encode(), b'{"state": "partial", "size": -1}', db=idx._blobs)
+    assert idx.get_blob(c.blob_id) is None
+    assert idx.blob_states() == scanned() == {"partial": 0, "complete": 1, "quarantined": 1}
+    idx.put_meta("blob_states", None)  # an index from before the counters: counted once on open
+    idx.close()
+    idx = Index(path, map_size=64 * MiB)
+    try:
+        assert idx.blob_states() == scanned() == {"partial": 0, "complete": 1, "quarantined": 1}
+    finally:
+        idx.close()
+
+
 # --- Store ---------------------------------------------------------------------
 
 
@@ -383,6 +416,46 @@ def test_hash_file_matches_git_and_sha256(tmp_path: Path):
     assert hash_file(f, "sha256", 6) == hashlib.sha256(b"hello\n").hexdigest()
 
 
+def crash(store: Store) -> None:
+    """What a kill -9 leaves: the blob files and the index, without the record of a clean stop."""
+    store.close()
+    store.index.put_meta("clean_stop", None)
+
+
+def test_a_clean_stop_lets_the_next_start_skip_counting_and_recovery(cache: Path, index: Index, store: Store):
+    """After a clean stop the usage comes from the index (no blob record read) and nothing is
+    re-verified; after a crash, or once a tier lost its files, both are done from the disk."""
+    data = payload(3 * CS + 5, seed=21)
+    rec = record("sha256", data)
+    index.put_blob(rec)
+    asyncio.run(fill(store, rec, data, order=[0, 2]))
+    used = store.tiers["disk"].used
+    assert used == 2 * CS
+    store.close()
+    with open(store.path(rec.blob_id), "r+b") as f:  # damage after a clean stop is the scrubber's to find
+        f.seek(100)
+        f.write(b"\xff" * 16)
+
+    scans = []
+    all_blobs = index.all_blobs
+    index.all_blobs = lambda: scans.append(1) or all_blobs()
+    again = Store(cache, index)
+    assert again.clean_start and again.tiers["disk"].used == used and again.recover() == 0
+    assert scans == [], "a clean start reads no blob record"
+    assert index.get_meta("clean_stop") is None, "a crash from now on must not look clean"
+    crash(again)
+
+    after_crash = Store(cache, index)
+    assert not after_crash.clean_start and after_crash.tiers["disk"].used == used
+    assert after_crash.recover() == 1 and scans, "a crash start counts and recovers from the index"
+    after_crash.close()
+
+    (cache / "blobs" / ".mark").unlink()  # as a tmpfs tier after a reboot
+    wiped = Store(cache, index)
+    assert not wiped.clean_start and wiped.tiers["disk"].used == CS
+    wiped.close()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_recover_drops_only_chunks_whose_bytes_changed(cache: Path, index: Index, store: Store, kind: str):
     data = payload(4 * CS - 9, seed=5)
@@ -391,7 +464,7 @@ def test_recover_drops_only_chunks_whose_bytes_changed(cache: Path, index: Index
     asyncio.run(fill(store, rec, data, order=[0, 1, 3]))  # chunk 2 never fetched
     before = index.chunks(rec.blob_id)
     assert sorted(before) == [0, 1, 3]
-    store.close()
+    crash(store)
 
     # A crash left chunk 1 recorded but its bytes are not what was recorded.
     with open(store.path(rec.blob_id), "r+b") as f:
@@ -416,7 +489,7 @@ def test_recover_gives_back_blocks_of_chunks_written_but_never_recorded(cache: P
     rec = record("sha256", data)
     index.put_blob(rec)
     asyncio.run(fill(store, rec, data, order=[1]))
-    store.close()
+    crash(store)
     with open(store.path(rec.blob_id), "r+b") as f:  # chunks 2 and 3 written, the crash before their record
         f.seek(2 * CS)
         f.write(data[2 * CS :])
@@ -448,7 +521,7 @@ def test_recover_handles_truncated_and_missing_files_and_skips_complete(cache: P
         await store.finish(await fill(store, rc, c))
 
     asyncio.run(run())
-    store.close()
+    crash(store)
     os.truncate(store.path(ra.blob_id), CS + 5)  # chunk 0 intact, 1 cut short, 2 gone
     os.unlink(store.path(rb.blob_id))
 

@@ -18,14 +18,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import MiB, snapshot_dir
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodecache.backoff import proof_backoff
+from nodecache.catalog import Catalog
 from nodecache.config import Config, ConfigError, load
 from nodecache.index import Index
+from nodecache.layout import FileEntry
 from nodecache.quarantine import quarantine_excess
 from nodecache.testing.hub import Fault
 
@@ -202,6 +205,30 @@ def test_verify_before_serve_holds_reads_until_the_proof(hub, daemons):
 
     assert pread(snap / "w.safetensors", 0, 4096) == files["w.safetensors"][:4096]  # lazy: no proof yet
     assert d.status()["blobs"] == {"partial": 1, "complete": 2, "quarantined": 0}
+
+
+def test_verify_first_blobs_are_kept_in_the_index(tmp_path: Path):
+    """A start reads the verify-first set from the index, not every snapshot; a change of
+    verify_before_serve makes the next start choose again from the snapshots."""
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+    pt, st, gg = "a" * 64, "b" * 64, "c" * 64
+    files = [FileEntry("pytorch_model.bin", 1, pt), FileEntry("model.safetensors", 1, st), FileEntry("q.gguf", 1, gg)]
+    index.put_snapshot("model", "org/m", "1" * 40, files)
+
+    def catalog(cfg: Config) -> set[str]:
+        filler = SimpleNamespace(verify_first=set())
+        Catalog(cfg, index, sources=None, filler=filler, policy=None, on_change=lambda *_: None)
+        return filler.verify_first
+
+    try:
+        assert catalog(Config()) == {pt}
+        views = index.views
+        index.views = lambda: pytest.fail("the snapshots were read again")
+        assert catalog(Config()) == {pt}
+        index.views = views
+        assert catalog(Config(verify_before_serve=("*.gguf",))) == {gg}
+    finally:
+        index.close()
 
 
 def test_verify_before_serve_config():
