@@ -81,6 +81,8 @@ class Store:
         self.clean_start = recovery.take_clean_stop(index, self.tiers)
         if not self.clean_start:
             recovery.load_usage(index, self.tiers, self.quarantined)
+        used = ", ".join(f"{t.name} {t.used:,}" for t in self.tiers.values())
+        log.info("bytes used (%s): %s", "as left at a clean stop" if self.clean_start else "counted", used)
 
     def path(self, blob_id: str) -> Path:
         validate_blob_id(blob_id)  # never join an unchecked name to a path
@@ -192,7 +194,10 @@ class Store:
 
     def evict(self, rec: BlobRecord) -> int:
         """Drop a blob's bytes (its record stays: it can be fetched again). Returns bytes freed."""
-        rec = self._recs.get(rec.blob_id, rec)
+        # The shared record, never the caller's copy (evict_lru's come from the index): path()
+        # below would otherwise cache the index's record, still "complete", as the shared one,
+        # and a second eviction would subtract the bytes of a deleted file again.
+        rec = self.record(rec.blob_id) or rec
         cached = self.cached_bytes(rec)
         if cached == 0 and not self.path(rec.blob_id).exists():
             return 0

@@ -416,6 +416,26 @@ def test_hash_file_matches_git_and_sha256(tmp_path: Path):
     assert hash_file(f, "sha256", 6) == hashlib.sha256(b"hello\n").hexdigest()
 
 
+def test_evicting_a_record_copy_twice_frees_its_bytes_once(cache: Path, index: Index, store: Store):
+    """evict_lru hands evict() records read from the index; a blob nobody touched since the
+    start has no shared record yet. Evicting it twice must not subtract its bytes twice (the
+    second eviction found the index's old "complete" record cached as the shared one)."""
+    data = payload(2 * CS, seed=23)
+    rec = record("sha256", data)
+    index.put_blob(rec)
+    st = asyncio.run(fill(store, rec, data))
+    asyncio.run(store.finish(st))
+    store.close()
+    fresh = Store(cache, index)  # a start: no record of it in memory
+    try:
+        assert fresh.tiers["disk"].used == 2 * CS
+        assert fresh.evict(index.all_blobs()[0]) == 2 * CS
+        assert fresh.evict(index.all_blobs()[0]) == 0
+        assert fresh.tiers["disk"].used == 0 and fresh.record(rec.blob_id).state == "partial"
+    finally:
+        fresh.close()
+
+
 def crash(store: Store) -> None:
     """What a kill -9 leaves: the blob files and the index, without the record of a clean stop."""
     store.close()
