@@ -20,7 +20,7 @@ from .fill import Filler
 from .index import Index
 from .layout import RepoSpec
 from .policy import RepoPolicy
-from .repos import RepoRef, ensure_repo, snapshot_blobs
+from .repos import RepoRef, ensure_repo
 from .upstream import NotFound, UpstreamError
 from .upstream.sources import Sources
 
@@ -36,18 +36,22 @@ class Catalog:
         filler: Filler,
         policy: RepoPolicy,
         on_change: Callable[[str, str], None],
+        index_as_left: bool = False,
     ):
+        """`index_as_left`: the index is as this node left it at a clean stop (Store.clean_start),
+        so its snapshots need no second check at start."""
         self.cfg, self.index, self.sources, self.filler, self.policy = cfg, index, sources, filler, policy
         self.on_change = on_change  # (repo_type, repo_id): the tree must show what the index now holds
         self._not_found = ExpiringSet(ttl=30.0, max_items=10_000)  # on-demand lookups that failed
         self._resolving: dict[tuple[RepoSpec, str], asyncio.Future] = {}  # (spec, kind) -> one resolution
-        self._load_verify_first()
+        self._load_verify_first(index_as_left)
 
-    def _load_verify_first(self) -> None:
+    def _load_verify_first(self, index_as_left: bool) -> None:
         """The index keeps the verify-first blob ids with the patterns that chose them: a start
-        reads that set, not every snapshot, unless verify_before_serve changed since."""
+        after a clean stop reads that set, not every snapshot, unless verify_before_serve changed.
+        Any other start reads (and so checks, dropping bad ones) every snapshot."""
         patterns = list(self.cfg.verify_before_serve)
-        if self.index.get_meta("verify_first_patterns") == patterns:
+        if index_as_left and self.index.get_meta("verify_first_patterns") == patterns:
             self.filler.verify_first.update(self.index.verify_first())
             return
         ids: set[str] = set()
@@ -65,8 +69,13 @@ class Catalog:
             self.index.set_verify_first(ids)
             self.filler.verify_first.update(ids)
 
-    def _resolved(self, ref: RepoRef) -> RepoRef:
-        self._verify_first(ref.repo_id, self.index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit) or [])
+    async def _ensure(self, spec: RepoSpec, accept=None) -> RepoRef:
+        """Resolve into the index; a snapshot new to the index has its verify-first blobs noted
+        (one already there had them noted when it came: a re-resolution reads no file list)."""
+        before = self.index.commits(spec.repo_type, spec.repo_id)
+        ref = await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec, accept)
+        if ref.commit not in before:
+            self._verify_first(ref.repo_id, self.index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit) or [])
         return ref
 
     def indexed(self, spec: RepoSpec) -> bool:
@@ -84,6 +93,12 @@ class Catalog:
         Concurrent calls for one spec share one resolution. `public_only`
         (requests nobody configured) refuses a repo the Hub does not call public.
         """
+        ref = await self.ensure(spec, public_only)
+        files = self.index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit) or []
+        return ref, sum({f.blob_id: f.size for f in files}.values()), [f.blob_id for f in files]
+
+    async def ensure(self, spec: RepoSpec, public_only: bool = False) -> RepoRef:
+        """add_repo without reading the snapshot's file list (a re-resolution at start)."""
         key = (spec, "public" if public_only else "any")
         pending = self._resolving.get(key)
         if pending is None:
@@ -91,17 +106,20 @@ class Catalog:
             pending.add_done_callback(lambda _: self._resolving.pop(key, None))
         return await asyncio.shield(pending)
 
-    async def _add_repo(self, spec: RepoSpec, public_only: bool) -> tuple[RepoRef, int, list[str]]:
+    async def close(self) -> None:
+        """Cancel resolutions still running (their callers were cancelled; the index closes next)."""
+        pending = list(self._resolving.values())
+        for fut in pending:
+            fut.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _add_repo(self, spec: RepoSpec, public_only: bool) -> RepoRef:
         def public(res) -> str:
             return "" if res.visibility == "public" else f"{res.visibility} repos are resolved only when named"
 
-        ref = self._resolved(
-            await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec, public if public_only else None)
-        )
-        blobs = snapshot_blobs(self.index, ref)
+        ref = await self._ensure(spec, public if public_only else None)
         self.on_change(ref.repo_type, ref.repo_id)
-        total = sum(self.filler.record(b).size for b in dict.fromkeys(blobs))
-        return ref, total, blobs
+        return ref
 
     async def refresh_refs(self) -> int:
         """Re-resolve refs older than ref_ttl; a new commit appears as a new snapshot
@@ -112,7 +130,7 @@ class Catalog:
                 continue
             try:
                 spec = RepoSpec(repo_type, repo_id, revision)
-                ref = self._resolved(await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec))
+                ref = await self._ensure(spec)
             except (UpstreamError, ValueError) as e:
                 log.warning("cannot re-resolve %s@%s: %s", repo_id, revision, e)
                 continue

@@ -88,7 +88,9 @@ class Daemon:
             chain = lambda rec, k: peers.chain(self.sources.chain(rec), rec, k)  # noqa: E731
         self.filler = Filler(cfg, self.index, self.store, chain, m, self.fuse.quarantined, pinned=self.pins.pinned)
         policy = RepoPolicy.from_config(cfg)
-        self.catalog = Catalog(cfg, self.index, self.sources, self.filler, policy, self.fuse.tree_changed)
+        self.catalog = Catalog(
+            cfg, self.index, self.sources, self.filler, policy, self.fuse.tree_changed, self.store.clean_start
+        )
         self.jobs = Jobs(self.filler)
         self.scrubber = Scrubber(self.store, self.filler, m, cfg.scrub_bps, cfg.scrub_interval)
         self.ops = Operations(self.catalog, self.pins, self.index, self.store, self.filler, self.jobs, self.scrubber)
@@ -103,6 +105,7 @@ class Daemon:
     async def close(self) -> None:
         await self.jobs.close()
         await self.compile_caches.close()
+        await self.catalog.close()
         await self.scrubber.close()
         await self.filler.close()
         await self.sources.close()

@@ -32,6 +32,7 @@ from .layout import (
 log = logging.getLogger(__name__)
 
 _CHUNK_KEY = struct.Struct(">Q")
+_PROOF = struct.Struct(">d")  # a proof's time, ordered as bytes (times are never negative)
 
 
 @dataclass
@@ -133,7 +134,8 @@ class Index:
         self._repos = self.env.open_db(b"repos")
         self._meta = self.env.open_db(b"meta")  # small records about the index itself (counters, start marks)
         self._verify = self.env.open_db(b"verify_first")  # blob ids shown under a verify_before_serve name
-        self._count_blob_states()
+        self._proofs = self.env.open_db(b"proofs")  # (verified_at, blob id) of every complete blob
+        self._derive_once()
 
     def close(self) -> None:
         self.env.close()
@@ -146,7 +148,7 @@ class Index:
             for key, e in bad:
                 log.warning("index: dropping invalid %s entry %r: %s", db_name, key[:200], e)
                 if db is self._blobs:
-                    self._count_state(txn, self._stored_state(txn, key), None)
+                    self._derive_many(txn, [(key, self._stored(txn, key), None)])
                 txn.delete(key, db=db)
                 self.on_invalid(db_name)
 
@@ -171,38 +173,84 @@ class Index:
         if sync:
             self.env.sync(True)
 
-    # blob state counters: kept in the transaction that changes a record ----------
-
-    def _count_blob_states(self) -> None:
-        """Count once, for an index written before the counters existed; later writes keep them."""
+    def put_last(self, name: str, value: dict) -> None:
+        """Set a meta record as the index's last write, durably, with the id of its transaction
+        (`txn`): `untouched_since` then tells whether anyone wrote to the index after it."""
         with self.env.begin(write=True) as txn:
-            if txn.get(b"blob_states", db=self._meta) is not None:
-                return
-            counts = dict.fromkeys(_STATES, 0)
-            for key, _ in txn.cursor(db=self._blobs):
-                state = self._stored_state(txn, key)
-                if state is not None:
-                    counts[state] += 1
-            txn.put(b"blob_states", json.dumps(counts).encode(), db=self._meta)
+            txn.put(name.encode(), json.dumps({**value, "txn": txn.id()}).encode(), db=self._meta)
+        self.env.sync(True)
 
-    def _stored_state(self, txn, key: bytes) -> str | None:
-        """The state a stored record counts under (None: absent, or not one we could have counted)."""
+    def untouched_since(self, record: dict) -> bool:
+        """Is the record from `put_last` still the index's last write?"""
+        return record.get("txn") == self.env.info()["last_txnid"]
+
+    # what the blob records imply, kept in the transaction that changes a record --------
+    # State counts (/metrics, /v1/status) and complete blobs in order of their last proof
+    # (the scrubber's next ones): read without a scan of every record.
+
+    def recount_blobs(self, recs: list[BlobRecord]) -> None:
+        """Rebuild them from a full read of the records (a start that read them all)."""
+        with self.env.begin(write=True) as txn:
+            self._rebuild(txn, [(r.blob_id.encode(), (r.state, float(r.verified_at))) for r in recs])
+
+    def _derive_once(self) -> None:
+        """Build them for an index written before they existed; later writes keep them."""
+        if self.get_meta("blob_states") is not None:
+            return  # no write transaction: it would look like a write since a clean stop
+        with self.env.begin(write=True) as txn:
+            if txn.get(b"blob_states", db=self._meta) is None:
+                stored = [(key, self._stored(txn, key)) for key, _ in txn.cursor(db=self._blobs)]
+                self._rebuild(txn, [(key, s) for key, s in stored if s is not None])
+
+    def _rebuild(self, txn, records: list[tuple[bytes, tuple[str, float]]]) -> None:
+        txn.drop(self._proofs, delete=False)
+        txn.put(b"blob_states", json.dumps(dict.fromkeys(_STATES, 0)).encode(), db=self._meta)
+        self._derive_many(txn, [(key, None, s) for key, s in records])
+
+    def _stored(self, txn, key: bytes) -> tuple[str, float] | None:
+        """(state, verified_at) of a stored record as it was derived (None: absent, or unusable)."""
         raw = txn.get(key, db=self._blobs)
         try:
-            state = json.loads(raw)["state"] if raw else None
+            d = json.loads(raw) if raw else None
+            state, at = (d["state"], d.get("verified_at", 0.0)) if d else (None, 0.0)
         except _BAD:
             return None
-        return state if state in _STATES else None
+        return (state, float(at)) if state in _STATES and type(at) in (int, float) else None
 
-    def _count_state(self, txn, old: str | None, new: str | None) -> None:
-        if old == new:
-            return
-        raw = txn.get(b"blob_states", db=self._meta)
-        counts = json.loads(raw) if raw else dict.fromkeys(_STATES, 0)
-        for state, delta in ((old, -1), (new, 1)):
-            if state is not None:
-                counts[state] = max(0, counts.get(state, 0) + delta)
-        txn.put(b"blob_states", json.dumps(counts).encode(), db=self._meta)
+    def _derive_many(self, txn, changes: list[tuple[bytes, tuple | None, tuple | None]]) -> None:
+        """Apply records' changes (key, old (state, verified_at) or None, new or None)."""
+        delta = dict.fromkeys(_STATES, 0)
+        for key, old, new in changes:
+            if old == new:
+                continue
+            if old is not None:
+                delta[old[0]] -= 1
+                if old[0] == "complete":
+                    txn.delete(_PROOF.pack(old[1]) + key, db=self._proofs)
+            if new is not None:
+                delta[new[0]] += 1
+                if new[0] == "complete":
+                    txn.put(_PROOF.pack(new[1]) + key, b"", db=self._proofs)
+        if any(delta.values()):
+            raw = txn.get(b"blob_states", db=self._meta)
+            counts = json.loads(raw) if raw else dict.fromkeys(_STATES, 0)
+            for state, n in delta.items():
+                counts[state] = max(0, counts.get(state, 0) + n)
+            txn.put(b"blob_states", json.dumps(counts).encode(), db=self._meta)
+
+    def proven_by(self, when: float) -> tuple[list[str], float | None]:
+        """Complete blobs whose last proof was at or before `when`, oldest first, and the time of
+        the oldest proof of all (None: no complete blob). Reads only those entries."""
+        due: list[str] = []
+        oldest = None
+        with self.env.begin() as txn:
+            for key, _ in txn.cursor(db=self._proofs):
+                at = _PROOF.unpack(key[: _PROOF.size])[0]
+                oldest = at if oldest is None else oldest
+                if at > when:
+                    break
+                due.append(key[_PROOF.size :].decode())
+        return due, oldest
 
     def blob_states(self) -> dict[str, int]:
         """How many blob records are in each state: one read, not a scan."""
@@ -454,7 +502,7 @@ class Index:
         check_blob(rec)  # what cannot be loaded back must not be stored
         key = rec.blob_id.encode()
         with self.env.begin(write=True) as txn:
-            self._count_state(txn, self._stored_state(txn, key), rec.state)
+            self._derive_many(txn, [(key, self._stored(txn, key), (rec.state, float(rec.verified_at)))])
             txn.put(key, json.dumps(asdict(rec)).encode(), db=self._blobs)
 
     def add_blobs(self, recs: list[BlobRecord]) -> int:
@@ -464,7 +512,7 @@ class Index:
         for rec in recs:
             check_blob(rec)
         added = 0
-        counts = dict.fromkeys(_STATES, 0)
+        changes = []
         with self.env.begin(write=True) as txn:
             for rec in recs:
                 key = rec.blob_id.encode()
@@ -476,20 +524,12 @@ class Index:
                     except _BAD as e:
                         log.warning("index: replacing invalid blobs entry %r: %s", key[:200], e)
                         self.on_invalid("blobs")
-                        self._count_state(txn, self._stored_state(txn, key), None)
+                        self._derive_many(txn, [(key, self._stored(txn, key), None)])
                 txn.put(key, json.dumps(asdict(rec)).encode(), db=self._blobs)
-                counts[rec.state] += 1
+                changes.append((key, None, (rec.state, float(rec.verified_at))))
                 added += 1
-            if added:
-                self._add_counts(txn, counts)
+            self._derive_many(txn, changes)
         return added
-
-    def _add_counts(self, txn, counts: dict[str, int]) -> None:
-        raw = txn.get(b"blob_states", db=self._meta)
-        stored = json.loads(raw) if raw else dict.fromkeys(_STATES, 0)
-        for state, n in counts.items():
-            stored[state] = stored.get(state, 0) + n
-        txn.put(b"blob_states", json.dumps(stored).encode(), db=self._meta)
 
     def all_blobs(self) -> list[BlobRecord]:
         out, bad = [], []

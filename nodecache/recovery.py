@@ -5,9 +5,12 @@ A clean stop leaves each tier's usage in the index beside the tier's mark (a
 random name kept in the tier's `blobs/.mark`), synced after the blob files
 were; a start that finds that record, with every mark unchanged, takes the
 usage from it and has nothing to recover: O(tiers), not O(blobs). The record
-is deleted (durably) before serving, so a crash since leaves none, and a tier
-that lost its files (shm after a reboot) has a new mark: both are counted and
-recovered from the index and the disk, as every start used to be.
+must be the index's last write (its transaction id says so) and is deleted
+(durably) before serving, so a crash since leaves none, a write by anyone
+else to the stopped index voids it, and a tier that lost its files (shm
+after a reboot) has a new mark: then every record is read and checked, the
+usage counted and the chunks recovered from the index and the disk, as every
+start used to do.
 """
 
 from __future__ import annotations
@@ -48,15 +51,18 @@ def take_clean_stop(index: Index, tiers: dict[str, Tier]) -> bool:
     """At start: if the last stop was clean and every tier kept its files, set each tier's
     usage from it and return True. The record is gone (durably) either way."""
     saved = index.get_meta(_CLEAN)
+    if not isinstance(saved, dict) or not index.untouched_since(saved):
+        saved = None  # a crash, or someone wrote to the index after the stop: check everything
     index.put_meta(_CLEAN, None, sync=True)
-    if not isinstance(saved, dict) or set(saved) != set(tiers):
+    usage = saved.get("tiers") if saved else None
+    if not isinstance(usage, dict) or set(usage) != set(tiers):
         return False
     for name, tier in tiers.items():
-        entry = saved[name]
+        entry = usage[name]
         if not isinstance(entry, dict) or entry.get("mark") != tier_mark(tier) or type(entry.get("used")) is not int:
             return False
     for name, tier in tiers.items():
-        tier.used = max(0, saved[name]["used"])
+        tier.used = max(0, usage[name]["used"])
     return True
 
 
@@ -70,13 +76,15 @@ def leave_clean_stop(index: Index, tiers: dict[str, Tier], synced: bool) -> None
                 _LIBC.syncfs(fd)
             finally:
                 os.close(fd)
-    index.put_meta(_CLEAN, {name: {"used": t.used, "mark": tier_mark(t)} for name, t in tiers.items()}, sync=True)
+    index.put_last(_CLEAN, {"tiers": {name: {"used": t.used, "mark": tier_mark(t)} for name, t in tiers.items()}})
 
 
 def load_usage(index: Index, tiers: dict[str, Tier], quarantine: QuarantineDirs) -> None:
     """Count each tier's bytes from the index; drop what disagrees with the disk."""
     known: set[str] = set()
-    for rec in index.all_blobs():
+    recs = index.all_blobs()  # checks each record: a bad one is dropped here
+    index.recount_blobs(recs)
+    for rec in recs:
         known.add(rec.blob_id)
         tier = tiers.get(rec.tier)
         if tier is None or rec.state == "quarantined":
@@ -98,9 +106,10 @@ def load_usage(index: Index, tiers: dict[str, Tier], quarantine: QuarantineDirs)
 def recover(index: Index, tiers: dict[str, Tier], path_of: Callable[[str], Path]) -> int:
     """Re-verify every recorded chunk of partial blobs against its xxh3.
 
-    Run once at start: a chunk recorded but not durably on disk (power loss
-    without fsync, a truncated file) is forgotten and fetched again.
-    Returns how many chunks were dropped.
+    Run once at start, after load_usage: a chunk recorded but not durably on
+    disk (power loss without fsync, a truncated file) is forgotten, no longer
+    counted in its tier's usage, and fetched again. Returns how many chunks
+    were dropped.
     """
     dropped = 0
     on_disk = {p.name for t in tiers.values() for p in t.blobs.glob("*/*")}  # no stat per blob
@@ -120,5 +129,8 @@ def recover(index: Index, tiers: dict[str, Tier], path_of: Callable[[str], Path]
         if bad:
             index.drop_chunks(rec.blob_id, bad)
             dropped += len(bad)
+            if rec.tier in tiers:
+                st = BlobState(rec, chunks)
+                tiers[rec.tier].used -= sum(st.chunk_len(i) for i in bad)
         release_unrecorded(path, rec.chunk_size, rec.size, set(chunks) - set(bad))
     return dropped

@@ -92,11 +92,18 @@ async def ensure_repo(
         raise
     except UpstreamError as e:
         commit = index.commit_of(repo_type, repo_id, revision)
-        if commit and index.get_snapshot(repo_type, repo_id, commit) is not None:
+        if commit and commit in index.commits(repo_type, repo_id):  # keys only: no file list read
             log.warning("cannot resolve upstream (%s); serving %s@%s from the index", e, repo_id, revision)
             return RepoRef(repo_type, repo_id, revision, commit)
         raise
-    register(index, chunk_size, repo_type, repo_id, revision, res)
+    if res.commit in index.commits(repo_type, repo_id):
+        # A commit never changes: its snapshot and blob records are in the index already.
+        # Re-resolving a 10^6-file repo at each start or refresh must not rewrite them.
+        index.put_repo_meta(repo_type, repo_id, res.visibility)
+        if revision != res.commit:
+            index.put_ref(repo_type, repo_id, revision, res.commit)
+    else:
+        register(index, chunk_size, repo_type, repo_id, revision, res)
     return RepoRef(repo_type, repo_id, revision, res.commit)
 
 

@@ -42,13 +42,10 @@ class Scrubber:
 
     def due(self, now: float) -> tuple[list[str], float]:
         """Complete blobs whose last proof is older than scrub_interval, oldest first, and
-        (when there are none) the seconds until the next one is. One scan of the index per
-        pass, not per blob: a cache of 100k small files would spend the scrub scanning."""
-        complete = sorted(
-            ((r.verified_at, r.blob_id) for r in self.store.index.all_blobs() if r.state == "complete"),
-        )
-        due = [blob_id for at, blob_id in complete if at + self.interval <= now]
-        wait = complete[0][0] + self.interval - now if complete else self.interval
+        (when there are none) the seconds until the next one is. The index keeps complete
+        blobs in order of their last proof: a pass reads the due ones, not every record."""
+        due, oldest = self.store.index.proven_by(now - self.interval)
+        wait = oldest + self.interval - now if oldest is not None else self.interval
         return due, wait
 
     async def run(self) -> None:

@@ -37,7 +37,7 @@ class Configured:
 
         async def background() -> None:
             for spec in known:
-                await self._add_one(spec)
+                await self._add_one(spec, known=True)
             if self._retry:
                 await self._retry_failing()
 
@@ -49,8 +49,11 @@ class Configured:
         except InvalidName:
             return False
 
-    async def _add_one(self, spec: str) -> None:
+    async def _add_one(self, spec: str, known: bool = False) -> None:
         try:
+            if known:  # shown from the index already: only whether its ref moved matters
+                log.info("repo %s: re-resolved", await self.catalog.ensure(RepoSpec.parse(spec)))
+                return
             ref, total, _ = await self.catalog.add_repo(RepoSpec.parse(spec))
             log.info("repo %s: %d bytes", ref, total)
         except Exception as e:  # a typo, a 404, the Hub down, metadata we refuse

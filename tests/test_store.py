@@ -242,7 +242,8 @@ def test_index_persists_across_close_and_reopen(cache: Path):
 
 
 def test_index_counts_blob_states_as_it_writes_them(cache: Path):
-    """The counts /metrics and /v1/status show are kept by the writes, and match a scan."""
+    """The counts /metrics and /v1/status show, and the order of proofs the scrubber follows,
+    are kept by the writes (and match a scan)."""
     path = cache / "index"
     idx = Index(path, map_size=64 * MiB)
 
@@ -255,21 +256,31 @@ def test_index_counts_blob_states_as_it_writes_them(cache: Path):
     a, b, c = (BlobRecord(ch * 64, CS, "sha256", CS) for ch in "abc")
     assert idx.add_blobs([a, b]) == 2 and idx.add_blobs([a, b, c]) == 1  # known ones are not counted twice
     assert idx.blob_states() == {"partial": 3, "complete": 0, "quarantined": 0}
-    a.state = "complete"
+    assert idx.proven_by(1e12) == ([], None)
+    a.state, a.verified_at = "complete", 100.0
     idx.put_blob(a)
     idx.put_blob(a)  # no change of state
+    d = BlobRecord("d" * 64, CS, "sha256", CS, state="complete", verified_at=50.0)
+    idx.add_blobs([d])
+    assert idx.proven_by(100.0) == ([d.blob_id, a.blob_id], 50.0), "oldest proof first"
+    d.verified_at = 150.0  # proven again (scrub)
+    idx.put_blob(d)
+    assert idx.proven_by(99.0) == ([], 100.0) and idx.proven_by(150.0) == ([a.blob_id, d.blob_id], 100.0)
+    d.state = "partial"  # evicted
+    idx.put_blob(d)
     b.state = "quarantined"
     idx.put_blob(b)
-    assert idx.blob_states() == scanned() == {"partial": 1, "complete": 1, "quarantined": 1}
+    assert idx.blob_states() == scanned() == {"partial": 2, "complete": 1, "quarantined": 1}
     with idx.env.begin(write=True) as txn:  # a hostile record: dropped on load, and uncounted
         txn.put(c.blob_id.encode(), b'{"state": "partial", "size": -1}', db=idx._blobs)
     assert idx.get_blob(c.blob_id) is None
-    assert idx.blob_states() == scanned() == {"partial": 0, "complete": 1, "quarantined": 1}
+    assert idx.blob_states() == scanned() == {"partial": 1, "complete": 1, "quarantined": 1}
     idx.put_meta("blob_states", None)  # an index from before the counters: counted once on open
     idx.close()
     idx = Index(path, map_size=64 * MiB)
     try:
-        assert idx.blob_states() == scanned() == {"partial": 0, "complete": 1, "quarantined": 1}
+        assert idx.blob_states() == scanned() == {"partial": 1, "complete": 1, "quarantined": 1}
+        assert idx.proven_by(1e12) == ([a.blob_id], 100.0)
     finally:
         idx.close()
 
@@ -468,7 +479,13 @@ def test_a_clean_stop_lets_the_next_start_skip_counting_and_recovery(cache: Path
     after_crash = Store(cache, index)
     assert not after_crash.clean_start and after_crash.tiers["disk"].used == used
     assert after_crash.recover() == 1 and scans, "a crash start counts and recovers from the index"
+    assert after_crash.tiers["disk"].used == CS, "the damaged chunk is no longer counted"
     after_crash.close()
+
+    index.put_ref("model", "org/x", "main", C1)  # anyone else's write to the stopped index
+    touched = Store(cache, index)
+    assert not touched.clean_start and touched.tiers["disk"].used == CS
+    touched.close()
 
     (cache / "blobs" / ".mark").unlink()  # as a tmpfs tier after a reboot
     wiped = Store(cache, index)

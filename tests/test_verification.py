@@ -208,25 +208,26 @@ def test_verify_before_serve_holds_reads_until_the_proof(hub, daemons):
 
 
 def test_verify_first_blobs_are_kept_in_the_index(tmp_path: Path):
-    """A start reads the verify-first set from the index, not every snapshot; a change of
-    verify_before_serve makes the next start choose again from the snapshots."""
+    """A start after a clean stop reads the verify-first set from the index, not every snapshot;
+    a change of verify_before_serve, or a start after a crash, chooses again from the snapshots."""
     index = Index(tmp_path / "index", map_size=64 * MiB)
     pt, st, gg = "a" * 64, "b" * 64, "c" * 64
     files = [FileEntry("pytorch_model.bin", 1, pt), FileEntry("model.safetensors", 1, st), FileEntry("q.gguf", 1, gg)]
     index.put_snapshot("model", "org/m", "1" * 40, files)
 
-    def catalog(cfg: Config) -> set[str]:
+    def catalog(cfg: Config, clean: bool = True) -> set[str]:
         filler = SimpleNamespace(verify_first=set())
-        Catalog(cfg, index, sources=None, filler=filler, policy=None, on_change=lambda *_: None)
+        Catalog(cfg, index, sources=None, filler=filler, policy=None, on_change=lambda *_: None, index_as_left=clean)
         return filler.verify_first
 
+    reads = []
+    views = index.views
+    index.views = lambda: reads.append(1) or views()
     try:
-        assert catalog(Config()) == {pt}
-        views = index.views
-        index.views = lambda: pytest.fail("the snapshots were read again")
-        assert catalog(Config()) == {pt}
-        index.views = views
-        assert catalog(Config(verify_before_serve=("*.gguf",))) == {gg}
+        assert catalog(Config(), clean=False) == {pt} and len(reads) == 1
+        assert catalog(Config()) == {pt} and len(reads) == 1, "a clean start reads no snapshot"
+        assert catalog(Config(verify_before_serve=("*.gguf",))) == {gg} and len(reads) == 2
+        assert catalog(Config(verify_before_serve=("*.gguf",)), clean=False) == {gg} and len(reads) == 3
     finally:
         index.close()
 
