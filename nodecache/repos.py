@@ -6,13 +6,14 @@ exact sizes while not one byte of content has been fetched.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .index import BlobRecord, Index
 from .layout import COMMIT_RE, MAX_FILES, RepoSpec, validate_blob_id, validate_relpath, validate_size
-from .upstream import NotFound, Resolved, Resolver, UpstreamError
+from .upstream import NotFound, RemoteFile, Resolved, Resolver, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -28,50 +29,72 @@ class RepoRef:
         return f"{self.repo_id}@{self.revision} ({self.commit[:12]})"
 
 
-def register(index: Index, chunk_size: int, repo_type: str, repo_id: str, revision: str, res: Resolved) -> None:
+_BATCH = 10_000  # files per step of a registration: the loop serves FUSE in between
+
+
+async def register(index: Index, chunk_size: int, repo_type: str, repo_id: str, revision: str, res: Resolved) -> None:
     """Record a resolved snapshot: its file list, its ref, and a record per new blob.
 
     Whatever a source listed is checked here, the one door into the index:
     bounded counts and sizes, names that can become paths, one entry per path.
+    Nothing is recorded before all of it passed; the records are then written
+    a batch (one transaction) at a time, the loop free between batches.
     """
     try:
-        check_snapshot(res)
+        files = await _listed(res)
+        await check_snapshot(res.commit, files)
     except ValueError as e:  # InvalidName too
         raise UpstreamError(f"{repo_type} {repo_id}@{revision}: {e}") from None
-    index.add_blobs(
-        [
-            BlobRecord(
-                blob_id=f.entry.blob_id,
-                size=f.entry.size,
-                kind=f.kind,
-                chunk_size=chunk_size,
-                repo_type=repo_type,
-                repo_id=repo_id,
-                commit=res.commit,
-                path=f.entry.path,
-            )
-            for f in res.files
-        ]
-    )
-    index.put_snapshot(repo_type, repo_id, res.commit, [f.entry for f in res.files])
+    for start in range(0, len(files), _BATCH):
+        index.add_blobs(
+            [
+                BlobRecord(
+                    blob_id=f.entry.blob_id,
+                    size=f.entry.size,
+                    kind=f.kind,
+                    chunk_size=chunk_size,
+                    repo_type=repo_type,
+                    repo_id=repo_id,
+                    commit=res.commit,
+                    path=f.entry.path,
+                )
+                for f in files[start : start + _BATCH]
+            ]
+        )
+        await asyncio.sleep(0)
+    index.put_snapshot(repo_type, repo_id, res.commit, [f.entry for f in files])
     index.put_repo_meta(repo_type, repo_id, res.visibility)
     if revision != res.commit:  # huggingface_hub writes no ref for a commit revision
         index.put_ref(repo_type, repo_id, revision, res.commit)
 
 
-def check_snapshot(res: Resolved) -> None:
-    if not COMMIT_RE.fullmatch(res.commit):
-        raise ValueError(f"commit {res.commit!r}")
-    if len(res.files) > MAX_FILES:
-        raise ValueError(f"{len(res.files)} files, more than {MAX_FILES}")
+async def _listed(res: Resolved) -> list[RemoteFile]:
+    """The snapshot's files: given, or read page by page (bounded as they come)."""
+    if res.pages is None:
+        return res.files
+    files: list[RemoteFile] = []
+    async for page in res.pages():
+        files.extend(page)
+        if len(files) > MAX_FILES:
+            raise ValueError(f"more than {MAX_FILES} files")
+    return files
+
+
+async def check_snapshot(commit: str, files: list[RemoteFile]) -> None:
+    if not COMMIT_RE.fullmatch(commit):
+        raise ValueError(f"commit {commit!r}")
+    if len(files) > MAX_FILES:
+        raise ValueError(f"{len(files)} files, more than {MAX_FILES}")
     seen: set[str] = set()
-    for f in res.files:
+    for i, f in enumerate(files):
         validate_relpath(f.entry.path)
         validate_size(f.entry.size)
         validate_blob_id(f.entry.blob_id)
         if f.entry.path in seen:
             raise ValueError(f"{f.entry.path!r} listed twice")
         seen.add(f.entry.path)
+        if i % _BATCH == _BATCH - 1:
+            await asyncio.sleep(0)
 
 
 async def ensure_repo(
@@ -103,7 +126,7 @@ async def ensure_repo(
         if revision != res.commit:
             index.put_ref(repo_type, repo_id, revision, res.commit)
     else:
-        register(index, chunk_size, repo_type, repo_id, revision, res)
+        await register(index, chunk_size, repo_type, repo_id, revision, res)
     return RepoRef(repo_type, repo_id, revision, res.commit)
 
 

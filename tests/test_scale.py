@@ -6,16 +6,25 @@ and check the behaviour the figures rest on.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
 
-from conftest import BIG, SMALL, counter, snapshot_dir
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import BIG, SMALL, MiB, counter, snapshot_dir
 from test_node_ops import api
 from test_updates import wait_for
 
-from nodecache.layout import repo_folder_name
+from nodecache.index import Index
+from nodecache.layout import RepoSpec, repo_folder_name
+from nodecache.metrics import Metrics
+from nodecache.repos import ensure_repo
 from nodecache.testing.daemon import DaemonProcess
+from nodecache.upstream import UpstreamError
+from nodecache.upstream.hf import HfUpstream
 
 FLAT = "org/flat"
 N_FLAT = 3000
@@ -130,3 +139,82 @@ def test_restart_shows_indexed_repos_without_waiting_on_the_upstream(hub, daemon
             assert "cannot resolve upstream" not in d2.log(), "mounted while the re-resolution still waits"
     finally:
         silent.close()
+
+
+def test_a_big_repo_is_read_in_tree_pages_once_per_commit(hub, tmp_path):
+    """The revision document names the commit; the file list comes from the paginated tree
+    API (1,000 entries a page) only for a commit the index lacks: a re-resolution lists nothing."""
+    commit = flat_repo(hub, tmp_path)
+    index = Index(tmp_path / "index", map_size=256 * MiB)
+
+    async def resolve_twice() -> tuple[dict, dict]:
+        async with aiohttp.ClientSession() as session:
+            hf = HfUpstream(hub.url, session, Metrics())
+            spec = RepoSpec("model", FLAT)
+            assert (await ensure_repo(index, hf, MiB, spec)).commit == commit
+            first = dict(hub.stats.requests)
+            assert (await ensure_repo(index, hf, MiB, spec)).commit == commit
+            return first, dict(hub.stats.requests)
+
+    try:
+        first, second = asyncio.run(resolve_twice())
+        files = index.get_snapshot("model", FLAT, commit)
+        assert sorted(f.path for f in files) == [f"data/shard-{i:05d}.parquet" for i in range(N_FLAT)]
+        assert first.get("tree") == 4, "3,000 files and their folder: four pages"
+        assert second.get("tree") == first.get("tree") and second["api"] == first["api"] + 1
+        assert index.blob_states()["partial"] == N_FLAT
+    finally:
+        index.close()
+
+
+@pytest.mark.parametrize(
+    "link, page, error",
+    [
+        ('<http://127.0.0.2:9/api/models/org/x/tree/c?cursor=1>; rel="next"', None, "is not on"),  # another origin
+        (
+            None,
+            [{"type": "file", "oid": "a" * 40, "size": 1, "path": "ok"}, {"type": "file", "path": "../x"}],
+            "invalid",
+        ),
+        (None, [{"type": "file", "oid": "a" * 40, "size": 1, "path": "twice"}] * 2, "listed twice"),
+    ],
+)
+def test_a_hostile_tree_listing_records_nothing(tmp_path, link, page, error):
+    """A next page off the Hub's origin (our token would go with it), a bad entry on a later page,
+    a path listed twice: an UpstreamError, and no blob record, snapshot or ref of it."""
+    commit = "c" * 40
+    good = [{"type": "file", "oid": "b" * 40, "size": 5, "path": "first.txt"}]
+
+    async def revision(request: web.Request) -> web.Response:
+        return web.json_response({"_id": "x", "id": "org/x", "sha": commit, "private": False, "gated": False})
+
+    async def tree(request: web.Request) -> web.Response:
+        if "cursor" not in request.query:
+            nxt = link or f'<http://{request.host}{request.path}?cursor=1>; rel="next"'
+            return web.json_response(good, headers={"Link": nxt})
+        return web.json_response(page)
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_get("/api/models/org/x/revision/main", revision)
+        app.router.add_get("/api/models/org/x/tree/" + commit, tree)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with aiohttp.ClientSession() as session:
+                hf = HfUpstream(f"http://127.0.0.1:{port}", session, Metrics(), token="secret")
+                with pytest.raises(UpstreamError, match=error):
+                    await ensure_repo(index, hf, MiB, RepoSpec("model", "org/x"))
+        finally:
+            await runner.cleanup()
+
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+    try:
+        asyncio.run(run())
+        assert index.all_blobs() == [] and index.commits("model", "org/x") == []
+        assert index.get_ref("model", "org/x", "main") is None
+    finally:
+        index.close()

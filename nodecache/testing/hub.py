@@ -226,6 +226,7 @@ class HubEmulator:
         self.down_status = 503  # what a down Hub answers: 503, or 429 (rate limited)
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._lfs: dict[str, _File] = {}  # sha256 -> file: what the CDN serves
+        self._listings: dict[tuple[int, str, str, bool], list[dict[str, object]]] = {}  # tree pages' source
         self._signatures: dict[str, tuple[str, int]] = {}  # sig -> (sha256, expiry)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -434,19 +435,13 @@ class HubEmulator:
 
     def _tree(self, request: web.Request, files: dict[str, _File], commit: str, base: str) -> web.Response:
         recursive = request.query.get("recursive", "").lower() in ("1", "true")
-        paths, dirs = tree_listing({p: f.git_oid for p, f in files.items()}, base, recursive)
-        entries: dict[str, dict[str, object]] = {}
-        for path in paths:
-            f = files[path]
-            entry: dict[str, object] = {"type": "file", "oid": f.git_oid, "size": f.size, "path": path}
-            if f.sha256:
-                entry["lfs"] = f.lfs_info("oid")
-            entries[path] = entry
-        if base and not entries and not dirs:
-            raise _HubError(404, f"{base!a} not found", "EntryNotFound", X_Repo_Commit=commit)
-        for d, oid in dirs.items():
-            entries[d] = {"type": "directory", "oid": oid, "size": 0, "path": d}
-        ordered = [entries[p] for p in sorted(entries)]
+        key = (id(files), commit, base, recursive)  # files: one repo's commit, never changed
+        ordered = self._listings.get(key)
+        if ordered is None:  # a commit never changes: list it once, not once per page
+            ordered = self._listing(files, commit, base, recursive)
+            if len(self._listings) >= 64:
+                self._listings.pop(next(iter(self._listings)))
+            self._listings[key] = ordered
         try:
             limit = max(1, int(request.query.get("limit", 1000)))
             cursor = request.query.get("cursor")
@@ -460,6 +455,22 @@ class HubEmulator:
             url = f"{request.scheme}://{request.host}{request.raw_path.split('?', 1)[0]}"
             headers["Link"] = f'<{url}?{query}>; rel="next"'
         return web.json_response(ordered[start : start + limit], headers=headers)
+
+    @staticmethod
+    def _listing(files: dict[str, _File], commit: str, base: str, recursive: bool) -> list[dict[str, object]]:
+        paths, dirs = tree_listing({p: f.git_oid for p, f in files.items()}, base, recursive)
+        entries: dict[str, dict[str, object]] = {}
+        for path in paths:
+            f = files[path]
+            entry: dict[str, object] = {"type": "file", "oid": f.git_oid, "size": f.size, "path": path}
+            if f.sha256:
+                entry["lfs"] = f.lfs_info("oid")
+            entries[path] = entry
+        if base and not entries and not dirs:
+            raise _HubError(404, f"{base!a} not found", "EntryNotFound", X_Repo_Commit=commit)
+        for d, oid in dirs.items():
+            entries[d] = {"type": "directory", "oid": oid, "size": 0, "path": d}
+        return [entries[p] for p in sorted(entries)]
 
     async def _resolve(
         self, request: web.Request, repo_type: str, repo_segs: list[str], rest: list[str]

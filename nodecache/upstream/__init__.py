@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,6 +36,9 @@ class Resolved:
     # Who may see the repo, as the source itself says: only the Hub can say
     # "public"; a bucket, a URL or a directory is the operator's own ("private").
     visibility: str = "private"
+    # Where the file list is read page by page instead (`files` is then empty): only
+    # asked when the index lacks this commit, so a re-resolution costs one request.
+    pages: Callable[[], AsyncIterator[list[RemoteFile]]] | None = None
 
 
 class Resolver(Protocol):

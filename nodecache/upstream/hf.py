@@ -1,6 +1,8 @@
 """The HuggingFace Hub (or anything that speaks its API, like our emulator).
 
-Metadata comes from one call, `/api/{type}s/{repo}/revision/{rev}?blobs=true`.
+Metadata: `/api/{type}s/{repo}/revision/{rev}` with `expand[]` sha, private and
+gated names the commit (one small document); the file list of a commit the index
+lacks comes from the paginated tree API (hftree), as huggingface_hub reads it.
 Data comes from `/{repo}/resolve/{commit}/{path}` as HTTP range requests; LFS
 files answer with a redirect to a CDN whose signed URL we reuse for a while,
 keyed by blob id (never by URL), and to which we never send our token.
@@ -8,6 +10,7 @@ keyed by blob id (never by URL), and to which we never send our token.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
@@ -18,15 +21,12 @@ import aiohttp
 from ..index import BlobRecord
 from ..layout import (
     COMMIT_RE,
-    MAX_FILES,
     REPO_TYPES,
-    FileEntry,
-    validate_blob_id,
     validate_relpath,
-    validate_size,
 )
 from ..metrics import Metrics
-from . import NotFound, RemoteFile, Resolved, UpstreamError
+from . import NotFound, Resolved, UpstreamError
+from .hftree import tree_pages
 from .ranges import joined, range_parts
 
 _LOCATION_TTL = 300.0  # signed CDN URLs live longer than this on the real Hub
@@ -58,8 +58,9 @@ class HfUpstream:
 
     async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved:
         url = f"{self.endpoint}/api/{REPO_TYPES[repo_type]}/{repo_id}/revision/{quote(revision, safe='')}"
+        expand = [("expand[]", "sha"), ("expand[]", "private"), ("expand[]", "gated")]
         try:
-            async with self.session.get(url, params={"blobs": "true"}, headers=self._headers(url)) as resp:
+            async with self.session.get(url, params=expand, headers=self._headers(url)) as resp:
                 self.metrics.upstream_requests.labels(str(resp.status)).inc()
                 if resp.status in (401, 403, 404):
                     code = resp.headers.get("X-Error-Code", "")
@@ -72,7 +73,15 @@ class HfUpstream:
                 info = await resp.json()
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             raise UpstreamError(f"{url}: {e.__class__.__name__}: {e}") from None
-        return _parse_revision(info)
+        commit = info.get("sha", "") if isinstance(info, dict) else ""
+        if not isinstance(commit, str) or not COMMIT_RE.fullmatch(commit):
+            raise UpstreamError(f"upstream gave no commit sha: {commit!r}")
+        status = self.metrics.upstream_requests
+        pages = functools.partial(
+            tree_pages, self.session, self.endpoint, repo_type, repo_id, commit, self._headers,
+            lambda code: status.labels(str(code)).inc(),
+        )  # fmt: skip
+        return Resolved(commit, [], visibility_of(info), pages=pages)
 
     async def api(
         self, method: str, path: str, *, authorization: str | None, params=None, data=None
@@ -145,31 +154,6 @@ class HfUpstream:
 
     async def close(self) -> None:
         """Nothing of its own: the aiohttp session is the daemon's."""
-
-
-def _parse_revision(info: dict) -> Resolved:
-    """The Hub's revision document -> Resolved; anything malformed is an UpstreamError, never a crash."""
-    try:
-        commit = info.get("sha", "")
-        if not isinstance(commit, str) or not COMMIT_RE.fullmatch(commit):
-            raise UpstreamError(f"upstream gave no commit sha: {commit!r}")
-        siblings = info.get("siblings", [])
-        if not isinstance(siblings, list) or len(siblings) > MAX_FILES:
-            raise UpstreamError(f"upstream listed {type(siblings).__name__} of files, at most {MAX_FILES}")
-        files = []
-        for s in siblings:
-            lfs = s.get("lfs")
-            if lfs and lfs.get("sha256"):
-                blob_id, kind, size = lfs["sha256"], "sha256", lfs.get("size", s.get("size"))
-            else:
-                blob_id, kind, size = s.get("blobId", ""), "gitsha1", s.get("size")
-            if size is None:
-                raise UpstreamError(f"upstream gave no size for {s.get('rfilename')!r}")
-            entry = FileEntry(validate_relpath(s["rfilename"]), validate_size(size), validate_blob_id(blob_id))
-            files.append(RemoteFile(entry, kind))
-        return Resolved(commit, files, visibility_of(info))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:  # InvalidName is a ValueError
-        raise UpstreamError(f"upstream sent invalid metadata: {e.__class__.__name__}: {e}") from None
 
 
 def visibility_of(info: dict) -> str:
