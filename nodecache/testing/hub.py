@@ -402,8 +402,9 @@ class HubEmulator:
             raise _HubError(404, "Not found")
         commit, _ = self._split_revision(repo, ["/".join(rest[1:]) or "main"])
         blobs = request.query.get("blobs", "").lower() in ("1", "true")
+        expand = request.query.getall("expand[]", [])
         siblings: list[dict[str, object]] = []
-        for path, f in repo.commits[commit].items():
+        for path, f in repo.commits[commit].items() if not expand or "siblings" in expand else ():
             sibling: dict[str, object] = {"rfilename": path}
             if blobs:
                 sibling.update(size=f.size, blobId=f.git_oid)
@@ -426,7 +427,6 @@ class HubEmulator:
         }
         if repo_type == "model":
             info["modelId"] = repo_id
-        expand = request.query.getall("expand[]", [])
         if expand:  # like the Hub: only _id, id and the fields asked for
             if unknown := [k for k in expand if k not in info or k in ("_id", "id")]:
                 raise _HubError(400, f"Invalid expand: {unknown[0]!a}")
