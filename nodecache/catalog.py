@@ -72,11 +72,11 @@ class Catalog:
     async def _ensure(self, spec: RepoSpec, accept=None) -> RepoRef:
         """Resolve into the index; a snapshot new to the index has its verify-first blobs noted
         (one already there had them noted when it came: a re-resolution reads no file list)."""
-        before = self.index.commits(spec.repo_type, spec.repo_id)
-        ref = await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec, accept)
-        if ref.commit not in before:
-            self._verify_first(ref.repo_id, self.index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit) or [])
-        return ref
+
+        def new(files: list) -> None:
+            self._verify_first(spec.repo_id, [f.entry for f in files])
+
+        return await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec, accept, new)
 
     def indexed(self, spec: RepoSpec) -> bool:
         """Does the index hold the snapshot this spec names (a restart can show it at once)?"""

@@ -12,7 +12,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
@@ -92,6 +92,12 @@ def check_blob(rec: BlobRecord) -> BlobRecord:
         if not COMMIT_RE.fullmatch(rec.commit):
             raise ValueError(f"commit {rec.commit!r}")
     return rec
+
+
+def _blob_json(rec: BlobRecord) -> bytes:
+    """A record as stored: its fields, in order (`dataclasses.asdict` deep-copies each one:
+    it was half the time of registering a 10^5-file snapshot)."""
+    return json.dumps(vars(rec)).encode()
 
 
 def _file(item) -> FileEntry:
@@ -503,7 +509,7 @@ class Index:
         key = rec.blob_id.encode()
         with self.env.begin(write=True) as txn:
             self._derive_many(txn, [(key, self._stored(txn, key), (rec.state, float(rec.verified_at)))])
-            txn.put(key, json.dumps(asdict(rec)).encode(), db=self._blobs)
+            txn.put(key, _blob_json(rec), db=self._blobs)
 
     def add_blobs(self, recs: list[BlobRecord]) -> int:
         """Record the blobs not known yet (or known only by an entry that fails its
@@ -525,7 +531,7 @@ class Index:
                         log.warning("index: replacing invalid blobs entry %r: %s", key[:200], e)
                         self.on_invalid("blobs")
                         self._derive_many(txn, [(key, self._stored(txn, key), None)])
-                txn.put(key, json.dumps(asdict(rec)).encode(), db=self._blobs)
+                txn.put(key, _blob_json(rec), db=self._blobs)
                 changes.append((key, None, (rec.state, float(rec.verified_at))))
                 added += 1
             self._derive_many(txn, changes)

@@ -32,7 +32,9 @@ class RepoRef:
 _BATCH = 10_000  # files per step of a registration: the loop serves FUSE in between
 
 
-async def register(index: Index, chunk_size: int, repo_type: str, repo_id: str, revision: str, res: Resolved) -> None:
+async def register(
+    index: Index, chunk_size: int, repo_type: str, repo_id: str, revision: str, res: Resolved
+) -> list[RemoteFile]:
     """Record a resolved snapshot: its file list, its ref, and a record per new blob.
 
     Whatever a source listed is checked here, the one door into the index:
@@ -66,6 +68,7 @@ async def register(index: Index, chunk_size: int, repo_type: str, repo_id: str, 
     index.put_repo_meta(repo_type, repo_id, res.visibility)
     if revision != res.commit:  # huggingface_hub writes no ref for a commit revision
         index.put_ref(repo_type, repo_id, revision, res.commit)
+    return files
 
 
 async def _listed(res: Resolved) -> list[RemoteFile]:
@@ -98,12 +101,18 @@ async def check_snapshot(commit: str, files: list[RemoteFile]) -> None:
 
 
 async def ensure_repo(
-    index: Index, upstream: Resolver, chunk_size: int, spec: RepoSpec, accept: Callable[[Resolved], str] | None = None
+    index: Index,
+    upstream: Resolver,
+    chunk_size: int,
+    spec: RepoSpec,
+    accept: Callable[[Resolved], str] | None = None,
+    on_new: Callable[[list[RemoteFile]], None] = lambda files: None,
 ) -> RepoRef:
     """Resolve upstream; if upstream is unreachable, fall back to what the index knows.
 
     `accept` may refuse a resolution before anything is recorded: it returns
-    "" to accept or the reason to refuse (raised as NotFound).
+    "" to accept or the reason to refuse (raised as NotFound). `on_new` hears
+    the files of a snapshot new to the index (no second read of its list).
     """
     repo_type, repo_id, revision = spec.repo_type, spec.repo_id, spec.rev
     try:
@@ -126,7 +135,7 @@ async def ensure_repo(
         if revision != res.commit:
             index.put_ref(repo_type, repo_id, revision, res.commit)
     else:
-        await register(index, chunk_size, repo_type, repo_id, revision, res)
+        on_new(await register(index, chunk_size, repo_type, repo_id, revision, res))
     return RepoRef(repo_type, repo_id, revision, res.commit)
 
 

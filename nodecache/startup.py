@@ -50,12 +50,9 @@ class Configured:
             return False
 
     async def _add_one(self, spec: str, known: bool = False) -> None:
-        try:
-            if known:  # shown from the index already: only whether its ref moved matters
-                log.info("repo %s: re-resolved", await self.catalog.ensure(RepoSpec.parse(spec)))
-                return
-            ref, total, _ = await self.catalog.add_repo(RepoSpec.parse(spec))
-            log.info("repo %s: %d bytes", ref, total)
+        try:  # no file list read back: a snapshot of 10^6 files decodes in seconds
+            ref = await self.catalog.ensure(RepoSpec.parse(spec))
+            log.info("repo %s: %s", ref, "re-resolved" if known else "resolved")
         except Exception as e:  # a typo, a 404, the Hub down, metadata we refuse
             self._retry[spec] = delays(base=2.0, cap=300.0)
             self._failed(spec, e)
@@ -70,12 +67,12 @@ class Configured:
             spec = min(self.failing, key=lambda s: self.failing[s]["retry_at"])
             await asyncio.sleep(max(0.0, self.failing[spec]["retry_at"] - time.time()))
             try:
-                ref, total, _ = await self.catalog.add_repo(RepoSpec.parse(spec))
+                ref = await self.catalog.ensure(RepoSpec.parse(spec))
             except Exception as e:
                 self._failed(spec, e)
                 continue
             del self.failing[spec]
-            log.info("repo %s: %d bytes (resolved on retry)", ref, total)
+            log.info("repo %s: resolved on retry", ref)
             self.pins.refresh()
 
 

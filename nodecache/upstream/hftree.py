@@ -15,14 +15,15 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from ..layout import MAX_FILES, REPO_TYPES, FileEntry, validate_blob_id, validate_relpath, validate_size
+from ..layout import MAX_FILES, REPO_TYPES, FileEntry
 from . import RemoteFile, UpstreamError
 
 _MAX_PAGES = MAX_FILES  # a page holds at least one entry: a cursor that never ends is an error
 
 
 def parse_page(entries: object) -> list[RemoteFile]:
-    """One page of tree entries -> its files (folders are implied by paths); ValueError if malformed."""
+    """One page of tree entries -> its files (folders are implied by paths); ValueError if malformed.
+    Names, sizes and ids are checked once, by repos.check_snapshot, the one door into the index."""
     if not isinstance(entries, list):
         raise ValueError(f"a tree page is a list, got {type(entries).__name__}")
     files = []
@@ -36,9 +37,9 @@ def parse_page(entries: object) -> list[RemoteFile]:
             blob_id, kind, size = lfs["oid"], "sha256", lfs.get("size", e.get("size"))
         else:
             blob_id, kind, size = e["oid"], "gitsha1", e.get("size")
-        files.append(
-            RemoteFile(FileEntry(validate_relpath(e["path"]), validate_size(size), validate_blob_id(blob_id)), kind)
-        )
+        if not (isinstance(e["path"], str) and isinstance(blob_id, str) and type(size) is int):
+            raise ValueError(f"tree entry {str(e)[:80]!r}")
+        files.append(RemoteFile(FileEntry(e["path"], size, blob_id), kind))
     return files
 
 
