@@ -2,7 +2,7 @@
 usage, files nobody claims, and chunks recorded but not durably written.
 
 A clean stop leaves each tier's usage in the index beside the tier's mark (a
-random name kept in the tier's `blobs/.mark`), synced after the blob files
+random name kept in the tier's `blobs/.mark-<name>/`), synced after the blob files
 were; a start that finds that record, with every mark unchanged, takes the
 usage from it and has nothing to recover: O(tiers), not O(blobs). The record
 must be the index's last write (its transaction id says so) and is deleted
@@ -35,16 +35,16 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def tier_mark(tier: Tier) -> str:
-    """The tier's mark, made if it has none (a new or wiped tier)."""
-    path = tier.blobs / ".mark"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        mark = uuid.uuid4().hex
-        tmp = path.with_name(".mark.tmp")
-        tmp.write_text(mark)
-        os.replace(tmp, path)
-        return mark
+    """The tier's mark, made if it has none (a new or wiped tier): the name of an empty
+    directory `blobs/.mark-<random>` (made atomically; no file beside the blob files)."""
+    found = [p for p in tier.blobs.glob(".mark-*") if p.is_dir()]
+    if len(found) == 1:
+        return found[0].name.removeprefix(".mark-")
+    for p in found:  # more than one: none can be trusted
+        p.rmdir()
+    mark = uuid.uuid4().hex
+    (tier.blobs / f".mark-{mark}").mkdir()
+    return mark
 
 
 def take_clean_stop(index: Index, tiers: dict[str, Tier]) -> bool:

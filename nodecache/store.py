@@ -82,7 +82,7 @@ class Store:
         if not self.clean_start:
             recovery.load_usage(index, self.tiers, self.quarantined)
         used = ", ".join(f"{t.name} {t.used:,}" for t in self.tiers.values())
-        log.info("bytes used (%s): %s", "as left at a clean stop" if self.clean_start else "counted", used)
+        log.debug("bytes used (%s): %s", "as left at a clean stop" if self.clean_start else "counted", used)
 
     def path(self, blob_id: str) -> Path:
         validate_blob_id(blob_id)  # never join an unchecked name to a path
