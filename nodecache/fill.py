@@ -30,7 +30,7 @@ from .presence import BlobState
 from .quarantine import Quarantined
 from .store import Store
 from .tier import NoSpace
-from .upstream import NotFound, Upstream, UpstreamError
+from .upstream import NotFound, PiecewiseSource, Source, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Filler:
         cfg: Config,
         index: Index,
         store: Store,
-        sources: Callable[[BlobRecord, int], list[Upstream]],
+        sources: Callable[[BlobRecord, int], list[Source]],
         metrics: Metrics,
         on_quarantine: Callable[[str], None] = lambda blob_id: None,
         pinned: set[str] | None = None,
@@ -129,7 +129,7 @@ class Filler:
         """Changes when the blob fails a proof: a handle opened before must not read on."""
         return self._generation.get(blob_id, 0)
 
-    def chain(self, rec: BlobRecord, k: int) -> list[Upstream]:
+    def chain(self, rec: BlobRecord, k: int) -> list[Source]:
         """Where chunk k may come from, in order; the sources that served a failed attempt of this blob go last."""
         chain = self.sources(rec, k)
         if rec.demoted:
@@ -501,11 +501,11 @@ class Filler:
 
     def _claim(self, st: BlobState, todo: deque[int], workers: int) -> tuple[list[int], object | None] | None:
         """The next chunks one worker should fetch with one request: consecutive,
-        nobody fetching them yet, all from one source that can stream; a
+        nobody fetching them yet, all from one source that serves a range in one request; a
         single chunk while the blob is open.
 
         Returns (chunks, that source), or ([chunk], None) for a fetch through
-        the usual chain (a source that cannot stream, or a chunk a reader
+        the usual chain (a source that serves chunk by chunk, or a chunk a reader
         already fetches); None when nothing is left.
         """
         while todo and st.has(todo[0]):
@@ -517,7 +517,7 @@ class Filler:
         if self._open.get(st.rec.blob_id, 0) > 0:
             size = 1  # someone reads it front to back: one chunk per request lands chunks in that order
         chain = self.chain(st.rec, run[0])
-        if not chain or not chain[0].streams or self._busy(st, run[0]) or st.rec.size == 0:
+        if not chain or isinstance(chain[0], PiecewiseSource) or self._busy(st, run[0]) or st.rec.size == 0:
             return run, None
         first = chain[0]
         while (

@@ -19,7 +19,7 @@ import xxhash
 from .expiring import ExpiringSet
 from .index import BlobRecord
 from .metrics import Metrics
-from .upstream import NotFound, UpstreamError
+from .upstream import NotFound, PiecewiseSource, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,10 @@ def descriptor(rec: BlobRecord) -> dict[str, str]:
     return {"repo_type": rec.repo_type, "repo": rec.repo_id, "commit": rec.commit, "chunk_size": str(rec.chunk_size)}
 
 
-class PeerSource:
+class PeerSource(PiecewiseSource):
     """Chunk fetches from one peer; the reply's xxh3 is checked before use."""
 
     kind = "peer"
-    streams = False
 
     def __init__(
         self,

@@ -47,21 +47,37 @@ class Resolver(Protocol):
     async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved: ...
 
 
-class Upstream(Protocol):
-    """Every source declares all of this; nothing is probed with hasattr/getattr."""
+class Source(Protocol):
+    """Where a chunk's bytes may come from: every source declares all of this; nothing is probed."""
 
     name: str  # for logs and the per-attempt record of who served a blob
     kind: str  # "upstream" | "peer": what a failed proof is blamed on
-    streams: bool  # can serve a run of chunks as one streamed request (`stream`)
-
-    async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved:
-        """Revision -> commit and the full file list (sizes and blob ids)."""
 
     async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
         """Exactly bytes [start, end) of the blob, or raise UpstreamError."""
 
     def stream(self, rec: BlobRecord, start: int, end: int, piece: int) -> AsyncIterator[list]:
-        """Bytes [start, end) as `piece`-sized parts (lists of buffers); only where `streams`."""
+        """Bytes [start, end) as consecutive `piece`-sized parts (lists of buffers); parts
+        already yielded are good even if the stream fails later."""
 
     async def close(self) -> None:
         """Release what the source holds (threads, clients); the shared HTTP session is not its own."""
+
+
+class Upstream(Source, Protocol):
+    """A source that can also say what a revision holds."""
+
+    async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved:
+        """Revision -> commit and the full file list (sizes and blob ids)."""
+
+
+class PiecewiseSource:
+    """A source that serves one request per piece (object stores, peers): its `stream` is
+    consecutive `fetch`es, so a whole-blob fill asks it chunk by chunk, never for runs."""
+
+    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
+        raise NotImplementedError
+
+    async def stream(self, rec: BlobRecord, start: int, end: int, piece: int) -> AsyncIterator[list]:
+        for a in range(start, end, piece):
+            yield [await self.fetch(rec, a, min(a + piece, end))]

@@ -42,7 +42,6 @@ class HfUpstream:
 
     name = "hf"
     kind = "upstream"
-    streams = True
 
     def __init__(self, endpoint: str, session: aiohttp.ClientSession, metrics: Metrics, token: str | None = None):
         self.endpoint = endpoint.rstrip("/")

@@ -8,7 +8,7 @@ import logging
 from ..expiring import Window
 from ..index import BlobRecord
 from ..layout import COMMIT_RE
-from . import NotFound, Resolved, UpstreamError
+from . import NotFound, PiecewiseSource, Resolved, UpstreamError
 from .manifest import SOURCE_KIND, Snapshot, SourceFile, SourceObject, build_snapshot
 
 log = logging.getLogger(__name__)
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 _RESCAN_EVERY = 30.0  # a source that does not know a blob lists itself again at most this often
 
 
-class ListingUpstream:
+class ListingUpstream(PiecewiseSource):
     """A source that lists objects under a root and reads byte ranges of one.
 
     Subclasses implement `_list`, `_read_small` and `_read_range`. The last
@@ -27,7 +27,6 @@ class ListingUpstream:
 
     name = "source"
     kind = "upstream"
-    streams = False
 
     def __init__(self, url: str):
         self.url = url
@@ -86,9 +85,6 @@ class ListingUpstream:
         if len(data) != end - start:
             raise UpstreamError(f"{self.url}/{f.key}: got {len(data)} bytes of [{start}-{end})")
         return data
-
-    def stream(self, rec: BlobRecord, start: int, end: int, piece: int):
-        raise NotImplementedError("a listing source is read chunk by chunk (streams = False)")
 
     async def close(self) -> None:
         pass
