@@ -2,10 +2,10 @@
 
 A read maps to chunks. Present chunks are served from the store at once; a
 missing chunk is fetched once per node however many readers want it
-(coalescing), with read-ahead behind it and, after a blob's first open, the
-rest of the blob in the background. Failures are retried with jittered
-backoff until the read's deadline; only then does the reader get an error,
-and the next read tries again.
+(coalescing, chunks.py), with read-ahead behind it and, after a blob's first
+open, the rest of the blob in the background (blobfill.py). Failures are
+retried with jittered backoff until the read's deadline; only then does the
+reader get an error, and the next read tries again.
 
 A blob whose whole-blob proof fails is quarantined by the store; here it gets
 a new generation (handles opened before get EIO from then on), its next fetch
@@ -18,11 +18,10 @@ import asyncio
 import errno
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
-from contextlib import aclosing
 
-from .backoff import delays
+from .blobfill import BlobFills
+from .chunks import Chunks, FillError, consume
 from .config import Config
 from .index import BlobRecord, Index
 from .metrics import Metrics
@@ -30,23 +29,17 @@ from .presence import BlobState
 from .quarantine import Quarantined
 from .store import Store
 from .tier import NoSpace
-from .upstream import NotFound, PiecewiseSource, Source, UpstreamError
+from .upstream import Source, UpstreamError
 
 log = logging.getLogger(__name__)
 
 PROOF_ATTEMPTS = 3  # a prefetch tries a blob whose proof keeps failing this many times
 
-
-class FillError(Exception):
-    """A read that could not be satisfied; `errno` is what the FUSE face answers."""
-
-    def __init__(self, message: str, code: int = errno.EIO):
-        super().__init__(message)
-        self.errno = code
+__all__ = ["FillError", "Filler", "PROOF_ATTEMPTS"]
 
 
 class Filler:
-    """Chunk scheduler of one node: coalescing, read-ahead, background fills."""
+    """The fill path's face: demand reads, open handles, prefetches, failed proofs."""
 
     def __init__(
         self,
@@ -62,53 +55,48 @@ class Filler:
         # Told of every blob whose proof failed, after its bytes were moved aside:
         # the owner drops copies the store does not own (the kernel's page cache).
         self.on_quarantine = on_quarantine
-        # Where chunk k of a blob may come from, in order (peers, then upstreams);
-        # each failure falls through to the next source before any backoff.
-        self.sources = sources
-        self.closing = False
+        self.chunks = Chunks(cfg, store, sources, metrics, self._failed_proof)
+        self.blobs = BlobFills(cfg, self.chunks, metrics)
         self.pinned: set[str] = set() if pinned is None else pinned  # blob ids kept (pins): never evicted
         self.verify_first: set[str] = set()  # blob ids whose reads wait for the whole-blob proof (verify_before_serve)
-        self._open: dict[str, int] = {}  # blob id -> open handles / reads in progress
-        self._inflight: dict[tuple[str, int], asyncio.Task] = {}
-        self._fetched: dict[tuple[str, int], asyncio.Future] = {}  # set once a chunk's bytes are off the wire
-        self._wanted: set[tuple[str, int]] = set()  # in-flight chunks a reader waits for: keep them in the page cache
-        self._finishing: dict[str, asyncio.Task] = {}
-        self._background: dict[str, asyncio.Task] = {}
-        self._pumps: set[asyncio.Task] = set()  # streamed multi-chunk requests (runs)
-        self._slots = asyncio.Semaphore(cfg.parallel_total)
         self._generation: dict[str, int] = {}  # blob id -> failed proofs seen while running
-        self._used: dict[str, dict[str, str]] = {}  # blob id -> {source name: kind} of its current attempt
         store.protected = self.protected
+
+    @property
+    def closing(self) -> bool:
+        return self.chunks.closing
 
     def protected(self, blob_id: str) -> bool:
         """Eviction must spare pinned blobs, open ones and ones being filled."""
         return (
             blob_id in self.pinned
-            or self._open.get(blob_id, 0) > 0
-            or blob_id in self._background
-            or blob_id in self._finishing
-            or any(b == blob_id for b, _ in self._inflight)
+            or self.chunks.is_open(blob_id)
+            or blob_id in self.blobs.running
+            or blob_id in self.chunks.finishing
+            or any(b == blob_id for b, _ in self.chunks.inflight)
         )
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        return len(self.chunks.inflight)
 
     @property
     def filling(self) -> int:
         """Blobs with a whole-blob fill or its proof still running (0: the node is quiet)."""
-        return len(self._background.keys() | self._finishing.keys())
+        return len(self.blobs.running.keys() | self.chunks.finishing.keys())
 
     def hold(self, blob_id: str) -> None:
         """An open handle (FUSE open, an HTTP download): keep the blob until release()."""
-        self._open[blob_id] = self._open.get(blob_id, 0) + 1
+        opened = self.chunks.open
+        opened[blob_id] = opened.get(blob_id, 0) + 1
 
     def release(self, blob_id: str) -> None:
-        n = self._open.get(blob_id, 0) - 1
+        opened = self.chunks.open
+        n = opened.get(blob_id, 0) - 1
         if n > 0:
-            self._open[blob_id] = n
+            opened[blob_id] = n
         else:
-            self._open.pop(blob_id, None)
+            opened.pop(blob_id, None)
 
     # lookups ------------------------------------------------------------------
 
@@ -128,13 +116,6 @@ class Filler:
     def generation(self, blob_id: str) -> int:
         """Changes when the blob fails a proof: a handle opened before must not read on."""
         return self._generation.get(blob_id, 0)
-
-    def chain(self, rec: BlobRecord, k: int) -> list[Source]:
-        """Where chunk k may come from, in order; the sources that served a failed attempt of this blob go last."""
-        chain = self.sources(rec, k)
-        if rec.demoted:
-            chain = sorted(chain, key=lambda src: src.name in rec.demoted)  # stable: the rest keep their order
-        return chain
 
     def cached_bytes(self, blob_id: str) -> int:
         """Verified bytes on disk; a quarantined blob counts as none."""
@@ -199,10 +180,10 @@ class Filler:
         missing = [k for k in range(first, last + 1) if not st.has(k)]
         source = "local"
         if missing:
-            waits = asyncio.gather(*(self._chunk(st, k, demand=True) for k in missing))
+            waits = asyncio.gather(*(self.chunks.get(st, k, demand=True) for k in missing))
             for k in range(last + 1, min(last + 1 + self.cfg.read_ahead_chunks, rec.n_chunks)):
                 if not st.has(k):
-                    self._chunk(st, k, demand=False)
+                    self.chunks.get(st, k, demand=False)
             await self._await(waits, f"read of {blob_id} [{offset}+{size}]")
             kinds = set(waits.result())
             source = "upstream" if "upstream" in kinds else "peer" if "peer" in kinds else "local"
@@ -230,7 +211,7 @@ class Filler:
             raise FillError(f"{what}: {e}") from None
         finally:
             if not fut.done():
-                fut.add_done_callback(_consume)
+                fut.add_done_callback(consume)
 
     async def read_chunk(
         self, blob_id: str, k: int, sources: list | None = None, local_only: bool = False
@@ -244,202 +225,15 @@ class Filler:
             if not st.has(k):
                 if local_only:
                     return None
-                await self._await(self._chunk(st, k, demand=True, sources=sources), f"chunk {k} of {blob_id}")
+                await self._await(self.chunks.get(st, k, demand=True, sources=sources), f"chunk {k} of {blob_id}")
                 st = self.state(blob_id)
             start, end = st.chunk_range(k)
             return await self.store.read(blob_id, start, end - start)
         finally:
             self.release(blob_id)
 
-    def _chunk(
-        self,
-        st: BlobState,
-        k: int,
-        demand: bool,
-        sources: list | None = None,
-        handed: asyncio.Future | None = None,
-        background: bool = False,
-    ) -> asyncio.Task:
-        """The one in-flight fetch of chunk k, created if needed (coalescing).
-
-        `handed`: the chunk is part of a run; its bytes arrive there (None: fetch it alone).
-        `background`: part of a whole-blob fill; unless a reader joins, it is
-        written around the page cache.
-        """
-        key = (st.rec.blob_id, k)
-        if not background:
-            self._wanted.add(key)
-        task = self._inflight.get(key)
-        if task is not None:
-            if demand:
-                self.metrics.coalesced_waits.inc()
-            return task
-        fetched = self._fetched[key] = asyncio.get_running_loop().create_future()
-        task = asyncio.get_running_loop().create_task(self._fetch(st, k, demand, fetched, sources, handed))
-        self._inflight[key] = task
-        task.add_done_callback(
-            lambda t: (
-                self._inflight.pop(key, None),
-                self._fetched.pop(key, None),
-                self._wanted.discard(key),
-                _consume(t),
-            )
-        )
-        return task
-
-    async def _off_the_wire(self, key: tuple[str, int], task: asyncio.Task) -> None:
-        """Wait until the chunk's bytes are received (or the task ended), not until they are on disk."""
-        fetched = self._fetched.get(key)
-        if fetched is None or task.done():
-            return
-        await asyncio.wait({fetched, task}, return_when=asyncio.FIRST_COMPLETED)
-
-    async def _fetch(
-        self,
-        st: BlobState,
-        k: int,
-        demand: bool,
-        fetched: asyncio.Future,
-        sources: list | None = None,
-        handed: asyncio.Future | None = None,
-    ) -> str:
-        """Fetch and store chunk k; returns the kind of source it came from.
-
-        The fetch slot is given back as soon as the bytes are in memory: the
-        write and its fsync must not keep a connection idle.
-        """
-        if self.closing:
-            raise FillError("daemon is shutting down")
-        data = None
-        try:
-            if handed is not None:
-                data, kind = await handed  # (None, _) if the run broke before this chunk
-            if data is None:
-                kind = "local"
-                if not st.has(k):
-                    data, kind = await self._fetch_alone(st, k, demand, sources)
-        finally:
-            if not fetched.done():
-                fetched.set_result(None)
-        if data is not None:
-            # Into the page cache if a reader waits for it or has the blob open (it will
-            # read on); a prefetch nobody reads yet goes around it.
-            cache = (st.rec.blob_id, k) in self._wanted or self._open.get(st.rec.blob_id, 0) > 0
-            try:
-                await self.store.write_chunk(st, k, data, cache=cache)
-            except NoSpace:
-                # Blobs whose hash is being proven cannot be evicted yet; they can be soon.
-                proving = [t for b, t in self._finishing.items() if b != st.rec.blob_id]
-                if not proving:
-                    raise
-                await asyncio.wait(proving, timeout=self.cfg.read_timeout)
-                await self.store.write_chunk(st, k, data, cache=cache)
-        if st.missing == 0:
-            self._finish(st)  # readers of the last chunk do not wait for the hash
-        return kind
-
-    async def _fetch_alone(self, st: BlobState, k: int, demand: bool, sources: list | None) -> tuple[bytes, str]:
-        """One ranged GET for one chunk, under a fetch slot unless a reader waits for it."""
-        if not demand:  # demand reads never queue behind read-ahead
-            await self._slots.acquire()
-        self.metrics.fill_inflight.inc()
-        try:
-            return await self._fetch_with_retries(st.rec, k, *st.chunk_range(k), sources=sources)
-        finally:
-            self.metrics.fill_inflight.dec()
-            if not demand:
-                self._slots.release()
-
-    def _start_run(self, st: BlobState, run: list[int], source) -> list[asyncio.Task]:
-        """Chunks run[0..] as one ranged GET from `source`; each chunk is its own coalesced task."""
-        loop = asyncio.get_running_loop()
-        handed = {k: loop.create_future() for k in run}
-        tasks = [self._chunk(st, k, demand=False, handed=handed[k], background=True) for k in run]
-        pump = loop.create_task(self._pump(st, run, source, handed, tasks))
-        self._pumps.add(pump)
-        pump.add_done_callback(lambda t: (self._pumps.discard(t), _consume(t)))
-        return tasks
-
-    async def _pump(self, st: BlobState, run: list[int], source, handed: dict, tasks: list[asyncio.Task]) -> None:
-        """Hand each chunk of the stream to its task as it arrives.
-
-        At most two chunks of a run wait for their writes (bounded memory).
-        If the stream breaks, the chunks not yet handed are fetched one by
-        one, with the usual retries and every source in order.
-        """
-        start, end = st.chunk_range(run[0])[0], st.chunk_range(run[-1])[1]
-        kind = source.kind
-        i = 0
-        await self._slots.acquire()
-        self.metrics.fill_inflight.inc()
-        try:
-            async with aclosing(source.stream(st.rec, start, end, st.rec.chunk_size)) as parts:
-                async for data in parts:
-                    self._used.setdefault(st.rec.blob_id, {})[source.name] = kind
-                    if not handed[run[i]].done():  # its task may have been cancelled
-                        handed[run[i]].set_result((data, kind))
-                    i += 1
-                    if 2 <= i < len(run):  # not after the last part: the connection goes back to the pool now
-                        await asyncio.wait({tasks[i - 2]})
-        except UpstreamError as e:
-            log.info("%s/%s [%d-%d) from %s broke at chunk %d: %s", st.rec.repo_id, st.rec.path, start, end,
-                     source.name, run[i] if i < len(run) else run[-1], e)  # fmt: skip
-        finally:
-            self.metrics.fill_inflight.dec()
-            self._slots.release()
-            for fut in handed.values():
-                if not fut.done():
-                    fut.set_result((None, kind))
-
-    async def _fetch_with_retries(
-        self, rec: BlobRecord, k: int, start: int, end: int, sources: list | None = None
-    ) -> tuple[bytes, str]:
-        """Try every source in order; back off and go round again until the deadline."""
-        if start == end:
-            return b"", "local"  # the one chunk of an empty file: nothing to ask anyone for
-        deadline = time.monotonic() + self.cfg.read_timeout
-        backoff = delays(self.cfg.retry_base, 5.0)
-        while True:
-            errors: list[UpstreamError] = []
-            for src in sources if sources is not None else self.chain(rec, k):
-                try:
-                    data = await src.fetch(rec, start, end)
-                    kind = src.kind
-                    self._used.setdefault(rec.blob_id, {})[src.name] = kind
-                    return data, kind
-                except UpstreamError as e:
-                    errors.append(e)
-                    log.info("%s/%s [%d-%d) from %s failed: %s", rec.repo_id, rec.path, start, end, src.name, e)
-            if not errors:
-                raise UpstreamError(f"no source for {rec.repo_id}/{rec.path}")
-            if all(isinstance(e, NotFound) for e in errors):
-                raise errors[-1]
-            left = deadline - time.monotonic()
-            if self.closing or left <= 0:
-                raise errors[-1]
-            log.warning("retrying %s/%s [%d-%d): %s", rec.repo_id, rec.path, start, end, errors[-1])
-            await asyncio.sleep(min(left, next(backoff)))
-
-    def _finish(self, st: BlobState) -> asyncio.Future:
-        """Prove the whole blob once every chunk is in; all callers share one check."""
-        blob_id = st.rec.blob_id
-        task = self._finishing.get(blob_id)
-        if task is None:
-            if st.rec.state != "partial":
-                done = asyncio.get_running_loop().create_future()
-                done.set_result(None)
-                return done
-            task = self._finishing[blob_id] = asyncio.get_running_loop().create_task(self.store.finish(st))
-            task.add_done_callback(lambda t: (self._finishing.pop(blob_id, None), _consume(t)))
-            task.add_done_callback(lambda t: self._proved(blob_id, t))
-        return task
-
-    def _proved(self, blob_id: str, task: asyncio.Task) -> None:
-        """After a proof: on failure, new generation, sources of the attempt asked last, owner told."""
-        used = self._used.pop(blob_id, {})
-        if task.cancelled() or not isinstance(task.exception(), Quarantined):
-            return
-        log.error("%s (chunks from %s)", task.exception(), ", ".join(sorted(used)) or "nowhere")
+    def _failed_proof(self, blob_id: str, used: dict[str, str]) -> None:
+        """After a failed proof: new generation, sources of the attempt asked last, owner told."""
         # Readers of a verify_before_serve blob never got a byte of it before its proof.
         seen = blob_id not in self.verify_first
         self.quarantined(blob_id, "peer" if "peer" in used.values() else "upstream", sorted(used), seen)
@@ -469,69 +263,7 @@ class Filler:
             return None
         if st.rec.state == "complete":
             return None
-        task = self._background.get(blob_id)
-        if task is None:
-            task = self._background[blob_id] = asyncio.get_running_loop().create_task(self._fill_blob(st))
-            task.add_done_callback(lambda t: (self._background.pop(blob_id, None), _consume(t)))
-        return task
-
-    async def _fill_blob(self, st: BlobState) -> None:
-        todo = deque(k for k in range(st.rec.n_chunks) if not st.has(k))
-        workers = self.cfg.parallel_per_blob
-
-        async def worker() -> None:
-            # Pipelined: the next run is asked for once this one's bytes are off
-            # the wire, while its chunks are still being written and synced.
-            writing: list[asyncio.Task] = []
-            while claim := self._claim(st, todo, workers):
-                run, source = claim
-                if source is not None:
-                    tasks = self._start_run(st, run, source)
-                else:
-                    tasks = [self._chunk(st, run[0], demand=False, background=True)]
-                await self._off_the_wire((st.rec.blob_id, run[-1]), tasks[-1])
-                for t in writing:
-                    await t
-                writing = tasks
-            for t in writing:
-                await t
-
-        await asyncio.gather(*(worker() for _ in range(workers)))
-        await asyncio.shield(self._finish(st))
-
-    def _claim(self, st: BlobState, todo: deque[int], workers: int) -> tuple[list[int], object | None] | None:
-        """The next chunks one worker should fetch with one request: consecutive,
-        nobody fetching them yet, all from one source that serves a range in one request; a
-        single chunk while the blob is open.
-
-        Returns (chunks, that source), or ([chunk], None) for a fetch through
-        the usual chain (a source that serves chunk by chunk, or a chunk a reader
-        already fetches); None when nothing is left.
-        """
-        while todo and st.has(todo[0]):
-            todo.popleft()
-        if not todo:
-            return None
-        run = [todo.popleft()]
-        size = run_length(len(todo) + 1, workers, self.cfg.fill_run_chunks)
-        if self._open.get(st.rec.blob_id, 0) > 0:
-            size = 1  # someone reads it front to back: one chunk per request lands chunks in that order
-        chain = self.chain(st.rec, run[0])
-        if not chain or isinstance(chain[0], PiecewiseSource) or self._busy(st, run[0]) or st.rec.size == 0:
-            return run, None
-        first = chain[0]
-        while (
-            len(run) < size
-            and todo
-            and todo[0] == run[-1] + 1
-            and not self._busy(st, todo[0])
-            and self.chain(st.rec, todo[0])[0] is first
-        ):
-            run.append(todo.popleft())
-        return run, first
-
-    def _busy(self, st: BlobState, k: int) -> bool:
-        return st.has(k) or (st.rec.blob_id, k) in self._inflight
+        return self.blobs.start(st)
 
     async def fill_blobs(
         self, blob_ids: list[str], progress: Callable[[int], None] | None = None, attempts: int = PROOF_ATTEMPTS
@@ -581,25 +313,8 @@ class Filler:
 
     async def close(self) -> None:
         """Stop fetching: every waiting reader is woken with an error."""
-        self.closing = True
-        tasks = [*self._inflight.values(), *self._pumps, *self._background.values(), *self._finishing.values()]
+        self.chunks.closing = True
+        tasks = [*self.chunks.tasks(), *self.blobs.tasks()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def run_length(left: int, workers: int, most: int) -> int:
-    """Chunks in the next request of a whole-blob fill with `left` chunks to go.
-
-    Guided self-scheduling: half a fair share, at most `most`. Long runs save
-    the idle gap between requests on a connection; shrinking them towards the
-    end lets the workers finish together and keeps the in-order hash of the
-    blob close behind its last byte.
-    """
-    return max(1, min(most, left // (2 * workers)))
-
-
-def _consume(task: asyncio.Future) -> None:
-    """Mark a task's exception as seen: its waiters got it already, or nobody waits."""
-    if not task.cancelled():
-        task.exception()

@@ -17,7 +17,7 @@ import pytest
 from conftest import BIG, MiB, sha256_file
 
 from nodecache import directio
-from nodecache.fill import run_length
+from nodecache.blobfill import run_length
 from nodecache.testing.hub import Fault
 from nodecache.upstream import UpstreamError
 from nodecache.upstream.ranges import range_parts

@@ -1,0 +1,155 @@
+"""Whole-blob fills: after a blob's first open (or for a prefetch), all of its chunks.
+
+Each blob gets `parallel_per_blob` workers. A worker claims the next
+consecutive chunks nobody fetches yet and asks one source for them as one
+streamed request (a run), so a connection is not idle between chunks; the
+chunks of a run are still coalesced one by one with readers (chunks.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from contextlib import aclosing
+
+from .chunks import Chunks, consume
+from .config import Config
+from .metrics import Metrics
+from .presence import BlobState
+from .upstream import PiecewiseSource, Source, UpstreamError
+
+log = logging.getLogger(__name__)
+
+
+class BlobFills:
+    """The whole-blob fills of a node: one per blob, joined by everyone who asks."""
+
+    def __init__(self, cfg: Config, chunks: Chunks, metrics: Metrics):
+        self.cfg, self.chunks, self.metrics = cfg, chunks, metrics
+        self.running: dict[str, asyncio.Task] = {}
+        self._pumps: set[asyncio.Task] = set()  # streamed multi-chunk requests (runs)
+
+    def start(self, st: BlobState) -> asyncio.Task:
+        """Start (or join) filling the whole blob."""
+        blob_id = st.rec.blob_id
+        task = self.running.get(blob_id)
+        if task is None:
+            task = self.running[blob_id] = asyncio.get_running_loop().create_task(self._fill_blob(st))
+            task.add_done_callback(lambda t: (self.running.pop(blob_id, None), consume(t)))
+        return task
+
+    async def _fill_blob(self, st: BlobState) -> None:
+        todo = deque(k for k in range(st.rec.n_chunks) if not st.has(k))
+        workers = self.cfg.parallel_per_blob
+        chunks = self.chunks
+
+        async def worker() -> None:
+            # Pipelined: the next run is asked for once this one's bytes are off
+            # the wire, while its chunks are still being written and synced.
+            writing: list[asyncio.Task] = []
+            while claim := self._claim(st, todo, workers):
+                run, source = claim
+                if source is not None:
+                    tasks = self._start_run(st, run, source)
+                else:
+                    tasks = [chunks.get(st, run[0], demand=False, background=True)]
+                await chunks.off_the_wire((st.rec.blob_id, run[-1]), tasks[-1])
+                for t in writing:
+                    await t
+                writing = tasks
+            for t in writing:
+                await t
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        await asyncio.shield(chunks.finish(st))
+
+    def _claim(self, st: BlobState, todo: deque[int], workers: int) -> tuple[list[int], Source | None] | None:
+        """The next chunks one worker should fetch with one request: consecutive,
+        nobody fetching them yet, all from one source that serves a range in one
+        request; a single chunk while the blob is open.
+
+        Returns (chunks, that source), or ([chunk], None) for a fetch through
+        the usual chain (a source that serves chunk by chunk, or a chunk a
+        reader already fetches); None when nothing is left.
+        """
+        while todo and st.has(todo[0]):
+            todo.popleft()
+        if not todo:
+            return None
+        run = [todo.popleft()]
+        size = run_length(len(todo) + 1, workers, self.cfg.fill_run_chunks)
+        if self.chunks.is_open(st.rec.blob_id):
+            size = 1  # someone reads it front to back: one chunk per request lands chunks in that order
+        chain = self.chunks.chain(st.rec, run[0])
+        if not chain or isinstance(chain[0], PiecewiseSource) or self.chunks.busy(st, run[0]) or st.rec.size == 0:
+            return run, None
+        first = chain[0]
+        while (
+            len(run) < size
+            and todo
+            and todo[0] == run[-1] + 1
+            and not self.chunks.busy(st, todo[0])
+            and self.chunks.chain(st.rec, todo[0])[0] is first
+        ):
+            run.append(todo.popleft())
+        return run, first
+
+    def _start_run(self, st: BlobState, run: list[int], source: Source) -> list[asyncio.Task]:
+        """Chunks run[0..] as one ranged GET from `source`; each chunk is its own coalesced task."""
+        loop = asyncio.get_running_loop()
+        handed = {k: loop.create_future() for k in run}
+        tasks = [self.chunks.get(st, k, demand=False, handed=handed[k], background=True) for k in run]
+        pump = loop.create_task(self._pump(st, run, source, handed, tasks))
+        self._pumps.add(pump)
+        pump.add_done_callback(lambda t: (self._pumps.discard(t), consume(t)))
+        return tasks
+
+    async def _pump(
+        self, st: BlobState, run: list[int], source: Source, handed: dict, tasks: list[asyncio.Task]
+    ) -> None:
+        """Hand each chunk of the stream to its task as it arrives.
+
+        At most two chunks of a run wait for their writes (bounded memory).
+        If the stream breaks, the chunks not yet handed are fetched one by
+        one, with the usual retries and every source in order.
+        """
+        start, end = st.chunk_range(run[0])[0], st.chunk_range(run[-1])[1]
+        kind = source.kind
+        i = 0
+        slots = self.chunks.slots
+        await slots.acquire()
+        self.metrics.fill_inflight.inc()
+        try:
+            async with aclosing(source.stream(st.rec, start, end, st.rec.chunk_size)) as parts:
+                async for data in parts:
+                    self.chunks.served(st.rec.blob_id, source)
+                    if not handed[run[i]].done():  # its task may have been cancelled
+                        handed[run[i]].set_result((data, kind))
+                    i += 1
+                    if 2 <= i < len(run):  # not after the last part: the connection goes back to the pool now
+                        await asyncio.wait({tasks[i - 2]})
+        except UpstreamError as e:
+            log.info("%s/%s [%d-%d) from %s broke at chunk %d: %s", st.rec.repo_id, st.rec.path, start, end,
+                     source.name, run[i] if i < len(run) else run[-1], e)  # fmt: skip
+        finally:
+            self.metrics.fill_inflight.dec()
+            slots.release()
+            for fut in handed.values():
+                if not fut.done():
+                    fut.set_result((None, kind))
+
+    def tasks(self) -> list[asyncio.Task]:
+        """Every run and whole-blob fill running (for shutdown)."""
+        return [*self._pumps, *self.running.values()]
+
+
+def run_length(left: int, workers: int, most: int) -> int:
+    """Chunks in the next request of a whole-blob fill with `left` chunks to go.
+
+    Guided self-scheduling: half a fair share, at most `most`. Long runs save
+    the idle gap between requests on a connection; shrinking them towards the
+    end lets the workers finish together and keeps the in-order hash of the
+    blob close behind its last byte.
+    """
+    return max(1, min(most, left // (2 * workers)))
