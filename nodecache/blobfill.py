@@ -17,6 +17,7 @@ from .chunks import Chunks, consume
 from .config import Config
 from .metrics import Metrics
 from .presence import BlobState
+from .slots import BACKGROUND
 from .upstream import PiecewiseSource, Source, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,8 @@ class BlobFills:
         start, end = st.chunk_range(run[0])[0], st.chunk_range(run[-1])[1]
         kind = source.kind
         i = 0
-        slots = self.chunks.slots
-        await slots.acquire()
+        keys = [(st.rec.blob_id, k) for k in run]
+        ticket = await self.chunks.take_slot(keys, BACKGROUND)
         self.metrics.fill_inflight.inc()
         try:
             async with aclosing(source.stream(st.rec, start, end, st.rec.chunk_size)) as parts:
@@ -134,7 +135,7 @@ class BlobFills:
                      source.name, run[i] if i < len(run) else run[-1], e)  # fmt: skip
         finally:
             self.metrics.fill_inflight.dec()
-            slots.release()
+            self.chunks.give_slot(keys, ticket)
             for fut in handed.values():
                 if not fut.done():
                     fut.set_result((None, kind))

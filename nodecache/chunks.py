@@ -20,6 +20,7 @@ from .index import BlobRecord
 from .metrics import Metrics
 from .presence import BlobState
 from .quarantine import Quarantined
+from .slots import AHEAD, BACKGROUND, DEMAND, PRIORITIES, Slots, Ticket
 from .store import Store
 from .tier import NoSpace
 from .upstream import NotFound, Source, UpstreamError
@@ -60,8 +61,30 @@ class Chunks:
         self._fetched: dict[Key, asyncio.Future] = {}  # set once a chunk's bytes are off the wire
         self._wanted: set[Key] = set()  # in-flight chunks a reader waits for: keep them in the page cache
         self.finishing: dict[str, asyncio.Task] = {}
-        self.slots = asyncio.Semaphore(cfg.parallel_total)
+        self.slots = Slots(cfg.parallel_total, reserve_for_demand(cfg.parallel_total), self._waited)
+        self._tickets: dict[Key, Ticket] = {}  # chunks whose request waits for (or holds) a slot
         self._used: dict[str, dict[str, str]] = {}  # blob id -> {source name: kind} of its current attempt
+
+    def _waited(self, priority: int, seconds: float) -> None:
+        self.metrics.fill_slot_wait_seconds.labels(PRIORITIES[priority]).observe(seconds)
+
+    async def take_slot(self, keys: list[Key], priority: int) -> Ticket:
+        """A fetch slot for the request of these chunks; a reader joining one of them later lets it ahead."""
+        t = self.slots.ticket(priority)
+        for key in keys:
+            self._tickets[key] = t
+        try:
+            await self.slots.acquire(t)
+        except BaseException:
+            self.give_slot(keys, t)
+            raise
+        return t
+
+    def give_slot(self, keys: list[Key], t: Ticket) -> None:
+        self.slots.release(t)
+        for key in keys:
+            if self._tickets.get(key) is t:
+                del self._tickets[key]
 
     def is_open(self, blob_id: str) -> bool:
         return self.open.get(blob_id, 0) > 0
@@ -102,10 +125,14 @@ class Chunks:
         if task is not None:
             if demand:
                 self.metrics.coalesced_waits.inc()
+            ticket = self._tickets.get(key)
+            if ticket is not None and not background:
+                self.slots.promote(ticket, DEMAND if demand else AHEAD)
             return task
         loop = asyncio.get_running_loop()
         fetched = self._fetched[key] = loop.create_future()
-        task = loop.create_task(self._fetch(st, k, demand, fetched, sources, handed))
+        priority = DEMAND if demand else BACKGROUND if background else AHEAD
+        task = loop.create_task(self._fetch(st, k, priority, fetched, sources, handed))
         self.inflight[key] = task
         task.add_done_callback(
             lambda t: (
@@ -128,7 +155,7 @@ class Chunks:
         self,
         st: BlobState,
         k: int,
-        demand: bool,
+        priority: int,
         fetched: asyncio.Future,
         sources: list[Source] | None = None,
         handed: asyncio.Future | None = None,
@@ -147,7 +174,7 @@ class Chunks:
             if data is None:
                 kind = "local"
                 if not st.has(k):
-                    data, kind = await self._fetch_alone(st, k, demand, sources)
+                    data, kind = await self._fetch_alone(st, k, priority, sources)
         finally:
             if not fetched.done():
                 fetched.set_result(None)
@@ -169,18 +196,17 @@ class Chunks:
         return kind
 
     async def _fetch_alone(
-        self, st: BlobState, k: int, demand: bool, sources: list[Source] | None
+        self, st: BlobState, k: int, priority: int, sources: list[Source] | None
     ) -> tuple[bytes, str]:
-        """One ranged GET for one chunk, under a fetch slot unless a reader waits for it."""
-        if not demand:  # demand reads never queue behind read-ahead
-            await self.slots.acquire()
+        """One ranged GET for one chunk, under a fetch slot (readers' requests go first)."""
+        keys = [(st.rec.blob_id, k)]
+        ticket = await self.take_slot(keys, priority)
         self.metrics.fill_inflight.inc()
         try:
             return await self._fetch_with_retries(st.rec, k, *st.chunk_range(k), sources=sources)
         finally:
             self.metrics.fill_inflight.dec()
-            if not demand:
-                self.slots.release()
+            self.give_slot(keys, ticket)
 
     async def _fetch_with_retries(
         self, rec: BlobRecord, k: int, start: int, end: int, sources: list[Source] | None = None
@@ -234,6 +260,11 @@ class Chunks:
     def tasks(self) -> list[asyncio.Task]:
         """Every fetch and proof running (for shutdown)."""
         return [*self.inflight.values(), *self.finishing.values()]
+
+
+def reserve_for_demand(total: int) -> int:
+    """Slots read-ahead and background fills leave free for readers: an eighth, at least one."""
+    return max(1, total // 8) if total > 1 else 0
 
 
 def consume(task: asyncio.Future) -> None:

@@ -184,7 +184,11 @@ class Filler:
             for k in range(last + 1, min(last + 1 + self.cfg.read_ahead_chunks, rec.n_chunks)):
                 if not st.has(k):
                     self.chunks.get(st, k, demand=False)
-            await self._await(waits, f"read of {blob_id} [{offset}+{size}]")
+            t0 = time.monotonic()
+            try:
+                await self._await(waits, f"read of {blob_id} [{offset}+{size}]")
+            finally:
+                self.metrics.read_wait_seconds.observe(time.monotonic() - t0)
             kinds = set(waits.result())
             source = "upstream" if "upstream" in kinds else "peer" if "peer" in kinds else "local"
             st = self.state(blob_id)  # verification may have quarantined it
@@ -225,7 +229,11 @@ class Filler:
             if not st.has(k):
                 if local_only:
                     return None
-                await self._await(self.chunks.get(st, k, demand=True, sources=sources), f"chunk {k} of {blob_id}")
+                t0 = time.monotonic()
+                try:
+                    await self._await(self.chunks.get(st, k, demand=True, sources=sources), f"chunk {k} of {blob_id}")
+                finally:
+                    self.metrics.read_wait_seconds.observe(time.monotonic() - t0)
                 st = self.state(blob_id)
             start, end = st.chunk_range(k)
             return await self.store.read(blob_id, start, end - start)

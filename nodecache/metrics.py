@@ -46,6 +46,19 @@ class Metrics:
             p + "scrubbed_bytes", "Bytes of complete blobs re-hashed (background scrub and verify jobs).", registry=r
         )
         self.fill_inflight = Gauge(p + "fill_inflight", "Chunk fetches in flight.", registry=r)
+        self.read_wait_seconds = Histogram(
+            p + "read_wait_seconds",
+            "Time a read (FUSE, mirror, a peer asking) waited for chunks that were not local yet.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30, 120),
+            registry=r,
+        )
+        self.fill_slot_wait_seconds = Histogram(
+            p + "fill_slot_wait_seconds",
+            "Time a chunk request waited for one of the node's parallel_total fetch slots, by priority.",
+            ["priority"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30),
+            registry=r,
+        )
         self.coalesced_waits = Counter(
             p + "coalesced_waits", "Reads that joined a fetch already in flight.", registry=r
         )

@@ -1,0 +1,105 @@
+"""Demand first: the node's fetch slots go to readers before read-ahead and background fills.
+
+The slots are pure asyncio and tested directly; the rest with the Hub
+emulator and a real FUSE mount, waiting on events (emulator faults reached,
+status fields), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+from conftest import BIG, MiB, counter, snapshot_dir, verified, wait_until
+
+from nodecache.slots import AHEAD, BACKGROUND, DEMAND, Slots
+from nodecache.testing.hub import Fault
+
+# ---- the slots (pure asyncio) ----------------------------------------------------------------
+
+
+def test_readers_go_first_and_background_never_takes_the_reserve():
+    async def main() -> None:
+        slots = Slots(4, 1)
+        held = [slots.ticket(BACKGROUND) for _ in range(3)]
+        for t in held:
+            await slots.acquire(t)
+        late_bg = slots.ticket(BACKGROUND)
+        bg = asyncio.ensure_future(slots.acquire(late_bg))
+        await asyncio.sleep(0)
+        assert not bg.done(), "the last slot is kept for readers"
+        reader = slots.ticket(DEMAND)
+        await asyncio.wait_for(slots.acquire(reader), 1)  # at once: the reserve
+        ahead, reader2 = slots.ticket(AHEAD), slots.ticket(DEMAND)
+        waits = [asyncio.ensure_future(slots.acquire(t)) for t in (ahead, reader2)]
+        await asyncio.sleep(0)
+        slots.release(held[0])  # one slot: the waiting reader gets it, though it came last
+        await asyncio.sleep(0)
+        assert waits[1].done() and not waits[0].done() and not bg.done()
+        slots.promote(late_bg, DEMAND)  # a reader now waits for what it fetches
+        slots.release(held[1])
+        await asyncio.sleep(0)
+        assert bg.done() and not waits[0].done(), "the promoted ticket went before read-ahead"
+        waits[0].cancel()
+        await asyncio.gather(waits[0], return_exceptions=True)
+        for t in (held[2], late_bg, reader, reader2):
+            slots.release(t)
+        assert slots.used == 0 and slots._waiting == []
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_waiter_gives_its_slot_back():
+    async def main() -> None:
+        slots = Slots(2, 1)
+        a = slots.ticket(DEMAND)
+        await slots.acquire(a)
+        b = slots.ticket(DEMAND)
+        await slots.acquire(b)
+        c = slots.ticket(DEMAND)
+        w = asyncio.ensure_future(slots.acquire(c))
+        await asyncio.sleep(0)
+        slots.release(a)  # granted to c ...
+        w.cancel()  # ... which is cancelled before it runs
+        await asyncio.gather(w, return_exceptions=True)
+        slots.release(b)
+        assert slots.used == 0
+
+    asyncio.run(main())
+
+
+# ---- through the mount -------------------------------------------------------------------------
+
+
+def test_a_reader_is_served_while_background_fills_hold_every_other_connection(hub, daemons, big_repo):
+    # 4 slots, one kept for readers: the whole-blob fill started by the open gets 3 and its 4th
+    # worker waits; those 3 requests hang in the emulator until the test lets them go.
+    held = [Fault("hold") for _ in range(3)]
+    env = {
+        "NODECACHE_PARALLEL_TOTAL": "4",
+        "NODECACHE_PARALLEL_PER_BLOB": "4",
+        "NODECACHE_READ_AHEAD_CHUNKS": "0",
+    }
+    daemon = daemons([BIG], env=env)
+    weights = snapshot_dir(daemon, BIG, hub.commits[BIG]) / "weights.bin"
+    want = (big_repo / "weights.bin").read_bytes()
+    hub.faults.extend(held)
+    fd = os.open(weights, os.O_RDONLY)
+    try:
+        for f in held:
+            assert f.reached.wait(30), "the background fill did not start its requests"
+        wait_until(lambda: daemon.status()["fills_inflight"] >= 4, "the fill's fourth chunk waiting for a slot")
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(os.pread(fd, 4096, 60 * MiB + 5)))
+        reader.start()
+        reader.join(30)  # bounds a failure only: with background holding every slot it would hang
+        assert got == [want[60 * MiB + 5 : 60 * MiB + 5 + 4096]], "the reader was served"
+        assert not any(f.release.is_set() for f in held), "...while the background requests still hung"
+        assert counter(daemon, "nodecache_read_wait_seconds_count") >= 1
+    finally:
+        for f in held:
+            f.release.set()
+        os.close(fd)
+    wait_until(lambda: verified(weights), "the fill finished once released")
+    assert counter(daemon, "nodecache_fill_slot_wait_seconds_count", priority="background") >= 1
