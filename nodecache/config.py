@@ -38,6 +38,9 @@ class Config:
     chunk_size: int = 8 * MiB  # unit of fetch, verification and presence; power of two
     read_ahead_chunks: int = 8  # on a miss at chunk k, also fetch k+1..k+R
     fill_on_open: bool = True  # first open of a blob fills it whole in the background
+    fill_snapshot_on_open: bool = (
+        True  # opening a weight file fills the snapshot's small files, then its sibling shards
+    )
     parallel_per_blob: int = 8  # concurrent chunk fetches for one blob
     parallel_total: int = 32  # concurrent chunk fetches for the node
     fill_run_chunks: int = 2  # a whole-blob fill asks for up to this many consecutive chunks per request

@@ -27,6 +27,7 @@ from .index import BlobRecord, Index
 from .metrics import Metrics
 from .presence import BlobState
 from .quarantine import Quarantined
+from .snapfill import SnapshotFills
 from .store import Store
 from .tier import NoSpace
 from .upstream import Source, UpstreamError
@@ -57,6 +58,9 @@ class Filler:
         self.on_quarantine = on_quarantine
         self.chunks = Chunks(cfg, store, sources, metrics, self._failed_proof)
         self.blobs = BlobFills(cfg, self.chunks, metrics)
+        self.snapshots = SnapshotFills(
+            cfg, index, self.fill_in_background, self.blobs.running, store.record, store.read
+        )
         self.pinned: set[str] = set() if pinned is None else pinned  # blob ids kept (pins): never evicted
         self.verify_first: set[str] = set()  # blob ids whose reads wait for the whole-blob proof (verify_before_serve)
         self._generation: dict[str, int] = {}  # blob id -> failed proofs seen while running
@@ -273,6 +277,10 @@ class Filler:
             return None
         return self.blobs.start(st)
 
+    def opened_in_repo(self, repo_type: str, repo_id: str, blob_id: str, commit: str | None) -> asyncio.Task | None:
+        """A reader opened a blob of a repo: if it is a weight file, fill what the loader reads next."""
+        return self.snapshots.opened(repo_type, repo_id, blob_id, commit)
+
     async def fill_blobs(
         self, blob_ids: list[str], progress: Callable[[int], None] | None = None, attempts: int = PROOF_ATTEMPTS
     ) -> None:
@@ -322,7 +330,7 @@ class Filler:
     async def close(self) -> None:
         """Stop fetching: every waiting reader is woken with an error."""
         self.chunks.closing = True
-        tasks = [*self.chunks.tasks(), *self.blobs.tasks()]
+        tasks = [*self.snapshots.tasks(), *self.chunks.tasks(), *self.blobs.tasks()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -26,6 +26,7 @@ from .fusesession import FuseError, Opened, Session
 from .inodes import InodeTable
 from .layout import MAX_NAME, InvalidName, Node
 from .metrics import Metrics
+from .snapplan import opened_in
 from .tree import HubTree
 
 log = logging.getLogger(__name__)
@@ -258,6 +259,8 @@ class NodecacheFS:
                 backing = self.filler.store.path(node.blob_id)  # verified: the kernel may read it itself
             elif self.fill_on_open:
                 self.filler.fill_in_background(node.blob_id)
+            if (repo := opened_in(path)) is not None:
+                self.filler.opened_in_repo(*repo[:2], node.blob_id, repo[2])
         # Content is immutable: let the kernel keep its page cache across opens.
         return Opened(fh, keep_cache=node.kind == "blob", backing=backing)
 

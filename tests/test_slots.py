@@ -80,6 +80,7 @@ def test_a_reader_is_served_while_background_fills_hold_every_other_connection(h
         "NODECACHE_PARALLEL_TOTAL": "4",
         "NODECACHE_PARALLEL_PER_BLOB": "4",
         "NODECACHE_READ_AHEAD_CHUNKS": "0",
+        "NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false",  # config.json must not take one of the held requests
     }
     daemon = daemons([BIG], env=env)
     weights = snapshot_dir(daemon, BIG, hub.commits[BIG]) / "weights.bin"

@@ -1,0 +1,112 @@
+"""Snapshot-aware fill: a reader opened a weight file, so fill the rest of the snapshot it will read.
+
+What and in which order is snapplan's (pure); here the whole-blob fills are
+started: the small files at once, then the shards one after another, at most
+`parallel_total // parallel_per_blob` whole-blob fills running at a time (the
+connections a node may use), so the next shard the loader reads fills first.
+Every such fetch is a background one: readers' chunks go ahead (slots.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from .chunks import consume
+from .config import Config
+from .expiring import ExpiringSet
+from .index import BlobRecord, Index
+from .layout import FileEntry
+from .snapplan import index_files, is_weight, locate, small_files, weight_order
+
+log = logging.getLogger(__name__)
+
+Snapshot = tuple[str, str, str]  # (repo type, repo id, commit)
+_REPLAN_AFTER = 60.0  # a snapshot planned lately is not planned again on every open of a shard
+_PLANNED_MAX = 1024
+
+
+class SnapshotFills:
+    """One fill per snapshot at a time, started by the first open of one of its weight files."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        index: Index,
+        start: Callable[[str], asyncio.Task | None],
+        running: dict[str, asyncio.Task],
+        record: Callable[[str], BlobRecord | None],
+        read: Callable[[str, int, int], Awaitable[bytes]],
+    ):
+        self.cfg, self.index = cfg, index
+        self.start = start  # start (or join) a blob's whole-blob fill; None if complete or failing
+        self.running = running  # whole-blob fills running now, by blob id
+        self.record, self.read = record, read
+        self.limit = max(1, cfg.parallel_total // cfg.parallel_per_blob)
+        self._tasks: dict[Snapshot, asyncio.Task] = {}
+        self._planned = ExpiringSet(_REPLAN_AFTER, _PLANNED_MAX)
+        self._seen = ExpiringSet(_REPLAN_AFTER, _PLANNED_MAX)  # (type, repo, blob) opened lately
+
+    def opened(self, repo_type: str, repo_id: str, blob_id: str, commit: str | None = None) -> asyncio.Task | None:
+        """A reader opened a blob of this repo (of this snapshot, if known): if it is a weight
+        file, fill what the loader reads next (fill_snapshot_on_open)."""
+        if (
+            not (self.cfg.fill_on_open and self.cfg.fill_snapshot_on_open)
+            or (repo_type, repo_id, blob_id) in self._seen
+        ):
+            return None
+        self._seen.add((repo_type, repo_id, blob_id))  # looked up at most once a while per blob
+        found = self._snapshot_of(repo_type, repo_id, blob_id, commit)
+        if found is None or not is_weight(found[1]):
+            return None
+        snapshot, path, files = found
+        if snapshot in self._tasks or snapshot in self._planned:
+            return self._tasks.get(snapshot)
+        self._planned.add(snapshot)
+        task = self._tasks[snapshot] = asyncio.get_running_loop().create_task(self._fill(snapshot, path, files))
+        task.add_done_callback(lambda t: (self._tasks.pop(snapshot, None), consume(t)))
+        return task
+
+    def _snapshot_of(
+        self, repo_type: str, repo_id: str, blob_id: str, commit: str | None
+    ) -> tuple[Snapshot, str, list[FileEntry]] | None:
+        """The snapshot the blob was opened in: the given one, else the first of the repo's refs
+        (main first) that lists it, else the one its record names."""
+        if commit is None:
+            refs = self.index.refs(repo_type, repo_id)
+            candidates = [refs[r] for r in sorted(refs, key=lambda r: (r != "main", r))]
+            rec = self.record(blob_id)
+            if rec is not None and (rec.repo_type, rec.repo_id) == (repo_type, repo_id) and rec.commit:
+                candidates.append(rec.commit)
+        else:
+            candidates = [commit]
+        for c in dict.fromkeys(candidates):
+            files = self.index.get_snapshot(repo_type, repo_id, c) or []
+            path = locate(files, blob_id)
+            if path is not None:
+                return (repo_type, repo_id, c), path, files
+        return None
+
+    async def _fill(self, snapshot: Snapshot, opened: str, files: list[FileEntry]) -> None:
+        started = [t for f in small_files(files, opened) if (t := self.start(f.blob_id)) is not None]
+        if started:
+            await asyncio.wait(started)
+        indexes = {}
+        for f in index_files(files, opened):
+            rec = self.record(f.blob_id)
+            if rec is not None and rec.state == "complete":
+                try:
+                    indexes[f.path] = await self.read(f.blob_id, 0, f.size)
+                except OSError as e:
+                    log.info("snapshot fill: cannot read %s: %s", f.path, e)
+        order = weight_order(files, opened, indexes)
+        log.info("snapshot fill of %s@%s after %s: %d small file(s), then %s", snapshot[1], snapshot[2][:12],
+                 opened, len(started), ", ".join(f.path for f in order) or "no other weight file")  # fmt: skip
+        for f in order:
+            while len(self.running) >= self.limit:
+                await asyncio.wait(list(self.running.values()), return_when=asyncio.FIRST_COMPLETED)
+            self.start(f.blob_id)
+
+    def tasks(self) -> list[asyncio.Task]:
+        return list(self._tasks.values())

@@ -1,0 +1,136 @@
+"""Snapshot-aware fill: opening one shard fills the snapshot's small files, then the other shards.
+
+The plan (snapplan) is pure and tested directly; the rest with the Hub
+emulator and a real FUSE mount, waiting on events (status fields, xattrs),
+never on sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import MiB, snapshot_dir, verified, wait_until
+from safetensors.numpy import save_file
+
+from nodecache.layout import FileEntry
+from nodecache.snapplan import index_files, opened_in, shard_order, small_files, weight_order
+
+SHARDED = "org/sharded"
+C = "a" * 40
+
+
+def _entry(path: str, size: int = 1000) -> FileEntry:
+    return FileEntry(path, size, format(abs(hash(path)), "x").rjust(40, "0")[:40])
+
+
+# ---- the plan (pure) -----------------------------------------------------------------------
+
+
+def test_opened_in_names_the_repo_and_the_snapshot_if_it_was_opened_by_its_path():
+    assert opened_in(f"hub/models--org--m/blobs/{'b' * 64}") == ("model", "org/m", None)
+    assert opened_in(f"hub/datasets--org--d/snapshots/{C}/sub/x.bin") == ("dataset", "org/d", C)
+    for bad in ("hub/models--org--m/refs/main", "hub/models--org--m/snapshots/main/x.bin", "hub/nope/blobs/x", "x"):
+        assert opened_in(bad) is None, bad
+
+
+def test_siblings_follow_the_index_order_starting_after_the_opened_shard():
+    shards = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    files = [_entry(s, 100 * MiB) for s in shards]
+    files += [_entry("config.json", 500), _entry("model.safetensors.index.json", 3000), _entry("tokenizer.json", 9e6)]
+    files += [_entry("model.fp16-00001-of-00002.safetensors"), _entry("pytorch_model.bin", 400 * MiB)]
+    files += [_entry("images/sample.png", 2 * MiB), _entry("big.parquet", 500 * MiB)]
+    index = {"weight_map": {"a": shards[2], "b": shards[0], "c": shards[2], "d": shards[3], "e": shards[1]}}
+    raw = json.dumps(index).encode()
+    assert shard_order(raw) == [shards[2], shards[0], shards[3], shards[1]]
+    got = weight_order(files, shards[2], {"model.safetensors.index.json": raw})
+    assert [f.path for f in got] == [shards[0], shards[3], shards[1]], "after the opened one, index order"
+    got = weight_order(files, shards[0], {"model.safetensors.index.json": raw})
+    assert [f.path for f in got] == [shards[3], shards[1], shards[2]], "wraps around to those before it"
+    # Without an index: the same series in name order; other formats and precisions never.
+    assert [f.path for f in weight_order(files, shards[1], {})] == [shards[2], shards[3], shards[0]]
+    assert weight_order(files, "pytorch_model.bin", {"model.safetensors.index.json": raw}) == []
+    # Small files: root and the opened file's folder, no weights, smallest first; indexes among them.
+    assert [f.path for f in small_files(files, shards[0])] == [
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+    ]
+    assert [f.path for f in index_files(files, shards[0])] == ["model.safetensors.index.json"]
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"[]", b'{"weight_map": []}', b'{"weight_map": {"a": 1}}', b"\xff\xfe", b'{"x": {}}']
+)
+def test_a_malformed_index_means_name_order(raw):
+    assert shard_order(raw) == []
+    files = [_entry(f"m-0000{i}-of-00003.safetensors") for i in (1, 2, 3)]
+    got = weight_order(files, "m-00001-of-00003.safetensors", {"m.safetensors.index.json": raw})
+    assert [f.path for f in got] == ["m-00002-of-00003.safetensors", "m-00003-of-00003.safetensors"]
+
+
+# ---- a sharded model through the mount ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_repo(tmp_path_factory):
+    """Four real safetensors shards of ~3 MiB whose index lists them out of name order."""
+    d = tmp_path_factory.mktemp("sharded")
+    rng = np.random.default_rng(3)
+    names = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    order = [names[2], names[0], names[3], names[1]]
+    weight_map = {}
+    for i, name in enumerate(names):
+        save_file({f"t{i}": rng.standard_normal(786_000, dtype=np.float32)}, str(d / name))
+    for j, name in enumerate(order):
+        weight_map[f"layer.{j}.weight"] = name
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "config.json").write_text('{"model_type": "sharded"}')
+    (d / "tokenizer.json").write_text(json.dumps({"vocab": list(range(20_000))}))
+    return d, names, order
+
+
+def _first_requests(hub, blob_ids: dict[str, str]) -> list[str]:
+    """File names in the order the emulator first saw a data request for each."""
+    names = {b: n for n, b in blob_ids.items()}
+    return list(dict.fromkeys(names[b] for b, _, _ in list(hub.stats.ranges) if b in names))
+
+
+def _blob_ids(snap) -> dict[str, str]:
+    return {p.name: os.readlink(p).rsplit("/", 1)[1] for p in snap.iterdir()}
+
+
+def test_opening_one_shard_fills_small_files_then_the_others_in_index_order(hub, daemons, sharded_repo):
+    d, names, order = sharded_repo
+    commit = hub.add_repo(SHARDED, d)
+    # One whole-blob fill at a time (2 slots / 2 per blob): the order the emulator sees is the plan's.
+    env = {"NODECACHE_PARALLEL_TOTAL": "2", "NODECACHE_PARALLEL_PER_BLOB": "2"}
+    daemon = daemons([SHARDED], env=env)
+    snap = snapshot_dir(daemon, SHARDED, commit)
+    ids = _blob_ids(snap)
+    hub.stats.reset()
+    with open(snap / order[0], "rb") as f:  # the loader opens the index's first shard, reads its header
+        assert len(f.read(8)) == 8
+    wait_until(lambda: verified(snap), "the whole snapshot filled and proven")
+    seen = _first_requests(hub, ids)
+    small = ["config.json", "model.safetensors.index.json", "tokenizer.json"]
+    others = [n for n in seen if n != order[0]]
+    assert sorted(others[:3]) == small, f"small files before any other shard: {seen}"
+    assert others[3:] == order[1:], f"the other shards in index order: {seen}"
+    for n in names:
+        assert (snap / n).read_bytes() == (d / n).read_bytes()
+
+
+def test_fill_snapshot_on_open_false_fills_only_what_is_opened(hub, daemons, sharded_repo):
+    d, names, order = sharded_repo
+    commit = hub.add_repo(SHARDED, d)
+    daemon = daemons([SHARDED], env={"NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false"})
+    snap = snapshot_dir(daemon, SHARDED, commit)
+    ids = _blob_ids(snap)
+    hub.stats.reset()
+    assert (snap / names[0]).read_bytes() == (d / names[0]).read_bytes()
+    wait_until(lambda: verified(snap / names[0]), "the opened shard filled and proven")
+    wait_until(lambda: (s := daemon.status())["blobs_filling"] == 0 and s["fills_inflight"] == 0, "a quiet node")
+    assert _first_requests(hub, ids) == [names[0]], "nothing but the opened file was fetched"
