@@ -20,6 +20,7 @@ from .expiring import ExpiringSet
 from .index import BlobRecord
 from .metrics import Metrics
 from .upstream import NotFound, PiecewiseSource, UpstreamError
+from .upstream.ranges import whole_body
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class PeerSource(PiecewiseSource):
                     raise NotFound(f"{self.name} does not have chunk {chunk}")
                 if resp.status != 200:
                     raise UpstreamError(f"{self.name}: HTTP {resp.status}")
-                data = await resp.read()
+                data = await whole_body(resp)
                 digest = resp.headers.get(XXH3_HEADER, "")
         except (aiohttp.ClientError, TimeoutError) as e:
             self.membership.failed(self.member)

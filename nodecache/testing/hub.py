@@ -33,6 +33,8 @@ from aiohttp import web
 from ..layout import tree_listing
 
 CHUNK = 1024 * 1024
+_SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)  # Linux: bytes/s per socket
+_UNPACED = (1 << 64) - 1
 DEFAULT_LFS_PATTERNS = tuple("*.safetensors *.bin *.pt *.pth *.onnx *.h5 *.msgpack *.gguf".split())
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 SIGNED_URL_TTL = 3600
@@ -584,6 +586,12 @@ class HubEmulator:
         await resp.prepare(request)
         rate = self.rate_limit_bps
         chunk = max(16384, min(CHUNK, rate // 16)) if rate else CHUNK
+        if (sock := request.transport and request.transport.get_extra_info("socket")) is not None:
+            # The kernel paces the segments too, as a throttling CDN's TCP does: the client
+            # then receives a steady stream of small reads, not bursts of `chunk` bytes.
+            # (Set on every response: a kept-alive connection may have been throttled before.)
+            pacing = struct.pack("=Q", rate or _UNPACED)
+            sock.setsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE, pacing)
         loop = asyncio.get_running_loop()
         t0, sent = loop.time(), 0
         try:
