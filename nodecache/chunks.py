@@ -203,13 +203,21 @@ class Chunks:
         ticket = await self.take_slot(keys, priority)
         self.metrics.fill_inflight.inc()
         try:
-            return await self._fetch_with_retries(st.rec, k, *st.chunk_range(k), sources=sources)
+            return await self._fetch_with_retries(
+                st.rec, k, *st.chunk_range(k), sources=sources, background=priority != DEMAND
+            )
         finally:
             self.metrics.fill_inflight.dec()
             self.give_slot(keys, ticket)
 
     async def _fetch_with_retries(
-        self, rec: BlobRecord, k: int, start: int, end: int, sources: list[Source] | None = None
+        self,
+        rec: BlobRecord,
+        k: int,
+        start: int,
+        end: int,
+        sources: list[Source] | None = None,
+        background: bool = False,
     ) -> tuple[bytes, str]:
         """Try every source in order; back off and go round again until the deadline."""
         if start == end:
@@ -220,7 +228,7 @@ class Chunks:
             errors: list[UpstreamError] = []
             for src in sources if sources is not None else self.chain(rec, k):
                 try:
-                    data = await src.fetch(rec, start, end)
+                    data = await src.fetch(rec, start, end, background=background)
                     self.served(rec.blob_id, src)
                     return data, src.kind
                 except UpstreamError as e:

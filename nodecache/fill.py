@@ -222,9 +222,11 @@ class Filler:
                 fut.add_done_callback(consume)
 
     async def read_chunk(
-        self, blob_id: str, k: int, sources: list | None = None, local_only: bool = False
+        self, blob_id: str, k: int, sources: list | None = None, local_only: bool = False, background: bool = False
     ) -> bytes | None:
-        """Chunk k of a blob, filled through if needed (the peer API); None if local_only and absent."""
+        """Chunk k of a blob, filled through if needed (the peer API); None if local_only and absent.
+
+        `background`: the peer asking fills in the background; its fetch here waits behind readers."""
         self.hold(blob_id)
         try:
             st = self.state(blob_id)
@@ -233,11 +235,13 @@ class Filler:
             if not st.has(k):
                 if local_only:
                     return None
+                task = self.chunks.get(st, k, demand=not background, sources=sources, background=background)
                 t0 = time.monotonic()
                 try:
-                    await self._await(self.chunks.get(st, k, demand=True, sources=sources), f"chunk {k} of {blob_id}")
+                    await self._await(task, f"chunk {k} of {blob_id}")
                 finally:
-                    self.metrics.read_wait_seconds.observe(time.monotonic() - t0)
+                    if not background:
+                        self.metrics.read_wait_seconds.observe(time.monotonic() - t0)
                 st = self.state(blob_id)
             start, end = st.chunk_range(k)
             return await self.store.read(blob_id, start, end - start)

@@ -104,7 +104,13 @@ def add_routes(app: web.Application, node: PeerFace) -> None:
         if not uploads:
             uploads.append(asyncio.Semaphore(node.cfg.peer_uploads))
         async with uploads[0]:
-            data = await node.filler.read_chunk(blob_id, k, sources=sources, local_only=q.get("local_only") == "1")
+            data = await node.filler.read_chunk(
+                blob_id,
+                k,
+                sources=sources,
+                local_only=q.get("local_only") == "1",
+                background=q.get("background") == "1",
+            )
         if data is None:
             raise web.HTTPNotFound(reason="not_found", text=f"chunk {k} of {blob_id} is not here")
         digest = f"{xxhash.xxh3_64_intdigest(data):016x}"

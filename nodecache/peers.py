@@ -144,11 +144,13 @@ class PeerSource(PiecewiseSource):
     async def close(self) -> None:
         """Nothing of its own: the session is the daemon's."""
 
-    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
+    async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes:
         chunk = start // rec.chunk_size
         params = {"chunk": str(chunk), **descriptor(rec)}
         if self.local_only:
             params["local_only"] = "1"
+        if background:  # the owner lets its own readers go first
+            params["background"] = "1"
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         t0 = time.perf_counter()
         try:

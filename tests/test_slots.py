@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import urllib.parse
+import urllib.request
 
 from conftest import BIG, MiB, counter, snapshot_dir, verified, wait_until
 
@@ -104,3 +106,48 @@ def test_a_reader_is_served_while_background_fills_hold_every_other_connection(h
         os.close(fd)
     wait_until(lambda: verified(weights), "the fill finished once released")
     assert counter(daemon, "nodecache_fill_slot_wait_seconds_count", priority="background") >= 1
+
+
+def test_a_peer_filling_in_the_background_waits_behind_the_owner_s_readers(hub, daemons, big_repo):
+    """The peer API: a chunk a peer's reader waits for is demand on the owner; a peer's
+    background fill says so (background=1) and queues behind the owner's own fills."""
+    held = [Fault("hold") for _ in range(3)]
+    env = {
+        "NODECACHE_PARALLEL_TOTAL": "4",
+        "NODECACHE_PARALLEL_PER_BLOB": "4",
+        "NODECACHE_READ_AHEAD_CHUNKS": "0",
+        "NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false",
+        "NODECACHE_CLUSTER_TOKEN": "tok",
+        "NODECACHE_PEERS": "127.0.0.1:9",
+    }
+    daemon = daemons([BIG], env=env)
+    commit = hub.commits[BIG]
+    weights = snapshot_dir(daemon, BIG, commit) / "weights.bin"
+    want = (big_repo / "weights.bin").read_bytes()
+    blob = os.readlink(weights).rsplit("/", 1)[1]
+    base = {"repo_type": "model", "repo": BIG, "commit": commit, "chunk_size": str(MiB)}
+
+    def peer_get(k: int, **extra: str) -> bytes:
+        q = urllib.parse.urlencode({**base, "chunk": str(k), **extra})
+        req = urllib.request.Request(f"{daemon.url}/v1/blobs/{blob}?{q}", headers={"Authorization": "Bearer tok"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.read()
+
+    hub.faults.extend(held)
+    fd = os.open(weights, os.O_RDONLY)  # the owner's own whole-blob fill: 3 requests hang, the 4th waits
+    try:
+        for f in held:
+            assert f.reached.wait(30), "the background fill did not start its requests"
+        wait_until(lambda: daemon.status()["fills_inflight"] >= 4, "the fill's fourth chunk waiting for a slot")
+        got: list[bytes] = []
+        behind = threading.Thread(target=lambda: got.append(peer_get(50, background="1")))
+        behind.start()
+        wait_until(lambda: daemon.status()["fills_inflight"] >= 5, "the peer's background chunk queued")
+        assert peer_get(60) == want[60 * MiB : 61 * MiB], "a peer's reader is served at once"
+        assert behind.is_alive() and not got, "the background request still waits for a slot"
+    finally:
+        for f in held:
+            f.release.set()
+        os.close(fd)
+    behind.join(60)
+    assert got == [want[50 * MiB : 51 * MiB]], "...and is served once the owner's fills move on"

@@ -53,8 +53,10 @@ class Source(Protocol):
     name: str  # for logs and the per-attempt record of who served a blob
     kind: str  # "upstream" | "peer": what a failed proof is blamed on
 
-    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
-        """Exactly bytes [start, end) of the blob, or raise UpstreamError."""
+    async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes:
+        """Exactly bytes [start, end) of the blob, or raise UpstreamError.
+
+        `background`: no reader waits for these bytes (a source that schedules, a peer, may let others first)."""
 
     def stream(self, rec: BlobRecord, start: int, end: int, piece: int) -> AsyncIterator[list]:
         """Bytes [start, end) as consecutive `piece`-sized parts (lists of buffers); parts
@@ -75,9 +77,9 @@ class PiecewiseSource:
     """A source that serves one request per piece (object stores, peers): its `stream` is
     consecutive `fetch`es, so a whole-blob fill asks it chunk by chunk, never for runs."""
 
-    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
+    async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes:
         raise NotImplementedError
 
     async def stream(self, rec: BlobRecord, start: int, end: int, piece: int) -> AsyncIterator[list]:
         for a in range(start, end, piece):
-            yield [await self.fetch(rec, a, min(a + piece, end))]
+            yield [await self.fetch(rec, a, min(a + piece, end), background=True)]

@@ -104,7 +104,7 @@ class HfUpstream:
         except (aiohttp.ClientError, TimeoutError) as e:
             raise UpstreamError(f"{method} {path}: {e.__class__.__name__}: {e}") from None
 
-    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes:
+    async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes:
         """Bytes [start, end) of the blob; follows (and remembers) the CDN redirect."""
         async with aclosing(self.stream(rec, start, end, end - start)) as parts:
             async for pieces in parts:

@@ -79,7 +79,7 @@ class ListingUpstream(PiecewiseSource):
             raise NotFound(f"{self.url}: does not hold {rec.path!r} (blob {rec.blob_id[:12]})")
         return f
 
-    async def fetch(self, rec: BlobRecord, start: int, end: int) -> bytes | bytearray:
+    async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes | bytearray:
         f = await self._locate(rec)
         data = await self._read_range(f, start, end)
         if len(data) != end - start:
