@@ -165,6 +165,7 @@ def test_shm_tier_takes_small_files_and_hot_pins(hub, daemons, tmp_path, small_r
     shm = Path("/dev/shm") / f"nodecache-test-{os.getpid()}-{tmp_path.name}"
     try:
         env = {"NODECACHE_SHM_DIR": str(shm), "NODECACHE_SHM_FILE_MAX": str(MiB), "NODECACHE_SHM_MAX": str(4 * MiB)}
+        env["NODECACHE_FILL_SNAPSHOT_ON_OPEN"] = "false"  # only what is read lands: README.md stays upstream
         d = daemons(repos=(SMALL, BIG), env=env)
         snap = snapshot_dir(d, SMALL, hub.commits[SMALL])
         assert (snap / "config.json").read_bytes() == (small_repo / "config.json").read_bytes()
@@ -285,7 +286,8 @@ def test_cli_against_a_live_daemon_and_pins_survive_restart(hub, daemons, big_re
 
 
 def test_metrics_move_with_local_and_upstream_reads(hub, daemons, small_repo):
-    d = daemons(repos=(SMALL,), env={"NODECACHE_PASSTHROUGH": "false"})  # reads of a complete blob reach us
+    # Reads of a complete blob reach us; the one blob read is the one complete (no snapshot fill).
+    d = daemons(repos=(SMALL,), env={"NODECACHE_PASSTHROUGH": "false", "NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false"})
 
     def samples() -> dict:
         out = {}

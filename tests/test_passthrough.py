@@ -17,6 +17,8 @@ def passthrough_daemon(daemons, **kw):
     kernel, not from what the daemon reports, so a regression fails instead of skipping)."""
     if reason := machine.passthrough():
         pytest.skip(reason)
+    # These tests count complete blobs: only the files they read may complete (no snapshot fill).
+    kw["env"] = {"NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false", **kw.get("env", {})}
     d = daemons(**kw)
     assert d.status()["passthrough"] is True, f"this kernel has FUSE passthrough; the daemon did not use it:\n{d.log()}"
     return d
