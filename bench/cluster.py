@@ -273,6 +273,7 @@ def run_nodecache(work: Path, repo_dir: Path, n: int, size: int, args: argparse.
             row = {"node": i, "ready_s": round(ready[i], 2), "all_bytes_stored_s": round(all_bytes[i], 2)}
             row.update(job=job_states[i], **node_metrics(node))
             row["cpu_s"] = round(cpu1[i] - cpu0[i], 2)
+            row["cpu_s_per_GiB"] = round((cpu1[i] - cpu0[i]) / (size / GiB), 2)  # every node stores all of S
             row["cpu_loop_thread_s"] = round(th1[i][0] - th0[i][0], 2)
             row["cpu_other_threads_s"] = round(th1[i][1] - th0[i][1], 2)
             per_node.append(row)
@@ -417,7 +418,8 @@ def run(args: argparse.Namespace) -> dict:
             nc = run_nodecache(work, repo_dir := work / "repo", n, size, args)
             print(
                 f"  N={n}: nodecache all ready {nc['all_ready_s']:6.2f} s, upstream {nc['upstream_bytes'] / size:.3f} S, "
-                f"machine busy {nc['machine_busy']:.0%} (other processes {nc['other_processes_cpu_s']} CPU s)",
+                f"machine busy {nc['machine_busy']:.0%} (other processes {nc['other_processes_cpu_s']} CPU s); "
+                f"CPU-s per GiB per node {', '.join(str(r['cpu_s_per_GiB']) for r in nc['per_node'])}",
                 flush=True,
             )
             base = run_baseline(work, repo_dir, n, sizes, args)
