@@ -3,7 +3,7 @@
 One repo of `--size-gib` (two safetensors-named shards of random bytes plus a
 config.json) is generated once. For each N in `--nodes`, in the same run:
 
-  nodecache   a fresh `nodecache.testing.cluster.Cluster` of N nodes (network
+  nodecache   a fresh `testkit.cluster.Cluster` of N nodes (network
               namespaces, a bridge, veth pairs, tc tbf limits: `--upstream-mbit`
               on the emulator's link, `--node-mbit` on every node's link, both
               directions). Once every daemon is up, `POST /v1/prefetch {"repo": ...}`
@@ -188,7 +188,7 @@ def node_metrics(node) -> dict:
 
 
 def new_cluster(work: Path, name: str, repo_dir: Path, n: int, args: argparse.Namespace):
-    from nodecache.testing.cluster import Cluster
+    from testkit.cluster import Cluster
 
     d = work / name
     d.mkdir(parents=True, exist_ok=True)

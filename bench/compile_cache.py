@@ -2,7 +2,7 @@
 
 Node A (a real daemon on 127.0.0.1) publishes a key and a Triton/Inductor-shaped tree is written
 into it: ~20,000 files of 200 B-8 KiB in hash-named folders plus a few big `.so`-like files,
-~500 MiB in all (nodecache.testing.compiletree). Then:
+~500 MiB in all (testkit.compiletree). Then:
   * recompile    : the time that tree took to write on A (what a node without any cache pays at
                    least: the real compile costs far more than writing its output)
   * peer warm-up : A seals the key; node B (a second daemon, peers with A) publishes it:
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import common
 
-from nodecache.testing.compiletree import digest, make_tree
 from nodecache.testing.daemon import DaemonProcess, free_port
-from nodecache.testing.s3 import MotoServer
+from testkit.compiletree import digest, make_tree
+from testkit.s3 import MotoServer
 
 KEY = "bench/qwen2.5-7b@abc/h100/cuda-12.8/vllm-0.11.0"
 TOKEN = "bench-cluster-token"

@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from nodecache.testing.daemon import DaemonProcess  # noqa: E402
-from nodecache.testing.s3 import MotoServer  # noqa: E402
+from testkit.s3 import MotoServer  # noqa: E402
 
 MiB = 1024 * 1024
 REPO = "local/bench"

@@ -13,7 +13,7 @@ import pytest
 from conftest import SMALL
 from test_peers import cluster_factory  # noqa: F401  (fixture)
 
-from nodecache.testing.compiletree import digest, make_tree
+from testkit.compiletree import digest, make_tree
 
 KEY = "team-a/qwen2.5-7b@abc/h100/vllm-0.11"
 

@@ -23,8 +23,8 @@ from nodecache import ccframes as cf
 from nodecache import ccmanifest as cm
 from nodecache import config
 from nodecache.config import ConfigError
-from nodecache.testing.compiletree import digest, make_tree
-from nodecache.testing.s3 import MotoServer
+from testkit.compiletree import digest, make_tree
+from testkit.s3 import MotoServer
 
 KEY = "team-a/qwen2.5-7b@abc/h100/vllm-0.11"
 TOKEN = "cluster-secret"

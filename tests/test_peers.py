@@ -16,7 +16,7 @@ import pytest
 from conftest import BIG, SMALL, MiB, counter, sha256_file, snapshot_dir, wait_until
 
 from nodecache import peers as peers_mod
-from nodecache.testing.cluster import Cluster
+from testkit.cluster import Cluster
 
 REPO = "org/shared"
 

@@ -28,7 +28,6 @@ from nodecache.blobfile import bad_chunks
 from nodecache.index import BlobRecord
 from nodecache.metrics import Metrics
 from nodecache.testing.hub import Fault, HubEmulator
-from nodecache.testing.s3 import MotoServer, upload_dir
 from nodecache.upstream import NotFound
 from nodecache.upstream.manifest import (
     MANIFEST,
@@ -41,6 +40,7 @@ from nodecache.upstream.manifest import (
 )
 from nodecache.upstream.s3 import S3Upstream
 from nodecache.upstream.sourcespec import parse_s3_url, parse_sources
+from testkit.s3 import MotoServer, upload_dir
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -6,7 +6,7 @@ every successful peer-data answer (model chunks, compile-cache blobs and
 batches) is flipped; everything else passes unchanged. The daemon itself
 carries no fault switch: this is how a test makes one of them lie.
 
-    python -m nodecache.testing.tamper --listen HOST:PORT --to HOST:PORT [--on]
+    python testkit/tamper.py --listen HOST:PORT --to HOST:PORT [--on]
     POST /_tamper {"on": true|false}   (answered by the proxy itself)
 """
 
@@ -72,7 +72,7 @@ async def serve(listen: str, target: str, on: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nodecache.testing.tamper", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python testkit/tamper.py", description=__doc__)
     parser.add_argument("--listen", required=True, metavar="HOST:PORT")
     parser.add_argument("--to", required=True, metavar="HOST:PORT", help="the node behind the proxy")
     parser.add_argument("--on", action="store_true", help="tamper from the start")

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-from .daemon import free_port
+from nodecache.testing.daemon import free_port
 
 ACCESS_KEY = "testing-access-key"
 SECRET_KEY = "testing-secret-key-never-logged"

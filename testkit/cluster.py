@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .daemon import DaemonProcess, LeftBehind
+from nodecache.testing.daemon import DaemonProcess, LeftBehind
 
 HUB_PORT, CDN_PORT, NODE_PORT = 8080, 8081, 8470
 
@@ -52,7 +52,7 @@ class Cluster:
         self.node_env = node_env or {}
         self.dns_name = dns_name  # discover peers by DNS: /etc/netns/<ns>/hosts lists every node under it
         self.token = token
-        self.tampered = tampered or {}  # node -> tampering at start: the node sits behind nodecache.testing.tamper
+        self.tampered = tampered or {}  # node -> tampering at start: the node sits behind testkit.tamper
         self.proxies: list[subprocess.Popen] = []
         self.id = secrets.token_hex(2)
         self.net = f"10.{secrets.randbelow(50) + 200}.{secrets.randbelow(250) + 1}"
@@ -128,7 +128,7 @@ class Cluster:
             raise
 
     def _proxy(self, ns: str, addr: str, on: bool) -> None:
-        args = [sys.executable, "-m", "nodecache.testing.tamper", "--listen", f"{addr}:{NODE_PORT}"]
+        args = [sys.executable, str(Path(__file__).with_name("tamper.py")), "--listen", f"{addr}:{NODE_PORT}"]
         args += ["--to", f"{addr}:{NODE_PORT + 1}"] + (["--on"] if on else [])
         proc = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{ns}", *args], stdout=subprocess.PIPE, text=True)
         self.proxies.append(proc)
