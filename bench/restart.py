@@ -1,7 +1,7 @@
 """Restarts under a reader: what a pod sees while the daemon is restarted, crashed, or swapped.
 
 A keeper (`nodecache keeper`) holds the FUSE connection; a reader
-(`nodecache.testing.reader`) runs in a mount namespace of its own with private
+(`testkit/reader.py`) runs in a mount namespace of its own with private
 propagation, holding an open fd and an mmap of a safetensors file, reading
 the small files of the snapshot whole, opening the safetensors file again
 (its head), listing refs/ and asking an xattr in a loop (ops slower than 5 ms
@@ -47,6 +47,7 @@ from common import (
 
 from nodecache.testing.daemon import KeeperProcess
 from nodecache.testing.hub import HubEmulator
+from testkit import READER
 
 REPO = "bench/restart"
 
@@ -106,7 +107,7 @@ def main() -> None:
                 "stop": str(stop),
             }
             (work / "spec.json").write_text(json.dumps(spec))
-            cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "nodecache.testing.reader"]
+            cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, str(READER)]
             env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
             reader = subprocess.Popen([*cmd, str(work / "spec.json")], env=env)
 

@@ -18,6 +18,7 @@ from nodecache import mounts
 from nodecache.layout import repo_folder_name
 from nodecache.testing.daemon import KeeperProcess, free_port
 from nodecache.testing.hub import Fault
+from testkit import READER
 
 
 @pytest.fixture
@@ -35,13 +36,13 @@ def sha256(path: Path) -> str:
 
 
 class Reader:
-    """nodecache.testing.reader in `unshare --mount --propagation private`."""
+    """testkit/reader.py in `unshare --mount --propagation private`."""
 
     def __init__(self, tmp_path: Path, spec: dict):
         self.out, self.stop_file = tmp_path / "reader.json", tmp_path / "reader.stop"
         spec = {**spec, "out": str(self.out), "stop": str(self.stop_file)}
         (tmp_path / "reader-spec.json").write_text(json.dumps(spec))
-        cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "nodecache.testing.reader"]
+        cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, str(READER)]
         self.proc = subprocess.Popen([*cmd, str(tmp_path / "reader-spec.json")], stderr=subprocess.PIPE)
 
     def stats(self) -> dict:

@@ -1,4 +1,4 @@
-"""A reader that must not notice daemon restarts: `python -m nodecache.testing.reader SPEC.json`.
+"""A reader that must not notice daemon restarts: `python testkit/reader.py SPEC.json`.
 
 Run it in a mount namespace of its own with private propagation (`unshare
 --mount --propagation private`): its copy of the mount is one no later mount
