@@ -243,7 +243,7 @@ def test_tree_pages_stay_on_the_mirror(daemons, hub, small_repo):
 
 
 def test_xet_fields_and_links_are_stripped():
-    from nodecache.mirror import rewrite_link, strip_xet
+    from nodecache.mirror.meta import rewrite_link, strip_xet
 
     doc = {"siblings": [{"rfilename": "a", "xetHash": "x"}], "xetEnabled": True, "sha": "s"}
     assert strip_xet(doc) == {"siblings": [{"rfilename": "a"}], "sha": "s"}
@@ -632,7 +632,7 @@ def test_mirror_allow_is_the_list_when_set(daemons, hub):
 
 def test_access_rules_are_pure_and_explicit():
     from nodecache import config
-    from nodecache.mirror import matches, named_by, proof_needed
+    from nodecache.mirror.rules import matches, named_by, proof_needed
 
     assert proof_needed("public", files=True) is None
     assert proof_needed("gated", files=False) is None and proof_needed("gated", files=True) == "files"
