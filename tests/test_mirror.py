@@ -190,6 +190,28 @@ def test_concurrent_cold_clients_share_one_fetch_and_stream_early(daemons, hub, 
     assert hub.stats.data_bytes == 72 * MiB, "one upstream fetch for all clients"
 
 
+def test_a_cold_sharded_snapshot_is_fetched_in_parallel_ranges_per_file(daemons, hub, tmp_path):
+    """snapshot_download of a sharded model through a cold mirror, behind a per-connection cap:
+    each shard comes from upstream over several connections at once (ranges of the one fill
+    path), every byte once, and the client gets the right bytes."""
+    shards = {f"model-{i:05d}-of-00004.safetensors": os.urandom(24 * MiB) for i in range(1, 5)}
+    hub.add_repo("org/sharded", {**shards, "config.json": b"{}"})
+    hub.rate_limit_bps = 16_000_000  # per response, like a CDN connection: one response lasts >= 0.5 s
+    d = daemons(repos=(), env=ALLOW_ORG)
+    code = f"""
+from huggingface_hub import snapshot_download
+print(json.dumps(tree_hashes(snapshot_download("org/sharded", cache_dir={str(tmp_path / "c")!r}))))
+"""
+    got = run_client(d, tmp_path, code, timeout=120)
+    want = {name: hashlib.sha256(data).hexdigest() for name, data in shards.items()}
+    assert got == {**want, "config.json": hashlib.sha256(b"{}").hexdigest()}
+    wait_settled(d)
+    for name, blob in want.items():
+        ranges = sorted((s, e) for b, s, e in hub.stats.ranges if b == blob)
+        assert hub.stats.peak[blob] > 1, f"{name} came over one connection at a time: {ranges}"
+        assert sum(e - s for s, e in ranges) == len(shards[name]), f"{name}: bytes fetched twice or not at all"
+
+
 def test_ranges_and_client_resume(daemons, hub, big_repo, tmp_path):
     d = daemons(repos=(), env=ALLOW_ORG)
     data = (big_repo / "weights.bin").read_bytes()

@@ -86,6 +86,8 @@ class HubStats:
         self.requests: dict[str, int] = dict.fromkeys(self.KINDS, 0)
         self.data_bytes = 0  # body bytes handed to the socket by data responses (resolve 200 + CDN)
         self.ranges: list[tuple[str, int, int]] = []  # (blob id, start, end exclusive)
+        self.sending: dict[str, int] = {}  # blob id -> data responses of it being sent now
+        self.peak: dict[str, int] = {}  # blob id -> most data responses of it sent at once (connections)
         self.auth_on_cdn = 0
         self.tokens: set[str] = set()  # every Authorization the Hub origin was sent
 
@@ -355,7 +357,9 @@ class HubEmulator:
             path = request.raw_path.split("?", 1)[0]
             if path == "/_emulator/stats":  # for tests that run the emulator in another process
                 st = self.stats
-                return web.json_response({"data_bytes": st.data_bytes, "requests": st.requests, "ranges": st.ranges})
+                return web.json_response(
+                    {"data_bytes": st.data_bytes, "requests": st.requests, "ranges": st.ranges, "peak": st.peak}
+                )
             segs = [unquote(s) for s in path.split("/")[1:]]
             if segs[0] == "api" and len(segs) > 2 and segs[1] in REPO_TYPES:
                 return self._api(request, REPO_TYPES[segs[1]], segs[2:])
@@ -594,6 +598,9 @@ class HubEmulator:
             sock.setsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE, pacing)
         loop = asyncio.get_running_loop()
         t0, sent = loop.time(), 0
+        sending = self.stats.sending
+        sending[f.blob_id] = sending.get(f.blob_id, 0) + 1
+        self.stats.peak[f.blob_id] = max(self.stats.peak.get(f.blob_id, 0), sending[f.blob_id])
         try:
             async for data in _read(source, start, stop_at, chunk):
                 if flip is not None and start + sent <= flip < start + sent + len(data):
@@ -607,6 +614,8 @@ class HubEmulator:
                     await asyncio.sleep(delay)
         except ConnectionError:
             return resp  # the client went away
+        finally:
+            sending[f.blob_id] -= 1
         transport = request.transport
         if kind == "reset" and transport:  # SO_LINGER 0: close() sends RST, not FIN
             sock = transport.get_extra_info("socket")
