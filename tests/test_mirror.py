@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,11 @@ def raw(daemon: DaemonProcess, method: str, path: str, headers: dict | None = No
         return resp.status, dict(resp.headers), resp.read()
     finally:
         conn.close()
+
+
+def local_read_bytes(daemon: DaemonProcess) -> float:
+    m = re.search(r'^nodecache_read_bytes_total\{source="local"\} (\S+)$', daemon.metrics(), re.M)
+    return float(m[1]) if m else 0.0
 
 
 def wait_settled(daemon: DaemonProcess) -> None:
@@ -210,6 +216,12 @@ print(json.dumps(tree_hashes(snapshot_download("org/sharded", cache_dir={str(tmp
         ranges = sorted((s, e) for b, s, e in hub.stats.ranges if b == blob)
         assert hub.stats.peak[blob] > 1, f"{name} came over one connection at a time: {ranges}"
         assert sum(e - s for s, e in ranges) == len(shards[name]), f"{name}: bytes fetched twice or not at all"
+    # Warm, a shard leaves the store by sendfile: the same bytes, counted as reads are, none upstream.
+    name, data = next(iter(shards.items()))
+    before, up = local_read_bytes(d), hub.stats.data_bytes
+    status, _, body = raw(d, "GET", f"/org/sharded/resolve/main/{name}")
+    assert status == 200 and body == data
+    assert local_read_bytes(d) - before == len(data) and hub.stats.data_bytes == up
 
 
 def test_ranges_and_client_resume(daemons, hub, big_repo, tmp_path):

@@ -41,11 +41,15 @@ commit, file listings), `access` (the decision), `serve` (file bytes),
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from aiohttp import web
 
 from ..catalog import Catalog
 from ..config import Config
 from ..index import Index
+from ..metrics import Metrics
 from ..upstream.sources import Sources
 from .access import Access
 from .meta import Metadata
@@ -56,10 +60,19 @@ from .snapshots import Snapshots
 class Mirror:
     """The mirror's parts, wired from the node's catalog, index, fill path and sources."""
 
-    def __init__(self, cfg: Config, catalog: Catalog, index: Index, filler: Fills, sources: Sources):
+    def __init__(
+        self,
+        cfg: Config,
+        catalog: Catalog,
+        index: Index,
+        filler: Fills,
+        sources: Sources,
+        metrics: Metrics,
+        blob_file: Callable[[str], Path],
+    ):
         self.snapshots = Snapshots(cfg, catalog, index)
         self.access = Access(cfg, catalog, index, sources, self.snapshots)
-        self.files = FileServer(cfg, catalog, filler, self.access, self.snapshots)
+        self.files = FileServer(cfg, catalog, filler, self.access, self.snapshots, metrics, blob_file)
         self.meta = Metadata(index, filler, self.access, self.snapshots)
 
 

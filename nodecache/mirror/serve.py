@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 import errno
 import logging
-from typing import Protocol
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from aiohttp import web
 
@@ -20,6 +23,7 @@ from ..config import Config
 from ..fill import FillError
 from ..index import BlobRecord
 from ..layout import FileEntry, InvalidName
+from ..metrics import Metrics
 from ..repos import RepoRef
 from ..store import BlobState
 from ..upstream import UpstreamError
@@ -43,14 +47,27 @@ class Fills(Protocol):
     def hold(self, blob_id: str) -> None: ...
     def release(self, blob_id: str) -> None: ...
     def fill_in_background(self, blob_id: str) -> asyncio.Task | None: ...
+    @property
+    def verify_first(self) -> set[str]: ...  # blob ids whose reads wait for the whole-blob proof
     async def read(self, blob_id: str, offset: int, size: int, since: int | None = None) -> bytes: ...
 
 
 class FileServer:
     """`HEAD|GET /{repo}/resolve/{rev}/{path}`: answered here, never redirected."""
 
-    def __init__(self, cfg: Config, catalog: Catalog, filler: Fills, access: Access, snapshots: Snapshots):
+    def __init__(
+        self,
+        cfg: Config,
+        catalog: Catalog,
+        filler: Fills,
+        access: Access,
+        snapshots: Snapshots,
+        metrics: Metrics,
+        blob_file: Callable[[str], Path],
+    ):
         self.cfg, self.catalog, self.filler, self.access, self.snapshots = cfg, catalog, filler, access, snapshots
+        self.metrics = metrics  # sendfile'd bytes are counted as reads are
+        self.blob_file = blob_file  # where a blob's bytes are (Store.path)
 
     async def handle_resolve(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -135,51 +152,102 @@ class FileServer:
         headers: dict[str, str],
         whole: bool,
     ) -> web.StreamResponse:
-        """Send [start, end) as the chunks arrive, one read ahead of the socket."""
+        """Send [start, end) as the chunks arrive, one step ahead of the socket."""
         filler = self.filler
         rec = filler.record(entry.blob_id)
         if self.cfg.fill_on_open and whole and end > start:
             filler.fill_in_background(entry.blob_id)
-        step = max(MIN_STEP, min(MAX_STEP, rec.chunk_size))
-        loop = asyncio.get_running_loop()
-        since = filler.generation(entry.blob_id)  # a proof failing mid-download cuts it
-
-        def read_from(pos: int) -> asyncio.Task:
-            stop = min(end, (pos // step + 1) * step)  # aligned: a read waits for whole chunks only
-            return loop.create_task(filler.read(entry.blob_id, pos, stop - pos, since=since))
-
-        pending = read_from(start) if end > start else None
+        steps = _Steps(filler, self.metrics, self.blob_file, entry.blob_id, end, rec.chunk_size)
         try:
-            first = await pending if pending else b""
-        except FillError as e:
-            timed_out = "timed out" in str(e)
-            status = 507 if e.errno == errno.ENOSPC else 504 if timed_out else 502
-            raise HubError(status, f"could not fetch {entry.path!a}: {e}") from None
-        resp = web.StreamResponse(status=206 if partial else 200, headers=headers)
-        resp.content_length = end - start
-        await resp.prepare(request)
-        pos, data, pending = start, first, None
+            pending = steps.plan(start) if end > start else None
+            try:
+                data = await pending if pending else None
+            except FillError as e:
+                timed_out = "timed out" in str(e)
+                status = 507 if e.errno == errno.ENOSPC else 504 if timed_out else 502
+                raise HubError(status, f"could not fetch {entry.path!a}: {e}") from None
+            resp = web.StreamResponse(status=206 if partial else 200, headers=headers)
+            resp.content_length = end - start
+            await resp.prepare(request)
+            pos = start
+            try:
+                while pos < end:
+                    if pending is not None and not data:  # the blob shrank under us: never send a short body
+                        raise FillError(f"empty read at {pos} of {entry.blob_id}")
+                    n = len(data) if pending is not None else steps.stop(pos) - pos
+                    sending, pending = pending, (steps.plan(pos + n) if pos + n < end else None)
+                    if sending is not None:
+                        await resp.write(data)
+                    else:
+                        await steps.sendfile(request, pos, n)
+                    pos += n
+                    data = await pending if pending is not None else None
+                await resp.write_eof()
+            except (FillError, ConnectionError) as e:
+                # Headers are gone: the only honest signal left is a cut connection
+                # (the client sees a short body and resumes with Range).
+                if isinstance(e, FillError):
+                    log.warning("mirror stream of %s cut at %d: %s", entry.path, pos, e)
+                if pending is not None:
+                    pending.cancel()
+                    with contextlib.suppress(BaseException):
+                        await pending
+                if request.transport is not None:
+                    request.transport.abort()
+            return resp
+        finally:
+            steps.close()
+
+
+class _Steps:
+    """One download's steps: a step already in the store leaves its file by sendfile (no copy
+    through Python); a missing one is read through the fill path, started a step ahead."""
+
+    def __init__(self, filler: Fills, metrics: Metrics, blob_file: Callable[[str], Path], blob_id: str, end: int,
+                 chunk_size: int):  # fmt: skip
+        self.filler, self.metrics, self.blob_file, self.blob_id, self.end = filler, metrics, blob_file, blob_id, end
+        self.size = max(MIN_STEP, min(MAX_STEP, chunk_size))
+        self.since = filler.generation(blob_id)  # a proof failing mid-download cuts it
+        self.file: BinaryIO | None = None
+
+    def stop(self, pos: int) -> int:
+        return min(self.end, (pos // self.size + 1) * self.size)  # aligned: a read waits for whole chunks only
+
+    def plan(self, pos: int) -> asyncio.Task | None:
+        """None: [pos, stop) goes from the blob file; else the task reading its bytes."""
+        if self._stored(pos, self.stop(pos)) and self._open():
+            return None
+        read = self.filler.read(self.blob_id, pos, self.stop(pos) - pos, since=self.since)
+        return asyncio.get_running_loop().create_task(read)
+
+    def _stored(self, pos: int, stop: int) -> bool:
+        """In the store as a read would return it (a verify-first blob: only once proven)."""
         try:
-            while True:
-                pos += len(data)
-                pending = read_from(pos) if pos < end else None
-                if data:
-                    await resp.write(data)
-                if pending is None:
-                    break
-                data = await pending
-                if not data:  # the blob shrank under us: never send a short body as complete
-                    raise FillError(f"empty read at {pos} of {entry.blob_id}")
-            await resp.write_eof()
-        except (FillError, ConnectionError) as e:
-            # Headers are gone: the only honest signal left is a cut connection
-            # (the client sees a short body and resumes with Range).
-            if isinstance(e, FillError):
-                log.warning("mirror stream of %s cut at %d: %s", entry.path, pos, e)
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
-            if request.transport is not None:
-                request.transport.abort()
-        return resp
+            st = self.filler.state(self.blob_id)
+        except FillError:
+            return False
+        if st.rec.state != "complete" and self.blob_id in self.filler.verify_first:
+            return False
+        size = st.rec.chunk_size
+        return all(st.has(k) for k in range(pos // size, (stop - 1) // size + 1))
+
+    def _open(self) -> bool:
+        if self.file is None:
+            with contextlib.suppress(OSError):
+                self.file = open(self.blob_file(self.blob_id), "rb", buffering=0)  # closed by close()
+        return self.file is not None
+
+    async def sendfile(self, request: web.Request, pos: int, n: int) -> None:
+        """[pos, pos+n) of the blob file straight to the socket, counted as a read is."""
+        if self.filler.generation(self.blob_id) != self.since:
+            raise FillError(f"blob {self.blob_id} failed verification after it was opened; open it again")
+        transport = request.transport
+        if transport is None or self.file is None:
+            raise ConnectionResetError("the client went away")
+        await asyncio.get_running_loop().sendfile(transport, self.file, pos, n)
+        self.metrics.read_bytes.labels("local").inc(n)
+        self.filler.record(self.blob_id).last_access = time.time()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
