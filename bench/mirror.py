@@ -164,7 +164,9 @@ def wait_settled(daemon: DaemonProcess, timeout: float = 120) -> float:
     raise RuntimeError("daemon did not settle")
 
 
-def run_case(name: str, work: Path, repo_dir: Path, hub_url: str, ceiling_url: str | None, repeats: int) -> dict:
+def run_case(
+    name: str, work: Path, repo_dir: Path, hub_url: str, ceiling_url: str | None, repeats: int, env: dict[str, str]
+) -> dict:
     """`repeats` interleaved rounds of [ceiling,] direct, mirror cold (a new daemon), mirror warm, bare HTTP."""
     rows = (["ceiling"] if ceiling_url else []) + ["direct", "mirror_cold", "mirror_warm", "mirror_warm_raw_http"]
     secs: dict[str, list[float]] = {k: [] for k in rows}
@@ -180,7 +182,7 @@ def run_case(name: str, work: Path, repo_dir: Path, hub_url: str, ceiling_url: s
         run_dir = work / f"{name}-node{r}"
         run_dir.mkdir()
         # Not resolved at start: the mirror adds it on the first call (mirror_allow lets it).
-        daemon = DaemonProcess(run_dir, hub_url, [], env={"NODECACHE_MIRROR_ALLOW": REPO}).start(timeout=60)
+        daemon = DaemonProcess(run_dir, hub_url, [], env={"NODECACHE_MIRROR_ALLOW": REPO, **env}).start(timeout=60)
         try:
             assert daemon.proc is not None
             d0 = proc_cpu_seconds(daemon.proc.pid)
@@ -261,8 +263,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "mirror.json")
     ap.add_argument("--workdir", type=Path, help="default: a temp dir under /var/tmp, removed after")
+    ap.add_argument("--daemon-env", action="append", default=[], metavar="K=V", help="NODECACHE_* for the daemon")
     ap.add_argument("--wait-quiet", type=float, default=120, help="wait up to this long for idle CPUs first (s)")
     args = ap.parse_args()
+    env = dict(kv.split("=", 1) for kv in args.daemon_env)
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         sys.exit("bench/mirror.py: needs root and /dev/fuse (the daemon always mounts)")
 
@@ -284,7 +288,7 @@ def main() -> None:
             hubs += [capped, uncapped]
         res["machine_load"] = wait_quiet(args.wait_quiet)
         if "small" in cases:
-            r = run_case("small", work, work / "repo", hub_url, None, args.repeats)
+            r = run_case("small", work, work / "repo", hub_url, None, args.repeats, env)
             med = r["median_seconds"]
             res.update(r)
             res.update(
@@ -295,6 +299,7 @@ def main() -> None:
                     "repeats": args.repeats,
                     "daemon": "defaults (8 MiB chunks, 8 parallel per blob, fsync on), mirror_allow the repo",
                     "client": "huggingface_hub snapshot_download, fresh process and cache per run",
+                    "daemon_env": env,
                 },
                 repo_bytes=size,
                 median_MBps={k: size / 1e6 / v for k, v in med.items()},
@@ -302,7 +307,7 @@ def main() -> None:
                 cold_overhead_ratio=med["mirror_cold"] / med["direct"],
             )
         if "sharded" in cases:
-            r = run_case("sharded", work, work / "sharded", capped_url, uncapped_url, args.repeats)
+            r = run_case("sharded", work, work / "sharded", capped_url, uncapped_url, args.repeats, env)
             med = r["median_seconds"]
             r.update(
                 params={
@@ -311,6 +316,7 @@ def main() -> None:
                     "conn_cap_MBps": args.conn_cap_MBps,
                     "repeats": args.repeats,
                     "ceiling": "the same client against a second emulator, uncapped, serving the same repo",
+                    "daemon_env": env,
                 },
                 repo_bytes=sharded_size,
                 median_MBps={k: sharded_size / 1e6 / v for k, v in med.items()},
