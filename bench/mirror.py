@@ -51,7 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from common import arg_parser, loadavg, machine_info, now_iso, proc_cpu_seconds, provenance, wait_quiet  # noqa: E402
+from common import CpuMeter, arg_parser, loadavg, machine_info, now_iso, proc_cpu_seconds, provenance, wait_quiet  # noqa: E402
 
 from nodecache.testing.daemon import DaemonProcess, free_port  # noqa: E402
 
@@ -165,35 +165,53 @@ def wait_settled(daemon: DaemonProcess, timeout: float = 120) -> float:
 
 
 def run_case(
-    name: str, work: Path, repo_dir: Path, hub_url: str, ceiling_url: str | None, repeats: int, env: dict[str, str]
+    name: str,
+    work: Path,
+    repo_dir: Path,
+    hub: tuple[str, int],
+    ceiling: tuple[str, int] | None,
+    repeats: int,
+    env: dict[str, str],
 ) -> dict:
-    """`repeats` interleaved rounds of [ceiling,] direct, mirror cold (a new daemon), mirror warm, bare HTTP."""
-    rows = (["ceiling"] if ceiling_url else []) + ["direct", "mirror_cold", "mirror_warm", "mirror_warm_raw_http"]
+    """`repeats` interleaved rounds of [ceiling,] direct, mirror cold (a new daemon), mirror warm, bare HTTP.
+
+    `hub`, `ceiling`: (url, pid) of the emulators. Per row: the client's CPU-s, the
+    servers' (emulator, daemon), and how busy the machine's CPUs were meanwhile.
+    """
+    rows = (["ceiling"] if ceiling else []) + ["direct", "mirror_cold", "mirror_warm", "mirror_warm_raw_http"]
     secs: dict[str, list[float]] = {k: [] for k in rows}
     out: dict = {"seconds": secs, "upstream_bytes_cold": [], "settle_seconds_after_cold": [], "upstream_bytes_warm": []}
-    out.update(client_cpu_s={k: [] for k in rows[:-1]}, daemon_cpu_s_cold=[], loadavg=[])
-    cpu = out["client_cpu_s"]
+    out.update(client_cpu_s={k: [] for k in rows[:-1]}, server_cpu_s={k: [] for k in rows[:-1]})
+    out.update(machine_busy={k: [] for k in rows[:-1]}, daemon_cpu_s_cold=[], loadavg=[])
+
+    def row(key: str, url: str, pids: list[int], settle: DaemonProcess | None = None) -> None:
+        """One snapshot_download; then, inside the CPU accounting, the wait for `settle`'s fills and proofs."""
+        c0 = [proc_cpu_seconds(p) for p in pids]
+        with CpuMeter() as m:
+            s, c = download(url, work / "client")
+            if settle:
+                out["settle_seconds_after_cold"].append(wait_settled(settle))
+        secs[key].append(s)
+        out["client_cpu_s"][key].append(c)
+        out["server_cpu_s"][key].append(sum(proc_cpu_seconds(p) for p in pids) - sum(c0))
+        out["machine_busy"][key].append(round(m.machine_busy, 3))
+
     for r in range(repeats):
-        if ceiling_url:
-            s, c = download(ceiling_url, work / "client")
-            secs["ceiling"].append(s), cpu["ceiling"].append(c)
-        s, c = download(hub_url, work / "client")
-        secs["direct"].append(s), cpu["direct"].append(c)
+        if ceiling:
+            row("ceiling", ceiling[0], [ceiling[1]])
+        row("direct", hub[0], [hub[1]])
         run_dir = work / f"{name}-node{r}"
         run_dir.mkdir()
         # Not resolved at start: the mirror adds it on the first call (mirror_allow lets it).
-        daemon = DaemonProcess(run_dir, hub_url, [], env={"NODECACHE_MIRROR_ALLOW": REPO, **env}).start(timeout=60)
+        daemon = DaemonProcess(run_dir, hub[0], [], env={"NODECACHE_MIRROR_ALLOW": REPO, **env}).start(timeout=60)
         try:
             assert daemon.proc is not None
             d0 = proc_cpu_seconds(daemon.proc.pid)
-            s, c = download(daemon.url, work / "client")
-            secs["mirror_cold"].append(s), cpu["mirror_cold"].append(c)
-            out["settle_seconds_after_cold"].append(wait_settled(daemon))  # warm = every blob stored and verified
+            row("mirror_cold", daemon.url, [daemon.proc.pid, hub[1]], settle=daemon)  # warm = all stored, verified
             out["daemon_cpu_s_cold"].append(proc_cpu_seconds(daemon.proc.pid) - d0)
             out["upstream_bytes_cold"].append(upstream_bytes(daemon))
             before = upstream_bytes(daemon)
-            s, c = download(daemon.url, work / "client")
-            secs["mirror_warm"].append(s), cpu["mirror_warm"].append(c)
+            row("mirror_warm", daemon.url, [daemon.proc.pid])
             secs["mirror_warm_raw_http"].append(raw_http_seconds(daemon, repo_dir))
             out["upstream_bytes_warm"].append(upstream_bytes(daemon) - before)
         finally:
@@ -278,8 +296,8 @@ def main() -> None:
     try:
         if "small" in cases:
             size = make_repo(work / "repo", args.files, args.file_mib)
-            hub, hub_url = start_hub(work / "repo", args.rate_limit_mbps, work / "hub.log")
-            hubs.append(hub)
+            small_hub, small_url = start_hub(work / "repo", args.rate_limit_mbps, work / "hub.log")
+            hubs.append(small_hub)
         if "sharded" in cases:
             sharded_size = make_repo(work / "sharded", args.shards, args.shard_mib)
             rate = args.conn_cap_MBps * 8  # MB/s -> the emulator's megabit/s
@@ -288,7 +306,7 @@ def main() -> None:
             hubs += [capped, uncapped]
         res["machine_load"] = wait_quiet(args.wait_quiet)
         if "small" in cases:
-            r = run_case("small", work, work / "repo", hub_url, None, args.repeats, env)
+            r = run_case("small", work, work / "repo", (small_url, small_hub.pid), None, args.repeats, env)
             med = r["median_seconds"]
             res.update(r)
             res.update(
@@ -307,7 +325,15 @@ def main() -> None:
                 cold_overhead_ratio=med["mirror_cold"] / med["direct"],
             )
         if "sharded" in cases:
-            r = run_case("sharded", work, work / "sharded", capped_url, uncapped_url, args.repeats, env)
+            r = run_case(
+                "sharded",
+                work,
+                work / "sharded",
+                (capped_url, capped.pid),
+                (uncapped_url, uncapped.pid),
+                args.repeats,
+                env,
+            )
             med = r["median_seconds"]
             r.update(
                 params={
