@@ -183,10 +183,10 @@ class FileServer:
                     pos += n
                     data = await pending if pending is not None else None
                 await resp.write_eof()
-            except (FillError, ConnectionError) as e:
+            except (FillError, OSError) as e:
                 # Headers are gone: the only honest signal left is a cut connection
                 # (the client sees a short body and resumes with Range).
-                if isinstance(e, FillError):
+                if not isinstance(e, ConnectionError):  # a fill that failed, or the blob file (sendfile)
                     log.warning("mirror stream of %s cut at %d: %s", entry.path, pos, e)
                 if pending is not None:
                     pending.cancel()
