@@ -225,6 +225,23 @@ print(json.dumps(tree_hashes(snapshot_download("org/sharded", cache_dir={str(tmp
     assert local_read_bytes(d) - before == len(data) and hub.stats.data_bytes == up
 
 
+def test_only_bytes_in_the_page_cache_go_by_sendfile(tmp_path):
+    """sendfile reads on the daemon's loop: the mirror asks first whether the bytes are cached."""
+    from nodecache import mounts
+    from nodecache.mirror.serve import in_page_cache
+
+    p = tmp_path / "blob"
+    p.write_bytes(os.urandom(4 * MiB))
+    where = next(m for d in (p, *p.parents) if (m := mounts.top(str(d))) is not None)
+    with open(p, "rb", buffering=0) as f:
+        assert in_page_cache(f, 0, 4 * MiB)
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert in_page_cache(f, 0, 4 * MiB) == (where.fstype in ("tmpfs", "ramfs")), where  # memory is its disk
+        assert f.read() == p.read_bytes()
+        assert in_page_cache(f, 0, 4 * MiB)
+
+
 def test_ranges_and_client_resume(daemons, hub, big_repo, tmp_path):
     d = daemons(repos=(), env=ALLOW_ORG)
     data = (big_repo / "weights.bin").read_bytes()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,20 @@ from .snapshots import Snapshots
 log = logging.getLogger(__name__)
 
 MIN_STEP, MAX_STEP = 1 << 20, 8 << 20  # bytes per Fills.read while streaming
+PROBE_STRIDE = 128 << 10  # in_page_cache looks at one byte this far apart
+
+
+def in_page_cache(file: BinaryIO, start: int, stop: int) -> bool:
+    """Are the bytes [start, stop) of the file in the page cache? A byte every PROBE_STRIDE and
+    the last, each read with RWF_NOWAIT (no disk I/O); a file system that cannot say: no."""
+    one = bytearray(1)
+    for off in [*range(start, stop, PROBE_STRIDE), stop - 1]:
+        try:
+            if os.preadv(file.fileno(), [one], off, os.RWF_NOWAIT) != 1:
+                return False
+        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: cannot tell
+            return False
+    return True
 
 
 class Fills(Protocol):
@@ -214,10 +229,16 @@ class _Steps:
         return min(self.end, (pos // self.size + 1) * self.size)  # aligned: a read waits for whole chunks only
 
     def plan(self, pos: int) -> asyncio.Task | None:
-        """None: [pos, stop) goes from the blob file; else the task reading its bytes."""
-        if self._stored(pos, self.stop(pos)) and self._open():
+        """None: [pos, stop) goes from the blob file; else the task reading its bytes.
+
+        sendfile reads the file on the loop's thread, so only bytes in the page
+        cache go that way; the rest are read through the fill path (a thread).
+        """
+        stop = self.stop(pos)
+        file = self._open() if self._stored(pos, stop) else None
+        if file is not None and in_page_cache(file, pos, stop):
             return None
-        read = self.filler.read(self.blob_id, pos, self.stop(pos) - pos, since=self.since)
+        read = self.filler.read(self.blob_id, pos, stop - pos, since=self.since)
         return asyncio.get_running_loop().create_task(read)
 
     def _stored(self, pos: int, stop: int) -> bool:
@@ -231,11 +252,11 @@ class _Steps:
         size = st.rec.chunk_size
         return all(st.has(k) for k in range(pos // size, (stop - 1) // size + 1))
 
-    def _open(self) -> bool:
+    def _open(self) -> BinaryIO | None:
         if self.file is None:
             with contextlib.suppress(OSError):
                 self.file = open(self.blob_file(self.blob_id), "rb", buffering=0)  # closed by close()
-        return self.file is not None
+        return self.file
 
     async def sendfile(self, request: web.Request, pos: int, n: int) -> None:
         """[pos, pos+n) of the blob file straight to the socket, counted as a read is."""
