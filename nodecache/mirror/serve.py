@@ -25,8 +25,8 @@ from ..fill import FillError
 from ..index import BlobRecord
 from ..layout import FileEntry, InvalidName
 from ..metrics import Metrics
+from ..presence import BlobState
 from ..repos import RepoRef
-from ..store import BlobState
 from ..upstream import UpstreamError
 from .access import Access
 from .errors import HubError
