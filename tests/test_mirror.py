@@ -242,6 +242,21 @@ def test_only_bytes_in_the_page_cache_go_by_sendfile(tmp_path):
         assert in_page_cache(f, 0, 4 * MiB)
 
 
+def test_one_shard_through_the_mirror_starts_its_siblings(daemons, hub):
+    """A client that asks the mirror for one shard of a cold snapshot (as a loader or a
+    one-file-at-a-time client does) makes the node fill the snapshot's other shards too."""
+    shards = {f"model-{i:05d}-of-00003.safetensors": os.urandom(3 * MiB) for i in range(1, 4)}
+    hub.add_repo("org/three", {**shards, "config.json": b"{}"})
+    d = daemons(repos=(), env=ALLOW_ORG)
+    first = next(iter(shards))
+    status, _, body = raw(d, "GET", f"/org/three/resolve/main/{first}")
+    assert status == 200 and body == shards[first]
+    wait_settled(d)
+    for name, data in shards.items():
+        blob = hashlib.sha256(data).hexdigest()
+        assert sum(e - s for b, s, e in hub.stats.ranges if b == blob) == len(data), f"{name} was not filled"
+
+
 def test_ranges_and_client_resume(daemons, hub, big_repo, tmp_path):
     d = daemons(repos=(), env=ALLOW_ORG)
     data = (big_repo / "weights.bin").read_bytes()

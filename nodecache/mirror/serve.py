@@ -62,6 +62,7 @@ class Fills(Protocol):
     def hold(self, blob_id: str) -> None: ...
     def release(self, blob_id: str) -> None: ...
     def fill_in_background(self, blob_id: str) -> asyncio.Task | None: ...
+    def opened_in_repo(self, repo_type: str, repo_id: str, blob_id: str, commit: str | None) -> asyncio.Task | None: ...
     @property
     def verify_first(self) -> set[str]: ...  # blob ids whose reads wait for the whole-blob proof
     async def read(self, blob_id: str, offset: int, size: int, since: int | None = None) -> bytes: ...
@@ -133,6 +134,8 @@ class FileServer:
         # (any caller can ask for one byte of a huge file) fills only what it reads,
         # unless the repo is one the operator configured or the caller is the admin.
         whole = rng is None or grant.why == "admin" or self.catalog.policy.names(t.repo_type, t.repo_id)
+        if whole:  # the snapshot's other files the client reads next start too (fill_snapshot_on_open)
+            filler.opened_in_repo(ref.repo_type, ref.repo_id, entry.blob_id, ref.commit)
         filler.hold(entry.blob_id)  # an open download: not to be evicted under it
         try:
             return await self._stream(request, entry, start, end, rng is not None, headers, whole)
