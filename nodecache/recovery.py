@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -66,16 +67,30 @@ def take_clean_stop(index: Index, tiers: dict[str, Tier]) -> bool:
     return True
 
 
-def leave_clean_stop(index: Index, tiers: dict[str, Tier], synced: bool) -> None:
+def _syncfs(tiers: list[Tier]) -> None:
+    for tier in tiers:
+        fd = os.open(tier.blobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _LIBC.syncfs(fd)
+        finally:
+            os.close(fd)
+
+
+def leave_clean_stop(index: Index, tiers: dict[str, Tier], synced: bool, sync_timeout: float = 5.0) -> None:
     """At a clean stop (nothing in flight): flush the tiers' files unless every chunk was
-    synced before it was recorded, then record each tier's usage and mark."""
+    synced before it was recorded, then record each tier's usage and mark.
+
+    syncfs flushes the whole filesystem, other tenants' dirty pages too: on a busy
+    disk it can take longer than a pod's grace period. Past `sync_timeout` the stop
+    goes on without the record, and the next start counts and recovers (correct,
+    only slower)."""
     if not synced:
-        for tier in tiers.values():
-            fd = os.open(tier.blobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                _LIBC.syncfs(fd)
-            finally:
-                os.close(fd)
+        flush = threading.Thread(target=_syncfs, args=(list(tiers.values()),), name="nodecache-syncfs", daemon=True)
+        flush.start()
+        flush.join(sync_timeout)
+        if flush.is_alive():
+            log.warning("syncfs took over %.0fs: no clean-stop record, the next start recovers", sync_timeout)
+            return
     index.put_last(_CLEAN, {"tiers": {name: {"used": t.used, "mark": tier_mark(t)} for name, t in tiers.items()}})
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -492,6 +494,28 @@ def test_a_clean_stop_lets_the_next_start_skip_counting_and_recovery(cache: Path
     wiped = Store(cache, index)
     assert not wiped.clean_start and wiped.tiers["disk"].used == CS
     wiped.close()
+
+
+def test_a_stop_whose_syncfs_hangs_leaves_no_clean_record(cache: Path, index: Index, monkeypatch):
+    """Without per-chunk fsync the clean stop flushes the filesystem first; a disk busy with
+    others' writes must not hold the stop past a pod's grace period: no record, and the next
+    start counts and recovers as after a crash."""
+    from nodecache import recovery
+
+    gate = threading.Event()
+    monkeypatch.setattr(recovery, "_syncfs", lambda tiers: gate.wait(30))
+    unsynced = Store(cache, index, fsync=False)
+    data = payload(2 * CS, seed=31)
+    rec = record("sha256", data)
+    index.put_blob(rec)
+    asyncio.run(fill(unsynced, rec, data))
+    t0 = time.monotonic()
+    recovery.leave_clean_stop(index, unsynced.tiers, synced=False, sync_timeout=0.2)
+    assert time.monotonic() - t0 < 5 and index.get_meta("clean_stop") is None
+    gate.set()
+    recovery.leave_clean_stop(index, unsynced.tiers, synced=False)
+    assert index.get_meta("clean_stop") is not None, "a syncfs that ends records the stop"
+    unsynced.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)
