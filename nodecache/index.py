@@ -11,7 +11,7 @@ import json
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +94,14 @@ def check_blob(rec: BlobRecord) -> BlobRecord:
     return rec
 
 
+_DERIVED = "derived_v2"  # the derived records below include the LRU order and the chunked set
+
+
+def _derived(rec: BlobRecord) -> tuple[str, float, float]:
+    """What the derived records are made of: (state, verified_at, last_access)."""
+    return (rec.state, float(rec.verified_at), float(rec.last_access))
+
+
 def _blob_json(rec: BlobRecord) -> bytes:
     """A record as stored: its fields, in order (`dataclasses.asdict` deep-copies each one:
     it was half the time of registering a 10^5-file snapshot)."""
@@ -141,6 +149,10 @@ class Index:
         self._meta = self.env.open_db(b"meta")  # small records about the index itself (counters, start marks)
         self._verify = self.env.open_db(b"verify_first")  # blob ids shown under a verify_before_serve name
         self._proofs = self.env.open_db(b"proofs")  # (verified_at, blob id) of every complete blob
+        # (last_access, blob id) of every blob that may hold bytes (complete, or partial with a
+        # chunk recorded): eviction reads the least recently used ones only.
+        self._lru = self.env.open_db(b"lru")
+        self._chunked = self.env.open_db(b"chunked")  # ids of blobs with a chunk recorded
         self._derive_once()
 
     def close(self) -> None:
@@ -191,44 +203,68 @@ class Index:
         return record.get("txn") == self.env.info()["last_txnid"]
 
     # what the blob records imply, kept in the transaction that changes a record --------
-    # State counts (/metrics, /v1/status) and complete blobs in order of their last proof
-    # (the scrubber's next ones): read without a scan of every record.
+    # State counts (/metrics, /v1/status), complete blobs in order of their last proof (the
+    # scrubber's next ones) and blobs holding bytes in order of their last use (eviction's
+    # next ones): read without a scan of every record.
 
     def recount_blobs(self, recs: list[BlobRecord]) -> None:
         """Rebuild them from a full read of the records (a start that read them all)."""
         with self.env.begin(write=True) as txn:
-            self._rebuild(txn, [(r.blob_id.encode(), (r.state, float(r.verified_at))) for r in recs])
+            self._rebuild(txn, [(r.blob_id.encode(), _derived(r)) for r in recs])
 
     def _derive_once(self) -> None:
         """Build them for an index written before they existed; later writes keep them."""
-        if self.get_meta("blob_states") is not None:
+        if self.get_meta(_DERIVED) is not None:
             return  # no write transaction: it would look like a write since a clean stop
         with self.env.begin(write=True) as txn:
-            if txn.get(b"blob_states", db=self._meta) is None:
+            if txn.get(_DERIVED.encode(), db=self._meta) is None:
+                txn.drop(self._chunked, delete=False)
+                cur = txn.cursor(db=self._chunks)
+                found = cur.first()
+                while found:  # one jump per blob with chunks
+                    blob_id = bytes(cur.key()).rpartition(b"\0")[0]
+                    txn.put(blob_id, b"", db=self._chunked)
+                    found = cur.set_range(blob_id + b"\1")
                 stored = [(key, self._stored(txn, key)) for key, _ in txn.cursor(db=self._blobs)]
                 self._rebuild(txn, [(key, s) for key, s in stored if s is not None])
+                txn.put(_DERIVED.encode(), b"1", db=self._meta)
 
-    def _rebuild(self, txn, records: list[tuple[bytes, tuple[str, float]]]) -> None:
+    def _rebuild(self, txn, records: list[tuple[bytes, tuple[str, float, float]]]) -> None:
         txn.drop(self._proofs, delete=False)
+        txn.drop(self._lru, delete=False)
         txn.put(b"blob_states", json.dumps(dict.fromkeys(_STATES, 0)).encode(), db=self._meta)
         self._derive_many(txn, [(key, None, s) for key, s in records])
 
-    def _stored(self, txn, key: bytes) -> tuple[str, float] | None:
-        """(state, verified_at) of a stored record as it was derived (None: absent, or unusable)."""
+    def _stored(self, txn, key: bytes) -> tuple[str, float, float] | None:
+        """(state, verified_at, last_access) of a stored record as it was derived (None: absent, or unusable)."""
         raw = txn.get(key, db=self._blobs)
         try:
             d = json.loads(raw) if raw else None
-            state, at = (d["state"], d.get("verified_at", 0.0)) if d else (None, 0.0)
+            if d is None:
+                return None
+            state, at, used = d["state"], d.get("verified_at", 0.0), d.get("last_access", 0.0)
         except _BAD:
             return None
-        return (state, float(at)) if state in _STATES and type(at) in (int, float) else None
+        if state not in _STATES or type(at) not in (int, float) or type(used) not in (int, float):
+            return None
+        return (state, float(at), float(used))
+
+    def _holds(self, txn, key: bytes, derived: tuple | None) -> bool:
+        """May the blob hold bytes on disk (so eviction must see it)?"""
+        if derived is None or derived[0] == "quarantined":
+            return False
+        return derived[0] == "complete" or txn.get(key, db=self._chunked) is not None
 
     def _derive_many(self, txn, changes: list[tuple[bytes, tuple | None, tuple | None]]) -> None:
-        """Apply records' changes (key, old (state, verified_at) or None, new or None)."""
+        """Apply records' changes (key, old (state, verified_at, last_access) or None, new or None)."""
         delta = dict.fromkeys(_STATES, 0)
         for key, old, new in changes:
             if old == new:
                 continue
+            if self._holds(txn, key, old):
+                txn.delete(_PROOF.pack(max(0.0, old[2])) + key, db=self._lru)
+            if self._holds(txn, key, new):
+                txn.put(_PROOF.pack(max(0.0, new[2])) + key, b"", db=self._lru)
             if old is not None:
                 delta[old[0]] -= 1
                 if old[0] == "complete":
@@ -257,6 +293,27 @@ class Index:
                     break
                 due.append(key[_PROOF.size :].decode())
         return due, oldest
+
+    def least_recent(self, page: int = 256) -> Iterator[tuple[float, str]]:
+        """(last_access as stored, blob id) of the blobs that may hold bytes, least recently used
+        first, read a page at a time (each page its own transaction: the caller may write
+        between them). Reads only as far as the caller goes."""
+        after = b""
+        while True:
+            with self.env.begin() as txn:
+                cur = txn.cursor(db=self._lru)
+                found = cur.set_range(after) if after else cur.first()
+                if found and after and cur.key() == after:
+                    found = cur.next()
+                keys = []
+                while found and len(keys) < page:
+                    keys.append(bytes(cur.key()))
+                    found = cur.next()
+            if not keys:
+                return
+            for key in keys:
+                yield _PROOF.unpack(key[: _PROOF.size])[0], key[_PROOF.size :].decode()
+            after = keys[-1]
 
     def blob_states(self) -> dict[str, int]:
         """How many blob records are in each state: one read, not a scan."""
@@ -508,7 +565,7 @@ class Index:
         check_blob(rec)  # what cannot be loaded back must not be stored
         key = rec.blob_id.encode()
         with self.env.begin(write=True) as txn:
-            self._derive_many(txn, [(key, self._stored(txn, key), (rec.state, float(rec.verified_at)))])
+            self._derive_many(txn, [(key, self._stored(txn, key), _derived(rec))])
             txn.put(key, _blob_json(rec), db=self._blobs)
 
     def add_blobs(self, recs: list[BlobRecord]) -> int:
@@ -532,7 +589,7 @@ class Index:
                         self.on_invalid("blobs")
                         self._derive_many(txn, [(key, self._stored(txn, key), None)])
                 txn.put(key, _blob_json(rec), db=self._blobs)
-                changes.append((key, None, (rec.state, float(rec.verified_at))))
+                changes.append((key, None, _derived(rec)))
                 added += 1
             self._derive_many(txn, changes)
         return added
@@ -556,6 +613,13 @@ class Index:
         with self.env.begin(write=True) as txn:
             for blob_id, index, digest in chunks:
                 txn.put(blob_id.encode() + b"\0" + _CHUNK_KEY.pack(index), _CHUNK_KEY.pack(digest), db=self._chunks)
+            for key in {blob_id.encode() for blob_id, _, _ in chunks}:
+                if txn.get(key, db=self._chunked) is None:  # its first chunk: a partial blob now holds bytes
+                    stored = self._stored(txn, key)
+                    was = self._holds(txn, key, stored)
+                    txn.put(key, b"", db=self._chunked)
+                    if not was and self._holds(txn, key, stored):
+                        txn.put(_PROOF.pack(max(0.0, stored[2])) + key, b"", db=self._lru)
 
     def chunks(self, blob_id: str) -> dict[int, int]:
         """chunk index -> xxh3-64 of the chunk, for every chunk on disk."""
@@ -579,14 +643,22 @@ class Index:
 
     def drop_chunks(self, blob_id: str, indexes: list[int] | None = None) -> None:
         """Forget some (or all) chunks of a blob, e.g. after failed verification."""
-        prefix = blob_id.encode() + b"\0"
+        key = blob_id.encode()
+        prefix = key + b"\0"
         with self.env.begin(write=True) as txn:
+            cur = txn.cursor(db=self._chunks)
             if indexes is not None:
                 for i in indexes:
                     txn.delete(prefix + _CHUNK_KEY.pack(i), db=self._chunks)
-                return
-            cur = txn.cursor(db=self._chunks)
-            if cur.set_range(prefix):
+                if cur.set_range(prefix) and cur.key().startswith(prefix):
+                    return  # some are left
+            elif cur.set_range(prefix):
                 while cur.key().startswith(prefix):
                     if not cur.delete():
                         break
+            if txn.get(key, db=self._chunked) is not None:  # its last chunk: a partial blob holds no bytes now
+                stored = self._stored(txn, key)
+                was = self._holds(txn, key, stored)
+                txn.delete(key, db=self._chunked)
+                if was and not self._holds(txn, key, stored):
+                    txn.delete(_PROOF.pack(max(0.0, stored[2])) + key, db=self._lru)

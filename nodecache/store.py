@@ -174,10 +174,10 @@ class Store:
         return tier
 
     def evict_lru(self, tier: Tier, incoming: int = 0) -> int:
-        """Evict least-recently-read unprotected blobs until under the low watermark."""
-        recs = {r.blob_id: r for r in self.index.all_blobs()}
-        recs.update(self._recs)  # in-memory records have the fresh access times
-        return eviction.evict_lru(tier, incoming, self.quarantined, recs.values(), self.protected, self.evict)
+        """Evict least-recently-read unprotected blobs until under the low watermark (reading the
+        index's LRU order only as far as it goes)."""
+        ordered = eviction.by_last_use(self.index.least_recent(), self.record)
+        return eviction.evict_lru(tier, incoming, self.quarantined, ordered, self.protected, self.evict)
 
     @staticmethod
     def _delete(path: Path) -> None:

@@ -18,6 +18,7 @@ from nodecache.index import BlobRecord, Index
 from nodecache.layout import FileEntry, InvalidName
 from nodecache.quarantine import Quarantined
 from nodecache.store import Store
+from nodecache.tier import Tier
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -278,6 +279,7 @@ def test_index_counts_blob_states_as_it_writes_them(cache: Path):
     assert idx.get_blob(c.blob_id) is None
     assert idx.blob_states() == scanned() == {"partial": 1, "complete": 1, "quarantined": 1}
     idx.put_meta("blob_states", None)  # an index from before the counters: counted once on open
+    idx.put_meta("derived_v2", None)
     idx.close()
     idx = Index(path, map_size=64 * MiB)
     try:
@@ -861,3 +863,37 @@ def test_group_commit_batches_fails_together_and_never_hangs():
     asyncio.run(run())
     assert sorted(i for b in batches for i in b) == list(range(20))
     assert len(batches) < 20, "concurrent items share flushes"
+
+
+def test_eviction_reads_only_the_blobs_it_evicts(cache: Path, index: Index):
+    """A round walks the index's order of last use as far as it evicts: the 2,000 records of a
+    resolved dataset nobody fetched are never read. A read not yet flushed to the index puts
+    a blob back in line at its real time."""
+    tier = Tier("disk", cache)
+    store = Store(cache, index, tiers=[tier])
+    try:
+        blobs = [payload(2 * CS, seed=100 + i) for i in range(6)]
+        recs = [record("sha256", data, last_access=100.0 * (i + 1)) for i, data in enumerate(blobs)]
+        for rec, data in zip(recs, blobs, strict=True):
+            index.put_blob(rec)
+            asyncio.run(store.finish(asyncio.run(fill(store, rec, data))))
+        half = record("gitsha1", payload(2 * CS, seed=99), last_access=150.0)  # one chunk held
+        index.put_blob(half)
+        asyncio.run(fill(store, half, payload(2 * CS, seed=99), order=[0]))
+        index.add_blobs([BlobRecord(f"{i:064x}", CS, "sha256", CS) for i in range(2000)])
+        assert tier.used == 6 * 2 * CS + CS
+        store.record(recs[0].blob_id).last_access = 10_000.0  # read since the last flush
+
+        decoded = []
+        decode = index._blob
+        index._blob = lambda key, raw: decoded.append(key) or decode(key, raw)
+        tier.quota = tier.used + 3 * CS  # low mark (0.8): 200 KiB more must fit under 80 %
+        freed = store.evict_lru(tier, 200 * KiB)
+        gone = [r.blob_id for r in [*recs, half] if not store.cached_bytes(store.record(r.blob_id))]
+        assert gone == [recs[1].blob_id, recs[2].blob_id, half.blob_id] and freed == 5 * CS
+        assert len(decoded) <= 3, f"eviction read {len(decoded)} records"
+        assert [b for _, b in index.least_recent()] == [r.blob_id for r in (recs[0], *recs[3:])]
+        store.flush_access_times()
+        assert [b for _, b in index.least_recent()] == [r.blob_id for r in (*recs[3:], recs[0])]
+    finally:
+        store.close()
