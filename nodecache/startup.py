@@ -16,32 +16,43 @@ from .upstream import NotFound, UpstreamError
 
 log = logging.getLogger(__name__)
 
+RESOLVE_AT_ONCE = 4  # configured repos resolved at a time: one slow source does not hold the rest up,
+# and a node with 1,000 configured repos does not ask its upstreams 1,000 things at once
+
 
 class Configured:
     """The configured repos; one that fails never stops the others (or the start): it is named in
     `failing` (/v1/status, /readyz) and retried with backoff until it resolves. A repo the index
     holds already is shown from it at once (a restart waits on no upstream) and re-resolved in
-    the background, like a ref refresh."""
+    the background, like a ref refresh. Up to `at_once` of them are resolved at a time."""
 
-    def __init__(self, catalog: Catalog, pins: Pins, failing: dict[str, dict]):
+    def __init__(self, catalog: Catalog, pins: Pins, failing: dict[str, dict], at_once: int = RESOLVE_AT_ONCE):
         self.catalog, self.pins, self.failing = catalog, pins, failing
+        self.at_once = max(1, at_once)
         self._retry: dict[str, Iterator[float]] = {}
 
     async def add(self, specs: list[str]) -> asyncio.Task | None:
         """Resolve each spec the index lacks now; a task for the rest (re-resolving the known ones,
         retrying the ones that failed), None if there is nothing left to do."""
         known = [spec for spec in specs if self._indexed(spec)]
-        for spec in specs:
-            if spec not in known:
-                await self._add_one(spec)
+        await self._add_all([spec for spec in specs if spec not in known])
 
         async def background() -> None:
-            for spec in known:
-                await self._add_one(spec, known=True)
+            await self._add_all(known, known=True)
             if self._retry:
                 await self._retry_failing()
 
         return asyncio.get_running_loop().create_task(background()) if known or self._retry else None
+
+    async def _add_all(self, specs: list[str], known: bool = False) -> None:
+        """`_add_one` each spec, `at_once` workers taking them in order (never a task per spec)."""
+        todo = iter(specs)
+
+        async def worker() -> None:
+            for spec in todo:
+                await self._add_one(spec, known)
+
+        await asyncio.gather(*(worker() for _ in range(min(self.at_once, len(specs)))))
 
     def _indexed(self, spec: str) -> bool:
         try:
