@@ -12,7 +12,10 @@ here), served by the Hub emulator in its own process, and mounted by
   source tree on ext4 (also cold); warm walk: each walk again right after its
   cold one (a cache drop between would empty the mount's dentries too);
 - `ls` of the biggest folder (listdir + lstat of each entry, cold);
-- the daemon's RSS after the walks.
+- the daemon's RSS after the walks;
+- crash restart -> visible: after a kill -9 of that daemon (no clean-stop
+  record: the start counts the usage and re-checks partial blobs from the
+  records of the blobs holding bytes, here none of the N).
 
 Cases: N = 10k and 100k files (100 per folder), 100k files in one folder,
 1,000 repos x 100 files; `--big` adds 1M files. A case that does not become
@@ -20,7 +23,7 @@ visible within `--visible-timeout` is reported as such (null figures).
 
 Writes bench/results/scale.json (`rows`: files, per_folder, repos,
 first_visible_s, restart_visible_s, cold_walk_ratio, warm_walk_ratio,
-ls_biggest_folder_s, rss_MiB, ...) and bench/results/scale.png.
+ls_biggest_folder_s, rss_MiB, crash_visible_s, ...) and bench/results/scale.png.
 
     python bench/scale.py [--big] [--cases 10k,100k,100k-flat,1000-repos]
 """
@@ -176,6 +179,10 @@ def run_case(name: str, work: Path, timeout: float) -> dict:
             ls_biggest_folder_s=round(ls(biggest), 4),
             rss_MiB=round(rss_mib(d.pid), 1),
         )
+        d.kill9()
+        drop_caches()
+        crash = visible(d, repo_ids[-1], timeout)
+        row["crash_visible_s"] = None if crash is None else round(crash, 2)
         for k in ("first_visible_s", "restart_visible_s"):
             row[k] = round(row[k], 2)
         return row
@@ -205,6 +212,7 @@ def plot(rows: list[dict], path: Path) -> None:
     labels_all = [r["case"] for r in rows]
     axes[2].bar(labels_all, [r.get("first_visible_s") or 0 for r in rows], label="first resolve", color="tab:red")
     axes[2].bar(labels_all, [r.get("restart_visible_s") or 0 for r in rows], label="restart", color="tab:purple")
+    axes[2].plot(labels_all, [r.get("crash_visible_s") or 0 for r in rows], "kx", label="restart after kill -9")
     axes[2].set_title("start -> visible (s); 0 = timed out")
     axes[2].legend()
     for ax in axes:
@@ -234,7 +242,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     keys = ("case", "files", "first_visible_s", "restart_visible_s", "cold_walk_ratio", "warm_walk_ratio",
-            "ls_biggest_folder_s", "rss_MiB")  # fmt: skip
+            "ls_biggest_folder_s", "rss_MiB", "crash_visible_s")  # fmt: skip
     print_table([tuple(r.get(k) for k in keys) for r in rows], keys)
     result = {
         "bench": "scale",

@@ -94,12 +94,12 @@ def check_blob(rec: BlobRecord) -> BlobRecord:
     return rec
 
 
-_DERIVED = "derived_v2"  # the derived records below include the LRU order and the chunked set
+_DERIVED = "derived_v2"  # the derived records include the LRU order, the chunked set and complete bytes
 
 
-def _derived(rec: BlobRecord) -> tuple[str, float, float]:
-    """What the derived records are made of: (state, verified_at, last_access)."""
-    return (rec.state, float(rec.verified_at), float(rec.last_access))
+def _derived(rec: BlobRecord) -> tuple[str, float, float, int, str]:
+    """What the derived records are made of: (state, verified_at, last_access, size, tier)."""
+    return (rec.state, float(rec.verified_at), float(rec.last_access), rec.size, rec.tier)
 
 
 def _blob_json(rec: BlobRecord) -> bytes:
@@ -139,7 +139,7 @@ class Index:
         self.on_invalid = on_invalid
         path.mkdir(parents=True, exist_ok=True)
         # metasync=False: a crash may lose the last transaction, never integrity.
-        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=16, metasync=False)
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=32, metasync=False)
         self._refs = self.env.open_db(b"refs")
         self._snaps = self.env.open_db(b"snapshots")
         self._blobs = self.env.open_db(b"blobs")
@@ -153,6 +153,11 @@ class Index:
         # chunk recorded): eviction reads the least recently used ones only.
         self._lru = self.env.open_db(b"lru")
         self._chunked = self.env.open_db(b"chunked")  # ids of blobs with a chunk recorded
+        # Readiness (node labels) per snapshot, kept as blobs complete and snapshots are recorded:
+        self._complete = self.env.open_db(b"complete")  # ids of complete blobs
+        self._blob_snaps = self.env.open_db(b"blob_snapshots")  # blob id \0 snapshot key: who lists it
+        self._missing = self.env.open_db(b"snapshot_missing")  # snapshot key -> its blobs not complete
+        self._changed = self.env.open_db(b"changed_repos")  # repo keys whose readiness may have changed
         self._derive_once()
 
     def close(self) -> None:
@@ -167,6 +172,8 @@ class Index:
                 log.warning("index: dropping invalid %s entry %r: %s", db_name, key[:200], e)
                 if db is self._blobs:
                     self._derive_many(txn, [(key, self._stored(txn, key), None)])
+                if db is self._snaps and txn.delete(key, db=self._missing):
+                    txn.put(key.partition(b"\0")[0] + b"\0", b"", db=self._changed)
                 txn.delete(key, db=db)
                 self.on_invalid(db_name)
 
@@ -207,11 +214,6 @@ class Index:
     # scrubber's next ones) and blobs holding bytes in order of their last use (eviction's
     # next ones): read without a scan of every record.
 
-    def recount_blobs(self, recs: list[BlobRecord]) -> None:
-        """Rebuild them from a full read of the records (a start that read them all)."""
-        with self.env.begin(write=True) as txn:
-            self._rebuild(txn, [(r.blob_id.encode(), _derived(r)) for r in recs])
-
     def _derive_once(self) -> None:
         """Build them for an index written before they existed; later writes keep them."""
         if self.get_meta(_DERIVED) is not None:
@@ -222,32 +224,42 @@ class Index:
                 cur = txn.cursor(db=self._chunks)
                 found = cur.first()
                 while found:  # one jump per blob with chunks
-                    blob_id = bytes(cur.key()).rpartition(b"\0")[0]
+                    blob_id = bytes(cur.key())[: -(_CHUNK_KEY.size + 1)]
                     txn.put(blob_id, b"", db=self._chunked)
                     found = cur.set_range(blob_id + b"\1")
+                for db in (self._blob_snaps, self._missing, self._complete):
+                    txn.drop(db, delete=False)
                 stored = [(key, self._stored(txn, key)) for key, _ in txn.cursor(db=self._blobs)]
                 self._rebuild(txn, [(key, s) for key, s in stored if s is not None])
+                for key, raw in txn.cursor(db=self._snaps):  # after the complete set
+                    try:
+                        self._list_blobs(txn, key, {item[2] for item in json.loads(raw)["files"]})
+                    except _BAD:
+                        pass  # get_snapshot() and views() drop it
                 txn.put(_DERIVED.encode(), b"1", db=self._meta)
 
-    def _rebuild(self, txn, records: list[tuple[bytes, tuple[str, float, float]]]) -> None:
+    def _rebuild(self, txn, records: list[tuple[bytes, tuple]]) -> None:
         txn.drop(self._proofs, delete=False)
         txn.drop(self._lru, delete=False)
         txn.put(b"blob_states", json.dumps(dict.fromkeys(_STATES, 0)).encode(), db=self._meta)
+        txn.delete(b"complete_bytes", db=self._meta)
         self._derive_many(txn, [(key, None, s) for key, s in records])
 
-    def _stored(self, txn, key: bytes) -> tuple[str, float, float] | None:
-        """(state, verified_at, last_access) of a stored record as it was derived (None: absent, or unusable)."""
+    def _stored(self, txn, key: bytes) -> tuple[str, float, float, int, str] | None:
+        """What a stored record was derived from (_derived; None: absent, or unusable)."""
         raw = txn.get(key, db=self._blobs)
         try:
             d = json.loads(raw) if raw else None
             if d is None:
                 return None
             state, at, used = d["state"], d.get("verified_at", 0.0), d.get("last_access", 0.0)
+            size, tier = d.get("size", 0), d.get("tier", "disk")
         except _BAD:
             return None
         if state not in _STATES or type(at) not in (int, float) or type(used) not in (int, float):
             return None
-        return (state, float(at), float(used))
+        size = size if type(size) is int and size >= 0 else 0  # never written so: a hostile entry
+        return (state, float(at), float(used), size, tier if tier in _TIERS else "disk")
 
     def _holds(self, txn, key: bytes, derived: tuple | None) -> bool:
         """May the blob hold bytes on disk (so eviction must see it)?"""
@@ -258,9 +270,16 @@ class Index:
     def _derive_many(self, txn, changes: list[tuple[bytes, tuple | None, tuple | None]]) -> None:
         """Apply records' changes (key, old (state, verified_at, last_access) or None, new or None)."""
         delta = dict.fromkeys(_STATES, 0)
+        complete_bytes: dict[str, int] = {}
         for key, old, new in changes:
             if old == new:
                 continue
+            for d, sign in ((old, -1), (new, 1)):
+                if d is not None and d[0] == "complete":
+                    complete_bytes[d[4]] = complete_bytes.get(d[4], 0) + sign * d[3]
+            now = new is not None and new[0] == "complete"
+            if now != (txn.get(key, db=self._complete) is not None):
+                self._completes(txn, key, now)
             if self._holds(txn, key, old):
                 txn.delete(_PROOF.pack(max(0.0, old[2])) + key, db=self._lru)
             if self._holds(txn, key, new):
@@ -279,6 +298,87 @@ class Index:
             for state, n in delta.items():
                 counts[state] = max(0, counts.get(state, 0) + n)
             txn.put(b"blob_states", json.dumps(counts).encode(), db=self._meta)
+        if any(complete_bytes.values()):
+            raw = txn.get(b"complete_bytes", db=self._meta)
+            total = json.loads(raw) if raw else {}
+            for tier, n in complete_bytes.items():
+                total[tier] = max(0, total.get(tier, 0) + n)
+            txn.put(b"complete_bytes", json.dumps(total).encode(), db=self._meta)
+
+    def _completes(self, txn, key: bytes, complete: bool) -> None:
+        """A blob became complete (or stopped being): each snapshot listing it has one blob
+        fewer (more) to wait for, and its repo's readiness may have changed."""
+        if complete:
+            txn.put(key, b"", db=self._complete)
+        else:
+            txn.delete(key, db=self._complete)
+        prefix = key + b"\0"
+        cur = txn.cursor(db=self._blob_snaps)
+        found = cur.set_range(prefix)
+        while found and cur.key().startswith(prefix):
+            snap = bytes(cur.key())[len(prefix) :]
+            raw = txn.get(snap, db=self._missing)
+            if raw is not None:
+                txn.put(snap, b"%d" % max(0, int(raw) + (-1 if complete else 1)), db=self._missing)
+                txn.put(snap.partition(b"\0")[0] + b"\0", b"", db=self._changed)
+            found = cur.next()
+
+    def _list_blobs(self, txn, snap: bytes, blob_ids: set[str]) -> None:
+        """Record which blobs a snapshot lists, and how many of them are not complete."""
+        missing = 0
+        for blob_id in blob_ids:
+            key = blob_id.encode()
+            txn.put(key + b"\0" + snap, b"", db=self._blob_snaps)
+            missing += txn.get(key, db=self._complete) is None
+        txn.put(snap, b"%d" % missing, db=self._missing)
+        txn.put(snap.partition(b"\0")[0] + b"\0", b"", db=self._changed)
+
+    def snapshots_missing(self, repo_type: str, repo_id: str) -> dict[str, int]:
+        """commit -> how many of its snapshot's blobs are not complete (0: ready), for one repo."""
+        prefix = _repo_key(repo_type, repo_id)
+        out = {}
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._missing)
+            found = cur.set_range(prefix)
+            while found and cur.key().startswith(prefix):
+                out[bytes(cur.key())[len(prefix) :].decode()] = int(cur.value())
+                found = cur.next()
+        return out
+
+    def take_changed_repos(self) -> list[tuple[str, str]]:
+        """The repos whose readiness may have changed since the last call (and forget them)."""
+        with self.env.begin() as txn:
+            if not txn.cursor(db=self._changed).first():
+                return []  # no write transaction when nothing changed
+        out = []
+        with self.env.begin(write=True) as txn:
+            for key in list(txn.cursor(db=self._changed).iternext(values=False)):
+                try:
+                    out.append(_split_key(bytes(key))[:2])
+                except _BAD:
+                    pass
+            txn.drop(self._changed, delete=False)
+        return out
+
+    def complete_bytes(self) -> dict[str, int]:
+        """tier name -> bytes of the complete blobs its records place there: one read."""
+        total = self.get_meta("complete_bytes")
+        return {k: v for k, v in total.items() if type(v) is int} if isinstance(total, dict) else {}
+
+    def complete_ids(self) -> set[str]:
+        """Ids of the complete blobs, from the proof order's keys (no record read)."""
+        with self.env.begin() as txn:
+            return {bytes(key[_PROOF.size :]).decode() for key in txn.cursor(db=self._proofs).iternext(values=False)}
+
+    def chunked_ids(self) -> list[str]:
+        """Ids of the blobs with a chunk recorded (no record read)."""
+        with self.env.begin() as txn:
+            return [bytes(key).decode() for key in txn.cursor(db=self._chunked).iternext(values=False)]
+
+    def has_blob(self, blob_id: str) -> bool:
+        """A record is stored under this id (not read)."""
+        with self.env.begin() as txn:
+            return txn.get(blob_id.encode(), db=self._blobs) is not None
 
     def proven_by(self, when: float) -> tuple[list[str], float | None]:
         """Complete blobs whose last proof was at or before `when`, oldest first, and the time of
@@ -341,8 +441,17 @@ class Index:
 
     def put_snapshot(self, repo_type: str, repo_id: str, commit: str, files: list[FileEntry]) -> None:
         value = json.dumps({"files": [[f.path, f.size, f.blob_id] for f in files], "at": time.time()})
+        key = _repo_key(repo_type, repo_id) + commit.encode()
         with self.env.begin(write=True) as txn:
-            txn.put(_repo_key(repo_type, repo_id) + commit.encode(), value.encode(), db=self._snaps)
+            old = txn.get(key, db=self._snaps)
+            if old is not None:  # listed again (a commit's files do not change, but be exact)
+                try:
+                    for item in json.loads(old)["files"]:
+                        txn.delete(str(item[2]).encode() + b"\0" + key, db=self._blob_snaps)
+                except _BAD:
+                    pass
+            txn.put(key, value.encode(), db=self._snaps)
+            self._list_blobs(txn, key, {f.blob_id for f in files})
 
     def put_ref(self, repo_type: str, repo_id: str, revision: str, commit: str) -> None:
         value = json.dumps({"commit": commit, "at": time.time()})

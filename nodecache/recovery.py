@@ -9,8 +9,11 @@ must be the index's last write (its transaction id says so) and is deleted
 (durably) before serving, so a crash since leaves none, a write by anyone
 else to the stopped index voids it, and a tier that lost its files (shm
 after a reboot) has a new mark: then every record is read and checked, the
-usage counted and the chunks recovered from the index and the disk, as every
-start used to do.
+usage counted and the chunks recovered from the index and the disk. Even
+then a start reads only the records of blobs that hold bytes (partial with a
+chunk recorded, or a file on disk not complete): the complete bytes per tier
+are counted by the index's writes, and the 10^6 records of a dataset nobody
+fetched are never read.
 """
 
 from __future__ import annotations
@@ -94,25 +97,35 @@ def leave_clean_stop(index: Index, tiers: dict[str, Tier], synced: bool, sync_ti
     index.put_last(_CLEAN, {"tiers": {name: {"used": t.used, "mark": tier_mark(t)} for name, t in tiers.items()}})
 
 
+def _on_disk(tiers: dict[str, Tier]) -> dict[str, set[str]]:
+    """tier name -> names of its blob files (a directory listing: no stat per blob)."""
+    return {name: {p.name for p in t.blobs.glob("*/*")} for name, t in tiers.items()}
+
+
 def load_usage(index: Index, tiers: dict[str, Tier], quarantine: QuarantineDirs) -> None:
-    """Count each tier's bytes from the index; drop what disagrees with the disk."""
-    known: set[str] = set()
-    recs = index.all_blobs()  # checks each record: a bad one is dropped here
-    index.recount_blobs(recs)
-    for rec in recs:
-        known.add(rec.blob_id)
-        tier = tiers.get(rec.tier)
-        if tier is None or rec.state == "quarantined":
+    """Count each tier's bytes from the index; drop what disagrees with the disk.
+
+    Reads no record of a blob that holds nothing: complete bytes come from the index's
+    per-tier counter (less any complete blob whose file is gone: its record is read), partial
+    bytes from the blobs with chunks recorded, orphans from a key lookup per file on disk."""
+    on_disk = _on_disk(tiers)
+    anywhere = set().union(*on_disk.values())
+    for name, n in index.complete_bytes().items():
+        if name in tiers:
+            tiers[name].used += n
+    for blob_id in index.complete_ids() - anywhere:
+        rec = index.get_blob(blob_id)
+        if rec is not None and rec.state == "complete" and rec.tier in tiers:
+            tiers[rec.tier].used -= rec.size  # recover() and Store.state() forget its chunks
+    for blob_id in index.chunked_ids():
+        rec = index.get_blob(blob_id)
+        if rec is None or rec.state != "partial" or rec.tier not in tiers or blob_id not in on_disk[rec.tier]:
             continue
-        if not tier.blob_path(rec.blob_id).exists():
-            continue  # recover() and Store.state() forget its chunks
-        if rec.state == "complete":
-            tier.used += rec.size
-        else:
-            tier.used += BlobState(rec, index.chunks(rec.blob_id)).cached
-    for tier in tiers.values():
-        for path in tier.blobs.glob("*/*"):
-            if path.name not in known:  # a file no index entry claims
+        tiers[rec.tier].used += BlobState(rec, index.chunks(blob_id)).cached
+    for name, tier in tiers.items():
+        for blob_id in on_disk[name]:
+            if not index.has_blob(blob_id):  # a file no index entry claims
+                path = tier.blob_path(blob_id)
                 log.warning("removing orphan blob file %s", path)
                 path.unlink(missing_ok=True)
         tier.used += sum(size for _, size, _ in quarantine.files(tier))
@@ -123,16 +136,17 @@ def recover(index: Index, tiers: dict[str, Tier], path_of: Callable[[str], Path]
 
     Run once at start, after load_usage: a chunk recorded but not durably on
     disk (power loss without fsync, a truncated file) is forgotten, no longer
-    counted in its tier's usage, and fetched again. Returns how many chunks
+    counted in its tier's usage, and fetched again; bytes written but never
+    recorded are given back. Reads the records of the blobs with chunks recorded
+    or a file on disk that is not complete, no other. Returns how many chunks
     were dropped.
     """
     dropped = 0
-    on_disk = {p.name for t in tiers.values() for p in t.blobs.glob("*/*")}  # no stat per blob
-    for rec in index.all_blobs():
-        if rec.state != "partial":
+    on_disk = set().union(*_on_disk(tiers).values())
+    for blob_id in sorted(set(index.chunked_ids()) | (on_disk - index.complete_ids())):
+        rec = index.get_blob(blob_id)
+        if rec is None or rec.state != "partial":
             continue
-        if rec.blob_id not in on_disk and not index.has_chunks(rec.blob_id):
-            continue  # nothing fetched yet (most blobs of a big dataset): nothing to check or give back
         chunks = index.chunks(rec.blob_id)
         path = path_of(rec.blob_id)
         if rec.blob_id not in on_disk:

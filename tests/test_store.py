@@ -482,7 +482,8 @@ def test_a_clean_stop_lets_the_next_start_skip_counting_and_recovery(cache: Path
 
     after_crash = Store(cache, index)
     assert not after_crash.clean_start and after_crash.tiers["disk"].used == used
-    assert after_crash.recover() == 1 and scans, "a crash start counts and recovers from the index"
+    assert after_crash.recover() == 1, "a crash start counts and recovers from the index"
+    assert scans == [], "... without a read of every record"
     assert after_crash.tiers["disk"].used == CS, "the damaged chunk is no longer counted"
     after_crash.close()
 
@@ -897,3 +898,41 @@ def test_eviction_reads_only_the_blobs_it_evicts(cache: Path, index: Index):
         assert [b for _, b in index.least_recent()] == [r.blob_id for r in (*recs[3:], recs[0])]
     finally:
         store.close()
+
+
+def test_a_crash_start_reads_only_the_records_of_blobs_holding_bytes(cache: Path, index: Index, store: Store):
+    """After a kill -9 the usage is counted and partial blobs re-verified from the records of
+    the blobs that hold bytes: the 2,000 records of a dataset nobody fetched are not read. The
+    usage is what a count of every record gives; a complete blob whose file is gone is not
+    counted, an orphan file is removed, a partial blob's bytes never recorded are released."""
+    done, half, gone = (payload(3 * CS, seed=s) for s in (31, 32, 33))
+    recs = [record("sha256", d) for d in (done, half, gone)]
+    for rec, data, order in zip(recs, (done, half, gone), (None, [0, 2], None), strict=True):
+        index.put_blob(rec)
+        st = asyncio.run(fill(store, rec, data, order))
+        if order is None:
+            asyncio.run(store.finish(st))
+    unrecorded = record("gitsha1", payload(2 * CS, seed=34))  # its bytes were written, never recorded
+    index.put_blob(unrecorded)
+    store.state(unrecorded)
+    with open(store.path(unrecorded.blob_id), "r+b") as f:
+        f.write(payload(CS, seed=35))
+    index.add_blobs([BlobRecord(f"{i:064x}", CS, "sha256", CS) for i in range(2000)])
+    crash(store)
+    store.path(recs[2].blob_id).unlink()  # a complete blob's file lost
+    orphan = cache / "blobs" / "ee" / ("ee" * 32)
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"nobody's")
+
+    decoded = []
+    decode = index._blob
+    index._blob = lambda key, raw: decoded.append(key) or decode(key, raw)
+    fresh = Store(cache, index)
+    try:
+        assert not fresh.clean_start and fresh.recover() == 0
+        assert fresh.tiers["disk"].used == 3 * CS + 2 * CS, "the complete blob and two chunks"
+        assert not orphan.exists()
+        assert os.stat(fresh.path(unrecorded.blob_id)).st_blocks == 0, "unrecorded bytes given back"
+        assert len(decoded) <= 2 * 3, f"a crash start read {len(decoded)} records"
+    finally:
+        fresh.close()
