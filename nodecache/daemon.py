@@ -29,6 +29,7 @@ from .ops import Operations
 from .peers import Membership, Peers
 from .pins import Pins
 from .policy import RepoPolicy
+from .readiness import ReadyRepos
 from .scrub import Scrubber
 from .server import Faces, OneLineBadRequests, make_app
 from .startup import Configured, preload
@@ -95,6 +96,7 @@ class Daemon:
         self.scrubber = Scrubber(self.store, self.filler, m, cfg.scrub_bps, cfg.scrub_interval)
         self.ops = Operations(self.catalog, self.pins, self.index, self.store, self.filler, self.jobs, self.scrubber)
         self.labeler = NodeLabeler.from_config(cfg, self.session)
+        self.ready = ReadyRepos(self.index)
         self.pins.refresh()
         self.compile_caches = node_compile_caches(cfg, m, self.session, self.membership.live, self.peers is not None)
         self.status = Status(
@@ -138,7 +140,7 @@ class Daemon:
             self.ops.fill_pinned()  # pinned revisions follow their refs
         if self.labeler is not None:
             try:
-                await self.labeler.sync(self.status.ready_labels())
+                await self.labeler.sync(self.ready.labels())
             except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
                 log.warning("node labels: %s", e)
 

@@ -1,4 +1,4 @@
-"""What a node reports: /v1/status, /v1/repos, the Prometheus gauges and the node labels.
+"""What a node reports: /v1/status, /v1/repos and the Prometheus gauges (the node labels: readiness.py).
 
 Read-only over the collaborators it is given; `Serving` is the one piece of
 state the daemon writes (whether the mount is up) and the faces read.
@@ -123,12 +123,6 @@ class Status:
     def blob_counts(self) -> dict[str, int]:
         """Blob records per state, as the index keeps them counted (a scrape reads no record)."""
         return self.index.blob_states()
-
-    def ready_labels(self) -> set[str]:
-        """Label keys of repos with at least one snapshot fully cached and verified."""
-        return {
-            label_key(r["repo_type"], r["repo"]) for r in self.repos() if any(s["complete"] for s in r["snapshots"])
-        }
 
     def update_gauges(self) -> None:
         m = self.metrics

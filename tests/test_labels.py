@@ -120,3 +120,58 @@ def test_token_file_reader_names_the_file_never_the_content(tmp_path):
         with pytest.raises(ValueError) as e:
             read_secret(path)
         assert str(path) in str(e.value) and "hf_secret" not in str(e.value)
+
+
+def test_ready_repos_are_kept_per_changed_repo_not_read_from_every_snapshot(tmp_path):
+    """A labelling round reads the readiness of the repos whose blobs or snapshots changed since
+    the last round, from the index's per-snapshot counts: no snapshot's file list, and none of
+    the other 49 repos."""
+    from nodecache.index import BlobRecord, Index
+    from nodecache.layout import FileEntry
+    from nodecache.readiness import ReadyRepos
+
+    index = Index(tmp_path / "index", map_size=1 << 26)
+    try:
+        shared = BlobRecord("f" * 64, 10, "sha256", 1 << 16)
+        recs = {i: BlobRecord(f"{i:064x}", 10, "sha256", 1 << 16) for i in range(50)}
+        index.add_blobs([shared, *recs.values()])
+        for i in range(50):
+            files = [FileEntry("a.bin", 10, recs[i].blob_id)] + (
+                [FileEntry("b.bin", 10, shared.blob_id)] if i < 2 else []
+            )
+            index.put_snapshot("model", f"org/r{i}", f"{i:040x}", files)
+        reads: list[tuple[str, str]] = []
+        counts = index.snapshots_missing
+        index.snapshots_missing = lambda *repo: reads.append(repo) or counts(*repo)
+        lists = []
+        decode = index._files
+        index._files = lambda *a: lists.append(a[0]) or decode(*a)
+        ready = ReadyRepos(index)
+
+        def complete(*records: BlobRecord, state: str = "complete") -> None:
+            for rec in records:
+                rec.state = state
+                index.put_blob(rec)
+
+        assert ready.labels() == set() and len(reads) == 50, "the first round reads every repo's counts"
+        reads.clear()
+        assert ready.labels() == set() and reads == [], "nothing changed: nothing read"
+        complete(recs[7], recs[0])
+        assert ready.labels() == {label_key("model", "org/r7")}, "org/r0 still waits for the shared blob"
+        assert sorted(reads) == [("model", "org/r0"), ("model", "org/r7")]
+        reads.clear()
+        complete(shared)  # listed by org/r0 and org/r1
+        assert ready.labels() == {label_key("model", f"org/r{i}") for i in (0, 7)}
+        assert sorted(reads) == [("model", "org/r0"), ("model", "org/r1")]
+        index.put_snapshot("model", "org/r7", "e" * 40, [FileEntry("c.bin", 10, "e" * 64)])  # a new revision
+        complete(recs[0], state="partial")  # evicted
+        assert ready.labels() == {label_key("model", "org/r7")}, "one complete snapshot is enough"
+        assert lists == [], "no snapshot's file list was read"
+
+        index.put_meta("derived_v2", None)  # an index from before the counts: derived once on open
+        index.close()
+        index = Index(tmp_path / "index", map_size=1 << 26)
+        assert ReadyRepos(index).labels() == {label_key("model", "org/r7")}
+        assert index.snapshots_missing("model", "org/r0") == {f"{0:040x}": 1}
+    finally:
+        index.close()

@@ -1,0 +1,35 @@
+"""Which repos are ready on this node (a snapshot whose every blob is stored and verified),
+for the node labels, at a cost flat in the number of repos and files.
+
+The index counts, per snapshot, its blobs that are not complete, and notes the repos
+whose counts changed, in the transactions that change them (Index.take_changed_repos).
+The first call reads every repo's counts (keys and small numbers, no file list); each
+later one reads only the repos changed since.
+"""
+
+from __future__ import annotations
+
+from .index import Index
+from .labels import label_key
+
+
+class ReadyRepos:
+    def __init__(self, index: Index):
+        self.index = index
+        self._ready: set[tuple[str, str]] | None = None
+
+    def _is_ready(self, repo_type: str, repo_id: str) -> bool:
+        return 0 in self.index.snapshots_missing(repo_type, repo_id).values()
+
+    def labels(self) -> set[str]:
+        """The label keys of the ready repos, as of now."""
+        if self._ready is None:
+            self.index.take_changed_repos()  # before the read: a change after it is seen next time
+            self._ready = {repo for repo in self.index.repos() if self._is_ready(*repo)}
+        else:
+            for repo in self.index.take_changed_repos():
+                if self._is_ready(*repo):
+                    self._ready.add(repo)
+                else:
+                    self._ready.discard(repo)
+        return {label_key(*repo) for repo in self._ready}
