@@ -455,8 +455,16 @@ class Index:
 
     def put_ref(self, repo_type: str, repo_id: str, revision: str, commit: str) -> None:
         value = json.dumps({"commit": commit, "at": time.time()})
+        key = _repo_key(repo_type, repo_id)
         with self.env.begin(write=True) as txn:
-            txn.put(_repo_key(repo_type, repo_id) + revision.encode(), value.encode(), db=self._refs)
+            old = txn.get(key + revision.encode(), db=self._refs)
+            try:
+                moved = old is None or _commit_of(old) != commit
+            except _BAD:
+                moved = True
+            if moved:  # the repo's readiness is its refs' snapshots'
+                txn.put(key, b"", db=self._changed)
+            txn.put(key + revision.encode(), value.encode(), db=self._refs)
 
     def get_ref(self, repo_type: str, repo_id: str, revision: str) -> str | None:
         key = _repo_key(repo_type, repo_id) + revision.encode()

@@ -1,8 +1,10 @@
-"""Which repos are ready on this node (a snapshot whose every blob is stored and verified),
-for the node labels, at a cost flat in the number of repos and files.
+"""Which repos are ready on this node, for the node labels, at a cost flat in the number of
+repos and files: a repo is ready when the snapshot of one of its refs (any snapshot, for a
+repo known by commit only) has every blob stored and verified, so a ref that moved to a
+commit not filled yet takes the label away.
 
 The index counts, per snapshot, its blobs that are not complete, and notes the repos
-whose counts changed, in the transactions that change them (Index.take_changed_repos).
+whose counts or refs changed, in the transactions that change them (Index.take_changed_repos).
 The first call reads every repo's counts (keys and small numbers, no file list); each
 later one reads only the repos changed since.
 """
@@ -19,7 +21,9 @@ class ReadyRepos:
         self._ready: set[tuple[str, str]] | None = None
 
     def _is_ready(self, repo_type: str, repo_id: str) -> bool:
-        return 0 in self.index.snapshots_missing(repo_type, repo_id).values()
+        missing = self.index.snapshots_missing(repo_type, repo_id)
+        named = set(self.index.refs(repo_type, repo_id).values()) or missing.keys()
+        return any(missing.get(commit) == 0 for commit in named)
 
     def labels(self) -> set[str]:
         """The label keys of the ready repos, as of now."""

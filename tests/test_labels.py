@@ -163,9 +163,17 @@ def test_ready_repos_are_kept_per_changed_repo_not_read_from_every_snapshot(tmp_
         complete(shared)  # listed by org/r0 and org/r1
         assert ready.labels() == {label_key("model", f"org/r{i}") for i in (0, 7)}
         assert sorted(reads) == [("model", "org/r0"), ("model", "org/r1")]
+        index.put_ref("model", "org/r7", "main", f"{7:040x}")
         index.put_snapshot("model", "org/r7", "e" * 40, [FileEntry("c.bin", 10, "e" * 64)])  # a new revision
         complete(recs[0], state="partial")  # evicted
-        assert ready.labels() == {label_key("model", "org/r7")}, "one complete snapshot is enough"
+        assert ready.labels() == {label_key("model", "org/r7")}, "main still names the complete snapshot"
+        reads.clear()
+        index.put_ref("model", "org/r7", "main", f"{7:040x}")  # a refresh that found the same commit
+        assert ready.labels() == {label_key("model", "org/r7")} and reads == []
+        index.put_ref("model", "org/r7", "main", "e" * 40)  # main moved to a commit not filled yet
+        assert ready.labels() == set() and reads == [("model", "org/r7")]
+        index.put_ref("model", "org/r7", "v1", f"{7:040x}")  # another ref names the complete one
+        assert ready.labels() == {label_key("model", "org/r7")}
         assert lists == [], "no snapshot's file list was read"
 
         index.put_meta("derived_v2", None)  # an index from before the counts: derived once on open
