@@ -176,7 +176,7 @@ class Store:
     def evict_lru(self, tier: Tier, incoming: int = 0) -> int:
         """Evict least-recently-read unprotected blobs until under the low watermark (reading the
         index's LRU order only as far as it goes)."""
-        ordered = eviction.by_last_use(self.index.least_recent(), self.record)
+        ordered = eviction.by_last_use(self.index.least_recent(tier.name), self.record)
         return eviction.evict_lru(tier, incoming, self.quarantined, ordered, self.protected, self.evict)
 
     @staticmethod
