@@ -33,9 +33,17 @@ _BATCH = 10_000  # files per step of a registration: the loop serves FUSE in bet
 
 
 async def register(
-    index: Index, chunk_size: int, repo_type: str, repo_id: str, revision: str, res: Resolved
+    index: Index,
+    chunk_size: int,
+    repo_type: str,
+    repo_id: str,
+    revision: str,
+    res: Resolved,
+    on_new: Callable[[list[RemoteFile]], None] = lambda files: None,
 ) -> list[RemoteFile]:
     """Record a resolved snapshot: its file list, its ref, and a record per new blob.
+    `on_new` hears its files before the snapshot is written (what it records must never be
+    missing for a recorded snapshot, even after a crash).
 
     Whatever a source listed is checked here, the one door into the index:
     bounded counts and sizes, names that can become paths, one entry per path.
@@ -64,6 +72,7 @@ async def register(
             ]
         )
         await asyncio.sleep(0)
+    on_new(files)
     index.put_snapshot(repo_type, repo_id, res.commit, [f.entry for f in files])
     index.put_repo_meta(repo_type, repo_id, res.visibility)
     if revision != res.commit:  # huggingface_hub writes no ref for a commit revision
@@ -135,7 +144,7 @@ async def ensure_repo(
         if revision != res.commit:
             index.put_ref(repo_type, repo_id, revision, res.commit)
     else:
-        on_new(await register(index, chunk_size, repo_type, repo_id, revision, res))
+        await register(index, chunk_size, repo_type, repo_id, revision, res, on_new)
     return RepoRef(repo_type, repo_id, revision, res.commit)
 
 

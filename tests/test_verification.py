@@ -208,26 +208,47 @@ def test_verify_before_serve_holds_reads_until_the_proof(hub, daemons):
 
 
 def test_verify_first_blobs_are_kept_in_the_index(tmp_path: Path):
-    """A start after a clean stop reads the verify-first set from the index, not every snapshot;
-    a change of verify_before_serve, or a start after a crash, chooses again from the snapshots."""
+    """A start reads the verify-first set from the index, not every snapshot, after a clean stop
+    and after a crash alike; a change of verify_before_serve chooses again from the snapshots."""
     index = Index(tmp_path / "index", map_size=64 * MiB)
     pt, st, gg = "a" * 64, "b" * 64, "c" * 64
     files = [FileEntry("pytorch_model.bin", 1, pt), FileEntry("model.safetensors", 1, st), FileEntry("q.gguf", 1, gg)]
     index.put_snapshot("model", "org/m", "1" * 40, files)
 
-    def catalog(cfg: Config, clean: bool = True) -> set[str]:
+    def catalog(cfg: Config) -> set[str]:
         filler = SimpleNamespace(verify_first=set())
-        Catalog(cfg, index, sources=None, filler=filler, policy=None, on_change=lambda *_: None, index_as_left=clean)
+        Catalog(cfg, index, sources=None, filler=filler, policy=None, on_change=lambda *_: None)
         return filler.verify_first
 
     reads = []
     views = index.views
     index.views = lambda: reads.append(1) or views()
     try:
-        assert catalog(Config(), clean=False) == {pt} and len(reads) == 1
-        assert catalog(Config()) == {pt} and len(reads) == 1, "a clean start reads no snapshot"
+        assert catalog(Config()) == {pt} and len(reads) == 1, "an index from before the set: chosen once"
+        assert catalog(Config()) == {pt} and len(reads) == 1, "a start reads no snapshot"
         assert catalog(Config(verify_before_serve=("*.gguf",))) == {gg} and len(reads) == 2
-        assert catalog(Config(verify_before_serve=("*.gguf",)), clean=False) == {gg} and len(reads) == 3
+    finally:
+        index.close()
+
+
+def test_a_new_snapshots_verify_first_ids_are_written_before_the_snapshot(tmp_path: Path):
+    """So a kill -9 between the two leaves extra ids at worst, never a snapshot whose
+    verify-first blobs are not in the set a start trusts."""
+    import asyncio
+
+    from nodecache.repos import register
+    from nodecache.upstream import RemoteFile, Resolved
+
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+    seen = []
+
+    def on_new(files) -> None:
+        seen.append((len(files), index.has_repo("model", "org/m")))
+
+    try:
+        res = Resolved("1" * 40, [RemoteFile(FileEntry("pytorch_model.bin", 1, "a" * 64), "sha256")])
+        asyncio.run(register(index, 1 << 16, "model", "org/m", "main", res, on_new))
+        assert seen == [(1, False)] and index.has_repo("model", "org/m")
     finally:
         index.close()
 
