@@ -36,20 +36,24 @@ class Catalog:
         filler: Filler,
         policy: RepoPolicy,
         on_change: Callable[[str, str], None],
+        index_as_left: bool = True,
     ):
+        """`index_as_left`: nobody but this node wrote to the index since it last ran (Store.start
+        is not "written"), so the verify-first set it keeps holds."""
         self.cfg, self.index, self.sources, self.filler, self.policy = cfg, index, sources, filler, policy
         self.on_change = on_change  # (repo_type, repo_id): the tree must show what the index now holds
         self._not_found = ExpiringSet(ttl=30.0, max_items=10_000)  # on-demand lookups that failed
         self._resolving: dict[tuple[RepoSpec, str], asyncio.Future] = {}  # (spec, kind) -> one resolution
-        self._load_verify_first()
+        self._load_verify_first(index_as_left)
 
-    def _load_verify_first(self) -> None:
+    def _load_verify_first(self, index_as_left: bool) -> None:
         """The index keeps the verify-first blob ids with the patterns that chose them: a start
         reads that set, not every snapshot, unless verify_before_serve changed. A new snapshot's
         ids are written before the snapshot (repos.register), so a crash never leaves a snapshot
-        whose ids are missing: a start after a kill -9 trusts the set too."""
+        whose ids are missing: a start after a kill -9 trusts the set too. After someone else
+        wrote to the index every snapshot is read (and so checked, the bad ones dropped)."""
         patterns = list(self.cfg.verify_before_serve)
-        if self.index.get_meta("verify_first_patterns") == patterns:
+        if index_as_left and self.index.get_meta("verify_first_patterns") == patterns:
             self.filler.verify_first.update(self.index.verify_first())
             return
         ids: set[str] = set()

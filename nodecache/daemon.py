@@ -89,7 +89,8 @@ class Daemon:
             chain = lambda rec, k: peers.chain(self.sources.chain(rec), rec, k)  # noqa: E731
         self.filler = Filler(cfg, self.index, self.store, chain, m, self.fuse.quarantined, pinned=self.pins.pinned)
         policy = RepoPolicy.from_config(cfg)
-        self.catalog = Catalog(cfg, self.index, self.sources, self.filler, policy, self.fuse.tree_changed)
+        as_left = self.store.start != "written"  # nobody else wrote to the index since this node ran
+        self.catalog = Catalog(cfg, self.index, self.sources, self.filler, policy, self.fuse.tree_changed, as_left)
         self.jobs = Jobs(self.filler)
         self.scrubber = Scrubber(self.store, self.filler, m, cfg.scrub_bps, cfg.scrub_interval)
         self.ops = Operations(self.catalog, self.pins, self.index, self.store, self.filler, self.jobs, self.scrubber)

@@ -219,12 +219,18 @@ class Index:
     # scrubber's next ones) and blobs holding bytes in order of their last use (eviction's
     # next ones): read without a scan of every record.
 
-    def _derive_once(self) -> None:
+    def check_all(self) -> None:
+        """Check every record (dropping the bad ones) and derive everything again: someone
+        else wrote to the index, and may not have kept what the writes here keep."""
+        self.all_blobs()
+        self._derive_once(force=True)
+
+    def _derive_once(self, force: bool = False) -> None:
         """Build them for an index written before they existed; later writes keep them."""
-        if self.get_meta(_DERIVED) is not None:
+        if self.get_meta(_DERIVED) is not None and not force:
             return  # no write transaction: it would look like a write since a clean stop
         with self.env.begin(write=True) as txn:
-            if txn.get(_DERIVED.encode(), db=self._meta) is None:
+            if force or txn.get(_DERIVED.encode(), db=self._meta) is None:
                 txn.drop(self._chunked, delete=False)
                 cur = txn.cursor(db=self._chunks)
                 found = cur.first()

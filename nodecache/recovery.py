@@ -51,23 +51,29 @@ def tier_mark(tier: Tier) -> str:
     return mark
 
 
-def take_clean_stop(index: Index, tiers: dict[str, Tier]) -> bool:
-    """At start: if the last stop was clean and every tier kept its files, set each tier's
-    usage from it and return True. The record is gone (durably) either way."""
+def take_clean_stop(index: Index, tiers: dict[str, Tier]) -> str:
+    """At start: what the last stop left. "clean": a clean stop, the index untouched since and
+    every tier with its files (each tier's usage is set from the record); "written": a clean
+    stop, then someone else wrote to the index (what it derives from its records may not hold:
+    check every record); "crash": anything else (no record: a kill -9, or a tier lost its
+    files), where the index's own transactions still hold. The record is gone (durably) either way."""
     saved = index.get_meta(_CLEAN)
-    if not isinstance(saved, dict) or not index.untouched_since(saved):
-        saved = None  # a crash, or someone wrote to the index after the stop: check everything
+    untouched = isinstance(saved, dict) and index.untouched_since(saved)  # before the delete below
     index.put_meta(_CLEAN, None, sync=True)
-    usage = saved.get("tiers") if saved else None
+    if not isinstance(saved, dict):
+        return "crash"
+    if not untouched:
+        return "written"
+    usage = saved.get("tiers")
     if not isinstance(usage, dict) or set(usage) != set(tiers):
-        return False
+        return "crash"
     for name, tier in tiers.items():
         entry = usage[name]
         if not isinstance(entry, dict) or entry.get("mark") != tier_mark(tier) or type(entry.get("used")) is not int:
-            return False
+            return "crash"
     for name, tier in tiers.items():
         tier.used = max(0, usage[name]["used"])
-    return True
+    return "clean"
 
 
 def _syncfs(tiers: list[Tier]) -> None:

@@ -78,7 +78,11 @@ class Store:
         self._states: dict[str, BlobState] = {}
         self._fds = FdCache(self.path)
         # After a clean stop the index holds each tier's usage and nothing needs recovering.
-        self.clean_start = recovery.take_clean_stop(index, self.tiers)
+        # After someone else wrote to the stopped index every record is checked first.
+        self.start = recovery.take_clean_stop(index, self.tiers)
+        self.clean_start = self.start == "clean"
+        if self.start == "written":
+            index.check_all()
         if not self.clean_start:
             recovery.load_usage(index, self.tiers, self.quarantined)
         used = ", ".join(f"{t.name} {t.used:,}" for t in self.tiers.values())

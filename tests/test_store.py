@@ -490,12 +490,13 @@ def test_a_clean_stop_lets_the_next_start_skip_counting_and_recovery(cache: Path
     index.put_ref("model", "org/x", "main", C1)  # anyone else's write to the stopped index
     touched = Store(cache, index)
     assert not touched.clean_start and touched.tiers["disk"].used == CS
+    assert touched.start == "written" and scans, "after anyone else's write every record is checked"
     touched.close()
 
     for mark in (cache / "blobs").glob(".mark-*"):  # as a tmpfs tier after a reboot
         mark.rmdir()
     wiped = Store(cache, index)
-    assert not wiped.clean_start and wiped.tiers["disk"].used == CS
+    assert wiped.start == "crash" and wiped.tiers["disk"].used == CS
     wiped.close()
 
 

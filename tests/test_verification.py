@@ -209,15 +209,16 @@ def test_verify_before_serve_holds_reads_until_the_proof(hub, daemons):
 
 def test_verify_first_blobs_are_kept_in_the_index(tmp_path: Path):
     """A start reads the verify-first set from the index, not every snapshot, after a clean stop
-    and after a crash alike; a change of verify_before_serve chooses again from the snapshots."""
+    and after a crash alike; a change of verify_before_serve, or a write to the stopped index by
+    anyone else, chooses again from the snapshots."""
     index = Index(tmp_path / "index", map_size=64 * MiB)
     pt, st, gg = "a" * 64, "b" * 64, "c" * 64
     files = [FileEntry("pytorch_model.bin", 1, pt), FileEntry("model.safetensors", 1, st), FileEntry("q.gguf", 1, gg)]
     index.put_snapshot("model", "org/m", "1" * 40, files)
 
-    def catalog(cfg: Config) -> set[str]:
+    def catalog(cfg: Config, as_left: bool = True) -> set[str]:
         filler = SimpleNamespace(verify_first=set())
-        Catalog(cfg, index, sources=None, filler=filler, policy=None, on_change=lambda *_: None)
+        Catalog(cfg, index, sources=None, filler=filler, policy=None, on_change=lambda *_: None, index_as_left=as_left)
         return filler.verify_first
 
     reads = []
@@ -227,6 +228,9 @@ def test_verify_first_blobs_are_kept_in_the_index(tmp_path: Path):
         assert catalog(Config()) == {pt} and len(reads) == 1, "an index from before the set: chosen once"
         assert catalog(Config()) == {pt} and len(reads) == 1, "a start reads no snapshot"
         assert catalog(Config(verify_before_serve=("*.gguf",))) == {gg} and len(reads) == 2
+        assert catalog(Config(verify_before_serve=("*.gguf",)), as_left=False) == {gg} and len(reads) == 3, (
+            "someone else wrote to the index: every snapshot is read"
+        )
     finally:
         index.close()
 
