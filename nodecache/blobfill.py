@@ -28,7 +28,7 @@ class BlobFills:
 
     def __init__(self, cfg: Config, chunks: Chunks, metrics: Metrics):
         self.cfg, self.chunks, self.metrics = cfg, chunks, metrics
-        self.running: dict[str, asyncio.Task] = {}
+        self.running = chunks.store.in_use.running  # eviction spares what is filling
         self._pumps: set[asyncio.Task] = set()  # streamed multi-chunk requests (runs)
 
     def start(self, st: BlobState) -> asyncio.Task:

@@ -56,11 +56,11 @@ class Chunks:
         # Told of a blob whose proof failed, with {source name: kind} of the attempt.
         self.on_failed_proof = on_failed_proof
         self.closing = False
-        self.open: dict[str, int] = {}  # blob id -> open handles / reads in progress
-        self.inflight: dict[Key, asyncio.Task] = {}
+        # Kept in the store's InUse, which eviction asks: open handles / reads in progress,
+        # in-flight fetches and whole-blob proofs.
+        self.open, self.inflight, self.finishing = store.in_use.open, store.in_use.inflight, store.in_use.finishing
         self._fetched: dict[Key, asyncio.Future] = {}  # set once a chunk's bytes are off the wire
         self._wanted: set[Key] = set()  # in-flight chunks a reader waits for: keep them in the page cache
-        self.finishing: dict[str, asyncio.Task] = {}
         self.slots = Slots(cfg.parallel_total, reserve_for_demand(cfg.parallel_total), self._waited)
         self._tickets: dict[Key, Ticket] = {}  # chunks whose request waits for (or holds) a slot
         self._used: dict[str, dict[str, str]] = {}  # blob id -> {source name: kind} of its current attempt

@@ -22,6 +22,7 @@ from .config import Config
 from .fill import Filler
 from .fusemount import FuseMount
 from .index import Index
+from .inuse import InUse
 from .jobs import Jobs
 from .labels import NodeLabeler
 from .metrics import Metrics
@@ -71,6 +72,7 @@ class Daemon:
             retry_base=cfg.retry_base,
             quarantine_limits=(cfg.quarantine_files, cfg.quarantine_max, cfg.quarantine_ttl),
             placement=self.pins.place,
+            in_use=InUse(pinned=self.pins.pinned),
         )
         self.fuse = FuseMount(cfg, self.index, self.store, m, self.serving)
         dropped = self.store.recover()
@@ -87,7 +89,7 @@ class Daemon:
         if cfg.peers or cfg.peers_dns:
             peers = self.peers = Peers(self.membership, self.session, cfg.cluster_token, m, cfg.peer_timeout)
             chain = lambda rec, k: peers.chain(self.sources.chain(rec), rec, k)  # noqa: E731
-        self.filler = Filler(cfg, self.index, self.store, chain, m, self.fuse.quarantined, pinned=self.pins.pinned)
+        self.filler = Filler(cfg, self.index, self.store, chain, m, self.fuse.quarantined)
         policy = RepoPolicy.from_config(cfg)
         as_left = self.store.start != "written"  # nobody else wrote to the index since this node ran
         self.catalog = Catalog(cfg, self.index, self.sources, self.filler, policy, self.fuse.tree_changed, as_left)

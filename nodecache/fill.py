@@ -50,7 +50,6 @@ class Filler:
         sources: Callable[[BlobRecord, int], list[Source]],
         metrics: Metrics,
         on_quarantine: Callable[[str], None] = lambda blob_id: None,
-        pinned: set[str] | None = None,
     ):
         self.cfg, self.index, self.store, self.metrics = cfg, index, store, metrics
         # Told of every blob whose proof failed, after its bytes were moved aside:
@@ -61,24 +60,16 @@ class Filler:
         self.snapshots = SnapshotFills(
             cfg, index, self.fill_in_background, self.blobs.running, store.record, store.read
         )
-        self.pinned: set[str] = set() if pinned is None else pinned  # blob ids kept (pins): never evicted
         self.verify_first: set[str] = set()  # blob ids whose reads wait for the whole-blob proof (verify_before_serve)
         self._generation: dict[str, int] = {}  # blob id -> failed proofs seen while running
-        store.protected = self.protected
 
     @property
     def closing(self) -> bool:
         return self.chunks.closing
 
     def protected(self, blob_id: str) -> bool:
-        """Eviction must spare pinned blobs, open ones and ones being filled."""
-        return (
-            blob_id in self.pinned
-            or self.chunks.is_open(blob_id)
-            or blob_id in self.blobs.running
-            or blob_id in self.chunks.finishing
-            or any(b == blob_id for b, _ in self.chunks.inflight)
-        )
+        """Eviction must spare pinned blobs, open ones and ones being filled (the store's InUse)."""
+        return self.store.in_use.protected(blob_id)
 
     @property
     def inflight(self) -> int:

@@ -32,6 +32,7 @@ from .blobfile import HASH_BUF, FdCache, bad_chunks, hash_file, hash_range, new_
 from .groupcommit import GroupCommit
 from .index import BlobRecord, Index
 from .inorderhash import InOrderHashes
+from .inuse import InUse
 from .layout import validate_blob_id
 from .presence import BlobState
 from .quarantine import Quarantined, QuarantineDirs
@@ -55,6 +56,7 @@ class Store:
         retry_base: float = 0.2,
         quarantine_limits: tuple[int, int, float] = (16, 4 << 30, 7 * 86400.0),
         placement: Callable[[BlobRecord], str] = lambda rec: "disk",
+        in_use: InUse | None = None,
     ):
         self.index = index
         self.fsync = fsync
@@ -70,8 +72,7 @@ class Store:
         for t in self.tiers.values():
             t.blobs.mkdir(parents=True, exist_ok=True)
         self.quarantined = QuarantineDirs(self.tiers, quarantine_limits)
-        # Set by the filler: blobs that must not be evicted (open, in flight, pinned).
-        self.protected: Callable[[str], bool] = lambda blob_id: False
+        self.in_use = InUse() if in_use is None else in_use  # what eviction must spare (inuse.py)
         self.placement = placement  # the tier a new blob goes to
         self.on_evict = on_evict or (lambda tier, nbytes: None)
         self._recs: dict[str, BlobRecord] = {}
@@ -181,7 +182,7 @@ class Store:
         """Evict least-recently-read unprotected blobs until under the low watermark (reading the
         index's LRU order only as far as it goes)."""
         ordered = eviction.by_last_use(self.index.least_recent(tier.name), self.record)
-        return eviction.evict_lru(tier, incoming, self.quarantined, ordered, self.protected, self.evict)
+        return eviction.evict_lru(tier, incoming, self.quarantined, ordered, self.in_use.protected, self.evict)
 
     @staticmethod
     def _delete(path: Path) -> None:

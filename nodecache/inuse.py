@@ -1,0 +1,29 @@
+"""Which blobs eviction must spare: pinned, open, being fetched, filled or proven.
+
+One object made before the store and the fill path and given to both at
+construction: the fill path keeps these tables (it opens, fetches and proves),
+pins keep theirs, the store only asks. Nothing is set on the store afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+
+@dataclass
+class InUse:
+    pinned: set[str] = field(default_factory=set)  # blob ids kept by pins
+    open: dict[str, int] = field(default_factory=dict)  # blob id -> open handles / reads in progress
+    inflight: dict[tuple[str, int], asyncio.Task] = field(default_factory=dict)  # (blob, chunk) fetches
+    running: dict[str, asyncio.Task] = field(default_factory=dict)  # whole-blob fills
+    finishing: dict[str, asyncio.Task] = field(default_factory=dict)  # whole-blob proofs
+
+    def protected(self, blob_id: str) -> bool:
+        return (
+            blob_id in self.pinned
+            or self.open.get(blob_id, 0) > 0
+            or blob_id in self.running
+            or blob_id in self.finishing
+            or any(b == blob_id for b, _ in self.inflight)
+        )
