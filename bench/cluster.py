@@ -529,12 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("needs root, /dev/fuse and network namespaces (ip netns)", file=sys.stderr)
         return 2
-    quiet = common.wait_quiet(args.wait_quiet)
-    res = run(args)
-    res["machine_load"] = {**quiet, "loadavg_after": common.loadavg()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    common.write_json(args.out / f"{args.name}.json", res)
-    plot(res, args.out / f"{args.name}.png")
+    res = common.run_and_write(args, run, plot)
     print()
     common.print_table(
         [

@@ -134,6 +134,18 @@ def wait_quiet(max_wait: float, threshold: float = 0.15) -> dict:
     return {"cpu_busy_before": round(busy, 3), "waited_s": round(time.monotonic() - t0, 1), "loadavg_before": loadavg()}
 
 
+def run_and_write(args, run, plot, name: str | None = None) -> dict:
+    """Wait for a quiet machine, run, record the load before and after, write NAME.json and NAME.png."""
+    quiet = wait_quiet(args.wait_quiet)
+    res = run(args)
+    res["machine_load"] = {**quiet, "loadavg_after": loadavg()}
+    stem = name or args.name
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / f"{stem}.json", res)
+    plot(res, args.out / f"{stem}.png")
+    return res
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 

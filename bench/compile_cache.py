@@ -218,12 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("needs root and /dev/fuse (the daemons mount their FUSE file systems)", file=sys.stderr)
         return 2
-    quiet = common.wait_quiet(args.wait_quiet)
-    res = run(args)
-    res["machine_load"] = {**quiet, "loadavg_after": common.loadavg()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    common.write_json(args.out / f"{args.name}.json", res)
-    plot(res, args.out / f"{args.name}.png")
+    res = common.run_and_write(args, run, plot)
     print(f"speedup vs boto3 {res['speedup_vs_boto3']}x (target 3), vs recompile {res['speedup_vs_recompile']}x")
     print(f"wrote {args.out / (args.name + '.json')} and {args.out / (args.name + '.png')}")
     return 0

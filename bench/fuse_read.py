@@ -305,12 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, help="NODECACHE_CHUNK_SIZE for the daemon (default: its own, 8 MiB)")
     common.add_run_args(p)
     args = p.parse_args(argv)
-    quiet = common.wait_quiet(args.wait_quiet)
-    res = run(args)
-    res["machine_load"] = {**quiet, "loadavg_after": common.loadavg()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    common.write_json(args.out / "fuse_read.json", res)
-    plot(res, args.out / "fuse_read.png")
+    res = common.run_and_write(args, run, plot, "fuse_read")
     rows = [
         ("cold, 1 reader", res["raw_cold_MBps"], res["fuse_cold_MBps"], res["cold_ratio"], ">= 0.8"),
         ("warm, 1 reader", res["page_cache_MBps"], res["fuse_warm_MBps"], res["warm_ratio"], ">= 0.9"),

@@ -563,12 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         print(json.dumps(asyncio.run(_probe(args.probe, REPO, args.probe_files, args.probe_conns, args.probe_chunk))))
         return 0
-    quiet = common.wait_quiet(args.wait_quiet)
-    res = run(args)
-    res["machine_load"] = {**quiet, "loadavg_after": common.loadavg()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    common.write_json(args.out / f"{args.name}.json", res)
-    plot(res, args.out / f"{args.name}.png")
+    res = common.run_and_write(args, run, plot)
     print()
     rows = [
         ("snapshot_download", res["snapshot_download_s"], res["snapshot_download_MBps"], ""),
