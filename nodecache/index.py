@@ -17,10 +17,12 @@ from pathlib import Path
 
 import lmdb
 
+from .folders import Block
 from .layout import (
     COMMIT_RE,
     FileEntry,
     RepoView,
+    snapshot_blocks,
     validate_blob_id,
     validate_relpath,
     validate_repo_id,
@@ -163,6 +165,9 @@ class Index:
         self._blob_snaps = self.env.open_db(b"blob_snapshots")  # blob id \0 snapshot key: who lists it
         self._missing = self.env.open_db(b"snapshot_missing")  # snapshot key -> its blobs not complete
         self._changed = self.env.open_db(b"changed_repos")  # repo keys whose readiness may have changed
+        # A snapshot's folders and blobs as compact blocks (folders.py), derived from its file list
+        # in the transaction that writes it: `<snapshot key>/<folder path>` and `<snapshot key>#`.
+        self._folders = self.env.open_db(b"folders")
         self._derive_once()
 
     def close(self) -> None:
@@ -179,6 +184,8 @@ class Index:
                     self._derive_many(txn, [(key, self._stored(txn, key), None)])
                 if db is self._snaps and txn.delete(key, db=self._missing):
                     txn.put(key.partition(b"\0")[0] + b"\0", b"", db=self._changed)
+                if db is self._snaps:
+                    self._drop_blocks(txn, key)
                 txn.delete(key, db=db)
                 self.on_invalid(db_name)
 
@@ -452,8 +459,18 @@ class Index:
 
     # refs and snapshots ------------------------------------------------------
 
-    def put_snapshot(self, repo_type: str, repo_id: str, commit: str, files: list[FileEntry]) -> None:
+    def put_snapshot(
+        self,
+        repo_type: str,
+        repo_id: str,
+        commit: str,
+        files: list[FileEntry],
+        blocks: tuple[dict[str, bytes], bytes] | None = None,
+    ) -> None:
+        """Record a snapshot's file list and its folders (`blocks`: `snapshot_blocks(files)`,
+        given when the caller built them off the loop)."""
         value = json.dumps({"files": [[f.path, f.size, f.blob_id] for f in files], "at": time.time()})
+        blocks = snapshot_blocks(files) if blocks is None else blocks
         key = _repo_key(repo_type, repo_id) + commit.encode()
         with self.env.begin(write=True) as txn:
             old = txn.get(key, db=self._snaps)
@@ -465,6 +482,59 @@ class Index:
                     pass
             txn.put(key, value.encode(), db=self._snaps)
             self._list_blobs(txn, key, {f.blob_id for f in files})
+            self._put_blocks(txn, key, blocks)
+
+    def _put_blocks(self, txn, key: bytes, blocks: tuple[dict[str, bytes], bytes]) -> None:
+        self._drop_blocks(txn, key)
+        folders, blobs = blocks
+        for path, raw in folders.items():
+            txn.put(key + b"/" + path.encode(), raw, db=self._folders)
+        txn.put(key + b"#", blobs, db=self._folders)
+
+    def _drop_blocks(self, txn, key: bytes) -> None:
+        cur = txn.cursor(db=self._folders)
+        if cur.set_range(key):
+            while cur.key().startswith(key):
+                if not cur.delete():
+                    break
+
+    def folder(self, repo_type: str, repo_id: str, commit: str, path: str) -> Block | None:
+        """One folder of a snapshot (`path` "" for its top), read alone: None if the snapshot
+        or the folder is not there."""
+        return self._block(_repo_key(repo_type, repo_id) + commit.encode(), b"/" + path.encode())
+
+    def snapshot_blobs(self, repo_type: str, repo_id: str, commit: str) -> Block | None:
+        """A snapshot's blobs (raw id -> size, u64 LE) as one block; None if it is not there."""
+        return self._block(_repo_key(repo_type, repo_id) + commit.encode(), b"#")
+
+    def _block(self, key: bytes, tail: bytes) -> Block | None:
+        """A stored block; the snapshot's blocks derived from its file list if they are not
+        stored (an index written before they were) or one fails its check."""
+        for attempt in (0, 1):
+            with self.env.begin() as txn:
+                raw = txn.get(key + tail, db=self._folders)
+                derived = raw is not None or txn.get(key + b"#", db=self._folders) is not None
+            if raw is not None:
+                try:
+                    return Block(raw)
+                except ValueError as e:
+                    log.warning("index: dropping invalid folders of %r: %s", key[:200], e)
+                    self.on_invalid("folders")
+                    derived = False
+            if derived or attempt:
+                return None
+            with self.env.begin() as txn:
+                snap = txn.get(key, db=self._snaps)
+            bad: list = []
+            files = self._files(key, snap, bad) if snap else None
+            self._drop_invalid("snapshots", self._snaps, bad)
+            if files is None:
+                return None
+            blocks = snapshot_blocks(files)
+            with self.env.begin(write=True) as txn:
+                if txn.get(key, db=self._snaps) == snap:
+                    self._put_blocks(txn, key, blocks)
+        return None
 
     def put_ref(self, repo_type: str, repo_id: str, revision: str, commit: str) -> None:
         value = json.dumps({"commit": commit, "at": time.time()})

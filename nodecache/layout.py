@@ -12,8 +12,11 @@ import bisect
 import functools
 import hashlib
 import re
-from collections.abc import Callable, Iterable
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+
+from .folders import EMPTY, Block, merge, pack
 
 REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
 _PREFIX_TO_TYPE = {v: k for k, v in REPO_TYPES.items()}
@@ -194,11 +197,14 @@ class Node:
 
     A folder's children may be given as a loader, run on first use: a snapshot
     of 10^6 files costs nothing until someone looks into it, and then only the
-    folders of that snapshot. Its sorted names are kept once computed, so a
-    listing continues from an offset without sorting again.
+    folders looked into. A loader's result is kept (`keep`), or asked for again
+    each time: a snapshot folder's loader answers from a bounded cache of
+    compact tables (`Table`), so what a walk leaves behind is bounded too.
+    A kept folder's sorted names are kept once computed, so a listing
+    continues from an offset without sorting again.
     """
 
-    __slots__ = ("kind", "_children", "_load", "_names", "blob_id", "size", "data", "target")
+    __slots__ = ("kind", "_children", "_load", "_keep", "_names", "blob_id", "size", "data", "target")
 
     def __init__(
         self,
@@ -208,38 +214,47 @@ class Node:
         size: int = 0,
         data: bytes = b"",
         target: str = "",
-        load: Callable[[], dict[str, Node]] | None = None,
+        load: Callable[[], Mapping[str, Node]] | None = None,
+        keep: bool = True,
     ):
         self.kind = kind
         self._children = children if children is not None or load is not None else {}
-        self._load = load
-        self._names: list[str] | None = None
+        self._load, self._keep = load, keep
+        self._names: Sequence[str] | None = None
         self.blob_id, self.size, self.data, self.target = blob_id, size, data, target
 
     @classmethod
-    def dir(cls, load: Callable[[], dict[str, Node]] | None = None) -> Node:
-        return cls("dir", load=load)
+    def dir(cls, load: Callable[[], Mapping[str, Node]] | None = None, keep: bool = True) -> Node:
+        return cls("dir", load=load, keep=keep)
 
     @property
-    def children(self) -> dict[str, Node]:
+    def children(self) -> Mapping[str, Node]:
         if self._children is None:
-            self._children = self._load()  # a loader that raises leaves the folder unloaded
-            self._load = None
+            children = self._load()  # a loader that raises leaves the folder unloaded
+            if not self._keep:
+                return children
+            self._children, self._load = children, None
         return self._children
 
     @property
     def loaded(self) -> bool:
         return self._children is not None
 
-    def names(self) -> list[str]:
-        """The children's names, sorted (computed once; `put` keeps it current)."""
-        if self._names is None:
-            self._names = sorted(self.children)
+    def names(self) -> Sequence[str]:
+        """The children's names, sorted (a table's own order; a dict's computed once, `put` keeps it current)."""
+        if self._names is not None:
+            return self._names
+        children = self.children
+        if isinstance(children, Table):
+            return children.names()
+        self._names = sorted(children)
         return self._names
 
     def put(self, name: str, node: Node | None) -> None:
-        """Add, replace or (None) remove one child, keeping the sorted names."""
+        """Add, replace or (None) remove one child, keeping the sorted names (a table is read-only)."""
         children = self.children
+        if not isinstance(children, dict):
+            raise TypeError("a snapshot folder does not change")
         if self._names is not None and (name in children) != (node is not None):
             i = bisect.bisect_left(self._names, name)
             if node is None:
@@ -259,6 +274,72 @@ class Node:
 
     def __repr__(self) -> str:
         return f"Node({self.kind!r})"
+
+
+def _check_part(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\0" in name or "\\" in name:
+        raise InvalidName(f"invalid name {name!r}")
+    return name
+
+
+class _Names(Sequence[str]):
+    __slots__ = ("_block", "_decode")
+
+    def __init__(self, block: Block, decode: Callable[[bytes], str]):
+        self._block, self._decode = block, decode
+
+    def __len__(self) -> int:
+        return len(self._block)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._decode(self._block.key(i))
+
+
+class Table(Mapping[str, Node]):
+    """A folder's children as one compact block (see `folders`): a Node is made for the
+    entry asked for and not kept. Keys are names (UTF-8) or, with `hex_keys`, raw blob ids.
+    Each entry is checked when it is read (the block may come from a tampered index)."""
+
+    __slots__ = ("block", "_make", "_hex")
+
+    def __init__(self, block: Block, make: Callable[[str, bytes], Node], hex_keys: bool = False):
+        self.block, self._make, self._hex = block, make, hex_keys
+
+    def _name(self, key: bytes) -> str:
+        return validate_blob_id(key.hex()) if self._hex else _check_part(key.decode("utf-8", "strict"))
+
+    def _key(self, name: str) -> bytes | None:
+        try:
+            return bytes.fromhex(validate_blob_id(name)) if self._hex else name.encode("utf-8", "strict")
+        except (InvalidName, UnicodeEncodeError):
+            return None
+
+    def __getitem__(self, name: str) -> Node:
+        key = self._key(name) if isinstance(name, str) else None
+        i = -1 if key is None else self.block.find(key)
+        if i < 0:
+            raise KeyError(name)
+        _, payload = self.block.entry(i)
+        return self._make(self._name(key), payload)
+
+    def __contains__(self, name: object) -> bool:
+        key = self._key(name) if isinstance(name, str) else None
+        return key is not None and self.block.find(key) >= 0
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.block)
+
+    def names(self) -> Sequence[str]:
+        return _Names(self.block, self._name)
 
 
 def static(data: bytes) -> Node:
@@ -286,40 +367,83 @@ def _refs_tree(refs: dict[str, str]) -> Node:
     return node
 
 
-def _snapshot_children(files: list[FileEntry]) -> dict[str, Node]:
-    """One snapshot's folders, built in one pass over its files."""
-    snap = Node.dir()
+_SIZE = struct.Struct("<Q")
+
+
+def snapshot_blocks(files: Iterable[FileEntry]) -> tuple[dict[str, bytes], bytes]:
+    """A snapshot's folders as blocks (folder path, "" for its top -> block) and its blobs as one
+    block (raw id -> size), in one pass over its files. A sub-folder's entry has an empty payload,
+    a file's the raw id of its blob; where a path is both a file and a folder, the folder wins."""
+    folders: dict[str, dict[bytes, bytes]] = {"": {}}
+    blobs: dict[bytes, bytes] = {}
+    size_of = _SIZE.pack
     for f in files:
-        parts = validate_relpath(f.path).split("/")
-        parent = snap
-        for part in parts[:-1]:
-            parent = parent.child_dir(part)
-        parent.children[parts[-1]] = Node("symlink", target=blob_symlink_target(f.path, f.blob_id))
-    return snap.children
+        folder, _, name = validate_relpath(f.path).rpartition("/")
+        raw = bytes.fromhex(validate_blob_id(f.blob_id))
+        blobs[raw] = size_of(f.size)  # struct refuses a size that is not a u64
+        entries = folders.get(folder)
+        if entries is None:  # a new folder, and those above it that are new
+            entries = folders[folder] = {}
+            child = folder
+            while child:
+                up, _, part = child.rpartition("/")
+                above = folders.get(up)
+                if above is not None:
+                    above[part.encode()] = b""
+                    break
+                above = folders[up] = {part.encode(): b""}
+                child = up
+        key = name.encode()
+        if entries.get(key) != b"":
+            entries[key] = raw
+    return {path: pack(sorted(e.items())) for path, e in folders.items()}, pack(sorted(blobs.items()))
 
 
-def lazy_repo_tree(refs: dict[str, str], commits: Iterable[str], files_of: Callable[[str], list[FileEntry]]) -> Node:
-    """`models--org--name/{blobs,refs,snapshots}`, each snapshot (and `blobs/`) built
-    from `files_of(commit)` when first looked into."""
+def lazy_repo_tree(
+    refs: dict[str, str],
+    commits: Iterable[str],
+    folder_of: Callable[[str, str], Block | None],
+    blobs_of: Callable[[], Block],
+) -> Node:
+    """`models--org--name/{blobs,refs,snapshots}`. A snapshot folder is a table asked from
+    `folder_of(commit, folder path)` each time it is used (None: no such folder, shown empty);
+    `blobs/` from `blobs_of()` (every snapshot's blobs). Both are expected to cache."""
     commits = list(commits)
     for commit in commits:
         if not COMMIT_RE.fullmatch(commit):
             raise InvalidName(f"invalid commit {commit!r}")
 
-    def blobs() -> dict[str, Node]:
-        out: dict[str, Node] = {}
-        for commit in commits:
-            for f in files_of(commit):
-                out[validate_blob_id(f.blob_id)] = Node("blob", blob_id=f.blob_id, size=f.size)
-        return out
+    def table(commit: str, path: str) -> Table:
+        up = "../" * (2 + (path.count("/") + 1 if path else 0)) + "blobs/"
 
-    snaps = {c: Node.dir(functools.partial(lambda c: _snapshot_children(files_of(c)), c)) for c in commits}
-    return Node("dir", {"blobs": Node.dir(blobs), "refs": _refs_tree(refs), "snapshots": Node("dir", snaps)})
+        def make(name: str, payload: bytes) -> Node:
+            if not payload:
+                return Node.dir(functools.partial(table, commit, f"{path}/{name}" if path else name), keep=False)
+            return Node("symlink", target=up + validate_blob_id(payload.hex()))
+
+        return Table(folder_of(commit, path) or EMPTY, make)
+
+    def blob(blob_id: str, payload: bytes) -> Node:
+        if len(payload) != _SIZE.size:
+            raise InvalidName(f"invalid size of blob {blob_id}")
+        return Node("blob", blob_id=blob_id, size=validate_size(_SIZE.unpack(payload)[0]))
+
+    snaps = {c: Node.dir(functools.partial(table, c, ""), keep=False) for c in commits}
+    blobs = Node.dir(lambda: Table(blobs_of(), blob, hex_keys=True), keep=False)
+    return Node("dir", {"blobs": blobs, "refs": _refs_tree(refs), "snapshots": Node("dir", snaps)})
 
 
 def build_repo_tree(view: RepoView) -> Node:
     """`models--org--name/{blobs,refs,snapshots}` for one repo, built (and checked) at once."""
-    repo = lazy_repo_tree(view.refs, view.snapshots, view.snapshots.__getitem__)
+    built = {commit: snapshot_blocks(files) for commit, files in view.snapshots.items()}
+    blocks = {(c, path): Block(raw) for c, (folders, _) in built.items() for path, raw in folders.items()}
+
+    def folder_of(commit: str, path: str) -> Block | None:
+        return blocks.get((commit, path))
+
+    repo = lazy_repo_tree(
+        view.refs, view.snapshots, folder_of, lambda: merge([Block(b) for _, b in built.values()] or [EMPTY])
+    )
     for _ in walk(repo):
         pass
     return repo
@@ -400,8 +524,9 @@ def tree_listing(ids: dict[str, str], base: str, recursive: bool) -> tuple[list[
 
 def walk(node: Node, prefix: str = "") -> Iterable[tuple[str, Node]]:
     """Every (path, node) below `node`, parents first; handy for tests and `ls`."""
+    children = node.children
     for name in node.names():
-        child = node.children[name]
+        child = children[name]
         path = f"{prefix}/{name}" if prefix else name
         yield path, child
         if child.kind == "dir":

@@ -2,15 +2,24 @@
 
 Start-up reads only the index's keys (which repos exist); a repo's refs and
 snapshot names are read when its folder is first looked into, a snapshot's
-files when that snapshot is. A new repo or revision replaces one repo's
-subtree, nothing else: the cost of any event is that of the repo it names.
+folders one by one as they are looked into. A new repo or revision replaces one
+repo's subtree, nothing else: the cost of any event is that of the repo it names.
+
+Snapshot folders and `blobs/` are compact blocks (folders.py) read from the
+index and kept in a cache bounded in bytes: a walk of 10^6 files leaves at most
+that much behind, and a folder dropped from it is read again (one LMDB get).
+Node ids do not depend on it: they are the inode table's, per path.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Protocol
 
-from .layout import FileEntry, Node, hub_skeleton, lazy_repo_tree, put_repo, repo_folder_name
+from .folders import EMPTY, Block, merge
+from .layout import Node, hub_skeleton, lazy_repo_tree, put_repo, repo_folder_name
+
+CACHE_BYTES = 64 << 20  # folder blocks kept in memory: ~1M files' worth of names and ids
 
 
 class Source(Protocol):
@@ -19,14 +28,45 @@ class Source(Protocol):
     def repos(self) -> list[tuple[str, str]]: ...
     def refs(self, repo_type: str, repo_id: str) -> dict[str, str]: ...
     def commits(self, repo_type: str, repo_id: str) -> list[str]: ...
-    def get_snapshot(self, repo_type: str, repo_id: str, commit: str) -> list[FileEntry] | None: ...
+    def folder(self, repo_type: str, repo_id: str, commit: str, path: str) -> Block | None: ...
+    def snapshot_blobs(self, repo_type: str, repo_id: str, commit: str) -> Block | None: ...
+
+
+class BlockCache:
+    """Least recently used blocks, at most `max_bytes` of them (one bigger than that is not kept)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._blocks: OrderedDict[tuple, Block | None] = OrderedDict()
+
+    def get(self, key: tuple, load) -> Block | None:
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+            return self._blocks[key]
+        block = load()
+        size = 64 + (block.nbytes() if block is not None else 0)
+        if size <= self.max_bytes:
+            self._blocks[key] = block
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, old = self._blocks.popitem(last=False)
+                self.nbytes -= 64 + (old.nbytes() if old is not None else 0)
+        return block
+
+    def forget(self, prefix: tuple) -> None:
+        """Drop the blocks whose key starts with `prefix`."""
+        for key in [k for k in self._blocks if k[: len(prefix)] == prefix]:
+            old = self._blocks.pop(key)
+            self.nbytes -= 64 + (old.nbytes() if old is not None else 0)
 
 
 class HubTree:
     """Mount root = `HF_HOME`; its `hub/` is the `HF_HUB_CACHE`."""
 
-    def __init__(self, source: Source):
+    def __init__(self, source: Source, cache_bytes: int = CACHE_BYTES):
         self.source = source
+        self.blocks = BlockCache(cache_bytes)
         self.root = Node.dir()
         self.hub = self.root.children["hub"] = hub_skeleton()
         self._shown: dict[tuple[str, str], tuple[dict[str, str], list[str]]] = {}  # repo -> (refs, commits)
@@ -40,12 +80,19 @@ class HubTree:
         key = (repo_type, repo_id)
         if self._shown.get(key) == (refs, commits):
             return None  # keep the folders built so far
+        self.blocks.forget(key)  # a snapshot dropped as invalid since: shown empty until re-resolved
 
-        def files_of(commit: str) -> list[FileEntry]:
-            files = self.source.get_snapshot(repo_type, repo_id, commit)
-            return [] if files is None else files  # dropped as invalid since: shown empty until re-resolved
+        def folder_of(commit: str, path: str) -> Block | None:
+            return self.blocks.get((*key, commit, path), lambda: self.source.folder(repo_type, repo_id, commit, path))
 
-        repo = lazy_repo_tree(refs, commits, files_of) if commits else None
+        def blobs_of() -> Block:
+            def load() -> Block:
+                found = [self.source.snapshot_blobs(repo_type, repo_id, c) for c in commits]
+                return merge([b for b in found if b is not None] or [EMPTY])
+
+            return self.blocks.get((*key, "#"), load) or EMPTY
+
+        repo = lazy_repo_tree(refs, commits, folder_of, blobs_of) if commits else None
         put_repo(self.hub, repo_type, repo_id, repo)
         self._shown[key] = (refs, commits)
         return repo_folder_name(repo_type, repo_id)

@@ -10,6 +10,7 @@ import pytest
 from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 
 from nodecache import layout
+from nodecache.folders import EMPTY, Block, pack
 from nodecache.layout import (
     CACHEDIR_TAG,
     FileEntry,
@@ -23,6 +24,7 @@ from nodecache.layout import (
     parse_repo_folder,
     parse_repo_spec,
     repo_folder_name,
+    snapshot_blocks,
     tree_listing,
     validate_blob_id,
     validate_relpath,
@@ -246,6 +248,7 @@ def test_validate_blob_id_rejects(blob_id):
 # --- symlink targets ----------------------------------------------------------
 
 BLOB = sha256(b"payload")
+BLOB_RAW = bytes.fromhex(BLOB)
 
 
 @pytest.mark.parametrize(
@@ -545,19 +548,56 @@ def test_tree_listing_is_linear_in_files():
     assert time.perf_counter() - t0 < 10
 
 
-def test_lazy_folders_load_on_first_use_and_keep_sorted_names():
+def test_lazy_folders_read_one_folder_at_a_time_from_compact_blocks():
+    """A snapshot folder is asked for when it is used, alone; its table is read-only and sorted."""
+    folders, blobs = snapshot_blocks([FileEntry(f"d/f{i}", i, BLOB) for i in (3, 1, 2)] + [FileEntry("top", 9, BLOB)])
     calls = []
 
-    def files_of(commit):
-        calls.append(commit)
-        return [FileEntry(f"d/f{i}", 1, BLOB) for i in (3, 1, 2)]
+    def folder_of(commit, path):
+        calls.append((commit, path))
+        raw = folders.get(path) if commit == C1 else None
+        return None if raw is None else Block(raw)
 
-    repo = lazy_repo_tree({"main": C1}, [C1, C2], files_of)
+    repo = lazy_repo_tree({"main": C1}, [C1, C2], folder_of, lambda: Block(blobs))
     assert calls == []  # nothing read until a snapshot is looked into
     snap = repo.children["snapshots"].children[C1]
-    assert snap.names() == ["d"] and calls == [C1]
+    assert list(snap.names()) == ["d", "top"] and set(calls) == {(C1, "")}  # asked each time: the caller caches
     d = snap.children["d"]
-    assert d.names() == ["f1", "f2", "f3"]
+    assert set(calls) == {(C1, "")}  # a sub-folder is read when it is looked into
+    assert list(d.names()) == ["f1", "f2", "f3"] and set(calls) == {(C1, ""), (C1, "d")}
+    assert d.children["f2"].target == "../../../blobs/" + BLOB
+    assert "f4" not in d.children and d.children.get("f4") is None and d.children.get("../top") is None
+    with pytest.raises(TypeError):
+        d.put("f0", Node("static", data=b""))
+    assert list(repo.children["snapshots"].children[C2].names()) == []  # no such snapshot: empty
+    assert (repo.children["blobs"].children[BLOB].size, list(repo.children["blobs"].names())) == (9, [BLOB])
+
+
+def test_dict_folders_keep_sorted_names_through_put():
+    d = Node.dir()
+    for name in ("f3", "f1", "f2"):
+        d.put(name, Node("static", data=b""))
+    assert list(d.names()) == ["f1", "f2", "f3"]
     d.put("f0", Node("static", data=b""))
     d.put("f2", None)
     assert d.names() == ["f0", "f1", "f3"] == sorted(d.children)
+
+
+def test_folder_blocks_refuse_what_they_cannot_describe():
+    raw = pack([(b"a", b"x"), (b"b", b"")])
+    block = Block(raw)
+    assert [block.entry(i) for i in range(len(block))] == [(b"a", b"x"), (b"b", b"")]
+    assert block.find(b"b") == 1 and block.find(b"c") == -1
+    for bad in (b"", raw[:-1], raw + b"z", raw[:4] + b"\xff\xff\xff\xff" + raw[8:], b"\xff\xff\xff\x7f"):
+        with pytest.raises(ValueError):
+            Block(bad)
+
+
+def test_a_tampered_block_is_an_unknown_name_not_a_path():
+    """Entries are checked when read: a key with a slash, `..`, or a payload that is not an id."""
+    bad = Block(pack([(b"..", b""), (b"a/b", BLOB_RAW), (b"ok", b"\x01\x02")]))
+    repo = lazy_repo_tree({}, [C1], lambda c, p: bad, lambda: EMPTY)
+    snap = repo.children["snapshots"].children[C1]
+    for name in ("..", "a/b", "ok"):
+        with pytest.raises(InvalidName):
+            snap.children[name]

@@ -156,6 +156,39 @@ def test_per_repo_keys_without_reading_file_lists(index: Index):
     assert index.commits("model", "nobody") == [] and index.refs("space", "org/app") == {"main": C1}
 
 
+def _names(block) -> list[bytes]:
+    return [block.entry(i)[0] for i in range(len(block))] if block is not None else None
+
+
+def test_snapshot_folders_are_read_one_at_a_time(index: Index):
+    """Each folder of a snapshot is its own block, written with the file list: a first look reads one."""
+    files = [FileEntry("config.json", 12, "a" * 40), FileEntry("sub/dir/w.bin", 10**12, "b" * 64)]
+    index.put_snapshot("model", "org/a", C1, files)
+    assert _names(index.folder("model", "org/a", C1, "")) == [b"config.json", b"sub"]
+    assert index.folder("model", "org/a", C1, "sub/dir").entry(0) == (b"w.bin", bytes.fromhex("b" * 64))
+    assert index.folder("model", "org/a", C1, "nope") is None and index.folder("model", "org/a", C2, "") is None
+    blobs = index.snapshot_blobs("model", "org/a", C1)
+    assert _names(blobs) == sorted([bytes.fromhex("a" * 40), bytes.fromhex("b" * 64)])
+    index.put_snapshot("model", "org/a", C1, files[:1])  # written again: the old folders go
+    assert index.folder("model", "org/a", C1, "sub") is None
+
+
+def test_snapshot_folders_of_an_older_index_are_derived_once_and_bad_ones_again(index: Index):
+    index.put_snapshot("model", "org/a", C1, [FileEntry("d/x.bin", 3, "c" * 64)])
+    key = b"model:org/a\0" + C1.encode()
+    with index.env.begin(write=True) as txn:  # as an index written before the blocks existed
+        index._drop_blocks(txn, key)
+    assert _names(index.folder("model", "org/a", C1, "d")) == [b"x.bin"]
+    with index.env.begin(write=True) as txn:  # tampered: the offsets say more than the bytes hold
+        txn.put(key + b"/d", b"\x09\x00\x00\x00", db=index._folders)
+    assert _names(index.folder("model", "org/a", C1, "d")) == [b"x.bin"]
+    with index.env.begin(write=True) as txn:  # a file list that fails its check: no folders either
+        txn.put(key, b'{"files": [["../x", 1, "zz"]]}', db=index._snaps)
+        index._drop_blocks(txn, key)
+    assert index.folder("model", "org/a", C1, "") is None
+    assert index.get_snapshot("model", "org/a", C1) is None and index.commits("model", "org/a") == []
+
+
 # --- Index: blobs and chunks ---------------------------------------------------
 
 
