@@ -222,14 +222,14 @@ class NodecacheFS:
         if name != XATTR_CACHED:
             raise FuseError(ENOATTR)
         path, node = self._node(inode)
-        if path.count("/") <= 1 and node.kind == "dir":  # the root, hub/ or a repo: its blobs/ hold all
-            repos = [node] if path.count("/") == 1 else self.tree.hub.children.values()
-            ids = (
-                b for r in repos if r.kind == "dir" and "snapshots" in r.children for b in r.children["blobs"].children
-            )
-        else:
-            ids = _blob_ids(node)
-        recs = [self.filler.record(b) for b in set(ids)]
+        if path.count("/") <= 1 and node.kind == "dir":  # the root, hub/ or a repo: the index's counters
+            folder = path.partition("/")[2] if "/" in path else None
+            blobs, total, complete, done = self.tree.cached(folder, self.filler.store.filling())
+            frac = done / total if total else 1.0
+            if complete < blobs:
+                frac = min(frac, 0.999)  # 1 means stored and verified; unproven bytes never round up to it
+            return f"{frac:.6f}".encode()
+        recs = [self.filler.record(b) for b in set(_blob_ids(node))]
         total = sum(r.size for r in recs)
         done = sum(self.filler.cached_bytes(r.blob_id) for r in recs)
         frac = done / total if total else 1.0

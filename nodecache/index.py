@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 _CHUNK_KEY = struct.Struct(">Q")
 _PROOF = struct.Struct(">d")  # a proof's time, ordered as bytes (times are never negative)
+_SIZE = struct.Struct("<Q")
+_REPO_BYTES = struct.Struct("<QQQQ")  # blobs, their bytes, complete blobs, their bytes
 
 
 @dataclass
@@ -168,6 +170,10 @@ class Index:
         # A snapshot's folders and blobs as compact blocks (folders.py), derived from its file list
         # in the transaction that writes it: `<snapshot key>/<folder path>` and `<snapshot key>#`.
         self._folders = self.env.open_db(b"folders")
+        # Which repos list each blob (`<blob id>\0<repo key>` -> its size) and, per repo, how many
+        # of its blobs and bytes are complete: kept with each state change, read by getxattr.
+        self._blob_repos = self.env.open_db(b"blob_repos")
+        self._repo_bytes = self.env.open_db(b"repo_bytes")
         self._derive_once()
 
     def close(self) -> None:
@@ -261,6 +267,9 @@ class Index:
         txn.drop(self._lru, delete=False)
         txn.put(b"blob_states", json.dumps(dict.fromkeys(_STATES, 0)).encode(), db=self._meta)
         txn.delete(b"complete_bytes", db=self._meta)
+        for key, raw in list(txn.cursor(db=self._repo_bytes)):
+            blobs, size, _, _ = _REPO_BYTES.unpack(raw)
+            txn.put(key, _REPO_BYTES.pack(blobs, size, 0, 0), db=self._repo_bytes)
         self._derive_many(txn, [(key, None, s) for key, s in records])
 
     def _stored(self, txn, key: bytes) -> tuple[str, float, float, int, str] | None:
@@ -289,6 +298,7 @@ class Index:
         """Apply records' changes (key, old (state, verified_at, last_access) or None, new or None)."""
         delta = dict.fromkeys(_STATES, 0)
         complete_bytes: dict[str, int] = {}
+        done: dict[bytes, list[int]] = {}  # repo key -> [complete blobs, their bytes] to add
         for key, old, new in changes:
             if old == new:
                 continue
@@ -298,6 +308,11 @@ class Index:
             now = new is not None and new[0] == "complete"
             if now != (txn.get(key, db=self._complete) is not None):
                 self._completes(txn, key, now)
+            if now != (old is not None and old[0] == "complete"):
+                for repo, size in self._repos_of(txn, key):
+                    d = done.setdefault(repo, [0, 0])
+                    d[0] += 1 if now else -1
+                    d[1] += size if now else -size
             if self._holds(txn, key, old):
                 txn.delete(_lru_key(key, old), db=self._lru)
             if self._holds(txn, key, new):
@@ -322,6 +337,8 @@ class Index:
             for tier, n in complete_bytes.items():
                 total[tier] = max(0, total.get(tier, 0) + n)
             txn.put(b"complete_bytes", json.dumps(total).encode(), db=self._meta)
+        for repo, (n, size) in done.items():
+            self._add_repo_bytes(txn, repo, 0, 0, n, size)
 
     def _completes(self, txn, key: bytes, complete: bool) -> None:
         """A blob became complete (or stopped being): each snapshot listing it has one blob
@@ -398,6 +415,67 @@ class Index:
         with self.env.begin() as txn:
             return txn.get(blob_id.encode(), db=self._blobs) is not None
 
+    def _repos_of(self, txn, key: bytes) -> list[tuple[bytes, int]]:
+        """(repo key, blob size) of each repo that lists the blob."""
+        prefix = key + b"\0"
+        out = []
+        cur = txn.cursor(db=self._blob_repos)
+        if cur.set_range(prefix):
+            for link, raw in cur:
+                if not link.startswith(prefix):
+                    break
+                out.append((link[len(prefix) :], _SIZE.unpack(raw)[0]))
+        return out
+
+    def _add_repo_bytes(self, txn, repo: bytes, blobs: int, size: int, done: int, done_size: int) -> None:
+        raw = txn.get(repo, db=self._repo_bytes)
+        old = _REPO_BYTES.unpack(raw) if raw and len(raw) == _REPO_BYTES.size else (0, 0, 0, 0)
+        new = [max(0, a + b) for a, b in zip(old, (blobs, size, done, done_size), strict=True)]
+        txn.put(repo, _REPO_BYTES.pack(*new), db=self._repo_bytes)
+
+    def _link_blobs(self, txn, repo: bytes, blobs: Block) -> None:
+        """Count the snapshot's blobs that are new to the repo (and those of them complete)."""
+        n = size = done = done_size = 0
+        for raw_id, raw_size in blobs.entries():
+            key = raw_id.hex().encode()
+            link = key + b"\0" + repo
+            if txn.get(link, db=self._blob_repos) is not None:
+                continue
+            txn.put(link, raw_size, db=self._blob_repos)
+            blob_size = _SIZE.unpack(raw_size)[0]
+            n, size = n + 1, size + blob_size
+            if txn.get(key, db=self._complete) is not None:
+                done, done_size = done + 1, done_size + blob_size
+        self._add_repo_bytes(txn, repo, n, size, done, done_size)
+
+    def repos_of(self, blob_id: str) -> list[tuple[str, str]]:
+        """(repo_type, repo_id) of each repo whose snapshots list the blob."""
+        with self.env.begin() as txn:
+            links = self._repos_of(txn, blob_id.encode())
+        out = []
+        for repo, _ in links:
+            try:
+                out.append(_split_key(repo)[:2])
+            except _BAD:
+                pass
+        return out
+
+    def repo_bytes(self, repo_type: str, repo_id: str) -> tuple[int, int, int, int]:
+        """(blobs, bytes, complete blobs, their bytes) of the repo's snapshots: one read
+        (counted once from its snapshots if the index was written before it kept them)."""
+        repo = _repo_key(repo_type, repo_id)
+        with self.env.begin() as txn:
+            raw = txn.get(repo, db=self._repo_bytes)
+        if raw is None and self.has_repo(repo_type, repo_id):
+            blocks = [self.snapshot_blobs(repo_type, repo_id, c) for c in self.commits(repo_type, repo_id)]
+            with self.env.begin(write=True) as txn:
+                if txn.get(repo, db=self._repo_bytes) is None:
+                    for block in blocks:
+                        if block is not None:
+                            self._link_blobs(txn, repo, block)
+                raw = txn.get(repo, db=self._repo_bytes)
+        return _REPO_BYTES.unpack(raw) if raw and len(raw) == _REPO_BYTES.size else (0, 0, 0, 0)
+
     def proven_by(self, when: float) -> tuple[list[str], float | None]:
         """Complete blobs whose last proof was at or before `when`, oldest first, and the time of
         the oldest proof of all (None: no complete blob). Reads only those entries."""
@@ -472,7 +550,9 @@ class Index:
         value = json.dumps({"files": [[f.path, f.size, f.blob_id] for f in files], "at": time.time()})
         blocks = snapshot_blocks(files) if blocks is None else blocks
         key = _repo_key(repo_type, repo_id) + commit.encode()
+        repo = _repo_key(repo_type, repo_id)
         with self.env.begin(write=True) as txn:
+            counted = txn.get(repo, db=self._repo_bytes) is not None or not self._has_snapshot(txn, repo)
             old = txn.get(key, db=self._snaps)
             if old is not None:  # listed again (a commit's files do not change, but be exact)
                 try:
@@ -483,6 +563,12 @@ class Index:
             txn.put(key, value.encode(), db=self._snaps)
             self._list_blobs(txn, key, {f.blob_id for f in files})
             self._put_blocks(txn, key, blocks)
+            if counted:  # else counted from every snapshot when first asked (repo_bytes)
+                self._link_blobs(txn, repo, Block(blocks[1]))
+
+    def _has_snapshot(self, txn, repo: bytes) -> bool:
+        cur = txn.cursor(db=self._snaps)
+        return cur.set_range(repo) and cur.key().startswith(repo)
 
     def _put_blocks(self, txn, key: bytes, blocks: tuple[dict[str, bytes], bytes]) -> None:
         self._drop_blocks(txn, key)

@@ -137,6 +137,10 @@ class Store:
         st = self._states.get(rec.blob_id)
         return st.cached if st else BlobState(rec, self.index.chunks(rec.blob_id)).cached
 
+    def filling(self) -> list[tuple[str, int]]:
+        """(blob id, bytes on disk) of each blob partly stored that this process has touched."""
+        return [(b, st.cached) for b, st in self._states.items() if st.rec.state == "partial" and st.cached]
+
     def state(self, rec: BlobRecord) -> BlobState:
         """The blob's presence, creating its sparse file on first use."""
         st = self._states.get(rec.blob_id)

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from typing import Protocol
 
 from .folders import EMPTY, Block, merge
-from .layout import Node, hub_skeleton, lazy_repo_tree, put_repo, repo_folder_name
+from .layout import Node, hub_skeleton, lazy_repo_tree, parse_repo_folder, put_repo, repo_folder_name
 
 CACHE_BYTES = 64 << 20  # folder blocks kept in memory: ~1M files' worth of names and ids
 
@@ -30,6 +30,8 @@ class Source(Protocol):
     def commits(self, repo_type: str, repo_id: str) -> list[str]: ...
     def folder(self, repo_type: str, repo_id: str, commit: str, path: str) -> Block | None: ...
     def snapshot_blobs(self, repo_type: str, repo_id: str, commit: str) -> Block | None: ...
+    def repos_of(self, blob_id: str) -> list[tuple[str, str]]: ...
+    def repo_bytes(self, repo_type: str, repo_id: str) -> tuple[int, int, int, int]: ...
 
 
 class BlockCache:
@@ -72,6 +74,18 @@ class HubTree:
         self._shown: dict[tuple[str, str], tuple[dict[str, str], list[str]]] = {}  # repo -> (refs, commits)
         for repo_type, repo_id in source.repos():
             self.repo_changed(repo_type, repo_id)
+
+    def cached(self, folder: str | None, filling: list[tuple[str, int]]) -> tuple[int, int, int, int]:
+        """(blobs, bytes, complete blobs, bytes stored) of one repo folder, or (None) of every repo
+        shown (a blob two repos list counts in both), from counters the index keeps: no walk.
+        `filling`: (blob id, bytes on disk) of partly stored blobs, added where a repo lists them."""
+        repos = set(self._shown) if folder is None else {parse_repo_folder(folder)} & set(self._shown)
+        totals = [0, 0, 0, 0]
+        for repo in repos:
+            totals = [a + b for a, b in zip(totals, self.source.repo_bytes(*repo), strict=True)]
+        for blob_id, cached in filling:
+            totals[3] += cached * sum(1 for repo in self.source.repos_of(blob_id) if repo in repos)
+        return totals[0], totals[1], totals[2], totals[3]
 
     def repo_changed(self, repo_type: str, repo_id: str) -> str | None:
         """Show the repo as the index now has it; its folder name if that changed

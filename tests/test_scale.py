@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import os
 import socket
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -121,6 +122,13 @@ def test_cached_xattr_of_hub_and_repo_folders(hub, daemons):
     whole = float(os.getxattr(d.hub, "user.nodecache.cached"))
     assert 0 < whole < part, "hub/ counts the big repo too"
     assert float(os.getxattr(d.hub / ".locks", "user.nodecache.cached")) == 1.0
+    snap = snapshot_dir(d, SMALL, hub.commits[SMALL])
+    for dirpath, _, filenames in os.walk(snap):  # every blob of the repo read, so stored and proven
+        for name in filenames:
+            (Path(dirpath) / name).read_bytes()
+    assert wait_for(lambda: os.getxattr(repo, "user.nodecache.cached") == b"1.000000")
+    assert os.getxattr(d.mount, "user.nodecache.cached") == os.getxattr(d.hub, "user.nodecache.cached")
+    assert float(os.getxattr(d.hub, "user.nodecache.cached")) < 1, "the big repo is not read"
 
 
 def test_restart_shows_indexed_repos_without_waiting_on_the_upstream(hub, daemons, tmp_path):

@@ -189,6 +189,31 @@ def test_snapshot_folders_of_an_older_index_are_derived_once_and_bad_ones_again(
     assert index.get_snapshot("model", "org/a", C1) is None and index.commits("model", "org/a") == []
 
 
+def test_repo_byte_counters_follow_blob_states(index: Index):
+    """What getxattr on a repo folder reads: kept with each state change, checked against the records."""
+    a, b, shared = "a" * 64, "b" * 64, "c" * 40
+    index.add_blobs([BlobRecord(x, n, "sha256", CS) for x, n in ((a, 10), (b, 20), (shared, 5))])
+    index.put_snapshot("model", "org/x", C1, [FileEntry("a", 10, a), FileEntry("s", 5, shared)])
+    index.put_snapshot("model", "org/x", C2, [FileEntry("a", 10, a), FileEntry("b", 20, b)])  # a counted once
+    index.put_snapshot("dataset", "org/y", C1, [FileEntry("s", 5, shared)])
+    assert index.repo_bytes("model", "org/x") == (3, 35, 0, 0)
+    index.put_blob(BlobRecord(shared, 5, "sha256", CS, state="complete", verified_at=1.0))
+    index.put_blob(BlobRecord(a, 10, "sha256", CS, state="complete", verified_at=2.0))
+    assert index.repo_bytes("model", "org/x") == (3, 35, 2, 15)
+    assert index.repo_bytes("dataset", "org/y") == (1, 5, 1, 5)
+    index.put_blob(BlobRecord(a, 10, "sha256", CS, state="partial"))  # evicted
+    assert index.repo_bytes("model", "org/x") == (3, 35, 1, 5)
+    index.put_snapshot("model", "org/z", C3, [FileEntry("s", 5, shared)])  # a new repo of a complete blob
+    assert index.repo_bytes("model", "org/z") == (1, 5, 1, 5)
+    index.check_all()  # a start that reads every record and derives everything again
+    assert index.repo_bytes("model", "org/x") == (3, 35, 1, 5)
+    with index.env.begin(write=True) as txn:  # an index written before the counters existed
+        txn.drop(index._blob_repos, delete=False)
+        txn.drop(index._repo_bytes, delete=False)
+    assert index.repo_bytes("model", "org/x") == (3, 35, 1, 5)
+    assert index.repo_bytes("model", "nobody") == (0, 0, 0, 0)
+
+
 # --- Index: blobs and chunks ---------------------------------------------------
 
 
