@@ -12,7 +12,9 @@ here), served by the Hub emulator in its own process, and mounted by
   source tree on ext4 (also cold); warm walk: each walk again right after its
   cold one (a cache drop between would empty the mount's dentries too);
 - `ls` of the biggest folder (listdir + lstat of each entry, cold);
-- the daemon's RSS after the walks;
+- the daemon's RSS after the walks (VmRSS, and its parts: RssAnon, the
+  daemon's own memory, and RssFile, pages of mapped files it touched: the
+  LMDB index and inode table, reclaimable page cache);
 - crash restart -> visible: after a kill -9 of that daemon (no clean-stop
   record: the start counts the usage and re-checks partial blobs from the
   records of the blobs holding bytes, here none of the N).
@@ -93,9 +95,11 @@ def ls(folder: Path) -> float:
     return time.perf_counter() - t0
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """VmRSS counts the pages of LMDB files the daemon has touched (page cache, reclaimable) beside
+    its own memory (RssAnon): both are reported."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -178,6 +182,8 @@ def run_case(name: str, work: Path, timeout: float) -> dict:
             warm_walk_ratio=round(warm_mount / warm_src, 2),
             ls_biggest_folder_s=round(ls(biggest), 4),
             rss_MiB=round(rss_mib(d.pid), 1),
+            rss_anon_MiB=round(rss_mib(d.pid, "RssAnon"), 1),
+            rss_file_MiB=round(rss_mib(d.pid, "RssFile"), 1),
         )
         d.kill9()
         drop_caches()

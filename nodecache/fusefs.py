@@ -24,7 +24,7 @@ from .fill import Filler, FillError
 from .fuseproto import ENOATTR, FATTR_FH, FATTR_KILL_SUIDGID, FATTR_LOCKOWNER, FATTR_MODE, FATTR_SIZE, FATTR_TIMES, Attr
 from .fusesession import FuseError, Opened, Session
 from .inodes import InodeTable
-from .layout import MAX_NAME, InvalidName, Node
+from .layout import MAX_NAME, InvalidName, Node, repo_folder_name
 from .metrics import Metrics
 from .snapplan import opened_in
 from .tree import HubTree
@@ -106,7 +106,6 @@ class NodecacheFS:
         self.fill_on_open = fill_on_open
         self.table = table
         self._time_ns = time.time_ns()
-        self._blob_inodes: dict[str, set[int]] = {}  # blob id -> inodes showing it (one per repo)
         self._handles: dict[int, Node] = {}  # open handles this daemon knows (and holds the blob of)
         self._generation: dict[int, int] = {}  # fh -> its blob's generation at open (see Filler.read)
         self._next_fh = int.from_bytes(os.urandom(3)) % (1 << _FH_SERIAL_BITS)  # apart from the last daemon's
@@ -155,13 +154,18 @@ class NodecacheFS:
             a.mode, a.size = stat.S_IFLNK | 0o777, len(node.target)
         else:
             a.size = node.size
-            if node.kind == "blob":
-                self._blob_inodes.setdefault(node.blob_id, set()).add(a.ino)
         return a
 
     def inodes_of(self, blob_id: str) -> list[int]:
-        """Every inode the kernel may hold pages of this blob under."""
-        return sorted(self._blob_inodes.get(blob_id, ()))
+        """Every inode the kernel may hold pages of this blob under: `blobs/<id>` of each repo that
+        lists it, as numbered (by this daemon or one before it). Found from the index, not kept
+        per blob looked up (a walk of 10^6 files looks up each blob: ~400 bytes each)."""
+        repos = set(self.tree.source.repos_of(blob_id))
+        rec = self.filler.store.record(blob_id)
+        if rec is not None and rec.repo_id:
+            repos.add((rec.repo_type, rec.repo_id))  # an index from before the links: the repo it came from
+        found = (self.table.find(f"hub/{repo_folder_name(*repo)}/blobs/{blob_id}") for repo in repos)
+        return sorted(ino for ino in found if ino is not None)
 
     # metadata ------------------------------------------------------------------
 

@@ -98,6 +98,15 @@ class InodeTable:
         self._remember(path, ino)
         return ino
 
+    def find(self, path: str) -> int | None:
+        """The number of `path` if it was given one; none is given here."""
+        ino = self._ino_of.get(path) or self._pending.get(path)
+        if ino is not None or self._whole:
+            return ino
+        with self.env.begin() as txn:
+            raw = txn.get(path.encode(), db=self._by_path)
+        return None if raw is None else _Q.unpack(raw)[0]
+
     def path(self, ino: int) -> str | None:
         path = self._path_of.get(ino)
         if path is not None:

@@ -258,6 +258,7 @@ def test_the_inode_table_survives_a_reopen_and_starts_over_with_a_new_mount(tmp_
     t.commit()
     assert len(t._ino_of) <= 20, "memory holds a bounded cache"
     assert {p: t.ino(p) for p in inos} == inos, "an evicted number is read back, never made anew"
+    assert {p: t.find(p) for p in inos} == inos and t.find("hub/none") is None, "find gives no number"
     t.opened(inos["hub/f1"], 7, PASSTHROUGH)
     t.opened(inos["hub/f1"], 8, PASSTHROUGH)
     t.opened(inos["hub/f2"], 9, SERVED)
