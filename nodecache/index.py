@@ -436,15 +436,16 @@ class Index:
     def _link_blobs(self, txn, repo: bytes, blobs: Block) -> None:
         """Count the snapshot's blobs that are new to the repo (and those of them complete)."""
         n = size = done = done_size = 0
+        new_repo = txn.get(repo, db=self._repo_bytes) is None  # repos are never deleted: it has no links
         for raw_id, raw_size in blobs.entries():
             key = raw_id.hex().encode()
             link = key + b"\0" + repo
-            if txn.get(link, db=self._blob_repos) is not None:
+            if not new_repo and txn.get(link, db=self._blob_repos) is not None:
                 continue
             txn.put(link, raw_size, db=self._blob_repos)
             blob_size = _SIZE.unpack(raw_size)[0]
             n, size = n + 1, size + blob_size
-            if txn.get(key, db=self._complete) is not None:
+            if txn.get(key, db=self._complete) is not None:  # the complete set: no record parsed
                 done, done_size = done + 1, done_size + blob_size
         self._add_repo_bytes(txn, repo, n, size, done, done_size)
 
