@@ -11,7 +11,6 @@ still filling is served by `read()` through the fill path, with keep_cache.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
 import logging
@@ -22,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from .fill import Filler, FillError
 from .fuseproto import ENOATTR, FATTR_FH, FATTR_KILL_SUIDGID, FATTR_LOCKOWNER, FATTR_MODE, FATTR_SIZE, FATTR_TIMES, Attr
-from .fusesession import FuseError, Opened, Session
+from .fusesession import FuseError, Opened
 from .inodes import InodeTable
 from .layout import MAX_NAME, InvalidName, Node, repo_folder_name
 from .metrics import Metrics
@@ -114,15 +113,14 @@ class NodecacheFS:
         self.tree = tree
         self.root = tree.root
         self.on_demand = on_demand  # async (folder name) -> bool: resolve an unknown repo upstream
-        self.kernel: Session | None = None  # the mounted session, told to drop what it caches of a changed repo
 
-    def repo_changed(self, repo_type: str, repo_id: str) -> None:
-        """The index has a new repo, ref or snapshot: show it, and make the kernel
-        look the repo's folder up again (its dentries below go with it)."""
+    def repo_changed(self, repo_type: str, repo_id: str) -> tuple[int, bytes] | None:
+        """The index has a new repo, ref or snapshot: show it. Returns the entry the kernel
+        must look up again, (inode of hub/, the repo's folder name), if it changed and the
+        kernel may know it (its dentries below go with it)."""
         folder = self.tree.repo_changed(repo_type, repo_id)
         hub = self.table.ino("hub")
-        if folder is not None and hub is not None and self.kernel is not None:
-            asyncio.get_running_loop().create_task(self.kernel.invalidate_entries([(hub, folder.encode())]))
+        return (hub, folder.encode()) if folder is not None and hub is not None else None
 
     # tree helpers ------------------------------------------------------------
 

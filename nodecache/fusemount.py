@@ -52,8 +52,13 @@ class FuseMount:
 
     def tree_changed(self, repo_type: str, repo_id: str) -> None:
         """The index changed (a repo resolved, a ref moved): the mounted tree shows it (one call)."""
-        if self.fs is not None:
-            self.fs.repo_changed(repo_type, repo_id)
+        if self.fs is None:
+            return
+        entry = self.fs.repo_changed(repo_type, repo_id)
+        if entry is not None and self.session is not None:
+            task = asyncio.get_running_loop().create_task(self.session.invalidate_entries([entry]))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def quarantined(self, blob_id: str) -> None:
         """A blob failed its proof: the pages the kernel cached of it must go too, and
@@ -94,7 +99,6 @@ class FuseMount:
             passthrough=cfg.passthrough,
             on_open=lambda passthrough: opens.labels("passthrough" if passthrough else "served").inc(),
         )
-        self.fs.kernel = session
         taken = await lease.take() if lease is not None else None
         if taken is None:
             return
