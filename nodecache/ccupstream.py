@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import ccmanifest as cm
 from .ccmanifest import BadManifest, Manifest
+from .upstream.s3 import make_client, prefixed
 from .upstream.sourcespec import parse_s3_url
 
 log = logging.getLogger(__name__)
@@ -66,22 +67,10 @@ class S3Snapshots:
         self._client = None
 
     def _key(self, rel: str) -> str:
-        return f"{self.prefix}/{rel}" if self.prefix else rel
+        return prefixed(self.prefix, rel)
 
     def _make_client(self):
-        import boto3
-        from botocore.config import Config as BotoConfig
-
-        config = BotoConfig(
-            s3={"addressing_style": "path" if self.path_style else "auto"},
-            retries={"max_attempts": 3, "mode": "standard"},
-            max_pool_connections=self.workers,
-            connect_timeout=10,
-            read_timeout=60,
-        )
-        return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
-        )
+        return make_client(self.endpoint_url, self.region, self.path_style, self.workers, 3, 60)
 
     async def _run(self, what: str, fn: Callable):
         """fn(client) on the pool; a boto3 failure becomes UpstreamFailed naming `what` and the error code."""

@@ -30,6 +30,29 @@ log = logging.getLogger(__name__)
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
 
 
+def make_client(
+    endpoint_url: str | None, region: str | None, path_style: bool, pool: int, attempts: int, read_timeout: float
+):
+    """A boto3 S3 client with the node's S3 settings (s3_endpoint_url, s3_region, s3_path_style); boto3 is
+    imported here, on first use, as it takes a while."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    config = BotoConfig(
+        s3={"addressing_style": "path" if path_style else "auto"},
+        retries={"max_attempts": attempts, "mode": "standard"},
+        max_pool_connections=pool,
+        connect_timeout=10,
+        read_timeout=read_timeout,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+def prefixed(prefix: str, rel: str) -> str:
+    """The object key of `rel` under a bucket prefix ("" for none)."""
+    return f"{prefix}/{rel}" if prefix else rel
+
+
 class S3Upstream(ListingUpstream):
     name = "s3"
 
@@ -54,22 +77,11 @@ class S3Upstream(ListingUpstream):
         self._max_workers = max_workers
 
     def _key(self, rel: str) -> str:
-        return f"{self.prefix}/{rel}" if self.prefix else rel
+        return prefixed(self.prefix, rel)
 
     def _make_client(self):
-        import boto3
-        from botocore.config import Config as BotoConfig
-
-        config = BotoConfig(
-            s3={"addressing_style": "path" if self.path_style else "auto"},
-            retries={"max_attempts": 2, "mode": "standard"},  # the fill path does its own retries
-            max_pool_connections=self._max_workers,
-            connect_timeout=10,
-            read_timeout=30,
-        )
-        return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
-        )
+        # two attempts: the fill path does its own retries
+        return make_client(self.endpoint_url, self.region, self.path_style, self._max_workers, 2, 30)
 
     async def _call(self, what: str, fn, **kw):
         """One boto3 call on the pool, its failure mapped to NotFound/UpstreamError."""
