@@ -30,6 +30,7 @@ from .layout import (
     validate_revision,
     validate_size,
 )
+from .lmdbscan import under
 
 log = logging.getLogger(__name__)
 
@@ -347,16 +348,11 @@ class Index:
             txn.put(key, b"", db=self._complete)
         else:
             txn.delete(key, db=self._complete)
-        prefix = key + b"\0"
-        cur = txn.cursor(db=self._blob_snaps)
-        found = cur.set_range(prefix)
-        while found and cur.key().startswith(prefix):
-            snap = bytes(cur.key())[len(prefix) :]
+        for snap, _ in under(txn, self._blob_snaps, key + b"\0"):
             raw = txn.get(snap, db=self._missing)
             if raw is not None:
                 txn.put(snap, b"%d" % max(0, int(raw) + (-1 if complete else 1)), db=self._missing)
                 txn.put(snap.partition(b"\0")[0] + b"\0", b"", db=self._changed)
-            found = cur.next()
 
     def _list_blobs(self, txn, snap: bytes, blob_ids: set[str]) -> None:
         """Record which blobs a snapshot lists, and how many of them are not complete."""
@@ -371,14 +367,8 @@ class Index:
     def snapshots_missing(self, repo_type: str, repo_id: str) -> dict[str, int]:
         """commit -> how many of its snapshot's blobs are not complete (0: ready), for one repo."""
         prefix = _repo_key(repo_type, repo_id)
-        out = {}
         with self.env.begin() as txn:
-            cur = txn.cursor(db=self._missing)
-            found = cur.set_range(prefix)
-            while found and cur.key().startswith(prefix):
-                out[bytes(cur.key())[len(prefix) :].decode()] = int(cur.value())
-                found = cur.next()
-        return out
+            return {commit.decode(): int(n) for commit, n in under(txn, self._missing, prefix)}
 
     def take_changed_repos(self) -> list[tuple[str, str]]:
         """The repos whose readiness may have changed since the last call (and forget them)."""
@@ -417,15 +407,7 @@ class Index:
 
     def _repos_of(self, txn, key: bytes) -> list[tuple[bytes, int]]:
         """(repo key, blob size) of each repo that lists the blob."""
-        prefix = key + b"\0"
-        out = []
-        cur = txn.cursor(db=self._blob_repos)
-        if cur.set_range(prefix):
-            for link, raw in cur:
-                if not link.startswith(prefix):
-                    break
-                out.append((link[len(prefix) :], _SIZE.unpack(raw)[0]))
-        return out
+        return [(repo, _SIZE.unpack(raw)[0]) for repo, raw in under(txn, self._blob_repos, key + b"\0")]
 
     def _add_repo_bytes(self, txn, repo: bytes, blobs: int, size: int, done: int, done_size: int) -> None:
         raw = txn.get(repo, db=self._repo_bytes)
@@ -910,16 +892,11 @@ class Index:
 
     def chunks(self, blob_id: str) -> dict[int, int]:
         """chunk index -> xxh3-64 of the chunk, for every chunk on disk."""
-        prefix = blob_id.encode() + b"\0"
-        out: dict[int, int] = {}
         with self.env.begin() as txn:
-            cur = txn.cursor(db=self._chunks)
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    out[_CHUNK_KEY.unpack(key[len(prefix) :])[0]] = _CHUNK_KEY.unpack(value)[0]
-        return out
+            return {
+                _CHUNK_KEY.unpack(k)[0]: _CHUNK_KEY.unpack(v)[0]
+                for k, v in under(txn, self._chunks, blob_id.encode() + b"\0")
+            }
 
     def has_chunks(self, blob_id: str) -> bool:
         """Any chunk recorded (one cursor step, not a read of them all)."""

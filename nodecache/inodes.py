@@ -22,6 +22,8 @@ from pathlib import Path
 
 import lmdb
 
+from .lmdbscan import under
+
 ROOT = 1
 _Q = struct.Struct(">Q")
 _OPEN_KEY = struct.Struct(">QQ")  # inode, kernel file handle
@@ -160,14 +162,9 @@ class InodeTable:
     def open_modes(self, ino: int) -> tuple[int, int]:
         """(passthrough opens, served opens) of an inode."""
         counts = {PASSTHROUGH: 0, SERVED: 0}
-        prefix = _Q.pack(ino)
         with self.env.begin() as txn:
-            cur = txn.cursor(db=self._opens)
-            if cur.set_range(prefix):
-                for key, mode in cur:
-                    if not key.startswith(prefix):
-                        break
-                    counts[mode] = counts.get(mode, 0) + 1
+            for _, mode in under(txn, self._opens, _Q.pack(ino)):
+                counts[mode] = counts.get(mode, 0) + 1
         return counts[PASSTHROUGH], counts[SERVED]
 
     def backing(self, ino: int) -> tuple[int, bool] | None:
