@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from nodecache.testing.daemon import DaemonProcess, LeftBehind
+from nodecache.testing.daemon import DaemonProcess, LeftBehind, stop_process
 
 HUB_PORT, CDN_PORT, NODE_PORT = 8080, 8081, 8470
 
@@ -178,13 +178,8 @@ class Cluster:
                 node.stop()
             except LeftBehind as e:
                 left.append(e)
-        for proc in [p for p in (self.hub_proc, *self.proxies) if p is not None and p.poll() is None]:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        for proc in (self.hub_proc, *self.proxies):
+            stop_process(proc, 10)
         for ns in self.namespaces:
             _ip("netns", "del", ns, check=False)  # takes its veth pair with it
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)

@@ -8,7 +8,6 @@ credentials exported through the environment of whoever talks to it).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-from nodecache.testing.daemon import free_port
+from nodecache.testing.daemon import free_port, stop_process
 
 ACCESS_KEY = "testing-access-key"
 SECRET_KEY = "testing-secret-key-never-logged"
@@ -65,13 +64,7 @@ class MotoServer:
         raise RuntimeError(f"moto server not up after {timeout}s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5)
         self.proc = None
 
     def __enter__(self) -> Self:

@@ -37,6 +37,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen | None, grace: float) -> None:
+    """SIGTERM, up to `grace` seconds to exit, then SIGKILL: how every helper process a test started ends."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def ours(path: Path) -> list[mounts.MountEntry]:
     """The nodecache mounts (live or dead) stacked at `path`; a bind under them (the mount dir of a
     container, bound from the host) is not one of them."""
@@ -84,13 +96,7 @@ class KeeperProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, 20)
         for mount in self.mounts:
             detach_dead(mount)
 
