@@ -57,7 +57,13 @@ class SnapshotFills:
         ):
             return None
         self._seen.add((repo_type, repo_id, blob_id))  # looked up at most once a while per blob
-        found = self._snapshot_of(repo_type, repo_id, blob_id, commit)
+        rec = self.record(blob_id)
+        if rec is not None and rec.path and not is_weight(rec.path):
+            return None  # not a weight file: no file list is read (a dataset opens 10^5-10^6 of these)
+        snapshots = self._candidates(repo_type, repo_id, rec, commit)
+        if all(s in self._tasks or s in self._planned for s in snapshots):
+            return next((self._tasks[s] for s in snapshots if s in self._tasks), None)  # planned lately
+        found = self._snapshot_of(snapshots, blob_id)
         if found is None or not is_weight(found[1]):
             return None
         snapshot, path, files = found
@@ -68,24 +74,24 @@ class SnapshotFills:
         task.add_done_callback(lambda t: (self._tasks.pop(snapshot, None), consume(t)))
         return task
 
-    def _snapshot_of(
-        self, repo_type: str, repo_id: str, blob_id: str, commit: str | None
-    ) -> tuple[Snapshot, str, list[FileEntry]] | None:
-        """The snapshot the blob was opened in: the given one, else the first of the repo's refs
-        (main first) that lists it, else the one its record names."""
-        if commit is None:
-            refs = self.index.refs(repo_type, repo_id)
-            candidates = [refs[r] for r in sorted(refs, key=lambda r: (r != "main", r))]
-            rec = self.record(blob_id)
-            if rec is not None and (rec.repo_type, rec.repo_id) == (repo_type, repo_id) and rec.commit:
-                candidates.append(rec.commit)
-        else:
-            candidates = [commit]
-        for c in dict.fromkeys(candidates):
-            files = self.index.get_snapshot(repo_type, repo_id, c) or []
+    def _candidates(self, repo_type: str, repo_id: str, rec: BlobRecord | None, commit: str | None) -> list[Snapshot]:
+        """Where the blob may have been opened: the given snapshot, else the repo's refs' (main
+        first), then the one its record names. Reads refs only, no file list."""
+        if commit is not None:
+            return [(repo_type, repo_id, commit)]
+        refs = self.index.refs(repo_type, repo_id)
+        candidates = [refs[r] for r in sorted(refs, key=lambda r: (r != "main", r))]
+        if rec is not None and (rec.repo_type, rec.repo_id) == (repo_type, repo_id) and rec.commit:
+            candidates.append(rec.commit)
+        return [(repo_type, repo_id, c) for c in dict.fromkeys(candidates)]
+
+    def _snapshot_of(self, snapshots: list[Snapshot], blob_id: str) -> tuple[Snapshot, str, list[FileEntry]] | None:
+        """The first of the candidate snapshots that lists the blob, its path there and its files."""
+        for snapshot in snapshots:
+            files = self.index.get_snapshot(*snapshot) or []
             path = locate(files, blob_id)
             if path is not None:
-                return (repo_type, repo_id, c), path, files
+                return snapshot, path, files
         return None
 
     async def _fill(self, snapshot: Snapshot, opened: str, files: list[FileEntry]) -> None:

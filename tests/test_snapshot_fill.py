@@ -134,3 +134,46 @@ def test_fill_snapshot_on_open_false_fills_only_what_is_opened(hub, daemons, sha
     wait_until(lambda: verified(snap / names[0]), "the opened shard filled and proven")
     wait_until(lambda: (s := daemon.status())["blobs_filling"] == 0 and s["fills_inflight"] == 0, "a quiet node")
     assert _first_requests(hub, ids) == [names[0]], "nothing but the opened file was fetched"
+
+
+def test_an_open_reads_no_file_list_unless_it_may_be_a_weight_file_of_a_snapshot_not_planned_lately():
+    """A dataset opens 10^5-10^6 files: an open of a blob recorded under a non-weight name, or of a
+    snapshot planned in the last minute, must not read (decode) the snapshot's whole file list."""
+    import asyncio
+
+    from nodecache.config import Config
+    from nodecache.index import BlobRecord
+    from nodecache.snapfill import SnapshotFills
+
+    files = [_entry(f"data/part-{i:05d}.parquet") for i in range(50)] + [
+        _entry(f"model-0000{i}-of-00002.safetensors", 10 * MiB) for i in (1, 2)
+    ]
+    records = {
+        f.blob_id: BlobRecord(f.blob_id, f.size, "sha256", MiB, repo_id="org/d", commit=C, path=f.path) for f in files
+    }
+
+    class Index:
+        file_lists_read = 0
+
+        def refs(self, repo_type, repo_id):
+            return {"main": C}
+
+        def get_snapshot(self, repo_type, repo_id, commit):
+            Index.file_lists_read += 1
+            return files
+
+    started: list[str] = []
+
+    async def main() -> None:
+        fills = SnapshotFills(Config(), Index(), lambda b: started.append(b), {}, records.get, None)
+        for f in files[:50]:
+            assert fills.opened("model", "org/d", f.blob_id) is None
+        assert Index.file_lists_read == 0, "parquet opens read no file list"
+        task = fills.opened("model", "org/d", files[50].blob_id)
+        assert task is not None and Index.file_lists_read == 1
+        await task
+        assert fills.opened("model", "org/d", files[51].blob_id) is None
+        assert Index.file_lists_read == 1, "the snapshot was planned a moment ago: no second read"
+        assert files[51].blob_id in started
+
+    asyncio.run(main())
