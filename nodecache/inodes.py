@@ -16,6 +16,7 @@ be the one that answered the OPEN.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from pathlib import Path
@@ -24,20 +25,22 @@ import lmdb
 
 from .lmdbscan import under
 
+log = logging.getLogger(__name__)
+
 ROOT = 1
 _Q = struct.Struct(">Q")
 _OPEN_KEY = struct.Struct(">QQ")  # inode, kernel file handle
 _BACKING = struct.Struct("<iB")  # backing id, retired
-MAP_SIZE = 1 << 30  # sparse; ~2.5 million paths, and it starts over with each mount
+MAP_SIZE = 1 << 30  # sparse; ~2.5 million paths to start with, doubled when full; starts over with each mount
 PASSTHROUGH, SERVED = b"p", b"s"
 
 
 class InodeTable:
     """Path <-> inode number. Memory holds a bounded cache; LMDB holds the truth."""
 
-    def __init__(self, path: Path, cache_max: int = 100_000):
+    def __init__(self, path: Path, cache_max: int = 100_000, map_size: int = MAP_SIZE):
         path.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(str(path), max_dbs=4, map_size=MAP_SIZE, sync=False, metasync=False)
+        self.env = lmdb.open(str(path), max_dbs=4, map_size=map_size, sync=False, metasync=False)
         self._by_path = self.env.open_db(b"by_path")
         self._by_ino = self.env.open_db(b"by_ino")
         self._opens = self.env.open_db(b"opens")
@@ -130,11 +133,20 @@ class InodeTable:
         """Write the numbers handed out since the last commit: before the kernel hears of them."""
         if not self._pending:
             return
-        with self.env.begin(write=True) as txn:
-            for path, ino in self._pending.items():
-                txn.put(path.encode(), _Q.pack(ino), db=self._by_path)
-                txn.put(_Q.pack(ino), path.encode(), db=self._by_ino)
-            txn.put(b"next", _Q.pack(self._next))
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for path, ino in self._pending.items():
+                        txn.put(path.encode(), _Q.pack(ino), db=self._by_path)
+                        txn.put(_Q.pack(ino), path.encode(), db=self._by_ino)
+                    txn.put(b"next", _Q.pack(self._next))
+                break
+            except lmdb.MapFullError:
+                # A connection handed from daemon to daemon is never mounted afresh, so its table
+                # only grows (~350 bytes a path): grow the map rather than fail every new lookup.
+                size = self.env.info()["map_size"] * 2
+                log.warning("inode table full: growing its map to %d MiB", size >> 20)
+                self.env.set_mapsize(size)
         self._count += len(self._pending)
         for path, ino in self._pending.items():
             self._remember(path, ino)

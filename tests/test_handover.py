@@ -276,6 +276,27 @@ def test_the_inode_table_survives_a_reopen_and_starts_over_with_a_new_mount(tmp_
     t.close()
 
 
+def test_a_full_inode_table_grows_instead_of_failing_lookups(tmp_path, caplog):
+    """A connection handed from daemon to daemon is never mounted afresh: its table only grows. When
+    the map is full, new numbers still get written (the map grows), and survive a reopen."""
+    from nodecache.inodes import InodeTable
+
+    t = InodeTable(tmp_path / "conn", map_size=256 * 1024)
+    t.reset()
+    inos = {}
+    with caplog.at_level("WARNING", logger="nodecache.inodes"):
+        for batch in range(20):  # ~1 MiB of paths into a 256 KiB map
+            for i in range(100):
+                path = f"hub/datasets--org--d/snapshots/{'c' * 40}/shard-{batch:03d}/part-{i:05d}.parquet"
+                inos[path] = t.ino(path)
+            t.commit()
+    assert "growing its map" in caplog.text
+    t.close()
+    t = InodeTable(tmp_path / "conn", map_size=256 * 1024)
+    assert all(t.path(i) == p for p, i in inos.items()) and len(set(inos.values())) == 2000
+    t.close()
+
+
 def test_the_keeper_lends_a_connection_to_one_daemon_at_a_time(tmp_path):
     import threading
 
