@@ -118,16 +118,18 @@ class Filler:
 
     # reads ---------------------------------------------------------------------
 
-    async def read(self, blob_id: str, offset: int, size: int, since: int | None = None) -> bytes:
+    async def read(self, blob_id: str, offset: int, size: int, since: int | None = None, ahead: bool = True) -> bytes:
         """Exactly the bytes [offset, offset+size) clipped to the blob, or FillError.
 
         `since`: the blob's generation when the reader opened it; if a proof
         failed since, the reader may hold wrong bytes already and gets EIO.
+        `ahead`: a miss also fetches the next `read_ahead_chunks` (off for a
+        reader whose whole-blob fill runs: its workers fetch those, in order).
         """
         self.hold(blob_id)
         try:
             self._same_generation(blob_id, since)
-            data = await self._read(blob_id, offset, size)
+            data = await self._read(blob_id, offset, size, ahead)
             self._same_generation(blob_id, since)  # a proof may have failed while we waited
             return data
         finally:
@@ -161,7 +163,7 @@ class Filler:
                 if self.record(blob_id).state != "quarantined":
                     raise
 
-    async def _read(self, blob_id: str, offset: int, size: int) -> bytes:
+    async def _read(self, blob_id: str, offset: int, size: int, ahead: bool) -> bytes:
         deadline = time.monotonic() + self.cfg.read_timeout
         await self._backoff(blob_id, deadline)
         if blob_id in self.verify_first:
@@ -176,7 +178,8 @@ class Filler:
         source = "local"
         if missing:
             waits = asyncio.gather(*(self.chunks.get(st, k, demand=True) for k in missing))
-            for k in range(last + 1, min(last + 1 + self.cfg.read_ahead_chunks, rec.n_chunks)):
+            reach = self.cfg.read_ahead_chunks if ahead else 0
+            for k in range(last + 1, min(last + 1 + reach, rec.n_chunks)):
                 if not st.has(k):
                     self.chunks.get(st, k, demand=False)
             t0 = time.monotonic()

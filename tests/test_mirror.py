@@ -225,6 +225,23 @@ print(json.dumps(tree_hashes(snapshot_download("org/sharded", cache_dir={str(tmp
     assert local_read_bytes(d) - before == len(data) and hub.stats.data_bytes == up
 
 
+def test_a_whole_file_get_adds_one_request_beside_its_fill_workers(daemons, hub):
+    """A GET of a whole cold file starts the blob's fill (`parallel_per_blob` workers, in
+    order); the client's own reads ask only for the chunk it waits for, never a read-ahead
+    beside the workers, which would fetch the chunks after it as separate requests."""
+    data = os.urandom(16 * MiB)  # 16 chunks of 1 MiB
+    hub.add_repo("org/one", {"model.safetensors": data})
+    hub.rate_limit_bps = 8 * MiB  # per response: a chunk takes 1/8 s, so requests overlap
+    d = daemons(repos=(), env={**ALLOW_ORG, "NODECACHE_PARALLEL_PER_BLOB": "2", "NODECACHE_READ_AHEAD_CHUNKS": "8"})
+    status, _, body = raw(d, "GET", "/org/one/resolve/main/model.safetensors")
+    assert status == 200 and body == data
+    wait_settled(d)
+    blob = hashlib.sha256(data).hexdigest()
+    ranges = sorted((s, e) for b, s, e in hub.stats.ranges if b == blob)
+    assert sum(e - s for s, e in ranges) == len(data), f"bytes fetched twice or not at all: {ranges}"
+    assert 1 < hub.stats.peak[blob] <= 2 + 1, f"{hub.stats.peak[blob]} requests of the file at once: {ranges}"
+
+
 def test_only_bytes_in_the_page_cache_go_by_sendfile(tmp_path):
     """sendfile reads on the daemon's loop: the mirror asks first whether the bytes are cached."""
     from nodecache import mounts

@@ -65,7 +65,9 @@ class Fills(Protocol):
     def opened_in_repo(self, repo_type: str, repo_id: str, blob_id: str, commit: str | None) -> asyncio.Task | None: ...
     @property
     def verify_first(self) -> set[str]: ...  # blob ids whose reads wait for the whole-blob proof
-    async def read(self, blob_id: str, offset: int, size: int, since: int | None = None) -> bytes: ...
+    async def read(
+        self, blob_id: str, offset: int, size: int, since: int | None = None, ahead: bool = True
+    ) -> bytes: ...
 
 
 class FileServer:
@@ -173,9 +175,10 @@ class FileServer:
         """Send [start, end) as the chunks arrive, one step ahead of the socket."""
         filler = self.filler
         rec = filler.record(entry.blob_id)
+        fill = None
         if self.cfg.fill_on_open and whole and end > start:
-            filler.fill_in_background(entry.blob_id)
-        steps = _Steps(filler, self.metrics, self.blob_file, entry.blob_id, end, rec.chunk_size)
+            fill = filler.fill_in_background(entry.blob_id)
+        steps = _Steps(filler, self.metrics, self.blob_file, entry.blob_id, end, rec.chunk_size, fill)
         try:
             pending = steps.plan(start) if end > start else None
             try:
@@ -219,11 +222,17 @@ class FileServer:
 
 class _Steps:
     """One download's steps: a step already in the store leaves its file by sendfile (no copy
-    through Python); a missing one is read through the fill path, started a step ahead."""
+    through Python); a missing one is read through the fill path, started a step ahead.
+
+    While the blob's whole fill (`fill`) runs, a missing step asks for its own chunks only:
+    the fill's workers fetch the chunks after it in order, and a read-ahead beside them
+    would fetch those as separate requests, joined and written on their own.
+    """
 
     def __init__(self, filler: Fills, metrics: Metrics, blob_file: Callable[[str], Path], blob_id: str, end: int,
-                 chunk_size: int):  # fmt: skip
+                 chunk_size: int, fill: asyncio.Task | None = None):  # fmt: skip
         self.filler, self.metrics, self.blob_file, self.blob_id, self.end = filler, metrics, blob_file, blob_id, end
+        self.fill = fill
         self.size = max(MIN_STEP, min(MAX_STEP, chunk_size))
         self.since = filler.generation(blob_id)  # a proof failing mid-download cuts it
         self.file: BinaryIO | None = None
@@ -241,7 +250,8 @@ class _Steps:
         file = self._open() if self._stored(pos, stop) else None
         if file is not None and in_page_cache(file, pos, stop):
             return None
-        read = self.filler.read(self.blob_id, pos, stop - pos, since=self.since)
+        ahead = self.fill is None or self.fill.done()
+        read = self.filler.read(self.blob_id, pos, stop - pos, since=self.since, ahead=ahead)
         return asyncio.get_running_loop().create_task(read)
 
     def _stored(self, pos: int, stop: int) -> bool:
