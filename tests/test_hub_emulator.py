@@ -384,6 +384,26 @@ def test_rate_limit() -> None:
     assert 0.15 <= elapsed < 2.0
 
 
+def test_unpaced_file_responses_by_sendfile_are_exact(tmp_path: Path) -> None:
+    """Uncapped and unharmed, a file from a directory leaves by sendfile in pieces of
+    SENDFILE_PIECE: the same bytes and ranges, each piece counted before it is sent."""
+    from nodecache.testing.hub import SENDFILE_PIECE
+
+    data = os.urandom(2 * SENDFILE_PIECE + 12345)
+    (tmp_path / "w.bin").write_bytes(data)
+    with HubEmulator() as hub:
+        hub.add_repo(REPO, tmp_path)
+        location = request(hub.url, f"/{REPO}/resolve/main/w.bin", "HEAD")[1]["Location"]
+        hub.stats.reset()
+        assert request(location)[2] == data
+        start, end = SENDFILE_PIECE - 7, 2 * SENDFILE_PIECE + 9  # across both piece boundaries
+        status, headers, body = request(location, headers={"Range": f"bytes={start}-{end - 1}"})
+        assert (status, body, headers["Content-Length"]) == (206, data[start:end], str(end - start))
+        assert hub.stats.data_bytes == len(data) + end - start
+        hub.faults.append(Fault("flip", at=5))  # a fault still goes the old way, byte by byte
+        assert request(location)[2] == data[:5] + bytes([data[5] ^ 0xFF]) + data[6:]
+
+
 def test_huggingface_hub_in_process(hub: HubEmulator, tmp_path: Path) -> None:
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
