@@ -384,9 +384,10 @@ def test_rate_limit() -> None:
     assert 0.15 <= elapsed < 2.0
 
 
-def test_unpaced_file_responses_by_sendfile_are_exact(tmp_path: Path) -> None:
-    """Uncapped and unharmed, a file from a directory leaves by sendfile in pieces of
-    SENDFILE_PIECE: the same bytes and ranges, each piece counted before it is sent."""
+def test_file_responses_by_sendfile_are_exact_and_paced(tmp_path: Path) -> None:
+    """Unharmed, a file from a directory leaves by sendfile (uncapped: in pieces of
+    SENDFILE_PIECE): the same bytes and ranges, each piece counted before it is sent,
+    and a capped response still takes as long as its cap says."""
     from nodecache.testing.hub import SENDFILE_PIECE
 
     data = os.urandom(2 * SENDFILE_PIECE + 12345)
@@ -402,6 +403,10 @@ def test_unpaced_file_responses_by_sendfile_are_exact(tmp_path: Path) -> None:
         assert hub.stats.data_bytes == len(data) + end - start
         hub.faults.append(Fault("flip", at=5))  # a fault still goes the old way, byte by byte
         assert request(location)[2] == data[:5] + bytes([data[5] ^ 0xFF]) + data[6:]
+        hub.rate_limit_bps = 4 * 1024 * 1024
+        t0 = time.monotonic()
+        assert request(location, headers={"Range": "bytes=0-1048575"})[2] == data[: 1024 * 1024]
+        assert 0.15 <= time.monotonic() - t0 < 2.0
 
 
 def test_huggingface_hub_in_process(hub: HubEmulator, tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from aiohttp import web
 from ..layout import tree_listing
 
 CHUNK = 1024 * 1024
-SENDFILE_PIECE = 8 * CHUNK  # an unpaced file response is counted (stats.data_bytes) this much at a time
+SENDFILE_PIECE = 8 * CHUNK  # an unpaced response from a file is sent (and counted) this much at a time
 _SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)  # Linux: bytes/s per socket
 _UNPACED = (1 << 64) - 1
 DEFAULT_LFS_PATTERNS = tuple("*.safetensors *.bin *.pt *.pth *.onnx *.h5 *.msgpack *.gguf".split())
@@ -603,8 +603,8 @@ class HubEmulator:
         sending[f.blob_id] = sending.get(f.blob_id, 0) + 1
         self.stats.peak[f.blob_id] = max(self.stats.peak.get(f.blob_id, 0), sending[f.blob_id])
         try:
-            if rate is None and fault is None and isinstance(source, Path):
-                await self._sendfile(request, source, start, end)
+            if fault is None and isinstance(source, Path):
+                await self._sendfile(request, source, start, end, rate, chunk if rate else SENDFILE_PIECE)
             else:
                 async for data in _read(source, start, stop_at, chunk):
                     if flip is not None and start + sent <= flip < start + sent + len(data):
@@ -631,20 +631,27 @@ class HubEmulator:
             await resp.write_eof()
         return resp
 
-    async def _sendfile(self, request: web.Request, path: Path, start: int, end: int) -> None:
-        """An unpaced, unharmed response from a file leaves it by sendfile, as a CDN's would:
-        the emulator's own CPU then takes little from a client it serves on the same machine
-        (bench/mirror.py's ceiling: the client against this, uncapped). The kernel reads the
+    async def _sendfile(
+        self, request: web.Request, path: Path, start: int, end: int, rate: int | None, piece: int
+    ) -> None:
+        """An unharmed response from a file leaves it by sendfile, `piece` bytes at a time,
+        each counted before it is sent and paced as `_send` paces: a CDN's CPU is not the
+        node's, and here the emulator shares the machine with the client and the daemon it
+        serves (bench/mirror.py's rows, the uncapped ceiling among them). The kernel reads the
         file on the loop's thread, which is fine for the small, hot files of tests and benches."""
         loop = asyncio.get_running_loop()
+        t0, sent = loop.time(), 0
         with path.open("rb") as fh:
-            for pos in range(start, end, SENDFILE_PIECE):
+            for pos in range(start, end, piece):
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     raise ConnectionResetError("the client went away")
-                n = min(SENDFILE_PIECE, end - pos)
-                self.stats.data_bytes += n  # counted before the write, as _send does
+                n = min(piece, end - pos)
+                self.stats.data_bytes += n
                 await loop.sendfile(transport, fh, pos, n)
+                sent += n
+                if rate and (delay := t0 + sent / rate - loop.time()) > 0:
+                    await asyncio.sleep(delay)
 
 
 async def _read(source: Path | bytes, start: int, end: int, chunk: int) -> AsyncIterator[bytes]:
