@@ -1,6 +1,7 @@
 """Whole-blob fills: after a blob's first open (or for a prefetch), all of its chunks.
 
-Each blob gets `parallel_per_blob` workers. A worker claims the next
+Each blob gets `parallel_per_blob` workers, or more when asked (a running
+fill gains workers: the snapshot fill gives the shard read next more). A worker claims the next
 consecutive chunks nobody fetches yet and asks one source for them as one
 streamed request (a run), so a connection is not idle between chunks; the
 chunks of a run are still coalesced one by one with readers (chunks.py).
@@ -23,47 +24,93 @@ from .upstream import PiecewiseSource, Source, UpstreamError
 log = logging.getLogger(__name__)
 
 
+class _Fill:
+    """One blob's whole-blob fill: the chunks nobody has claimed yet, and its workers."""
+
+    def __init__(self, st: BlobState):
+        self.todo = deque(k for k in range(st.rec.n_chunks) if not st.has(k))
+        self.workers: set[asyncio.Task] = set()
+        self.claimed = asyncio.Event()  # every chunk is fetched, being fetched or present
+
+
 class BlobFills:
     """The whole-blob fills of a node: one per blob, joined by everyone who asks."""
 
     def __init__(self, cfg: Config, chunks: Chunks, metrics: Metrics):
         self.cfg, self.chunks, self.metrics = cfg, chunks, metrics
         self.running = chunks.store.in_use.running  # eviction spares what is filling
+        self._fills: dict[str, _Fill] = {}
         self._pumps: set[asyncio.Task] = set()  # streamed multi-chunk requests (runs)
 
-    def start(self, st: BlobState) -> asyncio.Task:
-        """Start (or join) filling the whole blob."""
+    def start(self, st: BlobState, workers: int | None = None) -> asyncio.Task:
+        """Start (or join) filling the whole blob with `workers` workers (parallel_per_blob);
+        a running fill with fewer gets more (the snapshot fill gives the shard a loader reads
+        next most of the node's connections)."""
         blob_id = st.rec.blob_id
+        want = workers or self.cfg.parallel_per_blob
         task = self.running.get(blob_id)
         if task is None:
-            task = self.running[blob_id] = asyncio.get_running_loop().create_task(self._fill_blob(st))
-            task.add_done_callback(lambda t: (self.running.pop(blob_id, None), consume(t)))
+            fill = self._fills[blob_id] = _Fill(st)
+            task = self.running[blob_id] = asyncio.get_running_loop().create_task(self._fill_blob(st, fill))
+            task.add_done_callback(
+                lambda t: (self.running.pop(blob_id, None), self._fills.pop(blob_id, None), consume(t))
+            )
+        fill = self._fills.get(blob_id)
+        if fill is not None and not task.done():
+            for _ in range(want - len(fill.workers)):
+                self._add_worker(st, fill)
         return task
 
-    async def _fill_blob(self, st: BlobState) -> None:
-        todo = deque(k for k in range(st.rec.n_chunks) if not st.has(k))
-        workers = self.cfg.parallel_per_blob
-        chunks = self.chunks
+    async def claimed(self, blob_id: str) -> None:
+        """Until every chunk of the blob's running fill is claimed by a worker (at once if none runs)."""
+        fill, task = self._fills.get(blob_id), self.running.get(blob_id)
+        if fill is not None and task is not None:
+            waiter = asyncio.ensure_future(fill.claimed.wait())
+            try:
+                await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
 
-        async def worker() -> None:
-            # Pipelined: the next run is asked for once this one's bytes are off
-            # the wire, while its chunks are still being written and synced.
-            writing: list[asyncio.Task] = []
-            while claim := self._claim(st, todo, workers):
-                run, source = claim
-                if source is not None:
-                    tasks = self._start_run(st, run, source)
-                else:
-                    tasks = [chunks.get(st, run[0], demand=False, background=True)]
-                await chunks.off_the_wire((st.rec.blob_id, run[-1]), tasks[-1])
-                for t in writing:
-                    await t
-                writing = tasks
+    def _add_worker(self, st: BlobState, fill: _Fill) -> None:
+        worker = asyncio.get_running_loop().create_task(self._worker(st, fill))
+        worker.add_done_callback(consume)  # its error is the fill's: seen there
+        fill.workers.add(worker)
+
+    async def _fill_blob(self, st: BlobState, fill: _Fill) -> None:
+        # As gather() did: the first worker's error is the fill's, the others finish their chunks;
+        # cancelling the fill cancels them.
+        try:
+            while pending := [w for w in fill.workers if not w.done()]:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for w in done:
+                    if not w.cancelled() and w.exception() is not None:
+                        raise w.exception()
+        except asyncio.CancelledError:
+            for w in fill.workers:
+                w.cancel()
+            raise
+        await asyncio.shield(self.chunks.finish(st))
+
+    async def _worker(self, st: BlobState, fill: _Fill) -> None:
+        # Pipelined: the next run is asked for once this one's bytes are off
+        # the wire, while its chunks are still being written and synced.
+        chunks = self.chunks
+        writing: list[asyncio.Task] = []
+        while claim := self._claim(st, fill.todo, len(fill.workers)):
+            run, source = claim
+            if not fill.todo:
+                fill.claimed.set()
+            if source is not None:
+                tasks = self._start_run(st, run, source)
+            else:
+                tasks = [chunks.get(st, run[0], demand=False, background=True)]
+            await chunks.off_the_wire((st.rec.blob_id, run[-1]), tasks[-1])
             for t in writing:
                 await t
-
-        await asyncio.gather(*(worker() for _ in range(workers)))
-        await asyncio.shield(chunks.finish(st))
+            writing = tasks
+        fill.claimed.set()
+        for t in writing:
+            await t
 
     def _claim(self, st: BlobState, todo: deque[int], workers: int) -> tuple[list[int], Source | None] | None:
         """The next chunks one worker should fetch with one request: consecutive,

@@ -58,7 +58,7 @@ class Filler:
         self.chunks = Chunks(cfg, store, sources, metrics, self._failed_proof)
         self.blobs = BlobFills(cfg, self.chunks, metrics)
         self.snapshots = SnapshotFills(
-            cfg, index, self.fill_in_background, self.blobs.running, store.record, store.read
+            cfg, index, self.fill_in_background, self.blobs.claimed, store.record, store.read
         )
         self.verify_first: set[str] = set()  # blob ids whose reads wait for the whole-blob proof (verify_before_serve)
         self._generation: dict[str, int] = {}  # blob id -> failed proofs seen while running
@@ -265,15 +265,15 @@ class Filler:
 
     # whole blobs ---------------------------------------------------------------
 
-    def fill_in_background(self, blob_id: str) -> asyncio.Task | None:
-        """Start (or join) filling the whole blob; called on first open."""
+    def fill_in_background(self, blob_id: str, workers: int | None = None) -> asyncio.Task | None:
+        """Start (or join) filling the whole blob; called on first open. `workers`: see BlobFills.start."""
         try:
             st = self.state(blob_id)
         except FillError:
             return None
         if st.rec.state == "complete":
             return None
-        return self.blobs.start(st)
+        return self.blobs.start(st, workers)
 
     def opened_in_repo(self, repo_type: str, repo_id: str, blob_id: str, commit: str | None) -> asyncio.Task | None:
         """A reader opened a blob of a repo: if it is a weight file, fill what the loader reads next."""

@@ -1,10 +1,13 @@
 """Snapshot-aware fill: a reader opened a weight file, so fill the rest of the snapshot it will read.
 
 What and in which order is snapplan's (pure); here the whole-blob fills are
-started: the small files at once, then the shards one after another, at most
-`parallel_total // parallel_per_blob` whole-blob fills running at a time (the
-connections a node may use), so the next shard the loader reads fills first.
-Every such fetch is a background one: readers' chunks go ahead (slots.py).
+started: the small files at once, then the shards one after another, each
+with as many workers as background fills may hold connections (parallel_total
+less the demand reserve), the next started once every chunk of the one before
+is claimed. So the shard the loader reads next is complete first, and its open
+is passthrough; shards filling side by side would finish together, late, and
+every one of them be served by the daemon. Every such fetch is a background
+one: readers' chunks go ahead (slots.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from .chunks import consume
+from .chunks import consume, reserve_for_demand
 from .config import Config
 from .expiring import ExpiringSet
 from .index import BlobRecord, Index
@@ -34,16 +37,17 @@ class SnapshotFills:
         self,
         cfg: Config,
         index: Index,
-        start: Callable[[str], asyncio.Task | None],
-        running: dict[str, asyncio.Task],
+        start: Callable[[str, int | None], asyncio.Task | None],
+        claimed: Callable[[str], Awaitable[None]],
         record: Callable[[str], BlobRecord | None],
         read: Callable[[str, int, int], Awaitable[bytes]],
     ):
         self.cfg, self.index = cfg, index
-        self.start = start  # start (or join) a blob's whole-blob fill; None if complete or failing
-        self.running = running  # whole-blob fills running now, by blob id
+        # Start (or join, with at least n workers) a blob's whole-blob fill; None if complete or failing.
+        self.start = start
+        self.claimed = claimed  # until every chunk of a blob's running fill is claimed by a worker
         self.record, self.read = record, read
-        self.limit = max(1, cfg.parallel_total // cfg.parallel_per_blob)
+        self.workers = max(1, cfg.parallel_total - reserve_for_demand(cfg.parallel_total))
         self._tasks: dict[Snapshot, asyncio.Task] = {}
         self._planned = ExpiringSet(_REPLAN_AFTER, _PLANNED_MAX)
         self._seen = ExpiringSet(_REPLAN_AFTER, _PLANNED_MAX)  # (type, repo, blob) opened lately
@@ -95,9 +99,18 @@ class SnapshotFills:
         return None
 
     async def _fill(self, snapshot: Snapshot, opened: str, files: list[FileEntry]) -> None:
-        started = [t for f in small_files(files, opened) if (t := self.start(f.blob_id)) is not None]
+        started = [t for f in small_files(files, opened) if (t := self.start(f.blob_id, None)) is not None]
         if started:
             await asyncio.wait(started)
+        order = weight_order(files, opened, await self._indexes(files, opened))
+        log.info("snapshot fill of %s@%s after %s: %d small file(s), then %s", snapshot[1], snapshot[2][:12],
+                 opened, len(started), ", ".join(f.path for f in order) or "no other weight file")  # fmt: skip
+        for f in order:
+            if self.start(f.blob_id, self.workers) is not None:
+                await self.claimed(f.blob_id)
+
+    async def _indexes(self, files: list[FileEntry], opened: str) -> dict[str, bytes]:
+        """The checkpoint indexes beside the opened file that are stored already, by path."""
         indexes = {}
         for f in index_files(files, opened):
             rec = self.record(f.blob_id)
@@ -106,13 +119,7 @@ class SnapshotFills:
                     indexes[f.path] = await self.read(f.blob_id, 0, f.size)
                 except OSError as e:
                     log.info("snapshot fill: cannot read %s: %s", f.path, e)
-        order = weight_order(files, opened, indexes)
-        log.info("snapshot fill of %s@%s after %s: %d small file(s), then %s", snapshot[1], snapshot[2][:12],
-                 opened, len(started), ", ".join(f.path for f in order) or "no other weight file")  # fmt: skip
-        for f in order:
-            while len(self.running) >= self.limit:
-                await asyncio.wait(list(self.running.values()), return_when=asyncio.FIRST_COMPLETED)
-            self.start(f.blob_id)
+        return indexes
 
     def tasks(self) -> list[asyncio.Task]:
         return list(self._tasks.values())

@@ -123,6 +123,32 @@ def test_opening_one_shard_fills_small_files_then_the_others_in_index_order(hub,
         assert (snap / n).read_bytes() == (d / n).read_bytes()
 
 
+def test_the_shard_read_next_fills_alone_with_the_connections_background_fills_may_hold(hub, daemons, sharded_repo):
+    """Shards filling side by side (parallel_per_blob each) would finish together, after the loader
+    opened them: the next one gets every background connection, so it is complete first."""
+    d, names, order = sharded_repo
+    commit = hub.add_repo(SHARDED, d)
+    env = {"NODECACHE_CHUNK_SIZE": str(256 * 1024), "NODECACHE_PARALLEL_TOTAL": "8", "NODECACHE_PARALLEL_PER_BLOB": "2"}
+    daemon = daemons([SHARDED], env=env)
+    snap = snapshot_dir(daemon, SHARDED, commit)
+    ids = _blob_ids(snap)
+    hub.stats.reset()
+    hub.rate_limit_bps = 4_000_000  # ~65 ms per chunk: the requests of one shard overlap
+    try:
+        with open(snap / order[0], "rb") as f:
+            assert len(f.read(8)) == 8
+        wait_until(lambda: verified(snap), "the whole snapshot filled and proven")
+    finally:
+        hub.rate_limit_bps = None
+    peaks = {n: hub.stats.peak.get(ids[n], 0) for n in order}
+    # 8 slots less the demand reserve (1) = 7 workers for each shard after the opened one (12 chunks each);
+    # with parallel_per_blob (2) workers a shard sees at most 4 responses at once (each worker asks
+    # for its next chunk as the last bytes of the one before are sent).
+    assert all(peaks[n] >= 5 for n in order[1:]), f"more than parallel_per_blob (2) workers at once: {peaks}"
+    for n in names:
+        assert (snap / n).read_bytes() == (d / n).read_bytes()
+
+
 def test_fill_snapshot_on_open_false_fills_only_what_is_opened(hub, daemons, sharded_repo):
     d, names, order = sharded_repo
     commit = hub.add_repo(SHARDED, d)
@@ -164,8 +190,11 @@ def test_an_open_reads_no_file_list_unless_it_may_be_a_weight_file_of_a_snapshot
 
     started: list[str] = []
 
+    async def claimed(blob_id: str) -> None:
+        return None
+
     async def main() -> None:
-        fills = SnapshotFills(Config(), Index(), lambda b: started.append(b), {}, records.get, None)
+        fills = SnapshotFills(Config(), Index(), lambda b, n: started.append(b), claimed, records.get, None)
         for f in files[:50]:
             assert fills.opened("model", "org/d", f.blob_id) is None
         assert Index.file_lists_read == 0, "parquet opens read no file list"
