@@ -33,6 +33,25 @@ def own_fd(path: Path, flags: int) -> Iterator[int]:
         os.close(fd)
 
 
+class FileSlice:
+    """Bytes of a blob file to be sent later, by another thread: a file descriptor of its own
+    (the fd cache may close its fd, and the number be reused for another blob, meanwhile),
+    which whoever sends it closes."""
+
+    __slots__ = ("fd", "offset", "size")
+
+    def __init__(self, fd: int, offset: int, size: int):
+        self.fd, self.offset, self.size = fd, offset, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def pread(path: Path, size: int, offset: int) -> bytes:
     with own_fd(path, os.O_RDONLY) as fd:
         return os.pread(fd, size, offset)

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from .blobfile import FileSlice
 from .blobfill import BlobFills
 from .chunks import Chunks, FillError, consume
 from .config import Config
@@ -118,19 +119,34 @@ class Filler:
 
     # reads ---------------------------------------------------------------------
 
-    async def read(self, blob_id: str, offset: int, size: int, since: int | None = None, ahead: bool = True) -> bytes:
+    async def read(
+        self,
+        blob_id: str,
+        offset: int,
+        size: int,
+        since: int | None = None,
+        ahead: bool = True,
+        as_slice: bool = False,
+    ) -> bytes | FileSlice:
         """Exactly the bytes [offset, offset+size) clipped to the blob, or FillError.
 
         `since`: the blob's generation when the reader opened it; if a proof
         failed since, the reader may hold wrong bytes already and gets EIO.
         `ahead`: a miss also fetches the next `read_ahead_chunks` (off for a
         reader whose whole-blob fill runs: its workers fetch those, in order).
+        `as_slice`: once present, the bytes as a FileSlice of the blob file (the
+        FUSE session sends them from a thread), not read into memory here.
         """
         self.hold(blob_id)
         try:
             self._same_generation(blob_id, since)
-            data = await self._read(blob_id, offset, size, ahead)
-            self._same_generation(blob_id, since)  # a proof may have failed while we waited
+            data = await self._read(blob_id, offset, size, ahead, as_slice)
+            try:
+                self._same_generation(blob_id, since)  # a proof may have failed while we waited
+            except FillError:
+                if isinstance(data, FileSlice):
+                    data.close()
+                raise
             return data
         finally:
             self.release(blob_id)
@@ -163,7 +179,7 @@ class Filler:
                 if self.record(blob_id).state != "quarantined":
                     raise
 
-    async def _read(self, blob_id: str, offset: int, size: int, ahead: bool) -> bytes:
+    async def _read(self, blob_id: str, offset: int, size: int, ahead: bool, as_slice: bool) -> bytes | FileSlice:
         deadline = time.monotonic() + self.cfg.read_timeout
         await self._backoff(blob_id, deadline)
         if blob_id in self.verify_first:
@@ -190,7 +206,7 @@ class Filler:
             kinds = set(waits.result())
             source = "upstream" if "upstream" in kinds else "peer" if "peer" in kinds else "local"
             st = self.state(blob_id)  # verification may have quarantined it
-        data = await self.store.read(blob_id, offset, size)
+        data = self.store.slice(blob_id, offset, size) if as_slice else await self.store.read(blob_id, offset, size)
         self.metrics.read_bytes.labels(source).inc(len(data))
         rec.last_access = time.time()
         return data

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from .fill import Filler, FillError
 from .fuseproto import ENOATTR, FATTR_FH, FATTR_KILL_SUIDGID, FATTR_LOCKOWNER, FATTR_MODE, FATTR_SIZE, FATTR_TIMES, Attr
-from .fusesession import FuseError, Opened
+from .fusesession import SLICE_MIN, FuseError, Opened
 from .inodes import InodeTable
 from .layout import MAX_NAME, InvalidName, Node, repo_folder_name
 from .metrics import Metrics
@@ -274,7 +274,10 @@ class NodecacheFS:
         if node.kind == "static":
             return node.data[off : off + size]
         t0 = time.perf_counter()
-        data = await self.filler.read(node.blob_id, off, size, since=self._generation.get(fh))
+        # A large read is answered from the session's reply threads (a FileSlice): the loop neither
+        # copies the bytes nor writes them to the kernel. A small one costs less than the thread hop.
+        big = size >= SLICE_MIN
+        data = await self.filler.read(node.blob_id, off, size, since=self._generation.get(fh), as_slice=big)
         self.metrics.fuse_read_seconds.observe(time.perf_counter() - t0)
         return data
 

@@ -16,17 +16,21 @@ import fcntl
 import logging
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from . import fuseproto as p
 from . import mounts
+from .blobfile import FileSlice
 from .inodes import PASSTHROUGH, SERVED, InodeTable
 
 log = logging.getLogger(__name__)
 
 _BUF = (1 << 20) + 4096  # the kernel insists on room for max_write plus headers; be generous
+SLICE_MIN = 64 * 1024  # a READ at least this large is answered from a reply thread (FileSlice)
+_REPLY_THREADS = 2
 FSTYPE = "fuse.nodecache"
 
 
@@ -102,6 +106,10 @@ class Session:
         self._handing_over = False
         self._leaving = False  # handing over: a request we stop working on stays unanswered, for the next server
         self._buf = bytearray(_BUF)
+        # READ replies of file bytes (FileSlice) are sent by these threads: os.preadv and os.writev
+        # release the GIL, so the bytes cost the loop nothing. Their own fd: close() may close ours.
+        self._replier: ThreadPoolExecutor | None = None
+        self._reply_fd = -1
 
     @property
     def passthrough(self) -> bool:
@@ -223,6 +231,11 @@ class Session:
             log.warning("unmount %s: %s", self.mountpoint, e)
 
     def _finish(self) -> None:
+        if self._replier is not None:
+            self._replier.shutdown(wait=True)  # replies on their way go out (or fail: ENODEV)
+            self._replier = None
+            os.close(self._reply_fd)
+            self._reply_fd = -1
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
@@ -323,13 +336,54 @@ class Session:
             log.exception("FUSE opcode %d failed", req.opcode)
             self._reply(req.unique, errno.EIO)
         else:
-            self._reply(req.unique, 0, payload)
+            if isinstance(payload, FileSlice):
+                await self._reply_slice(req.unique, payload)
+            else:
+                self._reply(req.unique, 0, payload)
 
-    def _reply(self, unique: int, error: int, payload: bytes | memoryview | list = b"") -> None:
+    async def _reply_slice(self, unique: int, sl: FileSlice) -> None:
+        """Answer with file bytes from a reply thread. Once handed over, the reply goes out even if
+        the request is interrupted meanwhile (never two replies); the thread closes the slice."""
+        if self._replier is None:
+            if self._fd < 0 or (self._done is not None and self._done.done()):
+                sl.close()  # the session is over: nobody to answer
+                return
+            self._reply_fd = os.dup(self._fd)
+            self._replier = ThreadPoolExecutor(_REPLY_THREADS, thread_name_prefix="nodecache-fuse-reply")
+        try:
+            fut = asyncio.get_running_loop().run_in_executor(self._replier, self._send_slice, unique, sl)
+        except RuntimeError:  # the session is over: nobody to answer
+            sl.close()
+            return
+        await asyncio.shield(fut)
+
+    def _send_slice(self, unique: int, sl: FileSlice) -> None:
+        """In a reply thread: read the bytes and write the reply. A short read (the file was
+        emptied: a failed proof) is EIO, never a reply with fewer or wrong bytes.
+
+        Not spliced (libfuse's way): a 1 MiB reply and its header need a 2 MiB pipe, past
+        pipe-max-size without CAP_SYS_RESOURCE, and the kernel copies the pages into the
+        reader's page cache either way."""
+        try:
+            data = bytearray(sl.size)
+            if os.preadv(sl.fd, [data], sl.offset) != sl.size:
+                self._reply(unique, errno.EIO, fd=self._reply_fd)
+            else:
+                self._reply(unique, 0, data, fd=self._reply_fd)
+        except OSError as e:
+            log.error("reading %d bytes for FUSE request %d: %s", sl.size, unique, e)
+            self._reply(unique, errno.EIO, fd=self._reply_fd)
+        finally:
+            sl.close()
+
+    def _reply(
+        self, unique: int, error: int, payload: bytes | bytearray | memoryview | list = b"", fd: int | None = None
+    ) -> None:
+        """Write one reply (`fd`: a reply thread's own fd of the connection)."""
         parts = payload if isinstance(payload, list) else [payload]
         size = sum(len(x) for x in parts)
         try:
-            os.writev(self._fd, [p.out_header(unique, error, size), *parts])
+            os.writev(self._fd if fd is None else fd, [p.out_header(unique, error, size), *parts])
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):  # interrupted, or gone
                 log.error("replying to FUSE request %d: %s", unique, e)

@@ -28,7 +28,7 @@ import xxhash
 
 from . import directio, eviction, recovery
 from .backoff import proof_backoff
-from .blobfile import HASH_BUF, FdCache, bad_chunks, hash_file, hash_range, new_hasher, own_fd, pread
+from .blobfile import HASH_BUF, FdCache, FileSlice, bad_chunks, hash_file, hash_range, new_hasher, own_fd, pread
 from .groupcommit import GroupCommit
 from .index import BlobRecord, Index
 from .inorderhash import InOrderHashes
@@ -246,6 +246,11 @@ class Store:
         if len(data) != size:
             raise OSError(errno.EIO, f"short read of blob {blob_id}")
         return data
+
+    def slice(self, blob_id: str, offset: int, size: int) -> FileSlice:
+        """Bytes already present, to be read (or spliced) by the FUSE session's reply threads:
+        the loop neither copies them nor waits for the disk."""
+        return FileSlice(os.dup(self._fds.get(blob_id)), offset, size)
 
     async def write_chunk(self, st: BlobState, index: int, data: bytes | list, cache: bool = True) -> None:
         """Write, sync, then record: the order that makes a crash safe.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import signal
 import subprocess
@@ -83,4 +84,26 @@ def test_a_reader_waiting_on_a_slow_fill_dies_at_once(hub, daemons, big_repo, ho
             reader.kill()
             reader.wait(30)
     assert sha256_file(path) == sha256_file(big_repo / "weights.bin"), "the daemon serves on, right bytes"
+    assert d.status()["ready"]
+
+
+def test_a_large_read_of_a_blob_file_cut_short_under_the_daemon_is_eio_never_fewer_bytes(hub, daemons, big_repo):
+    """Large READs are answered from the session's reply threads (the bytes never cross the loop):
+    a blob file shorter than its recorded chunks (emptied, or damaged on disk) must give EIO there,
+    never a short reply or zeros."""
+    d = daemons(repos=(BIG,), env={"NODECACHE_FILL_ON_OPEN": "false", "NODECACHE_READ_AHEAD_CHUNKS": "0"})
+    path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
+    want = (big_repo / "weights.bin").read_bytes()
+    blob_id = os.readlink(path).rsplit("/", 1)[1]
+    buf = mmap.mmap(-1, 512 * 1024)  # O_DIRECT: every read goes to the daemon, none to the page cache
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], 0) == len(buf) and buf[:] == want[: len(buf)]  # chunk 0 (1 MiB) is stored
+        assert os.preadv(fd, [buf], len(buf)) == len(buf) and buf[:] == want[len(buf) : 2 * len(buf)]
+        os.truncate(d.cache_dir / "blobs" / blob_id[:2] / blob_id, 4096)
+        with pytest.raises(OSError) as e:
+            os.preadv(fd, [buf], len(buf))
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
     assert d.status()["ready"]
