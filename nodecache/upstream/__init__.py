@@ -53,8 +53,9 @@ class Source(Protocol):
     name: str  # for logs and the per-attempt record of who served a blob
     kind: str  # "upstream" | "peer": what a failed proof is blamed on
 
-    async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes:
-        """Exactly bytes [start, end) of the blob, or raise UpstreamError.
+    async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes | list:
+        """Exactly bytes [start, end) of the blob (or the buffers that make them up, in order),
+        or raise UpstreamError.
 
         `background`: no reader waits for these bytes (a source that schedules, a peer, may let others first)."""
 

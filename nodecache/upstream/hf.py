@@ -27,7 +27,7 @@ from ..layout import (
 from ..metrics import Metrics
 from . import NotFound, Resolved, UpstreamError
 from .hftree import tree_pages
-from .ranges import joined, range_parts
+from .ranges import range_parts
 
 _LOCATION_TTL = 300.0  # signed CDN URLs live longer than this on the real Hub
 
@@ -104,12 +104,13 @@ class HfUpstream:
         except (aiohttp.ClientError, TimeoutError) as e:
             raise UpstreamError(f"{method} {path}: {e.__class__.__name__}: {e}") from None
 
-    async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes:
-        """Bytes [start, end) of the blob; follows (and remembers) the CDN redirect."""
+    async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> list:
+        """Bytes [start, end) of the blob as the socket delivered them (not joined: a copy of the
+        whole chunk on the loop); follows (and remembers) the CDN redirect."""
         async with aclosing(self.stream(rec, start, end, end - start)) as parts:
             async for pieces in parts:
-                return joined(pieces)
-        return b""  # an empty range
+                return pieces
+        return []  # an empty range
 
     async def stream(self, rec: BlobRecord, start: int, end: int, piece: int) -> AsyncIterator[list]:
         """Bytes [start, end) of one ranged GET, as consecutive `piece`-sized parts (see `parts`).
