@@ -272,7 +272,9 @@ class Store:
         direct = self.direct_io and not cache
         path = self.path(st.rec.blob_id)
         prefix = self.hashes.get(st.rec.blob_id)
-        if prefix is not None and direct:  # a chunk going to the page cache is cheap to read back
+        if prefix is not None:
+            # Also a chunk going to the page cache: the hash reads back with O_DIRECT, which
+            # would write its dirty pages out first and then read them from the disk.
             self.hashes.hold(st, prefix, index, pieces, size)
 
         def work() -> int:

@@ -775,9 +775,14 @@ def test_whole_blob_hash_advances_with_chunks_in_any_order(cache: Path, index: I
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_concurrent_chunk_writes_share_flushes_and_hash_from_memory(cache: Path, index: Index, kind: str):
+@pytest.mark.parametrize("through_page_cache", [False, True])
+def test_concurrent_chunk_writes_share_flushes_and_hash_from_memory(
+    cache: Path, index: Index, kind: str, through_page_cache: bool
+):
     """Chunks written together are synced and recorded in a few group commits, and
-    the whole-blob hash takes them from memory: nothing is read back to prove the blob."""
+    the whole-blob hash takes them from memory: nothing is read back to prove the blob,
+    also when they go through the page cache (a reader has the blob open): the read back
+    is O_DIRECT, which writes the dirty pages out first and reads them from the disk."""
     data = payload(16 * CS + 77, seed=3)
     rec = record(kind, data)
     index.put_blob(rec)
@@ -804,7 +809,7 @@ def test_concurrent_chunk_writes_share_flushes_and_hash_from_memory(cache: Path,
     async def run() -> None:
         st = store.state(rec)
         order = [*range(len(parts))][::-1]  # worst case for an in-order hash
-        await asyncio.gather(*(store.write_chunk(st, i, pieces[i], cache=False) for i in order))
+        await asyncio.gather(*(store.write_chunk(st, i, pieces[i], cache=through_page_cache) for i in order))
         await asyncio.gather(*store.hashes.tasks)
         await store.finish(st)
 
