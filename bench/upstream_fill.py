@@ -360,6 +360,11 @@ def run(args: argparse.Namespace) -> dict:
                         m = d.metric_values()
                         extra["daemon_upstream_bytes"] = int(m.get('nodecache_upstream_bytes_total{upstream="hf"}', 0))
                         extra["daemon_fuse_errors"] = {k: v for k, v in m.items() if "fuse_errors" in k}
+                        # Opens of a complete blob are read by the kernel (passthrough); the rest by the daemon.
+                        extra["opens"] = {
+                            mode: int(m.get(f'nodecache_fuse_opens_total{{mode="{mode}"}}', 0))
+                            for mode in ("passthrough", "served")
+                        }
                         extra.update(read_wait(m))
                     finally:
                         d.stop()

@@ -323,6 +323,7 @@ class Session:
             task.cancel()
 
     async def _handle(self, req: p.Request) -> None:
+        payload = None
         try:
             payload = await self._dispatch(req)
             self.table.commit()  # new inode numbers are on disk before the kernel hears of them
@@ -334,6 +335,8 @@ class Session:
             raise
         except Exception:
             log.exception("FUSE opcode %d failed", req.opcode)
+            if isinstance(payload, FileSlice):
+                payload.close()
             self._reply(req.unique, errno.EIO)
         else:
             if isinstance(payload, FileSlice):
