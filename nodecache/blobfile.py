@@ -34,22 +34,24 @@ def own_fd(path: Path, flags: int) -> Iterator[int]:
 
 
 class FileSlice:
-    """Bytes of a blob file to be sent later, by another thread: a file descriptor of its own
+    """Bytes of a blob file to be sent later, by another thread: file descriptors of its own
     (the fd cache may close its fd, and the number be reused for another blob, meanwhile),
-    which whoever sends it closes."""
+    which whoever sends it closes. `direct_fd` (O_DIRECT, or -1) reads them without
+    bringing them into the page cache."""
 
-    __slots__ = ("fd", "offset", "size")
+    __slots__ = ("fd", "direct_fd", "offset", "size")
 
-    def __init__(self, fd: int, offset: int, size: int):
-        self.fd, self.offset, self.size = fd, offset, size
+    def __init__(self, fd: int, offset: int, size: int, direct_fd: int = -1):
+        self.fd, self.offset, self.size, self.direct_fd = fd, offset, size, direct_fd
 
     def __len__(self) -> int:
         return self.size
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self.direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.direct_fd = -1
 
 
 def pread(path: Path, size: int, offset: int) -> bytes:

@@ -61,6 +61,10 @@ class Chunks:
         self.open, self.inflight, self.finishing = store.in_use.open, store.in_use.inflight, store.in_use.finishing
         self._fetched: dict[Key, asyncio.Future] = {}  # set once a chunk's bytes are off the wire
         self._wanted: set[Key] = set()  # in-flight chunks a reader waits for: keep them in the page cache
+        # Blob id -> holds of readers that read it through the page cache (the mirror, peers, small
+        # FUSE reads). A FUSE handle reads large ranges with O_DIRECT (fusesession): its chunks go
+        # around the page cache, whose fresh pages cost more than the rest of the fill (storage notes).
+        self.paged: dict[str, int] = {}
         self.slots = Slots(cfg.parallel_total, reserve_for_demand(cfg.parallel_total), self._waited)
         self._tickets: dict[Key, Ticket] = {}  # chunks whose request waits for (or holds) a slot
         self._used: dict[str, dict[str, str]] = {}  # blob id -> {source name: kind} of its current attempt
@@ -111,15 +115,16 @@ class Chunks:
         sources: list[Source] | None = None,
         handed: asyncio.Future | None = None,
         background: bool = False,
+        paged: bool = True,
     ) -> asyncio.Task:
         """The one in-flight fetch of chunk k, created if needed (coalescing).
 
         `handed`: the chunk is part of a run; its bytes arrive there (None: fetch it alone).
         `background`: part of a whole-blob fill; unless a reader joins, it is
-        written around the page cache.
+        written around the page cache. `paged`: the reader reads through the page cache.
         """
         key = (st.rec.blob_id, k)
-        if not background:
+        if not background and paged:
             self._wanted.add(key)
         task = self.inflight.get(key)
         if task is not None:
@@ -179,9 +184,9 @@ class Chunks:
             if not fetched.done():
                 fetched.set_result(None)
         if data is not None:
-            # Into the page cache if a reader waits for it or has the blob open (it will
-            # read on); a prefetch nobody reads yet goes around it.
-            cache = (st.rec.blob_id, k) in self._wanted or self.is_open(st.rec.blob_id)
+            # Into the page cache if a reader that reads through it waits for it or has the
+            # blob open (it will read on); a prefetch nobody reads yet goes around it.
+            cache = (st.rec.blob_id, k) in self._wanted or self.paged.get(st.rec.blob_id, 0) > 0
             try:
                 await self.store.write_chunk(st, k, data, cache=cache)
             except NoSpace:

@@ -69,7 +69,8 @@ class BufferPool:
             self._free.clear()
 
 
-def _open_direct(path: os.PathLike | str, flags: int) -> int | None:
+def open_direct(path: os.PathLike | str, flags: int) -> int | None:
+    """An O_DIRECT fd of the file, or None where its filesystem has no direct I/O."""
     try:
         return os.open(path, flags | os.O_DIRECT | os.O_CLOEXEC)
     except OSError as e:
@@ -95,7 +96,7 @@ def _write_direct(path: os.PathLike | str, pieces: list, offset: int, buf: mmap.
     n = size // ALIGN * ALIGN
     if n == 0 or offset % ALIGN:
         return 0
-    fd = _open_direct(path, os.O_WRONLY)
+    fd = open_direct(path, os.O_WRONLY)
     if fd is None:
         return 0
     done = 0
@@ -143,7 +144,7 @@ def read_into(path: os.PathLike | str, offset: int, length: int, buf: mmap.mmap)
     """
     if len(buf) < _round_up(length):
         raise ValueError("buffer too small")
-    fd = _open_direct(path, os.O_RDONLY) if offset % ALIGN == 0 else None
+    fd = open_direct(path, os.O_RDONLY) if offset % ALIGN == 0 else None
     direct = fd is not None
     if fd is None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

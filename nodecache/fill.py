@@ -81,18 +81,17 @@ class Filler:
         """Blobs with a whole-blob fill or its proof still running (0: the node is quiet)."""
         return len(self.blobs.running.keys() | self.chunks.finishing.keys())
 
-    def hold(self, blob_id: str) -> None:
-        """An open handle (FUSE open, an HTTP download): keep the blob until release()."""
-        opened = self.chunks.open
-        opened[blob_id] = opened.get(blob_id, 0) + 1
+    def hold(self, blob_id: str, paged: bool = True) -> None:
+        """An open handle (FUSE open, an HTTP download): keep the blob until release().
+        `paged`: it reads through the page cache, so the chunks it will read are written there."""
+        _count(self.chunks.open, blob_id, 1)
+        if paged:
+            _count(self.chunks.paged, blob_id, 1)
 
-    def release(self, blob_id: str) -> None:
-        opened = self.chunks.open
-        n = opened.get(blob_id, 0) - 1
-        if n > 0:
-            opened[blob_id] = n
-        else:
-            opened.pop(blob_id, None)
+    def release(self, blob_id: str, paged: bool = True) -> None:
+        _count(self.chunks.open, blob_id, -1)
+        if paged:
+            _count(self.chunks.paged, blob_id, -1)
 
     # lookups ------------------------------------------------------------------
 
@@ -127,6 +126,7 @@ class Filler:
         since: int | None = None,
         ahead: bool = True,
         as_slice: bool = False,
+        paged: bool = True,
     ) -> bytes | FileSlice:
         """Exactly the bytes [offset, offset+size) clipped to the blob, or FillError.
 
@@ -136,11 +136,12 @@ class Filler:
         reader whose whole-blob fill runs: its workers fetch those, in order).
         `as_slice`: once present, the bytes as a FileSlice of the blob file (the
         FUSE session sends them from a thread), not read into memory here.
+        `paged`: the reader reads on through the page cache: its chunks are written there.
         """
-        self.hold(blob_id)
+        self.hold(blob_id, paged)
         try:
             self._same_generation(blob_id, since)
-            data = await self._read(blob_id, offset, size, ahead, as_slice)
+            data = await self._read(blob_id, offset, size, ahead, as_slice, paged)
             try:
                 self._same_generation(blob_id, since)  # a proof may have failed while we waited
             except FillError:
@@ -149,7 +150,7 @@ class Filler:
                 raise
             return data
         finally:
-            self.release(blob_id)
+            self.release(blob_id, paged)
 
     def _same_generation(self, blob_id: str, since: int | None) -> None:
         if since is not None and self.generation(blob_id) != since:
@@ -179,7 +180,9 @@ class Filler:
                 if self.record(blob_id).state != "quarantined":
                     raise
 
-    async def _read(self, blob_id: str, offset: int, size: int, ahead: bool, as_slice: bool) -> bytes | FileSlice:
+    async def _read(
+        self, blob_id: str, offset: int, size: int, ahead: bool, as_slice: bool, paged: bool
+    ) -> bytes | FileSlice:
         deadline = time.monotonic() + self.cfg.read_timeout
         await self._backoff(blob_id, deadline)
         if blob_id in self.verify_first:
@@ -193,11 +196,11 @@ class Filler:
         missing = [k for k in range(first, last + 1) if not st.has(k)]
         source = "local"
         if missing:
-            waits = asyncio.gather(*(self.chunks.get(st, k, demand=True) for k in missing))
+            waits = asyncio.gather(*(self.chunks.get(st, k, demand=True, paged=paged) for k in missing))
             reach = self.cfg.read_ahead_chunks if ahead else 0
             for k in range(last + 1, min(last + 1 + reach, rec.n_chunks)):
                 if not st.has(k):
-                    self.chunks.get(st, k, demand=False)
+                    self.chunks.get(st, k, demand=False, paged=paged)
             t0 = time.monotonic()
             try:
                 await self._await(waits, f"read of {blob_id} [{offset}+{size}]")
@@ -348,3 +351,11 @@ class Filler:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _count(counts: dict[str, int], key: str, n: int) -> None:
+    left = counts.get(key, 0) + n
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

@@ -255,7 +255,7 @@ class NodecacheFS:
         fh = self._handle(inode, READ, node)
         backing = None
         if node.kind == "blob":
-            self.filler.hold(node.blob_id)  # an open blob is never evicted
+            self.filler.hold(node.blob_id, paged=False)  # never evicted while open; read with O_DIRECT
             self._generation[fh] = self.filler.generation(node.blob_id)
             if self.filler.record(node.blob_id).state == "complete":
                 backing = self.filler.store.path(node.blob_id)  # verified: the kernel may read it itself
@@ -274,10 +274,13 @@ class NodecacheFS:
         if node.kind == "static":
             return node.data[off : off + size]
         t0 = time.perf_counter()
-        # A large read is answered from the session's reply threads (a FileSlice): the loop neither
-        # copies the bytes nor writes them to the kernel. A small one costs less than the thread hop.
+        # A large read is answered from the session's reply threads (a FileSlice, read with O_DIRECT):
+        # the loop neither copies the bytes nor writes them to the kernel. A small one costs less
+        # than the thread hop. The kernel keeps what it got in its page cache: the blob's chunks
+        # need not be in the page cache of the blob file too (paged=False).
         big = size >= SLICE_MIN
-        data = await self.filler.read(node.blob_id, off, size, since=self._generation.get(fh), as_slice=big)
+        gen = self._generation.get(fh)
+        data = await self.filler.read(node.blob_id, off, size, since=gen, as_slice=big, paged=False)
         self.metrics.fuse_read_seconds.observe(time.perf_counter() - t0)
         return data
 
@@ -316,7 +319,7 @@ class NodecacheFS:
             if fh_kind(fh) == REWRITE:
                 self._rewrites[fh] = bytearray(b"\1" * len(node.data))
         if node.kind == "blob":
-            self.filler.hold(node.blob_id)
+            self.filler.hold(node.blob_id, paged=False)
         self._handles[fh] = node
         return node
 
@@ -387,7 +390,7 @@ class NodecacheFS:
         node = self._handles.pop(fh, None)
         self._generation.pop(fh, None)
         if node is not None and node.kind == "blob":
-            self.filler.release(node.blob_id)
+            self.filler.release(node.blob_id, paged=False)
 
 
 def _blob_ids(node: Node):

@@ -14,15 +14,17 @@ import contextlib
 import errno
 import fcntl
 import logging
+import mmap
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from . import directio, mounts
 from . import fuseproto as p
-from . import mounts
 from .blobfile import FileSlice
 from .inodes import PASSTHROUGH, SERVED, InodeTable
 
@@ -110,6 +112,7 @@ class Session:
         # release the GIL, so the bytes cost the loop nothing. Their own fd: close() may close ours.
         self._replier: ThreadPoolExecutor | None = None
         self._reply_fd = -1
+        self._buffers = threading.local()  # each reply thread's aligned buffer for O_DIRECT reads
 
     @property
     def passthrough(self) -> bool:
@@ -364,12 +367,17 @@ class Session:
         """In a reply thread: read the bytes and write the reply. A short read (the file was
         emptied: a failed proof) is EIO, never a reply with fewer or wrong bytes.
 
-        Not spliced (libfuse's way): a 1 MiB reply and its header need a 2 MiB pipe, past
-        pipe-max-size without CAP_SYS_RESOURCE, and the kernel copies the pages into the
-        reader's page cache either way."""
+        Read with O_DIRECT into this thread's aligned buffer where the slice allows (the
+        kernel copies the bytes into the reader's page cache; a second copy in the blob
+        file's would cost fresh pages). Not spliced (libfuse's way): a 1 MiB reply and its
+        header need a 2 MiB pipe, past pipe-max-size without CAP_SYS_RESOURCE."""
         try:
-            data = bytearray(sl.size)
-            if os.preadv(sl.fd, [data], sl.offset) != sl.size:
+            data = self._read_direct(sl)
+            if data is None:
+                data = bytearray(sl.size)
+                if os.preadv(sl.fd, [data], sl.offset) != sl.size:
+                    data = None
+            if data is None:
                 self._reply(unique, errno.EIO, fd=self._reply_fd)
             else:
                 self._reply(unique, 0, data, fd=self._reply_fd)
@@ -378,6 +386,23 @@ class Session:
             self._reply(unique, errno.EIO, fd=self._reply_fd)
         finally:
             sl.close()
+
+    def _read_direct(self, sl: FileSlice) -> memoryview | None:
+        """The slice's bytes read with O_DIRECT, or None where they cannot be (no direct fd, an
+        unaligned offset, too large, or the file is shorter: the buffered read decides)."""
+        if sl.direct_fd < 0 or sl.offset % directio.ALIGN or sl.size > _BUF - directio.ALIGN:
+            return None
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None:
+            buf = self._buffers.buf = mmap.mmap(-1, _BUF)  # page-aligned, reused: no fresh pages per reply
+        want = -(-sl.size // directio.ALIGN) * directio.ALIGN
+        try:
+            got = os.preadv(sl.direct_fd, [memoryview(buf)[:want]], sl.offset)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return None  # refused after all: read it buffered
+        return memoryview(buf)[: sl.size] if got >= sl.size else None
 
     def _reply(
         self, unique: int, error: int, payload: bytes | bytearray | memoryview | list = b"", fd: int | None = None

@@ -248,9 +248,18 @@ class Store:
         return data
 
     def slice(self, blob_id: str, offset: int, size: int) -> FileSlice:
-        """Bytes already present, to be read (or spliced) by the FUSE session's reply threads:
-        the loop neither copies them nor waits for the disk."""
-        return FileSlice(os.dup(self._fds.get(blob_id)), offset, size)
+        """Bytes already present, to be read by the FUSE session's reply threads: the loop
+        neither copies them nor waits for the disk. With direct I/O they are read around the
+        page cache (the reader's kernel keeps its own copy): fresh page-cache pages cost more
+        here than the rest of the fill (the storage notes of the README)."""
+        fd = os.dup(self._fds.get(blob_id))
+        direct = -1
+        if self.direct_io:
+            try:
+                direct = directio.open_direct(f"/proc/self/fd/{fd}", os.O_RDONLY)  # the same file, even if renamed
+            except OSError:
+                direct = None
+        return FileSlice(fd, offset, size, -1 if direct is None else direct)
 
     async def write_chunk(self, st: BlobState, index: int, data: bytes | list, cache: bool = True) -> None:
         """Write, sync, then record: the order that makes a crash safe.

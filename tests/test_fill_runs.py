@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import machine
 import pytest
-from conftest import BIG, MiB, sha256_file
+from conftest import BIG, MiB, sha256_file, snapshot_dir, verified, wait_until
 
 from nodecache import directio
 from nodecache.blobfill import run_length
@@ -213,3 +213,20 @@ def test_a_body_arriving_in_small_packets_wakes_the_reader_once_per_lowat():
     assert lowat == 1, "the low-water mark is back to 1 before the connection is reused"
     # 2049 segments; batched: ~8 MiB / LOWAT wake-ups plus the tail (< LOWAT) read as it comes.
     assert reads < len(body) // LOWAT + LOWAT // piece + 40, f"{reads} reads of a {len(body)}-byte body"
+
+
+def test_a_reader_through_the_mount_leaves_the_blob_file_out_of_the_page_cache(hub, daemons, big_repo):
+    """A FUSE reader's chunks are written with O_DIRECT and its large reads answered with O_DIRECT:
+    the kernel keeps the bytes in the mount's page cache; a second copy in the blob file's would
+    cost fresh pages (more CPU on this VM than the rest of the fill) and memory."""
+    d = daemons(repos=(BIG,))
+    _need_direct_io(d.cache_dir)
+    path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
+    want = sha256_file(big_repo / "weights.bin")
+    assert sha256_file(path) == want  # read front to back while the open's whole-blob fill runs
+    blob = d.cache_dir / "blobs" / want[:2] / want
+    wait_until(lambda: verified(path), "the blob filled and proven")
+    n = -(-blob.stat().st_size // MiB)
+    cached = [k for k in range(n) if _cached(blob, k * MiB, min(MiB, blob.stat().st_size - k * MiB))]
+    assert len(cached) <= 2, f"chunks left in the blob file's page cache: {cached}"
+    assert sha256_file(blob) == want
