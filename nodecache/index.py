@@ -11,7 +11,7 @@ import json
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +99,9 @@ def check_blob(rec: BlobRecord) -> BlobRecord:
     return rec
 
 
-_DERIVED = "derived_v2"  # the derived records include the LRU order, the chunked set and complete bytes
+# The derived records include the LRU order, the chunked set, complete bytes, and (v3) the links
+# from blobs to snapshots with the blob's size, which replace v2's separate `blob_repos`.
+_DERIVED = "derived_v3"
 
 
 def _derived(rec: BlobRecord) -> tuple[str, float, float, int, str]:
@@ -165,15 +167,14 @@ class Index:
         self._chunked = self.env.open_db(b"chunked")  # ids of blobs with a chunk recorded
         # Readiness (node labels) per snapshot, kept as blobs complete and snapshots are recorded:
         self._complete = self.env.open_db(b"complete")  # ids of complete blobs
-        self._blob_snaps = self.env.open_db(b"blob_snapshots")  # blob id \0 snapshot key: who lists it
+        # Who lists each blob: `<blob id>\0<snapshot key>` -> its size (u64 LE); from it, per repo, how
+        # many of its blobs and bytes are complete, kept with each state change, read by getxattr.
+        self._blob_snaps = self.env.open_db(b"blob_snapshots")
         self._missing = self.env.open_db(b"snapshot_missing")  # snapshot key -> its blobs not complete
         self._changed = self.env.open_db(b"changed_repos")  # repo keys whose readiness may have changed
         # A snapshot's folders and blobs as compact blocks (folders.py), derived from its file list
         # in the transaction that writes it: `<snapshot key>/<folder path>` and `<snapshot key>#`.
         self._folders = self.env.open_db(b"folders")
-        # Which repos list each blob (`<blob id>\0<repo key>` -> its size) and, per repo, how many
-        # of its blobs and bytes are complete: kept with each state change, read by getxattr.
-        self._blob_repos = self.env.open_db(b"blob_repos")
         self._repo_bytes = self.env.open_db(b"repo_bytes")
         self._derive_once()
 
@@ -252,15 +253,20 @@ class Index:
                     blob_id = bytes(cur.key())[: -(_CHUNK_KEY.size + 1)]
                     txn.put(blob_id, b"", db=self._chunked)
                     found = cur.set_range(blob_id + b"\1")
-                for db in (self._blob_snaps, self._missing, self._complete):
+                for db in (self._blob_snaps, self._missing, self._complete, self._repo_bytes):
                     txn.drop(db, delete=False)
+                try:  # emptied, not deleted: a daemon of the previous version may still hold its handle
+                    txn.drop(self.env.open_db(b"blob_repos", txn=txn, create=False), delete=False)
+                except lmdb.NotFoundError:
+                    pass
                 stored = [(key, self._stored(txn, key)) for key, _ in txn.cursor(db=self._blobs)]
                 self._rebuild(txn, [(key, s) for key, s in stored if s is not None])
                 for key, raw in txn.cursor(db=self._snaps):  # after the complete set
                     try:
-                        self._list_blobs(txn, key, {item[2] for item in json.loads(raw)["files"]})
+                        files = [_file(item) for item in json.loads(raw)["files"]]
                     except _BAD:
-                        pass  # get_snapshot() and views() drop it
+                        continue  # get_snapshot() and views() drop it
+                    self._list_blobs(txn, bytes(key), {f.blob_id.encode(): _SIZE.pack(f.size) for f in files}.items())
                 txn.put(_DERIVED.encode(), b"1", db=self._meta)
 
     def _rebuild(self, txn, records: list[tuple[bytes, tuple]]) -> None:
@@ -268,9 +274,6 @@ class Index:
         txn.drop(self._lru, delete=False)
         txn.put(b"blob_states", json.dumps(dict.fromkeys(_STATES, 0)).encode(), db=self._meta)
         txn.delete(b"complete_bytes", db=self._meta)
-        for key, raw in list(txn.cursor(db=self._repo_bytes)):
-            blobs, size, _, _ = _REPO_BYTES.unpack(raw)
-            txn.put(key, _REPO_BYTES.pack(blobs, size, 0, 0), db=self._repo_bytes)
         self._derive_many(txn, [(key, None, s) for key, s in records])
 
     def _stored(self, txn, key: bytes) -> tuple[str, float, float, int, str] | None:
@@ -299,7 +302,6 @@ class Index:
         """Apply records' changes (key, old (state, verified_at, last_access) or None, new or None)."""
         delta = dict.fromkeys(_STATES, 0)
         complete_bytes: dict[str, int] = {}
-        done: dict[bytes, list[int]] = {}  # repo key -> [complete blobs, their bytes] to add
         for key, old, new in changes:
             if old == new:
                 continue
@@ -309,11 +311,6 @@ class Index:
             now = new is not None and new[0] == "complete"
             if now != (txn.get(key, db=self._complete) is not None):
                 self._completes(txn, key, now)
-            if now != (old is not None and old[0] == "complete"):
-                for repo, size in self._repos_of(txn, key):
-                    d = done.setdefault(repo, [0, 0])
-                    d[0] += 1 if now else -1
-                    d[1] += size if now else -size
             if self._holds(txn, key, old):
                 txn.delete(_lru_key(key, old), db=self._lru)
             if self._holds(txn, key, new):
@@ -338,31 +335,54 @@ class Index:
             for tier, n in complete_bytes.items():
                 total[tier] = max(0, total.get(tier, 0) + n)
             txn.put(b"complete_bytes", json.dumps(total).encode(), db=self._meta)
-        for repo, (n, size) in done.items():
-            self._add_repo_bytes(txn, repo, 0, 0, n, size)
 
     def _completes(self, txn, key: bytes, complete: bool) -> None:
         """A blob became complete (or stopped being): each snapshot listing it has one blob
-        fewer (more) to wait for, and its repo's readiness may have changed."""
+        fewer (more) to wait for (its repo's readiness may have changed), and each repo listing
+        it one more (fewer) complete."""
         if complete:
             txn.put(key, b"", db=self._complete)
         else:
             txn.delete(key, db=self._complete)
-        for snap, _ in under(txn, self._blob_snaps, key + b"\0"):
+        repos: dict[bytes, int] = {}
+        for snap, raw_size in under(txn, self._blob_snaps, key + b"\0"):
             raw = txn.get(snap, db=self._missing)
             if raw is not None:
                 txn.put(snap, b"%d" % max(0, int(raw) + (-1 if complete else 1)), db=self._missing)
                 txn.put(snap.partition(b"\0")[0] + b"\0", b"", db=self._changed)
+            repos[snap.partition(b"\0")[0] + b"\0"] = _SIZE.unpack(raw_size)[0]
+        for repo, size in repos.items():
+            self._add_repo_bytes(txn, repo, 0, 0, 1 if complete else -1, size if complete else -size)
 
-    def _list_blobs(self, txn, snap: bytes, blob_ids: set[str]) -> None:
-        """Record which blobs a snapshot lists, and how many of them are not complete."""
-        missing = 0
-        for blob_id in blob_ids:
-            key = blob_id.encode()
-            txn.put(key + b"\0" + snap, b"", db=self._blob_snaps)
-            missing += txn.get(key, db=self._complete) is None
+    def _list_blobs(
+        self, txn, snap: bytes, blobs: Iterable[tuple[bytes, bytes]], old: set[bytes] = frozenset()
+    ) -> None:
+        """Link a snapshot to its blobs ((id, size u64 LE), each once), count those not complete,
+        and count in its repo those no other snapshot of the repo listed; `old`: the ids it
+        listed before (listed again: a commit's files do not change, but be exact)."""
+        repo = snap.partition(b"\0")[0] + b"\0"
+        new_repo = txn.get(repo, db=self._repo_bytes) is None  # a repo's links are never deleted
+        n = size = done = done_size = missing = 0
+        listed = set()
+        for key, raw_size in blobs:
+            listed.add(key)
+            complete = txn.get(key, db=self._complete) is not None
+            missing += not complete
+            if new_repo or not self._linked(txn, key + b"\0" + repo):
+                blob_size = _SIZE.unpack(raw_size)[0]
+                n, size = n + 1, size + blob_size
+                if complete:
+                    done, done_size = done + 1, done_size + blob_size
+            txn.put(key + b"\0" + snap, raw_size, db=self._blob_snaps)
+        for key in old - listed:
+            txn.delete(key + b"\0" + snap, db=self._blob_snaps)
         txn.put(snap, b"%d" % missing, db=self._missing)
-        txn.put(snap.partition(b"\0")[0] + b"\0", b"", db=self._changed)
+        txn.put(repo, b"", db=self._changed)
+        self._add_repo_bytes(txn, repo, n, size, done, done_size)
+
+    def _linked(self, txn, prefix: bytes) -> bool:
+        cur = txn.cursor(db=self._blob_snaps)
+        return cur.set_range(prefix) and cur.key().startswith(prefix)
 
     def snapshots_missing(self, repo_type: str, repo_id: str) -> dict[str, int]:
         """commit -> how many of its snapshot's blobs are not complete (0: ready), for one repo."""
@@ -405,38 +425,19 @@ class Index:
         with self.env.begin() as txn:
             return txn.get(blob_id.encode(), db=self._blobs) is not None
 
-    def _repos_of(self, txn, key: bytes) -> list[tuple[bytes, int]]:
-        """(repo key, blob size) of each repo that lists the blob."""
-        return [(repo, _SIZE.unpack(raw)[0]) for repo, raw in under(txn, self._blob_repos, key + b"\0")]
-
     def _add_repo_bytes(self, txn, repo: bytes, blobs: int, size: int, done: int, done_size: int) -> None:
         raw = txn.get(repo, db=self._repo_bytes)
         old = _REPO_BYTES.unpack(raw) if raw and len(raw) == _REPO_BYTES.size else (0, 0, 0, 0)
         new = [max(0, a + b) for a, b in zip(old, (blobs, size, done, done_size), strict=True)]
         txn.put(repo, _REPO_BYTES.pack(*new), db=self._repo_bytes)
 
-    def _link_blobs(self, txn, repo: bytes, blobs: Block) -> None:
-        """Count the snapshot's blobs that are new to the repo (and those of them complete)."""
-        n = size = done = done_size = 0
-        new_repo = txn.get(repo, db=self._repo_bytes) is None  # repos are never deleted: it has no links
-        for raw_id, raw_size in blobs.entries():
-            key = raw_id.hex().encode()
-            link = key + b"\0" + repo
-            if not new_repo and txn.get(link, db=self._blob_repos) is not None:
-                continue
-            txn.put(link, raw_size, db=self._blob_repos)
-            blob_size = _SIZE.unpack(raw_size)[0]
-            n, size = n + 1, size + blob_size
-            if txn.get(key, db=self._complete) is not None:  # the complete set: no record parsed
-                done, done_size = done + 1, done_size + blob_size
-        self._add_repo_bytes(txn, repo, n, size, done, done_size)
-
     def repos_of(self, blob_id: str) -> list[tuple[str, str]]:
         """(repo_type, repo_id) of each repo whose snapshots list the blob."""
         with self.env.begin() as txn:
-            links = self._repos_of(txn, blob_id.encode())
+            links = under(txn, self._blob_snaps, blob_id.encode() + b"\0")
+            repos = dict.fromkeys(snap.partition(b"\0")[0] + b"\0" for snap, _ in links)
         out = []
-        for repo, _ in links:
+        for repo in repos:
             try:
                 out.append(_split_key(repo)[:2])
             except _BAD:
@@ -444,19 +445,9 @@ class Index:
         return out
 
     def repo_bytes(self, repo_type: str, repo_id: str) -> tuple[int, int, int, int]:
-        """(blobs, bytes, complete blobs, their bytes) of the repo's snapshots: one read
-        (counted once from its snapshots if the index was written before it kept them)."""
-        repo = _repo_key(repo_type, repo_id)
+        """(blobs, bytes, complete blobs, their bytes) of the repo's snapshots: one read."""
         with self.env.begin() as txn:
-            raw = txn.get(repo, db=self._repo_bytes)
-        if raw is None and self.has_repo(repo_type, repo_id):
-            blocks = [self.snapshot_blobs(repo_type, repo_id, c) for c in self.commits(repo_type, repo_id)]
-            with self.env.begin(write=True) as txn:
-                if txn.get(repo, db=self._repo_bytes) is None:
-                    for block in blocks:
-                        if block is not None:
-                            self._link_blobs(txn, repo, block)
-                raw = txn.get(repo, db=self._repo_bytes)
+            raw = txn.get(_repo_key(repo_type, repo_id), db=self._repo_bytes)
         return _REPO_BYTES.unpack(raw) if raw and len(raw) == _REPO_BYTES.size else (0, 0, 0, 0)
 
     def proven_by(self, when: float) -> tuple[list[str], float | None]:
@@ -533,25 +524,18 @@ class Index:
         value = json.dumps({"files": [[f.path, f.size, f.blob_id] for f in files], "at": time.time()})
         blocks = snapshot_blocks(files) if blocks is None else blocks
         key = _repo_key(repo_type, repo_id) + commit.encode()
-        repo = _repo_key(repo_type, repo_id)
         with self.env.begin(write=True) as txn:
-            counted = txn.get(repo, db=self._repo_bytes) is not None or not self._has_snapshot(txn, repo)
             old = txn.get(key, db=self._snaps)
-            if old is not None:  # listed again (a commit's files do not change, but be exact)
+            listed: set[bytes] = set()
+            if old is not None:
                 try:
-                    for item in json.loads(old)["files"]:
-                        txn.delete(str(item[2]).encode() + b"\0" + key, db=self._blob_snaps)
+                    listed = {str(item[2]).encode() for item in json.loads(old)["files"]}
                 except _BAD:
                     pass
             txn.put(key, value.encode(), db=self._snaps)
-            self._list_blobs(txn, key, {f.blob_id for f in files})
+            blobs = ((raw_id.hex().encode(), raw_size) for raw_id, raw_size in Block(blocks[1]).entries())
+            self._list_blobs(txn, key, blobs, listed)
             self._put_blocks(txn, key, blocks)
-            if counted:  # else counted from every snapshot when first asked (repo_bytes)
-                self._link_blobs(txn, repo, Block(blocks[1]))
-
-    def _has_snapshot(self, txn, repo: bytes) -> bool:
-        cur = txn.cursor(db=self._snaps)
-        return cur.set_range(repo) and cur.key().startswith(repo)
 
     def _put_blocks(self, txn, key: bytes, blocks: tuple[dict[str, bytes], bytes]) -> None:
         self._drop_blocks(txn, key)

@@ -207,11 +207,58 @@ def test_repo_byte_counters_follow_blob_states(index: Index):
     assert index.repo_bytes("model", "org/z") == (1, 5, 1, 5)
     index.check_all()  # a start that reads every record and derives everything again
     assert index.repo_bytes("model", "org/x") == (3, 35, 1, 5)
-    with index.env.begin(write=True) as txn:  # an index written before the counters existed
-        txn.drop(index._blob_repos, delete=False)
-        txn.drop(index._repo_bytes, delete=False)
-    assert index.repo_bytes("model", "org/x") == (3, 35, 1, 5)
     assert index.repo_bytes("model", "nobody") == (0, 0, 0, 0)
+
+
+def _as_previous_version(index: Index) -> None:
+    """Rewrite the derived tables as the previous version kept them: links without sizes,
+    `blob_repos` (blob id \0 repo key -> size) beside them, and no per-repo counters (as an
+    index from before those)."""
+    with index.env.begin(write=True) as txn:
+        links = index._blob_snaps
+        entries = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=links)]
+        old = index.env.open_db(b"blob_repos", txn=txn)
+        for key, size in entries:
+            txn.put(key, b"", db=links)
+            blob, _, snap = key.partition(b"\0")
+            txn.put(blob + b"\0" + snap.partition(b"\0")[0] + b"\0", size, db=old)
+        txn.drop(index._repo_bytes, delete=False)
+        txn.delete(b"derived_v3", db=index._meta)
+        txn.put(b"derived_v2", b"1", db=index._meta)
+
+
+def test_an_index_of_the_previous_version_opens_with_the_same_counts(cache: Path, index: Index):
+    """The links between blobs and snapshots used to be two tables (`blob_snapshots`, `blob_repos`):
+    an index written so is derived again once on open, and reads as it did."""
+    a, b, c = "a" * 64, "b" * 64, "c" * 40
+    index.add_blobs([BlobRecord(x, n, "sha256", CS) for x, n in ((a, 10), (b, 20), (c, 5))])
+    index.put_snapshot("model", "org/x", C1, [FileEntry("a", 10, a), FileEntry("s", 5, c)])
+    index.put_snapshot("model", "org/x", C2, [FileEntry("a", 10, a), FileEntry("b", 20, b)])
+    index.put_snapshot("dataset", "org/y", C1, [FileEntry("s", 5, c)])
+    index.put_blob(BlobRecord(c, 5, "sha256", CS, state="complete", verified_at=1.0))
+
+    def read(idx: Index) -> tuple:
+        repos = (("model", "org/x"), ("dataset", "org/y"))
+        return (
+            [idx.repo_bytes(*r) for r in repos],
+            [idx.snapshots_missing(*r) for r in repos],
+            [sorted(idx.repos_of(x)) for x in (a, b, c)],
+        )
+
+    before = read(index)
+    assert before[0] == [(3, 35, 1, 5), (1, 5, 1, 5)] and before[1][0] == {C1: 1, C2: 2}
+    _as_previous_version(index)
+    index.close()
+    again = Index(cache / "index", map_size=64 * MiB)
+    try:
+        assert read(again) == before
+        with again.env.begin() as txn:
+            assert txn.cursor(db=again.env.open_db(b"blob_repos", txn=txn)).first() is False, "emptied"
+        again.put_blob(BlobRecord(a, 10, "sha256", CS, state="complete", verified_at=2.0))  # kept from here on
+        assert again.repo_bytes("model", "org/x") == (3, 35, 2, 15)
+        assert again.snapshots_missing("model", "org/x") == {C1: 0, C2: 1}
+    finally:
+        again.close()
 
 
 # --- Index: blobs and chunks ---------------------------------------------------
@@ -337,7 +384,7 @@ def test_index_counts_blob_states_as_it_writes_them(cache: Path):
     assert idx.get_blob(c.blob_id) is None
     assert idx.blob_states() == scanned() == {"partial": 1, "complete": 1, "quarantined": 1}
     idx.put_meta("blob_states", None)  # an index from before the counters: counted once on open
-    idx.put_meta("derived_v2", None)
+    idx.put_meta("derived_v3", None)
     idx.close()
     idx = Index(path, map_size=64 * MiB)
     try:
