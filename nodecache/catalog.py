@@ -53,22 +53,22 @@ class Catalog:
         whose ids are missing: a start after a kill -9 trusts the set too. After someone else
         wrote to the index every snapshot is read (and so checked, the bad ones dropped)."""
         patterns = list(self.cfg.verify_before_serve)
-        if index_as_left and self.index.get_meta("verify_first_patterns") == patterns:
-            self.filler.verify_first.update(self.index.verify_first())
+        if index_as_left and self.index.meta.get("verify_first_patterns") == patterns:
+            self.filler.verify_first.update(self.index.verify_first.get())
             return
         ids: set[str] = set()
         for view in self.index.views():
             for files in view.snapshots.values():
                 ids.update(f.blob_id for f in files if self.cfg.verify_first(view.repo_id, f.path))
-        self.index.set_verify_first(ids, replace=True)
-        self.index.put_meta("verify_first_patterns", patterns)
+        self.index.verify_first.set(ids, replace=True)
+        self.index.meta.put("verify_first_patterns", patterns)
         self.filler.verify_first.update(ids)
 
     def _verify_first(self, repo_id: str, files: list) -> None:
         """Blobs shown under a verify_before_serve name anywhere are read only once proven."""
         ids = {f.blob_id for f in files if self.cfg.verify_first(repo_id, f.path)} - self.filler.verify_first
         if ids:
-            self.index.set_verify_first(ids)
+            self.index.verify_first.set(ids)
             self.filler.verify_first.update(ids)
 
     async def _ensure(self, spec: RepoSpec, accept=None) -> RepoRef:
@@ -82,12 +82,12 @@ class Catalog:
 
     def indexed(self, spec: RepoSpec) -> bool:
         """Does the index hold the snapshot this spec names (a restart can show it at once)?"""
-        commit = self.index.commit_of(spec.repo_type, spec.repo_id, spec.rev)
-        return commit is not None and commit in self.index.commits(spec.repo_type, spec.repo_id)
+        commit = self.index.refs.commit_of(spec.repo_type, spec.repo_id, spec.rev)
+        return commit is not None and commit in self.index.snapshots.commits(spec.repo_type, spec.repo_id)
 
     def may_fetch(self, repo_type: str, repo_id: str) -> bool:
         """May a request (a peer's, a lookup's) make this node resolve the repo upstream?"""
-        return self.policy.allows(repo_type, repo_id) or self.index.has_repo(repo_type, repo_id)
+        return self.policy.allows(repo_type, repo_id) or self.index.snapshots.has_repo(repo_type, repo_id)
 
     async def add_repo(self, spec: RepoSpec, public_only: bool = False) -> tuple[RepoRef, int, list[str]]:
         """Resolve a repo into the index and show it in the tree; (ref, bytes, blob ids).
@@ -96,7 +96,7 @@ class Catalog:
         (requests nobody configured) refuses a repo the Hub does not call public.
         """
         ref = await self.ensure(spec, public_only)
-        files = self.index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit) or []
+        files = self.index.snapshots.get(ref.repo_type, ref.repo_id, ref.commit) or []
         return ref, sum({f.blob_id: f.size for f in files}.values()), [f.blob_id for f in files]
 
     async def ensure(self, spec: RepoSpec, public_only: bool = False) -> RepoRef:
@@ -127,7 +127,7 @@ class Catalog:
         """Re-resolve refs older than ref_ttl; a new commit appears as a new snapshot
         beside the old one (which stays readable). The number of refs that moved."""
         changed = 0
-        for repo_type, repo_id, revision, commit, at in self.index.all_refs():
+        for repo_type, repo_id, revision, commit, at in self.index.refs.all():
             if time.time() - at < self.cfg.ref_ttl:
                 continue
             try:

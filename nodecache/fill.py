@@ -274,7 +274,7 @@ class Filler:
         """
         rec = self.record(blob_id)
         rec.demoted = served_by
-        self.index.put_blob(rec)
+        self.index.blobs.put(rec)
         if seen:
             self._generation[blob_id] = self.generation(blob_id) + 1
         self.metrics.verify_failures.labels(source).inc()

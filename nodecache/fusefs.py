@@ -158,7 +158,7 @@ class NodecacheFS:
         """Every inode the kernel may hold pages of this blob under: `blobs/<id>` of each repo that
         lists it, as numbered (by this daemon or one before it). Found from the index, not kept
         per blob looked up (a walk of 10^6 files looks up each blob: ~400 bytes each)."""
-        repos = set(self.tree.source.repos_of(blob_id))
+        repos = set(self.tree.source.links.repos_of(blob_id))
         rec = self.filler.store.record(blob_id)
         if rec is not None and rec.repo_id:
             repos.add((rec.repo_type, rec.repo_id))  # an index from before the links: the repo it came from

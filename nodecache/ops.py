@@ -27,7 +27,7 @@ class Operations:
     async def resolve(self, spec: RepoSpec) -> dict:
         """Resolve only (the tree shows it, no byte is fetched): what it is."""
         ref, total, _ = await self.catalog.add_repo(spec)
-        meta = self.index.get_repo_meta(ref.repo_type, ref.repo_id) or {}
+        meta = self.index.repo_meta.get(ref.repo_type, ref.repo_id) or {}
         return {
             "repo": ref.repo_id,
             "repo_type": ref.repo_type,
@@ -49,12 +49,12 @@ class Operations:
         if mode not in ("pin", "hot"):
             raise ValueError(f"pin mode must be 'pin' or 'hot', not {mode!r}")
         ref, total, blobs = await self.catalog.add_repo(spec)
-        self.index.put_pin(ref.repo_type, ref.repo_id, ref.revision, mode)
+        self.index.pins.put(ref.repo_type, ref.repo_id, ref.revision, mode)
         self.pins.refresh()
         return self.jobs.start(ref, blobs, total)
 
     def unpin(self, spec: RepoSpec) -> bool:
-        found = self.index.delete_pin(spec.repo_type, spec.repo_id, spec.rev)
+        found = self.index.pins.delete(spec.repo_type, spec.repo_id, spec.rev)
         self.pins.refresh()
         return found
 
@@ -70,7 +70,7 @@ class Operations:
         """The blobs of one cached repo (every snapshot, or the revision in `spec`), or of the whole
         cache (spec None); KeyError if the repo is not in the cache. The ref names what was asked."""
         if spec is None:
-            return None, [r.blob_id for r in self.index.all_blobs()]
+            return None, [r.blob_id for r in self.index.blobs.all()]
         repo_type, repo_id, revision = spec.repo_type, spec.repo_id, spec.revision
         view = self.index.view(repo_type, repo_id)  # this repo only, not the whole index
         if view is None:

@@ -73,10 +73,10 @@ async def owned_record(node: PeerFace, blob_id: str, query) -> BlobRecord:
         raise ValueError("query parameter 'commit' must be 40 hex digits")
     if not node.catalog.may_fetch(repo_type, repo_id):
         raise web.HTTPForbidden(reason="not_allowed", text=f"this node does not fetch {repo_type} {repo_id}")
-    files = node.index.get_snapshot(repo_type, repo_id, commit)
+    files = node.index.snapshots.get(repo_type, repo_id, commit)
     if files is None:
         await node.catalog.add_repo(RepoSpec(repo_type, repo_id, commit))  # NotFound -> 404
-        files = node.index.get_snapshot(repo_type, repo_id, commit) or []
+        files = node.index.snapshots.get(repo_type, repo_id, commit) or []
     rec = node.store.record(blob_id) if any(f.blob_id == blob_id for f in files) else None
     if rec is None:
         raise web.HTTPNotFound(reason="not_found", text=f"blob {blob_id} is not in {repo_id}@{commit}")

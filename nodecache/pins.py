@@ -27,8 +27,8 @@ class Pins:
     def refs(self) -> list[tuple[RepoRef, str]]:
         """(ref, mode) of every pin whose revision the index can name a commit for."""
         out = []
-        for repo_type, repo_id, revision, mode in self.index.pins():
-            commit = self.index.commit_of(repo_type, repo_id, revision)
+        for repo_type, repo_id, revision, mode in self.index.pins.all():
+            commit = self.index.refs.commit_of(repo_type, repo_id, revision)
             if commit:
                 out.append((RepoRef(repo_type, repo_id, revision, commit), mode))
         return out

@@ -4,7 +4,7 @@ repo known by commit only) has every blob stored and verified, so a ref that mov
 commit not filled yet takes the label away.
 
 The index counts, per snapshot, its blobs that are not complete, and notes the repos
-whose counts or refs changed, in the transactions that change them (Index.take_changed_repos).
+whose counts or refs changed, in the transactions that change them (index.links.Links.take_changed_repos).
 The first call reads every repo's counts (keys and small numbers, no file list); each
 later one reads only the repos changed since.
 """
@@ -21,17 +21,17 @@ class ReadyRepos:
         self._ready: set[tuple[str, str]] | None = None
 
     def _is_ready(self, repo_type: str, repo_id: str) -> bool:
-        missing = self.index.snapshots_missing(repo_type, repo_id)
-        named = set(self.index.refs(repo_type, repo_id).values()) or missing.keys()
+        missing = self.index.links.snapshots_missing(repo_type, repo_id)
+        named = set(self.index.refs.of(repo_type, repo_id).values()) or missing.keys()
         return any(missing.get(commit) == 0 for commit in named)
 
     def labels(self) -> set[str]:
         """The label keys of the ready repos, as of now."""
         if self._ready is None:
-            self.index.take_changed_repos()  # before the read: a change after it is seen next time
-            self._ready = {repo for repo in self.index.repos() if self._is_ready(*repo)}
+            self.index.links.take_changed_repos()  # before the read: a change after it is seen next time
+            self._ready = {repo for repo in self.index.snapshots.repos() if self._is_ready(*repo)}
         else:
-            for repo in self.index.take_changed_repos():
+            for repo in self.index.links.take_changed_repos():
                 if self._is_ready(*repo):
                     self._ready.add(repo)
                 else:

@@ -57,9 +57,9 @@ def take_clean_stop(index: Index, tiers: dict[str, Tier]) -> str:
     stop, then someone else wrote to the index (what it derives from its records may not hold:
     check every record); "crash": anything else (no record: a kill -9, or a tier lost its
     files), where the index's own transactions still hold. The record is gone (durably) either way."""
-    saved = index.get_meta(_CLEAN)
-    untouched = isinstance(saved, dict) and index.untouched_since(saved)  # before the delete below
-    index.put_meta(_CLEAN, None, sync=True)
+    saved = index.meta.get(_CLEAN)
+    untouched = isinstance(saved, dict) and index.meta.untouched_since(saved)  # before the delete below
+    index.meta.put(_CLEAN, None, sync=True)
     if not isinstance(saved, dict):
         return "crash"
     if not untouched:
@@ -100,7 +100,7 @@ def leave_clean_stop(index: Index, tiers: dict[str, Tier], synced: bool, sync_ti
         if flush.is_alive():
             log.warning("syncfs took over %.0fs: no clean-stop record, the next start recovers", sync_timeout)
             return
-    index.put_last(_CLEAN, {"tiers": {name: {"used": t.used, "mark": tier_mark(t)} for name, t in tiers.items()}})
+    index.meta.put_last(_CLEAN, {"tiers": {name: {"used": t.used, "mark": tier_mark(t)} for name, t in tiers.items()}})
 
 
 def _on_disk(tiers: dict[str, Tier]) -> dict[str, set[str]]:
@@ -116,21 +116,21 @@ def load_usage(index: Index, tiers: dict[str, Tier], quarantine: QuarantineDirs)
     bytes from the blobs with chunks recorded, orphans from a key lookup per file on disk."""
     on_disk = _on_disk(tiers)
     anywhere = set().union(*on_disk.values())
-    for name, n in index.complete_bytes().items():
+    for name, n in index.counts.complete_bytes().items():
         if name in tiers:
             tiers[name].used += n
-    for blob_id in index.complete_ids() - anywhere:
-        rec = index.get_blob(blob_id)
+    for blob_id in index.counts.complete_ids() - anywhere:
+        rec = index.blobs.get(blob_id)
         if rec is not None and rec.state == "complete" and rec.tier in tiers:
             tiers[rec.tier].used -= rec.size  # recover() and Store.state() forget its chunks
-    for blob_id in index.chunked_ids():
-        rec = index.get_blob(blob_id)
+    for blob_id in index.counts.chunked_ids():
+        rec = index.blobs.get(blob_id)
         if rec is None or rec.state != "partial" or rec.tier not in tiers or blob_id not in on_disk[rec.tier]:
             continue
-        tiers[rec.tier].used += BlobState(rec, index.chunks(blob_id)).cached
+        tiers[rec.tier].used += BlobState(rec, index.chunks.get(blob_id)).cached
     for name, tier in tiers.items():
         for blob_id in on_disk[name]:
-            if not index.has_blob(blob_id):  # a file no index entry claims
+            if not index.blobs.has(blob_id):  # a file no index entry claims
                 path = tier.blob_path(blob_id)
                 log.warning("removing orphan blob file %s", path)
                 path.unlink(missing_ok=True)
@@ -149,20 +149,20 @@ def recover(index: Index, tiers: dict[str, Tier], path_of: Callable[[str], Path]
     """
     dropped = 0
     on_disk = set().union(*_on_disk(tiers).values())
-    for blob_id in sorted(set(index.chunked_ids()) | (on_disk - index.complete_ids())):
-        rec = index.get_blob(blob_id)
+    for blob_id in sorted(set(index.counts.chunked_ids()) | (on_disk - index.counts.complete_ids())):
+        rec = index.blobs.get(blob_id)
         if rec is None or rec.state != "partial":
             continue
-        chunks = index.chunks(rec.blob_id)
+        chunks = index.chunks.get(rec.blob_id)
         path = path_of(rec.blob_id)
         if rec.blob_id not in on_disk:
             if chunks:
-                index.drop_chunks(rec.blob_id)
+                index.chunks.drop(rec.blob_id)
                 dropped += len(chunks)
             continue
         bad = bad_chunks(path, rec.chunk_size, rec.size, chunks) if chunks else []
         if bad:
-            index.drop_chunks(rec.blob_id, bad)
+            index.chunks.drop(rec.blob_id, bad)
             dropped += len(bad)
             if rec.tier in tiers:
                 st = BlobState(rec, chunks)

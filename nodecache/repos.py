@@ -64,7 +64,7 @@ async def register(
     except ValueError as e:  # InvalidName too
         raise UpstreamError(f"{repo_type} {repo_id}@{revision}: {e}") from None
     for start in range(0, len(files), _BATCH):
-        index.add_blobs(
+        index.blobs.add(
             [
                 BlobRecord(
                     blob_id=f.entry.blob_id,
@@ -83,10 +83,10 @@ async def register(
     on_new(files)
     entries = [f.entry for f in files]
     blocks = await asyncio.to_thread(snapshot_blocks, entries)  # ~4 s of CPU per 10^6 files: not on the loop
-    index.put_snapshot(repo_type, repo_id, res.commit, entries, blocks)
-    index.put_repo_meta(repo_type, repo_id, res.visibility)
+    index.snapshots.put(repo_type, repo_id, res.commit, entries, blocks)
+    index.repo_meta.put(repo_type, repo_id, res.visibility)
     if revision != res.commit:  # huggingface_hub writes no ref for a commit revision
-        index.put_ref(repo_type, repo_id, revision, res.commit)
+        index.refs.put(repo_type, repo_id, revision, res.commit)
     return files
 
 
@@ -142,22 +142,22 @@ async def ensure_repo(
     except NotFound:
         raise
     except UpstreamError as e:
-        commit = index.commit_of(repo_type, repo_id, revision)
-        if commit and commit in index.commits(repo_type, repo_id):  # keys only: no file list read
+        commit = index.refs.commit_of(repo_type, repo_id, revision)
+        if commit and commit in index.snapshots.commits(repo_type, repo_id):  # keys only: no file list read
             log.warning("cannot resolve upstream (%s); serving %s@%s from the index", e, repo_id, revision)
             return RepoRef(repo_type, repo_id, revision, commit)
         raise
-    if res.commit in index.commits(repo_type, repo_id):
+    if res.commit in index.snapshots.commits(repo_type, repo_id):
         # A commit never changes: its snapshot and blob records are in the index already.
         # Re-resolving a 10^6-file repo at each start or refresh must not rewrite them.
-        index.put_repo_meta(repo_type, repo_id, res.visibility)
+        index.repo_meta.put(repo_type, repo_id, res.visibility)
         if revision != res.commit:
-            index.put_ref(repo_type, repo_id, revision, res.commit)
+            index.refs.put(repo_type, repo_id, revision, res.commit)
     else:
         await register(index, chunk_size, repo_type, repo_id, revision, res, on_new)
     return RepoRef(repo_type, repo_id, revision, res.commit)
 
 
 def snapshot_blobs(index: Index, ref: RepoRef) -> list[str]:
-    files = index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit) or []
+    files = index.snapshots.get(ref.repo_type, ref.repo_id, ref.commit) or []
     return [f.blob_id for f in files]

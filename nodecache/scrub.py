@@ -44,7 +44,7 @@ class Scrubber:
         """Complete blobs whose last proof is older than scrub_interval, oldest first, and
         (when there are none) the seconds until the next one is. The index keeps complete
         blobs in order of their last proof: a pass reads the due ones, not every record."""
-        due, oldest = self.store.index.proven_by(now - self.interval)
+        due, oldest = self.store.index.counts.proven_by(now - self.interval)
         wait = oldest + self.interval - now if oldest is not None else self.interval
         return due, wait
 
@@ -93,7 +93,7 @@ class Scrubber:
             return None
         if got is None or got == blob_id:
             rec.verified_at = time.time()
-            self.store.index.put_blob(rec)
+            self.store.index.blobs.put(rec)
             return True
         log.error("scrub: blob %s (%s/%s) now hashes to %s; quarantined, fetching it again",
                   blob_id, rec.repo_id, rec.path, got)  # fmt: skip

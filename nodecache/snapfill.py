@@ -83,7 +83,7 @@ class SnapshotFills:
         first), then the one its record names. Reads refs only, no file list."""
         if commit is not None:
             return [(repo_type, repo_id, commit)]
-        refs = self.index.refs(repo_type, repo_id)
+        refs = self.index.refs.of(repo_type, repo_id)
         candidates = [refs[r] for r in sorted(refs, key=lambda r: (r != "main", r))]
         if rec is not None and (rec.repo_type, rec.repo_id) == (repo_type, repo_id) and rec.commit:
             candidates.append(rec.commit)
@@ -92,7 +92,7 @@ class SnapshotFills:
     def _snapshot_of(self, snapshots: list[Snapshot], blob_id: str) -> tuple[Snapshot, str, list[FileEntry]] | None:
         """The first of the candidate snapshots that lists the blob, its path there and its files."""
         for snapshot in snapshots:
-            files = self.index.get_snapshot(*snapshot) or []
+            files = self.index.snapshots.get(*snapshot) or []
             path = locate(files, blob_id)
             if path is not None:
                 return snapshot, path, files

@@ -56,7 +56,7 @@ class Status:
         return None if view is None else self._repo(view, self.pins.refs())
 
     def _repo(self, view: RepoView, pinned: list) -> dict:
-        meta = self.index.get_repo_meta(view.repo_type, view.repo_id) or {}
+        meta = self.index.repo_meta.get(view.repo_type, view.repo_id) or {}
         snaps = []
         for commit, files in view.snapshots.items():
             blobs = {f.blob_id: f.size for f in files}
@@ -122,7 +122,7 @@ class Status:
 
     def blob_counts(self) -> dict[str, int]:
         """Blob records per state, as the index keeps them counted (a scrape reads no record)."""
-        return self.index.blob_states()
+        return self.index.counts.blob_states()
 
     def update_gauges(self) -> None:
         m = self.metrics

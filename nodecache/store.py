@@ -99,7 +99,7 @@ class Store:
         """The blob's record, one shared object per blob (it carries last_access)."""
         rec = self._recs.get(blob_id)
         if rec is None:
-            rec = self.index.get_blob(blob_id)
+            rec = self.index.blobs.get(blob_id)
             if rec is not None:
                 self._recs[blob_id] = rec
         return rec
@@ -118,10 +118,10 @@ class Store:
     def flush_access_times(self) -> None:
         """last_access lives in memory while serving; persist it now and then."""
         for rec in self._recs.values():
-            stored = self.index.get_blob(rec.blob_id)
+            stored = self.index.blobs.get(rec.blob_id)
             if stored is not None and stored.last_access != rec.last_access:
                 stored.last_access = rec.last_access
-                self.index.put_blob(stored)
+                self.index.blobs.put(stored)
 
     def recover(self) -> int:
         """Re-verify recorded chunks of partial blobs after a crash (recovery.recover); nothing after a clean stop."""
@@ -135,7 +135,7 @@ class Store:
         if rec.state == "quarantined":
             return 0
         st = self._states.get(rec.blob_id)
-        return st.cached if st else BlobState(rec, self.index.chunks(rec.blob_id)).cached
+        return st.cached if st else BlobState(rec, self.index.chunks.get(rec.blob_id)).cached
 
     def filling(self) -> list[tuple[str, int]]:
         """(blob id, bytes on disk) of each blob partly stored that this process has touched."""
@@ -155,12 +155,12 @@ class Store:
                 path.parent.mkdir(exist_ok=True)
                 with open(path, "wb") as f:
                     f.truncate(rec.size)
-                self.index.drop_chunks(rec.blob_id)  # a lost file has no chunks
+                self.index.chunks.drop(rec.blob_id)  # a lost file has no chunks
                 if rec.state == "complete":
                     rec.state = "partial"
-                self.index.put_blob(rec)
+                self.index.blobs.put(rec)
             present = (
-                self.index.chunks(rec.blob_id) if rec.state != "complete" else dict.fromkeys(range(rec.n_chunks), 0)
+                self.index.chunks.get(rec.blob_id) if rec.state != "complete" else dict.fromkeys(range(rec.n_chunks), 0)
             )
             st = self._states[rec.blob_id] = BlobState(rec, present)
             if st.missing == rec.n_chunks:
@@ -185,7 +185,7 @@ class Store:
     def evict_lru(self, tier: Tier, incoming: int = 0) -> int:
         """Evict least-recently-read unprotected blobs until under the low watermark (reading the
         index's LRU order only as far as it goes)."""
-        ordered = eviction.by_last_use(self.index.least_recent(tier.name), self.record)
+        ordered = eviction.by_last_use(self.index.counts.least_recent(tier.name), self.record)
         return eviction.evict_lru(tier, incoming, self.quarantined, ordered, self.in_use.protected, self.evict)
 
     @staticmethod
@@ -212,9 +212,9 @@ class Store:
             return 0
         self._fds.forget(rec.blob_id)
         self._delete(self.path(rec.blob_id))
-        self.index.drop_chunks(rec.blob_id)
+        self.index.chunks.drop(rec.blob_id)
         rec.state = "partial"
-        self.index.put_blob(rec)
+        self.index.blobs.put(rec)
         self._states.pop(rec.blob_id, None)
         self.hashes.drop(rec.blob_id)
         self.tiers[rec.tier].used -= cached
@@ -314,7 +314,7 @@ class Store:
             for path in dict.fromkeys(path for path, *_ in chunks):
                 with own_fd(path, os.O_RDONLY) as fd:
                     os.fdatasync(fd)
-        self.index.set_chunks([(blob_id, index, digest) for _, blob_id, index, digest in chunks])
+        self.index.chunks.set([(blob_id, index, digest) for _, blob_id, index, digest in chunks])
 
     async def finish(self, st: BlobState) -> None:
         """All chunks are present: prove the id, then mark complete or quarantine.
@@ -327,7 +327,7 @@ class Store:
         loop = asyncio.get_running_loop()
         got = await self.hashes.result(st)
         if got is None and rec.kind == "source":
-            chunks = self.index.chunks(rec.blob_id)
+            chunks = self.index.chunks.get(rec.blob_id)
             bad = await loop.run_in_executor(None, bad_chunks, self.path(rec.blob_id), rec.chunk_size, rec.size, chunks)
             bad += [i for i in range(rec.n_chunks) if i not in chunks]
             got = rec.blob_id if not bad else f"bad chunks {bad[:5]}"
@@ -338,9 +338,9 @@ class Store:
         if got == rec.blob_id:
             rec.state = "complete"
             rec.failures, rec.retry_at, rec.demoted, rec.verified_at = 0, 0.0, [], time.time()
-            self.index.put_blob(rec)
+            self.index.blobs.put(rec)
             if rec.kind != "source":  # presence of a complete blob is implied; a source blob's xxh3s are its proof
-                self.index.drop_chunks(rec.blob_id)
+                self.index.chunks.drop(rec.blob_id)
             return
         self.quarantine(st)
         raise Quarantined(rec.blob_id, f"blob {rec.blob_id} hashed to {got}")
@@ -353,7 +353,7 @@ class Store:
         path = self.path(rec.blob_id)
         loop = asyncio.get_running_loop()
         if rec.kind == "source":
-            chunks = self.index.chunks(rec.blob_id)
+            chunks = self.index.chunks.get(rec.blob_id)
             if len(chunks) < rec.n_chunks:
                 return None
             for i in range(rec.n_chunks):
@@ -378,7 +378,7 @@ class Store:
     async def check_chunks(self, rec: BlobRecord) -> int:
         """Re-check a partial blob's recorded chunks against their xxh3; forget the bad ones
         (they are fetched again). Returns how many were bad."""
-        chunks = self.index.chunks(rec.blob_id)
+        chunks = self.index.chunks.get(rec.blob_id)
         if rec.state != "partial" or not chunks:
             return 0
         args = (self.path(rec.blob_id), rec.chunk_size, rec.size, chunks)
@@ -387,7 +387,7 @@ class Store:
         except FileNotFoundError:
             return 0
         if bad:
-            self.index.drop_chunks(rec.blob_id, bad)
+            self.index.chunks.drop(rec.blob_id, bad)
             st = self._states.get(rec.blob_id)
             for i in bad if st is not None else ():
                 if st.has(i):
@@ -406,8 +406,8 @@ class Store:
         rec.state = "quarantined"
         rec.failures += 1
         rec.retry_at = time.time() + proof_backoff(rec.failures, self.retry_base)
-        self.index.put_blob(rec)
-        self.index.drop_chunks(rec.blob_id)
+        self.index.blobs.put(rec)
+        self.index.chunks.drop(rec.blob_id)
         self._states.pop(rec.blob_id, None)
         self.hashes.drop(rec.blob_id)
         self.clean_quarantine()
@@ -417,7 +417,7 @@ class Store:
         if rec.state != "quarantined" or time.time() < rec.retry_at:
             return False
         rec.state = "partial"
-        self.index.put_blob(rec)
+        self.index.blobs.put(rec)
         return True
 
     def clean_quarantine(self, now: float | None = None) -> int:

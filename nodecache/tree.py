@@ -17,21 +17,20 @@ from collections import OrderedDict
 from typing import Protocol
 
 from .folders import EMPTY, Block, merge
+from .index.links import Links
+from .index.refs import Refs
+from .index.snapshots import Snapshots
 from .layout import Node, hub_skeleton, lazy_repo_tree, parse_repo_folder, put_repo, repo_folder_name
 
 CACHE_BYTES = 64 << 20  # folder blocks kept in memory: ~1M files' worth of names and ids
 
 
 class Source(Protocol):
-    """What the tree reads from the index."""
+    """What the tree reads from the index: snapshots (keys and blocks), refs, and which repos list a blob."""
 
-    def repos(self) -> list[tuple[str, str]]: ...
-    def refs(self, repo_type: str, repo_id: str) -> dict[str, str]: ...
-    def commits(self, repo_type: str, repo_id: str) -> list[str]: ...
-    def folder(self, repo_type: str, repo_id: str, commit: str, path: str) -> Block | None: ...
-    def snapshot_blobs(self, repo_type: str, repo_id: str, commit: str) -> Block | None: ...
-    def repos_of(self, blob_id: str) -> list[tuple[str, str]]: ...
-    def repo_bytes(self, repo_type: str, repo_id: str) -> tuple[int, int, int, int]: ...
+    snapshots: Snapshots
+    refs: Refs
+    links: Links
 
 
 class BlockCache:
@@ -72,7 +71,7 @@ class HubTree:
         self.root = Node.dir()
         self.hub = self.root.children["hub"] = hub_skeleton()
         self._shown: dict[tuple[str, str], tuple[dict[str, str], list[str]]] = {}  # repo -> (refs, commits)
-        for repo_type, repo_id in source.repos():
+        for repo_type, repo_id in source.snapshots.repos():
             self.repo_changed(repo_type, repo_id)
 
     def cached(self, folder: str | None, filling: list[tuple[str, int]]) -> tuple[int, int, int, int]:
@@ -82,26 +81,28 @@ class HubTree:
         repos = set(self._shown) if folder is None else {parse_repo_folder(folder)} & set(self._shown)
         totals = [0, 0, 0, 0]
         for repo in repos:
-            totals = [a + b for a, b in zip(totals, self.source.repo_bytes(*repo), strict=True)]
+            totals = [a + b for a, b in zip(totals, self.source.links.repo_bytes(*repo), strict=True)]
         for blob_id, cached in filling:
-            totals[3] += cached * sum(1 for repo in self.source.repos_of(blob_id) if repo in repos)
+            totals[3] += cached * sum(1 for repo in self.source.links.repos_of(blob_id) if repo in repos)
         return totals[0], totals[1], totals[2], totals[3]
 
     def repo_changed(self, repo_type: str, repo_id: str) -> str | None:
         """Show the repo as the index now has it; its folder name if that changed
         anything (a new repo, a moved ref, a new snapshot), else None."""
-        refs, commits = self.source.refs(repo_type, repo_id), self.source.commits(repo_type, repo_id)
+        refs, commits = self.source.refs.of(repo_type, repo_id), self.source.snapshots.commits(repo_type, repo_id)
         key = (repo_type, repo_id)
         if self._shown.get(key) == (refs, commits):
             return None  # keep the folders built so far
         self.blocks.forget(key)  # a snapshot dropped as invalid since: shown empty until re-resolved
 
         def folder_of(commit: str, path: str) -> Block | None:
-            return self.blocks.get((*key, commit, path), lambda: self.source.folder(repo_type, repo_id, commit, path))
+            return self.blocks.get(
+                (*key, commit, path), lambda: self.source.snapshots.folder(repo_type, repo_id, commit, path)
+            )
 
         def blobs_of() -> Block:
             def load() -> Block:
-                found = [self.source.snapshot_blobs(repo_type, repo_id, c) for c in commits]
+                found = [self.source.snapshots.blobs(repo_type, repo_id, c) for c in commits]
                 return merge([b for b in found if b is not None] or [EMPTY])
 
             return self.blocks.get((*key, "#"), load) or EMPTY

@@ -134,24 +134,24 @@ def test_ready_repos_are_kept_per_changed_repo_not_read_from_every_snapshot(tmp_
     try:
         shared = BlobRecord("f" * 64, 10, "sha256", 1 << 16)
         recs = {i: BlobRecord(f"{i:064x}", 10, "sha256", 1 << 16) for i in range(50)}
-        index.add_blobs([shared, *recs.values()])
+        index.blobs.add([shared, *recs.values()])
         for i in range(50):
             files = [FileEntry("a.bin", 10, recs[i].blob_id)] + (
                 [FileEntry("b.bin", 10, shared.blob_id)] if i < 2 else []
             )
-            index.put_snapshot("model", f"org/r{i}", f"{i:040x}", files)
+            index.snapshots.put("model", f"org/r{i}", f"{i:040x}", files)
         reads: list[tuple[str, str]] = []
-        counts = index.snapshots_missing
-        index.snapshots_missing = lambda *repo: reads.append(repo) or counts(*repo)
+        counts = index.links.snapshots_missing
+        index.links.snapshots_missing = lambda *repo: reads.append(repo) or counts(*repo)
         lists = []
-        decode = index._files
-        index._files = lambda *a: lists.append(a[0]) or decode(*a)
+        decode = index.snapshots.decode
+        index.snapshots.decode = lambda raw: lists.append(raw) or decode(raw)
         ready = ReadyRepos(index)
 
         def complete(*records: BlobRecord, state: str = "complete") -> None:
             for rec in records:
                 rec.state = state
-                index.put_blob(rec)
+                index.blobs.put(rec)
 
         assert ready.labels() == set() and len(reads) == 50, "the first round reads every repo's counts"
         reads.clear()
@@ -163,23 +163,23 @@ def test_ready_repos_are_kept_per_changed_repo_not_read_from_every_snapshot(tmp_
         complete(shared)  # listed by org/r0 and org/r1
         assert ready.labels() == {label_key("model", f"org/r{i}") for i in (0, 7)}
         assert sorted(reads) == [("model", "org/r0"), ("model", "org/r1")]
-        index.put_ref("model", "org/r7", "main", f"{7:040x}")
-        index.put_snapshot("model", "org/r7", "e" * 40, [FileEntry("c.bin", 10, "e" * 64)])  # a new revision
+        index.refs.put("model", "org/r7", "main", f"{7:040x}")
+        index.snapshots.put("model", "org/r7", "e" * 40, [FileEntry("c.bin", 10, "e" * 64)])  # a new revision
         complete(recs[0], state="partial")  # evicted
         assert ready.labels() == {label_key("model", "org/r7")}, "main still names the complete snapshot"
         reads.clear()
-        index.put_ref("model", "org/r7", "main", f"{7:040x}")  # a refresh that found the same commit
+        index.refs.put("model", "org/r7", "main", f"{7:040x}")  # a refresh that found the same commit
         assert ready.labels() == {label_key("model", "org/r7")} and reads == []
-        index.put_ref("model", "org/r7", "main", "e" * 40)  # main moved to a commit not filled yet
+        index.refs.put("model", "org/r7", "main", "e" * 40)  # main moved to a commit not filled yet
         assert ready.labels() == set() and reads == [("model", "org/r7")]
-        index.put_ref("model", "org/r7", "v1", f"{7:040x}")  # another ref names the complete one
+        index.refs.put("model", "org/r7", "v1", f"{7:040x}")  # another ref names the complete one
         assert ready.labels() == {label_key("model", "org/r7")}
         assert lists == [], "no snapshot's file list was read"
 
-        index.put_meta("derived_v3", None)  # an index from before the counts: derived once on open
+        index.meta.put("derived_v3", None)  # an index from before the counts: derived once on open
         index.close()
         index = Index(tmp_path / "index", map_size=1 << 26)
         assert ReadyRepos(index).labels() == {label_key("model", "org/r7")}
-        assert index.snapshots_missing("model", "org/r0") == {f"{0:040x}": 1}
+        assert index.links.snapshots_missing("model", "org/r0") == {f"{0:040x}": 1}
     finally:
         index.close()

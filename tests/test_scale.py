@@ -166,11 +166,11 @@ def test_a_big_repo_is_read_in_tree_pages_once_per_commit(hub, tmp_path):
 
     try:
         first, second = asyncio.run(resolve_twice())
-        files = index.get_snapshot("model", FLAT, commit)
+        files = index.snapshots.get("model", FLAT, commit)
         assert sorted(f.path for f in files) == [f"data/shard-{i:05d}.parquet" for i in range(N_FLAT)]
         assert first.get("tree") == 4, "3,000 files and their folder: four pages"
         assert second.get("tree") == first.get("tree") and second["api"] == first["api"] + 1
-        assert index.blob_states()["partial"] == N_FLAT
+        assert index.counts.blob_states()["partial"] == N_FLAT
     finally:
         index.close()
 
@@ -222,7 +222,7 @@ def test_a_hostile_tree_listing_records_nothing(tmp_path, link, page, error):
     index = Index(tmp_path / "index", map_size=64 * MiB)
     try:
         asyncio.run(run())
-        assert index.all_blobs() == [] and index.commits("model", "org/x") == []
-        assert index.get_ref("model", "org/x", "main") is None
+        assert index.blobs.all() == [] and index.snapshots.commits("model", "org/x") == []
+        assert index.refs.get("model", "org/x", "main") is None
     finally:
         index.close()

@@ -178,15 +178,18 @@ def test_an_open_reads_no_file_list_unless_it_may_be_a_weight_file_of_a_snapshot
         f.blob_id: BlobRecord(f.blob_id, f.size, "sha256", MiB, repo_id="org/d", commit=C, path=f.path) for f in files
     }
 
-    class Index:
-        file_lists_read = 0
-
-        def refs(self, repo_type, repo_id):
+    class Refs:
+        def of(self, repo_type, repo_id):
             return {"main": C}
 
-        def get_snapshot(self, repo_type, repo_id, commit):
+    class Snapshots:
+        def get(self, repo_type, repo_id, commit):
             Index.file_lists_read += 1
             return files
+
+    class Index:
+        file_lists_read = 0
+        refs, snapshots = Refs(), Snapshots()
 
     started: list[str] = []
 

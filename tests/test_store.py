@@ -82,42 +82,42 @@ async def fill(store: Store, rec: BlobRecord, data: bytes, order: list[int] | No
 
 
 def test_ref_put_get_overwrite(index: Index):
-    assert index.get_ref("model", "org/a", "main") is None
-    index.put_ref("model", "org/a", "main", C1)
-    index.put_ref("model", "org/a", "refs/pr/1", C2)
-    assert index.get_ref("model", "org/a", "main") == C1
-    assert index.get_ref("model", "org/a", "refs/pr/1") == C2
-    index.put_ref("model", "org/a", "main", C3)  # the branch moved
-    assert index.get_ref("model", "org/a", "main") == C3
+    assert index.refs.get("model", "org/a", "main") is None
+    index.refs.put("model", "org/a", "main", C1)
+    index.refs.put("model", "org/a", "refs/pr/1", C2)
+    assert index.refs.get("model", "org/a", "main") == C1
+    assert index.refs.get("model", "org/a", "refs/pr/1") == C2
+    index.refs.put("model", "org/a", "main", C3)  # the branch moved
+    assert index.refs.get("model", "org/a", "main") == C3
     # Keyed by repo type and id too.
-    assert index.get_ref("dataset", "org/a", "main") is None
-    assert index.get_ref("model", "org/ab", "main") is None
-    assert index.get_ref("model", "org", "main") is None
+    assert index.refs.get("dataset", "org/a", "main") is None
+    assert index.refs.get("model", "org/ab", "main") is None
+    assert index.refs.get("model", "org", "main") is None
 
 
 def test_snapshot_put_get(index: Index):
     files = [FileEntry("config.json", 12, "a" * 40), FileEntry("sub/dir/w.bin", 10**12, "b" * 64)]
-    assert index.get_snapshot("model", "org/a", C1) is None
-    index.put_snapshot("model", "org/a", C1, files)
-    assert index.get_snapshot("model", "org/a", C1) == files
-    assert index.get_snapshot("model", "org/a", C2) is None
-    assert index.get_snapshot("dataset", "org/a", C1) is None
-    index.put_snapshot("model", "org/a", C2, [])
-    assert index.get_snapshot("model", "org/a", C2) == []
+    assert index.snapshots.get("model", "org/a", C1) is None
+    index.snapshots.put("model", "org/a", C1, files)
+    assert index.snapshots.get("model", "org/a", C1) == files
+    assert index.snapshots.get("model", "org/a", C2) is None
+    assert index.snapshots.get("dataset", "org/a", C1) is None
+    index.snapshots.put("model", "org/a", C2, [])
+    assert index.snapshots.get("model", "org/a", C2) == []
 
 
 def test_views_group_refs_and_snapshots_by_repo_and_type(index: Index):
     fa = [FileEntry("a.txt", 1, "a" * 40)]
     fb = [FileEntry("b.txt", 2, "b" * 40)]
     fd = [FileEntry("d/x.parquet", 3, "d" * 64)]
-    index.put_snapshot("model", "org/a", C1, fa)
-    index.put_snapshot("model", "org/a", C2, fb)
-    index.put_ref("model", "org/a", "main", C2)
-    index.put_ref("model", "org/a", "v1", C1)
-    index.put_snapshot("dataset", "org/a", C3, fd)  # same id, other type: another repo
-    index.put_ref("dataset", "org/a", "refs/pr/7", C3)
-    index.put_snapshot("model", "gpt2", C1, fa)
-    index.put_ref("space", "org/app", "main", C1)  # a ref whose snapshot is not known yet
+    index.snapshots.put("model", "org/a", C1, fa)
+    index.snapshots.put("model", "org/a", C2, fb)
+    index.refs.put("model", "org/a", "main", C2)
+    index.refs.put("model", "org/a", "v1", C1)
+    index.snapshots.put("dataset", "org/a", C3, fd)  # same id, other type: another repo
+    index.refs.put("dataset", "org/a", "refs/pr/7", C3)
+    index.snapshots.put("model", "gpt2", C1, fa)
+    index.refs.put("space", "org/app", "main", C1)  # a ref whose snapshot is not known yet
 
     views = index.views()
     assert [(v.repo_type, v.repo_id) for v in views] == [
@@ -137,23 +137,23 @@ def test_views_group_refs_and_snapshots_by_repo_and_type(index: Index):
 
 def test_views_of_empty_index(index: Index):
     assert index.views() == []
-    assert index.repos() == []
+    assert index.snapshots.repos() == []
 
 
 def test_per_repo_keys_without_reading_file_lists(index: Index):
     """What the FUSE tree reads at start and per changed repo: keys, refs, commits of one repo."""
-    index.put_snapshot("model", "org/a", C1, [FileEntry("a.txt", 1, "a" * 40)])
-    index.put_snapshot("model", "org/a", C2, [])
-    index.put_ref("model", "org/a", "main", C2)
-    index.put_ref("model", "org/a", "refs/pr/1", C1)
-    index.put_snapshot("model", "org/ab", C3, [])  # a prefix of nothing: its own repo
-    index.put_snapshot("dataset", "org/a", C3, [])
-    index.put_ref("space", "org/app", "main", C1)  # a ref alone is no repo yet
-    assert index.repos() == [("dataset", "org/a"), ("model", "org/a"), ("model", "org/ab")]
-    assert index.commits("model", "org/a") == [C1, C2]
-    assert index.refs("model", "org/a") == {"main": C2, "refs/pr/1": C1}
-    assert index.commits("model", "org/ab") == [C3] and index.refs("model", "org/ab") == {}
-    assert index.commits("model", "nobody") == [] and index.refs("space", "org/app") == {"main": C1}
+    index.snapshots.put("model", "org/a", C1, [FileEntry("a.txt", 1, "a" * 40)])
+    index.snapshots.put("model", "org/a", C2, [])
+    index.refs.put("model", "org/a", "main", C2)
+    index.refs.put("model", "org/a", "refs/pr/1", C1)
+    index.snapshots.put("model", "org/ab", C3, [])  # a prefix of nothing: its own repo
+    index.snapshots.put("dataset", "org/a", C3, [])
+    index.refs.put("space", "org/app", "main", C1)  # a ref alone is no repo yet
+    assert index.snapshots.repos() == [("dataset", "org/a"), ("model", "org/a"), ("model", "org/ab")]
+    assert index.snapshots.commits("model", "org/a") == [C1, C2]
+    assert index.refs.of("model", "org/a") == {"main": C2, "refs/pr/1": C1}
+    assert index.snapshots.commits("model", "org/ab") == [C3] and index.refs.of("model", "org/ab") == {}
+    assert index.snapshots.commits("model", "nobody") == [] and index.refs.of("space", "org/app") == {"main": C1}
 
 
 def _names(block) -> list[bytes]:
@@ -163,51 +163,54 @@ def _names(block) -> list[bytes]:
 def test_snapshot_folders_are_read_one_at_a_time(index: Index):
     """Each folder of a snapshot is its own block, written with the file list: a first look reads one."""
     files = [FileEntry("config.json", 12, "a" * 40), FileEntry("sub/dir/w.bin", 10**12, "b" * 64)]
-    index.put_snapshot("model", "org/a", C1, files)
-    assert _names(index.folder("model", "org/a", C1, "")) == [b"config.json", b"sub"]
-    assert index.folder("model", "org/a", C1, "sub/dir").entry(0) == (b"w.bin", bytes.fromhex("b" * 64))
-    assert index.folder("model", "org/a", C1, "nope") is None and index.folder("model", "org/a", C2, "") is None
-    blobs = index.snapshot_blobs("model", "org/a", C1)
+    index.snapshots.put("model", "org/a", C1, files)
+    assert _names(index.snapshots.folder("model", "org/a", C1, "")) == [b"config.json", b"sub"]
+    assert index.snapshots.folder("model", "org/a", C1, "sub/dir").entry(0) == (b"w.bin", bytes.fromhex("b" * 64))
+    assert (
+        index.snapshots.folder("model", "org/a", C1, "nope") is None
+        and index.snapshots.folder("model", "org/a", C2, "") is None
+    )
+    blobs = index.snapshots.blobs("model", "org/a", C1)
     assert _names(blobs) == sorted([bytes.fromhex("a" * 40), bytes.fromhex("b" * 64)])
-    index.put_snapshot("model", "org/a", C1, files[:1])  # written again: the old folders go
-    assert index.folder("model", "org/a", C1, "sub") is None
+    index.snapshots.put("model", "org/a", C1, files[:1])  # written again: the old folders go
+    assert index.snapshots.folder("model", "org/a", C1, "sub") is None
 
 
 def test_snapshot_folders_of_an_older_index_are_derived_once_and_bad_ones_again(index: Index):
-    index.put_snapshot("model", "org/a", C1, [FileEntry("d/x.bin", 3, "c" * 64)])
+    index.snapshots.put("model", "org/a", C1, [FileEntry("d/x.bin", 3, "c" * 64)])
     key = b"model:org/a\0" + C1.encode()
     with index.env.begin(write=True) as txn:  # as an index written before the blocks existed
-        index._drop_blocks(txn, key)
-    assert _names(index.folder("model", "org/a", C1, "d")) == [b"x.bin"]
+        index.snapshots._drop_blocks(txn, key)
+    assert _names(index.snapshots.folder("model", "org/a", C1, "d")) == [b"x.bin"]
     with index.env.begin(write=True) as txn:  # tampered: the offsets say more than the bytes hold
-        txn.put(key + b"/d", b"\x09\x00\x00\x00", db=index._folders)
-    assert _names(index.folder("model", "org/a", C1, "d")) == [b"x.bin"]
+        txn.put(key + b"/d", b"\x09\x00\x00\x00", db=index.snapshots.folders)
+    assert _names(index.snapshots.folder("model", "org/a", C1, "d")) == [b"x.bin"]
     with index.env.begin(write=True) as txn:  # a file list that fails its check: no folders either
-        txn.put(key, b'{"files": [["../x", 1, "zz"]]}', db=index._snaps)
-        index._drop_blocks(txn, key)
-    assert index.folder("model", "org/a", C1, "") is None
-    assert index.get_snapshot("model", "org/a", C1) is None and index.commits("model", "org/a") == []
+        txn.put(key, b'{"files": [["../x", 1, "zz"]]}', db=index.snapshots.table)
+        index.snapshots._drop_blocks(txn, key)
+    assert index.snapshots.folder("model", "org/a", C1, "") is None
+    assert index.snapshots.get("model", "org/a", C1) is None and index.snapshots.commits("model", "org/a") == []
 
 
 def test_repo_byte_counters_follow_blob_states(index: Index):
     """What getxattr on a repo folder reads: kept with each state change, checked against the records."""
     a, b, shared = "a" * 64, "b" * 64, "c" * 40
-    index.add_blobs([BlobRecord(x, n, "sha256", CS) for x, n in ((a, 10), (b, 20), (shared, 5))])
-    index.put_snapshot("model", "org/x", C1, [FileEntry("a", 10, a), FileEntry("s", 5, shared)])
-    index.put_snapshot("model", "org/x", C2, [FileEntry("a", 10, a), FileEntry("b", 20, b)])  # a counted once
-    index.put_snapshot("dataset", "org/y", C1, [FileEntry("s", 5, shared)])
-    assert index.repo_bytes("model", "org/x") == (3, 35, 0, 0)
-    index.put_blob(BlobRecord(shared, 5, "sha256", CS, state="complete", verified_at=1.0))
-    index.put_blob(BlobRecord(a, 10, "sha256", CS, state="complete", verified_at=2.0))
-    assert index.repo_bytes("model", "org/x") == (3, 35, 2, 15)
-    assert index.repo_bytes("dataset", "org/y") == (1, 5, 1, 5)
-    index.put_blob(BlobRecord(a, 10, "sha256", CS, state="partial"))  # evicted
-    assert index.repo_bytes("model", "org/x") == (3, 35, 1, 5)
-    index.put_snapshot("model", "org/z", C3, [FileEntry("s", 5, shared)])  # a new repo of a complete blob
-    assert index.repo_bytes("model", "org/z") == (1, 5, 1, 5)
+    index.blobs.add([BlobRecord(x, n, "sha256", CS) for x, n in ((a, 10), (b, 20), (shared, 5))])
+    index.snapshots.put("model", "org/x", C1, [FileEntry("a", 10, a), FileEntry("s", 5, shared)])
+    index.snapshots.put("model", "org/x", C2, [FileEntry("a", 10, a), FileEntry("b", 20, b)])  # a counted once
+    index.snapshots.put("dataset", "org/y", C1, [FileEntry("s", 5, shared)])
+    assert index.links.repo_bytes("model", "org/x") == (3, 35, 0, 0)
+    index.blobs.put(BlobRecord(shared, 5, "sha256", CS, state="complete", verified_at=1.0))
+    index.blobs.put(BlobRecord(a, 10, "sha256", CS, state="complete", verified_at=2.0))
+    assert index.links.repo_bytes("model", "org/x") == (3, 35, 2, 15)
+    assert index.links.repo_bytes("dataset", "org/y") == (1, 5, 1, 5)
+    index.blobs.put(BlobRecord(a, 10, "sha256", CS, state="partial"))  # evicted
+    assert index.links.repo_bytes("model", "org/x") == (3, 35, 1, 5)
+    index.snapshots.put("model", "org/z", C3, [FileEntry("s", 5, shared)])  # a new repo of a complete blob
+    assert index.links.repo_bytes("model", "org/z") == (1, 5, 1, 5)
     index.check_all()  # a start that reads every record and derives everything again
-    assert index.repo_bytes("model", "org/x") == (3, 35, 1, 5)
-    assert index.repo_bytes("model", "nobody") == (0, 0, 0, 0)
+    assert index.links.repo_bytes("model", "org/x") == (3, 35, 1, 5)
+    assert index.links.repo_bytes("model", "nobody") == (0, 0, 0, 0)
 
 
 def _as_previous_version(index: Index) -> None:
@@ -215,34 +218,34 @@ def _as_previous_version(index: Index) -> None:
     `blob_repos` (blob id \0 repo key -> size) beside them, and no per-repo counters (as an
     index from before those)."""
     with index.env.begin(write=True) as txn:
-        links = index._blob_snaps
+        links = index.links.links
         entries = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=links)]
         old = index.env.open_db(b"blob_repos", txn=txn)
         for key, size in entries:
             txn.put(key, b"", db=links)
             blob, _, snap = key.partition(b"\0")
             txn.put(blob + b"\0" + snap.partition(b"\0")[0] + b"\0", size, db=old)
-        txn.drop(index._repo_bytes, delete=False)
-        txn.delete(b"derived_v3", db=index._meta)
-        txn.put(b"derived_v2", b"1", db=index._meta)
+        txn.drop(index.links.repo_bytes_table, delete=False)
+        txn.delete(b"derived_v3", db=index.meta.table)
+        txn.put(b"derived_v2", b"1", db=index.meta.table)
 
 
 def test_an_index_of_the_previous_version_opens_with_the_same_counts(cache: Path, index: Index):
     """The links between blobs and snapshots used to be two tables (`blob_snapshots`, `blob_repos`):
     an index written so is derived again once on open, and reads as it did."""
     a, b, c = "a" * 64, "b" * 64, "c" * 40
-    index.add_blobs([BlobRecord(x, n, "sha256", CS) for x, n in ((a, 10), (b, 20), (c, 5))])
-    index.put_snapshot("model", "org/x", C1, [FileEntry("a", 10, a), FileEntry("s", 5, c)])
-    index.put_snapshot("model", "org/x", C2, [FileEntry("a", 10, a), FileEntry("b", 20, b)])
-    index.put_snapshot("dataset", "org/y", C1, [FileEntry("s", 5, c)])
-    index.put_blob(BlobRecord(c, 5, "sha256", CS, state="complete", verified_at=1.0))
+    index.blobs.add([BlobRecord(x, n, "sha256", CS) for x, n in ((a, 10), (b, 20), (c, 5))])
+    index.snapshots.put("model", "org/x", C1, [FileEntry("a", 10, a), FileEntry("s", 5, c)])
+    index.snapshots.put("model", "org/x", C2, [FileEntry("a", 10, a), FileEntry("b", 20, b)])
+    index.snapshots.put("dataset", "org/y", C1, [FileEntry("s", 5, c)])
+    index.blobs.put(BlobRecord(c, 5, "sha256", CS, state="complete", verified_at=1.0))
 
     def read(idx: Index) -> tuple:
         repos = (("model", "org/x"), ("dataset", "org/y"))
         return (
-            [idx.repo_bytes(*r) for r in repos],
-            [idx.snapshots_missing(*r) for r in repos],
-            [sorted(idx.repos_of(x)) for x in (a, b, c)],
+            [idx.links.repo_bytes(*r) for r in repos],
+            [idx.links.snapshots_missing(*r) for r in repos],
+            [sorted(idx.links.repos_of(x)) for x in (a, b, c)],
         )
 
     before = read(index)
@@ -254,9 +257,9 @@ def test_an_index_of_the_previous_version_opens_with_the_same_counts(cache: Path
         assert read(again) == before
         with again.env.begin() as txn:
             assert txn.cursor(db=again.env.open_db(b"blob_repos", txn=txn)).first() is False, "emptied"
-        again.put_blob(BlobRecord(a, 10, "sha256", CS, state="complete", verified_at=2.0))  # kept from here on
-        assert again.repo_bytes("model", "org/x") == (3, 35, 2, 15)
-        assert again.snapshots_missing("model", "org/x") == {C1: 0, C2: 1}
+        again.blobs.put(BlobRecord(a, 10, "sha256", CS, state="complete", verified_at=2.0))  # kept from here on
+        assert again.links.repo_bytes("model", "org/x") == (3, 35, 2, 15)
+        assert again.links.snapshots_missing("model", "org/x") == {C1: 0, C2: 1}
     finally:
         again.close()
 
@@ -266,30 +269,30 @@ def test_an_index_of_the_previous_version_opens_with_the_same_counts(cache: Path
 
 def test_blob_records(index: Index):
     rec = BlobRecord("a" * 64, 5 * CS + 1, "sha256", CS, repo_type="dataset", repo_id="org/d", commit=C1, path="x/y")
-    assert index.get_blob(rec.blob_id) is None
-    index.put_blob(rec)
-    assert index.get_blob(rec.blob_id) == rec
+    assert index.blobs.get(rec.blob_id) is None
+    index.blobs.put(rec)
+    assert index.blobs.get(rec.blob_id) == rec
     rec.state, rec.last_access = "complete", 123.5
-    index.put_blob(rec)
-    assert index.get_blob(rec.blob_id) == rec
+    index.blobs.put(rec)
+    assert index.blobs.get(rec.blob_id) == rec
     other = BlobRecord("b" * 40, 0, "gitsha1", CS)
-    index.put_blob(other)
-    assert sorted(index.all_blobs(), key=lambda r: r.blob_id) == [rec, other]
+    index.blobs.put(other)
+    assert sorted(index.blobs.all(), key=lambda r: r.blob_id) == [rec, other]
 
 
 def test_add_blobs_records_only_new_ones_in_one_transaction(index: Index):
     done = BlobRecord("a" * 64, 10, "sha256", CS, state="complete")
-    index.put_blob(done)
+    index.blobs.put(done)
     with index.env.begin(write=True) as txn:  # an entry that fails its check is replaced
-        txn.put(b"c" * 40, b"{not json", db=index._blobs)
+        txn.put(b"c" * 40, b"{not json", db=index.blobs.table)
     new = [BlobRecord("a" * 64, 10, "sha256", CS), BlobRecord("b" * 40, 3, "gitsha1", CS)]
     new += [BlobRecord("b" * 40, 3, "gitsha1", CS), BlobRecord("c" * 40, 4, "gitsha1", CS)]
-    assert index.add_blobs(new) == 2
-    assert index.get_blob("a" * 64).state == "complete", "a known blob keeps its record"
-    assert index.get_blob("b" * 40) == new[1] and index.get_blob("c" * 40) == new[3]
+    assert index.blobs.add(new) == 2
+    assert index.blobs.get("a" * 64).state == "complete", "a known blob keeps its record"
+    assert index.blobs.get("b" * 40) == new[1] and index.blobs.get("c" * 40) == new[3]
     with pytest.raises(ValueError):
-        index.add_blobs([BlobRecord("d" * 40, -1, "gitsha1", CS)])
-    assert index.get_blob("d" * 40) is None
+        index.blobs.add([BlobRecord("d" * 40, -1, "gitsha1", CS)])
+    assert index.blobs.get("d" * 40) is None
 
 
 @pytest.mark.parametrize(("size", "n"), [(0, 1), (1, 1), (CS, 1), (CS + 1, 2), (3 * CS, 3), (3 * CS + 7, 4)])
@@ -301,29 +304,29 @@ def test_chunks_set_get_drop(index: Index):
     a40, a64, b64 = "a" * 40, "a" * 64, "b" * 64  # a40 is a string prefix of a64
     for blob in (a40, a64, b64):
         for i in range(4):
-            index.set_chunk(blob, i, hash((blob, i)) & (2**64 - 1))
-    index.set_chunk(a64, 2**40, 2**64 - 1)  # big index and digest survive the packing
-    assert index.chunks(a40) == {i: hash((a40, i)) & (2**64 - 1) for i in range(4)}
-    assert index.chunks(a64) == {**{i: hash((a64, i)) & (2**64 - 1) for i in range(4)}, 2**40: 2**64 - 1}
-    assert index.chunks("c" * 64) == {}
+            index.chunks.set([(blob, i, hash((blob, i)) & (2**64 - 1))])
+    index.chunks.set([(a64, 2**40, 2**64 - 1)])  # big index and digest survive the packing
+    assert index.chunks.get(a40) == {i: hash((a40, i)) & (2**64 - 1) for i in range(4)}
+    assert index.chunks.get(a64) == {**{i: hash((a64, i)) & (2**64 - 1) for i in range(4)}, 2**40: 2**64 - 1}
+    assert index.chunks.get("c" * 64) == {}
 
-    index.set_chunk(a40, 1, 42)  # re-recording replaces
-    assert index.chunks(a40)[1] == 42
+    index.chunks.set([(a40, 1, 42)])  # re-recording replaces
+    assert index.chunks.get(a40)[1] == 42
 
-    index.drop_chunks(a40, [0, 2, 99])  # some (99 was never there)
-    assert sorted(index.chunks(a40)) == [1, 3]
-    assert len(index.chunks(a64)) == 5
+    index.chunks.drop(a40, [0, 2, 99])  # some (99 was never there)
+    assert sorted(index.chunks.get(a40)) == [1, 3]
+    assert len(index.chunks.get(a64)) == 5
 
-    index.drop_chunks(a64)  # all, with records on both sides of it
-    assert index.chunks(a64) == {}
-    assert sorted(index.chunks(a40)) == [1, 3]
-    assert sorted(index.chunks(b64)) == [0, 1, 2, 3]
+    index.chunks.drop(a64)  # all, with records on both sides of it
+    assert index.chunks.get(a64) == {}
+    assert sorted(index.chunks.get(a40)) == [1, 3]
+    assert sorted(index.chunks.get(b64)) == [0, 1, 2, 3]
 
-    index.drop_chunks(b64)  # all, being the last records in the database
-    assert index.chunks(b64) == {}
-    index.drop_chunks(b64)  # nothing left: a no-op
-    index.drop_chunks("f" * 64)
-    assert sorted(index.chunks(a40)) == [1, 3]
+    index.chunks.drop(b64)  # all, being the last records in the database
+    assert index.chunks.get(b64) == {}
+    index.chunks.drop(b64)  # nothing left: a no-op
+    index.chunks.drop("f" * 64)
+    assert sorted(index.chunks.get(a40)) == [1, 3]
 
 
 def test_index_persists_across_close_and_reopen(cache: Path):
@@ -331,19 +334,19 @@ def test_index_persists_across_close_and_reopen(cache: Path):
     idx = Index(path, map_size=64 * MiB)
     files = [FileEntry("w.bin", 3 * CS, "e" * 64)]
     rec = BlobRecord("e" * 64, 3 * CS, "sha256", CS, repo_id="org/a", commit=C1, path="w.bin")
-    idx.put_ref("model", "org/a", "main", C1)
-    idx.put_snapshot("model", "org/a", C1, files)
-    idx.put_blob(rec)
-    idx.set_chunk(rec.blob_id, 0, 7)
-    idx.set_chunk(rec.blob_id, 2, 9)
+    idx.refs.put("model", "org/a", "main", C1)
+    idx.snapshots.put("model", "org/a", C1, files)
+    idx.blobs.put(rec)
+    idx.chunks.set([(rec.blob_id, 0, 7)])
+    idx.chunks.set([(rec.blob_id, 2, 9)])
     idx.close()
 
     idx = Index(path, map_size=64 * MiB)
     try:
-        assert idx.get_ref("model", "org/a", "main") == C1
-        assert idx.get_snapshot("model", "org/a", C1) == files
-        assert idx.get_blob(rec.blob_id) == rec
-        assert idx.chunks(rec.blob_id) == {0: 7, 2: 9}
+        assert idx.refs.get("model", "org/a", "main") == C1
+        assert idx.snapshots.get("model", "org/a", C1) == files
+        assert idx.blobs.get(rec.blob_id) == rec
+        assert idx.chunks.get(rec.blob_id) == {0: 7, 2: 9}
         assert [(v.repo_id, v.refs) for v in idx.views()] == [("org/a", {"main": C1})]
     finally:
         idx.close()
@@ -357,39 +360,39 @@ def test_index_counts_blob_states_as_it_writes_them(cache: Path):
 
     def scanned() -> dict[str, int]:
         counts = dict.fromkeys(("partial", "complete", "quarantined"), 0)
-        for r in idx.all_blobs():
+        for r in idx.blobs.all():
             counts[r.state] += 1
         return counts
 
     a, b, c = (BlobRecord(ch * 64, CS, "sha256", CS) for ch in "abc")
-    assert idx.add_blobs([a, b]) == 2 and idx.add_blobs([a, b, c]) == 1  # known ones are not counted twice
-    assert idx.blob_states() == {"partial": 3, "complete": 0, "quarantined": 0}
-    assert idx.proven_by(1e12) == ([], None)
+    assert idx.blobs.add([a, b]) == 2 and idx.blobs.add([a, b, c]) == 1  # known ones are not counted twice
+    assert idx.counts.blob_states() == {"partial": 3, "complete": 0, "quarantined": 0}
+    assert idx.counts.proven_by(1e12) == ([], None)
     a.state, a.verified_at = "complete", 100.0
-    idx.put_blob(a)
-    idx.put_blob(a)  # no change of state
+    idx.blobs.put(a)
+    idx.blobs.put(a)  # no change of state
     d = BlobRecord("d" * 64, CS, "sha256", CS, state="complete", verified_at=50.0)
-    idx.add_blobs([d])
-    assert idx.proven_by(100.0) == ([d.blob_id, a.blob_id], 50.0), "oldest proof first"
+    idx.blobs.add([d])
+    assert idx.counts.proven_by(100.0) == ([d.blob_id, a.blob_id], 50.0), "oldest proof first"
     d.verified_at = 150.0  # proven again (scrub)
-    idx.put_blob(d)
-    assert idx.proven_by(99.0) == ([], 100.0) and idx.proven_by(150.0) == ([a.blob_id, d.blob_id], 100.0)
+    idx.blobs.put(d)
+    assert idx.counts.proven_by(99.0) == ([], 100.0) and idx.counts.proven_by(150.0) == ([a.blob_id, d.blob_id], 100.0)
     d.state = "partial"  # evicted
-    idx.put_blob(d)
+    idx.blobs.put(d)
     b.state = "quarantined"
-    idx.put_blob(b)
-    assert idx.blob_states() == scanned() == {"partial": 2, "complete": 1, "quarantined": 1}
+    idx.blobs.put(b)
+    assert idx.counts.blob_states() == scanned() == {"partial": 2, "complete": 1, "quarantined": 1}
     with idx.env.begin(write=True) as txn:  # a hostile record: dropped on load, and uncounted
-        txn.put(c.blob_id.encode(), b'{"state": "partial", "size": -1}', db=idx._blobs)
-    assert idx.get_blob(c.blob_id) is None
-    assert idx.blob_states() == scanned() == {"partial": 1, "complete": 1, "quarantined": 1}
-    idx.put_meta("blob_states", None)  # an index from before the counters: counted once on open
-    idx.put_meta("derived_v3", None)
+        txn.put(c.blob_id.encode(), b'{"state": "partial", "size": -1}', db=idx.blobs.table)
+    assert idx.blobs.get(c.blob_id) is None
+    assert idx.counts.blob_states() == scanned() == {"partial": 1, "complete": 1, "quarantined": 1}
+    idx.meta.put("blob_states", None)  # an index from before the counters: counted once on open
+    idx.meta.put("derived_v3", None)
     idx.close()
     idx = Index(path, map_size=64 * MiB)
     try:
-        assert idx.blob_states() == scanned() == {"partial": 1, "complete": 1, "quarantined": 1}
-        assert idx.proven_by(1e12) == ([a.blob_id], 100.0)
+        assert idx.counts.blob_states() == scanned() == {"partial": 1, "complete": 1, "quarantined": 1}
+        assert idx.counts.proven_by(1e12) == ([a.blob_id], 100.0)
     finally:
         idx.close()
 
@@ -417,7 +420,7 @@ def test_state_creates_sparse_file_of_full_size(cache: Path, store: Store):
 def test_write_chunks_then_read_exact_bytes(cache: Path, index: Index, store: Store, kind: str):
     data = payload(3 * CS + CS // 2, seed=1)  # partial last chunk
     rec = record(kind, data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
 
     async def run():
         st = await fill(store, rec, data, order=[2, 0, 3, 1])
@@ -431,7 +434,7 @@ def test_write_chunks_then_read_exact_bytes(cache: Path, index: Index, store: St
         return st
 
     st = asyncio.run(run())
-    assert index.chunks(rec.blob_id) == {i: xxhash.xxh3_64_intdigest(c) for i, c in enumerate(chunks_of(data))}
+    assert index.chunks.get(rec.blob_id) == {i: xxhash.xxh3_64_intdigest(c) for i, c in enumerate(chunks_of(data))}
     assert store.path(rec.blob_id).read_bytes() == data
     assert all(st.has(i) for i in range(4))
 
@@ -439,7 +442,7 @@ def test_write_chunks_then_read_exact_bytes(cache: Path, index: Index, store: St
 def test_write_chunk_with_wrong_length_raises_and_records_nothing(index: Index, store: Store):
     data = payload(2 * CS + 100, seed=2)
     rec = record("sha256", data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
     st = store.state(rec)
     parts = chunks_of(data)
 
@@ -455,7 +458,7 @@ def test_write_chunk_with_wrong_length_raises_and_records_nothing(index: Index, 
     asyncio.run(run())
     assert len(parts[2]) == 100
     assert st.chunk_range(2) == (2 * CS, 2 * CS + 100)
-    assert sorted(index.chunks(rec.blob_id)) == [2]
+    assert sorted(index.chunks.get(rec.blob_id)) == [2]
     assert st.missing == 2 and st.has(2) and not st.has(0)
     assert store.path(rec.blob_id).stat().st_size == rec.size  # nothing written past the end
     assert store.path(rec.blob_id).read_bytes()[: 2 * CS] == bytes(2 * CS)
@@ -465,18 +468,18 @@ def test_write_chunk_with_wrong_length_raises_and_records_nothing(index: Index, 
 def test_finish_with_correct_content_completes(cache: Path, index: Index, store: Store, kind: str):
     data = payload(2 * CS + 3, seed=3)
     rec = record(kind, data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
 
     async def run():
         st = await fill(store, rec, data)
-        assert index.chunks(rec.blob_id) != {}
+        assert index.chunks.get(rec.blob_id) != {}
         await store.finish(st)
         return st
 
     st = asyncio.run(run())
     assert st.rec.state == "complete"
-    assert index.get_blob(rec.blob_id).state == "complete"
-    assert index.chunks(rec.blob_id) == {}  # presence of a complete blob is implied
+    assert index.blobs.get(rec.blob_id).state == "complete"
+    assert index.chunks.get(rec.blob_id) == {}  # presence of a complete blob is implied
     assert store.path(rec.blob_id).read_bytes() == data
     assert hash_file(store.path(rec.blob_id), kind, len(data)) == rec.blob_id
     assert list((cache / "quarantine").iterdir()) == []
@@ -484,7 +487,7 @@ def test_finish_with_correct_content_completes(cache: Path, index: Index, store:
     # After a restart the blob is still complete, with every chunk present.
     fresh = Store(cache, index)
     try:
-        st2 = fresh.state(index.get_blob(rec.blob_id))
+        st2 = fresh.state(index.blobs.get(rec.blob_id))
         assert st2.missing == 0
         assert asyncio.run(fresh.read(rec.blob_id, 0, len(data))) == data
     finally:
@@ -496,7 +499,7 @@ def test_finish_with_wrong_content_quarantines(cache: Path, index: Index, store:
     good = payload(2 * CS + 3, seed=4)
     bad = good[:CS] + bytes([good[CS] ^ 1]) + good[CS + 1 :]  # one bit flipped in chunk 1
     rec = record(kind, good)
-    index.put_blob(rec)
+    index.blobs.put(rec)
 
     async def run():
         st = await fill(store, rec, bad)
@@ -506,8 +509,8 @@ def test_finish_with_wrong_content_quarantines(cache: Path, index: Index, store:
 
     st = asyncio.run(run())
     assert st.rec.state == "quarantined"
-    assert index.get_blob(rec.blob_id).state == "quarantined"
-    assert index.chunks(rec.blob_id) == {}
+    assert index.blobs.get(rec.blob_id).state == "quarantined"
+    assert index.chunks.get(rec.blob_id) == {}
     assert not store.path(rec.blob_id).exists()
     moved = cache / "quarantine" / rec.blob_id
     assert moved.read_bytes() == bad
@@ -517,7 +520,7 @@ def test_finish_with_wrong_content_quarantines(cache: Path, index: Index, store:
 def test_empty_blob_gitsha1(index: Index, store: Store):
     rec = record("gitsha1", b"")
     assert rec.blob_id == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's empty blob
-    index.put_blob(rec)
+    index.blobs.put(rec)
 
     async def run():
         st = await fill(store, rec, b"")
@@ -525,7 +528,7 @@ def test_empty_blob_gitsha1(index: Index, store: Store):
         await store.finish(st)
 
     asyncio.run(run())
-    assert index.get_blob(rec.blob_id).state == "complete"
+    assert index.blobs.get(rec.blob_id).state == "complete"
     assert store.path(rec.blob_id).stat().st_size == 0
 
 
@@ -542,15 +545,15 @@ def test_evicting_a_record_copy_twice_frees_its_bytes_once(cache: Path, index: I
     second eviction found the index's old "complete" record cached as the shared one)."""
     data = payload(2 * CS, seed=23)
     rec = record("sha256", data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
     st = asyncio.run(fill(store, rec, data))
     asyncio.run(store.finish(st))
     store.close()
     fresh = Store(cache, index)  # a start: no record of it in memory
     try:
         assert fresh.tiers["disk"].used == 2 * CS
-        assert fresh.evict(index.all_blobs()[0]) == 2 * CS
-        assert fresh.evict(index.all_blobs()[0]) == 0
+        assert fresh.evict(index.blobs.all()[0]) == 2 * CS
+        assert fresh.evict(index.blobs.all()[0]) == 0
         assert fresh.tiers["disk"].used == 0 and fresh.record(rec.blob_id).state == "partial"
     finally:
         fresh.close()
@@ -559,7 +562,7 @@ def test_evicting_a_record_copy_twice_frees_its_bytes_once(cache: Path, index: I
 def crash(store: Store) -> None:
     """What a kill -9 leaves: the blob files and the index, without the record of a clean stop."""
     store.close()
-    store.index.put_meta("clean_stop", None)
+    store.index.meta.put("clean_stop", None)
 
 
 def test_a_clean_stop_lets_the_next_start_skip_counting_and_recovery(cache: Path, index: Index, store: Store):
@@ -567,7 +570,7 @@ def test_a_clean_stop_lets_the_next_start_skip_counting_and_recovery(cache: Path
     re-verified; after a crash, or once a tier lost its files, both are done from the disk."""
     data = payload(3 * CS + 5, seed=21)
     rec = record("sha256", data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
     asyncio.run(fill(store, rec, data, order=[0, 2]))
     used = store.tiers["disk"].used
     assert used == 2 * CS
@@ -577,12 +580,12 @@ def test_a_clean_stop_lets_the_next_start_skip_counting_and_recovery(cache: Path
         f.write(b"\xff" * 16)
 
     scans = []
-    all_blobs = index.all_blobs
-    index.all_blobs = lambda: scans.append(1) or all_blobs()
+    all_blobs = index.blobs.all
+    index.blobs.all = lambda: scans.append(1) or all_blobs()
     again = Store(cache, index)
     assert again.clean_start and again.tiers["disk"].used == used and again.recover() == 0
     assert scans == [], "a clean start reads no blob record"
-    assert index.get_meta("clean_stop") is None, "a crash from now on must not look clean"
+    assert index.meta.get("clean_stop") is None, "a crash from now on must not look clean"
     crash(again)
 
     after_crash = Store(cache, index)
@@ -592,7 +595,7 @@ def test_a_clean_stop_lets_the_next_start_skip_counting_and_recovery(cache: Path
     assert after_crash.tiers["disk"].used == CS, "the damaged chunk is no longer counted"
     after_crash.close()
 
-    index.put_ref("model", "org/x", "main", C1)  # anyone else's write to the stopped index
+    index.refs.put("model", "org/x", "main", C1)  # anyone else's write to the stopped index
     touched = Store(cache, index)
     assert not touched.clean_start and touched.tiers["disk"].used == CS
     assert touched.start == "written" and scans, "after anyone else's write every record is checked"
@@ -616,14 +619,14 @@ def test_a_stop_whose_syncfs_hangs_leaves_no_clean_record(cache: Path, index: In
     unsynced = Store(cache, index, fsync=False)
     data = payload(2 * CS, seed=31)
     rec = record("sha256", data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
     asyncio.run(fill(unsynced, rec, data))
     t0 = time.monotonic()
     recovery.leave_clean_stop(index, unsynced.tiers, synced=False, sync_timeout=0.2)
-    assert time.monotonic() - t0 < 5 and index.get_meta("clean_stop") is None
+    assert time.monotonic() - t0 < 5 and index.meta.get("clean_stop") is None
     gate.set()
     recovery.leave_clean_stop(index, unsynced.tiers, synced=False)
-    assert index.get_meta("clean_stop") is not None, "a syncfs that ends records the stop"
+    assert index.meta.get("clean_stop") is not None, "a syncfs that ends records the stop"
     unsynced.close()
 
 
@@ -631,9 +634,9 @@ def test_a_stop_whose_syncfs_hangs_leaves_no_clean_record(cache: Path, index: In
 def test_recover_drops_only_chunks_whose_bytes_changed(cache: Path, index: Index, store: Store, kind: str):
     data = payload(4 * CS - 9, seed=5)
     rec = record(kind, data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
     asyncio.run(fill(store, rec, data, order=[0, 1, 3]))  # chunk 2 never fetched
-    before = index.chunks(rec.blob_id)
+    before = index.chunks.get(rec.blob_id)
     assert sorted(before) == [0, 1, 3]
     crash(store)
 
@@ -645,8 +648,8 @@ def test_recover_drops_only_chunks_whose_bytes_changed(cache: Path, index: Index
     fresh = Store(cache, index)
     try:
         assert fresh.recover() == 1
-        assert index.chunks(rec.blob_id) == {0: before[0], 3: before[3]}
-        st = fresh.state(index.get_blob(rec.blob_id))
+        assert index.chunks.get(rec.blob_id) == {0: before[0], 3: before[3]}
+        st = fresh.state(index.blobs.get(rec.blob_id))
         assert [st.has(i) for i in range(4)] == [True, False, False, True]
         assert st.missing == 2
         assert fresh.recover() == 0  # what is left is sound
@@ -658,7 +661,7 @@ def test_recover_gives_back_blocks_of_chunks_written_but_never_recorded(cache: P
     """A kill -9 between a chunk's write and its record leaves blocks the quota cannot see."""
     data = payload(4 * CS, seed=9)
     rec = record("sha256", data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
     asyncio.run(fill(store, rec, data, order=[1]))
     crash(store)
     with open(store.path(rec.blob_id), "r+b") as f:  # chunks 2 and 3 written, the crash before their record
@@ -684,7 +687,7 @@ def test_recover_handles_truncated_and_missing_files_and_skips_complete(cache: P
     c = payload(CS + 1, seed=8)
     ra, rb, rc = record("sha256", a), record("gitsha1", b), record("sha256", c)
     for r in (ra, rb, rc):
-        index.put_blob(r)
+        index.blobs.put(r)
 
     async def run():
         await fill(store, ra, a)
@@ -699,9 +702,9 @@ def test_recover_handles_truncated_and_missing_files_and_skips_complete(cache: P
     fresh = Store(cache, index)
     try:
         assert fresh.recover() == 2 + 2
-        assert sorted(index.chunks(ra.blob_id)) == [0]
-        assert index.chunks(rb.blob_id) == {}
-        assert index.get_blob(rc.blob_id).state == "complete"
+        assert sorted(index.chunks.get(ra.blob_id)) == [0]
+        assert index.chunks.get(rb.blob_id) == {}
+        assert index.blobs.get(rc.blob_id).state == "complete"
         assert fresh.path(rc.blob_id).read_bytes() == c
     finally:
         fresh.close()
@@ -710,7 +713,7 @@ def test_recover_handles_truncated_and_missing_files_and_skips_complete(cache: P
 def test_state_of_complete_blob_whose_file_vanished_becomes_partial(cache: Path, index: Index, store: Store):
     data = payload(2 * CS, seed=9)
     rec = record("sha256", data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
 
     async def run():
         await store.finish(await fill(store, rec, data))
@@ -721,9 +724,9 @@ def test_state_of_complete_blob_whose_file_vanished_becomes_partial(cache: Path,
 
     fresh = Store(cache, index)
     try:
-        st = fresh.state(index.get_blob(rec.blob_id))
+        st = fresh.state(index.blobs.get(rec.blob_id))
         assert st.missing == 2
-        assert index.get_blob(rec.blob_id).state == "partial"
+        assert index.blobs.get(rec.blob_id).state == "partial"
         assert fresh.path(rec.blob_id).stat().st_size == len(data)
     finally:
         fresh.close()
@@ -733,7 +736,7 @@ def test_fsync_off_still_writes_and_verifies(cache: Path, index: Index):
     store = Store(cache, index, fsync=False)
     data = payload(CS + 17, seed=10)
     rec = record("gitsha1", data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
     try:
 
         async def run():
@@ -741,7 +744,7 @@ def test_fsync_off_still_writes_and_verifies(cache: Path, index: Index):
             return await store.read(rec.blob_id, 0, len(data))
 
         assert asyncio.run(run()) == data
-        assert index.get_blob(rec.blob_id).state == "complete"
+        assert index.blobs.get(rec.blob_id).state == "complete"
     finally:
         store.close()
 
@@ -768,7 +771,7 @@ def test_every_file_lies_under_the_cache_dir(tmp_path: Path, monkeypatch: pytest
     good, other = payload(2 * CS + 1, seed=11), payload(CS, seed=12)
     r_good, r_bad = record("sha256", good), record("gitsha1", other)
     for r in (r_good, r_bad):
-        index.put_blob(r)
+        index.blobs.put(r)
 
     async def run():
         await store.finish(await fill(store, r_good, good))
@@ -802,7 +805,7 @@ def test_whole_blob_hash_advances_with_chunks_in_any_order(cache: Path, index: I
     data = os.urandom(4 * CS + 123)
     bid = blob_id(kind, data)
     rec = BlobRecord(bid, len(data), kind, CS)
-    index.put_blob(rec)
+    index.blobs.put(rec)
     store = Store(cache, index)
 
     async def run() -> None:
@@ -815,7 +818,7 @@ def test_whole_blob_hash_advances_with_chunks_in_any_order(cache: Path, index: I
 
     try:
         asyncio.run(run())
-        assert index.get_blob(bid).state == "complete"
+        assert index.blobs.get(bid).state == "complete"
         assert not store.hashes.prefixes
     finally:
         store.close()
@@ -832,7 +835,7 @@ def test_concurrent_chunk_writes_share_flushes_and_hash_from_memory(
     is O_DIRECT, which writes the dirty pages out first and reads them from the disk."""
     data = payload(16 * CS + 77, seed=3)
     rec = record(kind, data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
     store = Store(cache, index)
     flushes: list[int] = []
     flush = store._sync_and_record
@@ -866,7 +869,7 @@ def test_concurrent_chunk_writes_share_flushes_and_hash_from_memory(
     finally:
         directio.read_into = read_into
         store.close()
-    assert index.get_blob(rec.blob_id).state == "complete"
+    assert index.blobs.get(rec.blob_id).state == "complete"
     assert sum(flushes) == len(parts) and len(flushes) < len(parts), flushes
     assert reads == [], "every chunk was hashed from memory"
     assert store.hashes.held == 0, "held chunks are let go once hashed"
@@ -877,7 +880,7 @@ def test_concurrent_chunk_writes_share_flushes_and_hash_from_memory(
 def test_hash_memory_bound_falls_back_to_reading_back(cache: Path, index: Index):
     data = payload(6 * CS, seed=4)
     rec = record("sha256", data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
     store = Store(cache, index, hash_memory=2 * CS)
 
     async def run() -> None:
@@ -896,7 +899,7 @@ def test_hash_memory_bound_falls_back_to_reading_back(cache: Path, index: Index)
         asyncio.run(run())
     finally:
         store.close()
-    assert index.get_blob(rec.blob_id).state == "complete"
+    assert index.blobs.get(rec.blob_id).state == "complete"
     assert store.hashes.held == 0
 
 
@@ -905,7 +908,7 @@ def test_a_failed_write_of_a_hashed_chunk_spoils_the_running_hash(cache: Path, i
     fails and the chunk is fetched again (other bytes), the proof must hash the file."""
     data = payload(3 * CS, seed=5)
     rec = record("sha256", data)
-    index.put_blob(rec)
+    index.blobs.put(rec)
     store = Store(cache, index)
     parts = chunks_of(data)
     failing = {"on": True}
@@ -936,7 +939,7 @@ def test_a_failed_write_of_a_hashed_chunk_spoils_the_running_hash(cache: Path, i
         asyncio.run(run())
     finally:
         store.close()
-    assert index.get_blob(rec.blob_id).state == "complete"
+    assert index.blobs.get(rec.blob_id).state == "complete"
 
 
 def test_group_commit_batches_fails_together_and_never_hangs():
@@ -987,27 +990,27 @@ def test_eviction_reads_only_the_blobs_it_evicts(cache: Path, index: Index):
         blobs = [payload(2 * CS, seed=100 + i) for i in range(6)]
         recs = [record("sha256", data, last_access=100.0 * (i + 1)) for i, data in enumerate(blobs)]
         for rec, data in zip(recs, blobs, strict=True):
-            index.put_blob(rec)
+            index.blobs.put(rec)
             asyncio.run(store.finish(asyncio.run(fill(store, rec, data))))
         half = record("gitsha1", payload(2 * CS, seed=99), last_access=150.0)  # one chunk held
-        index.put_blob(half)
+        index.blobs.put(half)
         asyncio.run(fill(store, half, payload(2 * CS, seed=99), order=[0]))
-        index.add_blobs([BlobRecord(f"{i:064x}", CS, "sha256", CS) for i in range(2000)])
+        index.blobs.add([BlobRecord(f"{i:064x}", CS, "sha256", CS) for i in range(2000)])
         assert tier.used == 6 * 2 * CS + CS
         store.record(recs[0].blob_id).last_access = 10_000.0  # read since the last flush
 
         decoded = []
-        decode = index._blob
-        index._blob = lambda key, raw: decoded.append(key) or decode(key, raw)
+        decode = index.blobs.decode
+        index.blobs.decode = lambda key, raw: decoded.append(key) or decode(key, raw)
         tier.quota = tier.used + 3 * CS  # low mark (0.8): 200 KiB more must fit under 80 %
         freed = store.evict_lru(tier, 200 * KiB)
         gone = [r.blob_id for r in [*recs, half] if not store.cached_bytes(store.record(r.blob_id))]
         assert gone == [recs[1].blob_id, recs[2].blob_id, half.blob_id] and freed == 5 * CS
         assert len(decoded) <= 3, f"eviction read {len(decoded)} records"
-        assert [b for _, b in index.least_recent("disk")] == [r.blob_id for r in (recs[0], *recs[3:])]
-        assert list(index.least_recent("shm")) == [], "each tier has its own order"
+        assert [b for _, b in index.counts.least_recent("disk")] == [r.blob_id for r in (recs[0], *recs[3:])]
+        assert list(index.counts.least_recent("shm")) == [], "each tier has its own order"
         store.flush_access_times()
-        assert [b for _, b in index.least_recent("disk")] == [r.blob_id for r in (*recs[3:], recs[0])]
+        assert [b for _, b in index.counts.least_recent("disk")] == [r.blob_id for r in (*recs[3:], recs[0])]
     finally:
         store.close()
 
@@ -1020,16 +1023,16 @@ def test_a_crash_start_reads_only_the_records_of_blobs_holding_bytes(cache: Path
     done, half, gone = (payload(3 * CS, seed=s) for s in (31, 32, 33))
     recs = [record("sha256", d) for d in (done, half, gone)]
     for rec, data, order in zip(recs, (done, half, gone), (None, [0, 2], None), strict=True):
-        index.put_blob(rec)
+        index.blobs.put(rec)
         st = asyncio.run(fill(store, rec, data, order))
         if order is None:
             asyncio.run(store.finish(st))
     unrecorded = record("gitsha1", payload(2 * CS, seed=34))  # its bytes were written, never recorded
-    index.put_blob(unrecorded)
+    index.blobs.put(unrecorded)
     store.state(unrecorded)
     with open(store.path(unrecorded.blob_id), "r+b") as f:
         f.write(payload(CS, seed=35))
-    index.add_blobs([BlobRecord(f"{i:064x}", CS, "sha256", CS) for i in range(2000)])
+    index.blobs.add([BlobRecord(f"{i:064x}", CS, "sha256", CS) for i in range(2000)])
     crash(store)
     store.path(recs[2].blob_id).unlink()  # a complete blob's file lost
     orphan = cache / "blobs" / "ee" / ("ee" * 32)
@@ -1037,8 +1040,8 @@ def test_a_crash_start_reads_only_the_records_of_blobs_holding_bytes(cache: Path
     orphan.write_bytes(b"nobody's")
 
     decoded = []
-    decode = index._blob
-    index._blob = lambda key, raw: decoded.append(key) or decode(key, raw)
+    decode = index.blobs.decode
+    index.blobs.decode = lambda key, raw: decoded.append(key) or decode(key, raw)
     fresh = Store(cache, index)
     try:
         assert not fresh.clean_start and fresh.recover() == 0

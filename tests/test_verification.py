@@ -214,7 +214,7 @@ def test_verify_first_blobs_are_kept_in_the_index(tmp_path: Path):
     index = Index(tmp_path / "index", map_size=64 * MiB)
     pt, st, gg = "a" * 64, "b" * 64, "c" * 64
     files = [FileEntry("pytorch_model.bin", 1, pt), FileEntry("model.safetensors", 1, st), FileEntry("q.gguf", 1, gg)]
-    index.put_snapshot("model", "org/m", "1" * 40, files)
+    index.snapshots.put("model", "org/m", "1" * 40, files)
 
     def catalog(cfg: Config, as_left: bool = True) -> set[str]:
         filler = SimpleNamespace(verify_first=set())
@@ -247,12 +247,12 @@ def test_a_new_snapshots_verify_first_ids_are_written_before_the_snapshot(tmp_pa
     seen = []
 
     def on_new(files) -> None:
-        seen.append((len(files), index.has_repo("model", "org/m")))
+        seen.append((len(files), index.snapshots.has_repo("model", "org/m")))
 
     try:
         res = Resolved("1" * 40, [RemoteFile(FileEntry("pytorch_model.bin", 1, "a" * 64), "sha256")])
         asyncio.run(register(index, 1 << 16, "model", "org/m", "main", res, on_new))
-        assert seen == [(1, False)] and index.has_repo("model", "org/m")
+        assert seen == [(1, False)] and index.snapshots.has_repo("model", "org/m")
     finally:
         index.close()
 
@@ -419,6 +419,6 @@ def test_scrub_continues_after_a_restart(hub, daemons, tmp_path):
 def verified_at(d, ids: dict[str, str]) -> dict[str, float]:
     index = Index(d.cache_dir / "index")
     try:
-        return {name: index.get_blob(blob).verified_at for name, blob in ids.items()}
+        return {name: index.blobs.get(blob).verified_at for name, blob in ids.items()}
     finally:
         index.close()

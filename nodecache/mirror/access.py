@@ -84,12 +84,12 @@ class Access:
             raise HubError(404, f"Repository {t.repo_id} is not mirrored by this node (mirror_allow)", "RepoNotFound")
         # A repo matched only by a wildcard resolves only if the Hub calls it public (as a
         # lookup through the mount does): a private one would enter the index and the tree.
-        public_only = not (admin or self.named(t) or self.index.has_repo(t.repo_type, t.repo_id))
+        public_only = not (admin or self.named(t) or self.index.snapshots.has_repo(t.repo_type, t.repo_id))
         try:
             ref, failed = await self.snapshots.resolve(t, public_only), None
         except HubError as e:
             ref, failed = None, e
-        meta = self.index.get_repo_meta(t.repo_type, t.repo_id)
+        meta = self.index.repo_meta.get(t.repo_type, t.repo_id)
         if failed is not None and meta is None:  # never recorded: nothing to protect, nothing to tell
             if failed.status == 404:  # not which of repo, revision or visibility refused it
                 raise HubError(404, f"Repository {t.repo_id} not found, or not public and not named", "RepoNotFound")

@@ -127,7 +127,7 @@ class Metadata:
         if resp is not None:
             return resp
         ref = grant.ref
-        visibility = (self.index.get_repo_meta(t.repo_type, t.repo_id) or {}).get("visibility")
+        visibility = (self.index.repo_meta.get(t.repo_type, t.repo_id) or {}).get("visibility")
         blobs = request.query.get("blobs", "").lower() in ("1", "true")
         siblings = []
         for f in self.snapshots.files(ref).values():

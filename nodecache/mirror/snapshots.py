@@ -58,7 +58,7 @@ class Snapshots:
         key = (ref.repo_type, ref.repo_id, ref.commit)
         files = self._files.get(key)
         if files is None:
-            listed = self.index.get_snapshot(ref.repo_type, ref.repo_id, ref.commit)
+            listed = self.index.snapshots.get(ref.repo_type, ref.repo_id, ref.commit)
             if listed is None:
                 raise HubError(504, f"snapshot {ref.commit} of {ref.repo_id} is not in the index")
             if len(self._files) > FILE_LISTS_MAX:

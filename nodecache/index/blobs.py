@@ -1,0 +1,107 @@
+"""Blob records: what we know of each content-addressed blob and how to fill it."""
+
+from __future__ import annotations
+
+import logging
+
+from ..layout import validate_blob_id
+from .counts import Counts
+from .db import Db
+from .records import BAD, BlobRecord, check_blob, decode, derived, encode
+
+log = logging.getLogger("nodecache.index")
+
+
+class Blobs:
+    def __init__(self, db: Db, counts: Counts):
+        self.db, self.counts = db, counts
+        self.table = db.table("blobs")
+        self.decode = decode  # an attribute, so that a test can count the records read
+
+    def _drop(self, bad: list[tuple[bytes, Exception]]) -> None:
+        if not bad:
+            return
+        with self.db.write() as txn:
+            for key, e in bad:
+                self.counts.change(txn, [(key, self.counts.stored(txn, key), None)])
+                self.db.invalid(txn, "blobs", self.table, key, e)
+
+    def get(self, blob_id: str) -> BlobRecord | None:
+        key = blob_id.encode()
+        with self.db.read() as txn:
+            raw = txn.get(key, db=self.table)
+        try:
+            return self.decode(key, raw) if raw else None
+        except BAD as e:
+            self._drop([(key, e)])
+            return None
+
+    def put(self, rec: BlobRecord) -> None:
+        check_blob(rec)  # what cannot be loaded back must not be stored
+        key = rec.blob_id.encode()
+        with self.db.write() as txn:
+            self.counts.change(txn, [(key, self.counts.stored(txn, key), derived(rec))])
+            txn.put(key, encode(rec), db=self.table)
+
+    def add(self, recs: list[BlobRecord]) -> int:
+        """Record the blobs not known yet (or known only by an entry that fails its
+        check), in one transaction: a snapshot of 10^5 files is one commit, not 10^5.
+        Returns how many were recorded."""
+        for rec in recs:
+            check_blob(rec)
+        added = 0
+        changes = []
+        with self.db.write() as txn:
+            for rec in recs:
+                key = rec.blob_id.encode()
+                raw = txn.get(key, db=self.table)
+                if raw is not None:
+                    try:
+                        self.decode(key, raw)
+                        continue
+                    except BAD as e:
+                        log.warning("index: replacing invalid blobs entry %r: %s", key[:200], e)
+                        self.db.on_invalid("blobs")
+                        self.counts.change(txn, [(key, self.counts.stored(txn, key), None)])
+                txn.put(key, encode(rec), db=self.table)
+                changes.append((key, None, derived(rec)))
+                added += 1
+            self.counts.change(txn, changes)
+        return added
+
+    def all(self) -> list[BlobRecord]:
+        """Every record, each checked (the bad ones dropped)."""
+        out, bad = [], []
+        with self.db.read() as txn:
+            for key, raw in txn.cursor(db=self.table):
+                try:
+                    out.append(self.decode(key, raw))
+                except BAD as e:
+                    bad.append((key, e))
+        self._drop(bad)
+        return out
+
+    def has(self, blob_id: str) -> bool:
+        """A record is stored under this id (not read)."""
+        with self.db.read() as txn:
+            return txn.get(blob_id.encode(), db=self.table) is not None
+
+
+class VerifyFirst:
+    """Blob ids shown under a `verify_before_serve` name: proven whole before their first byte is served."""
+
+    def __init__(self, db: Db):
+        self.db = db
+        self.table = db.table("verify_first")
+
+    def get(self) -> set[str]:
+        with self.db.read() as txn:
+            return {key.decode() for key, _ in txn.cursor(db=self.table)}
+
+    def set(self, blob_ids: set[str], replace: bool = False) -> None:
+        """Add blob ids (or, with `replace`, make the set exactly these)."""
+        with self.db.write() as txn:
+            if replace:
+                txn.drop(self.table, delete=False)
+            for blob_id in blob_ids:
+                txn.put(validate_blob_id(blob_id).encode(), b"", db=self.table)
