@@ -27,9 +27,9 @@ from .peers import RateLimit
 
 def _read_batch(caches: CompileCaches, ids: list[str]) -> list[bytes | None]:
     """The blobs asked for (None: not here), refused whole if they add up to more than one answer holds."""
+    paths = [caches.blobs.path(sha) for sha in ids]
     sizes = []
-    for sha in ids:
-        path = caches.blob(sha)
+    for path in paths:
         try:
             sizes.append(None if path is None else os.stat(path).st_size)
         except OSError:
@@ -44,11 +44,11 @@ def _read_batch(caches: CompileCaches, ids: list[str]) -> list[bytes | None]:
             "fetch bigger ones one by one",
         )
     out: list[bytes | None] = []
-    for sha, n in zip(ids, sizes, strict=True):
+    for path, n in zip(paths, sizes, strict=True):
         data = None
         if n is not None:
             try:
-                with open(caches.root / "blobs" / sha, "rb") as f:
+                with open(path, "rb") as f:
                     data = f.read(n + 1)
             except OSError:
                 pass
@@ -133,7 +133,7 @@ def add_routes(app: web.Application, cfg: Config, compile_caches: CompileCaches,
 
     async def peer_blob(request: web.Request) -> web.StreamResponse:
         check_bearer(request, cfg.cluster_token, "the peer API")
-        path = caches().blob(request.match_info["sha"])
+        path = caches().blobs.path(request.match_info["sha"])
         if path is None:
             raise web.HTTPNotFound(reason="not_found", text="no such compile-cache blob here")
         async with uploads:
