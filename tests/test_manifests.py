@@ -16,8 +16,9 @@ import yaml
 
 from nodecache import config as config_mod
 from nodecache.cli import build_parser
-from nodecache.csi.driver import CONTEXT_KEYS, DRIVER_NAME
+from nodecache.csi.driver import DRIVER_NAME
 from nodecache.csi.policy import parse_policy
+from nodecache.csi.volume import CONTEXT_KEYS
 from nodecache.layout import parse_repo_spec, repo_folder_name
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,12 +35,13 @@ from pathlib import Path
 import grpc
 
 from .. import __version__, control, mounts
-from ..layout import InvalidName, RepoSpec, repo_folder_name
+from ..layout import RepoSpec
 from . import compilecache
 from . import policy as policy_mod
 from .errors import CsiError
 from .policy import Policy, PolicyFile
 from .proto import load
+from .volume import POD_NAMESPACE, POD_SERVICE_ACCOUNT, check_request, model_volume
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,6 @@ pb, pb_grpc = load()
 
 DRIVER_NAME = "nodecache.csi.k8s.io"
 FUSE_SOURCE = "nodecache"  # fsname= of the daemon's FUSE mount
-CONTEXT_KEYS = {"model", "revision", "waitForCache", "kind"}
-KUBELET_KEY_PREFIX = "csi.storage.k8s.io/"  # pod info and the ephemeral flag, added by kubelet
-POD_NAMESPACE = KUBELET_KEY_PREFIX + "pod.namespace"  # kubelet overwrites any value a pod spec gives
-POD_SERVICE_ACCOUNT = KUBELET_KEY_PREFIX + "serviceAccount.name"
-TRUE = {"true", "yes", "1"}
-FALSE = {"false", "no", "0", ""}
 
 
 def parse_endpoint(endpoint: str) -> str:
@@ -263,24 +258,9 @@ class Driver:
     def publish(
         self, volume_id: str, target_path: str, capability, volume_context: dict[str, str], has_capability: bool
     ) -> None:
-        if not volume_id:
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_id is required")
-        if not target_path:
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "target_path is required")
-        if not has_capability:
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_capability is required")
-        if capability.HasField("block"):
-            raise CsiError(
-                grpc.StatusCode.INVALID_ARGUMENT, "block volumes are not supported: nodecache is a filesystem"
-            )
-        if not capability.HasField("mount"):
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_capability needs access_type mount")
-        if not capability.HasField("access_mode"):
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "volume_capability.access_mode is required")
-        if not os.path.isabs(target_path):
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, f"target_path must be absolute: {target_path!r}")
-        # any access mode is fine (kubelet sends SINGLE_NODE_WRITER for inline volumes): always read-only
-        target = os.path.normpath(target_path)
+        """Always read-only for a model volume: check the request, authorize it, prepare the repo
+        through the daemon, bind its folder."""
+        target = check_request(volume_id, target_path, capability, has_capability)
         kind = volume_context.get("kind", "model")
         if kind == compilecache.KIND:  # a writable per-key directory on local disk (issue 19)
             return compilecache.publish(self, volume_id, target, volume_context, POD_NAMESPACE)
@@ -288,74 +268,52 @@ class Driver:
             raise CsiError(
                 grpc.StatusCode.INVALID_ARGUMENT, f'kind must be "model" or "{compilecache.KIND}", not {kind!r}'
             )
-        unknown = {k for k in volume_context if k not in CONTEXT_KEYS and not k.startswith(KUBELET_KEY_PREFIX)}
-        if unknown:
-            raise CsiError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown volume attribute(s) {sorted(unknown)}; known: {sorted(CONTEXT_KEYS)}",
-            )
-        model = volume_context.get("model", "")
-        revision = volume_context.get("revision") or None
-        wait_s = volume_context.get("waitForCache", "").strip().lower()
-        if wait_s not in TRUE | FALSE:
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, f'waitForCache must be "true" or "false", not {wait_s!r}')
-        wait = wait_s in TRUE
-        repo = None
-        if model:
-            try:
-                spec = RepoSpec.parse(model)
-                if revision and spec.revision is not None:
-                    raise InvalidName(f"model {model!r} names a revision and so does revision {revision!r}")
-                repo_type, repo_id = spec.at(revision).repo
-                folder = repo_folder_name(repo_type, repo_id)
-            except InvalidName as e:
-                raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            repo = (repo_type, repo_id)
-        elif revision or wait:
-            raise CsiError(grpc.StatusCode.INVALID_ARGUMENT, "revision/waitForCache need a model")
-
+        vol = model_volume(volume_context)
         with self.claim(target):
             try:
-                grant, policy = self.authorize(volume_context, repo)
+                grant, policy = self.authorize(volume_context, vol.repo)
             except CsiError:
                 self._remove_target(target)
                 raise
             fuse = self.live_mount()
             if fuse is None:
                 raise CsiError(grpc.StatusCode.UNAVAILABLE, f"the nodecache daemon is not serving at {self.mount}")
-            source = self.hub if repo is None else os.path.join(self.hub, folder)
-            if repo is not None:
+            source = self.hub if vol.repo is None else os.path.join(self.hub, vol.folder)
+            if vol.repo is not None:
                 try:
-                    self._prepare(source, repo_type, repo_id, revision, wait, grant, policy, volume_context)
+                    self._prepare(source, *vol.repo, vol.revision, vol.wait, grant, policy, volume_context)
                 except CsiError as e:
                     if e.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
                         self._remove_target(target)
                     raise
-            want_root = "/" + os.path.relpath(source, self.mount)
-            entries = mounts.mountinfo()
-            top = mounts.top(target, entries)
-            if top is not None:
-                if top.dev == fuse.dev and top.root == want_root:
-                    if not top.readonly:  # not ours; make it so
-                        mounts.bind_readonly(source, target)
-                    log.info("publish %s -> %s: already published", volume_id, target)
-                    return
-                if not (top.is_fuse and top.source == FUSE_SOURCE and top.root == want_root):
-                    raise CsiError(
-                        grpc.StatusCode.ALREADY_EXISTS,
-                        f"{target} already has another volume mounted ({top.source}:{top.root})",
-                    )
-                # the same directory of a dead daemon: stack a live bind on top (see reconcile)
-            else:
-                try:
-                    os.makedirs(target, exist_ok=True)
-                except OSError as e:
-                    raise CsiError(grpc.StatusCode.INTERNAL, f"cannot create {target}: {e}") from None
+            self._bind(volume_id, source, target, fuse)
+
+    def _bind(self, volume_id: str, source: str, target: str, fuse) -> None:
+        """Bind `source` read-only at `target`, unless it is there already; over the same directory
+        of a dead daemon, a live bind is stacked on top (see reconcile)."""
+        want_root = "/" + os.path.relpath(source, self.mount)
+        top = mounts.top(target, mounts.mountinfo())
+        if top is not None:
+            if top.dev == fuse.dev and top.root == want_root:
+                if not top.readonly:  # not ours; make it so
+                    mounts.bind_readonly(source, target)
+                log.info("publish %s -> %s: already published", volume_id, target)
+                return
+            if not (top.is_fuse and top.source == FUSE_SOURCE and top.root == want_root):
+                raise CsiError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"{target} already has another volume mounted ({top.source}:{top.root})",
+                )
+        else:
             try:
-                mounts.bind_readonly(source, target)
+                os.makedirs(target, exist_ok=True)
             except OSError as e:
-                raise CsiError(grpc.StatusCode.INTERNAL, f"bind {source} -> {target}: {e}") from None
-            log.info("publish %s: %s -> %s (read-only)", volume_id, source, target)
+                raise CsiError(grpc.StatusCode.INTERNAL, f"cannot create {target}: {e}") from None
+        try:
+            mounts.bind_readonly(source, target)
+        except OSError as e:
+            raise CsiError(grpc.StatusCode.INTERNAL, f"bind {source} -> {target}: {e}") from None
+        log.info("publish %s: %s -> %s (read-only)", volume_id, source, target)
 
     def _prepare(
         self,
