@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -21,13 +20,14 @@ from .compilecache import node_compile_caches
 from .config import Config
 from .fill import Filler
 from .fusemount import FuseMount
+from .housekeeping import Housekeeping, every
 from .index import Index
 from .inuse import InUse
 from .jobs import Jobs
 from .labels import NodeLabeler
 from .metrics import Metrics
 from .ops import Operations
-from .peers import Membership, Peers
+from .peers import Membership, node_peers
 from .pins import Pins
 from .policy import RepoPolicy
 from .readiness import ReadyRepos
@@ -36,7 +36,7 @@ from .server import Faces, OneLineBadRequests, make_app
 from .startup import Configured, preload
 from .status import Serving, Status
 from .store import Store
-from .tier import Tier
+from .tier import configured_tiers
 from .upstream.hf import HfUpstream
 from .upstream.sources import build_sources
 
@@ -56,17 +56,14 @@ class Daemon:
         """Everything but the faces: usable for standalone prefetch too."""
         cfg, m = self.cfg, self.metrics
         self.index = Index(cfg.cache_dir / "index", on_invalid=lambda db: m.index_invalid.labels(db).inc())
-        marks = (cfg.high_watermark, cfg.low_watermark, cfg.min_free)
-        tiers = [Tier("disk", cfg.cache_dir, cfg.disk_max, *marks)]
-        if cfg.shm_dir is not None:
-            tiers.insert(0, Tier("shm", cfg.shm_dir, cfg.shm_max, *marks))
+        tiers = configured_tiers(cfg)
         self.pins = Pins(self.index, tiers[0] if tiers[0].name == "shm" else None, cfg.shm_file_max)
         self.store = Store(
             cfg.cache_dir,
             self.index,
             fsync=cfg.fsync,
             tiers=tiers,
-            on_evict=self._evicted,
+            on_evict=m.evicted,
             direct_io=cfg.direct_io,
             hash_memory=cfg.hash_memory,
             retry_base=cfg.retry_base,
@@ -84,11 +81,8 @@ class Daemon:
         self.upstream = HfUpstream(cfg.hub_url, self.session, m, token=cfg.hub_token)
         self.sources = build_sources(cfg, self.session, m, self.upstream)  # per-repo chains (issue 6)
         self.membership = Membership(cfg.me, cfg.peers, cfg.peers_dns)
-        self.peers: Peers | None = None
-        chain = self.sources.chain
-        if cfg.peers or cfg.peers_dns:
-            peers = self.peers = Peers(self.membership, self.session, cfg.cluster_token, m, cfg.peer_timeout)
-            chain = lambda rec, k: peers.chain(self.sources.chain(rec), rec, k)  # noqa: E731
+        self.peers = node_peers(cfg, self.membership, self.session, m)
+        chain = self.sources.chain if self.peers is None else self.peers.over(self.sources.chain)
         self.filler = Filler(cfg, self.index, self.store, chain, m, self.fuse.quarantined)
         policy = RepoPolicy.from_config(cfg)
         as_left = self.store.start != "written"  # nobody else wrote to the index since this node ran
@@ -96,8 +90,8 @@ class Daemon:
         self.jobs = Jobs(self.filler)
         self.scrubber = Scrubber(self.store, self.filler, m, cfg.scrub_bps, cfg.scrub_interval)
         self.ops = Operations(self.catalog, self.pins, self.index, self.store, self.filler, self.jobs, self.scrubber)
-        self.labeler = NodeLabeler.from_config(cfg, self.session)
-        self.ready = ReadyRepos(self.index)
+        labeler = NodeLabeler.from_config(cfg, self.session)
+        self.housekeeping = Housekeeping(self.store, self.catalog, self.ops, labeler, ReadyRepos(self.index))
         self.pins.refresh()
         self.compile_caches = node_compile_caches(cfg, m, self.session, self.membership.live, self.peers is not None)
         self.status = Status(
@@ -116,34 +110,6 @@ class Daemon:
         await self.store.settle()
         self.store.close()
         self.index.close()
-
-    def _evicted(self, tier: str, nbytes: int) -> None:
-        self.metrics.evictions.labels(tier).inc()
-        self.metrics.evicted_bytes.labels(tier).inc(nbytes)
-
-    # loops ------------------------------------------------------------------------
-
-    async def _every(self, period: float, what: str, round: Callable[[], Awaitable[None]]) -> None:
-        """Run `round` every `period` seconds; a round that fails is logged and counted, the next one runs."""
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await round()
-            except Exception:
-                log.exception("%s round failed", what)
-                self.metrics.housekeeping_errors.inc()
-
-    async def _housekeeping_round(self) -> None:
-        """Persist access times (LRU order survives a restart), re-check refs, label the node."""
-        self.store.flush_access_times()
-        self.store.clean_quarantine()  # the age bound; count and bytes hold at every quarantine
-        if await self.catalog.refresh_refs():
-            self.ops.fill_pinned()  # pinned revisions follow their refs
-        if self.labeler is not None:
-            try:
-                await self.labeler.sync(self.ready.labels())
-            except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
-                log.warning("node labels: %s", e)
 
     def stop(self) -> None:
         if not self._stop.is_set():
@@ -167,9 +133,10 @@ class Daemon:
             tasks.append(await configured.add([*cfg.repos, *self.sources.specs(cfg.repos)]))
             self.pins.refresh()
             housekeeping = max(0.2, min(30.0, cfg.ref_ttl / 2))
-            tasks.append(loop.create_task(self._every(housekeeping, "housekeeping", self._housekeeping_round)))
+            failed = self.metrics.housekeeping_errors.inc
+            tasks.append(loop.create_task(every(housekeeping, "housekeeping", self.housekeeping.round, failed)))
             seal = max(0.2, min(10.0, cfg.compile_cache_seal_after / 4))
-            tasks.append(loop.create_task(self._every(seal, "compile-cache", self.compile_caches.tick)))
+            tasks.append(loop.create_task(every(seal, "compile-cache", self.compile_caches.tick, failed)))
             tasks.append(loop.create_task(preload(self.ops, cfg.preload)))
             tasks.append(loop.create_task(self.membership.run()))
             tasks.append(loop.create_task(self.scrubber.run()))

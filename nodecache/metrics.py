@@ -132,5 +132,10 @@ class Metrics:
             p + "housekeeping_errors", "Housekeeping rounds that failed (logged; the loop goes on).", registry=r
         )
 
+    def evicted(self, tier: str, nbytes: int) -> None:
+        """One blob evicted from `tier` (the store's on_evict)."""
+        self.evictions.labels(tier).inc()
+        self.evicted_bytes.labels(tier).inc(nbytes)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

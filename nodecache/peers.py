@@ -12,10 +12,12 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 
 import aiohttp
 import xxhash
 
+from .config import Config
 from .expiring import ExpiringSet
 from .index import BlobRecord
 from .metrics import Metrics
@@ -210,3 +212,14 @@ class Peers:
         if ranked[0] == self.membership.me:
             return [*upstreams, *others]
         return [self._source(ranked[0], local_only=False), *others, *upstreams]
+
+    def over(self, upstreams: Callable[[BlobRecord], list]) -> Callable[[BlobRecord, int], list]:
+        """The fill path's chain for a chunk: `chain` over the repo's upstreams."""
+        return lambda rec, chunk: self.chain(upstreams(rec), rec, chunk)
+
+
+def node_peers(cfg: Config, membership: Membership, session: aiohttp.ClientSession, m: Metrics) -> Peers | None:
+    """The node's peers, if it is configured with any (static or by DNS)."""
+    if not (cfg.peers or cfg.peers_dns):
+        return None
+    return Peers(membership, session, cfg.cluster_token, m, cfg.peer_timeout)

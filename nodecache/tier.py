@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import Config
+
 
 class NoSpace(Exception):
     """A tier cannot take more bytes, even after evicting everything evictable."""
@@ -50,3 +52,12 @@ class Tier:
 
     def fits(self, n: int, fraction: float) -> bool:
         return self.used + n <= self.capacity() * fraction and self.fs_free() - n >= self.min_free
+
+
+def configured_tiers(cfg: Config) -> list[Tier]:
+    """The node's tiers, shm first when there is one."""
+    marks = (cfg.high_watermark, cfg.low_watermark, cfg.min_free)
+    tiers = [Tier("disk", cfg.cache_dir, cfg.disk_max, *marks)]
+    if cfg.shm_dir is not None:
+        tiers.insert(0, Tier("shm", cfg.shm_dir, cfg.shm_max, *marks))
+    return tiers
