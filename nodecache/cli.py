@@ -335,15 +335,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nodecache", description="Per-node HuggingFace model cache over FUSE.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
+    _node_commands(sub)
+    _client_commands(sub)
+    _demo_command(sub)
+    _csi_command(sub)
+    return p
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", help="YAML config file (keys as in the README; or $NODECACHE_CONFIG)")
-        sp.add_argument("--cache-dir", help="index + blob store (default /var/lib/nodecache)")
-        sp.add_argument("--hub-url", help="upstream Hub endpoint (default $HF_ENDPOINT or https://huggingface.co)")
-        sp.add_argument("--token-file", help="file holding the HF token (a mounted Secret)")
 
+def _common(sp: argparse.ArgumentParser) -> None:
+    """What a command that opens the cache itself is told."""
+    sp.add_argument("--config", help="YAML config file (keys as in the README; or $NODECACHE_CONFIG)")
+    sp.add_argument("--cache-dir", help="index + blob store (default /var/lib/nodecache)")
+    sp.add_argument("--hub-url", help="upstream Hub endpoint (default $HF_ENDPOINT or https://huggingface.co)")
+    sp.add_argument("--token-file", help="file holding the HF token (a mounted Secret)")
+
+
+def _node_commands(sub) -> None:
+    """serve, keeper, prefetch: the commands that run the cache."""
     s = sub.add_parser("serve", help="mount the cache and serve health/metrics/API")
-    common(s)
+    _common(s)
     s.add_argument("--mount", help="FUSE mountpoint; its hub/ is an HF_HUB_CACHE")
     s.add_argument("--repo", action="append", help="[datasets/]org/name[@rev] to resolve at start (repeatable)")
     s.add_argument("--listen", help="HOST:PORT for /healthz /readyz /metrics /v1 (default 127.0.0.1:8470)")
@@ -361,50 +371,62 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(fn=cmd_keeper)
 
     f = sub.add_parser("prefetch", help="fill a repo completely (standalone, or through --endpoint)")
-    common(f)
+    _common(f)
     f.add_argument("spec", help="[datasets/]org/name[@rev]")
     f.add_argument("--endpoint", help="a running daemon, e.g. http://127.0.0.1:8470")
     f.add_argument("--no-wait", action="store_true", help="with --endpoint: print the job id and return")
     f.add_argument("--admin-token-file", help="file with the daemon's admin token (or $NODECACHE_ADMIN_TOKEN)")
     f.set_defaults(fn=cmd_prefetch)
 
-    def client(name: str, help_: str, fn) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help_)
-        c.add_argument("--endpoint", help="the daemon (default http://$NODECACHE_LISTEN or 127.0.0.1:8470)")
-        c.add_argument("--admin-token-file", help="file with the daemon's admin token (or $NODECACHE_ADMIN_TOKEN)")
-        c.set_defaults(fn=fn)
-        return c
 
-    c = client("ls", "list cached repos: revision, commit, size, cached %%, pinned, last used", cmd_ls)
+def _client(sub, name: str, help_: str, fn) -> argparse.ArgumentParser:
+    """A command that asks a running daemon."""
+    c = sub.add_parser(name, help=help_)
+    c.add_argument("--endpoint", help="the daemon (default http://$NODECACHE_LISTEN or 127.0.0.1:8470)")
+    c.add_argument("--admin-token-file", help="file with the daemon's admin token (or $NODECACHE_ADMIN_TOKEN)")
+    c.set_defaults(fn=fn)
+    return c
+
+
+def _client_commands(sub) -> None:
+    """ls, status, pin, unpin, verify, evict, compile-cache: the daemon's clients."""
+    c = _client(sub, "ls", "list cached repos: revision, commit, size, cached %%, pinned, last used", cmd_ls)
     c.add_argument("--json", action="store_true")
     c.add_argument("--compile-caches", action="store_true", help="list compile caches instead")
-    c = client("status", "tiers, blobs, fills, jobs, pins", cmd_status)
+    c = _client(sub, "status", "tiers, blobs, fills, jobs, pins", cmd_status)
     c.add_argument("--json", action="store_true")
-    c = client("pin", "keep a revision (never evicted) and fill it", cmd_pin)
+    c = _client(sub, "pin", "keep a revision (never evicted) and fill it", cmd_pin)
     c.add_argument("spec", help="[datasets/]org/name[@rev]")
     c.add_argument("--hot", action="store_true", help="place it in the shm tier when it fits")
     c.add_argument("--wait", action="store_true", help="wait until it is fully cached")
-    c = client("unpin", "remove a pin", cmd_unpin)
+    c = _client(sub, "unpin", "remove a pin", cmd_unpin)
     c.add_argument("spec", help="[datasets/]org/name[@rev]")
-    c = client(
-        "verify", "re-hash the stored bytes of a repo/revision (or of every repo); damage is fetched again", cmd_verify
+    c = _client(
+        sub,
+        "verify",
+        "re-hash the stored bytes of a repo/revision (or of every repo); damage is fetched again",
+        cmd_verify,
     )
     c.add_argument("spec", nargs="?", help="[datasets/]org/name[@rev] (default: the whole cache)")
     c.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    c = client("evict", "drop cached bytes of a repo/revision, or of everything unpinned", cmd_evict)
+    c = _client(sub, "evict", "drop cached bytes of a repo/revision, or of everything unpinned", cmd_evict)
     c.add_argument("spec", nargs="?", help="[datasets/]org/name[@rev]")
     c.add_argument("--all", action="store_true")
     c.add_argument("--compile-cache", metavar="KEY", help="remove a compile cache (as `ls --compile-caches` names it)")
-    c = client("compile-cache", "seal a compile cache now (peers can then fill from it)", None)
+    c = _client(sub, "compile-cache", "seal a compile cache now (peers can then fill from it)", None)
     c.add_argument("action", choices=["seal"])
     c.add_argument("key", help="the compile cache's key, as `ls --compile-caches` names it")
     c.set_defaults(fn=lambda args: cccli.seal(lambda m, p, b: _call(args, m, p, b), args.key))
 
+
+def _demo_command(sub) -> None:
     d = sub.add_parser("demo", help="serve the bundled all-MiniLM-L6-v2 through the Hub emulator, mount, list, load")
     d.add_argument("--workdir", default="/tmp/nodecache-demo")
     d.add_argument("--keep", action="store_true", help="keep serving until Ctrl-C")
     d.set_defaults(fn=cmd_demo)
 
+
+def _csi_command(sub) -> None:
     c = sub.add_parser("csi", help="serve the CSI node plugin (Identity + Node) on a unix socket")
     c.add_argument("--endpoint", default="unix:///csi/csi.sock", help="unix:///path, unix:/path or a path")
     c.add_argument("--node-id", help="this node's name (default $KUBE_NODE_NAME)")
@@ -427,7 +449,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="let a volume without `model` publish the whole hub/ (every repo on the node, private ones included)",
     )
     c.set_defaults(fn=cmd_csi)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
