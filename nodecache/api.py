@@ -56,37 +56,60 @@ async def _body(request: web.Request) -> dict:
 
 
 def add_routes(app: web.Application, admin_token: str | None, ops: Operations, report: Status) -> None:
-    admin = admin_only(admin_token)
+    Routes(ops, report).add_to(app, admin_only(admin_token))
 
-    async def repos(_: web.Request) -> web.Response:
-        return web.json_response({"repos": report.repos()})
 
-    async def repo(request: web.Request) -> web.Response:
+def _not_found(e: KeyError) -> web.HTTPNotFound:
+    return web.HTTPNotFound(reason="not_found", text=str(e.args[0]))
+
+
+class Routes:
+    """Each handler is one call on Operations (what changes the node) or Status (what it reports)."""
+
+    def __init__(self, ops: Operations, report: Status):
+        self.ops, self.report = ops, report
+
+    def add_to(self, app: web.Application, admin) -> None:
+        # Reads name repos (private ones included): with an admin token configured, they need it too.
+        app.router.add_get("/v1/repos", admin(self.repos))
+        app.router.add_get("/v1/repos/{repo:[^/]+(?:/[^/]+)?}", admin(self.repo))
+        app.router.add_get("/v1/status", admin(self.status))
+        app.router.add_post("/v1/prefetch", admin(self.prefetch))
+        app.router.add_get("/v1/jobs/{id}", admin(self.job))
+        app.router.add_post("/v1/pin", admin(self.pin))
+        app.router.add_delete("/v1/pin", admin(self.unpin))
+        app.router.add_post("/v1/evict", admin(self.evict))
+        app.router.add_post("/v1/verify", admin(self.verify))
+
+    async def repos(self, _: web.Request) -> web.Response:
+        return web.json_response({"repos": self.report.repos()})
+
+    async def repo(self, request: web.Request) -> web.Response:
         name = request.match_info["repo"]
         repo_type = request.query.get("repo_type", "model")
         try:
-            found = report.repo(validate_repo_type(repo_type), validate_repo_id(name))
+            found = self.report.repo(validate_repo_type(repo_type), validate_repo_id(name))
         except InvalidName:  # no such repo can be in the cache
             found = None
         if found is not None:
             return web.json_response(found)
         raise web.HTTPNotFound(reason="not_found", text=f"{repo_type} {name!r} is not in the cache")
 
-    async def status(_: web.Request) -> web.Response:
-        return web.json_response(report.node())
+    async def status(self, _: web.Request) -> web.Response:
+        return web.json_response(self.report.node())
 
-    async def prefetch(request: web.Request) -> web.Response:
+    async def prefetch(self, request: web.Request) -> web.Response:
         """`{"fill": false}`: resolve only (the tree shows it, no byte is fetched): 200 with what it is."""
         body = await _body(request)
         spec = _spec(body)
         if body.get("fill", True) is False:
-            return web.json_response(await ops.resolve(spec))
-        job = await ops.prefetch(spec)
+            return web.json_response(await self.ops.resolve(spec))
+        job = await self.ops.prefetch(spec)
         return web.json_response(job.as_dict(), status=202)
 
-    async def job(request: web.Request) -> web.Response:
+    async def job(self, request: web.Request) -> web.Response:
         """`?wait=S`: answer when the job ends or after S seconds (<= 300), instead of polling."""
-        j = ops.job(request.match_info["id"])
+        j = self.ops.job(request.match_info["id"])
         if j is None:
             raise web.HTTPNotFound(reason="not_found", text=f"no job {request.match_info['id']!r}")
         wait = _seconds(request.query.get("wait", "0"), "wait")
@@ -94,44 +117,33 @@ def add_routes(app: web.Application, admin_token: str | None, ops: Operations, r
             await asyncio.wait({j.task}, timeout=wait)
         return web.json_response(j.as_dict())
 
-    async def pin(request: web.Request) -> web.Response:
+    async def pin(self, request: web.Request) -> web.Response:
         body = await _body(request)
-        job = await ops.pin(_spec(body), str(body.get("mode", "pin")))
+        job = await self.ops.pin(_spec(body), str(body.get("mode", "pin")))
         return web.json_response(job.as_dict(), status=202)
 
-    async def unpin(request: web.Request) -> web.Response:
+    async def unpin(self, request: web.Request) -> web.Response:
         given = _spec(await _body(request))
         spec = given.at(given.rev)
-        if not ops.unpin(spec):
+        if not self.ops.unpin(spec):
             raise web.HTTPNotFound(reason="not_found", text=f"no pin for {spec}")
         return web.json_response({"unpinned": str(spec)})
 
-    async def evict(request: web.Request) -> web.Response:
+    async def evict(self, request: web.Request) -> web.Response:
         body = await _body(request)
         spec = _spec(body, need_repo=False)
         if spec is None and body.get("all") is not True:
             raise ValueError("give 'repo' (and optionally 'revision'), or 'all': true")
         try:
-            n, freed, kept = ops.evict(spec)
+            n, freed, kept = self.ops.evict(spec)
         except KeyError as e:
-            raise web.HTTPNotFound(reason="not_found", text=str(e.args[0])) from None
+            raise _not_found(e) from None
         return web.json_response({"evicted_blobs": n, "freed_bytes": freed, "kept_in_use_or_pinned": kept})
 
-    async def verify(request: web.Request) -> web.Response:
+    async def verify(self, request: web.Request) -> web.Response:
         """Re-check stored bytes: {repo, revision?, repo_type?} or {} for the whole cache."""
         try:
-            job = ops.verify(_spec(await _body(request), need_repo=False))
+            job = self.ops.verify(_spec(await _body(request), need_repo=False))
         except KeyError as e:
-            raise web.HTTPNotFound(reason="not_found", text=str(e.args[0])) from None
+            raise _not_found(e) from None
         return web.json_response(job.as_dict(), status=202)
-
-    # Reads name repos (private ones included): with an admin token configured, they need it too.
-    app.router.add_get("/v1/repos", admin(repos))
-    app.router.add_get("/v1/repos/{repo:[^/]+(?:/[^/]+)?}", admin(repo))
-    app.router.add_get("/v1/status", admin(status))
-    app.router.add_post("/v1/prefetch", admin(prefetch))
-    app.router.add_get("/v1/jobs/{id}", admin(job))
-    app.router.add_post("/v1/pin", admin(pin))
-    app.router.add_delete("/v1/pin", admin(unpin))
-    app.router.add_post("/v1/evict", admin(evict))
-    app.router.add_post("/v1/verify", admin(verify))
