@@ -260,6 +260,11 @@ def test_an_index_of_the_previous_version_opens_with_the_same_counts(cache: Path
         again.blobs.put(BlobRecord(a, 10, "sha256", CS, state="complete", verified_at=2.0))  # kept from here on
         assert again.links.repo_bytes("model", "org/x") == (3, 35, 2, 15)
         assert again.links.snapshots_missing("model", "org/x") == {C1: 0, C2: 1}
+        with again.env.begin(write=True) as txn:  # a link the previous version wrote meanwhile (a takeover)
+            txn.put(b.encode() + b"\0" + b"model:org/x\0" + C2.encode(), b"", db=again.links.links)
+        again.blobs.put(BlobRecord(b, 20, "sha256", CS, state="complete", verified_at=3.0))
+        assert again.links.repo_bytes("model", "org/x") == (3, 35, 3, 15), "counted, its bytes unknown"
+        assert again.links.snapshots_missing("model", "org/x") == {C1: 0, C2: 0}
     finally:
         again.close()
 

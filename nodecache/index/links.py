@@ -79,7 +79,8 @@ class Links:
             if raw is not None:
                 txn.put(snap, b"%d" % max(0, int(raw) + (-1 if complete else 1)), db=self.missing)
                 txn.put(repo_of(snap), b"", db=self.changed)
-            repos[repo_of(snap)] = SIZE.unpack(raw_size)[0]
+            # a link without a size (the previous version's, written during a takeover) counts 0 bytes
+            repos[repo_of(snap)] = SIZE.unpack(raw_size)[0] if len(raw_size) == SIZE.size else 0
         for repo, size in repos.items():
             self._add_repo_bytes(txn, repo, 0, 0, 1 if complete else -1, size if complete else -size)
 
