@@ -23,7 +23,7 @@ from .fill import Filler, FillError
 from .fuseproto import ENOATTR, FATTR_FH, FATTR_KILL_SUIDGID, FATTR_LOCKOWNER, FATTR_MODE, FATTR_SIZE, FATTR_TIMES, Attr
 from .fusesession import SLICE_MIN, FuseError, Opened
 from .inodes import InodeTable
-from .layout import MAX_NAME, InvalidName, Node, repo_folder_name
+from .layout import BLOB_ID_RE, MAX_NAME, InvalidName, Node, Table, repo_folder_name
 from .metrics import Metrics
 from .snapplan import opened_in
 from .tree import HubTree
@@ -127,6 +127,8 @@ class NodecacheFS:
     def _node(self, ino: int) -> tuple[str, Node]:
         path = self.table.path(ino)
         if path is None:
+            path = self._path_in_range(ino)
+        if path is None:
             raise FuseError(errno.ENOENT)
         node = self.root
         for part in path.split("/") if path else ():
@@ -135,13 +137,67 @@ class NodecacheFS:
                 raise FuseError(errno.ENOENT)
         return path, node
 
-    def _ino(self, path: str) -> int:
-        return self.table.ino(path)
+    # numbers: an entry of a snapshot folder, or a blob, is numbered in its immutable block's range
+    # (the inode table writes one row per block, not one per entry); anything else per path.
 
-    def _attr(self, path: str, node: Node) -> Attr:
+    def _ino(self, path: str, new: bool = True) -> int | None:
+        """The number of `path`, given now if it had none (with `new`)."""
+        parts = path.split("/")
+        if len(parts) >= 5 and parts[0] == "hub" and parts[2] == "snapshots":
+            block = self.tree.folder_block(parts[1], parts[3], "/".join(parts[4:-1]))
+            i = block.find(parts[-1].encode()) if block is not None else -1
+            if i >= 0:
+                key = f"{path.rpartition('/')[0]}#{len(block)}"
+                base = self.table.range(key, len(block)) if new else self.table.base(key)
+                return None if base is None else base + i
+        elif len(parts) == 4 and parts[0] == "hub" and parts[2] == "blobs" and BLOB_ID_RE.fullmatch(parts[3]):
+            return self._blob_ino(parts[1], parts[3], new)
+        return self.table.ino(path) if new else self.table.find(path)
+
+    def _blob_ino(self, folder: str, blob_id: str, new: bool) -> int | None:
+        """`blobs/` changes with every snapshot added, a snapshot's blobs never: a blob is numbered in
+        the range of the snapshot listing it whose range came first (a later range has a higher base:
+        the choice never changes), or, if none has one yet, of the first snapshot listing it."""
+        raw, best, first = bytes.fromhex(blob_id), None, None
+        for commit, block in self.tree.commit_blobs(folder):
+            i = block.find(raw)
+            if i < 0:
+                continue
+            key = f"hub/{folder}/blobs@{commit}#{len(block)}"
+            base = self.table.base(key)
+            if base is not None and (best is None or base < best):
+                best = base + i
+            elif first is None:
+                first = (key, len(block), i)
+        if best is not None or not new or first is None:
+            return best if best is not None or new else None
+        return self.table.range(first[0], first[1]) + first[2]
+
+    def _path_in_range(self, ino: int) -> str | None:
+        """The path of entry i of the block a range was given to (None if it is not shown now)."""
+        found = self.table.in_range(ino)
+        if found is None:
+            return None
+        key, i = found
+        where = key.rpartition("#")[0]
+        parts = where.split("/", 4)  # hub/<repo>/blobs@<commit> or hub/<repo>/snapshots/<commit>[/<folder>]
+        if len(parts) == 3 and parts[2].startswith("blobs@"):
+            block = dict(self.tree.commit_blobs(parts[1])).get(parts[2].removeprefix("blobs@"))
+        elif len(parts) >= 4 and parts[2] == "snapshots":
+            block = self.tree.folder_block(parts[1], parts[3], parts[4] if len(parts) > 4 else "")
+        else:
+            return None
+        if block is None or i >= len(block) or f"{where}#{len(block)}" != key:
+            return None
+        if len(parts) == 3:
+            return f"hub/{parts[1]}/blobs/{block.key(i).hex()}"
+        return f"{where}/{block.key(i).decode('utf-8', 'strict')}"
+
+    def _attr(self, path: str, node: Node, ino: int | None = None) -> Attr:
         parts = path.split("/", 4)  # hub/<repo>/{snapshots/<commit>,blobs/<id>}/...
         short = len(parts) < 4 or parts[2] not in ("snapshots", "blobs")
-        a = Attr(self._ino(path), stat.S_IFREG | 0o444, timeout=_SHORT if short else _LONG, time_ns=self._time_ns)
+        ino = self._ino(path) if ino is None else ino
+        a = Attr(ino, stat.S_IFREG | 0o444, timeout=_SHORT if short else _LONG, time_ns=self._time_ns)
         if node.kind == "dir":
             a.mode, a.nlink = stat.S_IFDIR | (0o1777 if path.startswith(_LOCKS) else 0o555), 2
         elif node.kind == "lock":
@@ -162,7 +218,7 @@ class NodecacheFS:
         rec = self.filler.store.record(blob_id)
         if rec is not None and rec.repo_id:
             repos.add((rec.repo_type, rec.repo_id))  # an index from before the links: the repo it came from
-        found = (self.table.find(f"hub/{repo_folder_name(*repo)}/blobs/{blob_id}") for repo in repos)
+        found = (self._ino(f"hub/{repo_folder_name(*repo)}/blobs/{blob_id}", new=False) for repo in repos)
         return sorted(ino for ino in found if ino is not None)
 
     # metadata ------------------------------------------------------------------
@@ -207,6 +263,14 @@ class NodecacheFS:
         of a huge folder costs that page (the sorted names are kept per folder)."""
         path, node = self._node(fh)
         children, names, prefix = node.children, node.names(), f"{path}/" if path else ""
+        parts = path.split("/", 3)
+        if isinstance(children, Table) and len(parts) == 4 and parts[0] == "hub" and parts[2] == "snapshots":
+            count = len(children.block)  # a snapshot folder: its entries are its range, in order
+            base = self.table.range(f"{path}#{count}", count) if count else 0
+            return (
+                (children.block.key(i), self._attr(prefix + names[i], children[names[i]], base + i))
+                for i in range(start, count)
+            )
         return (
             (names[i].encode(), self._attr(prefix + names[i], children[names[i]])) for i in range(start, len(names))
         )

@@ -8,7 +8,8 @@ repo's subtree, nothing else: the cost of any event is that of the repo it names
 Snapshot folders and `blobs/` are compact blocks (folders.py) read from the
 index and kept in a cache bounded in bytes: a walk of 10^6 files leaves at most
 that much behind, and a folder dropped from it is read again (one LMDB get).
-Node ids do not depend on it: they are the inode table's, per path.
+Node ids do not depend on it: they are the inode table's, per path or, for an
+immutable block, per block (entry i of a block is its range's base + i).
 """
 
 from __future__ import annotations
@@ -85,6 +86,25 @@ class HubTree:
         for blob_id, cached in filling:
             totals[3] += cached * sum(1 for repo in self.source.links.repos_of(blob_id) if repo in repos)
         return totals[0], totals[1], totals[2], totals[3]
+
+    def folder_block(self, folder: str, commit: str, path: str) -> Block | None:
+        """The block of `path` ("" for the top) in snapshot `commit` of the repo folder `folder`, as shown."""
+        repo = parse_repo_folder(folder)
+        shown = self._shown.get(repo) if repo is not None else None
+        if shown is None or commit not in shown[1]:
+            return None
+        return self.blocks.get((*repo, commit, path), lambda: self.source.snapshots.folder(*repo, commit, path))
+
+    def commit_blobs(self, folder: str) -> list[tuple[str, Block]]:
+        """(commit, its blobs' block) of each snapshot shown in the repo folder `folder`."""
+        repo = parse_repo_folder(folder)
+        shown = self._shown.get(repo) if repo is not None else None
+        found = []
+        for commit in shown[1] if shown is not None else ():
+            block = self.blocks.get((*repo, "#", commit), lambda c=commit: self.source.snapshots.blobs(*repo, c))
+            if block is not None:
+                found.append((commit, block))
+        return found
 
     def repo_changed(self, repo_type: str, repo_id: str) -> str | None:
         """Show the repo as the index now has it; its folder name if that changed

@@ -276,6 +276,35 @@ def test_the_inode_table_survives_a_reopen_and_starts_over_with_a_new_mount(tmp_
     t.close()
 
 
+def test_an_immutable_folder_is_numbered_as_one_range_that_survives_a_reopen(tmp_path):
+    """Entry i of a range is base + i; only (key, base, count) is written, and it outlives the daemon."""
+    from nodecache.inodes import InodeTable
+
+    t = InodeTable(tmp_path / "conn", cache_max=20)
+    t.reset()
+    before = t.ino("hub/x")
+    base = t.range("hub/r/snapshots/c#1000", 1000)
+    assert base == before + 1 and t.range("hub/r/snapshots/c#1000", 1000) == base, "asked again: the same"
+    assert t.in_range(base + 999) == ("hub/r/snapshots/c#1000", 999) and t.in_range(before) is None
+    assert t.ino("hub/y") == base + 1000, "a range's numbers are never given to a path"
+    assert t.base("hub/r/snapshots/c#7") is None, "base gives no number"
+    t.commit()
+    others = [t.range(f"hub/r/snapshots/c/f{i}#10", 10) for i in range(50)]  # past the cache bound
+    t.commit()
+    with t.env.begin() as txn:
+        assert txn.stat(t._by_path)["entries"] == 2, "no row per entry of a range"
+    t.env.close()  # as a kill -9 leaves it
+    t = InodeTable(tmp_path / "conn")
+    assert t.base("hub/r/snapshots/c#1000") == base and t.path(base + 5) is None
+    assert t.in_range(base + 5) == ("hub/r/snapshots/c#1000", 5)
+    assert [t.in_range(b + 9) for b in others] == [(f"hub/r/snapshots/c/f{i}#10", 9) for i in range(50)]
+    assert t.in_range(others[-1] + 10) is None and t.in_range(10**12) is None
+    assert t.range("hub/new#3", 3) == others[-1] + 10
+    t.reset()
+    assert t.base("hub/r/snapshots/c#1000") is None and t.in_range(base) is None
+    t.close()
+
+
 def test_a_full_inode_table_grows_instead_of_failing_lookups(tmp_path, caplog):
     """A connection handed from daemon to daemon is never mounted afresh: its table only grows. When
     the map is full, new numbers still get written (the map grows), and survive a reopen."""

@@ -23,7 +23,7 @@ from nodecache.index import Index
 from nodecache.layout import RepoSpec, repo_folder_name
 from nodecache.metrics import Metrics
 from nodecache.repos import ensure_repo
-from nodecache.testing.daemon import DaemonProcess
+from nodecache.testing.daemon import DaemonProcess, KeeperProcess
 from nodecache.upstream import UpstreamError
 from nodecache.upstream.hf import HfUpstream
 
@@ -76,6 +76,32 @@ def test_second_walk_of_a_snapshot_is_answered_by_the_kernel(hub, daemons, tmp_p
     assert walk() == N_FLAT + 1
     asked = requests(d, "lookup") + requests(d, "getattr") - before
     assert asked < 10, f"{asked:.0f} lookups/getattrs for {N_FLAT} cached entries"
+
+
+def test_a_walk_numbers_each_snapshot_folder_and_blob_list_once(hub, daemons, tmp_path):
+    """Entries of a snapshot folder and blobs are numbered by ranges: a walk that follows every link
+    (os.walk stats each) leaves a few rows in the inode table, not two per file; the next daemon
+    (the connection handed over) serves the numbers the kernel holds."""
+    import lmdb
+
+    commit = flat_repo(hub, tmp_path)
+    with KeeperProcess(tmp_path) as keeper:
+        d = daemons(repos=(FLAT,), keeper=keeper)
+        data = snapshot_dir(d, FLAT, commit) / "data"
+        inos = {e.name: (e.stat(follow_symlinks=False).st_ino, e.stat().st_ino) for e in os.scandir(data)}
+        assert len(inos) == N_FLAT and len({n for pair in inos.values() for n in pair}) == 2 * N_FLAT
+        env = lmdb.open(str(d.cache_dir / "connection"), readonly=True, lock=False, max_dbs=6)
+        with env.begin() as txn:
+            rows = txn.stat(env.open_db(b"by_path", txn=txn, create=False))["entries"]
+        env.close()
+        assert rows < 20, f"{rows} inode rows for a walk of {N_FLAT} files"
+        d.stop()
+        d.start()
+        assert "took over the connection" in d.log()
+        for i in (0, 1234, N_FLAT - 1):  # the kernel opens the numbers it holds: the new daemon finds them
+            assert (data / f"shard-{i:05d}.parquet").read_bytes() == b"row %d\n" % i
+        assert {e.name: (e.stat(follow_symlinks=False).st_ino, e.stat().st_ino) for e in os.scandir(data)} == inos
+        d.stop()
 
 
 def test_a_repo_added_while_mounted_appears_and_the_others_keep_their_caches(hub, daemons):
