@@ -28,7 +28,7 @@ MAX_KEY = 255
 class Block:
     """Read-only view of a packed block: entry i, and binary search by key."""
 
-    __slots__ = ("data", "ends")
+    __slots__ = ("data", "ends", "_found")
 
     def __init__(self, raw: bytes):
         """Raises ValueError if the offsets do not describe `raw` (a hostile or torn value)."""
@@ -51,6 +51,7 @@ class Block:
         if prev != len(data):
             raise ValueError("folder block: trailing bytes")
         self.data, self.ends = data, ends
+        self._found: tuple[bytes, int] = (b"", -1)  # the last key found: a lookup often asks twice
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -71,15 +72,21 @@ class Block:
         return self.data[start + 1 : k], self.data[k:end]
 
     def find(self, key: bytes) -> int:
-        """Index of `key`, or -1."""
-        lo, hi = 0, len(self.ends)
+        """Index of `key`, or -1. (Every lookup in a snapshot runs this: `key` is inlined.)"""
+        if self._found[0] == key:
+            return self._found[1]
+        data, ends = self.data, self.ends
+        lo, hi = 0, len(ends)
         while lo < hi:
             mid = (lo + hi) // 2
-            if self.key(mid) < key:
+            start = ends[mid - 1] if mid else 0
+            if data[start + 1 : start + 1 + data[start]] < key:
                 lo = mid + 1
             else:
                 hi = mid
-        return lo if lo < len(self.ends) and self.key(lo) == key else -1
+        found = lo if lo < len(ends) and self.key(lo) == key else -1
+        self._found = (key, found)
+        return found
 
     def entries(self) -> Iterable[tuple[bytes, bytes]]:
         for i in range(len(self.ends)):

@@ -55,7 +55,10 @@ def _guard(op: str):
     def wrap(fn):
         @functools.wraps(fn)
         async def handler(self: NodecacheFS, *args):
-            self.metrics.fuse_requests.labels(op).inc()
+            counted = self._counted.get(op)
+            if counted is None:
+                counted = self._counted[op] = self.metrics.fuse_requests.labels(op)
+            counted.inc()
             try:
                 return await fn(self, *args)
             except FuseError as e:
@@ -112,6 +115,8 @@ class NodecacheFS:
         self._locks = 0  # lock files held in memory
         self.tree = tree
         self.root = tree.root
+        self._last_folder: tuple[str, Node] = ("", tree.root)
+        self._counted: dict[str, object] = {}  # op -> its request counter (labels() costs a lock and a lookup)
         self.on_demand = on_demand  # async (folder name) -> bool: resolve an unknown repo upstream
 
     def repo_changed(self, repo_type: str, repo_id: str) -> tuple[int, bytes] | None:
@@ -119,6 +124,7 @@ class NodecacheFS:
         must look up again, (inode of hub/, the repo's folder name), if it changed and the
         kernel may know it (its dentries below go with it)."""
         folder = self.tree.repo_changed(repo_type, repo_id)
+        self._last_folder = ("", self.root)  # may be of the subtree just replaced
         hub = self.table.ino("hub")
         return (hub, folder.encode()) if folder is not None and hub is not None else None
 
@@ -126,16 +132,38 @@ class NodecacheFS:
 
     def _node(self, ino: int) -> tuple[str, Node]:
         path = self.table.path(ino)
-        if path is None:
-            path = self._path_in_range(ino)
-        if path is None:
-            raise FuseError(errno.ENOENT)
+        if path is not None:
+            return path, self._walk(path)
+        found = self.table.in_range(ino)
+        if found is not None:
+            key, i = found
+            where = key.rpartition("#")[0]
+            parts = where.split("/", 4)  # hub/<repo>/snapshots/<commit>[/<folder>] or hub/<repo>/blobs@<commit>
+            if len(parts) >= 4 and parts[2] == "snapshots":
+                children = self._folder(where).children
+                if isinstance(children, Table) and i < len(children) and f"{where}#{len(children)}" == key:
+                    name, node = children.at(i)
+                    return f"{where}/{name}", node
+            elif len(parts) == 3 and parts[2].startswith("blobs@"):
+                block = dict(self.tree.commit_blobs(parts[1])).get(parts[2].removeprefix("blobs@"))
+                if block is not None and i < len(block) and f"{where}#{len(block)}" == key:
+                    path = f"hub/{parts[1]}/blobs/{block.key(i).hex()}"
+                    return path, self._walk(path)
+        raise FuseError(errno.ENOENT)
+
+    def _walk(self, path: str) -> Node:
         node = self.root
         for part in path.split("/") if path else ():
             node = node.children.get(part)
             if node is None:
                 raise FuseError(errno.ENOENT)
-        return path, node
+        return node
+
+    def _folder(self, path: str) -> Node:
+        """`_walk`, remembering the last folder: a walk asks about its entries one after another."""
+        if self._last_folder[0] != path:
+            self._last_folder = (path, self._walk(path))
+        return self._last_folder[1]
 
     # numbers: an entry of a snapshot folder, or a blob, is numbered in its immutable block's range
     # (the inode table writes one row per block, not one per entry); anything else per path.
@@ -173,26 +201,6 @@ class NodecacheFS:
             return best if best is not None or new else None
         return self.table.range(first[0], first[1]) + first[2]
 
-    def _path_in_range(self, ino: int) -> str | None:
-        """The path of entry i of the block a range was given to (None if it is not shown now)."""
-        found = self.table.in_range(ino)
-        if found is None:
-            return None
-        key, i = found
-        where = key.rpartition("#")[0]
-        parts = where.split("/", 4)  # hub/<repo>/blobs@<commit> or hub/<repo>/snapshots/<commit>[/<folder>]
-        if len(parts) == 3 and parts[2].startswith("blobs@"):
-            block = dict(self.tree.commit_blobs(parts[1])).get(parts[2].removeprefix("blobs@"))
-        elif len(parts) >= 4 and parts[2] == "snapshots":
-            block = self.tree.folder_block(parts[1], parts[3], parts[4] if len(parts) > 4 else "")
-        else:
-            return None
-        if block is None or i >= len(block) or f"{where}#{len(block)}" != key:
-            return None
-        if len(parts) == 3:
-            return f"hub/{parts[1]}/blobs/{block.key(i).hex()}"
-        return f"{where}/{block.key(i).decode('utf-8', 'strict')}"
-
     def _attr(self, path: str, node: Node, ino: int | None = None) -> Attr:
         parts = path.split("/", 4)  # hub/<repo>/{snapshots/<commit>,blobs/<id>}/...
         short = len(parts) < 4 or parts[2] not in ("snapshots", "blobs")
@@ -229,17 +237,24 @@ class NodecacheFS:
         text = name.decode("utf-8", "strict")
         if text in (".", "..") or "/" in text or len(name) > MAX_NAME or parent.kind != "dir":
             raise FuseError(errno.ENOENT)
-        node = parent.children.get(text)
+        child = f"{path}/{text}" if path else text
+        children = parent.children
+        if isinstance(children, Table) and path.startswith("hub/") and path.split("/", 3)[2:3] == ["snapshots"]:
+            i = children.index(text)  # a snapshot folder: the entry's number is its range's base + i
+            if i < 0:
+                raise FuseError(errno.ENOENT)
+            count = len(children)
+            return self._attr(child, children.at(i)[1], self.table.range(f"{path}#{count}", count) + i)
+        node = children.get(text)
         if node is None and path == "hub" and self.on_demand is not None and await self.on_demand(text):
             node = self.tree.hub.children.get(text)
         if node is None:
             raise FuseError(errno.ENOENT)
-        child = f"{path}/{text}" if path else text
         return self._attr(child, node)
 
     @_guard("getattr")
     async def getattr(self, inode: int) -> Attr:
-        return self._attr(*self._node(inode))
+        return self._attr(*self._node(inode), inode)
 
     @_guard("readlink")
     async def readlink(self, inode: int) -> bytes:
@@ -268,8 +283,7 @@ class NodecacheFS:
             count = len(children.block)  # a snapshot folder: its entries are its range, in order
             base = self.table.range(f"{path}#{count}", count) if count else 0
             return (
-                (children.block.key(i), self._attr(prefix + names[i], children[names[i]], base + i))
-                for i in range(start, count)
+                (name.encode(), self._attr(prefix + name, node, base + i)) for i, (name, node) in _at(children, start)
             )
         return (
             (names[i].encode(), self._attr(prefix + names[i], children[names[i]])) for i in range(start, len(names))
@@ -455,6 +469,11 @@ class NodecacheFS:
         self._generation.pop(fh, None)
         if node is not None and node.kind == "blob":
             self.filler.release(node.blob_id, paged=False)
+
+
+def _at(table: Table, start: int) -> Iterator[tuple[int, tuple[str, Node]]]:
+    for i in range(start, len(table)):
+        yield i, table.at(i)
 
 
 def _blob_ids(node: Node):

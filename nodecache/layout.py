@@ -321,12 +321,21 @@ class Table(Mapping[str, Node]):
             return None
 
     def __getitem__(self, name: str) -> Node:
-        key = self._key(name) if isinstance(name, str) else None
-        i = -1 if key is None else self.block.find(key)
+        i = self.index(name)
         if i < 0:
             raise KeyError(name)
-        _, payload = self.block.entry(i)
-        return self._make(self._name(key), payload)
+        return self.at(i)[1]
+
+    def index(self, name: str) -> int:
+        """The position of `name` in the folder's order, or -1."""
+        key = self._key(name) if isinstance(name, str) else None
+        return -1 if key is None else self.block.find(key)
+
+    def at(self, i: int) -> tuple[str, Node]:
+        """The entry at position `i` (0 <= i < len): its name and a node made for it."""
+        key, payload = self.block.entry(i)
+        name = self._name(key)
+        return name, self._make(name, payload)
 
     def __contains__(self, name: object) -> bool:
         key = self._key(name) if isinstance(name, str) else None

@@ -114,6 +114,7 @@ class HubTree:
         if self._shown.get(key) == (refs, commits):
             return None  # keep the folders built so far
         self.blocks.forget(key)  # a snapshot dropped as invalid since: shown empty until re-resolved
+        folder = repo_folder_name(repo_type, repo_id)
 
         def folder_of(commit: str, path: str) -> Block | None:
             return self.blocks.get(
@@ -121,13 +122,12 @@ class HubTree:
             )
 
         def blobs_of() -> Block:
-            def load() -> Block:
-                found = [self.source.snapshots.blobs(repo_type, repo_id, c) for c in commits]
-                return merge([b for b in found if b is not None] or [EMPTY])
+            def load() -> Block:  # one snapshot: the very block `commit_blobs` gives
+                return merge([b for _, b in self.commit_blobs(folder)] or [EMPTY])
 
             return self.blocks.get((*key, "#"), load) or EMPTY
 
         repo = lazy_repo_tree(refs, commits, folder_of, blobs_of) if commits else None
         put_repo(self.hub, repo_type, repo_id, repo)
         self._shown[key] = (refs, commits)
-        return repo_folder_name(repo_type, repo_id)
+        return folder

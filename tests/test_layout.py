@@ -571,6 +571,19 @@ def test_lazy_folders_read_one_folder_at_a_time_from_compact_blocks():
         d.put("f0", Node("static", data=b""))
     assert list(repo.children["snapshots"].children[C2].names()) == []  # no such snapshot: empty
     assert (repo.children["blobs"].children[BLOB].size, list(repo.children["blobs"].names())) == (9, [BLOB])
+    table = d.children  # by position (what numbers entries: a range's base + position)
+    assert [table.index(n) for n in ("f1", "f3", "f4", "../x", 7)] == [0, 2, -1, -1, -1]
+    assert [(name, node.target) for name, node in (table.at(i) for i in range(3))] == [
+        (f"f{i}", "../../../blobs/" + BLOB) for i in (1, 2, 3)
+    ]
+
+
+def test_block_find_agrees_with_a_scan_whatever_it_was_asked_before():
+    keys = sorted({hashlib.sha1(b"%d" % i).digest()[: 1 + i % 20] for i in range(500)})
+    block = Block(pack((k, b"") for k in keys))
+    asked = [*keys, b"\0", b"\xff" * 30, keys[3], keys[3], keys[3] + b"\0", keys[7][:-1], keys[7]]
+    assert [block.find(k) for k in asked] == [keys.index(k) if k in keys else -1 for k in asked]
+    assert EMPTY.find(b"") == -1 and EMPTY.find(b"a") == -1
 
 
 def test_dict_folders_keep_sorted_names_through_put():
