@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import stat
 from pathlib import Path
 
 import aiohttp
@@ -102,6 +103,25 @@ def test_a_walk_numbers_each_snapshot_folder_and_blob_list_once(hub, daemons, tm
             assert (data / f"shard-{i:05d}.parquet").read_bytes() == b"row %d\n" % i
         assert {e.name: (e.stat(follow_symlinks=False).st_ino, e.stat().st_ino) for e in os.scandir(data)} == inos
         d.stop()
+
+
+def test_ls_of_a_folder_bigger_than_one_reply_stats_from_the_listing(hub, daemons, tmp_path):
+    """Every listing reply carries attributes (READDIRPLUS, not READDIRPLUS_AUTO, which sends them
+    with the first reply only): `ls -l` of a folder needing several replies asks no LOOKUP per entry."""
+    n = 7000  # ~6,000 entries fill a 1 MiB READDIRPLUS reply
+    src = tmp_path / "wide"
+    (src / "data").mkdir(parents=True)
+    for i in range(n):
+        (src / "data" / f"shard-{i:05d}.parquet").write_bytes(b"%d" % i)
+    commit = hub.add_repo("org/wide", src)
+    d = daemons(repos=("org/wide",))
+    folder = snapshot_dir(d, "org/wide", commit) / "data"
+    lookups, readdirs = requests(d, "lookup"), requests(d, "readdir")
+    names = os.listdir(folder)
+    assert len(names) == n and requests(d, "readdir") - readdirs > 1, "more than one reply"
+    assert all(stat.S_ISLNK(os.lstat(folder / name).st_mode) for name in names)
+    asked = requests(d, "lookup") - lookups
+    assert asked < 10, f"{asked:.0f} lookups to lstat {n} listed entries"
 
 
 def test_a_repo_added_while_mounted_appears_and_the_others_keep_their_caches(hub, daemons):
