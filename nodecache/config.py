@@ -54,7 +54,7 @@ class Config:
     keeper_socket: Path | None = None  # `nodecache keeper`'s socket: the FUSE connection outlives the daemon
     handover_grace: float = 0.5  # at stop, answer requests in flight this long; the next daemon gets the rest
     keeper_wait: float = 30.0  # at start, wait this long for the previous daemon to let go of the connection
-    state_format: int = 2  # the connection-state format handed over (1: what daemons before format 2 read)
+    state_format: int = 3  # the connection-state format handed over (1, 2: for a rollback to an older daemon)
     ref_ttl: float = 600.0  # re-resolve branch refs after this many seconds
     disk_max: int = 0  # byte quota of the disk tier (<cache_dir>/blobs); 0: the filesystem's size
     shm_dir: Path | None = None  # optional shared-memory tier, e.g. /dev/shm/nodecache

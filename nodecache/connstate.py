@@ -12,6 +12,8 @@ every format whose `compat` it knows, so a newer daemon takes over from an
 older one and an older one (up to `compat`) from a newer one.
   1: mount, dev, minor, flags.
   2: + conn_id, max_pages, max_background; compat 1 (a format-1 reader ignores the rest).
+  3: as 2; compat 3: the kernel may hold inode numbers given as ranges (`inodes`), which a daemon
+     reading up to 2 cannot resolve: it refuses the state and mounts a new connection.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 
-FORMAT = 2
-FORMATS = (1, 2)
+FORMAT = 3
+FORMATS = (1, 2, 3)
 MAX_BYTES = 16 * 1024  # a state is a few hundred bytes; anything bigger is not ours
 
 
@@ -45,7 +47,8 @@ def encode(state: ConnState, fmt: int = FORMAT) -> bytes:
         raise StateError(f"unknown state format {fmt}; this daemon writes {FORMATS}")
     out: dict = {"format": fmt, "mount": state.mount, "dev": state.dev, "minor": state.minor, "flags": state.flags}
     if fmt >= 2:
-        out.update(compat=1, conn_id=state.conn_id, max_pages=state.max_pages, max_background=state.max_background)
+        compat = 3 if fmt >= 3 else 1
+        out.update(compat=compat, conn_id=state.conn_id, max_pages=state.max_pages, max_background=state.max_background)
     return json.dumps(out, sort_keys=True).encode()
 
 

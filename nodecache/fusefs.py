@@ -102,11 +102,13 @@ class NodecacheFS:
         table: InodeTable,
         fill_on_open: bool = True,
         on_demand: Callable[[str], Awaitable[bool]] | None = None,
+        ranges: bool = True,
     ):
         self.filler = filler
         self.metrics = metrics
         self.fill_on_open = fill_on_open
         self.table = table
+        self.ranges = ranges  # number snapshot entries and blobs by ranges (state format 3; else per path)
         self._time_ns = time.time_ns()
         self._handles: dict[int, Node] = {}  # open handles this daemon knows (and holds the blob of)
         self._generation: dict[int, int] = {}  # fh -> its blob's generation at open (see Filler.read)
@@ -170,7 +172,7 @@ class NodecacheFS:
 
     def _ino(self, path: str, new: bool = True) -> int | None:
         """The number of `path`, given now if it had none (with `new`)."""
-        parts = path.split("/")
+        parts = path.split("/") if self.ranges else ()
         if len(parts) >= 5 and parts[0] == "hub" and parts[2] == "snapshots":
             block = self.tree.folder_block(parts[1], parts[3], "/".join(parts[4:-1]))
             i = block.find(parts[-1].encode()) if block is not None else -1
@@ -226,8 +228,9 @@ class NodecacheFS:
         rec = self.filler.store.record(blob_id)
         if rec is not None and rec.repo_id:
             repos.add((rec.repo_type, rec.repo_id))  # an index from before the links: the repo it came from
-        found = (self._ino(f"hub/{repo_folder_name(*repo)}/blobs/{blob_id}", new=False) for repo in repos)
-        return sorted(ino for ino in found if ino is not None)
+        paths = [f"hub/{repo_folder_name(*repo)}/blobs/{blob_id}" for repo in repos]
+        found = {self._ino(path, new=False) for path in paths} | {self.table.find(path) for path in paths}
+        return sorted(ino for ino in found if ino is not None)  # by range, or per path (a daemon before ranges)
 
     # metadata ------------------------------------------------------------------
 
@@ -239,7 +242,7 @@ class NodecacheFS:
             raise FuseError(errno.ENOENT)
         child = f"{path}/{text}" if path else text
         children = parent.children
-        if isinstance(children, Table) and path.startswith("hub/") and path.split("/", 3)[2:3] == ["snapshots"]:
+        if self.ranges and isinstance(children, Table) and path.split("/", 3)[2:3] == ["snapshots"]:
             i = children.index(text)  # a snapshot folder: the entry's number is its range's base + i
             if i < 0:
                 raise FuseError(errno.ENOENT)
@@ -279,7 +282,7 @@ class NodecacheFS:
         path, node = self._node(fh)
         children, names, prefix = node.children, node.names(), f"{path}/" if path else ""
         parts = path.split("/", 3)
-        if isinstance(children, Table) and len(parts) == 4 and parts[0] == "hub" and parts[2] == "snapshots":
+        if self.ranges and isinstance(children, Table) and len(parts) == 4 and parts[2] == "snapshots":
             count = len(children.block)  # a snapshot folder: its entries are its range, in order
             base = self.table.range(f"{path}#{count}", count) if count else 0
             return (

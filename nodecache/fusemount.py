@@ -90,7 +90,8 @@ class FuseMount:
             Lease(cfg.keeper_socket, str(mountpoint), cfg.state_format, cfg.keeper_wait) if cfg.keeper_socket else None
         )
         table = self._table = InodeTable(cfg.cache_dir / "connection")
-        self.fs = NodecacheFS(HubTree(self.index), filler, self.metrics, table, cfg.fill_on_open, on_demand)
+        ranges = cfg.state_format >= 3  # a daemon reading formats up to 2 cannot serve range numbers
+        self.fs = NodecacheFS(HubTree(self.index), filler, self.metrics, table, cfg.fill_on_open, on_demand, ranges)
         opens = self.metrics.fuse_opens
         session = self.session = Session(
             self.fs,
@@ -107,6 +108,7 @@ class FuseMount:
             return
         self._main = asyncio.get_running_loop().create_task(session.serve())
         resent = session.resend()
+        lease.fmt = self._format(table)
         await lease.deposit(session.fd, self._state(session, table, mountpoint))  # in our format
         how = "requests left unanswered resent" if resent else "no FUSE_NOTIFY_RESEND in this kernel"
         log.info("took over the connection at %s (state format %d; %s)", mountpoint, taken[1].format, how)
@@ -206,7 +208,21 @@ class FuseMount:
             log.warning("could not raise read_ahead_kb; reads stay at 128 KiB")
         log.info("mounted at %s (passthrough %s)", mountpoint, "on" if session.passthrough else "off")
         if lease is not None:
+            lease.fmt = self._format(table)
             await lease.deposit(session.fd, self._state(session, table, mountpoint))
+
+    def _format(self, table: InodeTable) -> int:
+        """The state format to hand over: the configured one, unless the kernel may hold range
+        numbers (given by a daemon of format 3) that a daemon reading only that format could not serve."""
+        if table.ranged and self.cfg.state_format < 3:
+            log.warning(
+                "the connection holds inode numbers given as ranges: handing it over in state format 3, not %d"
+                " (a daemon that reads only format %d mounts a new connection)",
+                self.cfg.state_format,
+                self.cfg.state_format,
+            )
+            return 3
+        return self.cfg.state_format
 
     @staticmethod
     def _state(session: Session, table: InodeTable, mountpoint: Path) -> ConnState:

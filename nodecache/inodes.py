@@ -65,6 +65,7 @@ class InodeTable:
             raw = txn.get(b"next")
             self._next = _Q.unpack(raw)[0] if raw else ROOT + 1
             self._count = txn.stat(self._by_path)["entries"]
+            self._ranged = txn.stat(self._bases)["entries"] > 0
             raw = txn.get(b"conn_id")
         self.conn_id = raw.decode() if raw else ""
         self._remember("", ROOT)
@@ -84,6 +85,7 @@ class InodeTable:
         self._pending_ranges.clear()
         self._last_range = (0, 0, "")
         self._next, self._count = ROOT + 1, 0
+        self._ranged = False
         self._remember("", ROOT)
         self._whole = True
 
@@ -198,7 +200,13 @@ class InodeTable:
         if base is None:
             base, self._next = self._next, self._next + max(count, 1)
             self._pending_ranges[key] = (base, max(count, 1))
+            self._ranged = True
         return base
+
+    @property
+    def ranged(self) -> bool:
+        """Whether any range was given on this connection (a daemon before them cannot serve it)."""
+        return self._ranged
 
     def in_range(self, ino: int) -> tuple[str, int] | None:
         """(range key, entry index) of a number given by `range`; None for any other number."""

@@ -112,8 +112,10 @@ def test_restarts_under_a_private_reader_with_an_open_fd_and_an_mmap(hub, keeper
     log = d.log()
     assert log.count("took over the connection") == len(kinds)
     assert log.count("requests left unanswered resent") == len(kinds)
-    # each daemon read the format the one before it wrote: 2 (default), then 1, then 2 again
-    assert "state format 2;" in log and log.count("state format 1;") == 1
+    # each daemon read the format the one before it wrote: 3 (the default), kept by the daemons set to
+    # formats 1 and 2 since the kernel holds numbers given as ranges (a daemon before them could not serve it)
+    assert log.count("state format 3;") == len(kinds)
+    assert log.count("handing it over in state format 3, not") == 2
     assert "handed the connection over to the keeper" in log
 
 
@@ -232,12 +234,14 @@ def test_connection_state_formats_read_each_other_and_refuse_the_unknown():
         back = decode(encode(state, fmt))
         assert (back.mount, back.dev, back.minor, back.flags, back.format) == ("/mnt", "0:42", 40, state.flags, fmt)
     assert decode(encode(state, 2)).conn_id == "ab12" and decode(encode(state, 1)).conn_id is None
+    assert json.loads(encode(state, 3))["compat"] == 3, "a daemon reading up to 2 refuses range numbers"
+    assert json.loads(encode(state, 2))["compat"] == 1
     newer = json.loads(encode(state, 2))
-    assert decode(json.dumps({**newer, "format": 3, "extra": [1]}).encode()).format == 3, "compat 1: still readable"
+    assert decode(json.dumps({**newer, "format": 4, "extra": [1]}).encode()).format == 4, "compat 1: still readable"
     for bad in (
         b"not json",
         b"[]",
-        json.dumps({**newer, "format": 3, "compat": 3}).encode(),  # a format we cannot read
+        json.dumps({**newer, "format": 4, "compat": 4}).encode(),  # a format we cannot read
         json.dumps({**newer, "minor": "40"}).encode(),
         json.dumps({**newer, "flags": True}).encode(),
         json.dumps({**newer, "conn_id": 7}).encode(),
