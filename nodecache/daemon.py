@@ -42,6 +42,10 @@ from .upstream.sources import build_sources
 
 log = logging.getLogger(__name__)
 
+# At stop, HTTP requests still running (a mirror client that stopped reading) get this long
+# before they are cut; aiohttp's default (60 s per connection) outlasts kubelet's grace period.
+HTTP_STOP_GRACE = 1.0
+
 
 class Daemon:
     """One node's cache. `open()` and `close()` bracket everything; `run()` serves."""
@@ -140,7 +144,9 @@ class Daemon:
             tasks.append(loop.create_task(preload(self.ops, cfg.preload)))
             tasks.append(loop.create_task(self.membership.run()))
             tasks.append(loop.create_task(self.scrubber.run()))
-            runner = web.AppRunner(make_app(self._faces()), access_log=None, logger=OneLineBadRequests())
+            runner = web.AppRunner(
+                make_app(self._faces()), access_log=None, logger=OneLineBadRequests(), shutdown_timeout=HTTP_STOP_GRACE
+            )
             await runner.setup()
             await web.TCPSite(runner, cfg.listen_host, cfg.listen_port).start()
             if cfg.mount is None:

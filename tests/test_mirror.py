@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -747,3 +748,21 @@ def test_a_wildcard_resolves_no_private_repo_for_a_mirror_caller(nodes, access_h
     d = nodes(env={"HF_TOKEN": GOOD, "NODECACHE_MIRROR_ALLOW": "org/secret org/public"}, name="named")
     assert raw(d, "GET", "/org/secret/resolve/main/secret.txt")[0] == 401
     assert raw(d, "GET", "/org/secret/resolve/main/secret.txt", bearer(GOOD))[2] == SECRET
+
+
+def test_sigterm_does_not_wait_for_a_client_that_stopped_reading(daemons, hub, big_repo):
+    """A mirror client that stops reading mid-download (its socket full) must not hold the daemon's
+    exit: the HTTP server's shutdown grace is bounded (aiohttp's default waits 60 s per handler),
+    or a rolling update waits out kubelet's grace period and the pod is killed."""
+    d = daemons(repos=(BIG,))
+    stalled = socket.create_connection(("127.0.0.1", d.port), timeout=30)
+    try:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(f"GET /{BIG}/resolve/main/weights.bin HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert stalled.recv(4096).startswith(b"HTTP/1.1 200"), "the download started"
+        time.sleep(0.5)  # the handler now waits for the client to read
+        t0 = time.monotonic()
+        d.stop(timeout=10)  # raises LeftBehind if it had to be killed
+        assert d.proc.returncode == 0 and time.monotonic() - t0 < 10
+    finally:
+        stalled.close()
