@@ -176,7 +176,7 @@ def test_ready_repos_are_kept_per_changed_repo_not_read_from_every_snapshot(tmp_
         assert ready.labels() == {label_key("model", "org/r7")}
         assert lists == [], "no snapshot's file list was read"
 
-        index.meta.put("derived_v3", None)  # an index from before the counts: derived once on open
+        index.meta.put("derived_v4", None)  # an index from before the counts: derived once on open
         index.close()
         index = Index(tmp_path / "index", map_size=1 << 26)
         assert ReadyRepos(index).labels() == {label_key("model", "org/r7")}

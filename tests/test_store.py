@@ -226,7 +226,7 @@ def _as_previous_version(index: Index) -> None:
             blob, _, snap = key.partition(b"\0")
             txn.put(blob + b"\0" + snap.partition(b"\0")[0] + b"\0", size, db=old)
         txn.drop(index.links.repo_bytes_table, delete=False)
-        txn.delete(b"derived_v3", db=index.meta.table)
+        txn.delete(b"derived_v4", db=index.meta.table)
         txn.put(b"derived_v2", b"1", db=index.meta.table)
 
 
@@ -392,7 +392,7 @@ def test_index_counts_blob_states_as_it_writes_them(cache: Path):
     assert idx.blobs.get(c.blob_id) is None
     assert idx.counts.blob_states() == scanned() == {"partial": 1, "complete": 1, "quarantined": 1}
     idx.meta.put("blob_states", None)  # an index from before the counters: counted once on open
-    idx.meta.put("derived_v3", None)
+    idx.meta.put("derived_v4", None)
     idx.close()
     idx = Index(path, map_size=64 * MiB)
     try:

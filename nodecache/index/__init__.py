@@ -6,7 +6,7 @@ record, each family its own class (records and keys are pure):
 - `snapshots` (snapshots.py): file lists, with their folders and blobs as blocks;
 - `blobs`, `verify_first` (blobs.py) and `chunks` (chunks.py): blob records and chunks on disk;
 - `counts` (counts.py): what the blob records imply (state counts, proof and LRU orders);
-- `links` (links.py): which snapshots list each blob (readiness, per-repo bytes);
+- `links` (links.py): which snapshots list each blob (readiness, per-repo and per-snapshot bytes);
 - `meta` (meta.py): records about the index itself.
 `Index` opens them on one environment, so a change that spans families is one transaction.
 """
@@ -30,8 +30,9 @@ from .snapshots import Snapshots
 __all__ = ["BlobRecord", "Index", "check_blob"]
 
 # The derived tables (counts, links) are built once for an index written before they existed
-# (v3: the links carry the blob's size, and replace v2's separate `blob_repos`).
-_DERIVED = "derived_v3"
+# (v3: the links carry the blob's size, and replace v2's separate `blob_repos`; v4: per-snapshot
+# counts).
+_DERIVED = "derived_v4"
 
 
 class Index:

@@ -59,6 +59,8 @@ class Counts:
         for key, old, new in changes:
             if old == new:
                 continue
+            if new is not None and new[2] > (old[2] if old is not None else 0.0):
+                self.links.accessed(txn, key, new[2])
             for d, sign in ((old, -1), (new, 1)):
                 if d is not None and d[0] == "complete":
                     complete_bytes[d[4]] = complete_bytes.get(d[4], 0) + sign * d[3]

@@ -68,7 +68,7 @@ class Snapshots:
                     pass
             txn.put(key, value, db=self.table)
             blobs = ((raw_id.hex().encode(), raw_size) for raw_id, raw_size in Block(blocks[1]).entries())
-            self.links.list(txn, key, blobs, listed)
+            self.links.list(txn, key, blobs, len(files), listed)
             self._put_blocks(txn, key, blocks)
 
     def relist(self, txn) -> None:
@@ -79,7 +79,8 @@ class Snapshots:
                 files = self.decode(raw)
             except BAD:
                 continue
-            self.links.list(txn, bytes(key), {f.blob_id.encode(): SIZE.pack(f.size) for f in files}.items())
+            blobs = {f.blob_id.encode(): SIZE.pack(f.size) for f in files}
+            self.links.list(txn, bytes(key), blobs.items(), len(files))
 
     def _put_blocks(self, txn, key: bytes, blocks: Blocks) -> None:
         self._drop_blocks(txn, key)
