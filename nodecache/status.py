@@ -15,11 +15,10 @@ from .fill import Filler
 from .index import Index
 from .jobs import Jobs
 from .labels import label_key
-from .layout import RepoView
 from .metrics import Metrics
 from .peers import Membership
 from .pins import Pins
-from .repos import RepoRef, snapshot_blobs
+from .repos import RepoRef
 from .store import Store
 
 
@@ -48,39 +47,63 @@ class Status:
 
     def repos(self) -> list[dict]:
         pins = self.pins.refs()
-        return [self._repo(view, pins) for view in self.index.views()]
+        partial = self._partial_by_snapshot()
+        return [self._repo(*repo, pins, partial) for repo in self._repo_keys()]
 
     def repo(self, repo_type: str, repo_id: str) -> dict | None:
         """One repo's entry of repos(), from its own index entries only (the CSI plugin asks per publish)."""
-        view = self.index.view(repo_type, repo_id)
-        return None if view is None else self._repo(view, self.pins.refs())
+        refs = self.index.refs.of(repo_type, repo_id)
+        if not refs and not self.index.snapshots.has_repo(repo_type, repo_id):
+            return None
+        return self._repo(repo_type, repo_id, self.pins.refs(), self._partial_by_snapshot(), refs)
 
-    def _repo(self, view: RepoView, pinned: list) -> dict:
-        meta = self.index.repo_meta.get(view.repo_type, view.repo_id) or {}
+    def _repo_keys(self) -> list[tuple[str, str]]:
+        """Every repo with a snapshot or a ref, from the keys alone."""
+        found = set(self.index.snapshots.repos())
+        found.update((repo_type, repo_id) for repo_type, repo_id, *_ in self.index.refs.all())
+        return sorted(found)
+
+    def _partial_by_snapshot(self) -> dict[tuple[str, str, str], int]:
+        """(repo_type, repo_id, commit) -> bytes on disk of its partly stored blobs: the blobs with
+        a chunk recorded (fills under way or stopped), not every blob the snapshots list."""
+        out: dict[tuple[str, str, str], int] = {}
+        for blob_id, cached in self.store.partial_bytes(self.index.counts.chunked_ids()).items():
+            for snap in self.index.links.snapshots_of(blob_id):
+                out[snap] = out.get(snap, 0) + cached
+        return out
+
+    def _repo(
+        self,
+        repo_type: str,
+        repo_id: str,
+        pinned: list,
+        partial: dict[tuple[str, str, str], int],
+        refs: dict[str, str] | None = None,
+    ) -> dict:
+        """A repo's figures from the counters the index keeps per snapshot: no file list read."""
+        refs = self.index.refs.of(repo_type, repo_id) if refs is None else refs
+        meta = self.index.repo_meta.get(repo_type, repo_id) or {}
+        missing = self.index.links.snapshots_missing(repo_type, repo_id)
         snaps = []
-        for commit, files in view.snapshots.items():
-            blobs = {f.blob_id: f.size for f in files}
-            recs = [self.store.record(b) for b in blobs]
+        for commit, (files, _, total, done, at) in self.index.links.snapshot_counts(repo_type, repo_id).items():
             snaps.append(
                 {
                     "commit": commit,
-                    "revisions": sorted(r for r, c in view.refs.items() if c == commit),
-                    "files": len(files),
-                    "bytes_total": sum(blobs.values()),
-                    "bytes_cached": sum(self.store.cached_bytes(r) for r in recs if r),
-                    "complete": all(r is not None and r.state == "complete" for r in recs),
-                    "last_access": max((r.last_access for r in recs if r), default=0.0),
+                    "revisions": sorted(r for r, c in refs.items() if c == commit),
+                    "files": files,
+                    "bytes_total": total,
+                    "bytes_cached": done + partial.get((repo_type, repo_id, commit), 0),
+                    "complete": missing.get(commit) == 0,
+                    "last_access": at,
                 }
             )
         return {
-            "repo": view.repo_id,
-            "repo_type": view.repo_type,
-            "node_label": label_key(view.repo_type, view.repo_id),
+            "repo": repo_id,
+            "repo_type": repo_type,
+            "node_label": label_key(repo_type, repo_id),
             "visibility": meta.get("visibility", "unknown"),
-            "refs": view.refs,
-            "pinned": {
-                r.revision: mode for r, mode in pinned if (r.repo_type, r.repo_id) == (view.repo_type, view.repo_id)
-            },
+            "refs": refs,
+            "pinned": {r.revision: mode for r, mode in pinned if (r.repo_type, r.repo_id) == (repo_type, repo_id)},
             "snapshots": snaps,
         }
 
@@ -117,8 +140,9 @@ class Status:
         }
 
     def _complete(self, ref: RepoRef) -> bool:
-        """Truthful readiness: every blob of the snapshot stored and verified."""
-        return all(self.filler.record(b).state == "complete" for b in snapshot_blobs(self.index, ref))
+        """Truthful readiness: every blob of the snapshot stored and verified (counted by the
+        index: no record read)."""
+        return self.index.links.snapshots_missing(ref.repo_type, ref.repo_id).get(ref.commit) == 0
 
     def blob_counts(self) -> dict[str, int]:
         """Blob records per state, as the index keeps them counted (a scrape reads no record)."""
@@ -143,11 +167,13 @@ class Status:
         m.compile_cache_bytes.set(cc.used())
         m.compile_caches.labels("in_use").set(sum(1 for k in cc.keys.values() if k.users))
         m.compile_caches.labels("idle").set(sum(1 for k in cc.keys.values() if not k.users))
-        for ref, _ in self.pins.refs():  # bounded cardinality: pinned repos only
-            recs = [self.store.record(b) for b in dict.fromkeys(snapshot_blobs(self.index, ref))]
-            total = sum(r.size for r in recs if r)
-            cached = sum(self.store.cached_bytes(r) for r in recs if r)
+        pins = self.pins.refs()
+        partial = self._partial_by_snapshot() if pins else {}
+        for ref, _ in pins:  # bounded cardinality: pinned repos only
+            counts = self.index.links.snapshot_counts(ref.repo_type, ref.repo_id).get(ref.commit)
+            _, _, total, done, _ = counts or (0, 0, 0, 0, 0.0)
+            cached = done + partial.get((ref.repo_type, ref.repo_id, ref.commit), 0)
             ratio = cached / total if total else 1.0
-            if not all(r and r.state == "complete" for r in recs):
+            if not self._complete(ref):
                 ratio = min(ratio, 0.999)  # 1 only once verified
             m.repo_cached_ratio.labels(ref.repo_id).set(ratio)

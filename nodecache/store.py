@@ -137,6 +137,17 @@ class Store:
         st = self._states.get(rec.blob_id)
         return st.cached if st else BlobState(rec, self.index.chunks.get(rec.blob_id)).cached
 
+    def partial_bytes(self, blob_ids: list[str]) -> dict[str, int]:
+        """Bytes on disk of each of these blobs that is partly stored, read without keeping its
+        record (a report must not grow the shared records with every blob it counts)."""
+        out = {}
+        for blob_id in blob_ids:
+            st = self._states.get(blob_id)
+            rec = st.rec if st else self._recs.get(blob_id) or self.index.blobs.get(blob_id)
+            if rec is not None and rec.state == "partial":
+                out[blob_id] = st.cached if st else BlobState(rec, self.index.chunks.get(blob_id)).cached
+        return out
+
     def filling(self) -> list[tuple[str, int]]:
         """(blob id, bytes on disk) of each blob partly stored that this process has touched."""
         return [(b, st.cached) for b, st in self._states.items() if st.rec.state == "partial" and st.cached]
