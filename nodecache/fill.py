@@ -136,7 +136,8 @@ class Filler:
         reader whose whole-blob fill runs: its workers fetch those, in order).
         `as_slice`: once present, the bytes as a FileSlice of the blob file (the
         FUSE session sends them from a thread), not read into memory here.
-        `paged`: the reader reads on through the page cache: its chunks are written there.
+        `paged`: the reader reads on through the page cache: its chunks are written there,
+        and its slices are read through it (else with O_DIRECT where the store allows).
         """
         self.hold(blob_id, paged)
         try:
@@ -209,7 +210,10 @@ class Filler:
             kinds = set(waits.result())
             source = "upstream" if "upstream" in kinds else "peer" if "peer" in kinds else "local"
             st = self.state(blob_id)  # verification may have quarantined it
-        data = self.store.slice(blob_id, offset, size) if as_slice else await self.store.read(blob_id, offset, size)
+        if as_slice:
+            data = self.store.slice(blob_id, offset, size, direct=not paged)
+        else:
+            data = await self.store.read(blob_id, offset, size)
         self.metrics.read_bytes.labels(source).inc(len(data))
         rec.last_access = time.time()
         return data

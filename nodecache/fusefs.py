@@ -112,6 +112,10 @@ class NodecacheFS:
         self._time_ns = time.time_ns()
         self._handles: dict[int, Node] = {}  # open handles this daemon knows (and holds the blob of)
         self._generation: dict[int, int] = {}  # fh -> its blob's generation at open (see Filler.read)
+        # Handles opened on a complete blob (the daemon serves them: no passthrough): their reads go
+        # through the blob file's page cache, warm for the next reader. A handle opened while its
+        # blob fills reads around it (O_DIRECT): the kernel keeps the bytes in the mount's cache.
+        self._paged: set[int] = set()
         self._next_fh = int.from_bytes(os.urandom(3)) % (1 << _FH_SERIAL_BITS)  # apart from the last daemon's
         self._rewrites: dict[int, bytearray] = {}  # fh of a ref opened for writing -> which bytes were rewritten
         self._locks = 0  # lock files held in memory
@@ -340,6 +344,7 @@ class NodecacheFS:
             self._generation[fh] = self.filler.generation(node.blob_id)
             if self.filler.record(node.blob_id).state == "complete":
                 backing = self.filler.store.path(node.blob_id)  # verified: the kernel may read it itself
+                self._paged.add(fh)
             elif self.fill_on_open:
                 self.filler.fill_in_background(node.blob_id)
             if (repo := opened_in(path)) is not None:
@@ -355,13 +360,15 @@ class NodecacheFS:
         if node.kind == "static":
             return node.data[off : off + size]
         t0 = time.perf_counter()
-        # A large read is answered from the session's reply threads (a FileSlice, read with O_DIRECT):
-        # the loop neither copies the bytes nor writes them to the kernel. A small one costs less
-        # than the thread hop. The kernel keeps what it got in its page cache: the blob's chunks
-        # need not be in the page cache of the blob file too (paged=False).
+        # A large read is answered from the session's reply threads (a FileSlice): the loop neither
+        # copies the bytes nor writes them to the kernel. A small one costs less than the thread hop.
+        # The kernel keeps what it got in its page cache: the chunks of a blob still filling need
+        # not be in the page cache of the blob file too (paged=False: written and read with
+        # O_DIRECT); a blob complete at open is read through it (see _paged).
         big = size >= SLICE_MIN
         gen = self._generation.get(fh)
-        data = await self.filler.read(node.blob_id, off, size, since=gen, as_slice=big, paged=False)
+        paged = fh in self._paged
+        data = await self.filler.read(node.blob_id, off, size, since=gen, as_slice=big, paged=paged)
         self.metrics.fuse_read_seconds.observe(time.perf_counter() - t0)
         return data
 
@@ -470,6 +477,7 @@ class NodecacheFS:
         self._rewrites.pop(fh, None)
         node = self._handles.pop(fh, None)
         self._generation.pop(fh, None)
+        self._paged.discard(fh)
         if node is not None and node.kind == "blob":
             self.filler.release(node.blob_id, paged=False)
 

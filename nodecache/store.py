@@ -258,19 +258,21 @@ class Store:
             raise OSError(errno.EIO, f"short read of blob {blob_id}")
         return data
 
-    def slice(self, blob_id: str, offset: int, size: int) -> FileSlice:
+    def slice(self, blob_id: str, offset: int, size: int, direct: bool = True) -> FileSlice:
         """Bytes already present, to be read by the FUSE session's reply threads: the loop
-        neither copies them nor waits for the disk. With direct I/O they are read around the
-        page cache (the reader's kernel keeps its own copy): fresh page-cache pages cost more
-        here than the rest of the fill (the storage notes of the README)."""
+        neither copies them nor waits for the disk. With `direct` (and direct I/O) they are
+        read around the page cache (the reader's kernel keeps its own copy): fresh page-cache
+        pages cost more here than the rest of the fill (the storage notes of the README).
+        Without, through it: a complete blob's pages stay warm for the next reader."""
         fd = os.dup(self._fds.get(blob_id))
-        direct = -1
-        if self.direct_io:
+        direct_fd = -1
+        if self.direct_io and direct:
             try:
-                direct = directio.open_direct(f"/proc/self/fd/{fd}", os.O_RDONLY)  # the same file, even if renamed
+                opened = directio.open_direct(f"/proc/self/fd/{fd}", os.O_RDONLY)  # the same file, even if renamed
             except OSError:
-                direct = None
-        return FileSlice(fd, offset, size, -1 if direct is None else direct)
+                opened = None
+            direct_fd = -1 if opened is None else opened
+        return FileSlice(fd, offset, size, direct_fd)
 
     async def write_chunk(self, st: BlobState, index: int, data: bytes | list, cache: bool = True) -> None:
         """Write, sync, then record: the order that makes a crash safe.
