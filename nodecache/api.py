@@ -59,7 +59,8 @@ def add_routes(app: web.Application, admin_token: str | None, ops: Operations, r
     Routes(ops, report).add_to(app, admin_only(admin_token))
 
 
-def _not_found(e: KeyError) -> web.HTTPNotFound:
+def not_found(e: KeyError) -> web.HTTPNotFound:
+    """404 with the KeyError's message (the /v1 and compile-cache faces share it)."""
     return web.HTTPNotFound(reason="not_found", text=str(e.args[0]))
 
 
@@ -137,7 +138,7 @@ class Routes:
         try:
             n, freed, kept = self.ops.evict(spec)
         except KeyError as e:
-            raise _not_found(e) from None
+            raise not_found(e) from None
         return web.json_response({"evicted_blobs": n, "freed_bytes": freed, "kept_in_use_or_pinned": kept})
 
     async def verify(self, request: web.Request) -> web.Response:
@@ -145,5 +146,5 @@ class Routes:
         try:
             job = self.ops.verify(_spec(await _body(request), need_repo=False))
         except KeyError as e:
-            raise _not_found(e) from None
+            raise not_found(e) from None
         return web.json_response(job.as_dict(), status=202)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import ccmanifest as cm
-from .api import _body
+from .api import _body, not_found
 from .auth import admin_only
 from .ccpeerapi import PeerRoutes
 from .compilecache import CompileCaches, InUse
@@ -34,10 +34,6 @@ def _field(body: dict, name: str, what: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"field '{name}' {what}is required")
     return value
-
-
-def _not_found(e: KeyError) -> web.HTTPNotFound:
-    return web.HTTPNotFound(reason="not_found", text=str(e.args[0]))
 
 
 class AdminRoutes:
@@ -75,7 +71,7 @@ class AdminRoutes:
         try:
             return web.json_response({"key": self.caches.adopt(name, target)})
         except KeyError as e:
-            raise _not_found(e) from None
+            raise not_found(e) from None
 
     async def release(self, request: web.Request) -> web.Response:
         target = _field(await _body(request), "target", "")
@@ -86,7 +82,7 @@ class AdminRoutes:
         try:
             m = await self.caches.seal(key)
         except KeyError as e:
-            raise _not_found(e) from None
+            raise not_found(e) from None
         except cm.BadManifest as e:
             raise web.HTTPUnprocessableEntity(reason="unsealable", text=str(e)) from None
         return web.json_response({"key": key, "id": m.id, "sealed_at": m.sealed_at, "files": m.files, "bytes": m.bytes})
@@ -96,7 +92,7 @@ class AdminRoutes:
         try:
             freed = self.caches.evict(key)
         except KeyError as e:
-            raise _not_found(e) from None
+            raise not_found(e) from None
         except InUse as e:
             raise web.HTTPConflict(reason="in_use", text=str(e)) from None
         return web.json_response({"evicted": key, "freed_bytes": freed})

@@ -36,5 +36,12 @@ class Db:
         txn.delete(key, db=table)
         self.on_invalid(name)
 
+    def drop_invalid(self, name: str, table, bad: list[tuple[bytes, Exception]]) -> None:
+        """`invalid` for each (key, why) a read found, in one write (none if nothing was bad)."""
+        if bad:
+            with self.write() as txn:
+                for key, e in bad:
+                    self.invalid(txn, name, table, key, e)
+
     def close(self) -> None:
         self.env.close()

@@ -22,10 +22,7 @@ class Refs:
         self.table = db.table("refs")
 
     def _drop(self, bad: list[tuple[bytes, Exception]]) -> None:
-        if bad:
-            with self.db.write() as txn:
-                for key, e in bad:
-                    self.db.invalid(txn, "refs", self.table, key, e)
+        self.db.drop_invalid("refs", self.table, bad)
 
     def put(self, repo_type: str, repo_id: str, revision: str, commit: str) -> None:
         value = json.dumps({"commit": commit, "at": time.time()})
@@ -109,8 +106,7 @@ class RepoMeta:
                 raise ValueError(f"visibility {meta['visibility']!r}")
             return meta
         except BAD as e:
-            with self.db.write() as txn:
-                self.db.invalid(txn, "repos", self.table, key, e)
+            self.db.drop_invalid("repos", self.table, [(key, e)])
             return None
 
 
@@ -143,8 +139,5 @@ class Pins:
                     out.append((repo_type, repo_id, validate_revision(revision), mode))
                 except BAD as e:
                     bad.append((key, e))
-        if bad:
-            with self.db.write() as txn:
-                for key, e in bad:
-                    self.db.invalid(txn, "pins", self.table, key, e)
+        self.db.drop_invalid("pins", self.table, bad)
         return out
