@@ -11,6 +11,7 @@ still filling is served by `read()` through the fill path, with keep_cache.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import logging
@@ -253,8 +254,10 @@ class NodecacheFS:
             count = len(children)
             return self._attr(child, children.at(i)[1], self.table.range(f"{path}#{count}", count) + i)
         node = children.get(text)
-        if node is None and path == "hub" and self.on_demand is not None and await self.on_demand(text):
-            node = self.tree.hub.children.get(text)
+        # A repo resolved on demand: in a task of its own (the session starts lookups outside one).
+        if node is None and path == "hub" and self.on_demand is not None:
+            if await asyncio.get_running_loop().create_task(self.on_demand(text)):
+                node = self.tree.hub.children.get(text)
         if node is None:
             raise FuseError(errno.ENOENT)
         return self._attr(child, node)
@@ -296,6 +299,7 @@ class NodecacheFS:
             (names[i].encode(), self._attr(prefix + names[i], children[names[i]])) for i in range(start, len(names))
         )
 
+    @_guard("releasedir")
     async def releasedir(self, fh: int) -> None:
         return None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import stat
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 KERNEL_MAJOR = 7
 KERNEL_MINOR = 40  # passthrough arrived in 7.40; nothing newer is needed
@@ -23,6 +24,10 @@ GETXATTR, LISTXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 22, 23, 25, 26,
 INTERRUPT, DESTROY, BATCH_FORGET, READDIRPLUS = 36, 38, 42, 44
 SETATTR, UNLINK, WRITE, CREATE = 4, 10, 16, 35  # answered only for no-op writes (see fusefs)
 NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
+# requests about names and attributes, answered from memory: started at once, not as a task
+METADATA = frozenset(
+    {LOOKUP, GETATTR, READLINK, OPENDIR, READDIR, READDIRPLUS, RELEASEDIR, STATFS, GETXATTR, LISTXATTR}
+)
 # what an INTERRUPT may cancel: a read can wait minutes for its bytes; nothing else holds
 # state that a cancel half way would leak (an open's backing file, a release)
 INTERRUPTIBLE = frozenset({READ})
@@ -124,8 +129,7 @@ class Attr:
         )
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):  # a tuple: made once per request, ~3x cheaper than a frozen dataclass
     opcode: int
     unique: int
     nodeid: int

@@ -311,9 +311,26 @@ class Session:
                 continue
             if req.opcode in p.NO_REPLY:
                 continue  # inodes live as long as their path
-            task = asyncio.get_running_loop().create_task(self._handle(req))
-            self._running[req.unique] = (req.opcode, task)
-            task.add_done_callback(lambda _t, unique=req.unique: self._running.pop(unique, None))
+            if req.opcode in p.METADATA:
+                self._start(req)
+                continue
+            self._track(req, asyncio.get_running_loop().create_task(self._handle(req)))
+
+    def _start(self, req: p.Request) -> None:
+        """Run a metadata request's handler here, up to its first wait. Those handlers answer from
+        memory and the index without waiting (a walk sends one to three per file): no task and no
+        turn of the loop between the request and its reply. One that does wait (a lookup that
+        resolves a repo on demand) goes on in a task like any other request."""
+        coro = self._handle(req)
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+        self._track(req, asyncio.get_running_loop().create_task(_resume(coro, waiting)))
+
+    def _track(self, req: p.Request, task: asyncio.Task) -> None:
+        self._running[req.unique] = (req.opcode, task)
+        task.add_done_callback(lambda _t, unique=req.unique: self._running.pop(unique, None))
 
     def _interrupt(self, body: bytes) -> None:
         """A reader got a signal while we work on its request: stop waiting for it and say EINTR.
@@ -564,6 +581,27 @@ class Session:
             out.append(rec)
             used += len(rec)
         return b"".join(out)
+
+
+async def _resume(coro, waiting: asyncio.Future | None):
+    """Go on with a coroutine that was started outside a task and stopped on `waiting` (the
+    future it awaits; None: a bare yield), as a task would: resumed when that is done. A cancel
+    of this task cancels what it waits on, and the coroutine sees CancelledError there."""
+    cancel = False
+    while True:
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                waiting._asyncio_future_blocking = False
+                await asyncio.wait((waiting,))
+        except asyncio.CancelledError:
+            cancel = waiting is None or not waiting.cancel()  # cancelled: it raises where awaited
+        try:
+            waiting = coro.throw(asyncio.CancelledError()) if cancel else coro.send(None)
+        except StopIteration as e:
+            return e.value
+        cancel = False
 
 
 def _sized(value: bytes, size: int) -> bytes:

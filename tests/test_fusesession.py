@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import mmap
 import os
 import signal
+import stat
 import subprocess
 import sys
 
+import machine
 import pytest
 from conftest import BIG, SMALL, sha256_file, snapshot_dir
 
+from nodecache.fuseproto import ENOATTR, Attr
+from nodecache.fusesession import FuseError, Opened, Session
+from nodecache.inodes import InodeTable
 from nodecache.testing.hub import Fault
 
 
@@ -107,3 +113,125 @@ def test_a_large_read_of_a_blob_file_cut_short_under_the_daemon_is_eio_never_few
     finally:
         os.close(fd)
     assert d.status()["ready"]
+
+
+class _Folder:
+    """Operations of a mount with one folder of `n` files, and `wait/` (ino 2), whose lookups wait
+    on `gate` (a handler that cannot answer at once, like a repo resolved on demand)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.gate: asyncio.Event | None = None
+        self.cancelled = 0
+
+    def _attr(self, ino: int) -> Attr:
+        if ino in (1, 2):
+            return Attr(ino, stat.S_IFDIR | 0o555, nlink=2, timeout=0)
+        if 10 <= ino < 10 + self.n:
+            return Attr(ino, stat.S_IFREG | 0o444, size=ino, timeout=0)
+        raise FuseError(errno.ENOENT)
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        if parent == 1 and name == b"wait":
+            return self._attr(2)
+        if parent == 2:
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+            if name == b"boom":
+                raise RuntimeError("a handler that fails after its wait")
+            return self._attr(10)
+        if parent == 1 and name.startswith(b"f") and name[1:].isdigit():
+            return self._attr(10 + int(name[1:]))
+        raise FuseError(errno.ENOENT)
+
+    async def getattr(self, ino: int) -> Attr:
+        return self._attr(ino)
+
+    async def opendir(self, ino: int) -> Opened:
+        return Opened(ino)
+
+    async def readdir(self, fh: int, start: int):
+        return ((b"f%d" % i, self._attr(10 + i)) for i in range(start, self.n))
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        raise FuseError(ENOATTR)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return []
+
+
+def test_metadata_requests_are_answered_without_a_task_each(tmp_path):
+    """A walk sends one to three metadata requests per file, each answered from memory: the session
+    runs their handlers as they are read, with no asyncio task (nor a turn of the loop) per request.
+    One whose handler waits goes on in a task: answered after its wait, EIO if it fails after it,
+    and a daemon that stops cancels it (no request is left without a reply)."""
+    machine_reason = machine.fuse()
+    if machine_reason:
+        pytest.skip(machine_reason)
+    n = 300
+    ops = _Folder(n)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ops.gate = asyncio.Event()
+        tasks = []
+        default = loop.get_task_factory()
+
+        def counting(loop, coro, **kw):
+            task = asyncio.Task(coro, loop=loop, **kw) if default is None else default(loop, coro, **kw)
+            tasks.append(coro.__qualname__)
+            return task
+
+        session = Session(ops, mnt, InodeTable(tmp_path / "inodes"), passthrough=False)
+        session.mount()
+        serving = loop.create_task(session.serve())
+        try:
+            await asyncio.to_thread(os.stat, mnt)  # INIT, then the first requests
+            loop.set_task_factory(counting)
+
+            def walk() -> int:
+                entries = [e.name for e in os.scandir(mnt)]
+                for name in entries:
+                    os.lstat(mnt / name)  # timeout 0: a GETATTR or a LOOKUP for each
+                    os.lstat(mnt / name)
+                return len(entries)
+
+            assert await asyncio.to_thread(walk) == n + 0  # wait/ is not listed
+            metadata = [t for t in tasks if "_handle" in t or "_resume" in t]
+            assert metadata == [], f"{len(metadata)} tasks for the metadata requests of a walk of {n} entries"
+
+            slow = asyncio.ensure_future(asyncio.to_thread(os.stat, mnt / "wait" / "x"))
+            boom = asyncio.ensure_future(asyncio.to_thread(os.stat, mnt / "wait" / "boom"))
+            while sum("_resume" in t for t in tasks) < 2:
+                await asyncio.sleep(0.01)  # both lookups read and waiting, each in a task now
+            assert not slow.done() and not boom.done()
+            ops.gate.set()
+            assert (await slow).st_size == 10
+            with pytest.raises(OSError) as e:
+                await boom
+            assert e.value.errno == errno.EIO
+
+            ops.gate.clear()
+            stuck = asyncio.ensure_future(asyncio.to_thread(os.stat, mnt / "wait" / "y"))
+            while sum("_resume" in t for t in tasks) < 3:
+                await asyncio.sleep(0.01)
+            running = [task for _, task in session._running.values()]
+            assert len(running) == 1
+            running[0].cancel()  # what serve()'s end and an INTERRUPT do: the handler sees the cancel
+            with pytest.raises(OSError) as e:
+                await stuck
+            assert e.value.errno == errno.EINTR and ops.cancelled == 1
+        finally:
+            loop.set_task_factory(default)
+            await session.unmount()
+            await serving
+
+    asyncio.run(main())
