@@ -24,7 +24,7 @@ from .fill import Filler, FillError
 from .fuseproto import ENOATTR, FATTR_FH, FATTR_KILL_SUIDGID, FATTR_LOCKOWNER, FATTR_MODE, FATTR_SIZE, FATTR_TIMES, Attr
 from .fusesession import SLICE_MIN, FuseError, Opened
 from .inodes import InodeTable
-from .layout import BLOB_ID_RE, MAX_NAME, InvalidName, Node, Table, repo_folder_name
+from .layout import BLOB_ID_RE, MAX_NAME, InvalidName, Node, Table, parse_repo_folder, repo_folder_name
 from .metrics import Metrics
 from .snapplan import opened_in
 from .tree import HubTree
@@ -320,11 +320,36 @@ class NodecacheFS:
             if complete < blobs:
                 frac = min(frac, 0.999)  # 1 means stored and verified; unproven bytes never round up to it
             return f"{frac:.6f}".encode()
+        parts = path.split("/")
+        if len(parts) == 4 and parts[2] == "snapshots" and node.kind == "dir":  # a snapshot: its counters
+            found = self._snapshot_cached(parts[1], parts[3])
+            if found is not None:
+                return found
         recs = [self.filler.record(b) for b in set(_blob_ids(node))]
         total = sum(r.size for r in recs)
         done = sum(self.filler.cached_bytes(r.blob_id) for r in recs)
         frac = done / total if total else 1.0
         if any(r.state != "complete" for r in recs):
+            frac = min(frac, 0.999)  # 1 means stored and verified; unproven bytes never round up to it
+        return f"{frac:.6f}".encode()
+
+    def _snapshot_cached(self, folder: str, commit: str) -> bytes | None:
+        """The fraction stored of a snapshot from the counters the index keeps per snapshot (its
+        blobs' bytes, those of the complete ones, how many are not complete) plus the bytes on
+        disk of blobs partly stored that this daemon touched: no walk of its files, no record
+        read. None for a snapshot without counters (not listed in the index)."""
+        repo = parse_repo_folder(folder)
+        links = self.tree.source.links
+        counts = links.snapshot_counts(*repo).get(commit) if repo is not None else None
+        if counts is None:
+            return None
+        _, _, total, done, _ = counts
+        missing = links.snapshots_missing(*repo).get(commit, 0)
+        for blob_id, cached in self.filler.store.filling() if missing else ():
+            if (*repo, commit) in links.snapshots_of(blob_id):
+                done += cached
+        frac = min(done / total, 1.0) if total else 1.0
+        if missing:
             frac = min(frac, 0.999)  # 1 means stored and verified; unproven bytes never round up to it
         return f"{frac:.6f}".encode()
 

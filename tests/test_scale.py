@@ -169,12 +169,63 @@ def test_cached_xattr_of_hub_and_repo_folders(hub, daemons):
     assert 0 < whole < part, "hub/ counts the big repo too"
     assert float(os.getxattr(d.hub / ".locks", "user.nodecache.cached")) == 1.0
     snap = snapshot_dir(d, SMALL, hub.commits[SMALL])
+    assert os.getxattr(snap, "user.nodecache.cached") == os.getxattr(repo, "user.nodecache.cached")
     for dirpath, _, filenames in os.walk(snap):  # every blob of the repo read, so stored and proven
         for name in filenames:
             (Path(dirpath) / name).read_bytes()
     assert wait_for(lambda: os.getxattr(repo, "user.nodecache.cached") == b"1.000000")
+    assert os.getxattr(snap, "user.nodecache.cached") == b"1.000000"
     assert os.getxattr(d.mount, "user.nodecache.cached") == os.getxattr(d.hub, "user.nodecache.cached")
     assert float(os.getxattr(d.hub, "user.nodecache.cached")) < 1, "the big repo is not read"
+
+
+def test_cached_xattr_of_a_snapshot_reads_its_counters_not_its_files(tmp_path):
+    """`user.nodecache.cached` on a snapshot's folder: the fraction of its blobs' bytes stored, below
+    1 while one is not proven, from the index's per-snapshot counters: no blob record is read."""
+    from nodecache.fusefs import ROOT_INODE, XATTR_CACHED, NodecacheFS
+    from nodecache.index import BlobRecord
+    from nodecache.inodes import InodeTable
+    from nodecache.layout import FileEntry
+    from nodecache.tree import HubTree
+
+    class NoRecords:
+        """A filler whose record reads fail the test; nothing is filling."""
+
+        class store:
+            @staticmethod
+            def filling() -> list:
+                return []
+
+        def record(self, blob_id: str):
+            raise AssertionError(f"read the record of {blob_id}")
+
+    index = Index(tmp_path / "index", map_size=1 << 28)
+    try:
+        n, commits = 20_000, ("a" * 40, "b" * 40)
+        bid = lambda i: hashlib.sha256(b"%d" % i).hexdigest()  # noqa: E731
+        for c, first, complete in ((commits[0], 0, lambda i: i % 3 == 0), (commits[1], n, lambda i: True)):
+            recs = [
+                BlobRecord(bid(first + i), 100 + i, "sha256", MiB, state="complete" if complete(i) else "partial")
+                for i in range(n)
+            ]
+            index.blobs.add(recs)
+            files = [FileEntry(f"d{i // 100}/f{i}", r.size, r.blob_id) for i, r in enumerate(recs)]
+            index.snapshots.put("dataset", "org/big", c, files)
+        index.refs.put("dataset", "org/big", "main", commits[0])
+        fs = NodecacheFS(HubTree(index), NoRecords(), Metrics(), InodeTable(tmp_path / "inodes"))
+
+        async def cached(commit: str) -> bytes:
+            ino = ROOT_INODE
+            for name in ("hub", repo_folder_name("dataset", "org/big"), "snapshots", commit):
+                ino = (await fs.lookup(ino, name.encode())).ino
+            return await fs.getxattr(ino, XATTR_CACHED)
+
+        sizes = [100 + i for i in range(n)]
+        part = sum(s for i, s in enumerate(sizes) if i % 3 == 0) / sum(sizes)
+        assert asyncio.run(cached(commits[0])) == f"{part:.6f}".encode()
+        assert asyncio.run(cached(commits[1])) == b"1.000000"
+    finally:
+        index.close()
 
 
 def test_restart_shows_indexed_repos_without_waiting_on_the_upstream(hub, daemons, tmp_path):
