@@ -18,9 +18,10 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 from .fill import Filler, FillError
+from .folders import Block
 from .fuseproto import ENOATTR, FATTR_FH, FATTR_KILL_SUIDGID, FATTR_LOCKOWNER, FATTR_MODE, FATTR_SIZE, FATTR_TIMES, Attr
 from .fusesession import SLICE_MIN, FuseError, Opened
 from .inodes import InodeTable
@@ -35,6 +36,8 @@ XATTR_CACHED = b"user.nodecache.cached"
 _LONG = 86400.0  # blobs/ and snapshots/<commit>/ never change under a name: the kernel may keep them a day
 _SHORT = 1.0  # refs/ and repo listings do (and are invalidated explicitly when they do)
 ROOT_INODE = 1
+_TABLES_KEPT = 8  # folders' tables kept by the FUSE face (a blobs/ table of 10^6 blobs holds ~45 MB)
+_ENTRIES_KEPT = 1024  # snapshot entries kept by number
 MAX_LOCK_FILES = 10_000  # in-memory lock files under .locks/: a bound, not a store
 _LOCKS = "hub/.locks"
 # A file handle says what a read needs without a table: the next daemon serves handles this one opened.
@@ -122,7 +125,12 @@ class NodecacheFS:
         self._locks = 0  # lock files held in memory
         self.tree = tree
         self.root = tree.root
-        self._last_folder: tuple[str, Node] = ("", tree.root)
+        # Kept until a repo changes (both describe the tree as shown): the tables of the last
+        # folders of snapshots (and blobs/) used, else made from their blocks on every request,
+        # and the last entries of snapshots resolved by number (a walk asks READLINK, then GETATTR).
+        self._tables: dict[str, Table] = {}
+        self._entries: dict[int, tuple[str, Node]] = {}
+        self._commit_blobs: dict[str, list[tuple[str, Block]]] = {}  # repo folder -> its snapshots' blob lists
         self._counted: dict[str, object] = {}  # op -> its request counter (labels() costs a lock and a lookup)
         self.on_demand = on_demand  # async (folder name) -> bool: resolve an unknown repo upstream
 
@@ -131,13 +139,18 @@ class NodecacheFS:
         must look up again, (inode of hub/, the repo's folder name), if it changed and the
         kernel may know it (its dentries below go with it)."""
         folder = self.tree.repo_changed(repo_type, repo_id)
-        self._last_folder = ("", self.root)  # may be of the subtree just replaced
+        self._tables.clear()  # may be of the subtree just replaced
+        self._entries.clear()
+        self._commit_blobs.clear()
         hub = self.table.ino("hub")
         return (hub, folder.encode()) if folder is not None and hub is not None else None
 
     # tree helpers ------------------------------------------------------------
 
     def _node(self, ino: int) -> tuple[str, Node]:
+        found = self._entries.get(ino)
+        if found is not None:
+            return found
         path = self.table.path(ino)
         if path is not None:
             return path, self._walk(path)
@@ -147,12 +160,15 @@ class NodecacheFS:
             where = key.rpartition("#")[0]
             parts = where.split("/", 4)  # hub/<repo>/snapshots/<commit>[/<folder>] or hub/<repo>/blobs@<commit>
             if len(parts) >= 4 and parts[2] == "snapshots":
-                children = self._folder(where).children
+                children = self._children(where)
                 if isinstance(children, Table) and i < len(children) and f"{where}#{len(children)}" == key:
                     name, node = children.at(i)
-                    return f"{where}/{name}", node
+                    if len(self._entries) >= _ENTRIES_KEPT:
+                        del self._entries[next(iter(self._entries))]
+                    found = self._entries[ino] = (f"{where}/{name}", node)
+                    return found
             elif len(parts) == 3 and parts[2].startswith("blobs@"):
-                block = dict(self.tree.commit_blobs(parts[1])).get(parts[2].removeprefix("blobs@"))
+                block = dict(self._blob_lists(parts[1])).get(parts[2].removeprefix("blobs@"))
                 if block is not None and i < len(block) and f"{where}#{len(block)}" == key:
                     path = f"hub/{parts[1]}/blobs/{block.key(i).hex()}"
                     return path, self._walk(path)
@@ -166,11 +182,18 @@ class NodecacheFS:
                 raise FuseError(errno.ENOENT)
         return node
 
-    def _folder(self, path: str) -> Node:
-        """`_walk`, remembering the last folder: a walk asks about its entries one after another."""
-        if self._last_folder[0] != path:
-            self._last_folder = (path, self._walk(path))
-        return self._last_folder[1]
+    def _children(self, path: str, node: Node | None = None) -> Mapping[str, Node]:
+        """The children of the folder at `path` (`node`, if the caller has it). A table (a snapshot's
+        folder, blobs/) is kept for the next requests: a walk asks about its entries one after
+        another, and making one reads its block from the tree's cache and checks it."""
+        children = self._tables.get(path)
+        if children is None:
+            children = (node if node is not None else self._walk(path)).children
+            if isinstance(children, Table):
+                if len(self._tables) >= _TABLES_KEPT:
+                    del self._tables[next(iter(self._tables))]
+                self._tables[path] = children
+        return children
 
     # numbers: an entry of a snapshot folder, or a blob, is numbered in its immutable block's range
     # (the inode table writes one row per block, not one per entry); anything else per path.
@@ -194,7 +217,7 @@ class NodecacheFS:
         the range of the snapshot listing it whose range came first (a later range has a higher base:
         the choice never changes), or, if none has one yet, of the first snapshot listing it."""
         raw, best, first = bytes.fromhex(blob_id), None, None
-        for commit, block in self.tree.commit_blobs(folder):
+        for commit, block in self._blob_lists(folder):
             i = block.find(raw)
             if i < 0:
                 continue
@@ -207,6 +230,15 @@ class NodecacheFS:
         if best is not None or not new or first is None:
             return best if best is not None or new else None
         return self.table.range(first[0], first[1]) + first[2]
+
+    def _blob_lists(self, folder: str) -> list[tuple[str, Block]]:
+        """`tree.commit_blobs`, kept for the last repos asked about (a walk looks up a blob per file)."""
+        found = self._commit_blobs.get(folder)
+        if found is None:
+            if len(self._commit_blobs) >= _TABLES_KEPT:
+                del self._commit_blobs[next(iter(self._commit_blobs))]
+            found = self._commit_blobs[folder] = self.tree.commit_blobs(folder)
+        return found
 
     def _attr(self, path: str, node: Node, ino: int | None = None) -> Attr:
         parts = path.split("/", 4)  # hub/<repo>/{snapshots/<commit>,blobs/<id>}/...
@@ -246,7 +278,7 @@ class NodecacheFS:
         if text in (".", "..") or "/" in text or len(name) > MAX_NAME or parent.kind != "dir":
             raise FuseError(errno.ENOENT)
         child = f"{path}/{text}" if path else text
-        children = parent.children
+        children = self._children(path, parent)
         if self.ranges and isinstance(children, Table) and path.split("/", 3)[2:3] == ["snapshots"]:
             i = children.index(text)  # a snapshot folder: the entry's number is its range's base + i
             if i < 0:
@@ -287,7 +319,8 @@ class NodecacheFS:
         """Entries from index `start` on, made as the session packs them: a page
         of a huge folder costs that page (the sorted names are kept per folder)."""
         path, node = self._node(fh)
-        children, names, prefix = node.children, node.names(), f"{path}/" if path else ""
+        children, prefix = self._children(path, node), f"{path}/" if path else ""
+        names = children.names() if isinstance(children, Table) else node.names()
         parts = path.split("/", 3)
         if self.ranges and isinstance(children, Table) and len(parts) == 4 and parts[2] == "snapshots":
             count = len(children.block)  # a snapshot folder: its entries are its range, in order

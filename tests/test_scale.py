@@ -228,6 +228,62 @@ def test_cached_xattr_of_a_snapshot_reads_its_counters_not_its_files(tmp_path):
         index.close()
 
 
+def test_requests_about_a_snapshot_folders_entries_read_its_block_once(tmp_path):
+    """The requests of a cold walk (READLINK and GETATTR of each link, LOOKUP of its blob) find the
+    folder's entries from the table the first request made, not from the tree's block cache each
+    time; the answers are the same as a fresh face's (numbers included)."""
+    from nodecache.fusefs import ROOT_INODE, NodecacheFS
+    from nodecache.index import BlobRecord
+    from nodecache.inodes import InodeTable
+    from nodecache.layout import FileEntry
+    from nodecache.tree import HubTree
+
+    index = Index(tmp_path / "index", map_size=1 << 28)
+    try:
+        n, commit = 2000, "c" * 40
+        recs = [BlobRecord(hashlib.sha256(b"%d" % i).hexdigest(), 10 + i, "sha256", MiB) for i in range(n)]
+        index.blobs.add(recs)
+        index.snapshots.put(
+            "model",
+            "org/walked",
+            commit,
+            [FileEntry(f"p{i // 100}/f{i}", 10 + i, r.blob_id) for i, r in enumerate(recs)],
+        )
+        index.refs.put("model", "org/walked", "main", commit)
+
+        async def walk(fs: NodecacheFS, count: list[int] | None = None) -> list:
+            repo = (
+                await fs.lookup(
+                    (await fs.lookup(ROOT_INODE, b"hub")).ino, repo_folder_name("model", "org/walked").encode()
+                )
+            ).ino
+            blobs = (await fs.lookup(repo, b"blobs")).ino
+            snap = (await fs.lookup((await fs.lookup(repo, b"snapshots")).ino, commit.encode())).ino
+            folders = [a.ino for _, a in await fs.readdir(snap, 0)]
+            seen = []
+            for folder in folders:
+                entries = list(await fs.readdir(folder, 0))
+                if count is not None:
+                    count[0] = 0  # from here: the walk's requests about this folder's entries
+                for name, a in entries:
+                    target = await fs.readlink(a.ino)
+                    blob = await fs.lookup(blobs, target.rsplit(b"/", 1)[1])
+                    seen.append((name, a.ino, target, blob.ino, blob.size, (await fs.getattr(a.ino)).size))
+                if count is not None:
+                    assert count[0] <= 3, f"{count[0]} block reads for the {len(entries)} entries of a folder"
+            return seen
+
+        fs = NodecacheFS(HubTree(index), None, Metrics(), InodeTable(tmp_path / "inodes"))
+        count, get = [0], fs.tree.blocks.get
+        fs.tree.blocks.get = lambda key, load: count.__setitem__(0, count[0] + 1) or get(key, load)
+        seen = asyncio.run(walk(fs, count))
+        assert len(seen) == n
+        fresh = NodecacheFS(HubTree(index), None, Metrics(), fs.table)  # the next daemon, the same numbers
+        assert asyncio.run(walk(fresh)) == seen
+    finally:
+        index.close()
+
+
 def test_restart_shows_indexed_repos_without_waiting_on_the_upstream(hub, daemons, tmp_path):
     """The index is enough to mount: configured repos are re-resolved in the background."""
     d = daemons(repos=(SMALL,))
