@@ -11,6 +11,9 @@ here), served by the Hub emulator in its own process, and mounted by
   the restart with the page/dentry caches dropped, over the same walk of the
   source tree on ext4 (also cold); warm walk: each walk again right after its
   cold one (a cache drop between would empty the mount's dentries too);
+  also over the walks of the same files in a hub cache's layout on ext4
+  (symlinks into `blobs/`, which `os.walk` follows to stat each entry, as on
+  the mount), and the FUSE requests per entry of each walk, by operation;
 - `ls` of the biggest folder (listdir + lstat of each entry, cold);
 - the daemon's RSS after the walks (VmRSS, and its parts: RssAnon, the
   daemon's own memory, and RssFile, pages of mapped files it touched: the
@@ -25,7 +28,8 @@ visible within `--visible-timeout` is reported as such (null figures).
 
 Writes bench/results/scale.json (`rows`: files, per_folder, repos,
 first_visible_s, restart_visible_s, cold_walk_ratio, warm_walk_ratio,
-ls_biggest_folder_s, rss_MiB, crash_visible_s, ...) and bench/results/scale.png.
+ls_biggest_folder_s, rss_MiB, crash_visible_s, cold_walk_ratio_hub_layout,
+warm_walk_ratio_hub_layout, cold_walk_requests_per_entry, ...) and bench/results/scale.png.
 
     python bench/scale.py [--big] [--cases 10k,100k,100k-flat,1000-repos]
 """
@@ -75,6 +79,34 @@ def make_tree(root: Path, files: int, per_folder: int) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         (folder / f"shard-{i:07d}.parquet").write_bytes(b"row %d\n" % i)
     (root / "config.json").write_text("{}")
+
+
+def make_hub_layout(root: Path, files: int, per_folder: int) -> Path:
+    """The same files in a hub cache's layout on local disk: contents in `blobs/`, the snapshot's
+    entries symlinks to them. `os.walk` follows each link to stat it, as it does on the mount:
+    that is the walk the mount's is compared with beside the plain tree's. Returns the snapshot."""
+    blobs, snap = root / "blobs", root / "snapshots" / ("0" * 40)
+    blobs.mkdir(parents=True)
+    for i in range(files):
+        folder = snap / (f"part-{i // per_folder:05d}" if per_folder < files else "data")
+        if i % per_folder == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        blob = f"{i:040x}"
+        (blobs / blob).write_bytes(b"row %d\n" % i)
+        (folder / f"shard-{i:07d}.parquet").symlink_to(f"../../../blobs/{blob}")
+    (blobs / ("f" * 40)).write_text("{}")
+    (snap / "config.json").symlink_to(f"../../blobs/{'f' * 40}")
+    return snap
+
+
+def fuse_requests(d: Daemon) -> dict[str, float]:
+    """FUSE requests the daemon answered so far, by operation."""
+    prefix = "nodecache_fuse_requests_total{"
+    return {k.split('op="')[1].split('"')[0]: v for k, v in d.metric_values().items() if k.startswith(prefix)}
+
+
+def per_entry(after: dict[str, float], before: dict[str, float], entries: int) -> dict[str, float]:
+    return {op: round((n - before.get(op, 0)) / entries, 4) for op, n in sorted(after.items()) if n > before.get(op, 0)}
 
 
 def walk(root: Path) -> tuple[int, float]:
@@ -164,12 +196,21 @@ def run_case(name: str, work: Path, timeout: float) -> dict:
             return row
         snap = next((d.hub / ("models--" + repo_ids[0].replace("/", "--")) / "snapshots").iterdir())
         drop_caches()
+        asked = [fuse_requests(d)]
         n_mount, cold_mount = walk(snap)
+        asked.append(fuse_requests(d))
         _, warm_mount = walk(snap)  # before the next drop, which empties the mount's dentry cache too
+        asked.append(fuse_requests(d))
         drop_caches()
         n_src, cold_src = walk(src / "r0000")
         _, warm_src = walk(src / "r0000")
         assert n_mount == n_src, (n_mount, n_src)
+        hub_snap = make_hub_layout(work / "hub-layout", files, per_folder)
+        drop_caches()
+        n_hub, cold_hub = walk(hub_snap)
+        _, warm_hub = walk(hub_snap)
+        assert n_hub == n_src, (n_hub, n_src)
+        shutil.rmtree(work / "hub-layout")
         biggest = snap / ("data" if per_folder >= files else "part-00000")
         drop_caches()
         row.update(
@@ -180,6 +221,12 @@ def run_case(name: str, work: Path, timeout: float) -> dict:
             warm_walk_s=round(warm_mount, 3),
             ext4_warm_walk_s=round(warm_src, 3),
             warm_walk_ratio=round(warm_mount / warm_src, 2),
+            ext4_hub_layout_cold_walk_s=round(cold_hub, 3),
+            ext4_hub_layout_warm_walk_s=round(warm_hub, 3),
+            cold_walk_ratio_hub_layout=round(cold_mount / cold_hub, 2),
+            warm_walk_ratio_hub_layout=round(warm_mount / warm_hub, 2),
+            cold_walk_requests_per_entry=per_entry(asked[1], asked[0], n_mount),
+            warm_walk_requests_per_entry=per_entry(asked[2], asked[1], n_mount),
             ls_biggest_folder_s=round(ls(biggest), 4),
             rss_MiB=round(rss_mib(d.pid), 1),
             rss_anon_MiB=round(rss_mib(d.pid, "RssAnon"), 1),
@@ -211,9 +258,15 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].set_title("cold walk, us per entry (flat in N is the target)")
     axes[1].bar(labels, [r["cold_walk_ratio"] for r in done], label="cold", color="tab:orange")
     axes[1].bar(labels, [r["warm_walk_ratio"] for r in done], label="warm", color="tab:green", alpha=0.7)
+    axes[1].plot(
+        labels, [r["cold_walk_ratio_hub_layout"] for r in done], "o", color="tab:red", label="cold / hub layout"
+    )
+    axes[1].plot(
+        labels, [r["warm_walk_ratio_hub_layout"] for r in done], "s", color="tab:olive", label="warm / hub layout"
+    )
     axes[1].axhline(5, ls="--", color="tab:orange")
     axes[1].axhline(1.5, ls="--", color="tab:green")
-    axes[1].set_title("walk time / ext4 walk (targets 5x, 1.5x)")
+    axes[1].set_title("walk time / ext4 walk (targets 5x, 1.5x; dots: / same layout on ext4)")
     axes[1].legend()
     labels_all = [r["case"] for r in rows]
     axes[2].bar(labels_all, [r.get("first_visible_s") or 0 for r in rows], label="first resolve", color="tab:red")
@@ -248,7 +301,8 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     keys = ("case", "files", "first_visible_s", "restart_visible_s", "cold_walk_ratio", "warm_walk_ratio",
-            "ls_biggest_folder_s", "rss_MiB", "crash_visible_s")  # fmt: skip
+            "cold_walk_ratio_hub_layout", "warm_walk_ratio_hub_layout", "ls_biggest_folder_s", "rss_MiB",
+            "crash_visible_s")  # fmt: skip
     print_table([tuple(r.get(k) for k in keys) for r in rows], keys)
     result = {
         "bench": "scale",
