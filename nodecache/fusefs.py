@@ -33,8 +33,8 @@ from .tree import HubTree
 log = logging.getLogger(__name__)
 
 XATTR_CACHED = b"user.nodecache.cached"
-_LONG = 86400.0  # blobs/ and snapshots/<commit>/ never change under a name: the kernel may keep them a day
-_SHORT = 1.0  # refs/ and repo listings do (and are invalidated explicitly when they do)
+_LONG = 86400.0  # what never changes under a name (see `_lasting`): the kernel may keep it a day
+_SHORT = 1.0  # refs/ and .locks/ do (a ref is also invalidated explicitly when it moves)
 ROOT_INODE = 1
 _TABLES_KEPT = 8  # folders' tables kept by the FUSE face (a blobs/ table of 10^6 blobs holds ~45 MB)
 _ENTRIES_KEPT = 1024  # snapshot entries kept by number
@@ -241,10 +241,8 @@ class NodecacheFS:
         return found
 
     def _attr(self, path: str, node: Node, ino: int | None = None) -> Attr:
-        parts = path.split("/", 4)  # hub/<repo>/{snapshots/<commit>,blobs/<id>}/...
-        short = len(parts) < 4 or parts[2] not in ("snapshots", "blobs")
         ino = self._ino(path) if ino is None else ino
-        a = Attr(ino, stat.S_IFREG | 0o444, timeout=_SHORT if short else _LONG, time_ns=self._time_ns)
+        a = Attr(ino, stat.S_IFREG | 0o444, timeout=_LONG if _lasting(path, node) else _SHORT, time_ns=self._time_ns)
         if node.kind == "dir":
             a.mode, a.nlink = stat.S_IFDIR | (0o1777 if path.startswith(_LOCKS) else 0o555), 2
         elif node.kind == "lock":
@@ -542,6 +540,21 @@ class NodecacheFS:
         self._paged.discard(fh)
         if node is not None and node.kind == "blob":
             self.filler.release(node.blob_id, paged=False)
+
+
+def _lasting(path: str, node: Node) -> bool:
+    """Whether the kernel may keep this entry and its attributes a day: the root, `hub/`, a repo's
+    folder and its `snapshots/` and `blobs/` and all below them. Their attributes never change,
+    nor does what a name below them names (a commit's files, a blob's bytes); a folder's listing
+    is not kept by the kernel (but a snapshot's). When a repo changes (a new revision, a ref
+    moved, gone) the kernel drops its folder's dentries and all below (`FuseMount.tree_changed`).
+    Refs and lock files change by name: a second."""
+    parts = path.split("/", 3)
+    if len(parts) < 2:
+        return True
+    if parts[1] == _LOCKS.partition("/")[2] or parts[0] != "hub":
+        return False
+    return node.kind == "dir" if len(parts) == 2 else parts[2] in ("snapshots", "blobs")
 
 
 def _at(table: Table, start: int) -> Iterator[tuple[int, tuple[str, Node]]]:
