@@ -139,11 +139,13 @@ class NodecacheFS:
         must look up again, (inode of hub/, the repo's folder name), if it changed and the
         kernel may know it (its dentries below go with it)."""
         folder = self.tree.repo_changed(repo_type, repo_id)
+        if folder is None:
+            return None  # nothing shown changed (a re-resolution that found the same commits)
         self._tables.clear()  # may be of the subtree just replaced
         self._entries.clear()
         self._commit_blobs.clear()
         hub = self.table.ino("hub")
-        return (hub, folder.encode()) if folder is not None and hub is not None else None
+        return (hub, folder.encode()) if hub is not None else None
 
     # tree helpers ------------------------------------------------------------
 
