@@ -239,12 +239,20 @@ class Filler:
                 fut.add_done_callback(consume)
 
     async def read_chunk(
-        self, blob_id: str, k: int, sources: list | None = None, local_only: bool = False, background: bool = False
-    ) -> bytes | None:
+        self,
+        blob_id: str,
+        k: int,
+        sources: list | None = None,
+        local_only: bool = False,
+        background: bool = False,
+        paged: bool = True,
+    ) -> bytes | FileSlice | None:
         """Chunk k of a blob, filled through if needed (the peer API); None if local_only and absent.
 
-        `background`: the peer asking fills in the background; its fetch here waits behind readers."""
-        self.hold(blob_id)
+        `background`: the peer asking fills in the background; its fetch here waits behind readers.
+        `paged=False`: the chunk is written around the page cache and returned as a FileSlice
+        (the peer keeps its own copy; this node's would be fresh pages)."""
+        self.hold(blob_id, paged)
         try:
             st = self.state(blob_id)
             if not 0 <= k < st.rec.n_chunks:
@@ -252,7 +260,9 @@ class Filler:
             if not st.has(k):
                 if local_only:
                     return None
-                task = self.chunks.get(st, k, demand=not background, sources=sources, background=background)
+                task = self.chunks.get(
+                    st, k, demand=not background, sources=sources, background=background, paged=paged
+                )
                 t0 = time.monotonic()
                 try:
                     await self._await(task, f"chunk {k} of {blob_id}")
@@ -261,9 +271,11 @@ class Filler:
                         self.metrics.read_wait_seconds.observe(time.monotonic() - t0)
                 st = self.state(blob_id)
             start, end = st.chunk_range(k)
+            if not paged:
+                return self.store.slice(blob_id, start, end - start, direct=True)
             return await self.store.read(blob_id, start, end - start)
         finally:
-            self.release(blob_id)
+            self.release(blob_id, paged)
 
     def _failed_proof(self, blob_id: str, used: dict[str, str]) -> None:
         """After a failed proof: new generation, sources of the attempt asked last, owner told."""

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import xxhash
 from aiohttp import web
 
+from . import directio
 from .auth import check_bearer
+from .blobfile import FileSlice
 from .catalog import Catalog
 from .config import Config
 from .fill import Filler
@@ -29,6 +31,7 @@ from .index import BlobRecord, Index
 from .layout import COMMIT_RE, RepoSpec, validate_blob_id, validate_repo_id, validate_repo_type
 from .metrics import Metrics
 from .peers import XXH3_HEADER, Membership, Peers, RateLimit, rank
+from .slicebuf import read_slice
 from .store import Store
 
 
@@ -86,8 +89,9 @@ async def owned_record(node: PeerFace, blob_id: str, query) -> BlobRecord:
 def add_routes(app: web.Application, node: PeerFace) -> None:
     uploads: list[asyncio.Semaphore] = []  # created on the serving loop
     pacer = RateLimit(node.cfg.peer_upload_bps)
+    buffers = directio.BufferPool()  # chunks read around the page cache (the peer keeps them)
 
-    async def chunk(request: web.Request) -> web.Response:
+    async def chunk(request: web.Request) -> web.StreamResponse:
         check_bearer(request, node.cfg.cluster_token, "the peer API")
         blob_id = validate_blob_id(request.match_info["id"])
         q = request.query
@@ -110,12 +114,36 @@ def add_routes(app: web.Application, node: PeerFace) -> None:
                 sources=sources,
                 local_only=q.get("local_only") == "1",
                 background=q.get("background") == "1",
+                paged=False,
             )
-        if data is None:
-            raise web.HTTPNotFound(reason="not_found", text=f"chunk {k} of {blob_id} is not here")
-        digest = f"{xxhash.xxh3_64_intdigest(data):016x}"
-        await pacer.take(len(data))
-        node.metrics.peer_bytes_sent.inc(len(data))
-        return web.Response(body=data, headers={XXH3_HEADER: digest}, content_type="application/octet-stream")
+            if data is None:
+                raise web.HTTPNotFound(reason="not_found", text=f"chunk {k} of {blob_id} is not here")
+            if isinstance(data, FileSlice):
+                try:
+                    held = await asyncio.get_running_loop().run_in_executor(None, read_slice, data, buffers)
+                except OSError as e:
+                    raise web.HTTPServiceUnavailable(
+                        reason="read_failed", text=f"chunk {k} of {blob_id}: {e}"
+                    ) from None
+            else:
+                held = None
+        body = data if held is None else held.view
+        size = len(body)
+        digest = f"{xxhash.xxh3_64_intdigest(body):016x}"
+        await pacer.take(size)
+        resp = web.StreamResponse(headers={XXH3_HEADER: digest, "Content-Type": "application/octet-stream"})
+        resp.content_length = size
+        try:
+            await resp.prepare(request)
+            await resp.write(body)
+            await resp.write_eof()
+        except ConnectionError:  # the peer went away: it asks the next source
+            return resp
+        finally:
+            if held is not None:
+                transport = request.transport
+                held.release(buffers, transport is not None and transport.get_write_buffer_size() == 0)
+        node.metrics.peer_bytes_sent.inc(size)
+        return resp
 
     app.router.add_get("/v1/blobs/{id}", chunk)

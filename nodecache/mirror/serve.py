@@ -29,6 +29,7 @@ from ..layout import FileEntry, InvalidName
 from ..metrics import Metrics
 from ..presence import BlobState
 from ..repos import RepoRef
+from ..slicebuf import Held, read_slice
 from ..upstream import UpstreamError
 from .access import Access
 from .errors import HubError
@@ -209,9 +210,10 @@ class FileServer:
                         raise FillError(f"empty read at {pos} of {entry.blob_id}")
                     n = len(data) if pending is not None else steps.stop(pos) - pos
                     sending, pending = pending, (steps.plan(pos + n) if pos + n < end else None)
-                    if isinstance(data, _Step):
+                    if isinstance(data, Held):
                         await resp.write(data.view)
-                        steps.done(data, request)
+                        transport = request.transport
+                        data.release(self.buffers, transport is not None and transport.get_write_buffer_size() == 0)
                     elif sending is not None:
                         await resp.write(data)
                     else:
@@ -233,42 +235,6 @@ class FileServer:
             return resp
         finally:
             steps.close()
-
-
-class _Step:
-    """A step's bytes read around the page cache: a view of a pooled aligned buffer."""
-
-    __slots__ = ("buf", "view")
-
-    def __init__(self, buf, size: int):
-        self.buf, self.view = buf, memoryview(buf)[:size]
-
-    def __len__(self) -> int:
-        return len(self.view)
-
-
-def read_step(sl: FileSlice, pool: directio.BufferPool) -> _Step:
-    """In a thread: the slice's bytes with O_DIRECT into a pooled buffer where the store and
-    the offset allow (else through the page cache); a short read is an error, never a short body."""
-    try:
-        want = -(-sl.size // directio.ALIGN) * directio.ALIGN
-        buf = pool.take(want)
-        got = -1
-        if sl.direct_fd >= 0 and sl.offset % directio.ALIGN == 0:
-            with memoryview(buf) as whole, whole[:want] as view:
-                try:
-                    got = os.preadv(sl.direct_fd, [view], sl.offset)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:  # refused after all: read it buffered
-                        raise
-        if got < sl.size:
-            with memoryview(buf) as whole, whole[: sl.size] as view:
-                got = os.preadv(sl.fd, [view], sl.offset)
-        if got < sl.size:
-            raise OSError(errno.EIO, f"short read: {got} of {sl.size} bytes")
-        return _Step(buf, sl.size)
-    finally:
-        sl.close()
 
 
 class _Steps:
@@ -310,24 +276,16 @@ class _Steps:
         ahead = self.fill is None or self.fill.done()
         return asyncio.get_running_loop().create_task(self._read(pos, stop, ahead))
 
-    async def _read(self, pos: int, stop: int, ahead: bool) -> _Step | bytes:
+    async def _read(self, pos: int, stop: int, ahead: bool) -> Held | bytes:
         sl = await self.filler.read(
             self.blob_id, pos, stop - pos, since=self.since, ahead=ahead, as_slice=True, paged=False
         )
         if not isinstance(sl, FileSlice):
             return sl  # b"": the blob shrank under us
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, read_step, sl, self.buffers)
+            return await asyncio.get_running_loop().run_in_executor(None, read_slice, sl, self.buffers)
         except OSError as e:
             raise FillError(f"reading blob {self.blob_id} at {pos}: {e}") from None
-
-    def done(self, step: _Step, request: web.Request) -> None:
-        """A step's bytes are written: its buffer goes back, unless the transport may still
-        hold a view of it (a transport that keeps views rather than copies, e.g. Python 3.12's)."""
-        step.view.release()
-        transport = request.transport
-        if transport is not None and transport.get_write_buffer_size() == 0:
-            self.buffers.give(step.buf)
 
     def _stored(self, pos: int, stop: int) -> bool:
         """In the store as a read would return it (a verify-first blob: only once proven)."""
