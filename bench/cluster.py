@@ -192,7 +192,8 @@ def new_cluster(work: Path, name: str, repo_dir: Path, n: int, args: argparse.Na
 
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
-    return Cluster(d, {REPO: repo_dir}, nodes=n, upstream_mbit=args.upstream_mbit, node_mbit=args.node_mbit)
+    env = dict(kv.split("=", 1) for kv in args.daemon_env)
+    return Cluster(d, {REPO: repo_dir}, nodes=n, upstream_mbit=args.upstream_mbit, node_mbit=args.node_mbit, env=env)
 
 
 def stop_cluster(c) -> None:
@@ -422,7 +423,10 @@ def run(args: argparse.Namespace) -> dict:
                 f"CPU-s per GiB per node {', '.join(str(r['cpu_s_per_GiB']) for r in nc['per_node'])}",
                 flush=True,
             )
-            base = run_baseline(work, repo_dir, n, sizes, args)
+            if args.skip_baseline:
+                base = {"baseline_s": float("nan"), "upstream_bytes": 0, "machine_busy": 0, "other_processes_cpu_s": 0}
+            else:
+                base = run_baseline(work, repo_dir, n, sizes, args)
             print(
                 f"  N={n}: snapshot_download   {base['baseline_s']:6.2f} s, upstream {base['upstream_bytes'] / size:.3f} S, "
                 f"machine busy {base['machine_busy']:.0%} (other processes {base['other_processes_cpu_s']} CPU s)",
@@ -524,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-mbit", type=int, default=1600, help="tc rate of every node's link (1600 = 200 MB/s)")
     p.add_argument("--timeout", type=float, default=300, help="give up on one fill after this long (s)")
     p.add_argument("--name", default="cluster", help="output file stem")
+    p.add_argument("--skip-baseline", action="store_true", help="nodecache rows only (a quick A/B)")
+    p.add_argument("--daemon-env", action="append", default=[], metavar="K=V", help="NODECACHE_* for every daemon")
     common.add_run_args(p, wait_quiet=300)
     args = p.parse_args(argv)
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
