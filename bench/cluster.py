@@ -267,7 +267,8 @@ def run_nodecache(work: Path, repo_dir: Path, n: int, size: int, args: argparse.
         c.wait_all_ready(REPO, timeout=10)  # the harness's own check agrees
         cpu1 = [cpu_s(p) for p in pids] + [cpu_s(c.hub_proc.pid)]
         th1 = [thread_cpu_s(p) for p in pids]
-        upstream = c.hub_stats()["data_bytes"] - bytes0
+        hub_stats = c.hub_stats()
+        upstream = hub_stats["data_bytes"] - bytes0
         job_states = [get_json(f"{c.nodes[i].url}/v1/jobs/{jobs[i]['id']}")["state"] for i in range(n)]
         per_node = []
         for i, node in enumerate(c.nodes):
@@ -287,6 +288,7 @@ def run_nodecache(work: Path, repo_dir: Path, n: int, size: int, args: argparse.
             "hub_cpu_s": round(cpu1[-1] - cpu0[-1], 2),
             "daemons_cpu_s": round(sum(cpu1[:-1]) - sum(cpu0[:-1]), 2),
             "upstream_sent_S_s": None if up_done is None else round(up_done, 2),
+            "upstream_peak_requests_per_blob": max(hub_stats.get("peak", {}).values(), default=0),
             "last_chunk_stored_s": round(max(all_bytes), 2),
             "verify_tail_s": round(all_ready - max(all_bytes), 2),  # last chunk stored -> sha256 proven
             "machine_busy": busy_between(j0, j1),
@@ -379,7 +381,8 @@ def run_baseline(work: Path, repo_dir: Path, n: int, sizes: dict[str, int], args
                 if got != sz:
                     raise RuntimeError(f"node {i}: {snap / name} has {got} bytes, want {sz}")
             per_node.append({"node": i, "done_s": round(done[i], 2), "child_s": round(res["seconds"], 2)})
-        upstream = c.hub_stats()["data_bytes"] - bytes0
+        hub_stats = c.hub_stats()
+        upstream = hub_stats["data_bytes"] - bytes0
         return {
             "baseline_s": round(max(done), 2),
             "upstream_bytes": upstream,
@@ -420,7 +423,9 @@ def run(args: argparse.Namespace) -> dict:
             print(
                 f"  N={n}: nodecache all ready {nc['all_ready_s']:6.2f} s, upstream {nc['upstream_bytes'] / size:.3f} S, "
                 f"machine busy {nc['machine_busy']:.0%} (other processes {nc['other_processes_cpu_s']} CPU s); "
-                f"CPU-s per GiB per node {', '.join(str(r['cpu_s_per_GiB']) for r in nc['per_node'])}",
+                f"CPU-s per GiB per node {', '.join(str(r['cpu_s_per_GiB']) for r in nc['per_node'])}; "
+                f"upstream sent S at {nc['upstream_sent_S_s']} s, {nc['upstream_peak_requests_per_blob']} requests "
+                "of one blob at most at once",
                 flush=True,
             )
             if args.skip_baseline:
