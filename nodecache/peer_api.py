@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import xxhash
 from aiohttp import web
 
-from . import directio
 from .auth import check_bearer
 from .blobfile import FileSlice
 from .catalog import Catalog
@@ -89,7 +88,6 @@ async def owned_record(node: PeerFace, blob_id: str, query) -> BlobRecord:
 def add_routes(app: web.Application, node: PeerFace) -> None:
     uploads: list[asyncio.Semaphore] = []  # created on the serving loop
     pacer = RateLimit(node.cfg.peer_upload_bps)
-    buffers = directio.BufferPool()  # chunks read around the page cache (the peer keeps them)
 
     async def chunk(request: web.Request) -> web.StreamResponse:
         check_bearer(request, node.cfg.cluster_token, "the peer API")
@@ -120,7 +118,7 @@ def add_routes(app: web.Application, node: PeerFace) -> None:
                 raise web.HTTPNotFound(reason="not_found", text=f"chunk {k} of {blob_id} is not here")
             if isinstance(data, FileSlice):
                 try:
-                    held = await asyncio.get_running_loop().run_in_executor(None, read_slice, data, buffers)
+                    held = await asyncio.get_running_loop().run_in_executor(None, read_slice, data, node.store.buffers)
                 except OSError as e:
                     raise web.HTTPServiceUnavailable(
                         reason="read_failed", text=f"chunk {k} of {blob_id}: {e}"
@@ -142,7 +140,7 @@ def add_routes(app: web.Application, node: PeerFace) -> None:
         finally:
             if held is not None:
                 transport = request.transport
-                held.release(buffers, transport is not None and transport.get_write_buffer_size() == 0)
+                held.release(node.store.buffers, transport is not None and transport.get_write_buffer_size() == 0)
         node.metrics.peer_bytes_sent.inc(size)
         return resp
 

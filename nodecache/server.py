@@ -122,6 +122,6 @@ def make_app(f: Faces) -> web.Application:
     )
     ccapi.add_routes(app, f.cfg, f.compile_caches, f.metrics)  # compile caches (issue 19)
     mirror.add_routes(
-        app, mirror.Mirror(f.cfg, f.catalog, f.index, f.filler, f.sources, f.metrics, f.store.path)
+        app, mirror.Mirror(f.cfg, f.catalog, f.index, f.filler, f.sources, f.metrics, f.store.path, f.store.buffers)
     )  # issue 8
     return app

@@ -48,6 +48,7 @@ from aiohttp import web
 
 from ..catalog import Catalog
 from ..config import Config
+from ..directio import BufferPool
 from ..index import Index
 from ..metrics import Metrics
 from ..upstream.sources import Sources
@@ -69,10 +70,11 @@ class Mirror:
         sources: Sources,
         metrics: Metrics,
         blob_file: Callable[[str], Path],
+        buffers: BufferPool,
     ):
         self.snapshots = Snapshots(cfg, catalog, index)
         self.access = Access(cfg, catalog, index, sources, self.snapshots)
-        self.files = FileServer(cfg, catalog, filler, self.access, self.snapshots, metrics, blob_file)
+        self.files = FileServer(cfg, catalog, filler, self.access, self.snapshots, metrics, blob_file, buffers)
         self.meta = Metadata(index, filler, self.access, self.snapshots)
 
 

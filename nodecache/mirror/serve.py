@@ -92,11 +92,12 @@ class FileServer:
         snapshots: Snapshots,
         metrics: Metrics,
         blob_file: Callable[[str], Path],
+        buffers: directio.BufferPool,
     ):
         self.cfg, self.catalog, self.filler, self.access, self.snapshots = cfg, catalog, filler, access, snapshots
         self.metrics = metrics  # sendfile'd bytes are counted as reads are
         self.blob_file = blob_file  # where a blob's bytes are (Store.path)
-        self.buffers = directio.BufferPool()  # aligned buffers for the steps read around the page cache
+        self.buffers = buffers  # aligned buffers for the steps read around the page cache (the store's)
 
     async def handle_resolve(self, request: web.Request) -> web.StreamResponse:
         try:
