@@ -139,8 +139,7 @@ def add_routes(app: web.Application, node: PeerFace) -> None:
             return resp
         finally:
             if held is not None:
-                transport = request.transport
-                held.release(node.store.buffers, transport is not None and transport.get_write_buffer_size() == 0)
+                held.sent(node.store.buffers, request.transport)
         node.metrics.peer_bytes_sent.inc(size)
         return resp
 

@@ -7,8 +7,10 @@ fresh pages, dearer on VMs than the rest of the transfer (see directio).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import sys
 
 from . import directio
 from .blobfile import FileSlice
@@ -25,12 +27,18 @@ class Held:
     def __len__(self) -> int:
         return len(self.view)
 
-    def release(self, pool: directio.BufferPool, reusable: bool = True) -> None:
-        """`reusable`: nothing holds a view of the buffer any more (a transport that keeps
-        views rather than copies, e.g. Python 3.12's, may still; then it is dropped)."""
-        self.view.release()
-        if reusable:
+    def sent(self, pool: directio.BufferPool, transport: asyncio.BaseTransport | None) -> None:
+        """The bytes were written to `transport`: the buffer goes back to the pool once nothing
+        can still read it, else it is left to the garbage collector."""
+        if transport is not None and written_out(transport):
+            self.view.release()
             pool.give(self.buf)
+
+
+def written_out(transport: asyncio.BaseTransport) -> bool:
+    """Whether the transport holds no view of what it was given: before Python 3.12 asyncio
+    copied the bytes a socket did not take at once; later versions keep views until sent."""
+    return sys.version_info < (3, 12) or getattr(transport, "get_write_buffer_size", lambda: 1)() == 0
 
 
 def read_slice(sl: FileSlice, pool: directio.BufferPool) -> Held:

@@ -213,8 +213,7 @@ class FileServer:
                     sending, pending = pending, (steps.plan(pos + n) if pos + n < end else None)
                     if isinstance(data, Held):
                         await resp.write(data.view)
-                        transport = request.transport
-                        data.release(self.buffers, transport is not None and transport.get_write_buffer_size() == 0)
+                        data.sent(self.buffers, request.transport)
                     elif sending is not None:
                         await resp.write(data)
                     else:
