@@ -78,9 +78,10 @@ class PiecewiseSource:
     """A source that serves one request per piece (object stores, peers): its `stream` is
     consecutive `fetch`es, so a whole-blob fill asks it chunk by chunk, never for runs."""
 
-    async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes:
+    async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes | list:
         raise NotImplementedError
 
     async def stream(self, rec: BlobRecord, start: int, end: int, piece: int) -> AsyncIterator[list]:
         for a in range(start, end, piece):
-            yield [await self.fetch(rec, a, min(a + piece, end), background=True)]
+            data = await self.fetch(rec, a, min(a + piece, end), background=True)
+            yield data if isinstance(data, list) else [data]
