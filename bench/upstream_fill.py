@@ -21,11 +21,20 @@ time of a child process into a fresh directory:
   parallel8          a second repo of 8 x 128 MiB files; a fresh `nodecache serve`, then
                      eight `cat`s at once, one per file, cold, through the mount
   curl8              eight `curl -o /dev/null` at once of the same 8 files, same emulator
+  anchor8            (unthrottled only) the anchor on the 8 files of the second repo
 
 The throttled passes run at --rate-mbps per connection; daemon_prefetch,
 anchor, parallel8 and curl8 run unthrottled too (suffix `_unthrottled` in
 samples), for the CPU per GiB of the daemon (/proc/PID/stat, from the POST
 to the verified end) and of the anchor's processes, and for parallel8_vs_curl.
+
+The unthrottled anchors are this machine's verified-fill bound in the same run:
+C tools fetching the same bytes from the same emulator, writing and sha256-ing
+them, every file at once (on 2 cores they are CPU-bound, below the loopback
+rate). A verifying fill cannot beat them by much, so the ratios to them
+(`*_vs_verified_*`) are given beside the ratios to cap and to curl:
+
+  verified_cap_MBps = min(cap_MBps, unthrottled anchor rate of the repo)
 
 Before the passes a probe child process (aiohttp, no disk) fetches the same
 8 MiB ranges with as many connections as nodecache used, unthrottled and
@@ -245,7 +254,7 @@ def data_window_stats(total: int, prefetch: list[dict]) -> dict:
 
 
 THROTTLED = ("daemon_prefetch", "prefetch", "snapshot_download", "lazy_read", "anchor", "parallel8", "curl8")
-UNTHROTTLED = ("daemon_prefetch", "anchor", "parallel8", "curl8")
+UNTHROTTLED = ("daemon_prefetch", "anchor", "parallel8", "curl8", "anchor8")
 
 ANCHOR = """
 dir=$1; shift
@@ -301,7 +310,7 @@ def run(args: argparse.Namespace) -> dict:
                 key = kind if throttled else kind + "_unthrottled"
                 dest = work / f"{key}-{rep}"
                 dest.mkdir(parents=True, exist_ok=True)
-                nbytes = total8 if kind in ("parallel8", "curl8") else total
+                nbytes = total8 if kind in ("parallel8", "curl8", "anchor8") else total
                 bytes0, t0 = hub.stats.data_bytes, time.monotonic()
                 extra: dict = {}
                 if kind == "prefetch":
@@ -335,10 +344,11 @@ def run(args: argparse.Namespace) -> dict:
                     cmd = [sys.executable, "-c", SNAPSHOT_DOWNLOAD, REPO, str(dest / "hub"), hub.url]
                     secs, out = timed(cmd, hf_env(dest / "hf_home"), "snapshot_download", extra)
                     check_tree(Path(out.strip().splitlines()[-1]), sizes)
-                elif kind == "anchor":
-                    cmd = ["sh", "-c", ANCHOR, "anchor", str(dest), *urls(REPO, sizes)]
+                elif kind in ("anchor", "anchor8"):
+                    repo, repo_sizes = (REPO, sizes) if kind == "anchor" else (REPO8, sizes8)
+                    cmd = ["sh", "-c", ANCHOR, "anchor", str(dest), *urls(repo, repo_sizes)]
                     secs, _ = timed(cmd, dict(os.environ), "curl + openssl", extra)
-                    check_tree(dest, sizes)
+                    check_tree(dest, repo_sizes)
                     extra["anchor_cpu_s"] = extra.pop("child_cpu_s")
                 elif kind == "curl8":
                     secs, _ = timed(["sh", "-c", CURL8, "curl8", *urls(REPO8, sizes8)], dict(os.environ), "curl", extra)
@@ -425,6 +435,9 @@ def run(args: argparse.Namespace) -> dict:
             "parallel8_daemon_cpu_s_per_GiB" + suffix: cpu_per_gib("parallel8" + tag, "daemon_cpu_s", gib8),
         })  # fmt: skip
     lazy = total / med["lazy_read"] / 1e6 if samples["lazy_read"] else None
+    verified = total / med["anchor_unthrottled"] / 1e6
+    verified_cap = min(cap, verified)
+    verified8 = total8 / med["anchor8_unthrottled"] / 1e6
     res = {
         "benchmark": "upstream_fill",
         "date": common.now_iso(),
@@ -457,6 +470,13 @@ def run(args: argparse.Namespace) -> dict:
         if lazy
         else None,
         **cpu,
+        "verified_anchor_MBps": round(verified, 1),
+        "verified_cap_MBps": round(verified_cap, 1),
+        "fill_vs_verified_cap": round(fill / verified_cap, 3),
+        "lazy_read_vs_verified_cap": round(lazy / verified_cap, 3) if lazy else None,
+        "parallel8_verified_anchor_MBps": round(verified8, 1),
+        "parallel8_vs_verified_anchor": round(cpu["parallel8_cold_MBps"] / verified8, 3),
+        "anchor8_cpu_s_per_GiB": cpu_per_gib("anchor8_unthrottled", "anchor_cpu_s", gib8),
         "cap_note": (
             f"The emulator caps each data response at {args.rate_mbps} MB/s. nodecache prefetch used up to "
             f"{conns} concurrent range requests on the shards (parallel_per_blob={cfg.parallel_per_blob} x "
@@ -478,6 +498,18 @@ def run(args: argparse.Namespace) -> dict:
             "once, per GiB (rusage of the children). Without suffix: unthrottled emulator on loopback; "
             "_throttled: at rate_MBps_per_connection. The emulator serves from this bench process, so its CPU "
             "is not in either figure; on a 2-core machine shared with others, a CPU-bound run is slower for both."
+        ),
+        "verified_note": (
+            "The machine's verified-fill bound, measured in this run: verified_anchor_MBps is the unthrottled "
+            "anchor (`curl -o FILE && openssl dgst -sha256 FILE`, every file at once) on the repo, "
+            "parallel8_verified_anchor_MBps the same on the 8 files of the second repo. Both fetch every byte "
+            "from the same emulator, write it and hash it, as a verifying fill must; on a machine with few "
+            "cores they are CPU-bound (details.anchor_unthrottled: machine_cpu_busy), below the loopback rate "
+            "of the no-disk probe and far below eight `curl -o /dev/null`. verified_cap_MBps = min(cap_MBps, "
+            "verified_anchor_MBps); fill_vs_verified_cap and lazy_read_vs_verified_cap are the fill and lazy "
+            "read over it, parallel8_vs_verified_anchor the eight cold readers over the anchor of their files. "
+            "The anchors' readers are openssl reading back from the page cache; the lazy read and the eight "
+            "readers also pay `cat` through the mount."
         ),
         "parallel8_note": (
             f"{PARALLEL} files of {args.parallel_mib:g} MiB (repo {REPO8}); parallel8: a fresh daemon, then "
@@ -594,6 +626,12 @@ def main(argv: list[str] | None = None) -> int:
         ("parallel8_cold_MBps", "_throttled", ""),
         ("parallel8_curl_MBps", "_throttled", ""),
         ("parallel8_vs_curl", "_throttled", ">= 0.8"),
+        ("verified_anchor_MBps", "", ""),
+        ("verified_cap_MBps", "", ""),
+        ("fill_vs_verified_cap", "", ""),
+        ("lazy_read_vs_verified_cap", "", ""),
+        ("parallel8_verified_anchor_MBps", "", ""),
+        ("parallel8_vs_verified_anchor", "", ""),
         ("daemon_cpu_s_per_GiB", "", ""),
         ("anchor_cpu_s_per_GiB", "", ""),
         ("cpu_ratio_vs_anchor", "", "<= 1.5"),
