@@ -128,9 +128,12 @@ class NodecacheFS:
         # Kept until a repo changes (both describe the tree as shown): the tables of the last
         # folders of snapshots (and blobs/) used, else made from their blocks on every request,
         # and the last entries of snapshots resolved by number (a walk asks READLINK, then GETATTR).
-        self._tables: dict[str, Table] = {}
+        # The blocks they hold may be ones the tree's cache dropped: bounded in bytes as it is.
+        self._tables = _Kept(_TABLES_KEPT, tree.blocks.max_bytes, lambda t: t.block.nbytes())
         self._entries: dict[int, tuple[str, Node]] = {}
-        self._commit_blobs: dict[str, list[tuple[str, Block]]] = {}  # repo folder -> its snapshots' blob lists
+        self._commit_blobs = _Kept(  # repo folder -> its snapshots' blob lists
+            _TABLES_KEPT, tree.blocks.max_bytes, lambda blobs: sum(b.nbytes() for _, b in blobs)
+        )
         self._counted: dict[str, object] = {}  # op -> its request counter (labels() costs a lock and a lookup)
         self.on_demand = on_demand  # async (folder name) -> bool: resolve an unknown repo upstream
 
@@ -192,9 +195,7 @@ class NodecacheFS:
         if children is None:
             children = (node if node is not None else self._walk(path)).children
             if isinstance(children, Table):
-                if len(self._tables) >= _TABLES_KEPT:
-                    del self._tables[next(iter(self._tables))]
-                self._tables[path] = children
+                self._tables.put(path, children)
         return children
 
     # numbers: an entry of a snapshot folder, or a blob, is numbered in its immutable block's range
@@ -237,9 +238,7 @@ class NodecacheFS:
         """`tree.commit_blobs`, kept for the last repos asked about (a walk looks up a blob per file)."""
         found = self._commit_blobs.get(folder)
         if found is None:
-            if len(self._commit_blobs) >= _TABLES_KEPT:
-                del self._commit_blobs[next(iter(self._commit_blobs))]
-            found = self._commit_blobs[folder] = self.tree.commit_blobs(folder)
+            found = self._commit_blobs.put(folder, self.tree.commit_blobs(folder))
         return found
 
     def _attr(self, path: str, node: Node, ino: int | None = None) -> Attr:
@@ -542,6 +541,42 @@ class NodecacheFS:
         self._paged.discard(fh)
         if node is not None and node.kind == "blob":
             self.filler.release(node.blob_id, paged=False)
+
+
+class _Kept:
+    """The last values put, at most `count` of them and `max_bytes` of what they hold (`size`):
+    the oldest go first, and one bigger than `max_bytes` is not kept."""
+
+    def __init__(self, count: int, max_bytes: int, size: Callable[[object], int]):
+        self.count, self.max_bytes, self.size = count, max_bytes, size
+        self.nbytes = 0
+        self._kept: dict[str, tuple[object, int]] = {}
+
+    def get(self, key: str):
+        found = self._kept.get(key)
+        return None if found is None else found[0]
+
+    def put(self, key: str, value):
+        size = self.size(value)
+        old = self._kept.pop(key, None)
+        if old is not None:
+            self.nbytes -= old[1]
+        if size <= self.max_bytes:
+            while self._kept and (len(self._kept) >= self.count or self.nbytes + size > self.max_bytes):
+                self.nbytes -= self._kept.pop(next(iter(self._kept)))[1]
+            self._kept[key] = (value, size)
+            self.nbytes += size
+        return value
+
+    def clear(self) -> None:
+        self._kept.clear()
+        self.nbytes = 0
+
+    def values(self) -> list:
+        return [value for value, _ in self._kept.values()]
+
+    def __len__(self) -> int:
+        return len(self._kept)
 
 
 def _lasting(path: str, node: Node) -> bool:

@@ -1,0 +1,143 @@
+"""The FUSE face's caches of a walk (issue 15) against a real mount, served in-process: what the
+kernel keeps and what the face keeps, when repos come and go, and what they hold in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import machine
+import pytest
+from conftest import MiB
+
+from nodecache.folders import Block
+from nodecache.fusefs import NodecacheFS
+from nodecache.fusesession import Session
+from nodecache.index import BlobRecord, Index
+from nodecache.inodes import InodeTable
+from nodecache.layout import FileEntry, repo_folder_name
+from nodecache.metrics import Metrics
+from nodecache.tree import HubTree
+
+
+def _commit(name: str) -> str:
+    return hashlib.sha1(name.encode()).hexdigest()
+
+
+def _put_repo(index: Index, repo_id: str, n: int) -> str:
+    """A model repo of `n` one-byte files, 100 per folder, its `main` at a commit of its own."""
+    recs = [BlobRecord(hashlib.sha256(f"{repo_id}/{i}".encode()).hexdigest(), 1, "sha256", MiB) for i in range(n)]
+    index.blobs.add(recs)
+    commit = _commit(repo_id)
+    index.snapshots.put(
+        "model", repo_id, commit, [FileEntry(f"d{i // 100}/f{i}", 1, r.blob_id) for i, r in enumerate(recs)]
+    )
+    index.refs.put("model", repo_id, "main", commit)
+    return commit
+
+
+def _serve(tmp_path: Path, index: Index, cache_bytes: int, work: Callable[[NodecacheFS, Path], None]) -> None:
+    """Mount the index's tree at tmp_path/mnt and run `work(fs, mount)` in a thread (the loop serves)."""
+    reason = machine.fuse()
+    if reason:
+        pytest.skip(reason)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    async def main() -> None:
+        table = InodeTable(tmp_path / "inodes")
+        fs = NodecacheFS(HubTree(index, cache_bytes), None, Metrics(), table)
+        session = Session(fs, mnt, table, passthrough=False)
+        session.mount()
+        serving = asyncio.get_running_loop().create_task(session.serve())
+        try:
+            await asyncio.to_thread(work, fs, mnt)
+        finally:
+            await session.unmount()
+            await serving
+            table.close()
+
+    asyncio.run(main())
+
+
+def test_a_repo_looked_up_before_it_existed_shows_once_it_does(tmp_path):
+    """A lookup answered ENOENT is not kept by the kernel (hub/ and a repo's folder are kept a day,
+    what is not there is not): the name shows as soon as the tree has it, even before (or without)
+    the explicit invalidation of its entry."""
+    index = Index(tmp_path / "index", map_size=1 << 28)
+    try:
+        _put_repo(index, "org/early", 10)
+
+        def work(fs: NodecacheFS, mnt: Path) -> None:
+            late = mnt / "hub" / repo_folder_name("model", "org/late")
+            assert (mnt / "hub" / repo_folder_name("model", "org/early") / "snapshots").is_dir()
+            for _ in range(2):
+                assert not late.exists() and not (late / "snapshots").exists()
+            commit = _put_repo(index, "org/late", 10)
+            assert fs.repo_changed("model", "org/late") is not None  # the kernel is not told
+            assert os.readlink(late / "snapshots" / commit / "d0" / "f3").endswith(
+                index.snapshots.get("model", "org/late", commit)[3].blob_id
+            )
+            assert sorted(os.listdir(late / "snapshots")) == [commit]
+
+        _serve(tmp_path, index, 1 << 20, work)
+    finally:
+        index.close()
+
+
+def _blocks(*held) -> dict[int, Block]:
+    """The distinct blocks below these containers (tables, lists of (commit, block), blocks)."""
+    found: dict[int, Block] = {}
+
+    def visit(x) -> None:
+        if isinstance(x, Block):
+            found[id(x)] = x
+        elif hasattr(x, "block"):
+            visit(x.block)
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                visit(v)
+
+    for x in held:
+        visit(x)
+    return found
+
+
+def test_a_walk_of_many_repos_keeps_the_blocks_it_holds_bounded_in_bytes(tmp_path):
+    """The tree keeps folder blocks within its cache's bytes; the FUSE face's own tables (the last
+    folders' and repos' blob lists, kept for the next requests of a walk) hold blocks beyond it, and
+    those are bounded in bytes too, not in count: a walk of many big repos (huggingface_hub's
+    scan_cache_dir stats every blob of every repo) leaves at most that much behind."""
+    index = Index(tmp_path / "index", map_size=1 << 28)
+    repos, n, cache = 10, 3000, 200_000  # each repo's blob list: ~135 kB; all of them: ~1.35 MB
+    try:
+        for r in range(repos):
+            _put_repo(index, f"org/r{r}", n)
+
+        def work(fs: NodecacheFS, mnt: Path) -> None:
+            listed = 0
+            for r in range(repos):
+                repo = mnt / "hub" / repo_folder_name("model", f"org/r{r}")
+                for blob in sorted(os.listdir(repo / "blobs"))[:50]:
+                    assert os.stat(repo / "blobs" / blob).st_size == 1
+                    listed += 1
+                snap = repo / "snapshots" / _commit(f"org/r{r}")
+                for folder in sorted(os.listdir(snap))[:3]:
+                    for name in os.listdir(snap / folder):
+                        assert os.stat(snap / folder / name).st_size == 1  # follows the link: a blob's LOOKUP
+            assert listed == 50 * repos
+            tree = _blocks(list(fs.tree.blocks._blocks.values()))
+            face = _blocks(list(fs._tables.values()), list(fs._commit_blobs.values()))
+            beyond = sum(b.nbytes() for i, b in face.items() if i not in tree)
+            assert sum(b.nbytes() for b in tree.values()) <= cache
+            assert beyond <= cache, f"the FUSE face holds {beyond} bytes of blocks beyond the tree's {cache}"
+
+        _serve(tmp_path, index, cache, work)
+    finally:
+        index.close()
