@@ -128,11 +128,13 @@ class NodecacheFS:
         # Kept until a repo changes (both describe the tree as shown): the tables of the last
         # folders of snapshots (and blobs/) used, else made from their blocks on every request,
         # and the last entries of snapshots resolved by number (a walk asks READLINK, then GETATTR).
-        # The blocks they hold may be ones the tree's cache dropped: bounded in bytes as it is.
-        self._tables = _Kept(_TABLES_KEPT, tree.blocks.max_bytes, lambda t: t.block.nbytes())
+        # The blocks they hold may be ones the tree's cache dropped: together at most the bytes of
+        # that cache, or the one they use now if it is bigger (the tree does not keep that one).
+        kept = tree.blocks.max_bytes // 2
+        self._tables = _Kept(_TABLES_KEPT, kept, lambda t: t.block.nbytes())
         self._entries: dict[int, tuple[str, Node]] = {}
         self._commit_blobs = _Kept(  # repo folder -> its snapshots' blob lists
-            _TABLES_KEPT, tree.blocks.max_bytes, lambda blobs: sum(b.nbytes() for _, b in blobs)
+            _TABLES_KEPT, kept, lambda blobs: sum(b.nbytes() for _, b in blobs)
         )
         self._counted: dict[str, object] = {}  # op -> its request counter (labels() costs a lock and a lookup)
         self.on_demand = on_demand  # async (folder name) -> bool: resolve an unknown repo upstream
@@ -544,8 +546,9 @@ class NodecacheFS:
 
 
 class _Kept:
-    """The last values put, at most `count` of them and `max_bytes` of what they hold (`size`):
-    the oldest go first, and one bigger than `max_bytes` is not kept."""
+    """The last values put, at most `count` of them and `max_bytes` of what they hold (`size`),
+    the oldest out first. One bigger than `max_bytes` is kept alone: made again per request,
+    the blob lists of a repo of 10^6 files would be read from the index and checked each time."""
 
     def __init__(self, count: int, max_bytes: int, size: Callable[[object], int]):
         self.count, self.max_bytes, self.size = count, max_bytes, size
@@ -561,11 +564,10 @@ class _Kept:
         old = self._kept.pop(key, None)
         if old is not None:
             self.nbytes -= old[1]
-        if size <= self.max_bytes:
-            while self._kept and (len(self._kept) >= self.count or self.nbytes + size > self.max_bytes):
-                self.nbytes -= self._kept.pop(next(iter(self._kept)))[1]
-            self._kept[key] = (value, size)
-            self.nbytes += size
+        while self._kept and (len(self._kept) >= self.count or self.nbytes + size > self.max_bytes):
+            self.nbytes -= self._kept.pop(next(iter(self._kept)))[1]
+        self._kept[key] = (value, size)
+        self.nbytes += size
         return value
 
     def clear(self) -> None:

@@ -141,3 +141,22 @@ def test_a_walk_of_many_repos_keeps_the_blocks_it_holds_bounded_in_bytes(tmp_pat
         _serve(tmp_path, index, cache, work)
     finally:
         index.close()
+
+
+def test_kept_tables_are_bounded_in_count_and_bytes_and_a_big_one_is_kept_alone():
+    from nodecache.fusefs import _Kept
+
+    kept = _Kept(3, 100, len)
+    for key, size in (("a", 40), ("b", 40), ("c", 10)):
+        kept.put(key, "x" * size)
+    assert (len(kept), kept.nbytes) == (3, 90)
+    kept.put("d", "x" * 30)  # over the bytes, and the count: the oldest go
+    assert [kept.get(k) is not None for k in "abcd"] == [False, True, True, True] and kept.nbytes == 80
+    kept.put("b", "x" * 5)  # put again: counted once
+    assert kept.nbytes == 45 and len(kept) == 3
+    kept.put("huge", "x" * 500)  # bigger than all: alone
+    assert kept.values() == ["x" * 500] and kept.nbytes == 500
+    kept.put("e", "x" * 10)
+    assert kept.values() == ["x" * 10] and kept.nbytes == 10
+    kept.clear()
+    assert (len(kept), kept.nbytes, kept.get("e")) == (0, 0, None)
