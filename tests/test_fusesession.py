@@ -15,6 +15,7 @@ import machine
 import pytest
 from conftest import BIG, SMALL, sha256_file, snapshot_dir
 
+from nodecache import fuseproto as p
 from nodecache.fuseproto import ENOATTR, Attr
 from nodecache.fusesession import FuseError, Opened, Session
 from nodecache.inodes import InodeTable
@@ -136,7 +137,10 @@ class _Folder:
             return self._attr(2)
         if parent == 2:
             try:
-                await self.gate.wait()
+                if name.startswith(b"t"):  # a wait on a task of its own, as a repo resolved on demand
+                    await asyncio.get_running_loop().create_task(self.gate.wait())
+                else:
+                    await self.gate.wait()
             except asyncio.CancelledError:
                 self.cancelled += 1
                 raise
@@ -233,5 +237,67 @@ def test_metadata_requests_are_answered_without_a_task_each(tmp_path):
             loop.set_task_factory(default)
             await session.unmount()
             await serving
+
+    asyncio.run(main())
+
+
+def test_a_metadata_request_waiting_on_a_task_is_cancelled_as_a_task_would_be(tmp_path):
+    """A lookup that waits on a task of its own (fusefs resolves a repo on demand in one): a cancel
+    (serve()'s end, a hand-over) reaches the handler as CancelledError once that task is cancelled,
+    never as "await wasn't used with future" (EIO); and a hand-over to a server that asks the kernel
+    to resend leaves the request unanswered, for the next server to answer."""
+    machine_reason = machine.fuse()
+    if machine_reason:
+        pytest.skip(machine_reason)
+    ops = _Folder(3)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ops.gate = asyncio.Event()
+        table = InodeTable(tmp_path / "inodes")
+        session = Session(ops, mnt, table, passthrough=False)
+        session.mount()
+        serving = loop.create_task(session.serve())
+        nxt, serving_next = None, None
+        try:
+            await asyncio.to_thread(os.stat, mnt)  # INIT
+
+            async def stuck(name: str) -> asyncio.Future:
+                started = len(session._running)
+                waiting = asyncio.ensure_future(asyncio.to_thread(os.stat, mnt / "wait" / name))
+                while len(session._running) == started:
+                    await asyncio.sleep(0.01)  # read, and waiting on its task
+                return waiting
+
+            first = await stuck("t1")
+            [(_, task)] = session._running.values()
+            task.cancel()
+            with pytest.raises(OSError) as e:
+                await first
+            assert e.value.errno == errno.EINTR and ops.cancelled == 1
+
+            if not session.agreed & p.HAS_RESEND:
+                return  # the kernel cannot resend: the hand-over answers EIO (see Session.handover)
+            second = await stuck("t2")
+            fd = os.dup(session.fd)  # what the keeper holds
+            assert await session.handover(grace=0.05) == 1
+            await serving
+            assert not second.done() and ops.cancelled == 2
+            nxt = Session(ops, mnt, table, passthrough=False)
+            nxt.adopt(fd, session.dev, session.agreed, session.minor)
+            serving_next = loop.create_task(nxt.serve())
+            ops.gate.set()
+            assert nxt.resend()
+            assert (await asyncio.wait_for(second, 10)).st_size == 10  # answered by the next server
+        finally:
+            ops.gate.set()
+            last = nxt if nxt is not None else session
+            await last.unmount()
+            if serving_next is not None:
+                await serving_next
+            if not serving.done():
+                await serving
 
     asyncio.run(main())
