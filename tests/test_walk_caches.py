@@ -4,6 +4,7 @@ kernel keeps and what the face keeps, when repos come and go, and what they hold
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 from collections.abc import Callable
@@ -160,3 +161,32 @@ def test_kept_tables_are_bounded_in_count_and_bytes_and_a_big_one_is_kept_alone(
     assert kept.values() == ["x" * 10] and kept.nbytes == 10
     kept.clear()
     assert (len(kept), kept.nbytes, kept.get("e")) == (0, 0, None)
+
+
+def test_a_failure_inside_a_metadata_handler_is_eio_and_the_mount_keeps_serving(tmp_path):
+    """Metadata handlers run as their requests are read, on the session's loop, with no task of
+    their own: one that fails (here a listing meeting an entry a tampered index made, past the
+    handler's own guard, as the reply is packed) answers EIO, and the next requests are served."""
+    from nodecache.folders import pack
+    from nodecache.index.keys import repo_key
+
+    index = Index(tmp_path / "index", map_size=1 << 28)
+    try:
+        commit = _put_repo(index, "org/tampered", 300)
+        blob = bytes.fromhex(index.snapshots.get("model", "org/tampered", commit)[0].blob_id)
+        with index.snapshots.db.write() as txn:  # d1/ lists a name no folder may hold
+            key = repo_key("model", "org/tampered") + commit.encode() + b"/d1"
+            txn.put(key, pack([(b"a/b", blob), (b"f100", blob)]), db=index.snapshots.folders)
+
+        def work(fs: NodecacheFS, mnt: Path) -> None:
+            snap = mnt / "hub" / repo_folder_name("model", "org/tampered") / "snapshots" / commit
+            for _ in range(2):
+                with pytest.raises(OSError) as e:
+                    os.listdir(snap / "d1")
+                assert e.value.errno == errno.EIO
+                assert os.path.islink(snap / "d1" / "f100")  # a lookup of a good entry still answers
+                assert len(os.listdir(snap / "d2")) == 100 and os.path.isfile(snap / "d2" / "f250")
+
+        _serve(tmp_path, index, 1 << 20, work)
+    finally:
+        index.close()
