@@ -12,7 +12,8 @@ from pathlib import Path
 
 import machine
 import pytest
-from conftest import MiB
+from conftest import SMALL, MiB
+from test_updates import wait_for
 
 from nodecache.folders import Block
 from nodecache.fusefs import NodecacheFS
@@ -21,6 +22,7 @@ from nodecache.index import BlobRecord, Index
 from nodecache.inodes import InodeTable
 from nodecache.layout import FileEntry, repo_folder_name
 from nodecache.metrics import Metrics
+from nodecache.testing.daemon import KeeperProcess
 from nodecache.tree import HubTree
 
 
@@ -190,3 +192,28 @@ def test_a_failure_inside_a_metadata_handler_is_eio_and_the_mount_keeps_serving(
         _serve(tmp_path, index, 1 << 20, work)
     finally:
         index.close()
+
+
+@pytest.fixture
+def keeper(tmp_path):
+    with KeeperProcess(tmp_path) as k:
+        yield k
+
+
+def test_a_ref_moved_while_the_connection_was_handed_over_shows_the_new_commit(hub, keeper, daemons, small_repo):
+    """The kernel keeps hub/, the repo's folder and snapshots/ a day: a ref that moved upstream
+    while no daemon served (the next one re-resolves it in the background after taking the
+    connection over) shows its new commit beside the old one, through the entries cached before."""
+    d = daemons(keeper=keeper, repos=(SMALL,))
+    old = hub.commits[SMALL]
+    repo = d.hub / repo_folder_name("model", SMALL)
+    assert (repo / "snapshots" / old / "config.json").read_bytes() == (small_repo / "config.json").read_bytes()
+    assert os.listdir(repo / "snapshots") == [old]
+    d.stop()
+    new = hub.add_repo(SMALL, {"config.json": b'{"v": 2}'})
+    d.start()
+    assert "took over the connection" in d.log()
+    assert wait_for(lambda: (repo / "refs" / "main").read_text() == new)
+    assert sorted(os.listdir(repo / "snapshots")) == sorted([old, new])
+    assert (repo / "snapshots" / new / "config.json").read_bytes() == b'{"v": 2}'
+    assert (repo / "snapshots" / old / "config.json").read_bytes() == (small_repo / "config.json").read_bytes()
