@@ -287,9 +287,10 @@ class NodecacheFS:
             count = len(children)
             return self._attr(child, children.at(i)[1], self.table.range(f"{path}#{count}", count) + i)
         node = children.get(text)
-        # A repo resolved on demand: in a task of its own (the session starts lookups outside one).
+        # A repo resolved on demand: in a task of its own (the session starts lookups outside one),
+        # shielded: a looker-up that is killed (INTERRUPT) stops waiting, the resolution goes on.
         if node is None and path == "hub" and self.on_demand is not None:
-            if await asyncio.get_running_loop().create_task(self.on_demand(text)):
+            if await asyncio.shield(asyncio.get_running_loop().create_task(self.on_demand(text))):
                 node = self.tree.hub.children.get(text)
         if node is None:
             raise FuseError(errno.ENOENT)

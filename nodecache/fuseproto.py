@@ -28,9 +28,10 @@ NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
 METADATA = frozenset(
     {LOOKUP, GETATTR, READLINK, OPENDIR, READDIR, READDIRPLUS, RELEASEDIR, STATFS, GETXATTR, LISTXATTR}
 )
-# what an INTERRUPT may cancel: a read can wait minutes for its bytes; nothing else holds
-# state that a cancel half way would leak (an open's backing file, a release)
-INTERRUPTIBLE = frozenset({READ})
+# what an INTERRUPT may cancel: a read can wait minutes for its bytes, a lookup for a repo
+# resolved on demand (tens of seconds at 10^6 files); nothing else holds state that a cancel
+# half way would leak (an open's backing file, a release)
+INTERRUPTIBLE = frozenset({READ, LOOKUP})
 # opcodes that would change the tree; a read-only mount mostly stops them in the VFS
 WRITES = frozenset({4, 6, 8, 9, 10, 11, 12, 13, 16, 20, 21, 24, 30, 35, 43, 45, 47, 51})
 

@@ -301,3 +301,42 @@ def test_a_metadata_request_waiting_on_a_task_is_cancelled_as_a_task_would_be(tm
                 await serving
 
     asyncio.run(main())
+
+
+def test_a_process_killed_while_its_lookup_waits_leaves_at_once(tmp_path):
+    """A lookup can wait long (a repo resolved on demand: tens of seconds at 10^6 files), and the
+    kernel keeps a killed process until its request is answered: the INTERRUPT it sends for the
+    lookup is answered EINTR at once, and the handler sees the cancel."""
+    machine_reason = machine.fuse()
+    if machine_reason:
+        pytest.skip(machine_reason)
+    ops = _Folder(3)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ops.gate = asyncio.Event()
+        session = Session(ops, mnt, InodeTable(tmp_path / "inodes"), passthrough=False)
+        session.mount()
+        serving = loop.create_task(session.serve())
+        looker = None
+        try:
+            await asyncio.to_thread(os.stat, mnt)  # INIT
+            code = f"import os; os.stat({str(mnt / 'wait' / 't1')!r})"
+            looker = subprocess.Popen([sys.executable, "-c", code])
+            while not session._running:
+                await asyncio.sleep(0.01)  # the lookup is read and waits on its task
+            looker.send_signal(signal.SIGKILL)
+            # until answered, the killed process stays in the kernel: here until the gate opens
+            assert await asyncio.to_thread(looker.wait, 10) == -signal.SIGKILL
+            assert ops.cancelled == 1 and not session._running
+        finally:
+            ops.gate.set()
+            if looker is not None and looker.poll() is None:
+                looker.kill()
+                looker.wait(10)
+            await session.unmount()
+            await serving
+
+    asyncio.run(main())
