@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from .index import BlobRecord, Index
+from .index.records import KINDS
 from .layout import (
     COMMIT_RE,
     MAX_FILES,
@@ -63,22 +65,12 @@ async def register(
         await check_snapshot(res.commit, files)
     except ValueError as e:  # InvalidName too
         raise UpstreamError(f"{repo_type} {repo_id}@{revision}: {e}") from None
-    for start in range(0, len(files), _BATCH):
-        index.blobs.add(
-            [
-                BlobRecord(
-                    blob_id=f.entry.blob_id,
-                    size=f.entry.size,
-                    kind=f.kind,
-                    chunk_size=chunk_size,
-                    repo_type=repo_type,
-                    repo_id=repo_id,
-                    commit=res.commit,
-                    path=f.entry.path,
-                )
-                for f in files[start : start + _BATCH]
-            ]
-        )
+    template = BlobRecord("0" * 40, 0, "gitsha1", chunk_size, repo_type=repo_type, repo_id=repo_id,
+                          commit=res.commit, path="-")  # fmt: skip
+    ordered = _first_per_blob(files)
+    for start in range(0, len(ordered), _BATCH):
+        batch = ordered[start : start + _BATCH]
+        index.blobs.add_listed(template, ((f.entry.blob_id, f.entry.size, f.kind, f.entry.path) for f in batch))
         await asyncio.sleep(0)
     on_new(files)
     entries = [f.entry for f in files]
@@ -90,15 +82,33 @@ async def register(
     return files
 
 
+def _first_per_blob(files: list[RemoteFile]) -> list[RemoteFile]:
+    """The first file listing each blob (it names the blob's record), in blob id order: batch
+    after batch then writes its own run of the records' pages. In listing order, each of the
+    hundred batches of 10^6 random ids rewrote most of the table's pages (and synced them)."""
+    out: list[RemoteFile] = []
+    last = None
+    for f in sorted(files, key=_blob_id):  # stable: the first file of a blob stays first
+        if f.entry.blob_id != last:
+            out.append(f)
+            last = f.entry.blob_id
+    return out
+
+
+def _blob_id(f: RemoteFile) -> str:
+    return f.entry.blob_id
+
+
 async def _listed(res: Resolved) -> list[RemoteFile]:
     """The snapshot's files: given, or read page by page (bounded as they come)."""
     if res.pages is None:
         return res.files
     files: list[RemoteFile] = []
-    async for page in res.pages():
-        files.extend(page)
-        if len(files) > MAX_FILES:
-            raise ValueError(f"more than {MAX_FILES} files")
+    async with aclosing(res.pages()) as pages:  # a page asked ahead is cancelled, not left running
+        async for page in pages:
+            files.extend(page)
+            if len(files) > MAX_FILES:
+                raise ValueError(f"more than {MAX_FILES} files")
     return files
 
 
@@ -112,6 +122,8 @@ async def check_snapshot(commit: str, files: list[RemoteFile]) -> None:
         validate_relpath(f.entry.path)
         validate_size(f.entry.size)
         validate_blob_id(f.entry.blob_id)
+        if f.kind not in KINDS:
+            raise ValueError(f"{f.entry.path!r}: hash kind {f.kind!r}")
         if f.entry.path in seen:
             raise ValueError(f"{f.entry.path!r} listed twice")
         seen.add(f.entry.path)

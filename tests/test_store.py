@@ -357,6 +357,52 @@ def test_index_persists_across_close_and_reopen(cache: Path):
         idx.close()
 
 
+def test_add_listed_writes_what_add_writes(tmp_path: Path):
+    """A new snapshot's records made from one template, each a %-format of its own fields: the
+    same bytes and the same counts as records built and added one by one (quotes, percent signs,
+    non-ASCII and astral names included); a known blob keeps its record, an invalid entry is
+    replaced, a hash kind we do not know is refused."""
+    from dataclasses import replace
+
+    from nodecache.index.records import encode, encoder_for
+
+    paths = ["a.bin", 'we"ird%d%s\t.txt', "sub/é \u2028 \U0001f600", "%", "x" * 200]
+    files = [(f"{i:x}" * 64)[:64] if i % 2 else f"{i:040x}" for i in range(1, 6)]
+    files = [
+        (b, 7 * i, "sha256" if len(b) == 64 else "gitsha1", p)
+        for i, (b, p) in enumerate(zip(files, paths, strict=True))
+    ]
+    template = BlobRecord("0" * 40, 0, "gitsha1", CS, repo_type="dataset", repo_id="org/d", commit="c" * 40, path="-")
+    records = [replace(template, blob_id=b, size=n, kind=k, path=p) for b, n, k, p in files]
+    encode_one = encoder_for(template)
+    assert [encode_one(b, n, k, p) for b, n, k, p in files] == [encode(r) for r in records]
+    assert encode_one("a" * 40, 0, "source", "\\\x00\x7f") == encode(
+        replace(template, blob_id="a" * 40, kind="source", path="\\\x00\x7f")
+    )
+
+    one, listed = Index(tmp_path / "one", map_size=64 * MiB), Index(tmp_path / "listed", map_size=64 * MiB)
+    try:
+        for idx in (one, listed):
+            idx.blobs.put(replace(records[0], state="complete", verified_at=5.0))
+            with idx.env.begin(write=True) as txn:  # an entry that fails its check is replaced
+                txn.put(records[1].blob_id.encode(), b"{not json", db=idx.blobs.table)
+        assert one.blobs.add(records) == 4
+        assert listed.blobs.add_listed(template, files) == 4
+        for idx in (one, listed):
+            assert idx.blobs.get(records[0].blob_id).state == "complete", "a known blob keeps its record"
+        with one.env.begin() as a, listed.env.begin() as b:
+            assert list(a.cursor(db=one.blobs.table)) == list(b.cursor(db=listed.blobs.table))
+        assert (
+            one.counts.blob_states() == listed.counts.blob_states() == {"partial": 4, "complete": 1, "quarantined": 0}
+        )
+        with pytest.raises(ValueError, match="kind"):
+            listed.blobs.add_listed(template, [("e" * 40, 1, "md5", "e.txt")])
+        assert not listed.blobs.has("e" * 40)
+    finally:
+        one.close()
+        listed.close()
+
+
 def test_index_counts_blob_states_as_it_writes_them(cache: Path):
     """The counts /metrics and /v1/status show, and the order of proofs the scrubber follows,
     are kept by the writes (and match a scan)."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from ..layout import validate_blob_id
 from .counts import Counts
 from .db import Db
-from .records import BAD, BlobRecord, check_blob, decode, derived, encode
+from .records import BAD, KINDS, BlobRecord, check_blob, decode, derived, encode, encoder_for
 
 log = logging.getLogger("nodecache.index")
 
@@ -65,6 +66,37 @@ class Blobs:
                         self.counts.change(txn, [(key, self.counts.stored(txn, key), None)])
                 txn.put(key, encode(rec), db=self.table)
                 changes.append((key, None, derived(rec)))
+                added += 1
+            self.counts.change(txn, changes)
+        return added
+
+    def add_listed(self, template: BlobRecord, files: Iterable[tuple[str, int, str, str]]) -> int:
+        """`add` of a new snapshot's records: `template` with each file's (blob_id, size, kind,
+        path), in one transaction. The template is checked whole, each file's kind here; its id,
+        size and path the caller checked (repos.check_snapshot, the door every listing passes).
+        No record object per file: building, checking and encoding 10^5 of them was half the
+        time of registering a snapshot. Writes what `add` writes."""
+        check_blob(template)
+        encode_one = encoder_for(template)
+        state, verified_at, last_access, _, tier = derived(template)
+        added = 0
+        changes = []
+        with self.db.write() as txn:
+            for blob_id, size, kind, path in files:
+                if kind not in KINDS:
+                    raise ValueError(f"kind {kind!r} of {blob_id}")
+                key = blob_id.encode()
+                raw = txn.get(key, db=self.table)
+                if raw is not None:
+                    try:
+                        self.decode(key, raw)
+                        continue
+                    except BAD as e:
+                        log.warning("index: replacing invalid blobs entry %r: %s", key[:200], e)
+                        self.db.on_invalid("blobs")
+                        self.counts.change(txn, [(key, self.counts.stored(txn, key), None)])
+                txn.put(key, encode_one(blob_id, size, kind, path), db=self.table)
+                changes.append((key, None, (state, verified_at, last_access, size, tier)))
                 added += 1
             self.counts.change(txn, changes)
         return added

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 
 from ..layout import COMMIT_RE, validate_blob_id, validate_relpath, validate_repo_id, validate_repo_type, validate_size
 
@@ -72,6 +74,27 @@ def encode(rec: BlobRecord) -> bytes:
     """A record as stored: its fields, in order (`dataclasses.asdict` deep-copies each one:
     it was half the time of registering a 10^5-file snapshot)."""
     return json.dumps(vars(rec)).encode()
+
+
+def encoder_for(template: BlobRecord) -> Callable[[str, int, str, str], bytes]:
+    """`encode` of records equal to `template` but for (blob_id, size, kind, path), byte for byte:
+    a new snapshot's records share every other field, so each is one %-format of its own four,
+    not a json.dumps of fifteen (that was a third of registering 10^5 files). The size must be
+    an int (not a bool), as `check_blob` has it."""
+    marks = {"blob_id": "\ue000", "size": "\ue001", "kind": "\ue002", "path": "\ue003"}
+    text = json.dumps({**vars(template), **marks}).replace("%", "%%")
+    for name, mark in marks.items():
+        quoted = json.dumps(mark)
+        if text.count(quoted) != 1:  # a mark inside another field: never in a checked template
+            raise ValueError(f"cannot make an encoder for a record holding {quoted}")
+        text = text.replace(quoted, "%d" if name == "size" else "%s")
+    fmt = text.encode()
+    quote = encode_basestring_ascii  # what json.dumps writes for a str (ensure_ascii)
+
+    def encode_one(blob_id: str, size: int, kind: str, path: str) -> bytes:
+        return fmt % (quote(blob_id).encode(), size, quote(kind).encode(), quote(path).encode())
+
+    return encode_one
 
 
 def decode(key: bytes, raw: bytes) -> BlobRecord:
