@@ -23,7 +23,7 @@ from test_node_ops import api
 from test_updates import wait_for
 
 from nodecache.index import Index
-from nodecache.layout import RepoSpec, repo_folder_name
+from nodecache.layout import FileEntry, RepoSpec, repo_folder_name
 from nodecache.metrics import Metrics
 from nodecache.repos import ensure_repo
 from nodecache.testing.daemon import DaemonProcess, KeeperProcess
@@ -398,5 +398,70 @@ def test_a_hostile_tree_listing_records_nothing(tmp_path, link, page, error):
         asyncio.run(run())
         assert index.blobs.all() == [] and index.snapshots.commits("model", "org/x") == []
         assert index.refs.get("model", "org/x", "main") is None
+    finally:
+        index.close()
+
+
+def test_tree_pages_asks_one_page_ahead_and_cancels_it_when_the_listing_stops(hub, tmp_path):
+    """The next page is on its way while one is parsed (the Hub makes it meanwhile); never two
+    ahead, and a listing closed early leaves no request running."""
+    flat_repo(hub, tmp_path)
+
+    async def run() -> tuple[int, int]:
+        async with aiohttp.ClientSession() as session:
+            res = await HfUpstream(hub.url, session, Metrics()).resolve("model", FLAT, "main")
+            pages = res.pages()
+            assert len(await anext(pages)) == 999, "1,000 entries, one of them the folder"
+            for _ in range(1000):  # the second page's request reaches the Hub while we hold the first
+                if hub.stats.requests["tree"] >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            ahead = hub.stats.requests["tree"]
+            await pages.aclose()
+            return ahead, hub.stats.requests["tree"]
+
+    before = hub.stats.requests["tree"]
+    ahead, after = asyncio.run(run())
+    assert (ahead - before, after - before) == (2, 2)
+
+
+def test_a_tree_page_over_its_bound_is_refused(hub, tmp_path, monkeypatch):
+    from nodecache.upstream import hftree
+
+    flat_repo(hub, tmp_path)
+    monkeypatch.setattr(hftree, "_MAX_PAGE_BYTES", 10_000)  # a Hub page of 1,000 entries is ~0.2 MB
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(UpstreamError, match="a tree page of more than 10000 bytes"):
+                await ensure_repo(index, HfUpstream(hub.url, session, Metrics()), MiB, RepoSpec("model", FLAT))
+
+    try:
+        asyncio.run(run())
+        assert index.blobs.all() == [] and not index.snapshots.has_repo("model", FLAT)
+    finally:
+        index.close()
+
+
+def test_register_names_each_blob_by_its_first_file_and_refuses_an_unknown_hash_kind(tmp_path):
+    """Records are written in blob id order (a batch per run of the table), one per blob, named
+    by the first file listing it, as in listing order; a kind no proof knows records nothing."""
+    from nodecache.repos import register
+    from nodecache.upstream import RemoteFile, Resolved
+
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+    ids = [hashlib.sha1(b"%d" % i).hexdigest() for i in range(25_000)]
+    files = [RemoteFile(FileEntry(f"d{i % 7}/f{i}", i, ids[i % 20_000]), "gitsha1") for i in range(25_000)]
+    try:
+        asyncio.run(register(index, MiB, "model", "org/m", "main", Resolved("1" * 40, files)))
+        recs = {r.blob_id: r for r in index.blobs.all()}
+        assert len(recs) == 20_000 and index.counts.blob_states()["partial"] == 20_000
+        assert all(recs[ids[i]].path == f"d{i % 7}/f{i}" and recs[ids[i]].size == i for i in range(20_000))
+        assert index.snapshots.get("model", "org/m", "1" * 40) == [f.entry for f in files]
+        bad = [RemoteFile(FileEntry("a", 1, "2" * 40), "gitsha1"), RemoteFile(FileEntry("b", 1, "3" * 40), "md5")]
+        with pytest.raises(UpstreamError, match="hash kind 'md5'"):
+            asyncio.run(register(index, MiB, "model", "org/x", "main", Resolved("2" * 40, bad)))
+        assert not index.blobs.has("2" * 40) and not index.snapshots.has_repo("model", "org/x")
     finally:
         index.close()

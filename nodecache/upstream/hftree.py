@@ -4,12 +4,14 @@
 entries and a `Link: <...>; rel="next"` header with a cursor, as the Hub does
 (huggingface_hub's `list_repo_tree` follows the same links). One revision
 document of 10^5-10^6 `siblings` is one huge JSON body, and the Hub may cut
-such a list short; pages are bounded, and the next one is only asked once the
-last one is parsed.
+such a list short; pages are bounded, and at most one is asked ahead of the one
+being parsed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from urllib.parse import quote, urlsplit
 
@@ -19,6 +21,7 @@ from ..layout import MAX_FILES, REPO_TYPES, FileEntry
 from . import RemoteFile, UpstreamError
 
 _MAX_PAGES = MAX_FILES  # a page holds at least one entry: a cursor that never ends is an error
+_MAX_PAGE_BYTES = 64 << 20  # the Hub's pages of 1,000 entries are ~0.3 MB
 
 
 def parse_page(entries: object) -> list[RemoteFile]:
@@ -53,26 +56,52 @@ async def tree_pages(
     on_status: Callable[[int], None] = lambda status: None,
 ) -> AsyncIterator[list[RemoteFile]]:
     """Every file of the snapshot, one page at a time; a link off the endpoint's origin, a
-    malformed page or a failed request is an UpstreamError (what came before stays unrecorded)."""
-    url: str | None = f"{endpoint}/api/{REPO_TYPES[repo_type]}/{repo_id}/tree/{quote(commit, safe='')}"
-    params: dict | None = {"recursive": "true"}
+    malformed page or a failed request is an UpstreamError (what came before stays unrecorded).
+
+    The next page is asked for as soon as this one's link is read (its origin checked), and
+    arrives while this one is parsed: the Hub makes a page while we parse one, instead of
+    each side waiting for the other. At most two pages are held."""
     origin = urlsplit(endpoint)[:2]
-    for _ in range(_MAX_PAGES):
-        if url is None:
-            return
+
+    async def get(url: str, params: dict | None) -> tuple[bytearray, str | None]:
         try:
             async with session.get(url, params=params, headers=headers(url), allow_redirects=False) as resp:
                 on_status(resp.status)
                 if resp.status != 200:
                     raise UpstreamError(f"{url}: HTTP {resp.status}")
-                page = parse_page(await resp.json(content_type=None))
                 link = resp.links.get("next")
+                body = bytearray()
+                async for piece in resp.content.iter_any():
+                    body += piece
+                    if len(body) > _MAX_PAGE_BYTES:
+                        raise UpstreamError(f"{url}: a tree page of more than {_MAX_PAGE_BYTES} bytes")
         except (aiohttp.ClientError, TimeoutError) as e:
             raise UpstreamError(f"{url}: {e.__class__.__name__}: {e}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as e:  # InvalidName is a ValueError
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UpstreamError(f"{url}: invalid tree page: {e.__class__.__name__}: {e}") from None
-        yield page
-        url, params = (str(link["url"]), None) if link else (None, None)
-        if url is not None and urlsplit(url)[:2] != origin:
-            raise UpstreamError(f"tree of {repo_id}: next page {url[:100]!r} is not on {endpoint}")
-    raise UpstreamError(f"tree of {repo_id}: more than {_MAX_PAGES} pages")
+        nxt = str(link["url"]) if link else None
+        if nxt is not None and urlsplit(nxt)[:2] != origin:
+            raise UpstreamError(f"tree of {repo_id}: next page {nxt[:100]!r} is not on {endpoint}")
+        return body, nxt
+
+    url = f"{endpoint}/api/{REPO_TYPES[repo_type]}/{repo_id}/tree/{quote(commit, safe='')}"
+    pending = asyncio.ensure_future(get(url, {"recursive": "true"}))
+    try:
+        for _ in range(_MAX_PAGES):
+            body, nxt = await pending
+            pending = None
+            if nxt is not None:  # on its way while this page is parsed
+                pending = asyncio.ensure_future(get(nxt, None))
+            try:
+                page = parse_page(json.loads(body))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:  # InvalidName is a ValueError
+                raise UpstreamError(f"{url}: invalid tree page: {e.__class__.__name__}: {e}") from None
+            url = nxt or url
+            yield page
+            if pending is None:
+                return
+        raise UpstreamError(f"tree of {repo_id}: more than {_MAX_PAGES} pages")
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
