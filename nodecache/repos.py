@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -58,7 +58,8 @@ async def register(
     Whatever a source listed is checked here, the one door into the index:
     bounded counts and sizes, names that can become paths, one entry per path.
     Nothing is recorded before all of it passed; the records are then written
-    a batch (one transaction) at a time, the loop free between batches.
+    a batch (one transaction) at a time, the loop free between batches, the last
+    batch in the transaction that writes the snapshot and its ref.
     """
     try:
         files = await _listed(res)
@@ -68,17 +69,24 @@ async def register(
     template = BlobRecord("0" * 40, 0, "gitsha1", chunk_size, repo_type=repo_type, repo_id=repo_id,
                           commit=res.commit, path="-")  # fmt: skip
     ordered = _first_per_blob(files)
-    for start in range(0, len(ordered), _BATCH):
-        batch = ordered[start : start + _BATCH]
-        index.blobs.add_listed(template, ((f.entry.blob_id, f.entry.size, f.kind, f.entry.path) for f in batch))
+    batches = [ordered[start : start + _BATCH] for start in range(0, len(ordered), _BATCH)] or [[]]
+    for batch in batches[:-1]:
+        index.blobs.add_listed(template, _rows(batch))
         await asyncio.sleep(0)
     on_new(files)
     entries = [f.entry for f in files]
-    blocks = await asyncio.to_thread(snapshot_blocks, entries)  # ~4 s of CPU per 10^6 files: not on the loop
-    index.snapshots.put(repo_type, repo_id, res.commit, entries, blocks)
-    index.repo_meta.put(repo_type, repo_id, res.visibility)
-    if revision != res.commit:  # huggingface_hub writes no ref for a commit revision
-        index.refs.put(repo_type, repo_id, revision, res.commit)
+    if len(entries) > _BATCH:  # ~4 s of CPU per 10^6 files: not on the loop
+        blocks = await asyncio.to_thread(snapshot_blocks, entries)
+    else:
+        blocks = snapshot_blocks(entries)
+    # The last records, the snapshot, the repo's visibility and its ref: one commit (a sync of
+    # the index each), not four; with 1,000 small repos those were most of a start's time.
+    with index.db.write() as txn:
+        index.blobs.add_listed_in(txn, template, _rows(batches[-1]))
+        index.snapshots.put_in(txn, repo_type, repo_id, res.commit, entries, blocks)
+        index.repo_meta.put_in(txn, repo_type, repo_id, res.visibility)
+        if revision != res.commit:  # huggingface_hub writes no ref for a commit revision
+            index.refs.put_in(txn, repo_type, repo_id, revision, res.commit)
     return files
 
 
@@ -93,6 +101,10 @@ def _first_per_blob(files: list[RemoteFile]) -> list[RemoteFile]:
             out.append(f)
             last = f.entry.blob_id
     return out
+
+
+def _rows(files: list[RemoteFile]) -> Iterator[tuple[str, int, str, str]]:
+    return ((f.entry.blob_id, f.entry.size, f.kind, f.entry.path) for f in files)
 
 
 def _blob_id(f: RemoteFile) -> str:
@@ -162,9 +174,10 @@ async def ensure_repo(
     if res.commit in index.snapshots.commits(repo_type, repo_id):
         # A commit never changes: its snapshot and blob records are in the index already.
         # Re-resolving a 10^6-file repo at each start or refresh must not rewrite them.
-        index.repo_meta.put(repo_type, repo_id, res.visibility)
-        if revision != res.commit:
-            index.refs.put(repo_type, repo_id, revision, res.commit)
+        with index.db.write() as txn:  # one commit, not two: a restart re-resolves every repo
+            index.repo_meta.put_in(txn, repo_type, repo_id, res.visibility)
+            if revision != res.commit:
+                index.refs.put_in(txn, repo_type, repo_id, revision, res.commit)
     else:
         await register(index, chunk_size, repo_type, repo_id, revision, res, on_new)
     return RepoRef(repo_type, repo_id, revision, res.commit)

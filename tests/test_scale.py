@@ -465,3 +465,28 @@ def test_register_names_each_blob_by_its_first_file_and_refuses_an_unknown_hash_
         assert not index.blobs.has("2" * 40) and not index.snapshots.has_repo("model", "org/x")
     finally:
         index.close()
+
+
+def test_a_small_repos_resolution_is_one_index_commit(hub, tmp_path):
+    """Each commit syncs the index: a first resolution of a small repo writes its records,
+    snapshot, visibility and ref in one (it was four), a re-resolution its visibility and ref in
+    one (it was two). 1,000 small repos made a start wait on thousands of syncs."""
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+
+    def txn_id() -> int:
+        return index.env.info()["last_txnid"]
+
+    async def resolve() -> None:
+        async with aiohttp.ClientSession() as session:
+            await ensure_repo(index, HfUpstream(hub.url, session, Metrics()), MiB, RepoSpec("model", SMALL))
+
+    try:
+        first = txn_id()
+        asyncio.run(resolve())
+        second = txn_id()
+        asyncio.run(resolve())
+        assert (second - first, txn_id() - second) == (1, 1)
+        assert index.refs.commit_of("model", SMALL, "main") in index.snapshots.commits("model", SMALL)
+        assert index.repo_meta.get("model", SMALL)["visibility"] == "public"
+    finally:
+        index.close()

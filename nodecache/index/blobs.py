@@ -75,30 +75,34 @@ class Blobs:
         path), in one transaction. The template is checked whole, each file's kind here; its id,
         size and path the caller checked (repos.check_snapshot, the door every listing passes).
         No record object per file: building, checking and encoding 10^5 of them was half the
-        time of registering a snapshot. Writes what `add` writes."""
+        time of registering a snapshot. Writes what `add` writes. Returns how many were new."""
+        with self.db.write() as txn:
+            return self.add_listed_in(txn, template, files)
+
+    def add_listed_in(self, txn, template: BlobRecord, files: Iterable[tuple[str, int, str, str]]) -> int:
+        """`add_listed` in the caller's transaction (a small snapshot's registration is one)."""
         check_blob(template)
         encode_one = encoder_for(template)
         state, verified_at, last_access, _, tier = derived(template)
         added = 0
         changes = []
-        with self.db.write() as txn:
-            for blob_id, size, kind, path in files:
-                if kind not in KINDS:
-                    raise ValueError(f"kind {kind!r} of {blob_id}")
-                key = blob_id.encode()
-                raw = txn.get(key, db=self.table)
-                if raw is not None:
-                    try:
-                        self.decode(key, raw)
-                        continue
-                    except BAD as e:
-                        log.warning("index: replacing invalid blobs entry %r: %s", key[:200], e)
-                        self.db.on_invalid("blobs")
-                        self.counts.change(txn, [(key, self.counts.stored(txn, key), None)])
-                txn.put(key, encode_one(blob_id, size, kind, path), db=self.table)
-                changes.append((key, None, (state, verified_at, last_access, size, tier)))
-                added += 1
-            self.counts.change(txn, changes)
+        for blob_id, size, kind, path in files:
+            if kind not in KINDS:
+                raise ValueError(f"kind {kind!r} of {blob_id}")
+            key = blob_id.encode()
+            raw = txn.get(key, db=self.table)
+            if raw is not None:
+                try:
+                    self.decode(key, raw)
+                    continue
+                except BAD as e:
+                    log.warning("index: replacing invalid blobs entry %r: %s", key[:200], e)
+                    self.db.on_invalid("blobs")
+                    self.counts.change(txn, [(key, self.counts.stored(txn, key), None)])
+            txn.put(key, encode_one(blob_id, size, kind, path), db=self.table)
+            changes.append((key, None, (state, verified_at, last_access, size, tier)))
+            added += 1
+        self.counts.change(txn, changes)
         return added
 
     def all(self) -> list[BlobRecord]:

@@ -25,17 +25,21 @@ class Refs:
         self.db.drop_invalid("refs", self.table, bad)
 
     def put(self, repo_type: str, repo_id: str, revision: str, commit: str) -> None:
+        with self.db.write() as txn:
+            self.put_in(txn, repo_type, repo_id, revision, commit)
+
+    def put_in(self, txn, repo_type: str, repo_id: str, revision: str, commit: str) -> None:
+        """`put` in the caller's transaction (a resolution's writes are one)."""
         value = json.dumps({"commit": commit, "at": time.time()})
         repo = repo_key(repo_type, repo_id)
-        with self.db.write() as txn:
-            old = txn.get(repo + revision.encode(), db=self.table)
-            try:
-                moved = old is None or commit_of(old) != commit
-            except BAD:
-                moved = True
-            if moved:  # the repo's readiness is its refs' snapshots'
-                self.links.changed_repo(txn, repo)
-            txn.put(repo + revision.encode(), value.encode(), db=self.table)
+        old = txn.get(repo + revision.encode(), db=self.table)
+        try:
+            moved = old is None or commit_of(old) != commit
+        except BAD:
+            moved = True
+        if moved:  # the repo's readiness is its refs' snapshots'
+            self.links.changed_repo(txn, repo)
+        txn.put(repo + revision.encode(), value.encode(), db=self.table)
 
     def get(self, repo_type: str, repo_id: str, revision: str) -> str | None:
         key = repo_key(repo_type, repo_id) + revision.encode()
@@ -90,9 +94,12 @@ class RepoMeta:
         self.table = db.table("repos")
 
     def put(self, repo_type: str, repo_id: str, visibility: str) -> None:
-        value = json.dumps({"visibility": visibility, "at": time.time()})
         with self.db.write() as txn:
-            txn.put(repo_key(repo_type, repo_id), value.encode(), db=self.table)
+            self.put_in(txn, repo_type, repo_id, visibility)
+
+    def put_in(self, txn, repo_type: str, repo_id: str, visibility: str) -> None:
+        value = json.dumps({"visibility": visibility, "at": time.time()})
+        txn.put(repo_key(repo_type, repo_id), value.encode(), db=self.table)
 
     def get(self, repo_type: str, repo_id: str) -> dict | None:
         key = repo_key(repo_type, repo_id)

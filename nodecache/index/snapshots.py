@@ -55,21 +55,27 @@ class Snapshots:
     ) -> None:
         """Record a snapshot's file list and its folders (`blocks`: `snapshot_blocks(files)`,
         given when the caller built them off the loop)."""
+        with self.db.write() as txn:
+            self.put_in(txn, repo_type, repo_id, commit, files, blocks)
+
+    def put_in(
+        self, txn, repo_type: str, repo_id: str, commit: str, files: list[FileEntry], blocks: Blocks | None = None
+    ) -> None:
+        """`put` in the caller's transaction (a small snapshot's registration is one)."""
         value = encode_files(files, time.time())
         blocks = snapshot_blocks(files) if blocks is None else blocks
         key = repo_key(repo_type, repo_id) + commit.encode()
-        with self.db.write() as txn:
-            old = txn.get(key, db=self.table)
-            listed: set[bytes] = set()
-            if old is not None:  # listed again (a commit's files do not change, but be exact)
-                try:
-                    listed = {str(item[2]).encode() for item in json.loads(old)["files"]}
-                except BAD:
-                    pass
-            txn.put(key, value, db=self.table)
-            blobs = ((raw_id.hex().encode(), raw_size) for raw_id, raw_size in Block(blocks[1]).entries())
-            self.links.list(txn, key, blobs, len(files), listed)
-            self._put_blocks(txn, key, blocks)
+        old = txn.get(key, db=self.table)
+        listed: set[bytes] = set()
+        if old is not None:  # listed again (a commit's files do not change, but be exact)
+            try:
+                listed = {str(item[2]).encode() for item in json.loads(old)["files"]}
+            except BAD:
+                pass
+        txn.put(key, value, db=self.table)
+        blobs = ((raw_id.hex().encode(), raw_size) for raw_id, raw_size in Block(blocks[1]).entries())
+        self.links.list(txn, key, blobs, len(files), listed)
+        self._put_blocks(txn, key, blocks)
 
     def relist(self, txn) -> None:
         """Link every snapshot to its blobs again (a file list that fails its check is left to
