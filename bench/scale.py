@@ -18,6 +18,10 @@ here), served by the Hub emulator in its own process, and mounted by
 - the daemon's RSS after the walks (VmRSS, and its parts: RssAnon, the
   daemon's own memory, and RssFile, pages of mapped files it touched: the
   LMDB index and inode table, reclaimable page cache);
+- where the first resolve's time goes: the daemon's CPU seconds at visible, the
+  emulator's during it, and the daemon's own phases summed over repos (`first_list_s`:
+  tree pages fetched and parsed, `first_check_s`, `first_records_s`, `first_blocks_s`,
+  `first_snapshot_s`: the last commit; from its `registered ...` log lines);
 - crash restart -> visible: after a kill -9 of that daemon (no clean-stop
   record: the start counts the usage and re-checks partial blobs from the
   records of the blobs holding bytes, here none of the N).
@@ -29,7 +33,8 @@ visible within `--visible-timeout` is reported as such (null figures).
 Writes bench/results/scale.json (`rows`: files, per_folder, repos,
 first_visible_s, restart_visible_s, cold_walk_ratio, warm_walk_ratio,
 ls_biggest_folder_s, rss_MiB, crash_visible_s, cold_walk_ratio_hub_layout,
-warm_walk_ratio_hub_layout, cold_walk_requests_per_entry, ...) and bench/results/scale.png.
+warm_walk_ratio_hub_layout, cold_walk_requests_per_entry, first_daemon_cpu_s,
+first_hub_cpu_s, first_list_s, ...) and bench/results/scale.png.
 
     python bench/scale.py [--big] [--cases 10k,100k,100k-flat,1000-repos]
 """
@@ -156,6 +161,26 @@ class Hub:
         self.proc.wait(30)
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def first_resolve_parts(log: str) -> dict[str, float]:
+    """Where the first resolutions' time went, summed over repos, from the daemon's
+    `registered ...: files=N list_s=... check_s=...` lines (repos.register)."""
+    parts: dict[str, float] = {}
+    for line in log.splitlines():
+        if " registered " not in line:
+            continue
+        for word in line.split():
+            name, eq, value = word.partition("=")
+            if eq and name.endswith("_s"):
+                parts[name] = parts.get(name, 0.0) + float(value)
+    return {f"first_{k}": round(v, 3) for k, v in parts.items()}
+
+
 def visible(d: Daemon, repo: str, timeout: float) -> float | None:
     """Start `d` and time it until refs/main of `repo` reads through the mount (None: timed out)."""
     t0 = time.perf_counter()
@@ -186,9 +211,15 @@ def run_case(name: str, work: Path, timeout: float) -> dict:
     row: dict = {"case": name, "files": files * repos, "per_folder": per_folder, "repos": repos}
     d = Daemon(work, hub.url, repo_ids, env={"NODECACHE_FSYNC": "false"})
     try:
+        hub_cpu = cpu_s(hub.proc.pid)
         row["first_visible_s"] = visible(d, repo_ids[-1], timeout)
         if row["first_visible_s"] is None:
             return row
+        # the breakdown (issue 15 asks where the time goes): the daemon's CPU from its start, the
+        # emulator's (another process on the same CPUs), and the daemon's own phase times
+        row["first_daemon_cpu_s"] = round(cpu_s(d.pid), 2)
+        row["first_hub_cpu_s"] = round(cpu_s(hub.proc.pid) - hub_cpu, 2)
+        row.update(first_resolve_parts(d.log()))
         d.stop()
         drop_caches()
         row["restart_visible_s"] = visible(d, repo_ids[-1], timeout)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -61,11 +62,14 @@ async def register(
     a batch (one transaction) at a time, the loop free between batches, the last
     batch in the transaction that writes the snapshot and its ref.
     """
+    marks = [time.perf_counter()]  # where a first resolution's time goes: logged, read by bench/scale.py
     try:
         files = await _listed(res)
+        marks.append(time.perf_counter())
         await check_snapshot(res.commit, files)
     except ValueError as e:  # InvalidName too
         raise UpstreamError(f"{repo_type} {repo_id}@{revision}: {e}") from None
+    marks.append(time.perf_counter())
     template = BlobRecord("0" * 40, 0, "gitsha1", chunk_size, repo_type=repo_type, repo_id=repo_id,
                           commit=res.commit, path="-")  # fmt: skip
     ordered = _first_per_blob(files)
@@ -74,11 +78,13 @@ async def register(
         index.blobs.add_listed(template, _rows(batch))
         await asyncio.sleep(0)
     on_new(files)
+    marks.append(time.perf_counter())
     entries = [f.entry for f in files]
     if len(entries) > _BATCH:  # ~4 s of CPU per 10^6 files: not on the loop
         blocks = await asyncio.to_thread(snapshot_blocks, entries)
     else:
         blocks = snapshot_blocks(entries)
+    marks.append(time.perf_counter())
     # The last records, the snapshot, the repo's visibility and its ref: one commit (a sync of
     # the index each), not four; with 1,000 small repos those were most of a start's time.
     with index.db.write() as txn:
@@ -87,6 +93,13 @@ async def register(
         index.repo_meta.put_in(txn, repo_type, repo_id, res.visibility)
         if revision != res.commit:  # huggingface_hub writes no ref for a commit revision
             index.refs.put_in(txn, repo_type, repo_id, revision, res.commit)
+    marks.append(time.perf_counter())
+    steps = ("list", "check", "records", "blocks", "snapshot")
+    log.info(
+        "registered %s %s@%s: files=%d %s",
+        repo_type, repo_id, revision, len(files),
+        " ".join(f"{step}_s={b - a:.3f}" for step, a, b in zip(steps, marks[:-1], marks[1:], strict=True)),
+    )  # fmt: skip
     return files
 
 
