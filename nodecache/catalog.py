@@ -58,15 +58,17 @@ class Catalog:
             return
         ids: set[str] = set()
         for view in self.index.views():
+            verify = self.cfg.verify_first_paths(view.repo_id)
             for files in view.snapshots.values():
-                ids.update(f.blob_id for f in files if self.cfg.verify_first(view.repo_id, f.path))
+                ids.update(f.blob_id for f in files if verify(f.path))
         self.index.verify_first.set(ids, replace=True)
         self.index.meta.put("verify_first_patterns", patterns)
         self.filler.verify_first.update(ids)
 
     def _verify_first(self, repo_id: str, files: list) -> None:
         """Blobs shown under a verify_before_serve name anywhere are read only once proven."""
-        ids = {f.blob_id for f in files if self.cfg.verify_first(repo_id, f.path)} - self.filler.verify_first
+        verify = self.cfg.verify_first_paths(repo_id)
+        ids = {f.blob_id for f in files if verify(f.path)} - self.filler.verify_first
         if ids:
             self.index.verify_first.set(ids)
             self.filler.verify_first.update(ids)

@@ -11,6 +11,7 @@ import fnmatch
 import functools
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -151,7 +152,16 @@ class Config:
 
     def verify_first(self, repo_id: str, path: str) -> bool:
         """Whether reads of this file of this repo wait for its whole-blob proof (verify_before_serve)."""
-        return any(r(repo_id) and p(path) for r, p in _verify_patterns(self.verify_before_serve))
+        return any(r(repo_id) and p.match(path) for r, p in _verify_patterns(self.verify_before_serve))
+
+    def verify_first_paths(self, repo_id: str) -> Callable[[str], bool]:
+        """`verify_first` for the files of one repo: the path patterns that apply to it as one
+        matcher, the repo patterns asked once (a snapshot brings 10^6 paths at a time)."""
+        globs = [p.pattern for r, p in _verify_patterns(self.verify_before_serve) if r(repo_id)]
+        if not globs:
+            return lambda path: False
+        match = re.compile("|".join(f"(?:{g})" for g in globs)).match
+        return lambda path: match(path) is not None
 
     @property
     def me(self) -> str:
@@ -352,12 +362,12 @@ def load(overrides: dict | None = None, environ: dict[str, str] | None = None, f
 
 @functools.lru_cache(maxsize=8)
 def _verify_patterns(patterns: tuple[str, ...]) -> list[tuple]:
-    """verify_before_serve as compiled (repo, path) matchers: checked once per file of every
-    snapshot registered, 10^6 at a time, where fnmatch's per-call cache lookups showed."""
+    """verify_before_serve as compiled (repo matcher, path pattern) pairs: checked once per file
+    of every snapshot registered, 10^6 at a time, where fnmatch's per-call cache lookups showed."""
     out = []
     for pattern in patterns:
         repo_glob, sep, path_glob = pattern.partition("=")
         if not sep:
             repo_glob, path_glob = "*", pattern
-        out.append((re.compile(fnmatch.translate(repo_glob)).match, re.compile(fnmatch.translate(path_glob)).match))
+        out.append((re.compile(fnmatch.translate(repo_glob)).match, re.compile(fnmatch.translate(path_glob))))
     return out

@@ -379,16 +379,19 @@ def _refs_tree(refs: dict[str, str]) -> Node:
 _SIZE = struct.Struct("<Q")
 
 
-def snapshot_blocks(files: Iterable[FileEntry]) -> tuple[dict[str, bytes], bytes]:
+def snapshot_blocks(files: Iterable[FileEntry], checked: bool = False) -> tuple[dict[str, bytes], bytes]:
     """A snapshot's folders as blocks (folder path, "" for its top -> block) and its blobs as one
     block (raw id -> size), in one pass over its files. A sub-folder's entry has an empty payload,
-    a file's the raw id of its blob; where a path is both a file and a folder, the folder wins."""
+    a file's the raw id of its blob; where a path is both a file and a folder, the folder wins.
+    `checked`: the caller has just checked each path and blob id (repos.check_snapshot), so they
+    are not checked again (a second check was a third of this pass over 10^6 files)."""
     folders: dict[str, dict[bytes, bytes]] = {"": {}}
     blobs: dict[bytes, bytes] = {}
     size_of = _SIZE.pack
+    path_of, id_of = (_same, _same) if checked else (validate_relpath, validate_blob_id)
     for f in files:
-        folder, _, name = validate_relpath(f.path).rpartition("/")
-        raw = bytes.fromhex(validate_blob_id(f.blob_id))
+        folder, _, name = path_of(f.path).rpartition("/")
+        raw = bytes.fromhex(id_of(f.blob_id))
         blobs[raw] = size_of(f.size)  # struct refuses a size that is not a u64
         entries = folders.get(folder)
         if entries is None:  # a new folder, and those above it that are new
@@ -406,6 +409,10 @@ def snapshot_blocks(files: Iterable[FileEntry]) -> tuple[dict[str, bytes], bytes
         if entries.get(key) != b"":
             entries[key] = raw
     return {path: pack(sorted(e.items())) for path, e in folders.items()}, pack(sorted(blobs.items()))
+
+
+def _same(text: str) -> str:
+    return text
 
 
 def lazy_repo_tree(

@@ -80,10 +80,10 @@ async def register(
     on_new(files)
     marks.append(time.perf_counter())
     entries = [f.entry for f in files]
-    if len(entries) > _BATCH:  # ~4 s of CPU per 10^6 files: not on the loop
-        blocks = await asyncio.to_thread(snapshot_blocks, entries)
+    if len(entries) > _BATCH:  # ~3 s of CPU per 10^6 files: not on the loop
+        blocks = await asyncio.to_thread(snapshot_blocks, entries, True)
     else:
-        blocks = snapshot_blocks(entries)
+        blocks = snapshot_blocks(entries, checked=True)
     marks.append(time.perf_counter())
     # The last records, the snapshot, the repo's visibility and its ref: one commit (a sync of
     # the index each), not four; with 1,000 small repos those were most of a start's time.

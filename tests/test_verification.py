@@ -278,6 +278,16 @@ def test_verify_before_serve_config():
             Config(verify_before_serve=(bad,))
 
 
+def test_verify_first_paths_of_a_repo_answer_as_verify_first():
+    """One matcher per repo (its path patterns joined), asked per file of a new snapshot."""
+    paths = ["pytorch_model.bin", "sub/opt.pt", "a.pkl", "x/model.safetensors", "q.gguf", "config.json", ".bin", "b"]
+    for patterns in (Config().verify_before_serve, ("org/*=*.safetensors", "*.gguf"), ("*",), (), ("a/b=[!x]*",)):
+        cfg = Config(verify_before_serve=patterns)
+        for repo in ("org/m", "other/m", "a/b"):
+            verify = cfg.verify_first_paths(repo)
+            assert [verify(p) for p in paths] == [cfg.verify_first(repo, p) for p in paths], (patterns, repo)
+
+
 def test_quarantine_bounds_count_bytes_and_age():
     now = 1000.0
     entries = [("old", 10, now - 50), ("mid", 10, now - 20), ("new", 10, now - 1)]
