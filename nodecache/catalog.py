@@ -20,7 +20,7 @@ from .fill import Filler
 from .index import Index
 from .layout import RepoSpec
 from .policy import RepoPolicy
-from .repos import RepoRef, ensure_repo
+from .repos import Commits, RepoRef, ensure_repo
 from .upstream import NotFound, UpstreamError
 from .upstream.sources import Sources
 
@@ -44,6 +44,7 @@ class Catalog:
         self.on_change = on_change  # (repo_type, repo_id): the tree must show what the index now holds
         self._not_found = ExpiringSet(ttl=30.0, max_items=10_000)  # on-demand lookups that failed
         self._resolving: dict[tuple[RepoSpec, str], asyncio.Future] = {}  # (spec, kind) -> one resolution
+        self._commits = Commits(index)  # resolutions' last writes, committed together
         self._load_verify_first(index_as_left)
 
     def _load_verify_first(self, index_as_left: bool) -> None:
@@ -80,7 +81,7 @@ class Catalog:
         def new(files: list) -> None:
             self._verify_first(spec.repo_id, [f.entry for f in files])
 
-        return await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec, accept, new)
+        return await ensure_repo(self.index, self.sources, self.cfg.chunk_size, spec, accept, new, self._commits)
 
     def indexed(self, spec: RepoSpec) -> bool:
         """Does the index hold the snapshot this spec names (a restart can show it at once)?"""
@@ -116,6 +117,7 @@ class Catalog:
         for fut in pending:
             fut.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        await self._commits.close()  # a commit under way in its thread finishes before the index closes
 
     async def _add_repo(self, spec: RepoSpec, public_only: bool) -> RepoRef:
         def public(res) -> str:

@@ -490,3 +490,48 @@ def test_a_small_repos_resolution_is_one_index_commit(hub, tmp_path):
         assert index.repo_meta.get("model", SMALL)["visibility"] == "public"
     finally:
         index.close()
+
+
+def test_resolutions_commit_together_and_a_failing_one_is_undone_alone(tmp_path):
+    """Registrations that finish while a commit runs share the next one (in a thread: each commit
+    syncs the index); a write that fails is undone alone and its caller hears why; once closed,
+    nothing more is written."""
+    from nodecache.repos import Commits, register
+    from nodecache.upstream import RemoteFile, Resolved
+
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+
+    async def run() -> tuple[int, list]:
+        commits = Commits(index)
+        snaps = [
+            Resolved(f"{i:040x}", [RemoteFile(FileEntry(f"f{i}", i, f"{i + 100:040x}"), "gitsha1")]) for i in range(8)
+        ]
+        first = index.env.info()["last_txnid"]
+        await asyncio.gather(
+            *(register(index, MiB, "model", f"org/m{i}", "main", res, commits=commits) for i, res in enumerate(snaps))
+        )
+        together = index.env.info()["last_txnid"] - first
+
+        def failing(txn) -> None:
+            index.repo_meta.put_in(txn, "model", "org/bad", "public")
+            raise ValueError("boom")
+
+        def fine(txn) -> None:
+            index.repo_meta.put_in(txn, "model", "org/ok", "public")
+
+        results = await asyncio.gather(commits(failing), commits(fine), return_exceptions=True)
+        await commits.close()
+        with pytest.raises(UpstreamError, match="stopping"):
+            await commits(fine)
+        return together, results
+
+    try:
+        together, results = asyncio.run(run())
+        assert together < 8, f"{together} commits for 8 registrations"
+        for i in range(8):
+            assert index.refs.commit_of("model", f"org/m{i}", "main") == f"{i:040x}"
+            assert index.blobs.get(f"{i + 100:040x}").path == f"f{i}"
+        assert isinstance(results[0], ValueError) and results[1] is None
+        assert index.repo_meta.get("model", "org/bad") is None and index.repo_meta.get("model", "org/ok") is not None
+    finally:
+        index.close()
