@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Literal, Self
 from urllib.parse import unquote, urlencode
@@ -469,18 +470,17 @@ class HubEmulator:
         """The tree's entries in order, each as its JSON (encoded once: the pages of a
         10^6-file tree are then joins, not 10^6 dicts dumped again on each listing)."""
         paths, dirs = tree_listing({p: f.git_oid for p, f in files.items()}, base, recursive)
-        entries: dict[str, dict[str, object]] = {}
-        for path in paths:
+        quote = encode_basestring_ascii  # what json.dumps writes for a str
+        entries: dict[str, str] = {}
+        for path in paths:  # as json.dumps of {"type", "oid", "size", "path"[, "lfs"]}, written directly
             f = files[path]
-            entry: dict[str, object] = {"type": "file", "oid": f.git_oid, "size": f.size, "path": path}
-            if f.sha256:
-                entry["lfs"] = f.lfs_info("oid")
-            entries[path] = entry
+            head = f'{{"type": "file", "oid": {quote(f.git_oid)}, "size": {f.size:d}, "path": {quote(path)}'
+            entries[path] = head + (f', "lfs": {json.dumps(f.lfs_info("oid"))}}}' if f.sha256 else "}")
         if base and not entries and not dirs:
             raise _HubError(404, f"{base!a} not found", "EntryNotFound", X_Repo_Commit=commit)
         for d, oid in dirs.items():
-            entries[d] = {"type": "directory", "oid": oid, "size": 0, "path": d}
-        return [json.dumps(entries[p]).encode() for p in sorted(entries)]
+            entries[d] = json.dumps({"type": "directory", "oid": oid, "size": 0, "path": d})
+        return [entries[p].encode() for p in sorted(entries)]
 
     async def _resolve(
         self, request: web.Request, repo_type: str, repo_segs: list[str], rest: list[str]
