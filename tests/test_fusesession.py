@@ -332,11 +332,13 @@ def test_a_process_killed_while_its_lookup_waits_leaves_at_once(tmp_path):
             assert await asyncio.to_thread(looker.wait, 10) == -signal.SIGKILL
             assert ops.cancelled == 1 and not session._running
         finally:
-            ops.gate.set()
-            if looker is not None and looker.poll() is None:
-                looker.kill()
-                looker.wait(10)
-            await session.unmount()
-            await serving
+            ops.gate.set()  # a looker still held is answered now (by this loop: never block it)
+            try:
+                if looker is not None and looker.poll() is None:
+                    looker.kill()
+                    await asyncio.to_thread(looker.wait, 10)
+            finally:
+                await session.unmount()
+                await serving
 
     asyncio.run(main())
