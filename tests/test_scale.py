@@ -359,11 +359,13 @@ def test_a_big_repo_is_read_in_tree_pages_once_per_commit(hub, tmp_path):
             "invalid",
         ),
         (None, [{"type": "file", "oid": "a" * 40, "size": 1, "path": "twice"}] * 2, "listed twice"),
+        pytest.param(None, b"[" * 100_000 + b"]" * 100_000, "invalid tree page: RecursionError", id="nested"),
     ],
 )
 def test_a_hostile_tree_listing_records_nothing(tmp_path, link, page, error):
     """A next page off the Hub's origin (our token would go with it), a bad entry on a later page,
-    a path listed twice: an UpstreamError, and no blob record, snapshot or ref of it."""
+    a path listed twice, a page nested too deep for the JSON parser: an UpstreamError, and no
+    blob record, snapshot or ref of it."""
     commit = "c" * 40
     good = [{"type": "file", "oid": "b" * 40, "size": 5, "path": "first.txt"}]
 
@@ -374,7 +376,7 @@ def test_a_hostile_tree_listing_records_nothing(tmp_path, link, page, error):
         if "cursor" not in request.query:
             nxt = link or f'<http://{request.host}{request.path}?cursor=1>; rel="next"'
             return web.json_response(good, headers={"Link": nxt})
-        return web.json_response(page)
+        return web.Response(body=page) if isinstance(page, bytes) else web.json_response(page)
 
     async def run() -> None:
         app = web.Application()
@@ -533,5 +535,36 @@ def test_resolutions_commit_together_and_a_failing_one_is_undone_alone(tmp_path)
             assert index.blobs.get(f"{i + 100:040x}").path == f"f{i}"
         assert isinstance(results[0], ValueError) and results[1] is None
         assert index.repo_meta.get("model", "org/bad") is None and index.repo_meta.get("model", "org/ok") is not None
+    finally:
+        index.close()
+
+
+def test_a_revision_document_nested_too_deep_is_an_upstream_error(tmp_path):
+    """json.loads of "[[[[…" raises RecursionError, which is no ValueError: the Hub's answer is
+    refused as any bad answer is (UpstreamError), not raised to the caller as something else."""
+
+    async def revision(request: web.Request) -> web.Response:
+        return web.Response(body=b"[" * 100_000 + b"]" * 100_000, content_type="application/json")
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_get("/api/models/org/x/revision/main", revision)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with aiohttp.ClientSession() as session:
+                hf = HfUpstream(f"http://127.0.0.1:{port}", session, Metrics())
+                with pytest.raises(UpstreamError, match="RecursionError"):
+                    await ensure_repo(index, hf, MiB, RepoSpec("model", "org/x"))
+        finally:
+            await runner.cleanup()
+
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+    try:
+        asyncio.run(run())
+        assert index.snapshots.commits("model", "org/x") == [] and index.refs.get("model", "org/x", "main") is None
     finally:
         index.close()

@@ -115,6 +115,8 @@ def test_manifest_local_dir_and_hf_cache_layouts():
         )
     with pytest.raises(BadManifest, match="not JSON"):
         run(build_snapshot(objs, _reader({MANIFEST: b"{"}), "x"))
+    with pytest.raises(BadManifest, match="not JSON"):  # RecursionError is no ValueError
+        run(build_snapshot(objs, _reader({MANIFEST: b"[" * 100_000 + b"]" * 100_000}), "x"))
 
     commit = "1" * 40
     meta = ".cache/huggingface/download/w.bin.metadata"

@@ -70,7 +70,7 @@ class HfUpstream:
                 if resp.status != 200:
                     raise UpstreamError(f"{url}: HTTP {resp.status}")
                 info = await resp.json()
-        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as e:  # "[[[[…": RecursionError
             raise UpstreamError(f"{url}: {e.__class__.__name__}: {e}") from None
         commit = info.get("sha", "") if isinstance(info, dict) else ""
         if not isinstance(commit, str) or not COMMIT_RE.fullmatch(commit):

@@ -94,7 +94,8 @@ async def tree_pages(
                 pending = asyncio.ensure_future(get(nxt, None))
             try:
                 page = parse_page(json.loads(body))
-            except (KeyError, TypeError, ValueError, AttributeError) as e:  # InvalidName is a ValueError
+            # InvalidName is a ValueError; json.loads of "[[[[…" raises RecursionError
+            except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
                 raise UpstreamError(f"{url}: invalid tree page: {e.__class__.__name__}: {e}") from None
             url = nxt or url
             yield page

@@ -132,7 +132,7 @@ def parse_manifest(raw: bytes, source: str) -> tuple[str | None, list[SourceFile
     """A manifest document: a JSON list of files, or {"commit", "files"}."""
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # "[[[[…" raises RecursionError
         raise BadManifest(f"{source}: manifest is not JSON: {e}") from None
     commit = None
     if isinstance(doc, dict):
