@@ -568,3 +568,47 @@ def test_a_revision_document_nested_too_deep_is_an_upstream_error(tmp_path):
         assert index.snapshots.commits("model", "org/x") == [] and index.refs.get("model", "org/x", "main") is None
     finally:
         index.close()
+
+
+def test_a_cursor_of_empty_tree_pages_is_refused_at_the_first(tmp_path):
+    """A page holds at least one entry: a Hub answering empty pages that each name a next one
+    would otherwise be asked up to _MAX_PAGES (2x10^6) times before the listing failed."""
+    commit = "c" * 40
+    asked: list[str] = []
+
+    async def revision(request: web.Request) -> web.Response:
+        return web.json_response({"_id": "x", "id": "org/x", "sha": commit, "private": False, "gated": False})
+
+    async def tree(request: web.Request) -> web.Response:
+        asked.append(request.query.get("cursor", ""))
+        if len(asked) > 50:
+            return web.json_response({"error": "enough"}, status=500)
+        page = [{"type": "file", "oid": "b" * 40, "size": 5, "path": "first.txt"}] if len(asked) == 1 else []
+        return web.json_response(
+            page, headers={"Link": f'<http://{request.host}{request.path}?cursor={len(asked)}>; rel="next"'}
+        )
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_get("/api/models/org/x/revision/main", revision)
+        app.router.add_get("/api/models/org/x/tree/" + commit, tree)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with aiohttp.ClientSession() as session:
+                hf = HfUpstream(f"http://127.0.0.1:{port}", session, Metrics())
+                with pytest.raises(UpstreamError, match="an empty tree page with a next page"):
+                    await ensure_repo(index, hf, MiB, RepoSpec("model", "org/x"))
+        finally:
+            await runner.cleanup()
+
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+    try:
+        asyncio.run(run())
+        assert len(asked) <= 3, f"{len(asked)} pages asked: the first, the empty one and at most one ahead"
+        assert index.blobs.all() == [] and index.snapshots.commits("model", "org/x") == []
+    finally:
+        index.close()

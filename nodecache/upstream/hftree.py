@@ -20,7 +20,7 @@ import aiohttp
 from ..layout import MAX_FILES, REPO_TYPES, FileEntry
 from . import RemoteFile, UpstreamError
 
-_MAX_PAGES = MAX_FILES  # a page holds at least one entry: a cursor that never ends is an error
+_MAX_PAGES = MAX_FILES  # a page holds at least one entry (refused if not): a cursor that never ends is an error
 _MAX_PAGE_BYTES = 64 << 20  # the Hub's pages of 1,000 entries are ~0.3 MB
 
 
@@ -93,10 +93,13 @@ async def tree_pages(
             if nxt is not None:  # on its way while this page is parsed
                 pending = asyncio.ensure_future(get(nxt, None))
             try:
-                page = parse_page(json.loads(body))
+                entries = json.loads(body)
+                page = parse_page(entries)
             # InvalidName is a ValueError; json.loads of "[[[[…" raises RecursionError
             except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
                 raise UpstreamError(f"{url}: invalid tree page: {e.__class__.__name__}: {e}") from None
+            if not entries and nxt is not None:  # else a cursor of empty pages is _MAX_PAGES requests
+                raise UpstreamError(f"{url}: an empty tree page with a next page")
             url = nxt or url
             yield page
             if pending is None:
