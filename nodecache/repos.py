@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .groupcommit import GroupCommit
 from .index import BlobRecord, Index
+from .index.keys import folder_room
 from .index.records import KINDS
 from .layout import (
     COMMIT_RE,
@@ -114,7 +115,7 @@ async def register(
     try:
         files = await _listed(res)
         marks.append(time.perf_counter())
-        await check_snapshot(res.commit, files)
+        await check_snapshot(res.commit, files, folder_room(repo_type, repo_id))
     except ValueError as e:  # InvalidName too
         raise UpstreamError(f"{repo_type} {repo_id}@{revision}: {e}") from None
     marks.append(time.perf_counter())
@@ -188,7 +189,9 @@ async def _listed(res: Resolved) -> list[RemoteFile]:
     return files
 
 
-async def check_snapshot(commit: str, files: list[RemoteFile]) -> None:
+async def check_snapshot(commit: str, files: list[RemoteFile], room: int) -> None:
+    """Refuse (ValueError) what the index cannot hold as it was listed: `room`, the bytes a
+    folder's path may take in its block's key (index.keys.folder_room)."""
     if not COMMIT_RE.fullmatch(commit):
         raise ValueError(f"commit {commit!r}")
     if len(files) > MAX_FILES:
@@ -200,6 +203,8 @@ async def check_snapshot(commit: str, files: list[RemoteFile]) -> None:
         validate_blob_id(f.entry.blob_id)
         if f.kind not in KINDS:
             raise ValueError(f"{f.entry.path!r}: hash kind {f.kind!r}")
+        if len(f.entry.path) * 4 > room and len(f.entry.path.rpartition("/")[0].encode()) > room:  # 4: UTF-8
+            raise ValueError(f"{f.entry.path[:100]!r}…: a folder path longer than {room} bytes")
         if f.entry.path in seen:
             raise ValueError(f"{f.entry.path!r} listed twice")
         seen.add(f.entry.path)

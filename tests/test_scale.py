@@ -612,3 +612,36 @@ def test_a_cursor_of_empty_tree_pages_is_refused_at_the_first(tmp_path):
         assert index.blobs.all() == [] and index.snapshots.commits("model", "org/x") == []
     finally:
         index.close()
+
+
+def test_a_folder_too_deep_for_an_index_key_is_refused_before_anything_is_recorded(tmp_path):
+    """A folder's block is keyed `<snapshot key>/<folder path>`, and LMDB keys are at most 511
+    bytes: a deeper folder (a name may be 4,096 bytes) failed the snapshot's write with lmdb's
+    BadValsizeError after the first batches of records were written. It is refused with the
+    listing's other checks; a folder that fills its room exactly is stored and read back."""
+    from nodecache.index.keys import MAX_KEY, folder_room
+    from nodecache.repos import register
+    from nodecache.upstream import RemoteFile, Resolved
+
+    def folder(n: int) -> str:  # a folder path of n bytes, in names of at most 200
+        out = "a" * 200
+        while len(out) < n:
+            out += "/" + "b" * min(200, n - len(out) - 1)
+        return out
+
+    room = folder_room("model", "org/m")
+    index = Index(tmp_path / "index", map_size=256 * MiB)
+    try:
+        assert index.env.max_key_size() == MAX_KEY
+        many = [RemoteFile(FileEntry(f"d/f{i}", 1, f"{i + 1:040x}"), "gitsha1") for i in range(10_001)]
+        deep = RemoteFile(FileEntry(folder(room + 1) + "/x", 1, "f" * 40), "gitsha1")
+        with pytest.raises(UpstreamError, match=f"a folder path longer than {room} bytes"):
+            asyncio.run(register(index, MiB, "model", "org/m", "main", Resolved("1" * 40, [*many, deep])))
+        assert index.blobs.all() == [] and not index.snapshots.has_repo("model", "org/m")
+
+        fits = RemoteFile(FileEntry(folder(room) + "/x", 1, "f" * 40), "gitsha1")
+        asyncio.run(register(index, MiB, "model", "org/m", "main", Resolved("1" * 40, [many[0], fits])))
+        assert index.snapshots.folder("model", "org/m", "1" * 40, folder(room)) is not None
+        assert index.refs.get("model", "org/m", "main") == "1" * 40
+    finally:
+        index.close()

@@ -23,6 +23,15 @@ def repo_key(repo_type: str, repo_id: str) -> bytes:
     return f"{repo_type}:{repo_id}\0".encode()
 
 
+MAX_KEY = 511  # LMDB's largest key (MDB_MAXKEYSIZE as py-lmdb builds it): a longer one is BadValsizeError
+
+
+def folder_room(repo_type: str, repo_id: str) -> int:
+    """The bytes a folder's path may take in the key of its block, `<snapshot key>/<path>`
+    (snapshots.py): a deeper folder of a listing cannot be stored, so the listing is refused."""
+    return MAX_KEY - len(repo_key(repo_type, repo_id)) - 40 - 1  # a commit, "/"
+
+
 def repo_of(key: bytes) -> bytes:
     """The repo key at the head of a ref's or snapshot's key."""
     return key.partition(b"\0")[0] + b"\0"
