@@ -645,3 +645,52 @@ def test_a_folder_too_deep_for_an_index_key_is_refused_before_anything_is_record
         assert index.refs.get("model", "org/m", "main") == "1" * 40
     finally:
         index.close()
+
+
+def test_a_hub_that_compresses_what_the_client_accepts_is_read(tmp_path):
+    """A CDN in front of the Hub gzips JSON for a client that accepts it, and aiohttp offers
+    gzip by default; the daemon's session does not decompress (it relays bytes as they came),
+    so its metadata requests accept only identity, or each answer is gzip read as JSON."""
+    commit = "c" * 40
+    encodings: list[str] = []
+
+    def compressed(doc: object, headers: dict | None = None) -> web.Response:
+        resp = web.json_response(doc, headers=headers)
+        resp.enable_compression()  # as the client's Accept-Encoding allows
+        return resp
+
+    async def revision(request: web.Request) -> web.Response:
+        encodings.append(request.headers.get("Accept-Encoding", ""))
+        return compressed({"_id": "x", "id": "org/x", "sha": commit, "private": False, "gated": False})
+
+    async def tree(request: web.Request) -> web.Response:
+        encodings.append(request.headers.get("Accept-Encoding", ""))
+        if "cursor" not in request.query:
+            nxt = f'<http://{request.host}{request.path}?cursor=1>; rel="next"'
+            return compressed([{"type": "file", "oid": "b" * 40, "size": 5, "path": "a.txt"}], {"Link": nxt})
+        return compressed([{"type": "file", "oid": "d" * 40, "size": 7, "path": "b/c.txt"}])
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_get("/api/models/org/x/revision/main", revision)
+        app.router.add_get("/api/models/org/x/tree/" + commit, tree)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with aiohttp.ClientSession(auto_decompress=False) as session:  # as the daemon's
+                hf = HfUpstream(f"http://127.0.0.1:{port}", session, Metrics())
+                assert (await ensure_repo(index, hf, MiB, RepoSpec("model", "org/x"))).commit == commit
+        finally:
+            await runner.cleanup()
+
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+    try:
+        asyncio.run(run())
+        assert encodings == ["identity"] * 3
+        files = index.snapshots.get("model", "org/x", commit)
+        assert files == [FileEntry("a.txt", 5, "b" * 40), FileEntry("b/c.txt", 7, "d" * 40)]
+    finally:
+        index.close()

@@ -59,7 +59,8 @@ class HfUpstream:
         url = f"{self.endpoint}/api/{REPO_TYPES[repo_type]}/{repo_id}/revision/{quote(revision, safe='')}"
         expand = [("expand[]", "sha"), ("expand[]", "private"), ("expand[]", "gated")]
         try:
-            async with self.session.get(url, params=expand, headers=self._headers(url)) as resp:
+            ask = {"Accept-Encoding": "identity", **self._headers(url)}  # the session does not decompress
+            async with self.session.get(url, params=expand, headers=ask) as resp:
                 self.metrics.upstream_requests.labels(str(resp.status)).inc()
                 if resp.status in (401, 403, 404):
                     code = resp.headers.get("X-Error-Code", "")

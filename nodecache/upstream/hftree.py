@@ -65,7 +65,8 @@ async def tree_pages(
 
     async def get(url: str, params: dict | None) -> tuple[bytearray, str | None]:
         try:
-            async with session.get(url, params=params, headers=headers(url), allow_redirects=False) as resp:
+            ask = {"Accept-Encoding": "identity", **headers(url)}  # the session does not decompress: json.loads
+            async with session.get(url, params=params, headers=ask, allow_redirects=False) as resp:
                 on_status(resp.status)
                 if resp.status != 200:
                     raise UpstreamError(f"{url}: HTTP {resp.status}")
