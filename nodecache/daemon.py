@@ -134,7 +134,10 @@ class Daemon:
             if cfg.mount is not None:  # a connection the keeper holds is served before anything else
                 await self.fuse.take_over(cfg.mount, self.filler, on_demand)
             configured = Configured(self.catalog, self.pins, self.serving.failing)
-            tasks.append(await configured.add([*cfg.repos, *self.sources.specs(cfg.repos)]))
+            adding = loop.create_task(configured.add([*cfg.repos, *self.sources.specs(cfg.repos)]))
+            if not await self._until_stopped(adding):  # a first resolve of 10^6 files takes ~30 s
+                return
+            tasks.append(adding.result())
             self.pins.refresh()
             housekeeping = max(0.2, min(30.0, cfg.ref_ttl / 2))
             failed = self.metrics.housekeeping_errors.inc
@@ -163,6 +166,20 @@ class Daemon:
             await self.close()
             if runner is not None:
                 await runner.cleanup()
+
+    async def _until_stopped(self, task: asyncio.Task) -> bool:
+        """Wait for `task`, unless SIGTERM comes first: then cancel it and return False (the
+        resolutions it started are cancelled by `close`)."""
+        stopping = asyncio.get_running_loop().create_task(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if task.done():
+            return True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False
 
     def _faces(self) -> Faces:
         return Faces(

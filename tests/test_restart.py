@@ -176,3 +176,85 @@ def test_the_mount_dir_bind_of_a_container_stays_and_the_host_sees_every_mount(h
         for path in (d.mount, host):
             with contextlib.suppress(OSError):
                 mounts.unmount_all(str(path))
+
+
+def test_sigterm_during_a_first_resolve_at_start_stops_at_once(tmp_path):
+    """A start resolves the configured repos the index lacks before it serves (10^6 files take
+    ~30 s, kubelet's grace is 30 s): SIGTERM then stops the resolution, the daemon exits 0 with
+    nothing of the repo recorded, and the next start resolves it. Here the Hub holds the second
+    tree page until the daemon has exited (or 60 s): a daemon that waited for it would not exit."""
+    import asyncio
+    import signal
+    import threading
+    import time
+
+    from aiohttp import web
+    from conftest import _need_fuse
+
+    from nodecache.testing.daemon import DaemonProcess
+
+    _need_fuse()
+    commit = "c" * 40
+    held, release = threading.Event(), threading.Event()
+    ready: dict = {}
+
+    async def revision(request: web.Request) -> web.Response:
+        return web.json_response({"_id": "x", "id": "org/x", "sha": commit, "private": False, "gated": False})
+
+    async def tree(request: web.Request) -> web.Response:
+        if "cursor" not in request.query:
+            nxt = f'<http://{request.host}{request.path}?cursor=1>; rel="next"'
+            return web.json_response(
+                [{"type": "file", "oid": "b" * 40, "size": 5, "path": "a.txt"}], headers={"Link": nxt}
+            )
+        if not release.is_set():
+            held.set()
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, 60)
+        return web.json_response([{"type": "file", "oid": "d" * 40, "size": 7, "path": "b.txt"}])
+
+    def serve() -> None:
+        async def main() -> None:
+            app = web.Application()
+            app.router.add_get("/api/models/org/x/revision/main", revision)
+            app.router.add_get("/api/models/org/x/tree/" + commit, tree)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            ready["port"] = site._server.sockets[0].getsockname()[1]
+            ready["stop"] = asyncio.Event()
+            ready["loop"] = asyncio.get_running_loop()
+            await ready["stop"].wait()
+            await runner.cleanup()
+
+        asyncio.run(main())
+
+    server = threading.Thread(target=serve)
+    server.start()
+    wait_until(lambda: "stop" in ready, "the stand-in Hub listening")
+    env = {"NODECACHE_FSYNC": "false", "NODECACHE_VERIFY_BEFORE_SERVE": ""}
+    d = DaemonProcess(tmp_path, f"http://127.0.0.1:{ready['port']}", ["org/x"], env=env)
+    try:
+        d.mount.mkdir(parents=True, exist_ok=True)
+        with open(d.log_path, "ab") as log:  # not d.start(): it waits for ready, after the resolution
+            d.proc = subprocess.Popen(d.args, env=d.env, stdout=log, stderr=subprocess.STDOUT)
+        assert held.wait(60), f"the resolution never asked the second tree page:\n{d.log()}"
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        try:
+            code = d.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - t0
+        release.set()
+        assert code == 0 and took < 10, f"exit {code} {took:.1f} s after SIGTERM:\n{d.log()[-3000:]}"
+        assert "registered" not in d.log()
+        assert mounts.at(str(d.mount)) == [], "serve unmounted on its way out"
+        d.start()  # the tree is answered at once now
+        snap = d.hub / "models--org--x" / "snapshots" / commit
+        assert sorted(p.name for p in snap.iterdir()) == ["a.txt", "b.txt"]
+    finally:
+        release.set()
+        d.stop()
+        ready["loop"].call_soon_threadsafe(ready["stop"].set)
+        server.join(30)
