@@ -55,20 +55,28 @@ class Blobs:
         with self.db.write() as txn:
             for rec in recs:
                 key = rec.blob_id.encode()
-                raw = txn.get(key, db=self.table)
-                if raw is not None:
-                    try:
-                        self.decode(key, raw)
-                        continue
-                    except BAD as e:
-                        log.warning("index: replacing invalid blobs entry %r: %s", key[:200], e)
-                        self.db.on_invalid("blobs")
-                        self.counts.change(txn, [(key, self.counts.stored(txn, key), None)])
+                if self._known(txn, key):
+                    continue
                 txn.put(key, encode(rec), db=self.table)
                 changes.append((key, None, derived(rec)))
                 added += 1
             self.counts.change(txn, changes)
         return added
+
+    def _known(self, txn, key: bytes) -> bool:
+        """Whether the blob has a valid record already (kept: an add never overwrites one). An
+        invalid one is dropped from the counters here, for the caller to replace."""
+        raw = txn.get(key, db=self.table)
+        if raw is None:
+            return False
+        try:
+            self.decode(key, raw)
+            return True
+        except BAD as e:
+            log.warning("index: replacing invalid blobs entry %r: %s", key[:200], e)
+            self.db.on_invalid("blobs")
+            self.counts.change(txn, [(key, self.counts.stored(txn, key), None)])
+            return False
 
     def add_listed(self, template: BlobRecord, files: Iterable[tuple[str, int, str, str]]) -> int:
         """`add` of a new snapshot's records: `template` with each file's (blob_id, size, kind,
@@ -90,15 +98,8 @@ class Blobs:
             if kind not in KINDS:
                 raise ValueError(f"kind {kind!r} of {blob_id}")
             key = blob_id.encode()
-            raw = txn.get(key, db=self.table)
-            if raw is not None:
-                try:
-                    self.decode(key, raw)
-                    continue
-                except BAD as e:
-                    log.warning("index: replacing invalid blobs entry %r: %s", key[:200], e)
-                    self.db.on_invalid("blobs")
-                    self.counts.change(txn, [(key, self.counts.stored(txn, key), None)])
+            if self._known(txn, key):
+                continue
             txn.put(key, encode_one(blob_id, size, kind, path), db=self.table)
             changes.append((key, None, (state, verified_at, last_access, size, tier)))
             added += 1
