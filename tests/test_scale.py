@@ -7,12 +7,14 @@ and check the behaviour the figures rest on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import resource
 import socket
 import stat
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -29,6 +31,25 @@ from nodecache.repos import ensure_repo
 from nodecache.testing.daemon import DaemonProcess, KeeperProcess
 from nodecache.upstream import UpstreamError
 from nodecache.upstream.hf import HfUpstream
+
+REVISION, TREE = "/api/models/org/x/revision/main", "/api/models/org/x/tree/"
+
+
+@contextlib.asynccontextmanager
+async def stand_in_hub(routes: dict) -> AsyncIterator[str]:
+    """A Hub stand-in answering `routes` (path -> aiohttp handler) on 127.0.0.1: its base URL."""
+    app = web.Application()
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+
 
 FLAT = "org/flat"
 N_FLAT = 3000
@@ -379,21 +400,11 @@ def test_a_hostile_tree_listing_records_nothing(tmp_path, link, page, error):
         return web.Response(body=page) if isinstance(page, bytes) else web.json_response(page)
 
     async def run() -> None:
-        app = web.Application()
-        app.router.add_get("/api/models/org/x/revision/main", revision)
-        app.router.add_get("/api/models/org/x/tree/" + commit, tree)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
+        async with stand_in_hub({REVISION: revision, TREE + commit: tree}) as url:
             async with aiohttp.ClientSession() as session:
-                hf = HfUpstream(f"http://127.0.0.1:{port}", session, Metrics(), token="secret")
+                hf = HfUpstream(url, session, Metrics(), token="secret")
                 with pytest.raises(UpstreamError, match=error):
                     await ensure_repo(index, hf, MiB, RepoSpec("model", "org/x"))
-        finally:
-            await runner.cleanup()
 
     index = Index(tmp_path / "index", map_size=64 * MiB)
     try:
@@ -547,20 +558,11 @@ def test_a_revision_document_nested_too_deep_is_an_upstream_error(tmp_path):
         return web.Response(body=b"[" * 100_000 + b"]" * 100_000, content_type="application/json")
 
     async def run() -> None:
-        app = web.Application()
-        app.router.add_get("/api/models/org/x/revision/main", revision)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
+        async with stand_in_hub({REVISION: revision}) as url:
             async with aiohttp.ClientSession() as session:
-                hf = HfUpstream(f"http://127.0.0.1:{port}", session, Metrics())
+                hf = HfUpstream(url, session, Metrics())
                 with pytest.raises(UpstreamError, match="RecursionError"):
                     await ensure_repo(index, hf, MiB, RepoSpec("model", "org/x"))
-        finally:
-            await runner.cleanup()
 
     index = Index(tmp_path / "index", map_size=64 * MiB)
     try:
@@ -589,21 +591,11 @@ def test_a_cursor_of_empty_tree_pages_is_refused_at_the_first(tmp_path):
         )
 
     async def run() -> None:
-        app = web.Application()
-        app.router.add_get("/api/models/org/x/revision/main", revision)
-        app.router.add_get("/api/models/org/x/tree/" + commit, tree)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
+        async with stand_in_hub({REVISION: revision, TREE + commit: tree}) as url:
             async with aiohttp.ClientSession() as session:
-                hf = HfUpstream(f"http://127.0.0.1:{port}", session, Metrics())
+                hf = HfUpstream(url, session, Metrics())
                 with pytest.raises(UpstreamError, match="an empty tree page with a next page"):
                     await ensure_repo(index, hf, MiB, RepoSpec("model", "org/x"))
-        finally:
-            await runner.cleanup()
 
     index = Index(tmp_path / "index", map_size=64 * MiB)
     try:
@@ -671,20 +663,10 @@ def test_a_hub_that_compresses_what_the_client_accepts_is_read(tmp_path):
         return compressed([{"type": "file", "oid": "d" * 40, "size": 7, "path": "b/c.txt"}])
 
     async def run() -> None:
-        app = web.Application()
-        app.router.add_get("/api/models/org/x/revision/main", revision)
-        app.router.add_get("/api/models/org/x/tree/" + commit, tree)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
+        async with stand_in_hub({REVISION: revision, TREE + commit: tree}) as url:
             async with aiohttp.ClientSession(auto_decompress=False) as session:  # as the daemon's
-                hf = HfUpstream(f"http://127.0.0.1:{port}", session, Metrics())
+                hf = HfUpstream(url, session, Metrics())
                 assert (await ensure_repo(index, hf, MiB, RepoSpec("model", "org/x"))).commit == commit
-        finally:
-            await runner.cleanup()
 
     index = Index(tmp_path / "index", map_size=64 * MiB)
     try:
