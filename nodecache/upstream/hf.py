@@ -51,16 +51,18 @@ class HfUpstream:
         self._locations: dict[str, tuple[str, float]] = {}
 
     def _headers(self, url: str) -> dict[str, str]:
+        """What every request of ours sends: identity encoding (the session does not decompress:
+        a compressed answer would be parsed, or stored, as it came), and the token to the Hub's
+        own origin only."""
         if self.token and _origin(url) == _origin(self.endpoint):
-            return {"Authorization": f"Bearer {self.token}"}
-        return {}
+            return {"Accept-Encoding": "identity", "Authorization": f"Bearer {self.token}"}
+        return {"Accept-Encoding": "identity"}
 
     async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved:
         url = f"{self.endpoint}/api/{REPO_TYPES[repo_type]}/{repo_id}/revision/{quote(revision, safe='')}"
         expand = [("expand[]", "sha"), ("expand[]", "private"), ("expand[]", "gated")]
         try:
-            ask = {"Accept-Encoding": "identity", **self._headers(url)}  # the session does not decompress
-            async with self.session.get(url, params=expand, headers=ask) as resp:
+            async with self.session.get(url, params=expand, headers=self._headers(url)) as resp:
                 self.metrics.upstream_requests.labels(str(resp.status)).inc()
                 if resp.status in (401, 403, 404):
                     code = resp.headers.get("X-Error-Code", "")

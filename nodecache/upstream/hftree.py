@@ -60,13 +60,13 @@ async def tree_pages(
 
     The next page is asked for as soon as this one's link is read (its origin checked), and
     arrives while this one is parsed: the Hub makes a page while we parse one, instead of
-    each side waiting for the other. At most two pages are held."""
+    each side waiting for the other. At most two pages are held. `headers(url)`: what the
+    upstream sends with each request (identity encoding, its token on its own origin)."""
     origin = urlsplit(endpoint)[:2]
 
     async def get(url: str, params: dict | None) -> tuple[bytearray, str | None]:
         try:
-            ask = {"Accept-Encoding": "identity", **headers(url)}  # the session does not decompress: json.loads
-            async with session.get(url, params=params, headers=ask, allow_redirects=False) as resp:
+            async with session.get(url, params=params, headers=headers(url), allow_redirects=False) as resp:
                 on_status(resp.status)
                 if resp.status != 200:
                     raise UpstreamError(f"{url}: HTTP {resp.status}")
