@@ -159,13 +159,13 @@ class Daemon:
                 await self.fuse.serve(cfg.mount, self.filler, on_demand, self._stop)
         finally:
             self.serving.ready = False
-            await self.fuse.release()
+            await self.fuse.release()  # first: the keeper hands the connection to the next daemon
             for task in tasks:
                 if task is not None:
                     task.cancel()
-            await self.close()
-            if runner is not None:
+            if runner is not None:  # no new request; those running get HTTP_STOP_GRACE, then are cut
                 await runner.cleanup()
+            await self.close()  # only then what they use: the index, the store, the HTTP session
 
     async def _until_stopped(self, task: asyncio.Task) -> bool:
         """Wait for `task`, unless SIGTERM comes first: then cancel it and return False (the
