@@ -173,6 +173,9 @@ class FuseMount:
         if self._table is not None:
             self._table.close()
             self._table = None
+        # The tree is no longer shown from here (its inode table is closed): a repo that HTTP
+        # requests still running register now is the next daemon's to show, as a failed proof is.
+        self.fs = None
 
     def _adopt(self, session: Session, table: InodeTable, fd: int, state: ConnState) -> bool:
         """Serve the connection the keeper held, if it is still the one mounted here and the

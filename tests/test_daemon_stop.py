@@ -8,6 +8,7 @@ so; the test says so once the daemon has stopped listening (a refused connection
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 from aiohttp import web
 from conftest import _need_fuse, wait_until
 
@@ -164,16 +166,20 @@ def stop_with_requests_in_flight(tmp_path, keeper: KeeperProcess | None, answer:
     return {"got": got, "code": code, "took": took, "log": d.log(), "shown": shown}
 
 
-def test_sigterm_lets_requests_in_flight_finish_before_closing_what_they_use(tmp_path):
+@pytest.mark.parametrize("keeper", [False, True], ids=["mount", "keeper"])
+def test_sigterm_lets_requests_in_flight_finish_before_closing_what_they_use(tmp_path, keeper):
     """Two mirror requests wait on the Hub at SIGTERM: a relayed repo info (answered from the
     index if the Hub fails) and the first resolution of a repo new to the node (recorded in the
     index, and shown in the tree, when the Hub answers). The daemon stops listening first; the
     Hub answers then, and both requests finish with the right answers before the index closes;
     the daemon exits 0 with no traceback, well within kubelet's 30 s, and the next daemon shows
     the new repo. Closing first made the relay fail and its fallback read the closed index (a
-    500 and an lmdb traceback)."""
+    500 and an lmdb traceback); after a takeover, the FUSE face released first must not number
+    the new repo's folder in its closed inode table."""
     _need_fuse()
-    r = stop_with_requests_in_flight(tmp_path, None, answer=True)
+    with contextlib.ExitStack() as stack:
+        k = stack.enter_context(KeeperProcess(tmp_path)) if keeper else None
+        r = stop_with_requests_in_flight(tmp_path, k, answer=True)
     got, log = r["got"], r["log"]
     assert got["relayed"][0] == 200 and got["resolved"][0] == 200, f"{got}\n--- daemon log ---\n{log[-4000:]}"
     assert json.loads(got["relayed"][1]) == INFO
