@@ -42,8 +42,9 @@ from .upstream.sources import build_sources
 
 log = logging.getLogger(__name__)
 
-# At stop, HTTP requests still running (a mirror client that stopped reading) get this long
-# before they are cut; aiohttp's default (60 s per connection) outlasts kubelet's grace period.
+# At stop, HTTP requests still running (a mirror client that stopped reading) get this long to
+# finish, then as long again once aiohttp cancels their request's body, before they are cut;
+# aiohttp's default (60 s per connection, so 120 s) outlasts kubelet's grace period.
 HTTP_STOP_GRACE = 1.0
 
 
