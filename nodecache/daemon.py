@@ -38,6 +38,7 @@ from .status import Serving, Status
 from .store import Store
 from .tier import configured_tiers
 from .upstream.hf import HfUpstream
+from .upstream.receive import Receiver
 from .upstream.sources import build_sources
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,10 @@ class Daemon:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
         connector = aiohttp.TCPConnector(limit=max(64, cfg.parallel_total * 2))
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
-        self.upstream = HfUpstream(cfg.hub_url, self.session, m, token=cfg.hub_token)
+        # Chunk bodies are received in threads (upstream/receive.py): two per fetch slot, so a
+        # slow stream never keeps another waiting; buffers for each slot's part and the next.
+        self.receiver = Receiver(threads=2 * cfg.parallel_total, keep_buffers=2 * cfg.parallel_total)
+        self.upstream = HfUpstream(cfg.hub_url, self.session, m, token=cfg.hub_token, receiver=self.receiver)
         self.sources = build_sources(cfg, self.session, m, self.upstream)  # per-repo chains (issue 6)
         self.membership = Membership(cfg.me, cfg.peers, cfg.peers_dns)
         self.peers = node_peers(cfg, self.membership, self.session, m)
@@ -111,6 +115,7 @@ class Daemon:
         await self.scrubber.close()
         await self.filler.close()
         await self.sources.close()
+        await self.receiver.close()
         await self.session.close()
         await self.store.settle()
         self.store.close()

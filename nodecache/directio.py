@@ -11,6 +11,7 @@ it. A filesystem that refuses O_DIRECT gets ordinary buffered I/O.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -101,14 +102,17 @@ def _write_direct(path: os.PathLike | str, pieces: list, offset: int, buf: mmap.
         return 0
     done = 0
     try:
-        with memoryview(buf) as whole:
+        if len(pieces) == 1 and aligned(pieces[0]):  # a buffer of the receiver: written as it is
+            whole = memoryview(pieces[0])
+        else:
+            whole = memoryview(buf)
             at = 0
             for p in pieces:
                 whole[at : at + len(p)] = p
                 at += len(p)
-            with whole[:n] as view:
-                while done < n:
-                    done += os.pwrite(fd, view[done:], offset + done)
+        with whole, whole[:n] as view:
+            while done < n:
+                done += os.pwrite(fd, view[done:], offset + done)
         return n
     except OSError as e:
         if e.errno == errno.EINVAL and done == 0:  # accepted at open, refused at write
@@ -116,6 +120,15 @@ def _write_direct(path: os.PathLike | str, pieces: list, offset: int, buf: mmap.
         raise
     finally:
         os.close(fd)
+
+
+def aligned(piece) -> bool:
+    """Whether a buffer starts on a block boundary, so O_DIRECT can write it without a copy
+    (only a writable buffer's address can be asked; anything else is copied)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(piece)) % ALIGN == 0
+    except (TypeError, ValueError):
+        return False
 
 
 def pwrite_all(fd: int, pieces: list, offset: int, skip: int = 0) -> None:

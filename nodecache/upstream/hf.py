@@ -3,7 +3,8 @@
 Metadata: `/api/{type}s/{repo}/revision/{rev}` with `expand[]` sha, private and
 gated names the commit (one small document); the file list of a commit the index
 lacks comes from the paginated tree API (hftree), as huggingface_hub reads it.
-Data comes from `/{repo}/resolve/{commit}/{path}` as HTTP range requests; LFS
+Data comes from `/{repo}/resolve/{commit}/{path}` as HTTP range requests, received
+in threads (receive.py); LFS
 files answer with a redirect to a CDN whose signed URL we reuse for a while,
 keyed by blob id (never by URL), and to which we never send our token.
 """
@@ -27,7 +28,7 @@ from ..layout import (
 from ..metrics import Metrics
 from . import NotFound, Resolved, UpstreamError
 from .hftree import tree_pages
-from .ranges import range_parts
+from .receive import Receiver
 
 _LOCATION_TTL = 300.0  # signed CDN URLs live longer than this on the real Hub
 
@@ -43,9 +44,19 @@ class HfUpstream:
     name = "hf"
     kind = "upstream"
 
-    def __init__(self, endpoint: str, session: aiohttp.ClientSession, metrics: Metrics, token: str | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        token: str | None = None,
+        receiver: Receiver | None = None,
+    ):
         self.endpoint = endpoint.rstrip("/")
-        self.session = session
+        self.session = session  # metadata
+        # Data: the daemon's receiver, shared by its sources; one of its own if none is given.
+        self._own_receiver = receiver is None
+        self.receiver = receiver or Receiver(threads=8, keep_buffers=8)
         self.metrics = metrics
         self.token = token
         self._locations: dict[str, tuple[str, float]] = {}
@@ -108,8 +119,8 @@ class HfUpstream:
             raise UpstreamError(f"{method} {path}: {e.__class__.__name__}: {e}") from None
 
     async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> list:
-        """Bytes [start, end) of the blob as the socket delivered them (not joined: a copy of the
-        whole chunk on the loop); follows (and remembers) the CDN redirect."""
+        """Bytes [start, end) of the blob (one buffer of the receiver); follows (and remembers)
+        the CDN redirect."""
         async with aclosing(self.stream(rec, start, end, end - start)) as parts:
             async for pieces in parts:
                 return pieces
@@ -125,26 +136,26 @@ class HfUpstream:
         url, cached = self._location(rec)
         for _hop in range(5):
             headers = {"Range": f"bytes={start}-{end - 1}", **self._headers(url)}
-            try:
-                async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
-                    self.metrics.upstream_requests.labels(str(resp.status)).inc()
-                    if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                        url = urljoin(url, resp.headers["Location"])
-                        self._locations[rec.blob_id] = (url, time.monotonic() + _LOCATION_TTL)
-                        continue
-                    if resp.status in (401, 403, 404, 410) and cached:
-                        # An expired signed URL: ask the Hub for a fresh one.
-                        self._locations.pop(rec.blob_id, None)
-                        url, cached = self._location(rec)
-                        continue
-                    if resp.status in (401, 403, 404):
-                        raise NotFound(f"{rec.repo_id}/{rec.path}: HTTP {resp.status}")
-                    async for pieces in range_parts(resp, start, end, piece):
+            async with self.receiver.get(url, headers) as resp:
+                self.metrics.upstream_requests.labels(str(resp.status)).inc()
+                if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                    url = urljoin(url, resp.headers["Location"])
+                    self._locations[rec.blob_id] = (url, time.monotonic() + _LOCATION_TTL)
+                    continue
+                if resp.status in (401, 403, 404, 410) and cached:
+                    # An expired signed URL: ask the Hub for a fresh one.
+                    self._locations.pop(rec.blob_id, None)
+                    url, cached = self._location(rec)
+                    continue
+                if resp.status in (401, 403, 404):
+                    raise NotFound(f"{rec.repo_id}/{rec.path}: HTTP {resp.status}")
+                try:
+                    async for pieces in resp.parts(start, end, piece):
                         self.metrics.upstream_bytes.labels(self.name).inc(sum(map(len, pieces)))
                         yield pieces
-                    return
-            except (aiohttp.ClientError, TimeoutError) as e:
-                raise UpstreamError(f"{rec.repo_id}/{rec.path} [{start}-{end}): {e.__class__.__name__}: {e}") from None
+                except UpstreamError as e:
+                    raise UpstreamError(f"{rec.repo_id}/{rec.path} [{start}-{end}): {e}") from None
+                return
         raise UpstreamError(f"{rec.repo_id}/{rec.path}: too many redirects")
 
     def _location(self, rec: BlobRecord) -> tuple[str, bool]:
@@ -156,7 +167,9 @@ class HfUpstream:
         return f"{self.endpoint}/{prefix}{rec.repo_id}/resolve/{rec.commit}/{path}", False
 
     async def close(self) -> None:
-        """Nothing of its own: the aiohttp session is the daemon's."""
+        """The aiohttp session is the daemon's; the receiver too, unless this source made it."""
+        if self._own_receiver:
+            await self.receiver.close()
 
 
 def visibility_of(info: dict) -> str:

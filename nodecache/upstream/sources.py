@@ -80,8 +80,9 @@ class Sources:
                     await src.close()
 
 
-def build_sources(cfg: Config, session, metrics: Metrics, hf: Upstream) -> Sources:
-    """The daemon's Sources from config: one upstream object per distinct URL."""
+def build_sources(cfg: Config, session, metrics: Metrics, hf: HfUpstream) -> Sources:
+    """The daemon's Sources from config: one upstream object per distinct URL (the Hub's
+    clients share `hf`'s receiver)."""
     made: dict[str, Upstream] = {"hf": hf}
     chains: dict[tuple[str, str], list[Upstream]] = {}
     try:
@@ -95,7 +96,7 @@ def build_sources(cfg: Config, session, metrics: Metrics, hf: Upstream) -> Sourc
         chain = []
         for spec in specs:
             if spec.scheme == "hf" and repo in tokens:  # a per-repo token: its own Hub client
-                chain.append(HfUpstream(cfg.hub_url, session, metrics, token=tokens[repo]))
+                chain.append(HfUpstream(cfg.hub_url, session, metrics, token=tokens[repo], receiver=hf.receiver))
                 continue
             up = made.get(spec.url)
             if up is None:

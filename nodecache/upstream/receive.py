@@ -1,0 +1,336 @@
+"""HTTP(S) range bodies received in threads, straight into reused page-aligned buffers.
+
+A fill's bytes are most of what the daemon handles. Received on the event loop
+(aiohttp), every socket read costs the loop a wake-up, the parser a copy into
+a new bytes object and the interpreter its bookkeeping; the loop then holds
+the GIL most of the time a fill runs (py-spy, issue 16). Here a thread asks
+for the range with `http.client` and reads each chunk-sized part with one
+`readinto` (the loop of socket reads runs in C, without the GIL) into a
+buffer a previous part used, whose pages are already touched (a fresh page
+costs this VM more than the copy into it). The loop wakes once per part.
+
+Only the data requests of a source come here; metadata stays on the shared
+aiohttp session. Like that session: no proxies from the environment, TLS
+verified with the system's defaults, no redirect followed unasked (the
+caller decides where a redirect may go and what it sends there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import re
+import socket
+import ssl
+import sys
+import threading
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from mmap import mmap
+from urllib.parse import urlsplit
+
+from . import UpstreamError
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_SMALL_BODY = 64 * 1024  # a redirect's or an error's body is read (to reuse the connection) up to this
+_ALIGN = 4096
+_IDLE = 10.0  # seconds without a part before the kept buffers are let go
+# Errors of a request, whatever the layer: socket, TLS, HTTP framing, a URL http.client refuses.
+_FAILURES = (OSError, http.client.HTTPException, ValueError)
+
+
+class Buffers:
+    """Page-aligned buffers, each reused once nothing but this pool refers to it any more.
+
+    A part's buffer is held by whoever holds the part: the chunk write, the
+    in-order hash that keeps chunks ahead of it, a cancelled read's thread.
+    Rather than make each of them give it back, the pool asks CPython's
+    reference count (which counts every memoryview of the buffer too) whether
+    anyone still does. Used from the event loop only. At most `keep` are kept;
+    past that a part gets a buffer of its own, freed with it. `trim` lets go
+    of them all (once a fill is over, the daemon should not stay that big).
+    """
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._kept: list[mmap] = []
+
+    def take(self, size: int) -> mmap:
+        for buf in self._kept:
+            if sys.getrefcount(buf) == _IDLE_REFS and len(buf) >= size:
+                return buf
+        buf = mmap(-1, max(_ALIGN, -(-size // _ALIGN) * _ALIGN))
+        if len(self._kept) < self.keep:
+            self._kept.append(buf)
+        return buf
+
+    def trim(self) -> None:
+        self._kept.clear()  # the idle ones are unmapped now, the busy ones with their last user
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+def _idle_refs() -> int:
+    """The reference count `take` sees for a buffer only the pool holds (the list, the loop
+    variable and getrefcount's argument): measured the same way, not assumed."""
+    kept = [mmap(-1, _ALIGN)]
+    for buf in kept:
+        return sys.getrefcount(buf)
+    raise AssertionError
+
+
+_IDLE_REFS = _idle_refs()
+
+
+class Response:
+    """One response of a `Receiver` request: status and headers now, the body part by part."""
+
+    def __init__(self, receiver: Receiver, conn: _Conn, resp: http.client.HTTPResponse):
+        self._receiver, self._conn, self._resp = receiver, conn, resp
+        self.status: int = resp.status
+        self.headers: Mapping[str, str] = resp.headers
+        self._reading: Future | None = None  # a part being read in a thread
+        self._whole = False  # the body was read to its end: the connection can serve another request
+
+    async def parts(self, start: int, end: int, piece: int) -> AsyncIterator[list[memoryview]]:
+        """Exactly bytes [start, end) of the body as `piece`-sized parts (the last may be shorter),
+        each a one-buffer list. A 206 must carry the Content-Range asked for; a 200 (a server
+        that ignores Range) is read only up to `end`, never whole."""
+        if self.status == 206:
+            m = _CONTENT_RANGE.fullmatch(self.headers.get("Content-Range", ""))
+            if not m or int(m[1]) != start or int(m[2]) != end - 1:
+                raise UpstreamError(f"wrong Content-Range {self.headers.get('Content-Range')!r} for [{start}-{end})")
+            skip = 0
+        elif self.status == 200:
+            skip = start
+        else:
+            raise UpstreamError(f"HTTP {self.status}")
+        pool = self._receiver.buffers
+        pos = start
+        while pos < end:
+            size = min(piece, end - pos)
+            buf = pool.take(size)
+            self._receiver.used()
+            self._reading = self._receiver.threads.submit(_read_into, self._resp, buf, size, skip)
+            try:
+                got = await asyncio.wrap_future(self._reading)
+            except BaseException as e:
+                buf = None  # a traceback keeps this frame: it must not keep the buffer from the pool
+                if isinstance(e, _FAILURES):
+                    raise UpstreamError(f"{self._conn.host}: {e.__class__.__name__}: {e}") from None
+                raise
+            skip = 0
+            if got < size:
+                raise UpstreamError(f"truncated body: {pos - start + got} of {end - start} bytes")
+            pos += size
+            self._whole = pos == end and self._resp.isclosed()
+            yield [memoryview(buf)[:size]]
+
+    async def drain(self) -> None:
+        """Read a small body (a redirect's, an error's) to its end, so its connection can be kept."""
+        if self._resp.length is not None and self._resp.length <= _SMALL_BODY:
+            self._reading = self._receiver.threads.submit(self._resp.read)
+            with suppress(*_FAILURES):
+                await asyncio.wrap_future(self._reading)
+                self._whole = self._resp.isclosed()
+
+    def close(self) -> None:
+        """The connection goes back to the pool if its body was read to the end, else it is closed;
+        a part still being read is cut off (its thread's read returns, then the connection closes)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        reading = self._reading
+        if reading is not None and not reading.done():
+            conn.cut()
+            reading.add_done_callback(lambda _: self._receiver.discard(conn))
+        elif self._whole and not self._resp.will_close:
+            self._receiver.put_back(conn)
+        else:
+            self._receiver.discard(conn)
+
+
+def _read_into(resp: http.client.HTTPResponse, buf: mmap, size: int, skip: int) -> int:
+    """In a thread: skip `skip` bytes, then read `size` into buf; fewer only at the body's end.
+    One readinto loops over the socket in C, without the GIL."""
+    try:
+        return _read_part(resp, buf, size, skip)
+    except BaseException:
+        buf = None  # nor the traceback the future keeps
+        raise
+
+
+def _read_part(resp: http.client.HTTPResponse, buf: mmap, size: int, skip: int) -> int:
+    with memoryview(buf) as whole:
+        while skip:
+            n = resp.readinto(whole[: min(skip, len(whole))])
+            if not n:
+                return 0
+            skip -= n
+        got = 0
+        with whole[:size] as view:
+            while got < size:
+                n = resp.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        return got
+
+
+class _Conn:
+    """A kept-alive connection to one origin (scheme, host, port)."""
+
+    def __init__(self, origin: tuple[str, str, int], http_conn: http.client.HTTPConnection):
+        self.origin, self.http = origin, http_conn
+        self.host = origin[1]
+
+    def cut(self) -> None:
+        """From any thread: make a read blocked on the socket return now."""
+        sock = self.http.sock
+        if sock is not None:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class Receiver:
+    """Data requests of the upstreams: kept-alive connections per origin, threads to read them."""
+
+    def __init__(
+        self,
+        threads: int,
+        keep_buffers: int,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+    ):
+        self.threads = ThreadPoolExecutor(threads, thread_name_prefix="nodecache-receive")
+        self.buffers = Buffers(keep_buffers)
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self._lock = threading.Lock()  # the two below: taken in threads, given back on the loop
+        self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
+        self._busy: set[_Conn] = set()  # cut at close, so no thread waits out its read timeout
+        self._tls = tls  # None: the system's trust store, made on first use
+        self._trim: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @asynccontextmanager
+    async def get(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[Response]:
+        """A GET of `url` (no redirect followed); its connection is given back or closed on exit."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as e:
+            raise UpstreamError(f"bad URL {url[:200]!r}: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UpstreamError(f"not an http(s) URL: {url[:200]!r}")
+        origin = (parts.scheme, parts.hostname, port)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.used()
+        asked = self.threads.submit(self._request, origin, target, dict(headers))
+        try:
+            conn, resp = await asyncio.wrap_future(asked)
+        except asyncio.CancelledError:
+            asked.add_done_callback(self._orphaned)
+            raise
+        except _FAILURES as e:
+            raise UpstreamError(f"{parts.hostname}: {e.__class__.__name__}: {e}") from None
+        response = Response(self, conn, resp)
+        try:
+            if response.status not in (200, 206):
+                await response.drain()
+            yield response
+        finally:
+            response.close()
+
+    def _orphaned(self, asked: Future) -> None:
+        """A request whose caller was cancelled: close its connection once it is answered."""
+        if not asked.cancelled() and asked.exception() is None:
+            self.discard(asked.result()[0])
+
+    def _request(self, origin: tuple[str, str, int], target: str, headers: dict[str, str]):
+        """In a thread: send the request on a kept connection (once more on a new one if the server
+        had closed it meanwhile) and read the status and headers."""
+        conn = self._take(origin)
+        fresh = conn is None
+        while True:
+            if conn is None:
+                conn = self._connect(origin)
+            try:
+                conn.http.request("GET", target, headers=headers)
+                return conn, conn.http.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.discard(conn)
+                if fresh:
+                    raise
+                conn, fresh = None, True  # the kept connection had been closed by the server
+            except BaseException:
+                self.discard(conn)
+                raise
+
+    def _connect(self, origin: tuple[str, str, int]) -> _Conn:
+        scheme, host, port = origin
+        if scheme == "https":
+            with self._lock:
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+            raw = http.client.HTTPSConnection(host, port, timeout=self.connect_timeout, context=self._tls)
+        else:
+            raw = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+        conn = _Conn(origin, raw)
+        with self._lock:
+            if self._closed:
+                raise OSError("the receiver is closed")
+            self._busy.add(conn)
+        try:
+            raw.connect()
+            raw.sock.settimeout(self.read_timeout)
+        except BaseException:
+            self.discard(conn)
+            raise
+        return conn
+
+    def _take(self, origin: tuple[str, str, int]) -> _Conn | None:
+        with self._lock:
+            idle = self._idle.get(origin)
+            if not idle:
+                return None
+            conn = idle.pop()
+            self._busy.add(conn)
+            return conn
+
+    def put_back(self, conn: _Conn) -> None:
+        with self._lock:
+            self._busy.discard(conn)
+            if not self._closed:
+                self._idle.setdefault(conn.origin, []).append(conn)
+                return
+        conn.http.close()
+
+    def discard(self, conn: _Conn) -> None:
+        with self._lock:
+            self._busy.discard(conn)
+        conn.http.close()
+
+    def used(self) -> None:
+        """A request or part is on its way: keep the buffers until the receiver has been idle a while."""
+        if self._trim is not None:
+            self._trim.cancel()
+        self._trim = asyncio.get_running_loop().call_later(_IDLE, self.buffers.trim)
+
+    async def close(self) -> None:
+        """Cut every read in progress and close every connection: no thread waits out a timeout."""
+        if self._trim is not None:
+            self._trim.cancel()
+        self.buffers.trim()
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+            busy = list(self._busy)
+        for conn in busy:
+            conn.cut()
+        for conns in idle.values():
+            for conn in conns:
+                conn.http.close()
+        self.threads.shutdown(wait=False, cancel_futures=True)

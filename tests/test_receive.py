@@ -1,0 +1,342 @@
+"""Range bodies received in threads (upstream/receive.py): exact parts, kept connections,
+hostile answers, cancellation, buffers reused only when free, and TLS that is verified."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import gc
+import ipaddress
+import mmap
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MiB
+
+from nodecache.upstream import UpstreamError
+from nodecache.upstream.receive import Buffers, Receiver
+
+
+def _receiver(**kw) -> Receiver:
+    return Receiver(threads=4, keep_buffers=4, **kw)
+
+
+async def _get(rx: Receiver, url: str, start: int, end: int, piece: int) -> tuple[int, list[bytes]]:
+    async with rx.get(url, {"Range": f"bytes={start}-{end - 1}"}) as resp:
+        return resp.status, [bytes(p[0]) async for p in resp.parts(start, end, piece)]
+
+
+class Server:
+    """A bare HTTP/1.1 server on 127.0.0.1 whose answers a test writes itself: `answer(head,
+    reader, writer)` per request; counts connections."""
+
+    def __init__(self, answer):
+        self.answer, self.connections = answer, 0
+
+    async def __aenter__(self) -> Server:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/blob"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not await self.answer(head, reader, writer):
+                    break
+        writer.close()
+
+
+def _range_of(head: bytes) -> tuple[int, int]:
+    line = next(x for x in head.decode().split("\r\n") if x.lower().startswith("range:"))
+    a, b = line.split("=", 1)[1].split("-")
+    return int(a), int(b) + 1
+
+
+def _partial(body: bytes, a: int, b: int, content_range: str | None = None) -> bytes:
+    cr = content_range or f"bytes {a}-{b - 1}/{len(body)}"
+    return f"HTTP/1.1 206 Partial Content\r\nContent-Length: {b - a}\r\nContent-Range: {cr}\r\n\r\n".encode()
+
+
+def test_parts_are_exact_and_the_connection_is_kept():
+    want = bytes(range(256)) * (32 * 1024)  # 8 MiB
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        writer.write(_partial(want, a, b) + want[a:b])
+        await writer.drain()
+        return True
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = _receiver()
+            try:
+                status, parts = await _get(rx, srv.url, 3 * MiB, 7 * MiB - 5, MiB)  # the last part is short
+                assert status == 206
+                assert [len(p) for p in parts] == [MiB, MiB, MiB, MiB - 5]
+                assert b"".join(parts) == want[3 * MiB : 7 * MiB - 5]
+                assert sum(map(len, rx._idle.values())) == 1, "a body read to its end leaves its connection kept"
+                _, again = await _get(rx, srv.url, 0, MiB, MiB)
+                assert again == [want[:MiB]]
+                assert srv.connections == 1, "the kept connection served the second request"
+            finally:
+                await rx.close()
+
+    asyncio.run(main())
+
+
+def test_a_server_ignoring_range_is_read_only_up_to_the_end_of_the_range():
+    body = bytes(range(256)) * 4096  # 1 MiB
+
+    async def answer(head, reader, writer) -> bool:
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        return True
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = _receiver()
+            try:
+                status, parts = await _get(rx, srv.url, 1000, 300_000, 100_000)
+                assert status == 200 and b"".join(parts) == body[1000:300_000]
+                assert [len(p) for p in parts] == [100_000, 100_000, 99_000]
+                assert not any(rx._idle.values()), "a body left half read is never reused"
+            finally:
+                await rx.close()
+
+    asyncio.run(main())
+
+
+def test_a_wrong_content_range_and_a_truncated_body_are_upstream_errors():
+    body = b"x" * 200_000
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        if a == 0:  # claims another range than the one asked
+            writer.write(_partial(body, a, b, f"bytes 1-{b}/{len(body)}") + body[a:b])
+            await writer.drain()
+            return True
+        writer.write(_partial(body, a, b) + body[a : a + (b - a) // 2])  # half, then the connection closes
+        await writer.drain()
+        return False
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = _receiver()
+            try:
+                with pytest.raises(UpstreamError, match="wrong Content-Range"):
+                    await _get(rx, srv.url, 0, 100_000, 50_000)
+                got: list[bytes] = []
+                with pytest.raises(UpstreamError, match="truncated body"):
+                    async with rx.get(srv.url, {"Range": "bytes=10-100009"}) as resp:
+                        async for p in resp.parts(10, 100_010, 25_000):
+                            got.append(bytes(p[0]))
+                assert got == [body[10:25_010], body[25_010:50_010]], "the parts before the cut are good"
+                assert not any(rx._idle.values())
+            finally:
+                await rx.close()
+
+    asyncio.run(main())
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_once():
+    body = b"y" * 10_000
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        writer.write(_partial(body, a, b) + body[a:b])
+        await writer.drain()
+        return False  # closes every connection after one answer, without saying so
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = _receiver()
+            try:
+                for _ in range(3):
+                    assert (await _get(rx, srv.url, 0, 10_000, 10_000))[1] == [body]
+                    await asyncio.sleep(0.05)  # the server's close reaches the client
+                assert srv.connections == 3
+            finally:
+                await rx.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_read_is_cut_off_and_its_buffer_is_not_handed_out_meanwhile():
+    """A part waiting for a stalled server: cancelling it returns at once (the socket is cut, no
+    thread waits out the read timeout), the connection is dropped, and the buffer the thread was
+    reading into is given to nobody else until that thread is done with it."""
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        writer.write(_partial(b"z" * b, a, b) + b"z" * 1000)  # then nothing more
+        await writer.drain()
+        await asyncio.sleep(30)
+        return False
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = Receiver(threads=2, keep_buffers=1, read_timeout=25.0)
+            try:
+                task = asyncio.create_task(_get(rx, srv.url, 0, 100_000, 100_000))
+                while not any(t.name.startswith("nodecache-receive") and t.is_alive() for t in threading.enumerate()):
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.3)  # the part's read is blocked in its thread
+                busy = id(rx.buffers._kept[0])  # an id: a reference of the test's own would keep it busy
+                assert id(rx.buffers.take(10)) != busy, "a buffer a thread reads into is not handed out"
+                t0 = time.monotonic()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                while rx._busy:  # the thread saw the cut and closed the connection
+                    assert time.monotonic() - t0 < 5, "the blocked read was not cut off"
+                    await asyncio.sleep(0.01)
+                assert not any(rx._idle.values())
+                gc.collect()
+                assert id(rx.buffers.take(10)) == busy, "free again once the thread let go of it"
+            finally:
+                await rx.close()
+
+    asyncio.run(main())
+
+
+def test_buffers_are_reused_only_when_nobody_holds_them():
+    """Compared by id: a reference of the test's own would count as a holder."""
+    pool = Buffers(keep=2)
+    a = pool.take(5000)
+    assert len(a) == 8192 and len(pool) == 1
+    first = id(a)
+    view = memoryview(a)[:100]
+    del a
+    b = pool.take(100)
+    assert id(b) != first, "a live view keeps the buffer its holder's"
+    second = id(b)
+    del b
+    view.release()
+    assert id(pool.take(100)) == first
+    held = [pool.take(100), pool.take(100)]
+    assert {id(x) for x in held} == {first, second}, "both free: both handed out again"
+    extra = pool.take(100)
+    assert id(extra) not in (first, second) and len(pool) == 2, "past `keep`, a buffer of its own, not kept"
+    big = pool.take(9000)
+    assert len(big) >= 9000
+    del held, extra, big
+    pool.trim()
+    assert len(pool) == 0
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_tls_is_verified_and_served(tmp_path):
+    """An https upstream with a certificate nobody vouches for is refused; trusted, its bytes
+    arrive over TLS in parts like any other."""
+    cert, key = _self_signed(tmp_path)
+    body = bytes(range(256)) * 1024
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        writer.write(_partial(body, a, b) + body[a:b])
+        await writer.drain()
+        return True
+
+    async def main() -> None:
+        server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_tls.load_cert_chain(cert, key)
+        srv = Server(answer)
+        srv.server = await asyncio.start_server(srv._serve, "127.0.0.1", 0, ssl=server_tls)
+        url = f"https://127.0.0.1:{srv.server.sockets[0].getsockname()[1]}/blob"
+        try:
+            rx = _receiver()
+            try:
+                with pytest.raises(UpstreamError, match="CERTIFICATE_VERIFY_FAILED"):
+                    await _get(rx, url, 0, 1000, 1000)
+            finally:
+                await rx.close()
+            trusting = ssl.create_default_context(cafile=str(cert))
+            rx = _receiver(tls=trusting)
+            try:
+                status, parts = await _get(rx, url, 100, len(body), 64 * 1024)
+                assert status == 206 and b"".join(parts) == body[100:]
+            finally:
+                await rx.close()
+        finally:
+            srv.server.close()
+
+    asyncio.run(main())
+
+
+def test_only_http_urls_are_fetched():
+    async def main() -> None:
+        rx = _receiver()
+        try:
+            for url in ("file:///etc/passwd", "ftp://127.0.0.1/x", "http:///nohost", "http://127.0.0.1:99999/x"):
+                with pytest.raises(UpstreamError):
+                    await _get(rx, url, 0, 10, 10)
+        finally:
+            await rx.close()
+
+    asyncio.run(main())
+
+
+def test_close_cuts_reads_in_progress():
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        writer.write(_partial(b"q" * b, a, b))
+        await writer.drain()
+        await asyncio.sleep(30)
+        return False
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = Receiver(threads=2, keep_buffers=1, read_timeout=25.0)
+            task = asyncio.create_task(_get(rx, srv.url, 0, 1000, 1000))
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            await rx.close()
+            with pytest.raises(UpstreamError):
+                await task
+            assert time.monotonic() - t0 < 5
+
+    asyncio.run(main())
+
+
+def test_a_buffer_is_page_aligned_for_direct_writes():
+    from nodecache import directio
+
+    pool = Buffers(keep=1)
+    buf = pool.take(3 * 4096 + 1)
+    assert isinstance(buf, mmap.mmap) and directio.aligned(memoryview(buf)[: 3 * 4096 + 1])
