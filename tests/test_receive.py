@@ -9,6 +9,7 @@ import datetime
 import gc
 import ipaddress
 import mmap
+import os
 import ssl
 import threading
 import time
@@ -340,3 +341,56 @@ def test_a_buffer_is_page_aligned_for_direct_writes():
     pool = Buffers(keep=1)
     buf = pool.take(3 * 4096 + 1)
     assert isinstance(buf, mmap.mmap) and directio.aligned(memoryview(buf)[: 3 * 4096 + 1])
+
+
+def test_a_paced_body_is_read_once_per_lowat_and_its_end_is_never_waited_for():
+    """A throttled stream delivers a few KiB per packet; the thread reads the socket once per
+    LOWAT bytes instead (SO_RCVLOWAT), gets exactly its bytes, and the kept connection is back
+    at a mark of 1 for the next response (which would otherwise wait for bytes that never come)."""
+    import socket
+
+    from nodecache.upstream.receive import LOWAT
+
+    body = os.urandom(8 * MiB + 12345)
+    segment = 4096
+
+    async def answer(head, reader, writer) -> bool:
+        writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        a, b = _range_of(head)
+        writer.write(_partial(body, a, b))
+        for i in range(a, b, segment):  # one small segment per loop turn, as a paced sender
+            writer.write(body[i : min(b, i + segment)])
+            await writer.drain()
+            await asyncio.sleep(0)
+        return True
+
+    reads = 0
+    original = socket.SocketIO.readinto
+
+    def counting(self, b):
+        nonlocal reads
+        reads += 1
+        return original(self, b)
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = _receiver()
+            try:
+                _, parts = await _get(rx, srv.url, 0, len(body), 3 * MiB)
+                assert b"".join(parts) == body
+                (conn,) = rx._idle[("http", "127.0.0.1", int(srv.url.split(":")[2].split("/")[0]))]
+                assert conn.http.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+                _, again = await asyncio.wait_for(_get(rx, srv.url, 100, 200_000, 50_000), 10)
+                assert b"".join(again) == body[100:200_000]
+                assert srv.connections == 1
+            finally:
+                await rx.close()
+
+    socket.SocketIO.readinto = counting
+    try:
+        asyncio.run(main())
+    finally:
+        socket.SocketIO.readinto = original
+    # ~2,050 segments for the first body; batched: ~32 reads of LOWAT, the last 2 x LOWAT as they
+    # come (<= 128 segments), plus the second body's (<= 49 segments) and the status lines.
+    assert reads < len(body) // LOWAT + 2 * LOWAT // segment + 200_000 // segment + 40, reads

@@ -35,6 +35,7 @@ from . import UpstreamError
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _SMALL_BODY = 64 * 1024  # a redirect's or an error's body is read (to reuse the connection) up to this
 _ALIGN = 4096
+LOWAT = 256 * 1024  # bytes a paced stream gathers per socket read
 _IDLE = 10.0  # seconds without a part before the kept buffers are let go
 # Errors of a request, whatever the layer: socket, TLS, HTTP framing, a URL http.client refuses.
 _FAILURES = (OSError, http.client.HTTPException, ValueError)
@@ -113,7 +114,7 @@ class Response:
             size = min(piece, end - pos)
             buf = pool.take(size)
             self._receiver.used()
-            self._reading = self._receiver.threads.submit(_read_into, self._resp, buf, size, skip)
+            self._reading = self._receiver.threads.submit(_read_into, self._conn, self._resp, buf, size, skip)
             try:
                 got = await asyncio.wrap_future(self._reading)
             except BaseException as e:
@@ -152,31 +153,42 @@ class Response:
             self._receiver.discard(conn)
 
 
-def _read_into(resp: http.client.HTTPResponse, buf: mmap, size: int, skip: int) -> int:
-    """In a thread: skip `skip` bytes, then read `size` into buf; fewer only at the body's end.
-    One readinto loops over the socket in C, without the GIL."""
+def _read_into(conn: _Conn, resp: http.client.HTTPResponse, buf: mmap, size: int, skip: int) -> int:
+    """In a thread: skip `skip` bytes, then read `size` into buf; fewer only at the body's end."""
     try:
-        return _read_part(resp, buf, size, skip)
+        with memoryview(buf) as whole:
+            while skip:
+                n = _read_batched(conn, resp, whole[: min(skip, len(whole))])
+                if not n:
+                    return 0
+                skip -= n
+            with whole[:size] as view:
+                return _read_batched(conn, resp, view)
     except BaseException:
-        buf = None  # nor the traceback the future keeps
+        buf = None  # the traceback the future keeps must not keep the buffer from the pool
         raise
 
 
-def _read_part(resp: http.client.HTTPResponse, buf: mmap, size: int, skip: int) -> int:
-    with memoryview(buf) as whole:
-        while skip:
-            n = resp.readinto(whole[: min(skip, len(whole))])
-            if not n:
-                return 0
-            skip -= n
-        got = 0
-        with whole[:size] as view:
-            while got < size:
-                n = resp.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-        return got
+def _read_batched(conn: _Conn, resp: http.client.HTTPResponse, view: memoryview) -> int:
+    """Fill `view` (fewer bytes only at the body's end) with few readinto calls, each looping over
+    the socket in C without the GIL. While the body has well over LOWAT bytes to come, the socket
+    reports itself readable only once LOWAT bytes are queued (SO_RCVLOWAT): a paced stream
+    delivers a few KiB per packet, and each socket read costs a trip through Python and the GIL.
+    The body's last bytes are read with a mark of 1, so its end is never waited for."""
+    got = 0
+    while got < len(view):
+        rest = resp.length  # bytes of the body not yet read; None: chunked or until close
+        batch = len(view) - got
+        if rest is not None and rest - 2 * LOWAT > 0:
+            batch = min(batch, rest - 2 * LOWAT)  # what is buffered above the socket is < LOWAT
+            conn.mark(LOWAT)
+        else:
+            conn.mark(1)
+        n = resp.readinto(view[got : got + batch])
+        if not n:
+            break
+        got += n
+    return got
 
 
 class _Conn:
@@ -185,6 +197,12 @@ class _Conn:
     def __init__(self, origin: tuple[str, str, int], http_conn: http.client.HTTPConnection):
         self.origin, self.http = origin, http_conn
         self.host = origin[1]
+        self.lowat = 1  # the socket's SO_RCVLOWAT; 1 whenever no body is being read
+
+    def mark(self, lowat: int) -> None:
+        if lowat != self.lowat and self.http.sock is not None:
+            self.http.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            self.lowat = lowat
 
     def cut(self) -> None:
         """From any thread: make a read blocked on the socket return now."""
