@@ -22,7 +22,6 @@ from .expiring import ExpiringSet
 from .index import BlobRecord
 from .metrics import Metrics
 from .upstream import NotFound, PiecewiseSource, UpstreamError
-from .upstream.ranges import FewerWakeups
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,9 @@ def join_host_port(host: str, port: str | int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+LOWAT = 256 * 1024  # bytes a body's socket gathers per wake-up (asyncio reads at most 256 KiB at a time)
+
+
 async def body_parts(resp: aiohttp.ClientResponse) -> list[bytes]:
     """A chunk's body as the buffers the socket delivered, never joined: the store gathers
     them into its aligned buffer anyway, and a joined 8 MiB copy lands in fresh pages."""
@@ -74,6 +76,50 @@ async def body_parts(resp: aiohttp.ClientResponse) -> list[bytes]:
             wakeups.update()
             parts.append(data)
     return parts
+
+
+class FewerWakeups:
+    """While a large body arrives, wake the event loop once per `LOWAT` bytes, not once per packet.
+
+    A rate-limited stream delivers a few KiB per socket read; each read costs
+    the loop a wake-up, the transport, aiohttp's parser and our iteration, in
+    Python. SO_RCVLOWAT makes the kernel report the socket readable only once
+    LOWAT bytes are queued. It is raised only while more than LOWAT bytes of
+    the body are still to come and is 1 again for its tail, so the end of a
+    body (and the next response on a kept-alive connection) is never waited
+    for. Anything without a socket or a length is left as it is.
+    """
+
+    def __init__(self, resp: aiohttp.ClientResponse):
+        conn = resp.connection
+        transport = conn.transport if conn is not None else None
+        self.sock = transport.get_extra_info("socket") if transport is not None else None
+        self.content, self.length = resp.content, resp.content_length
+        self.raised = False
+
+    def __enter__(self) -> FewerWakeups:
+        self.update()
+        return self
+
+    def update(self) -> None:
+        """After each read: batch while more than LOWAT bytes are still on the wire."""
+        if self.sock is None or self.length is None:
+            return
+        want = self.length - self.content.total_bytes > LOWAT
+        if want != self.raised:
+            self._set(LOWAT if want else 1)
+            self.raised = want
+
+    def _set(self, value: int) -> None:
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
+        except OSError:
+            self.sock = None  # not a TCP socket after all: leave it
+
+    def __exit__(self, *exc: object) -> None:
+        if self.raised and self.sock is not None:
+            self._set(1)
+            self.raised = False
 
 
 # --- membership -----------------------------------------------------------------

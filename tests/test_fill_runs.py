@@ -20,9 +20,8 @@ from conftest import BIG, MiB, sha256_file, snapshot_dir, verified, wait_until
 
 from nodecache import directio
 from nodecache.blobfill import run_length
+from nodecache.peers import LOWAT, body_parts
 from nodecache.testing.hub import Fault
-from nodecache.upstream import UpstreamError
-from nodecache.upstream.ranges import LOWAT, range_parts
 
 
 def test_run_lengths_shrink_and_cover_the_blob():
@@ -35,36 +34,6 @@ def test_run_lengths_shrink_and_cover_the_blob():
     assert lengths == sorted(lengths, reverse=True), "runs only shrink"
     assert lengths[0] == 4 and lengths[-16:] == [1] * 16, "half a fair share; single chunks at the end"
     assert run_length(1000, workers=8, most=2) == 2 and run_length(3, workers=8, most=8) == 1
-
-
-async def _parts(url: str, start: int, end: int, piece: int) -> list[bytes]:
-    async with aiohttp.ClientSession() as s, s.get(url, headers={"Range": f"bytes={start}-{end - 1}"}) as resp:
-        return [b"".join(p) async for p in range_parts(resp, start, end, piece)]
-
-
-def test_one_response_is_split_into_chunks(hub, big_repo):
-    url = f"{hub.url}/{BIG}/resolve/main/weights.bin"
-    want = (big_repo / "weights.bin").read_bytes()
-    start, end = 3 * MiB, 7 * MiB - 5  # the last part is short
-    parts = asyncio.run(_parts(url, start, end, MiB))
-    assert [len(p) for p in parts] == [MiB, MiB, MiB, MiB - 5]
-    assert b"".join(parts) == want[start:end]
-
-
-def test_a_truncated_run_keeps_the_chunks_it_delivered(hub, big_repo):
-    url = f"{hub.url}/{BIG}/resolve/main/weights.bin"
-    want = (big_repo / "weights.bin").read_bytes()
-    hub.faults.append(Fault("truncate"))  # the body stops half way
-    got: list[bytes] = []
-
-    async def read() -> None:
-        async with aiohttp.ClientSession() as s, s.get(url, headers={"Range": f"bytes=0-{4 * MiB - 1}"}) as resp:
-            async for p in range_parts(resp, 0, 4 * MiB, MiB):
-                got.append(b"".join(p))
-
-    with pytest.raises((UpstreamError, aiohttp.ClientPayloadError)):  # stream() makes both UpstreamError
-        asyncio.run(read())
-    assert got == [want[k * MiB : (k + 1) * MiB] for k in range(2)]
 
 
 def _cached(path: Path, offset: int, size: int) -> bool:
@@ -160,9 +129,9 @@ def test_prefetch_streams_runs_survives_broken_ones_and_leaves_no_page_cache(hub
 
 
 def test_a_body_arriving_in_small_packets_wakes_the_reader_once_per_lowat():
-    """A throttled stream delivers a few KiB per socket read; the reader is woken once per
-    LOWAT bytes instead (SO_RCVLOWAT), gets exactly its bytes, and the kept-alive connection
-    is back at a low-water mark of 1 for the next response."""
+    """A peer's chunk arriving as a throttled stream delivers a few KiB per socket read; the
+    reader is woken once per LOWAT bytes instead (SO_RCVLOWAT), gets exactly its bytes, and the
+    kept-alive connection is back at a low-water mark of 1 for the next response."""
     body = os.urandom(8 * MiB + 12345)
     piece = 4096
 
@@ -197,12 +166,12 @@ def test_a_body_arriving_in_small_packets_wakes_the_reader_once_per_lowat():
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
                 url = f"http://127.0.0.1:{port}/x"
                 async with s.get(url, headers={"Range": f"bytes=0-{len(body) - 1}"}) as resp:
-                    got = b"".join([b"".join(p) async for p in range_parts(resp, 0, len(body), MiB)])
+                    got = b"".join(await body_parts(resp))
                     sock = resp.connection.transport.get_extra_info("socket") if resp.connection else None
                     lowat = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) if sock else 1
                 first = reads
                 async with s.get(url, headers={"Range": f"bytes=0-{len(body) - 1}"}) as resp:  # same connection
-                    assert b"".join([b"".join(p) async for p in range_parts(resp, 0, len(body), MiB)]) == body
+                    assert b"".join(await body_parts(resp)) == body
         finally:
             aiohttp.StreamReader.feed_data = original
             server.close()

@@ -394,3 +394,45 @@ def test_a_paced_body_is_read_once_per_lowat_and_its_end_is_never_waited_for():
     # ~2,050 segments for the first body; batched: ~32 reads of LOWAT, the last 2 x LOWAT as they
     # come (<= 128 segments), plus the second body's (<= 49 segments) and the status lines.
     assert reads < len(body) // LOWAT + 2 * LOWAT // segment + 200_000 // segment + 40, reads
+
+
+def test_the_http_upstream_follows_redirects_and_sends_its_auth_only_to_its_origin():
+    import aiohttp
+
+    from nodecache.metrics import Metrics
+    from nodecache.upstream.http import HttpUpstream
+    from nodecache.upstream.manifest import SourceFile
+
+    body = os.urandom(300_000)
+    heads: dict[str, list[bytes]] = {"origin": [], "cdn": []}
+
+    async def cdn(head, reader, writer) -> bool:
+        heads["cdn"].append(head)
+        a, b = _range_of(head)
+        writer.write(_partial(body, a, b) + body[a:b])
+        await writer.drain()
+        return True
+
+    async def main() -> None:
+        async with Server(cdn) as far:
+
+            async def origin(head, reader, writer) -> bool:
+                heads["origin"].append(head)
+                writer.write(f"HTTP/1.1 302 Found\r\nLocation: {far.url}?sig=1\r\nContent-Length: 0\r\n\r\n".encode())
+                await writer.drain()
+                return True
+
+            async with Server(origin) as near, aiohttp.ClientSession() as session:
+                rx = _receiver()
+                up = HttpUpstream(near.url.rsplit("/", 1)[0], session, rx, Metrics(), auth_header="Bearer s3cret")
+                try:
+                    f = SourceFile("w.bin", "w.bin", len(body), "0" * 64, "sha256")
+                    got = await up._read_range(f, 1000, 201_000)
+                    assert bytes(got) == body[1000:201_000]
+                finally:
+                    await rx.close()
+
+    asyncio.run(main())
+    assert heads["origin"] and b"authorization: bearer s3cret" in heads["origin"][0].lower()
+    assert heads["cdn"] and b"authorization" not in heads["cdn"][0].lower(), "the token never leaves its origin"
+    assert b"GET /blob?sig=1 " in heads["cdn"][0]

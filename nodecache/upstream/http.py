@@ -2,13 +2,13 @@
 
 `<base>/.nodecache-manifest.json` is a JSON list of `{path, size, sha256}` (or
 `{"commit": ..., "files": [...]}`); file `p` is fetched from `<base>/<p>` with
-range requests. An optional auth header (a file holding `Bearer xyz` or
+range requests (received in threads, receive.py). An optional auth header (a file holding `Bearer xyz` or
 `Header-Name: value`) is sent only to the base URL's origin, never logged.
 """
 
 from __future__ import annotations
 
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 
@@ -16,15 +16,22 @@ from ..metrics import Metrics
 from . import NotFound, UpstreamError
 from .listing import ListingUpstream
 from .manifest import MANIFEST, SourceFile, SourceObject, parse_manifest
-from .ranges import range_body
+from .receive import Receiver
 
 
 class HttpUpstream(ListingUpstream):
     name = "http"
 
-    def __init__(self, base: str, session: aiohttp.ClientSession, metrics: Metrics, auth_header: str | None = None):
+    def __init__(
+        self,
+        base: str,
+        session: aiohttp.ClientSession,
+        receiver: Receiver,
+        metrics: Metrics,
+        auth_header: str | None = None,
+    ):
         super().__init__(base.rstrip("/"))
-        self.session = session
+        self.session, self.receiver = session, receiver  # the manifest; the chunks
         self.metrics = metrics
         self._auth: dict[str, str] = {}
         if auth_header:
@@ -66,15 +73,22 @@ class HttpUpstream(ListingUpstream):
         if status in (404, 410):
             raise NotFound(f"{self.url}/{key}: HTTP {status}")
 
-    async def _read_range(self, f: SourceFile, start: int, end: int) -> bytearray:
-        try:
-            async with await self._get(f.key, {"Range": f"bytes={start}-{end - 1}"}) as resp:
+    async def _read_range(self, f: SourceFile, start: int, end: int) -> memoryview:
+        """One chunk, received in a thread (receive.py); redirects are followed here, so that the
+        auth header goes only to the base URL's origin."""
+        url = self._file_url(f.key)
+        for _hop in range(5):
+            headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity", **self._headers(url)}
+            async with self.receiver.get(url, headers) as resp:
                 self.metrics.upstream_requests.labels(str(resp.status)).inc()
+                if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                    url = urljoin(url, resp.headers["Location"])
+                    continue
                 self._check(resp.status, f.key)
-                data = await range_body(resp, start, end)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise UpstreamError(f"{self.url}/{f.key} [{start}-{end}): {e.__class__.__name__}: {e}") from None
-        except UpstreamError as e:
-            raise UpstreamError(f"{self.url}/{f.key} [{start}-{end}): {e}") from None
-        self.metrics.upstream_bytes.labels(self.name).inc(len(data))
-        return data
+                try:
+                    parts = [data async for (data,) in resp.parts(start, end, end - start)]  # one part
+                except UpstreamError as e:
+                    raise UpstreamError(f"{self.url}/{f.key} [{start}-{end}): {e}") from None
+                self.metrics.upstream_bytes.labels(self.name).inc(end - start)
+                return parts[0] if parts else memoryview(b"")
+        raise UpstreamError(f"{self.url}/{f.key}: too many redirects")

@@ -114,7 +114,7 @@ def build_sources(cfg: Config, session, metrics: Metrics, hf: HfUpstream) -> Sou
                         auth = read_secret(cfg.http_auth_file) if cfg.http_auth_file else None
                     except ValueError as e:
                         raise ConfigError(f"http_auth_file: {e}") from None
-                    up = HttpUpstream(spec.url, session, metrics, auth_header=auth)
+                    up = HttpUpstream(spec.url, session, hf.receiver, metrics, auth_header=auth)
                 else:
                     up = LocalUpstream(spec.url, metrics)
                 made[spec.url] = up
