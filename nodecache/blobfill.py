@@ -172,8 +172,10 @@ class BlobFills:
             async with aclosing(source.stream(st.rec, start, end, st.rec.chunk_size)) as parts:
                 async for data in parts:
                     self.chunks.served(st.rec.blob_id, source)
-                    if not handed[run[i]].done():  # its task may have been cancelled
-                        handed[run[i]].set_result((data, kind))
+                    fut = handed.pop(run[i])  # the chunk's task holds it; a buffer is held no longer than it
+                    if not fut.done():  # its task may have been cancelled
+                        fut.set_result((data, kind))
+                    del data, fut
                     i += 1
                     if 2 <= i < len(run):  # not after the last part: the connection goes back to the pool now
                         await asyncio.wait({tasks[i - 2]})

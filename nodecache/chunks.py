@@ -176,6 +176,7 @@ class Chunks:
         try:
             if handed is not None:
                 data, kind = await handed  # (None, _) if the run broke before this chunk
+                handed = None  # nor does its result keep the bytes once they are written
             if data is None:
                 kind = "local"
                 if not st.has(k):

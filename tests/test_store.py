@@ -1102,3 +1102,42 @@ def test_a_crash_start_reads_only_the_records_of_blobs_holding_bytes(cache: Path
         assert len(decoded) <= 2 * 3, f"a crash start read {len(decoded)} records"
     finally:
         fresh.close()
+
+
+def test_a_written_chunks_buffer_is_free_before_its_sync_and_record(cache, index):
+    """A part from the receiver is handed over: once its bytes are written, its buffer can take
+    the next part while the group commit (the sync and the LMDB record) is still running."""
+    from nodecache.groupcommit import GroupCommit
+    from nodecache.upstream.receive import Buffers
+
+    store = Store(cache, index, hash_memory=0)
+    data = payload(2 * CS)
+    rec = record("sha256", data)
+    pool = Buffers(keep=1)
+    first = id(pool.take(CS))  # ids: a reference of the test's own would keep it busy
+    gate = threading.Event()
+    flush = store._sync_and_record
+    store._commit = GroupCommit(lambda chunks: (gate.wait(10), flush(chunks)))
+
+    async def main() -> None:
+        st = store.state(rec)
+        buf = pool.take(CS)
+        buf[:CS] = data[:CS]
+        part = [memoryview(buf)[:CS]]
+        del buf
+        write = asyncio.create_task(store.write_chunk(st, 0, part, cache=False))
+        deadline = time.monotonic() + 10
+        while part:
+            assert time.monotonic() < deadline, "the part was never handed back"
+            await asyncio.sleep(0.01)
+        assert not write.done() and not st.has(0), "the commit still waits"
+        assert id(pool.take(CS)) == first, "the buffer is free for the next part"
+        gate.set()
+        await write
+        assert st.has(0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+        store.close()
