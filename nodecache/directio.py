@@ -27,6 +27,16 @@ def _round_up(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def anonymous(size: int) -> mmap.mmap:
+    """A page-aligned buffer of private anonymous memory, rounded up to whole pages.
+
+    `mmap(-1, n)` is a *shared* anonymous mapping, backed by shmem: each first
+    touch of a page goes through the shmem page cache and its LRU, which
+    costs this VM 0.8 CPU-s per GiB against 0.45 for private pages.
+    """
+    return mmap.mmap(-1, max(_round_up(size), ALIGN), flags=mmap.MAP_PRIVATE)
+
+
 class BufferPool:
     """Page-aligned buffers (anonymous mmaps), reused so their pages are touched once.
 
@@ -45,7 +55,7 @@ class BufferPool:
             if buf is not None:
                 self._free.remove(buf)
                 return buf
-        return mmap.mmap(-1, max(_round_up(size), ALIGN))
+        return anonymous(size)
 
     def give(self, buf: mmap.mmap) -> None:
         """Only once no thread can touch it any more; a buffer never given back is just garbage."""

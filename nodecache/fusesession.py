@@ -14,7 +14,6 @@ import contextlib
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -414,7 +413,7 @@ class Session:
             return None
         buf = getattr(self._buffers, "buf", None)
         if buf is None:
-            buf = self._buffers.buf = mmap.mmap(-1, _BUF)  # page-aligned, reused: no fresh pages per reply
+            buf = self._buffers.buf = directio.anonymous(_BUF)  # page-aligned, reused: no fresh pages per reply
         want = -(-sl.size // directio.ALIGN) * directio.ALIGN
         try:
             got = os.preadv(sl.direct_fd, [memoryview(buf)[:want]], sl.offset)

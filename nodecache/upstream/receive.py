@@ -30,11 +30,11 @@ from contextlib import asynccontextmanager, suppress
 from mmap import mmap
 from urllib.parse import urlsplit
 
+from ..directio import anonymous
 from . import UpstreamError
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _SMALL_BODY = 64 * 1024  # a redirect's or an error's body is read (to reuse the connection) up to this
-_ALIGN = 4096
 LOWAT = 256 * 1024  # bytes a paced stream gathers per socket read
 _IDLE = 10.0  # seconds without a part before the kept buffers are let go
 # Errors of a request, whatever the layer: socket, TLS, HTTP framing, a URL http.client refuses.
@@ -61,7 +61,7 @@ class Buffers:
         for buf in self._kept:
             if sys.getrefcount(buf) == _IDLE_REFS and len(buf) >= size:
                 return buf
-        buf = mmap(-1, max(_ALIGN, -(-size // _ALIGN) * _ALIGN))
+        buf = anonymous(size)
         if len(self._kept) < self.keep:
             self._kept.append(buf)
         return buf
@@ -76,7 +76,7 @@ class Buffers:
 def _idle_refs() -> int:
     """The reference count `take` sees for a buffer only the pool holds (the list, the loop
     variable and getrefcount's argument): measured the same way, not assumed."""
-    kept = [mmap(-1, _ALIGN)]
+    kept = [anonymous(1)]
     for buf in kept:
         return sys.getrefcount(buf)
     raise AssertionError
