@@ -1,10 +1,10 @@
 """Snapshot-aware fill: a reader opened a weight file, so fill the rest of the snapshot it will read.
 
 What and in which order is snapplan's (pure); here the whole-blob fills are
-started: the small files at once, then the shards one after another, each
-with as many workers as background fills may hold connections (parallel_total
-less the demand reserve), the next started once every chunk of the one before
-is claimed. So the shard the loader reads next is complete first, and its open
+started: the opened shard, which is being read, with as many workers as
+background fills may hold connections (parallel_total less the demand
+reserve), the small files beside it, then the other shards one after another
+with as many, each started once every chunk of the one before is claimed. So the shard the loader reads next is complete first, and its open
 is passthrough; shards filling side by side would finish together, late, and
 every one of them be served by the daemon. Every such fetch is a background
 one: readers' chunks go ahead (slots.py).
@@ -74,7 +74,8 @@ class SnapshotFills:
         if snapshot in self._tasks or snapshot in self._planned:
             return self._tasks.get(snapshot)
         self._planned.add(snapshot)
-        task = self._tasks[snapshot] = asyncio.get_running_loop().create_task(self._fill(snapshot, path, files))
+        fill = self._fill(snapshot, path, files, blob_id)
+        task = self._tasks[snapshot] = asyncio.get_running_loop().create_task(fill)
         task.add_done_callback(lambda t: (self._tasks.pop(snapshot, None), consume(t)))
         return task
 
@@ -98,10 +99,15 @@ class SnapshotFills:
                 return snapshot, path, files
         return None
 
-    async def _fill(self, snapshot: Snapshot, opened: str, files: list[FileEntry]) -> None:
+    async def _fill(self, snapshot: Snapshot, opened: str, files: list[FileEntry], opened_blob: str) -> None:
+        # The opened shard is being read: its fill (started by the open, parallel_per_blob
+        # workers) gets the background connections first; the small files go beside it.
+        reading = self.start(opened_blob, self.workers)
         started = [t for f in small_files(files, opened) if (t := self.start(f.blob_id, None)) is not None]
         if started:
             await asyncio.wait(started)
+        if reading is not None:
+            await self.claimed(opened_blob)
         order = weight_order(files, opened, await self._indexes(files, opened))
         log.info("snapshot fill of %s@%s after %s: %d small file(s), then %s", snapshot[1], snapshot[2][:12],
                  opened, len(started), ", ".join(f.path for f in order) or "no other weight file")  # fmt: skip

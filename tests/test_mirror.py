@@ -169,7 +169,9 @@ print(json.dumps(out))
 
 def test_concurrent_cold_clients_share_one_fetch_and_stream_early(daemons, hub, big_repo):
     """4 clients on one cold 72 MiB file: one upstream fetch; the first bytes leave before the fill ends."""
-    d = daemons(repos=(BIG,))
+    # The blob's own fill (parallel_per_blob workers), not the snapshot fill's, which gives a weight
+    # file being read every background connection: the bytes fetched before the first leave grow with it.
+    d = daemons(repos=(BIG,), env={"NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false"})
     hub.rate_limit_bps = 24 * MiB  # per upstream response: the fill takes a while
     url = f"{d.url}/{BIG}/resolve/main/weights.bin"
     results: dict[int, tuple[str, int, int]] = {}
@@ -233,7 +235,9 @@ def test_a_whole_file_get_adds_one_request_beside_its_fill_workers(daemons, hub)
     data = os.urandom(16 * MiB)  # 16 chunks of 1 MiB
     hub.add_repo("org/one", {"model.safetensors": data})
     hub.rate_limit_bps = 8 * MiB  # per response: a chunk takes 1/8 s, so requests overlap
-    d = daemons(repos=(), env={**ALLOW_ORG, "NODECACHE_PARALLEL_PER_BLOB": "2", "NODECACHE_READ_AHEAD_CHUNKS": "8"})
+    env = {"NODECACHE_PARALLEL_PER_BLOB": "2", "NODECACHE_READ_AHEAD_CHUNKS": "8"}
+    # A weight file: the snapshot fill would give it every background connection (tested there).
+    d = daemons(repos=(), env={**ALLOW_ORG, **env, "NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false"})
     status, _, body = raw(d, "GET", "/org/one/resolve/main/model.safetensors")
     assert status == 200 and body == data
     wait_settled(d)

@@ -123,13 +123,16 @@ def test_opening_one_shard_fills_small_files_then_the_others_in_index_order(hub,
         assert (snap / n).read_bytes() == (d / n).read_bytes()
 
 
-def test_the_shard_read_next_fills_alone_with_the_connections_background_fills_may_hold(hub, daemons, sharded_repo):
+def test_the_shard_read_now_and_the_one_read_next_fill_alone_with_the_background_connections(
+    hub, daemons, sharded_repo
+):
     """Shards filling side by side (parallel_per_blob each) would finish together, after the loader
-    opened them: the next one gets every background connection, so it is complete first."""
+    opened them: the opened one, then the next, gets every background connection, so it is complete
+    first."""
     d, names, order = sharded_repo
     commit = hub.add_repo(SHARDED, d)
     env = {"NODECACHE_CHUNK_SIZE": str(256 * 1024), "NODECACHE_PARALLEL_TOTAL": "8", "NODECACHE_PARALLEL_PER_BLOB": "2"}
-    daemon = daemons([SHARDED], env=env)
+    daemon = daemons([SHARDED], env={**env, "NODECACHE_READ_AHEAD_CHUNKS": "1"})  # the opened shard's: its workers
     snap = snapshot_dir(daemon, SHARDED, commit)
     ids = _blob_ids(snap)
     hub.stats.reset()
@@ -141,10 +144,13 @@ def test_the_shard_read_next_fills_alone_with_the_connections_background_fills_m
     finally:
         hub.rate_limit_bps = None
     peaks = {n: hub.stats.peak.get(ids[n], 0) for n in order}
-    # 8 slots less the demand reserve (1) = 7 workers for each shard after the opened one (12 chunks each);
-    # with parallel_per_blob (2) workers a shard sees at most 4 responses at once (each worker asks
-    # for its next chunk as the last bytes of the one before are sent).
-    assert all(peaks[n] >= 5 for n in order[1:]), f"more than parallel_per_blob (2) workers at once: {peaks}"
+    asked = [b for b, _, _ in list(hub.stats.ranges)]
+    last_opened, first_next = len(asked) - 1 - asked[::-1].index(ids[order[0]]), asked.index(ids[order[1]])
+    assert last_opened < first_next, "the opened shard, which is being read, is asked for before the next one"
+    # 8 slots less the demand reserve (1) = 7 workers for each shard, the opened one first (12 chunks
+    # each); with parallel_per_blob (2) workers a shard sees at most 4 responses at once (each worker
+    # asks for its next chunk as the last bytes of the one before are sent).
+    assert all(peaks[n] >= 5 for n in order), f"more than parallel_per_blob (2) workers at once: {peaks}"
     for n in names:
         assert (snap / n).read_bytes() == (d / n).read_bytes()
 
