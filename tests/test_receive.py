@@ -10,6 +10,7 @@ import gc
 import ipaddress
 import mmap
 import os
+import re
 import ssl
 import threading
 import time
@@ -230,7 +231,44 @@ def test_buffers_are_reused_only_when_nobody_holds_them():
     big = pool.take(9000)
     assert len(big) >= 9000
     del held, extra, big
+    pool.close()
+    assert len(pool) == 0
+
+
+def _lazy_free_kb(buf: mmap.mmap) -> int:
+    """LazyFree of the mapping that holds `buf`, from /proc/self/smaps."""
+    import ctypes
+
+    at = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= at < hi
+        elif inside and head == "LazyFree:":
+            return int(line.split()[1])
+    raise AssertionError("buffer not mapped")
+
+
+def test_trim_gives_idle_buffers_back_lazily_and_keeps_them():
+    """After a fill, idle buffers stay in the pool with their pages given back lazily (MADV_FREE:
+    the kernel takes them under pressure, the next fill reuses them without a fault if not);
+    a buffer still held is dropped from the pool, unmapped with its last holder."""
+    pool = Buffers(keep=2)
+    idle = pool.take(MiB)
+    idle[:] = b"x" * len(idle)  # touched: resident
+    busy = pool.take(MiB)
+    first = id(idle)
+    view = memoryview(busy)
+    del idle
     pool.trim()
+    assert len(pool) == 1, "the idle buffer is kept, the busy one is not"
+    again = pool.take(MiB)
+    assert id(again) == first
+    assert _lazy_free_kb(again) > MiB // 1024 // 2, "its pages were given back lazily"
+    view.release()
+    pool.close()
     assert len(pool) == 0
 
 

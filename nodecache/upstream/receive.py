@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import mmap
 import re
 import socket
 import ssl
@@ -27,7 +28,6 @@ import threading
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
-from mmap import mmap
 from urllib.parse import urlsplit
 
 from ..directio import anonymous
@@ -49,15 +49,20 @@ class Buffers:
     Rather than make each of them give it back, the pool asks CPython's
     reference count (which counts every memoryview of the buffer too) whether
     anyone still does. Used from the event loop only. At most `keep` are kept;
-    past that a part gets a buffer of its own, freed with it. `trim` lets go
-    of them all (once a fill is over, the daemon should not stay that big).
+    past that a part gets a buffer of its own, freed with it.
+
+    `trim` (once a fill is over) gives the idle buffers' pages back lazily
+    (MADV_FREE): the kernel takes them when it needs memory, and they do not
+    count in a pod's working set meanwhile; until then the next fill reuses
+    them without a page fault (first touches cost this VM 0.45 CPU-s per GiB:
+    a cold start after an idle hour would pay ~0.25 CPU-s for them again).
     """
 
     def __init__(self, keep: int):
         self.keep = keep
-        self._kept: list[mmap] = []
+        self._kept: list[mmap.mmap] = []
 
-    def take(self, size: int) -> mmap:
+    def take(self, size: int) -> mmap.mmap:
         for buf in self._kept:
             if sys.getrefcount(buf) == _IDLE_REFS and len(buf) >= size:
                 return buf
@@ -67,7 +72,15 @@ class Buffers:
         return buf
 
     def trim(self) -> None:
-        self._kept.clear()  # the idle ones are unmapped now, the busy ones with their last user
+        idle = []
+        for buf in self._kept:
+            if sys.getrefcount(buf) == _IDLE_REFS and _FREE is not None:
+                buf.madvise(_FREE)
+                idle.append(buf)
+        self._kept = idle  # a busy one is unmapped with its last user
+
+    def close(self) -> None:
+        self._kept.clear()
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -83,6 +96,7 @@ def _idle_refs() -> int:
 
 
 _IDLE_REFS = _idle_refs()
+_FREE = getattr(mmap, "MADV_FREE", None)  # Linux >= 4.5; else trim unmaps
 
 
 class Response:
@@ -153,7 +167,7 @@ class Response:
             self._receiver.discard(conn)
 
 
-def _read_into(conn: _Conn, resp: http.client.HTTPResponse, buf: mmap, size: int, skip: int) -> int:
+def _read_into(conn: _Conn, resp: http.client.HTTPResponse, buf: mmap.mmap, size: int, skip: int) -> int:
     """In a thread: skip `skip` bytes, then read `size` into buf; fewer only at the body's end."""
     try:
         with memoryview(buf) as whole:
@@ -341,7 +355,7 @@ class Receiver:
         """Cut every read in progress and close every connection: no thread waits out a timeout."""
         if self._trim is not None:
             self._trim.cancel()
-        self.buffers.trim()
+        self.buffers.close()
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, {}
