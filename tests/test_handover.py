@@ -130,6 +130,8 @@ def test_a_fill_in_progress_resumes_across_restarts(hub, keeper, daemons, tmp_pa
         "NODECACHE_PARALLEL_PER_BLOB": "2",
         "NODECACHE_READ_AHEAD_CHUNKS": "2",
         "NODECACHE_BDI_READ_AHEAD_KB": "1024",
+        # A weight file: the snapshot fill would give it every background connection instead.
+        "NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false",
     }
     d = daemons(repos=(BIG,), keeper=keeper, env=env)
     path = snapshot(d, BIG, hub.commits[BIG]) / "weights.bin"
