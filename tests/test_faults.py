@@ -67,7 +67,9 @@ def test_corrupted_bytes_from_upstream_never_reach_a_verified_reader(hub, daemon
     ready only on a refetched, proven blob."""
     files = {"w.bin": os.urandom(4 * MiB), "w.safetensors": os.urandom(4 * MiB)}
     commit = hub.add_repo("org/corrupt", files)
-    env = {"NODECACHE_VERIFY_BEFORE_SERVE": "*.bin", "NODECACHE_PARALLEL_PER_BLOB": "1"}  # chunk 0 asked first
+    # chunk 0 asked first (one worker; the snapshot fill would give the opened weight file more)
+    env = {"NODECACHE_VERIFY_BEFORE_SERVE": "*.bin", "NODECACHE_PARALLEL_PER_BLOB": "1"}
+    env["NODECACHE_FILL_SNAPSHOT_ON_OPEN"] = "false"
     d = daemons(repos=("org/corrupt",), env=env)
     snap = snapshot_dir(d, "org/corrupt", commit)
     hub.faults.append(Fault(kind, **options))
