@@ -474,3 +474,44 @@ def test_the_http_upstream_follows_redirects_and_sends_its_auth_only_to_its_orig
     assert heads["origin"] and b"authorization: bearer s3cret" in heads["origin"][0].lower()
     assert heads["cdn"] and b"authorization" not in heads["cdn"][0].lower(), "the token never leaves its origin"
     assert b"GET /blob?sig=1 " in heads["cdn"][0]
+
+
+@pytest.mark.parametrize("status_line", ["HTTP/1.1 206 Partial Content\r\nConnection: close", "HTTP/1.0 206 Partial"])
+def test_a_read_on_a_connection_the_server_will_close_is_cut_too(status_line):
+    """http.client hands a response that ends its connection (`Connection: close`, HTTP/1.0) the
+    socket and forgets it: the cut must still reach that socket, at a cancel and at close,
+    or the thread waits out the read timeout (and a daemon's exit waits for the thread)."""
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        writer.write(
+            f"{status_line}\r\nContent-Length: {b - a}\r\nContent-Range: bytes {a}-{b - 1}/{b}\r\n\r\n".encode()
+        )
+        writer.write(b"c" * 1000)  # then nothing more
+        await writer.drain()
+        await asyncio.sleep(30)
+        return False
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = Receiver(threads=2, keep_buffers=1, read_timeout=25.0)
+            try:
+                for stop in ("cancel", "close"):
+                    task = asyncio.create_task(_get(rx, srv.url, 0, 100_000, 100_000))
+                    while not rx._busy:
+                        await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.3)  # the part's read is blocked in its thread
+                    t0 = time.monotonic()
+                    if stop == "cancel":
+                        task.cancel()
+                    else:
+                        await rx.close()
+                    with pytest.raises((asyncio.CancelledError, UpstreamError)):
+                        await task
+                    while rx._busy:  # the thread saw the cut and closed the connection
+                        assert time.monotonic() - t0 < 5, f"the blocked read was not cut off at {stop}"
+                        await asyncio.sleep(0.01)
+            finally:
+                await rx.close()
+
+    asyncio.run(main())

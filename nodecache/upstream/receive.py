@@ -212,15 +212,19 @@ class _Conn:
         self.origin, self.http = origin, http_conn
         self.host = origin[1]
         self.lowat = 1  # the socket's SO_RCVLOWAT; 1 whenever no body is being read
+        # Its socket once connected. Not `http.sock`: http.client forgets that as soon as a
+        # response says it ends the connection (Connection: close, HTTP/1.0), whose body is
+        # then read from the very same socket, which must still be cut.
+        self.sock: socket.socket | None = None
 
     def mark(self, lowat: int) -> None:
-        if lowat != self.lowat and self.http.sock is not None:
-            self.http.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+        if lowat != self.lowat and self.sock is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
             self.lowat = lowat
 
     def cut(self) -> None:
         """From any thread: make a read blocked on the socket return now."""
-        sock = self.http.sock
+        sock = self.sock
         if sock is not None:
             with suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -318,6 +322,7 @@ class Receiver:
         try:
             raw.connect()
             raw.sock.settimeout(self.read_timeout)
+            conn.sock = raw.sock
         except BaseException:
             self.discard(conn)
             raise
