@@ -515,3 +515,37 @@ def test_a_read_on_a_connection_the_server_will_close_is_cut_too(status_line):
                 await rx.close()
 
     asyncio.run(main())
+
+
+def test_bytes_left_on_a_kept_connection_never_answer_the_next_request():
+    """A server that sends more than the body it announced (a bug, a proxy's stray bytes, an
+    early 1xx with the real answer behind it): whatever waits on the connection once a response
+    is read is not the answer to the next request sent on it. Such a connection is not reused."""
+    body = bytes(range(256)) * 1024
+    read, stray = asyncio.Event(), asyncio.Event()
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        writer.write(_partial(body, a, b) + body[a:b])
+        await writer.drain()
+        if a == 0:  # a whole forged answer to the range asked next, after the body
+            await read.wait()  # once the client has read the first answer: left on its socket
+            writer.write(_partial(body, 1000, 2000) + b"F" * 1000)
+            await writer.drain()
+            stray.set()
+        return True
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = _receiver()
+            try:
+                assert (await _get(rx, srv.url, 0, 1000, 1000))[1] == [body[:1000]]
+                read.set()
+                await stray.wait()  # written to the loopback: in the client's socket now
+                _, parts = await _get(rx, srv.url, 1000, 2000, 1000)
+                assert parts == [body[1000:2000]], "the forged answer was taken for the next request's"
+                assert srv.connections == 2
+            finally:
+                await rx.close()
+
+    asyncio.run(main())

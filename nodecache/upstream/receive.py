@@ -21,6 +21,7 @@ import asyncio
 import http.client
 import mmap
 import re
+import select
 import socket
 import ssl
 import sys
@@ -229,6 +230,16 @@ class _Conn:
             with suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
+    def quiet(self) -> bool:
+        """Nothing waits on the kept connection: no bytes beyond the last response (which the next
+        request would take for its own answer) and no close from the server."""
+        sock = self.sock
+        if sock is None or sock.fileno() < 0 or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            return False
+        poll = select.poll()
+        poll.register(sock, select.POLLIN)
+        return not poll.poll(0)
+
 
 class Receiver:
     """Data requests of the upstreams: kept-alive connections per origin, threads to read them."""
@@ -329,13 +340,20 @@ class Receiver:
         return conn
 
     def _take(self, origin: tuple[str, str, int]) -> _Conn | None:
+        """A kept connection to `origin` with nothing waiting on it; the others are closed."""
+        stale, conn = [], None
         with self._lock:
-            idle = self._idle.get(origin)
-            if not idle:
-                return None
-            conn = idle.pop()
-            self._busy.add(conn)
-            return conn
+            idle = self._idle.get(origin, [])
+            while idle and conn is None:
+                conn = idle.pop()
+                if not conn.quiet():
+                    stale.append(conn)
+                    conn = None
+            if conn is not None:
+                self._busy.add(conn)
+        for old in stale:
+            old.http.close()
+        return conn
 
     def put_back(self, conn: _Conn) -> None:
         with self._lock:
