@@ -11,6 +11,7 @@ import ipaddress
 import mmap
 import os
 import re
+import socket
 import ssl
 import threading
 import time
@@ -545,6 +546,41 @@ def test_bytes_left_on_a_kept_connection_never_answer_the_next_request():
                 _, parts = await _get(rx, srv.url, 1000, 2000, 1000)
                 assert parts == [body[1000:2000]], "the forged answer was taken for the next request's"
                 assert srv.connections == 2
+            finally:
+                await rx.close()
+
+    asyncio.run(main())
+
+
+def test_a_body_announced_longer_than_its_range_is_read_without_waiting_for_more():
+    """A 206 whose Content-Range is right but whose Content-Length claims more: the range's bytes
+    are all there, so they are read at once (SO_RCVLOWAT counts on the bytes still wanted, not on
+    the length announced) and the connection, whose body is not done, is dropped."""
+    body = bytes(range(256)) * 8192  # 2 MiB
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        cr = f"bytes {a}-{b - 1}/{len(body)}"
+        writer.write(
+            f"HTTP/1.1 206 Partial\r\nContent-Length: {b - a + 64 * MiB}\r\nContent-Range: {cr}\r\n\r\n".encode()
+        )
+        writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for at in range(a, b, 4096):  # paced, in small segments as a CDN sends; no more than the range
+            writer.write(body[at : min(at + 4096, b)])
+            await writer.drain()
+            await asyncio.sleep(0)
+        await asyncio.sleep(30)
+        return False
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = Receiver(threads=2, keep_buffers=2, read_timeout=25.0)
+            try:
+                t0 = time.monotonic()
+                status, parts = await _get(rx, srv.url, 0, len(body), MiB)
+                assert b"".join(parts) == body
+                assert time.monotonic() - t0 < 5, "waited for bytes the range does not need"
+                assert not any(rx._idle.values())
             finally:
                 await rx.close()
 

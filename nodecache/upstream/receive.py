@@ -129,7 +129,8 @@ class Response:
             size = min(piece, end - pos)
             buf = pool.take(size)
             self._receiver.used()
-            self._reading = self._receiver.threads.submit(_read_into, self._conn, self._resp, buf, size, skip)
+            more = end - pos - size  # bytes of the range after this part
+            self._reading = self._receiver.threads.submit(_read_into, self._conn, self._resp, buf, size, skip, more)
             try:
                 got = await asyncio.wrap_future(self._reading)
             except BaseException as e:
@@ -168,31 +169,36 @@ class Response:
             self._receiver.discard(conn)
 
 
-def _read_into(conn: _Conn, resp: http.client.HTTPResponse, buf: mmap.mmap, size: int, skip: int) -> int:
-    """In a thread: skip `skip` bytes, then read `size` into buf; fewer only at the body's end."""
+def _read_into(conn: _Conn, resp: http.client.HTTPResponse, buf: mmap.mmap, size: int, skip: int, more: int) -> int:
+    """In a thread: skip `skip` bytes, then read `size` into buf (`more` are wanted after them);
+    fewer only at the body's end."""
     try:
         with memoryview(buf) as whole:
             while skip:
-                n = _read_batched(conn, resp, whole[: min(skip, len(whole))])
+                n = min(skip, len(whole))
+                n = _read_batched(conn, resp, whole[:n], skip - n + size + more)
                 if not n:
                     return 0
                 skip -= n
             with whole[:size] as view:
-                return _read_batched(conn, resp, view)
+                return _read_batched(conn, resp, view, more)
     except BaseException:
         buf = None  # the traceback the future keeps must not keep the buffer from the pool
         raise
 
 
-def _read_batched(conn: _Conn, resp: http.client.HTTPResponse, view: memoryview) -> int:
+def _read_batched(conn: _Conn, resp: http.client.HTTPResponse, view: memoryview, more: int) -> int:
     """Fill `view` (fewer bytes only at the body's end) with few readinto calls, each looping over
     the socket in C without the GIL. While the body has well over LOWAT bytes to come, the socket
     reports itself readable only once LOWAT bytes are queued (SO_RCVLOWAT): a paced stream
     delivers a few KiB per packet, and each socket read costs a trip through Python and the GIL.
-    The body's last bytes are read with a mark of 1, so its end is never waited for."""
+    The body's last bytes are read with a mark of 1, so its end is never waited for; so are the
+    last bytes wanted (`more` after the view), whatever length the server announced."""
     got = 0
     while got < len(view):
         rest = resp.length  # bytes of the body not yet read; None: chunked or until close
+        if rest is not None:
+            rest = min(rest, len(view) - got + more)
         batch = len(view) - got
         if rest is not None and rest - 2 * LOWAT > 0:
             batch = min(batch, rest - 2 * LOWAT)  # what is buffered above the socket is < LOWAT
