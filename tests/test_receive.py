@@ -585,3 +585,33 @@ def test_a_body_announced_longer_than_its_range_is_read_without_waiting_for_more
                 await rx.close()
 
     asyncio.run(main())
+
+
+def test_a_request_cancelled_before_its_answer_is_cut_off():
+    """A server that takes the request and never answers: the caller going away (a cancelled
+    fill) cuts the connection at once, so the thread does not wait out the read timeout (with
+    the pool's few threads all waiting so, every other fill would queue behind them)."""
+
+    async def answer(head, reader, writer) -> bool:
+        await asyncio.sleep(30)
+        return False
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = Receiver(threads=2, keep_buffers=1, read_timeout=25.0)
+            try:
+                task = asyncio.create_task(_get(rx, srv.url, 0, 1000, 1000))
+                while srv.connections == 0 or not rx._busy:
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.3)  # the thread waits for the status line
+                t0 = time.monotonic()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                while rx._busy:
+                    assert time.monotonic() - t0 < 5, "the request waiting for its answer was not cut off"
+                    await asyncio.sleep(0.01)
+            finally:
+                await rx.close()
+
+    asyncio.run(main())

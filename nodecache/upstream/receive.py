@@ -247,6 +247,30 @@ class _Conn:
         return not poll.poll(0)
 
 
+class _Caller:
+    """Whether the caller of a request still waits for its answer, and the connection it is
+    asked on: a caller that leaves (a cancelled fill) cuts it, rather than let a thread wait
+    out the read timeout for an answer nobody will read."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._conn: _Conn | None = None
+        self._left = False
+
+    def uses(self, conn: _Conn) -> None:
+        """In the request's thread, before sending on `conn`; raises if the caller has left."""
+        with self._lock:
+            self._conn = conn
+            if self._left:
+                raise OSError("the request's caller has left")
+
+    def leave(self) -> None:
+        with self._lock:
+            self._left = True
+            if self._conn is not None:
+                self._conn.cut()
+
+
 class Receiver:
     """Data requests of the upstreams: kept-alive connections per origin, threads to read them."""
 
@@ -281,10 +305,12 @@ class Receiver:
         origin = (parts.scheme, parts.hostname, port)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.used()
-        asked = self.threads.submit(self._request, origin, target, dict(headers))
+        caller = _Caller()
+        asked = self.threads.submit(self._request, origin, target, dict(headers), caller)
         try:
             conn, resp = await asyncio.wrap_future(asked)
         except asyncio.CancelledError:
+            caller.leave()
             asked.add_done_callback(self._orphaned)
             raise
         except _FAILURES as e:
@@ -302,15 +328,16 @@ class Receiver:
         if not asked.cancelled() and asked.exception() is None:
             self.discard(asked.result()[0])
 
-    def _request(self, origin: tuple[str, str, int], target: str, headers: dict[str, str]):
+    def _request(self, origin: tuple[str, str, int], target: str, headers: dict[str, str], caller: _Caller):
         """In a thread: send the request on a kept connection (once more on a new one if the server
-        had closed it meanwhile) and read the status and headers."""
+        had closed it meanwhile) and read the status and headers, unless the caller left."""
         conn = self._take(origin)
         fresh = conn is None
         while True:
             if conn is None:
                 conn = self._connect(origin)
             try:
+                caller.uses(conn)
                 conn.http.request("GET", target, headers=headers)
                 return conn, conn.http.getresponse()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
