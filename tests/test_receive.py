@@ -615,3 +615,29 @@ def test_a_request_cancelled_before_its_answer_is_cut_off():
                 await rx.close()
 
     asyncio.run(main())
+
+
+def test_a_read_after_close_is_an_upstream_error():
+    """The daemon closes its receiver at stop; a request or a part asked for after that (a fill
+    that outlived the stop) gets an UpstreamError, never the executor's RuntimeError."""
+    body = b"r" * 3000
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        writer.write(_partial(body, a, b) + body[a:b])
+        await writer.drain()
+        return True
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = _receiver()
+            async with rx.get(srv.url, {"Range": "bytes=0-2999"}) as resp:
+                parts = resp.parts(0, 3000, 1000)
+                assert bytes((await anext(parts))[0]) == body[:1000]
+                await rx.close()
+                with pytest.raises(UpstreamError):
+                    await anext(parts)
+            with pytest.raises(UpstreamError):
+                await _get(rx, srv.url, 0, 1000, 1000)
+
+    asyncio.run(main())

@@ -130,7 +130,7 @@ class Response:
             buf = pool.take(size)
             self._receiver.used()
             more = end - pos - size  # bytes of the range after this part
-            self._reading = self._receiver.threads.submit(_read_into, self._conn, self._resp, buf, size, skip, more)
+            self._reading = self._receiver.submit(_read_into, self._conn, self._resp, buf, size, skip, more)
             try:
                 got = await asyncio.wrap_future(self._reading)
             except BaseException as e:
@@ -148,7 +148,7 @@ class Response:
     async def drain(self) -> None:
         """Read a small body (a redirect's, an error's) to its end, so its connection can be kept."""
         if self._resp.length is not None and self._resp.length <= _SMALL_BODY:
-            self._reading = self._receiver.threads.submit(self._resp.read)
+            self._reading = self._receiver.submit(self._resp.read)
             with suppress(*_FAILURES):
                 await asyncio.wrap_future(self._reading)
                 self._whole = self._resp.isclosed()
@@ -306,7 +306,7 @@ class Receiver:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.used()
         caller = _Caller()
-        asked = self.threads.submit(self._request, origin, target, dict(headers), caller)
+        asked = self.submit(self._request, origin, target, dict(headers), caller)
         try:
             conn, resp = await asyncio.wrap_future(asked)
         except asyncio.CancelledError:
@@ -322,6 +322,13 @@ class Receiver:
             yield response
         finally:
             response.close()
+
+    def submit(self, fn, *args) -> Future:
+        """`fn(*args)` in a thread; an UpstreamError once the receiver is closed (at stop)."""
+        try:
+            return self.threads.submit(fn, *args)
+        except RuntimeError:  # the executor is shut down
+            raise UpstreamError("the receiver is closed") from None
 
     def _orphaned(self, asked: Future) -> None:
         """A request whose caller was cancelled: close its connection once it is answered."""
