@@ -641,3 +641,51 @@ def test_a_read_after_close_is_an_upstream_error():
                 await _get(rx, srv.url, 0, 1000, 1000)
 
     asyncio.run(main())
+
+
+def test_a_connection_made_after_close_is_not_used():
+    """A connect under way when the receiver closes (its socket does not exist yet, so there is
+    nothing to cut) ends the request once it is made, rather than send it and wait out the read
+    timeout for an answer. The connect is held by a listener whose accept queue is full."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # the queue of a backlog-0 listener holds one; then SYNs are dropped
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+
+    async def main() -> None:
+        rx = Receiver(threads=2, keep_buffers=1, connect_timeout=20.0, read_timeout=25.0)
+        task = asyncio.create_task(_get(rx, f"http://127.0.0.1:{port}/blob", 0, 1000, 1000))
+        while not rx._busy:  # the thread is in its connect
+            await asyncio.sleep(0.01)
+        await rx.close()
+        t0 = time.monotonic()
+        accepted: list[socket.socket] = []
+
+        def accept() -> None:  # room in the queue: the connect's next SYN is answered
+            listener.settimeout(0.2)
+            while not task.done():
+                with contextlib.suppress(TimeoutError):
+                    accepted.append(listener.accept()[0])
+
+        acceptor = threading.Thread(target=accept)
+        acceptor.start()
+        try:
+            with pytest.raises(UpstreamError):
+                await asyncio.wait_for(task, 30)
+            assert time.monotonic() - t0 < 8, "the request was sent on a connection made after close"
+        finally:
+            await asyncio.to_thread(acceptor.join)
+            for s in accepted:
+                s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()

@@ -371,9 +371,12 @@ class Receiver:
                 raise OSError("the receiver is closed")
             self._busy.add(conn)
         try:
-            raw.connect()
+            raw.connect()  # not cut by close (there is no socket to cut yet): looked at once made
             raw.sock.settimeout(self.read_timeout)
-            conn.sock = raw.sock
+            with self._lock:
+                conn.sock = raw.sock
+                if self._closed:
+                    raise OSError("the receiver is closed")
         except BaseException:
             self.discard(conn)
             raise
