@@ -331,6 +331,9 @@ def test_tls_is_verified_and_served(tmp_path):
             try:
                 status, parts = await _get(rx, url, 100, len(body), 64 * 1024)
                 assert status == 206 and b"".join(parts) == body[100:]
+                made = srv.connections
+                assert (await _get(rx, url, 0, 1000, 1000))[1] == [body[:1000]]
+                assert srv.connections == made, "the kept TLS connection served the next request"
             finally:
                 await rx.close()
         finally:
