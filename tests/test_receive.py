@@ -692,3 +692,35 @@ def test_a_connection_made_after_close_is_not_used():
         for s in fillers:
             s.close()
         listener.close()
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth():
+    """An http source given as `http://user:pass@host/base`: aiohttp (which reads its manifest)
+    sends the URL's credentials as Basic auth, so its chunks must carry them too."""
+    body = b"s" * 4000
+    seen = []
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        auth = [x for x in head.decode().split("\r\n") if x.lower().startswith("authorization:")]
+        seen.append(auth)
+        if auth != ["Authorization: Basic dXNlcjpwQHNz"]:  # user:p@ss
+            writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+        else:
+            writer.write(_partial(body, a, b) + body[a:b])
+        await writer.drain()
+        return True
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = _receiver()
+            try:
+                url = srv.url.replace("http://", "http://user:p%40ss@")
+                assert await _get(rx, url, 0, 1000, 1000) == (206, [body[:1000]])
+                async with rx.get(url, {"Range": "bytes=0-9", "Authorization": "Bearer x"}):
+                    pass  # an Authorization header of the caller's own wins
+                assert seen[-1] == ["Authorization: Bearer x"]
+            finally:
+                await rx.close()
+
+    asyncio.run(main())

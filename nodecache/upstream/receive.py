@@ -18,6 +18,7 @@ caller decides where a redirect may go and what it sends there).
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client
 import mmap
 import re
@@ -29,7 +30,7 @@ import threading
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..directio import anonymous
 from . import UpstreamError
@@ -304,6 +305,10 @@ class Receiver:
             raise UpstreamError(f"not an http(s) URL: {url[:200]!r}")
         origin = (parts.scheme, parts.hostname, port)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if parts.username is not None and not any(k.lower() == "authorization" for k in headers):
+            # As aiohttp does (it reads an http source's manifest): the URL's credentials as Basic auth.
+            login = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            headers = {**headers, "Authorization": f"Basic {base64.b64encode(login).decode()}"}
         self.used()
         caller = _Caller()
         asked = self.submit(self._request, origin, target, dict(headers), caller)
