@@ -724,3 +724,34 @@ def test_credentials_in_the_url_are_sent_as_basic_auth():
                 await rx.close()
 
     asyncio.run(main())
+
+
+def test_kept_connections_are_closed_with_the_buffers_once_idle(monkeypatch):
+    """A kept connection nobody asks anything of (the fill is over, the server has most likely
+    timed it out and closed its end) is closed when the idle buffers are trimmed, not kept open
+    in CLOSE_WAIT until the next request to that origin, which may never come."""
+    from nodecache.upstream import receive
+
+    monkeypatch.setattr(receive, "_IDLE", 0.2)
+    body = b"i" * 1000
+    closed = asyncio.Event()
+
+    async def answer(head, reader, writer) -> bool:
+        writer.write(_partial(body, 0, 1000) + body)
+        await writer.drain()
+        if not await reader.read(1):  # the client closed its end
+            closed.set()
+        return False
+
+    async def main() -> None:
+        async with Server(answer) as srv:
+            rx = _receiver()
+            try:
+                assert (await _get(rx, srv.url, 0, 1000, 1000))[1] == [body]
+                assert any(rx._idle.values())
+                await asyncio.wait_for(closed.wait(), 10)
+                assert not any(rx._idle.values())
+            finally:
+                await rx.close()
+
+    asyncio.run(main())

@@ -38,7 +38,7 @@ from . import UpstreamError
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _SMALL_BODY = 64 * 1024  # a redirect's or an error's body is read (to reuse the connection) up to this
 LOWAT = 256 * 1024  # bytes a paced stream gathers per socket read
-_IDLE = 10.0  # seconds without a part before the kept buffers are let go
+_IDLE = 10.0  # seconds without a part before the kept buffers and connections are let go
 # Errors of a request, whatever the layer: socket, TLS, HTTP framing, a URL http.client refuses.
 _FAILURES = (OSError, http.client.HTTPException, ValueError)
 
@@ -420,7 +420,17 @@ class Receiver:
         """A request or part is on its way: keep the buffers until the receiver has been idle a while."""
         if self._trim is not None:
             self._trim.cancel()
-        self._trim = asyncio.get_running_loop().call_later(_IDLE, self.buffers.trim)
+        self._trim = asyncio.get_running_loop().call_later(_IDLE, self._idle_out)
+
+    def _idle_out(self) -> None:
+        """Nothing asked for a while: trim the buffers, and close the kept connections (their servers
+        time them out; kept, each would stay an fd in CLOSE_WAIT until its origin is asked again)."""
+        self.buffers.trim()
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.http.close()
 
     async def close(self) -> None:
         """Cut every read in progress and close every connection: no thread waits out a timeout."""
