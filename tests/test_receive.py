@@ -58,6 +58,18 @@ class Server:
         writer.close()
 
 
+@contextlib.asynccontextmanager
+async def serving(answer, **receiver):
+    """A Server answering with `answer` and a Receiver to ask it (4 threads, 4 buffers unless
+    told otherwise), closed on the way out."""
+    async with Server(answer) as srv:
+        rx = Receiver(**{"threads": 4, "keep_buffers": 4, **receiver})
+        try:
+            yield srv, rx
+        finally:
+            await rx.close()
+
+
 def _range_of(head: bytes) -> tuple[int, int]:
     line = next(x for x in head.decode().split("\r\n") if x.lower().startswith("range:"))
     a, b = line.split("=", 1)[1].split("-")
@@ -69,29 +81,33 @@ def _partial(body: bytes, a: int, b: int, content_range: str | None = None) -> b
     return f"HTTP/1.1 206 Partial Content\r\nContent-Length: {b - a}\r\nContent-Range: {cr}\r\n\r\n".encode()
 
 
-def test_parts_are_exact_and_the_connection_is_kept():
-    want = bytes(range(256)) * (32 * 1024)  # 8 MiB
+def _serves(body: bytes):
+    """An answer that sends the range asked of `body`, keeping the connection."""
 
     async def answer(head, reader, writer) -> bool:
         a, b = _range_of(head)
-        writer.write(_partial(want, a, b) + want[a:b])
+        writer.write(_partial(body, a, b) + body[a:b])
         await writer.drain()
         return True
 
+    return answer
+
+
+def test_parts_are_exact_and_the_connection_is_kept():
+    want = bytes(range(256)) * (32 * 1024)  # 8 MiB
+
+    answer = _serves(want)
+
     async def main() -> None:
-        async with Server(answer) as srv:
-            rx = _receiver()
-            try:
-                status, parts = await _get(rx, srv.url, 3 * MiB, 7 * MiB - 5, MiB)  # the last part is short
-                assert status == 206
-                assert [len(p) for p in parts] == [MiB, MiB, MiB, MiB - 5]
-                assert b"".join(parts) == want[3 * MiB : 7 * MiB - 5]
-                assert sum(map(len, rx._idle.values())) == 1, "a body read to its end leaves its connection kept"
-                _, again = await _get(rx, srv.url, 0, MiB, MiB)
-                assert again == [want[:MiB]]
-                assert srv.connections == 1, "the kept connection served the second request"
-            finally:
-                await rx.close()
+        async with serving(answer) as (srv, rx):
+            status, parts = await _get(rx, srv.url, 3 * MiB, 7 * MiB - 5, MiB)  # the last part is short
+            assert status == 206
+            assert [len(p) for p in parts] == [MiB, MiB, MiB, MiB - 5]
+            assert b"".join(parts) == want[3 * MiB : 7 * MiB - 5]
+            assert sum(map(len, rx._idle.values())) == 1, "a body read to its end leaves its connection kept"
+            _, again = await _get(rx, srv.url, 0, MiB, MiB)
+            assert again == [want[:MiB]]
+            assert srv.connections == 1, "the kept connection served the second request"
 
     asyncio.run(main())
 
@@ -105,15 +121,11 @@ def test_a_server_ignoring_range_is_read_only_up_to_the_end_of_the_range():
         return True
 
     async def main() -> None:
-        async with Server(answer) as srv:
-            rx = _receiver()
-            try:
-                status, parts = await _get(rx, srv.url, 1000, 300_000, 100_000)
-                assert status == 200 and b"".join(parts) == body[1000:300_000]
-                assert [len(p) for p in parts] == [100_000, 100_000, 99_000]
-                assert not any(rx._idle.values()), "a body left half read is never reused"
-            finally:
-                await rx.close()
+        async with serving(answer) as (srv, rx):
+            status, parts = await _get(rx, srv.url, 1000, 300_000, 100_000)
+            assert status == 200 and b"".join(parts) == body[1000:300_000]
+            assert [len(p) for p in parts] == [100_000, 100_000, 99_000]
+            assert not any(rx._idle.values()), "a body left half read is never reused"
 
     asyncio.run(main())
 
@@ -132,20 +144,16 @@ def test_a_wrong_content_range_and_a_truncated_body_are_upstream_errors():
         return False
 
     async def main() -> None:
-        async with Server(answer) as srv:
-            rx = _receiver()
-            try:
-                with pytest.raises(UpstreamError, match="wrong Content-Range"):
-                    await _get(rx, srv.url, 0, 100_000, 50_000)
-                got: list[bytes] = []
-                with pytest.raises(UpstreamError, match="truncated body"):
-                    async with rx.get(srv.url, {"Range": "bytes=10-100009"}) as resp:
-                        async for p in resp.parts(10, 100_010, 25_000):
-                            got.append(bytes(p[0]))
-                assert got == [body[10:25_010], body[25_010:50_010]], "the parts before the cut are good"
-                assert not any(rx._idle.values())
-            finally:
-                await rx.close()
+        async with serving(answer) as (srv, rx):
+            with pytest.raises(UpstreamError, match="wrong Content-Range"):
+                await _get(rx, srv.url, 0, 100_000, 50_000)
+            got: list[bytes] = []
+            with pytest.raises(UpstreamError, match="truncated body"):
+                async with rx.get(srv.url, {"Range": "bytes=10-100009"}) as resp:
+                    async for p in resp.parts(10, 100_010, 25_000):
+                        got.append(bytes(p[0]))
+            assert got == [body[10:25_010], body[25_010:50_010]], "the parts before the cut are good"
+            assert not any(rx._idle.values())
 
     asyncio.run(main())
 
@@ -160,15 +168,11 @@ def test_a_kept_connection_the_server_closed_is_replaced_once():
         return False  # closes every connection after one answer, without saying so
 
     async def main() -> None:
-        async with Server(answer) as srv:
-            rx = _receiver()
-            try:
-                for _ in range(3):
-                    assert (await _get(rx, srv.url, 0, 10_000, 10_000))[1] == [body]
-                    await asyncio.sleep(0.05)  # the server's close reaches the client
-                assert srv.connections == 3
-            finally:
-                await rx.close()
+        async with serving(answer) as (srv, rx):
+            for _ in range(3):
+                assert (await _get(rx, srv.url, 0, 10_000, 10_000))[1] == [body]
+                await asyncio.sleep(0.05)  # the server's close reaches the client
+            assert srv.connections == 3
 
     asyncio.run(main())
 
@@ -186,27 +190,23 @@ def test_a_cancelled_read_is_cut_off_and_its_buffer_is_not_handed_out_meanwhile(
         return False
 
     async def main() -> None:
-        async with Server(answer) as srv:
-            rx = Receiver(threads=2, keep_buffers=1, read_timeout=25.0)
-            try:
-                task = asyncio.create_task(_get(rx, srv.url, 0, 100_000, 100_000))
-                while not any(t.name.startswith("nodecache-receive") and t.is_alive() for t in threading.enumerate()):
-                    await asyncio.sleep(0.01)
-                await asyncio.sleep(0.3)  # the part's read is blocked in its thread
-                busy = id(rx.buffers._kept[0])  # an id: a reference of the test's own would keep it busy
-                assert id(rx.buffers.take(10)) != busy, "a buffer a thread reads into is not handed out"
-                t0 = time.monotonic()
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-                while rx._busy:  # the thread saw the cut and closed the connection
-                    assert time.monotonic() - t0 < 5, "the blocked read was not cut off"
-                    await asyncio.sleep(0.01)
-                assert not any(rx._idle.values())
-                gc.collect()
-                assert id(rx.buffers.take(10)) == busy, "free again once the thread let go of it"
-            finally:
-                await rx.close()
+        async with serving(answer, threads=2, keep_buffers=1, read_timeout=25.0) as (srv, rx):
+            task = asyncio.create_task(_get(rx, srv.url, 0, 100_000, 100_000))
+            while not any(t.name.startswith("nodecache-receive") and t.is_alive() for t in threading.enumerate()):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # the part's read is blocked in its thread
+            busy = id(rx.buffers._kept[0])  # an id: a reference of the test's own would keep it busy
+            assert id(rx.buffers.take(10)) != busy, "a buffer a thread reads into is not handed out"
+            t0 = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            while rx._busy:  # the thread saw the cut and closed the connection
+                assert time.monotonic() - t0 < 5, "the blocked read was not cut off"
+                await asyncio.sleep(0.01)
+            assert not any(rx._idle.values())
+            gc.collect()
+            assert id(rx.buffers.take(10)) == busy, "free again once the thread let go of it"
 
     asyncio.run(main())
 
@@ -307,11 +307,7 @@ def test_tls_is_verified_and_served(tmp_path):
     cert, key = _self_signed(tmp_path)
     body = bytes(range(256)) * 1024
 
-    async def answer(head, reader, writer) -> bool:
-        a, b = _range_of(head)
-        writer.write(_partial(body, a, b) + body[a:b])
-        await writer.drain()
-        return True
+    answer = _serves(body)
 
     async def main() -> None:
         server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -415,18 +411,14 @@ def test_a_paced_body_is_read_once_per_lowat_and_its_end_is_never_waited_for():
         return original(self, b)
 
     async def main() -> None:
-        async with Server(answer) as srv:
-            rx = _receiver()
-            try:
-                _, parts = await _get(rx, srv.url, 0, len(body), 3 * MiB)
-                assert b"".join(parts) == body
-                (conn,) = rx._idle[("http", "127.0.0.1", int(srv.url.split(":")[2].split("/")[0]))]
-                assert conn.http.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
-                _, again = await asyncio.wait_for(_get(rx, srv.url, 100, 200_000, 50_000), 10)
-                assert b"".join(again) == body[100:200_000]
-                assert srv.connections == 1
-            finally:
-                await rx.close()
+        async with serving(answer) as (srv, rx):
+            _, parts = await _get(rx, srv.url, 0, len(body), 3 * MiB)
+            assert b"".join(parts) == body
+            (conn,) = rx._idle[("http", "127.0.0.1", int(srv.url.split(":")[2].split("/")[0]))]
+            assert conn.http.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+            _, again = await asyncio.wait_for(_get(rx, srv.url, 100, 200_000, 50_000), 10)
+            assert b"".join(again) == body[100:200_000]
+            assert srv.connections == 1
 
     socket.SocketIO.readinto = counting
     try:
@@ -497,26 +489,22 @@ def test_a_read_on_a_connection_the_server_will_close_is_cut_too(status_line):
         return False
 
     async def main() -> None:
-        async with Server(answer) as srv:
-            rx = Receiver(threads=2, keep_buffers=1, read_timeout=25.0)
-            try:
-                for stop in ("cancel", "close"):
-                    task = asyncio.create_task(_get(rx, srv.url, 0, 100_000, 100_000))
-                    while not rx._busy:
-                        await asyncio.sleep(0.01)
-                    await asyncio.sleep(0.3)  # the part's read is blocked in its thread
-                    t0 = time.monotonic()
-                    if stop == "cancel":
-                        task.cancel()
-                    else:
-                        await rx.close()
-                    with pytest.raises((asyncio.CancelledError, UpstreamError)):
-                        await task
-                    while rx._busy:  # the thread saw the cut and closed the connection
-                        assert time.monotonic() - t0 < 5, f"the blocked read was not cut off at {stop}"
-                        await asyncio.sleep(0.01)
-            finally:
-                await rx.close()
+        async with serving(answer, threads=2, keep_buffers=1, read_timeout=25.0) as (srv, rx):
+            for stop in ("cancel", "close"):
+                task = asyncio.create_task(_get(rx, srv.url, 0, 100_000, 100_000))
+                while not rx._busy:
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.3)  # the part's read is blocked in its thread
+                t0 = time.monotonic()
+                if stop == "cancel":
+                    task.cancel()
+                else:
+                    await rx.close()
+                with pytest.raises((asyncio.CancelledError, UpstreamError)):
+                    await task
+                while rx._busy:  # the thread saw the cut and closed the connection
+                    assert time.monotonic() - t0 < 5, f"the blocked read was not cut off at {stop}"
+                    await asyncio.sleep(0.01)
 
     asyncio.run(main())
 
@@ -540,17 +528,13 @@ def test_bytes_left_on_a_kept_connection_never_answer_the_next_request():
         return True
 
     async def main() -> None:
-        async with Server(answer) as srv:
-            rx = _receiver()
-            try:
-                assert (await _get(rx, srv.url, 0, 1000, 1000))[1] == [body[:1000]]
-                read.set()
-                await stray.wait()  # written to the loopback: in the client's socket now
-                _, parts = await _get(rx, srv.url, 1000, 2000, 1000)
-                assert parts == [body[1000:2000]], "the forged answer was taken for the next request's"
-                assert srv.connections == 2
-            finally:
-                await rx.close()
+        async with serving(answer) as (srv, rx):
+            assert (await _get(rx, srv.url, 0, 1000, 1000))[1] == [body[:1000]]
+            read.set()
+            await stray.wait()  # written to the loopback: in the client's socket now
+            _, parts = await _get(rx, srv.url, 1000, 2000, 1000)
+            assert parts == [body[1000:2000]], "the forged answer was taken for the next request's"
+            assert srv.connections == 2
 
     asyncio.run(main())
 
@@ -576,16 +560,12 @@ def test_a_body_announced_longer_than_its_range_is_read_without_waiting_for_more
         return False
 
     async def main() -> None:
-        async with Server(answer) as srv:
-            rx = Receiver(threads=2, keep_buffers=2, read_timeout=25.0)
-            try:
-                t0 = time.monotonic()
-                status, parts = await _get(rx, srv.url, 0, len(body), MiB)
-                assert b"".join(parts) == body
-                assert time.monotonic() - t0 < 5, "waited for bytes the range does not need"
-                assert not any(rx._idle.values())
-            finally:
-                await rx.close()
+        async with serving(answer, threads=2, keep_buffers=2, read_timeout=25.0) as (srv, rx):
+            t0 = time.monotonic()
+            status, parts = await _get(rx, srv.url, 0, len(body), MiB)
+            assert b"".join(parts) == body
+            assert time.monotonic() - t0 < 5, "waited for bytes the range does not need"
+            assert not any(rx._idle.values())
 
     asyncio.run(main())
 
@@ -600,22 +580,18 @@ def test_a_request_cancelled_before_its_answer_is_cut_off():
         return False
 
     async def main() -> None:
-        async with Server(answer) as srv:
-            rx = Receiver(threads=2, keep_buffers=1, read_timeout=25.0)
-            try:
-                task = asyncio.create_task(_get(rx, srv.url, 0, 1000, 1000))
-                while srv.connections == 0 or not rx._busy:
-                    await asyncio.sleep(0.01)
-                await asyncio.sleep(0.3)  # the thread waits for the status line
-                t0 = time.monotonic()
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-                while rx._busy:
-                    assert time.monotonic() - t0 < 5, "the request waiting for its answer was not cut off"
-                    await asyncio.sleep(0.01)
-            finally:
-                await rx.close()
+        async with serving(answer, threads=2, keep_buffers=1, read_timeout=25.0) as (srv, rx):
+            task = asyncio.create_task(_get(rx, srv.url, 0, 1000, 1000))
+            while srv.connections == 0 or not rx._busy:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # the thread waits for the status line
+            t0 = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            while rx._busy:
+                assert time.monotonic() - t0 < 5, "the request waiting for its answer was not cut off"
+                await asyncio.sleep(0.01)
 
     asyncio.run(main())
 
@@ -625,11 +601,7 @@ def test_a_read_after_close_is_an_upstream_error():
     that outlived the stop) gets an UpstreamError, never the executor's RuntimeError."""
     body = b"r" * 3000
 
-    async def answer(head, reader, writer) -> bool:
-        a, b = _range_of(head)
-        writer.write(_partial(body, a, b) + body[a:b])
-        await writer.drain()
-        return True
+    answer = _serves(body)
 
     async def main() -> None:
         async with Server(answer) as srv:
@@ -712,16 +684,12 @@ def test_credentials_in_the_url_are_sent_as_basic_auth():
         return True
 
     async def main() -> None:
-        async with Server(answer) as srv:
-            rx = _receiver()
-            try:
-                url = srv.url.replace("http://", "http://user:p%40ss@")
-                assert await _get(rx, url, 0, 1000, 1000) == (206, [body[:1000]])
-                async with rx.get(url, {"Range": "bytes=0-9", "Authorization": "Bearer x"}):
-                    pass  # an Authorization header of the caller's own wins
-                assert seen[-1] == ["Authorization: Bearer x"]
-            finally:
-                await rx.close()
+        async with serving(answer) as (srv, rx):
+            url = srv.url.replace("http://", "http://user:p%40ss@")
+            assert await _get(rx, url, 0, 1000, 1000) == (206, [body[:1000]])
+            async with rx.get(url, {"Range": "bytes=0-9", "Authorization": "Bearer x"}):
+                pass  # an Authorization header of the caller's own wins
+            assert seen[-1] == ["Authorization: Bearer x"]
 
     asyncio.run(main())
 
@@ -744,14 +712,10 @@ def test_kept_connections_are_closed_with_the_buffers_once_idle(monkeypatch):
         return False
 
     async def main() -> None:
-        async with Server(answer) as srv:
-            rx = _receiver()
-            try:
-                assert (await _get(rx, srv.url, 0, 1000, 1000))[1] == [body]
-                assert any(rx._idle.values())
-                await asyncio.wait_for(closed.wait(), 10)
-                assert not any(rx._idle.values())
-            finally:
-                await rx.close()
+        async with serving(answer) as (srv, rx):
+            assert (await _get(rx, srv.url, 0, 1000, 1000))[1] == [body]
+            assert any(rx._idle.values())
+            await asyncio.wait_for(closed.wait(), 10)
+            assert not any(rx._idle.values())
 
     asyncio.run(main())
