@@ -65,7 +65,8 @@ class Chunks:
         # FUSE reads). A FUSE handle reads large ranges with O_DIRECT (fusesession): its chunks go
         # around the page cache, whose fresh pages cost more than the rest of the fill (storage notes).
         self.paged: dict[str, int] = {}
-        self.slots = Slots(cfg.parallel_total, reserve_for_demand(cfg.parallel_total), self._waited)
+        reserve = reserve_for_demand(cfg.parallel_total)
+        self.slots = Slots(cfg.parallel_total, reserve, self._waited, readers=lambda: bool(self.open))
         self._tickets: dict[Key, Ticket] = {}  # chunks whose request waits for (or holds) a slot
         self._used: dict[str, dict[str, str]] = {}  # blob id -> {source name: kind} of its current attempt
 
@@ -277,7 +278,8 @@ class Chunks:
 
 
 def reserve_for_demand(total: int) -> int:
-    """Slots read-ahead and background fills leave free for readers: an eighth, at least one."""
+    """Slots read-ahead and background fills leave free for readers while any blob is read: an
+    eighth, at least one."""
     return max(1, total // 8) if total > 1 else 0
 
 

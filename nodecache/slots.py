@@ -2,10 +2,15 @@
 
 A request that waits for a slot holds a Ticket. Free slots go to the waiting
 ticket of highest priority (then the oldest); a ticket's priority rises when
-a reader starts waiting for what it will fetch. Read-ahead and background
+a reader starts waiting for what it will fetch. While anyone reads (`readers`:
+a blob is open through the mount or the mirror), read-ahead and background
 fills never take the last `reserve` slots, so a reader that arrives while
 background fills run finds a slot (and, the HTTP pool being larger than
-`total`, a connection) at once.
+`total`, a connection) at once. While nobody does (a prefetch of a node
+nobody reads from yet), the reserve is lent to them: an eighth of the node's
+connections would otherwise idle, and at a per-connection cap (a CDN) an
+eighth of its bandwidth with them. A reader that opens a blob then waits at
+most until the first of the lent requests ends.
 """
 
 from __future__ import annotations
@@ -31,11 +36,18 @@ class Ticket:
 class Slots:
     """A priority semaphore with a reserve for demand."""
 
-    def __init__(self, total: int, reserve: int, on_wait: Callable[[int, float], None] = lambda p, s: None):
+    def __init__(
+        self,
+        total: int,
+        reserve: int,
+        on_wait: Callable[[int, float], None] = lambda p, s: None,
+        readers: Callable[[], bool] = lambda: True,
+    ):
         if not 0 <= reserve < total:
             raise ValueError(f"reserve {reserve} must be below total {total}")
         self.total, self.reserve = total, reserve
         self.on_wait = on_wait  # (priority, seconds waited) of every granted ticket that had to wait
+        self.readers = readers  # whether anyone reads now: else the reserve is lent out
         self.in_use = [0, 0, 0]  # slots held, by priority at grant time
         self._waiting: list[Ticket] = []
         self._seq = itertools.count()
@@ -45,7 +57,7 @@ class Slots:
         return sum(self.in_use)
 
     def _may_take(self, priority: int) -> bool:
-        limit = self.total if priority == DEMAND else self.total - self.reserve
+        limit = self.total if priority == DEMAND or not self.readers() else self.total - self.reserve
         return self.used < limit
 
     def ticket(self, priority: int) -> Ticket:

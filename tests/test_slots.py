@@ -8,6 +8,7 @@ status fields), never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import urllib.parse
@@ -69,6 +70,54 @@ def test_a_cancelled_waiter_gives_its_slot_back():
         assert slots.used == 0
 
     asyncio.run(main())
+
+
+def test_the_reserve_is_lent_while_nobody_reads_and_kept_once_someone_does():
+    async def main() -> None:
+        reading = False
+        slots = Slots(4, 1, readers=lambda: reading)
+        held = [slots.ticket(BACKGROUND) for _ in range(4)]
+        for t in held:
+            await asyncio.wait_for(slots.acquire(t), 1)  # all four: nobody reads
+        reading = True  # a reader opens a blob: it waits for the first lent slot to come back
+        reader, bg = slots.ticket(DEMAND), slots.ticket(BACKGROUND)
+        waits = [asyncio.ensure_future(slots.acquire(t)) for t in (bg, reader)]
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waits)
+        slots.release(held[0])
+        await asyncio.sleep(0)
+        assert waits[1].done() and not waits[0].done(), "the slot went to the reader"
+        slots.release(held[1])
+        await asyncio.sleep(0)
+        assert not waits[0].done(), "background gets 3 of 4 again (two held, the reader one)"
+        slots.release(held[2])
+        await asyncio.sleep(0)
+        assert waits[0].done()
+        for t in (held[3], reader, bg):
+            slots.release(t)
+        assert slots.used == 0
+
+    asyncio.run(main())
+
+
+def test_a_prefetch_nobody_reads_uses_every_connection(hub, daemons, big_repo):
+    """No blob is open: the slots kept for readers are lent to the whole-blob fills."""
+    held = [Fault("hold") for _ in range(4)]
+    env = {"NODECACHE_PARALLEL_TOTAL": "4", "NODECACHE_PARALLEL_PER_BLOB": "4", "NODECACHE_FILL_RUN_CHUNKS": "1"}
+    daemon = daemons([BIG], env=env)
+    hub.faults.extend(held)
+    try:
+        req = urllib.request.Request(f"{daemon.url}/v1/prefetch", data=json.dumps({"repo": BIG}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
+        urllib.request.urlopen(req, timeout=30).close()
+        for f in held:
+            assert f.reached.wait(30), "the prefetch held fewer than all 4 connections at once"
+    finally:
+        for f in held:
+            f.release.set()
+    weights = snapshot_dir(daemon, BIG, hub.commits[BIG]) / "weights.bin"
+    wait_until(lambda: verified(weights), "the prefetch finished once released")
+    assert (weights).read_bytes() == (big_repo / "weights.bin").read_bytes()
 
 
 # ---- through the mount -------------------------------------------------------------------------
