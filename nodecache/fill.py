@@ -92,6 +92,8 @@ class Filler:
         _count(self.chunks.open, blob_id, -1)
         if paged:
             _count(self.chunks.paged, blob_id, -1)
+        if not self.chunks.open:
+            self.chunks.slots.wake()  # the last reader left: fills waiting for a slot may take the reserve
 
     # lookups ------------------------------------------------------------------
 

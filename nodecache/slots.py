@@ -9,8 +9,11 @@ background fills run finds a slot (and, the HTTP pool being larger than
 `total`, a connection) at once. While nobody does (a prefetch of a node
 nobody reads from yet), the reserve is lent to them: an eighth of the node's
 connections would otherwise idle, and at a per-connection cap (a CDN) an
-eighth of its bandwidth with them. A reader that opens a blob then waits at
-most until the first of the lent requests ends.
+eighth of its bandwidth with them. A reader that comes while lent slots are
+held takes them back at once: its requests run beside the borrowers' (over
+`total`, by at most the slots still lent) rather than wait for one of them
+to end, which at a per-connection cap is a whole run of chunks later (and a
+stalled one, a read timeout later).
 """
 
 from __future__ import annotations
@@ -56,8 +59,15 @@ class Slots:
     def used(self) -> int:
         return sum(self.in_use)
 
+    @property
+    def lent(self) -> int:
+        """Slots of the reserve that read-ahead and background fills hold (taken while nobody read)."""
+        return max(0, self.in_use[AHEAD] + self.in_use[BACKGROUND] - (self.total - self.reserve))
+
     def _may_take(self, priority: int) -> bool:
-        limit = self.total if priority == DEMAND or not self.readers() else self.total - self.reserve
+        if priority == DEMAND:
+            return self.used < self.total + self.lent  # a lent slot is the readers' at once
+        limit = self.total if not self.readers() else self.total - self.reserve
         return self.used < limit
 
     def ticket(self, priority: int) -> Ticket:
@@ -93,6 +103,11 @@ class Slots:
             t.held = False
             self.in_use[t.grade] -= 1
             self._wake()
+
+    def wake(self) -> None:
+        """Nobody reads any more (`readers` turned false): the reserve may be lent to the waiters now,
+        not only at the next release."""
+        self._wake()
 
     def _grant(self, t: Ticket) -> None:
         t.held = True

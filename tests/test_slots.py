@@ -16,7 +16,12 @@ import urllib.request
 
 from conftest import BIG, MiB, counter, snapshot_dir, verified, wait_until
 
+from nodecache.config import Config
+from nodecache.fill import Filler
+from nodecache.index import Index
+from nodecache.metrics import Metrics
 from nodecache.slots import AHEAD, BACKGROUND, DEMAND, Slots
+from nodecache.store import Store
 from nodecache.testing.hub import Fault
 
 # ---- the slots (pure asyncio) ----------------------------------------------------------------
@@ -72,32 +77,85 @@ def test_a_cancelled_waiter_gives_its_slot_back():
     asyncio.run(main())
 
 
-def test_the_reserve_is_lent_while_nobody_reads_and_kept_once_someone_does():
+def test_the_reserve_is_lent_while_nobody_reads_and_taken_back_at_once_by_a_reader():
     async def main() -> None:
         reading = False
         slots = Slots(4, 1, readers=lambda: reading)
         held = [slots.ticket(BACKGROUND) for _ in range(4)]
         for t in held:
             await asyncio.wait_for(slots.acquire(t), 1)  # all four: nobody reads
-        reading = True  # a reader opens a blob: it waits for the first lent slot to come back
-        reader, bg = slots.ticket(DEMAND), slots.ticket(BACKGROUND)
-        waits = [asyncio.ensure_future(slots.acquire(t)) for t in (bg, reader)]
+        assert slots.lent == 1
+        reading = True  # a reader opens a blob: the lent slot is its own again, at once
+        reader, reader2, bg = slots.ticket(DEMAND), slots.ticket(DEMAND), slots.ticket(BACKGROUND)
+        await asyncio.wait_for(slots.acquire(reader), 1)
+        assert slots.used == 5, "beside the borrower, which runs on"
+        waits = [asyncio.ensure_future(slots.acquire(t)) for t in (bg, reader2)]
         await asyncio.sleep(0)
-        assert not any(w.done() for w in waits)
-        slots.release(held[0])
+        assert not any(w.done() for w in waits), "no more than the reserve: the reader's second request waits"
+        slots.release(held[0])  # the borrower ends: the slot it had was the reader's already
         await asyncio.sleep(0)
-        assert waits[1].done() and not waits[0].done(), "the slot went to the reader"
+        assert slots.lent == 0 and not any(w.done() for w in waits)
         slots.release(held[1])
         await asyncio.sleep(0)
-        assert not waits[0].done(), "background gets 3 of 4 again (two held, the reader one)"
+        assert waits[1].done() and not waits[0].done(), "the next slot went to the reader"
         slots.release(held[2])
         await asyncio.sleep(0)
+        assert not waits[0].done(), "background gets 3 of 4 again (one held, two readers)"
+        slots.release(reader)
+        await asyncio.sleep(0)
         assert waits[0].done()
-        for t in (held[3], reader, bg):
+        for t in (held[3], reader2, bg):
             slots.release(t)
         assert slots.used == 0
 
     asyncio.run(main())
+
+
+def test_waiting_fills_take_the_reserve_as_soon_as_the_last_reader_leaves():
+    async def main() -> None:
+        reading = True
+        slots = Slots(4, 1, readers=lambda: reading)
+        held = [slots.ticket(BACKGROUND) for _ in range(3)]
+        for t in held:
+            await slots.acquire(t)
+        late = slots.ticket(BACKGROUND)
+        waiting = asyncio.ensure_future(slots.acquire(late))
+        await asyncio.sleep(0)
+        assert not waiting.done(), "the reserve is kept while someone reads"
+        reading = False
+        slots.wake()  # what the fill path calls when the last reader lets go (no slot was released)
+        await asyncio.wait_for(waiting, 1)
+        for t in (*held, late):
+            slots.release(t)
+        assert slots.used == 0
+
+    asyncio.run(main())
+
+
+def test_the_fill_path_wakes_the_slots_when_the_last_reader_lets_go(tmp_path):
+    async def main(filler: Filler) -> None:
+        slots = filler.chunks.slots
+        filler.hold("b1")
+        held = [slots.ticket(BACKGROUND) for _ in range(3)]
+        for t in held:
+            await slots.acquire(t)
+        late = slots.ticket(BACKGROUND)
+        waiting = asyncio.ensure_future(slots.acquire(late))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        filler.release("b1")  # the last open handle closes
+        await asyncio.wait_for(waiting, 1)  # on the old code: until some other request ended
+        for t in (*held, late):
+            slots.release(t)
+
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+    store = Store(tmp_path / "cache", index)
+    try:
+        cfg = Config(cache_dir=tmp_path / "cache", parallel_total=4)
+        asyncio.run(main(Filler(cfg, index, store, lambda rec, k: [], Metrics())))
+    finally:
+        store.close()
+        index.close()
 
 
 def test_a_prefetch_nobody_reads_uses_every_connection(hub, daemons, big_repo):
@@ -118,6 +176,45 @@ def test_a_prefetch_nobody_reads_uses_every_connection(hub, daemons, big_repo):
     weights = snapshot_dir(daemon, BIG, hub.commits[BIG]) / "weights.bin"
     wait_until(lambda: verified(weights), "the prefetch finished once released")
     assert (weights).read_bytes() == (big_repo / "weights.bin").read_bytes()
+
+
+def test_a_reader_is_served_while_a_prefetch_holds_every_connection(hub, daemons, big_repo):
+    """The reserve is lent to a prefetch nobody reads: a reader that then opens a blob is
+    served beside the lent requests, not after the first of them ends (here: never, until released)."""
+    held = [Fault("hold") for _ in range(4)]
+    env = {
+        "NODECACHE_PARALLEL_TOTAL": "4",
+        "NODECACHE_PARALLEL_PER_BLOB": "4",
+        "NODECACHE_FILL_RUN_CHUNKS": "1",
+        "NODECACHE_READ_AHEAD_CHUNKS": "0",
+        "NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false",
+    }
+    daemon = daemons([BIG], env=env)
+    weights = snapshot_dir(daemon, BIG, hub.commits[BIG]) / "weights.bin"
+    want = (big_repo / "weights.bin").read_bytes()
+    hub.faults.extend(held)
+    fd = None
+    try:
+        req = urllib.request.Request(f"{daemon.url}/v1/prefetch", data=json.dumps({"repo": BIG}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
+        urllib.request.urlopen(req, timeout=30).close()
+        for f in held:
+            assert f.reached.wait(30), "the prefetch did not hold all 4 connections"
+        fd = os.open(weights, os.O_RDONLY)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(os.pread(fd, 4096, 60 * MiB + 5)))
+        reader.start()
+        reader.join(15)  # bounds a failure only: on the old code it waits for a held request to end
+        assert got == [want[60 * MiB + 5 : 60 * MiB + 5 + 4096]], "the reader was served"
+        assert not any(f.release.is_set() for f in held), "...while the prefetch's requests still hung"
+    finally:
+        for f in held:
+            f.release.set()
+        if fd is not None:
+            reader.join(30)
+            os.close(fd)
+    wait_until(lambda: verified(weights), "the prefetch finished once released")
+    assert weights.read_bytes() == want
 
 
 # ---- through the mount -------------------------------------------------------------------------
