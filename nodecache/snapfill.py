@@ -66,12 +66,15 @@ class SnapshotFills:
             return None  # not a weight file: no file list is read (a dataset opens 10^5-10^6 of these)
         snapshots = self._candidates(repo_type, repo_id, rec, commit)
         if all(s in self._tasks or s in self._planned for s in snapshots):
+            if rec is not None and rec.path:  # a weight file (see above), read now as the first one was
+                self.start(blob_id, self.workers)
             return next((self._tasks[s] for s in snapshots if s in self._tasks), None)  # planned lately
         found = self._snapshot_of(snapshots, blob_id)
         if found is None or not is_weight(found[1]):
             return None
         snapshot, path, files = found
         if snapshot in self._tasks or snapshot in self._planned:
+            self.start(blob_id, self.workers)  # another shard's open planned it: this one is read now too
             return self._tasks.get(snapshot)
         self._planned.add(snapshot)
         fill = self._fill(snapshot, path, files, blob_id)

@@ -155,6 +155,44 @@ def test_the_shard_read_now_and_the_one_read_next_fill_alone_with_the_background
         assert (snap / n).read_bytes() == (d / n).read_bytes()
 
 
+def test_a_shard_opened_while_its_snapshot_fills_gets_the_background_connections_too(hub, daemons, sharded_repo):
+    """Two readers (two ranks) open two shards at once: the one opened second is read now too, so
+    its fill gets the background connections as the first one's does, not parallel_per_blob's,
+    while the plan's shards nobody reads yet wait (here the second is the plan's last)."""
+    d, names, order = sharded_repo
+    commit = hub.add_repo(SHARDED, d)
+    env = {
+        "NODECACHE_CHUNK_SIZE": str(256 * 1024),
+        "NODECACHE_PARALLEL_TOTAL": "8",
+        "NODECACHE_PARALLEL_PER_BLOB": "1",
+        "NODECACHE_READ_AHEAD_CHUNKS": "0",
+    }
+    daemon = daemons([SHARDED], env=env)
+    snap = snapshot_dir(daemon, SHARDED, commit)
+    ids = _blob_ids(snap)
+    first, second = order[0], order[3]
+    hub.stats.reset()
+    hub.rate_limit_bps = 2_000_000  # ~130 ms per chunk: the requests of one shard overlap
+    fds = []
+    try:
+        for name in (first, second):
+            fds.append(os.open(snap / name, os.O_RDONLY))
+            os.posix_fadvise(fds[-1], 0, 0, os.POSIX_FADV_RANDOM)  # one page asked: the fills do the rest
+            assert len(os.pread(fds[-1], 8, 0)) == 8
+        wait_until(lambda: verified(snap / first), "the first opened shard filled and proven")
+        peak = hub.stats.peak.get(ids[second], 0)
+        wait_until(lambda: verified(snap), "the whole snapshot filled and proven")
+    finally:
+        hub.rate_limit_bps = None
+        for fd in fds:
+            os.close(fd)
+    # One worker (parallel_per_blob) asks for at most 2 chunks at once (the next as the last bytes
+    # of the one before are sent); the plan gets to the second shard only after two other shards.
+    assert peak >= 3, f"the second opened shard had {peak} responses at once while the first filled"
+    for n in names:
+        assert (snap / n).read_bytes() == (d / n).read_bytes()
+
+
 def test_fill_snapshot_on_open_false_fills_only_what_is_opened(hub, daemons, sharded_repo):
     d, names, order = sharded_repo
     commit = hub.add_repo(SHARDED, d)
