@@ -273,6 +273,36 @@ def test_trim_gives_idle_buffers_back_lazily_and_keeps_them():
     assert len(pool) == 0
 
 
+def test_trim_never_takes_the_pages_of_a_buffer_someone_holds(monkeypatch):
+    """The worst reclaim at every trim (MADV_DONTNEED: the pages read as zeros at once), run after
+    each part while other streams' threads read into their buffers and held parts wait for their
+    writes: every part keeps its bytes, and a reused buffer is written before it is read."""
+    from nodecache.upstream import receive
+
+    monkeypatch.setattr(receive, "_FREE", mmap.MADV_DONTNEED)
+    want = os.urandom(12 * MiB)
+
+    async def stream(rx: Receiver, url: str, a: int, held: list) -> None:
+        async with rx.get(url, {"Range": f"bytes={a}-{a + 8 * MiB - 1}"}) as resp:
+            async for parts in resp.parts(a, a + 8 * MiB, MiB):
+                rx.buffers.trim()
+                held.append((a, parts))
+                a += MiB
+                await asyncio.sleep(0)
+                if len(held) > 6:  # a write ends: its part is let go
+                    at, gone = held.pop(0)
+                    assert bytes(gone[0]) == want[at : at + MiB], f"the part at {at} changed while held"
+
+    async def main() -> None:
+        async with serving(_serves(want), threads=8, keep_buffers=6) as (srv, rx):
+            for round_ in range(10):
+                held: list = []
+                await asyncio.gather(*(stream(rx, srv.url, (round_ + i) % 4 * MiB, held) for i in range(4)))
+                assert all(bytes(parts[0]) == want[at : at + MiB] for at, parts in held)
+
+    asyncio.run(main())
+
+
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

@@ -1141,3 +1141,30 @@ def test_a_written_chunks_buffer_is_free_before_its_sync_and_record(cache, index
     finally:
         gate.set()
         store.close()
+
+
+def test_a_part_refused_for_space_is_left_whole_for_the_retry(cache, index):
+    """chunks._fetch writes the same part again once a proof lets space go (NoSpace comes before
+    any byte is written): the list must still hold it; once written, it is emptied."""
+    from nodecache.tier import NoSpace
+
+    tier = Tier("disk", cache, quota=CS // 2)
+    store = Store(cache, index, tiers=[tier])
+    data = payload(2 * CS)
+    rec = record("sha256", data)
+
+    async def main() -> None:
+        st = store.state(rec)
+        part = [memoryview(bytearray(data[:CS]))]
+        with pytest.raises(NoSpace):
+            await store.write_chunk(st, 0, part, cache=False)
+        assert len(part) == 1 and bytes(part[0]) == data[:CS]
+        tier.quota = 16 * CS
+        await store.write_chunk(st, 0, part, cache=False)
+        assert part == [] and st.has(0)
+
+    try:
+        asyncio.run(main())
+        assert store.path(rec.blob_id).read_bytes()[:CS] == data[:CS]
+    finally:
+        store.close()
