@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 class InUse:
     pinned: set[str] = field(default_factory=set)  # blob ids kept by pins
     open: dict[str, int] = field(default_factory=dict)  # blob id -> open handles / reads in progress
+    # blob id -> re-hashes in progress (scrub, verify jobs): kept, but nobody reads them (slots.py)
+    checking: dict[str, int] = field(default_factory=dict)
     inflight: dict[tuple[str, int], asyncio.Task] = field(default_factory=dict)  # (blob, chunk) fetches
     running: dict[str, asyncio.Task] = field(default_factory=dict)  # whole-blob fills
     finishing: dict[str, asyncio.Task] = field(default_factory=dict)  # whole-blob proofs
@@ -23,6 +25,7 @@ class InUse:
         return (
             blob_id in self.pinned
             or self.open.get(blob_id, 0) > 0
+            or self.checking.get(blob_id, 0) > 0
             or blob_id in self.running
             or blob_id in self.finishing
             or any(b == blob_id for b, _ in self.inflight)

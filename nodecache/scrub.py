@@ -78,7 +78,10 @@ class Scrubber:
             if hashed is not None:
                 hashed(n)
 
-        self.filler.hold(blob_id)  # not evicted under the hash
+        # Not evicted under the hash; not a reader either: a prefetch may still have the readers'
+        # reserve of the fetch slots (a pass over a large cache takes hours at scrub_bps).
+        checking = self.store.in_use.checking
+        checking[blob_id] = checking.get(blob_id, 0) + 1
         try:
             got = await self.store.rehash(rec, pace, counted)
         except FileNotFoundError:
@@ -88,7 +91,10 @@ class Scrubber:
                 raise
             got = f"unreadable ({e})"  # a disk that cannot read it back: damage too
         finally:
-            self.filler.release(blob_id)
+            if checking[blob_id] > 1:
+                checking[blob_id] -= 1
+            else:
+                del checking[blob_id]
         if rec.state != "complete" or self.filler.generation(blob_id) != generation:
             return None
         if got is None or got == blob_id:

@@ -8,6 +8,7 @@ status fields), never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
@@ -18,8 +19,9 @@ from conftest import BIG, MiB, counter, snapshot_dir, verified, wait_until
 
 from nodecache.config import Config
 from nodecache.fill import Filler
-from nodecache.index import Index
+from nodecache.index import BlobRecord, Index
 from nodecache.metrics import Metrics
+from nodecache.scrub import Scrubber
 from nodecache.slots import AHEAD, BACKGROUND, DEMAND, Slots
 from nodecache.store import Store
 from nodecache.testing.hub import Fault
@@ -153,6 +155,43 @@ def test_the_fill_path_wakes_the_slots_when_the_last_reader_lets_go(tmp_path):
     try:
         cfg = Config(cache_dir=tmp_path / "cache", parallel_total=4)
         asyncio.run(main(Filler(cfg, index, store, lambda rec, k: [], Metrics())))
+    finally:
+        store.close()
+        index.close()
+
+
+def test_a_scrub_keeps_its_blob_but_does_not_count_as_a_reader(tmp_path):
+    """A scrub pass over a large cache takes hours at scrub_bps: a prefetch meanwhile keeps the
+    readers' reserve lent (a reader would take it back at once), and the blob is not evicted."""
+    data = os.urandom(3 * 64 * 1024)
+    blob_id = hashlib.sha256(data).hexdigest()
+    rec = BlobRecord(blob_id=blob_id, kind="sha256", size=len(data), chunk_size=64 * 1024)
+
+    async def main(store: Store, filler: Filler) -> None:
+        st = store.state(rec)
+        for k in range(rec.n_chunks):
+            await store.write_chunk(st, k, data[k * rec.chunk_size : (k + 1) * rec.chunk_size])
+        await store.finish(st)
+        assert store.record(blob_id).state == "complete"
+        inside, go = asyncio.Event(), asyncio.Event()
+
+        async def pace(n: int) -> None:
+            inside.set()
+            await go.wait()
+
+        check = asyncio.ensure_future(Scrubber(store, filler, Metrics(), 0).check(blob_id, pace))
+        await asyncio.wait_for(inside.wait(), 10)
+        assert not filler.chunks.slots.readers(), "a scrub is not a reader: the reserve stays lent"
+        assert store.in_use.protected(blob_id), "...but its blob is not evicted under the hash"
+        go.set()
+        assert await asyncio.wait_for(check, 10) is True
+        assert not store.in_use.protected(blob_id)
+
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+    store = Store(tmp_path / "cache", index)
+    try:
+        cfg = Config(cache_dir=tmp_path / "cache", parallel_total=4)
+        asyncio.run(main(store, Filler(cfg, index, store, lambda rec, k: [], Metrics())))
     finally:
         store.close()
         index.close()
