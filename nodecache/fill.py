@@ -81,15 +81,17 @@ class Filler:
         """Blobs with a whole-blob fill or its proof still running (0: the node is quiet)."""
         return len(self.blobs.running.keys() | self.chunks.finishing.keys())
 
-    def hold(self, blob_id: str, paged: bool = True) -> None:
+    def hold(self, blob_id: str, paged: bool = True, reader: bool = True) -> None:
         """An open handle (FUSE open, an HTTP download): keep the blob until release().
-        `paged`: it reads through the page cache, so the chunks it will read are written there."""
-        _count(self.chunks.open, blob_id, 1)
+        `paged`: it reads through the page cache, so the chunks it will read are written there.
+        `reader=False`: nobody waits to read it (a scrub, a peer's background fill): the blob is only
+        kept, and the readers' reserve of the fetch slots may stay lent to background fills."""
+        _count(self.chunks.open if reader else self.store.in_use.kept, blob_id, 1)
         if paged:
             _count(self.chunks.paged, blob_id, 1)
 
-    def release(self, blob_id: str, paged: bool = True) -> None:
-        _count(self.chunks.open, blob_id, -1)
+    def release(self, blob_id: str, paged: bool = True, reader: bool = True) -> None:
+        _count(self.chunks.open if reader else self.store.in_use.kept, blob_id, -1)
         if paged:
             _count(self.chunks.paged, blob_id, -1)
         if not self.chunks.open:
@@ -254,7 +256,7 @@ class Filler:
         `background`: the peer asking fills in the background; its fetch here waits behind readers.
         `paged=False`: the chunk is written around the page cache and returned as a FileSlice
         (the peer keeps its own copy; this node's would be fresh pages)."""
-        self.hold(blob_id, paged)
+        self.hold(blob_id, paged, reader=not background)
         try:
             st = self.state(blob_id)
             if not 0 <= k < st.rec.n_chunks:
@@ -277,7 +279,7 @@ class Filler:
                 return self.store.slice(blob_id, start, end - start, direct=True)
             return await self.store.read(blob_id, start, end - start)
         finally:
-            self.release(blob_id, paged)
+            self.release(blob_id, paged, reader=not background)
 
     def _failed_proof(self, blob_id: str, used: dict[str, str]) -> None:
         """After a failed proof: new generation, sources of the attempt asked last, owner told."""

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 class InUse:
     pinned: set[str] = field(default_factory=set)  # blob ids kept by pins
     open: dict[str, int] = field(default_factory=dict)  # blob id -> open handles / reads in progress
-    # blob id -> re-hashes in progress (scrub, verify jobs): kept, but nobody reads them (slots.py)
-    checking: dict[str, int] = field(default_factory=dict)
+    # blob id -> holds of what is no reader (a scrub's re-hash, a peer's background fill): the blob
+    # is kept, but the readers' share of the fetch slots may still be lent out (slots.py)
+    kept: dict[str, int] = field(default_factory=dict)
     inflight: dict[tuple[str, int], asyncio.Task] = field(default_factory=dict)  # (blob, chunk) fetches
     running: dict[str, asyncio.Task] = field(default_factory=dict)  # whole-blob fills
     finishing: dict[str, asyncio.Task] = field(default_factory=dict)  # whole-blob proofs
@@ -25,7 +26,7 @@ class InUse:
         return (
             blob_id in self.pinned
             or self.open.get(blob_id, 0) > 0
-            or self.checking.get(blob_id, 0) > 0
+            or self.kept.get(blob_id, 0) > 0
             or blob_id in self.running
             or blob_id in self.finishing
             or any(b == blob_id for b, _ in self.inflight)

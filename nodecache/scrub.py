@@ -78,10 +78,7 @@ class Scrubber:
             if hashed is not None:
                 hashed(n)
 
-        # Not evicted under the hash; not a reader either: a prefetch may still have the readers'
-        # reserve of the fetch slots (a pass over a large cache takes hours at scrub_bps).
-        checking = self.store.in_use.checking
-        checking[blob_id] = checking.get(blob_id, 0) + 1
+        self.filler.hold(blob_id, paged=False, reader=False)  # not evicted under the hash; no reader
         try:
             got = await self.store.rehash(rec, pace, counted)
         except FileNotFoundError:
@@ -91,10 +88,7 @@ class Scrubber:
                 raise
             got = f"unreadable ({e})"  # a disk that cannot read it back: damage too
         finally:
-            if checking[blob_id] > 1:
-                checking[blob_id] -= 1
-            else:
-                del checking[blob_id]
+            self.filler.release(blob_id, paged=False, reader=False)
         if rec.state != "complete" or self.filler.generation(blob_id) != generation:
             return None
         if got is None or got == blob_id:

@@ -336,3 +336,48 @@ def test_a_peer_filling_in_the_background_waits_behind_the_owner_s_readers(hub, 
         os.close(fd)
     behind.join(60)
     assert got == [want[50 * MiB : 51 * MiB]], "...and is served once the owner's fills move on"
+
+
+def test_a_peer_s_background_fill_is_no_reader_of_the_owner(hub, daemons, big_repo):
+    """A peer filling in the background (a cluster preload) is not a reader of the owner: the
+    owner's own prefetch, which nobody reads either, still gets the readers' reserve lent."""
+    held = [Fault("hold") for _ in range(4)]
+    env = {
+        "NODECACHE_PARALLEL_TOTAL": "4",
+        "NODECACHE_PARALLEL_PER_BLOB": "4",
+        "NODECACHE_FILL_RUN_CHUNKS": "1",
+        "NODECACHE_CLUSTER_TOKEN": "tok",
+        "NODECACHE_PEERS": "127.0.0.1:9",
+    }
+    daemon = daemons([BIG], env=env)
+    commit = hub.commits[BIG]
+    weights = snapshot_dir(daemon, BIG, commit) / "weights.bin"
+    want = (big_repo / "weights.bin").read_bytes()
+    blob = os.readlink(weights).rsplit("/", 1)[1]
+    q = urllib.parse.urlencode(
+        {"repo_type": "model", "repo": BIG, "commit": commit, "chunk_size": str(MiB), "chunk": "70", "background": "1"}
+    )
+    got: list[bytes] = []
+
+    def peer_get() -> None:
+        req = urllib.request.Request(f"{daemon.url}/v1/blobs/{blob}?{q}", headers={"Authorization": "Bearer tok"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            got.append(r.read())
+
+    hub.faults.extend(held)
+    peer = threading.Thread(target=peer_get)
+    try:
+        peer.start()
+        assert held[0].reached.wait(30), "the peer's chunk is asked for (and hangs: the peer holds the blob)"
+        req = urllib.request.Request(f"{daemon.url}/v1/prefetch", data=json.dumps({"repo": BIG}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
+        urllib.request.urlopen(req, timeout=30).close()
+        for f in held[1:]:
+            assert f.reached.wait(15), "the prefetch got fewer than the 3 connections the peer left it"
+    finally:
+        for f in held:
+            f.release.set()
+        peer.join(60)
+    assert got == [want[70 * MiB : 71 * MiB]]
+    wait_until(lambda: verified(weights), "the prefetch finished once released")
+    assert weights.read_bytes() == want
