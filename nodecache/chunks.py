@@ -12,7 +12,8 @@ import asyncio
 import errno
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from .backoff import delays
 from .config import Config
@@ -69,12 +70,15 @@ class Chunks:
         self.slots = Slots(cfg.parallel_total, reserve, self._waited, readers=lambda: bool(self.open))
         self._tickets: dict[Key, Ticket] = {}  # chunks whose request waits for (or holds) a slot
         self._used: dict[str, dict[str, str]] = {}  # blob id -> {source name: kind} of its current attempt
+        self._awaited: dict[str, int] = {}  # blob id -> readers waiting for all of it (its proof)
 
     def _waited(self, priority: int, seconds: float) -> None:
         self.metrics.fill_slot_wait_seconds.labels(PRIORITIES[priority]).observe(seconds)
 
     async def take_slot(self, keys: list[Key], priority: int) -> Ticket:
         """A fetch slot for the request of these chunks; a reader joining one of them later lets it ahead."""
+        if keys and keys[0][0] in self._awaited:
+            priority = DEMAND  # a reader waits for every chunk of the blob
         t = self.slots.ticket(priority)
         for key in keys:
             self._tickets[key] = t
@@ -90,6 +94,22 @@ class Chunks:
         for key in keys:
             if self._tickets.get(key) is t:
                 del self._tickets[key]
+
+    @contextmanager
+    def awaited(self, blob_id: str) -> Iterator[None]:
+        """A reader waits for the whole blob (its proof: verify_before_serve): every request of
+        its fill is one a reader waits for, and goes first as a lazy read's would."""
+        self._awaited[blob_id] = self._awaited.get(blob_id, 0) + 1
+        for (b, _), t in list(self._tickets.items()):
+            if b == blob_id:
+                self.slots.promote(t, DEMAND)
+        try:
+            yield
+        finally:
+            if self._awaited[blob_id] > 1:
+                self._awaited[blob_id] -= 1
+            else:
+                del self._awaited[blob_id]
 
     def is_open(self, blob_id: str) -> bool:
         return self.open.get(blob_id, 0) > 0

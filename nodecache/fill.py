@@ -191,7 +191,8 @@ class Filler:
         deadline = time.monotonic() + self.cfg.read_timeout
         await self._backoff(blob_id, deadline)
         if blob_id in self.verify_first:
-            await self._proven(blob_id, deadline)
+            with self.chunks.awaited(blob_id):
+                await self._proven(blob_id, deadline)
         st = self.state(blob_id)
         rec = st.rec
         size = max(0, min(size, rec.size - offset))

@@ -15,7 +15,7 @@ import threading
 import urllib.parse
 import urllib.request
 
-from conftest import BIG, MiB, counter, snapshot_dir, verified, wait_until
+from conftest import BIG, SMALL, MiB, counter, snapshot_dir, verified, wait_until
 
 from nodecache.config import Config
 from nodecache.fill import Filler
@@ -291,6 +291,41 @@ def test_a_reader_is_served_while_background_fills_hold_every_other_connection(h
         os.close(fd)
     wait_until(lambda: verified(weights), "the fill finished once released")
     assert counter(daemon, "nodecache_fill_slot_wait_seconds_count", priority="background") >= 1
+
+
+def test_a_reader_waiting_for_a_verify_before_serve_proof_goes_before_background_fills(hub, daemons, small_repo):
+    """A read of a verify_before_serve file waits for its whole-blob fill: every chunk of it is
+    one a reader waits for, so its requests go first, as a lazy read's do, not behind (here:
+    forever) background fills that hold every other connection."""
+    held = [Fault("hold") for _ in range(3)]
+    env = {
+        "NODECACHE_PARALLEL_TOTAL": "4",
+        "NODECACHE_PARALLEL_PER_BLOB": "4",
+        "NODECACHE_READ_AHEAD_CHUNKS": "0",
+        "NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false",
+        "NODECACHE_VERIFY_BEFORE_SERVE": "org/small=model.safetensors",
+    }
+    daemon = daemons([BIG, SMALL], env=env)
+    weights = snapshot_dir(daemon, BIG, hub.commits[BIG]) / "weights.bin"
+    model = snapshot_dir(daemon, SMALL, hub.commits[SMALL]) / "model.safetensors"
+    hub.faults.extend(held)
+    fd = os.open(
+        weights, os.O_RDONLY
+    )  # a background fill of weights.bin: 3 requests hang, the 4th slot is the readers'
+    got: list[bytes] = []
+    try:
+        for f in held:
+            assert f.reached.wait(30), "the background fill did not start its requests"
+        reader = threading.Thread(target=lambda: got.append(model.read_bytes()))
+        reader.start()
+        reader.join(15)  # bounds a failure only: behind the held requests it would wait for them
+        assert got and not any(f.release.is_set() for f in held), "the proven file was served while they hung"
+    finally:
+        for f in held:
+            f.release.set()
+        os.close(fd)
+    wait_until(lambda: verified(weights), "the background fill finished once released")
+    assert got[0] == (small_repo / "model.safetensors").read_bytes()
 
 
 def test_a_peer_filling_in_the_background_waits_behind_the_owner_s_readers(hub, daemons, big_repo):
