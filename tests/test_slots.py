@@ -204,9 +204,7 @@ def test_a_prefetch_nobody_reads_uses_every_connection(hub, daemons, big_repo):
     daemon = daemons([BIG], env=env)
     hub.faults.extend(held)
     try:
-        req = urllib.request.Request(f"{daemon.url}/v1/prefetch", data=json.dumps({"repo": BIG}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
-        urllib.request.urlopen(req, timeout=30).close()
+        _post_prefetch(daemon, BIG)
         for f in held:
             assert f.reached.wait(30), "the prefetch held fewer than all 4 connections at once"
     finally:
@@ -234,9 +232,7 @@ def test_a_reader_is_served_while_a_prefetch_holds_every_connection(hub, daemons
     hub.faults.extend(held)
     fd = None
     try:
-        req = urllib.request.Request(f"{daemon.url}/v1/prefetch", data=json.dumps({"repo": BIG}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
-        urllib.request.urlopen(req, timeout=30).close()
+        _post_prefetch(daemon, BIG)
         for f in held:
             assert f.reached.wait(30), "the prefetch did not hold all 4 connections"
         fd = os.open(weights, os.O_RDONLY)
@@ -254,6 +250,31 @@ def test_a_reader_is_served_while_a_prefetch_holds_every_connection(hub, daemons
             os.close(fd)
     wait_until(lambda: verified(weights), "the prefetch finished once released")
     assert weights.read_bytes() == want
+
+
+def _peer_chunk(daemon, blob: str, commit: str, k: int, **extra: str) -> bytes:
+    """Chunk k of a blob of BIG asked through the peer API, as a peer would (1 MiB chunks)."""
+    q = {"repo_type": "model", "repo": BIG, "commit": commit, "chunk_size": str(MiB), "chunk": str(k), **extra}
+    url = f"{daemon.url}/v1/blobs/{blob}?{urllib.parse.urlencode(q)}"
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer tok"}), timeout=60) as r:
+        return r.read()
+
+
+def _post_prefetch(daemon, repo: str) -> None:
+    req = urllib.request.Request(f"{daemon.url}/v1/prefetch", data=json.dumps({"repo": repo}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
+    urllib.request.urlopen(req, timeout=30).close()
+
+
+def _owner(hub, daemons, big_repo, **env: str):
+    """A node with 4 slots that peers may ask (token `tok`), serving BIG: (daemon, commit, the
+    weights' path, their bytes, their blob id)."""
+    base = {"NODECACHE_PARALLEL_TOTAL": "4", "NODECACHE_PARALLEL_PER_BLOB": "4"}
+    base.update(NODECACHE_CLUSTER_TOKEN="tok", NODECACHE_PEERS="127.0.0.1:9")
+    daemon = daemons([BIG], env={**base, **env})
+    commit = hub.commits[BIG]
+    weights = snapshot_dir(daemon, BIG, commit) / "weights.bin"
+    return daemon, commit, weights, (big_repo / "weights.bin").read_bytes(), os.readlink(weights).rsplit("/", 1)[1]
 
 
 # ---- through the mount -------------------------------------------------------------------------
@@ -332,26 +353,11 @@ def test_a_peer_filling_in_the_background_waits_behind_the_owner_s_readers(hub, 
     """The peer API: a chunk a peer's reader waits for is demand on the owner; a peer's
     background fill says so (background=1) and queues behind the owner's own fills."""
     held = [Fault("hold") for _ in range(3)]
-    env = {
-        "NODECACHE_PARALLEL_TOTAL": "4",
-        "NODECACHE_PARALLEL_PER_BLOB": "4",
-        "NODECACHE_READ_AHEAD_CHUNKS": "0",
-        "NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false",
-        "NODECACHE_CLUSTER_TOKEN": "tok",
-        "NODECACHE_PEERS": "127.0.0.1:9",
-    }
-    daemon = daemons([BIG], env=env)
-    commit = hub.commits[BIG]
-    weights = snapshot_dir(daemon, BIG, commit) / "weights.bin"
-    want = (big_repo / "weights.bin").read_bytes()
-    blob = os.readlink(weights).rsplit("/", 1)[1]
-    base = {"repo_type": "model", "repo": BIG, "commit": commit, "chunk_size": str(MiB)}
+    env = {"NODECACHE_READ_AHEAD_CHUNKS": "0", "NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false"}
+    daemon, commit, weights, want, blob = _owner(hub, daemons, big_repo, **env)
 
     def peer_get(k: int, **extra: str) -> bytes:
-        q = urllib.parse.urlencode({**base, "chunk": str(k), **extra})
-        req = urllib.request.Request(f"{daemon.url}/v1/blobs/{blob}?{q}", headers={"Authorization": "Bearer tok"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.read()
+        return _peer_chunk(daemon, blob, commit, k, **extra)
 
     hub.faults.extend(held)
     fd = os.open(weights, os.O_RDONLY)  # the owner's own whole-blob fill: 3 requests hang, the 4th waits
@@ -377,36 +383,18 @@ def test_a_peer_s_background_fill_is_no_reader_of_the_owner(hub, daemons, big_re
     """A peer filling in the background (a cluster preload) is not a reader of the owner: the
     owner's own prefetch, which nobody reads either, still gets the readers' reserve lent."""
     held = [Fault("hold") for _ in range(4)]
-    env = {
-        "NODECACHE_PARALLEL_TOTAL": "4",
-        "NODECACHE_PARALLEL_PER_BLOB": "4",
-        "NODECACHE_FILL_RUN_CHUNKS": "1",
-        "NODECACHE_CLUSTER_TOKEN": "tok",
-        "NODECACHE_PEERS": "127.0.0.1:9",
-    }
-    daemon = daemons([BIG], env=env)
-    commit = hub.commits[BIG]
-    weights = snapshot_dir(daemon, BIG, commit) / "weights.bin"
-    want = (big_repo / "weights.bin").read_bytes()
-    blob = os.readlink(weights).rsplit("/", 1)[1]
-    q = urllib.parse.urlencode(
-        {"repo_type": "model", "repo": BIG, "commit": commit, "chunk_size": str(MiB), "chunk": "70", "background": "1"}
-    )
+    daemon, commit, weights, want, blob = _owner(hub, daemons, big_repo, NODECACHE_FILL_RUN_CHUNKS="1")
     got: list[bytes] = []
 
     def peer_get() -> None:
-        req = urllib.request.Request(f"{daemon.url}/v1/blobs/{blob}?{q}", headers={"Authorization": "Bearer tok"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            got.append(r.read())
+        got.append(_peer_chunk(daemon, blob, commit, 70, background="1"))
 
     hub.faults.extend(held)
     peer = threading.Thread(target=peer_get)
     try:
         peer.start()
         assert held[0].reached.wait(30), "the peer's chunk is asked for (and hangs: the peer holds the blob)"
-        req = urllib.request.Request(f"{daemon.url}/v1/prefetch", data=json.dumps({"repo": BIG}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
-        urllib.request.urlopen(req, timeout=30).close()
+        _post_prefetch(daemon, BIG)
         for f in held[1:]:
             assert f.reached.wait(15), "the prefetch got fewer than the 3 connections the peer left it"
     finally:
