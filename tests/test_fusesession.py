@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import machine
 import pytest
@@ -170,18 +171,23 @@ class _Folder:
         return []
 
 
+def _folder_mount(tmp_path, n: int) -> tuple[_Folder, Path]:
+    """A `_Folder` of n files and an empty mountpoint for it; skips where FUSE cannot mount."""
+    machine_reason = machine.fuse()
+    if machine_reason:
+        pytest.skip(machine_reason)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    return _Folder(n), mnt
+
+
 def test_metadata_requests_are_answered_without_a_task_each(tmp_path):
     """A walk sends one to three metadata requests per file, each answered from memory: the session
     runs their handlers as they are read, with no asyncio task (nor a turn of the loop) per request.
     One whose handler waits goes on in a task: answered after its wait, EIO if it fails after it,
     and a daemon that stops cancels it (no request is left without a reply)."""
-    machine_reason = machine.fuse()
-    if machine_reason:
-        pytest.skip(machine_reason)
     n = 300
-    ops = _Folder(n)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    ops, mnt = _folder_mount(tmp_path, n)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -246,12 +252,7 @@ def test_a_metadata_request_waiting_on_a_task_is_cancelled_as_a_task_would_be(tm
     (serve()'s end, a hand-over) reaches the handler as CancelledError once that task is cancelled,
     never as "await wasn't used with future" (EIO); and a hand-over to a server that asks the kernel
     to resend leaves the request unanswered, for the next server to answer."""
-    machine_reason = machine.fuse()
-    if machine_reason:
-        pytest.skip(machine_reason)
-    ops = _Folder(3)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    ops, mnt = _folder_mount(tmp_path, 3)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -307,12 +308,7 @@ def test_a_process_killed_while_its_lookup_waits_leaves_at_once(tmp_path):
     """A lookup can wait long (a repo resolved on demand: tens of seconds at 10^6 files), and the
     kernel keeps a killed process until its request is answered: the INTERRUPT it sends for the
     lookup is answered EINTR at once, and the handler sees the cancel."""
-    machine_reason = machine.fuse()
-    if machine_reason:
-        pytest.skip(machine_reason)
-    ops = _Folder(3)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    ops, mnt = _folder_mount(tmp_path, 3)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
