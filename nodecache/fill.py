@@ -59,7 +59,7 @@ class Filler:
         self.chunks = Chunks(cfg, store, sources, metrics, self._failed_proof)
         self.blobs = BlobFills(cfg, self.chunks, metrics)
         self.snapshots = SnapshotFills(
-            cfg, index, self.fill_in_background, self.blobs.claimed, store.record, store.read
+            cfg, index, self.fill_in_background, self.blobs.claimed, store.record, store.read, store.warm
         )
         self.verify_first: set[str] = set()  # blob ids whose reads wait for the whole-blob proof (verify_before_serve)
         self._generation: dict[str, int] = {}  # blob id -> failed proofs seen while running

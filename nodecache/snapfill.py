@@ -8,26 +8,42 @@ with as many, each started once every chunk of the one before is claimed. So the
 is passthrough; shards filling side by side would finish together, late, and
 every one of them be served by the daemon. Every such fetch is a background
 one: readers' chunks go ahead (slots.py).
+
+Complete shards the loader reads next are read into the page cache ahead of
+it (`shard_read_ahead` bytes past the newest shard opened): whole-blob fills
+write around it, and a cold passthrough read waits on the disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from .chunks import consume, reserve_for_demand
 from .config import Config
 from .expiring import ExpiringSet
 from .index import BlobRecord, Index
 from .layout import FileEntry
-from .snapplan import index_files, is_weight, locate, small_files, weight_order
+from .snapplan import index_files, is_weight, locate, read_ahead, small_files, weight_order
 
 log = logging.getLogger(__name__)
 
 Snapshot = tuple[str, str, str]  # (repo type, repo id, commit)
 _REPLAN_AFTER = 60.0  # a snapshot planned lately is not planned again on every open of a shard
 _PLANNED_MAX = 1024
+
+
+@dataclass
+class _Order:
+    """A planned snapshot's weight files in loader order (the opened one first), the newest one
+    a reader opened, and those read into the page cache ahead of it."""
+
+    files: list[FileEntry]
+    reading: str  # blob id
+    warmed: set[str] = field(default_factory=set)
 
 
 class SnapshotFills:
@@ -41,16 +57,20 @@ class SnapshotFills:
         claimed: Callable[[str], Awaitable[None]],
         record: Callable[[str], BlobRecord | None],
         read: Callable[[str, int, int], Awaitable[bytes]],
+        warm: Callable[[str], Awaitable[None]],
     ):
         self.cfg, self.index = cfg, index
         # Start (or join, with at least n workers) a blob's whole-blob fill; None if complete or failing.
         self.start = start
         self.claimed = claimed  # until every chunk of a blob's running fill is claimed by a worker
         self.record, self.read = record, read
+        self.warm = warm  # read a complete blob into the page cache (asynchronously)
         self.workers = max(1, cfg.parallel_total - reserve_for_demand(cfg.parallel_total))
         self._tasks: dict[Snapshot, asyncio.Task] = {}
         self._planned = ExpiringSet(_REPLAN_AFTER, _PLANNED_MAX)
         self._seen = ExpiringSet(_REPLAN_AFTER, _PLANNED_MAX)  # (type, repo, blob) opened lately
+        self._orders: OrderedDict[Snapshot, _Order] = OrderedDict()  # the newest _PLANNED_MAX plans
+        self._warming: set[asyncio.Task] = set()
 
     def opened(self, repo_type: str, repo_id: str, blob_id: str, commit: str | None = None) -> asyncio.Task | None:
         """A reader opened a blob of this repo (of this snapshot, if known): if it is a weight
@@ -65,6 +85,7 @@ class SnapshotFills:
         if rec is not None and rec.path and not is_weight(rec.path):
             return None  # not a weight file: no file list is read (a dataset opens 10^5-10^6 of these)
         snapshots = self._candidates(repo_type, repo_id, rec, commit)
+        self._reading(snapshots, blob_id)
         if all(s in self._tasks or s in self._planned for s in snapshots):
             if rec is not None and rec.path:  # a weight file (see above), read now as the first one was
                 self.start(blob_id, self.workers)
@@ -114,9 +135,37 @@ class SnapshotFills:
         order = weight_order(files, opened, await self._indexes(files, opened))
         log.info("snapshot fill of %s@%s after %s: %d small file(s), then %s", snapshot[1], snapshot[2][:12],
                  opened, len(started), ", ".join(f.path for f in order) or "no other weight file")  # fmt: skip
+        self._orders[snapshot] = _Order([FileEntry(opened, 0, opened_blob), *order], opened_blob)
+        while len(self._orders) > _PLANNED_MAX:
+            self._orders.popitem(last=False)
+        self._read_ahead(snapshot)  # shards complete already (a prefetch), cold in the page cache
         for f in order:
-            if self.start(f.blob_id, self.workers) is not None:
+            if (task := self.start(f.blob_id, self.workers)) is not None:
+                task.add_done_callback(lambda _, s=snapshot: self._read_ahead(s))
                 await self.claimed(f.blob_id)
+
+    def _reading(self, snapshots: list[Snapshot], blob_id: str) -> None:
+        """A reader opened this weight file: the page cache is filled ahead of it from now on."""
+        for snapshot in snapshots:
+            order = self._orders.get(snapshot)
+            if order is not None and any(f.blob_id == blob_id for f in order.files):
+                order.reading = blob_id
+                self._read_ahead(snapshot)
+
+    def _read_ahead(self, snapshot: Snapshot) -> None:
+        """Warm the complete shards within shard_read_ahead after the newest one opened."""
+        order = self._orders.get(snapshot)
+        if order is None:
+            return
+        at = next(i for i, f in enumerate(order.files) if f.blob_id == order.reading)
+        for f in read_ahead(order.files[at + 1 :], self.cfg.shard_read_ahead):
+            rec = self.record(f.blob_id)
+            if f.blob_id in order.warmed or rec is None or rec.state != "complete":
+                continue
+            order.warmed.add(f.blob_id)
+            task = asyncio.get_running_loop().create_task(self.warm(f.blob_id))
+            self._warming.add(task)
+            task.add_done_callback(lambda t: (self._warming.discard(t), consume(t)))
 
     async def _indexes(self, files: list[FileEntry], opened: str) -> dict[str, bytes]:
         """The checkpoint indexes beside the opened file that are stored already, by path."""
@@ -131,4 +180,4 @@ class SnapshotFills:
         return indexes
 
     def tasks(self) -> list[asyncio.Task]:
-        return list(self._tasks.values())
+        return [*self._tasks.values(), *self._warming]

@@ -111,3 +111,14 @@ def weight_order(files: list[FileEntry], opened: str, indexes: dict[str, bytes])
         i = order.index(name)
         order = order[i + 1 :] + order[:i]
     return [by_name[n] for n in order]
+
+
+def read_ahead(after: list[FileEntry], budget: int) -> list[FileEntry]:
+    """The shards a loader reads next (`after`, in its order) that fit in `budget` bytes together."""
+    ahead, total = [], 0
+    for f in after:
+        total += f.size
+        if total > budget:
+            break
+        ahead.append(f)
+    return ahead

@@ -39,6 +39,7 @@ from .quarantine import Quarantined, QuarantineDirs
 from .tier import NoSpace, Tier
 
 log = logging.getLogger(__name__)
+WARM_STEP = 8 << 20  # bytes of read-ahead asked for per call (warm)
 
 
 class Store:
@@ -257,6 +258,29 @@ class Store:
         if len(data) != size:
             raise OSError(errno.EIO, f"short read of blob {blob_id}")
         return data
+
+    async def warm(self, blob_id: str) -> None:
+        """Have the kernel read a complete blob into the page cache, for a reader about to open it.
+
+        Its chunks were written around the page cache (O_DIRECT); a passthrough read of a cold
+        blob file reads the disk at the reader's pace (~640 MB/s here, against ~2 GB/s warm).
+        The reads are asynchronous readahead: one WILLNEED per WARM_STEP, since the kernel
+        reads at most the device's read-ahead window per call (one call for a whole
+        256 MiB file read 8 MiB here)."""
+        try:
+            fd = os.dup(self._fds.get(blob_id))
+        except OSError:
+            return  # evicted or moved meanwhile: nothing to warm
+
+        def advise() -> None:
+            try:
+                size = os.fstat(fd).st_size
+                for off in range(0, size, WARM_STEP):
+                    os.posix_fadvise(fd, off, min(WARM_STEP, size - off), os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+        await asyncio.get_running_loop().run_in_executor(None, advise)
 
     def slice(self, blob_id: str, offset: int, size: int, direct: bool = True) -> FileSlice:
         """Bytes already present, to be read by the FUSE session's reply threads: the loop

@@ -8,7 +8,9 @@ when everything this machine can run did run.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import mmap
 import os
 import time
 from pathlib import Path
@@ -148,3 +150,34 @@ def sha256_file(path: Path) -> str:
 
 def snapshot_dir(daemon: DaemonProcess, repo: str, commit: str) -> Path:
     return daemon.hub / ("models--" + repo.replace("/", "--")) / "snapshots" / commit
+
+
+def in_page_cache(path: Path, offset: int, size: int) -> bool:
+    """Whether every page of these bytes is in the page cache (mincore(2) of a mapping:
+    unlike a read, asking does not trigger read-ahead)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, end = offset // page * page, offset + size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, end - start, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        vec = (ctypes.c_ubyte * ((end - start + page - 1) // page))()
+        try:
+            assert libc.mincore(addr, end - start, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(addr, end - start)
+    finally:
+        os.close(fd)
+    return all(v & 1 for v in vec)
+
+
+def need_direct_io(directory: Path) -> None:
+    """Decided by a probe of the filesystem, not by what the store did: where O_DIRECT
+    works, the store must use it."""
+    if reason := machine.direct_io(directory):
+        pytest.skip(reason)

@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import aiohttp
-import machine
 import pytest
-from conftest import BIG, MiB, sha256_file, snapshot_dir, verified, wait_until
+from conftest import BIG, MiB, in_page_cache, need_direct_io, sha256_file, snapshot_dir, verified, wait_until
 
 from nodecache import directio
 from nodecache.blobfill import run_length
@@ -36,39 +35,8 @@ def test_run_lengths_shrink_and_cover_the_blob():
     assert run_length(1000, workers=8, most=2) == 2 and run_length(3, workers=8, most=8) == 1
 
 
-def _cached(path: Path, offset: int, size: int) -> bool:
-    """Whether every page of these bytes is in the page cache (mincore(2) of a mapping:
-    unlike a read, asking does not trigger read-ahead)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    page = os.sysconf("SC_PAGE_SIZE")
-    start, end = offset // page * page, offset + size
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, end - start, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-        vec = (ctypes.c_ubyte * ((end - start + page - 1) // page))()
-        try:
-            assert libc.mincore(addr, end - start, vec) == 0, os.strerror(ctypes.get_errno())
-        finally:
-            libc.munmap(addr, end - start)
-    finally:
-        os.close(fd)
-    return all(v & 1 for v in vec)
-
-
-def _need_direct_io(directory: Path) -> None:
-    """Decided by a probe of the filesystem, not by what the store did: where O_DIRECT
-    works, the store must use it."""
-    if reason := machine.direct_io(directory):
-        pytest.skip(reason)
-
-
 def test_direct_write_and_read_go_around_the_page_cache(tmp_path):
-    _need_direct_io(tmp_path)
+    need_direct_io(tmp_path)
     path = tmp_path / "blob"
     data = os.urandom(3 * directio.ALIGN + 100)
     pieces = [data[:5000], memoryview(data)[5000:9000], data[9000:]]  # as a stream delivers them
@@ -80,10 +48,10 @@ def test_direct_write_and_read_go_around_the_page_cache(tmp_path):
         with pool.buffer(len(data)) as buf:
             done = directio.write(fd, path, pieces, 0, buf)
         assert done == 3 * directio.ALIGN, "the aligned head goes direct, the tail through the page cache"
-        assert not _cached(path, 0, done), "a direct write leaves nothing in the page cache"
+        assert not in_page_cache(path, 0, done), "a direct write leaves nothing in the page cache"
         with pool.buffer(len(data)) as buf, directio.read_into(path, 0, len(data), buf) as view:
             assert bytes(view) == data
-        assert not _cached(path, 0, done), "nor does a direct read"
+        assert not in_page_cache(path, 0, done), "nor does a direct read"
         assert path.read_bytes() == data
         assert directio.write(fd, path, pieces, 100, bytearray(8192)) == 0, "an unaligned offset is not for O_DIRECT"
         with open(path, "rb") as f:
@@ -103,7 +71,7 @@ def _prefetch(hub, cache: Path, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_prefetch_streams_runs_survives_broken_ones_and_leaves_no_page_cache(hub, tmp_path, big_repo):
-    _need_direct_io(tmp_path)
+    need_direct_io(tmp_path)
     hub.stats.reset()
     hub.faults.extend([Fault("truncate"), Fault("reset"), Fault("500")])
     out = _prefetch(hub, tmp_path / "cache")
@@ -119,12 +87,12 @@ def test_prefetch_streams_runs_survives_broken_ones_and_leaves_no_page_cache(hub
     # at a fresh fill of another cache instead.
     out = _prefetch(hub, tmp_path / "direct")
     assert out.returncode == 0, out.stderr
-    cached = [_cached(tmp_path / "direct" / "blobs" / want[:2] / want, k * MiB, MiB) for k in range(72)]
+    cached = [in_page_cache(tmp_path / "direct" / "blobs" / want[:2] / want, k * MiB, MiB) for k in range(72)]
     assert sum(cached) <= 2, "only chunks a reader waited for may stay in the page cache"
     out = _prefetch(hub, tmp_path / "buffered", NODECACHE_DIRECT_IO="false")
     assert out.returncode == 0, out.stderr
     blob = tmp_path / "buffered" / "blobs" / want[:2] / want
-    missing = [k for k in range(72) if not _cached(blob, k * MiB, MiB)]
+    missing = [k for k in range(72) if not in_page_cache(blob, k * MiB, MiB)]
     assert len(missing) <= 8, f"direct_io=false writes through the page cache; not cached: {missing}"
 
 
@@ -189,14 +157,14 @@ def test_a_reader_through_the_mount_leaves_the_blob_file_out_of_the_page_cache(h
     the kernel keeps the bytes in the mount's page cache; a second copy in the blob file's would
     cost fresh pages (more CPU on this VM than the rest of the fill) and memory."""
     d = daemons(repos=(BIG,))
-    _need_direct_io(d.cache_dir)
+    need_direct_io(d.cache_dir)
     path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
     want = sha256_file(big_repo / "weights.bin")
     assert sha256_file(path) == want  # read front to back while the open's whole-blob fill runs
     blob = d.cache_dir / "blobs" / want[:2] / want
     wait_until(lambda: verified(path), "the blob filled and proven")
     n = -(-blob.stat().st_size // MiB)
-    cached = [k for k in range(n) if _cached(blob, k * MiB, min(MiB, blob.stat().st_size - k * MiB))]
+    cached = [k for k in range(n) if in_page_cache(blob, k * MiB, min(MiB, blob.stat().st_size - k * MiB))]
     assert len(cached) <= 2, f"chunks left in the blob file's page cache: {cached}"
     assert sha256_file(blob) == want
 
@@ -206,7 +174,7 @@ def test_a_complete_blob_served_by_the_daemon_is_read_through_the_page_cache(hub
     those reads go through the blob file's page cache, so the next reader finds it warm; O_DIRECT
     there read every byte from the disk again (3x slower served from a warm store)."""
     d = daemons(repos=(BIG,), env={"NODECACHE_PASSTHROUGH": "false"})
-    _need_direct_io(d.cache_dir)
+    need_direct_io(d.cache_dir)
     path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
     want = sha256_file(big_repo / "weights.bin")
     assert sha256_file(path) == want  # fills it (this handle, opened before, reads around the cache)
@@ -220,7 +188,7 @@ def test_a_complete_blob_served_by_the_daemon_is_read_through_the_page_cache(hub
             os.close(fd)
     assert sha256_file(path) == want  # a new handle on the complete blob: served by the daemon
     n = -(-blob.stat().st_size // MiB)
-    cached = [k for k in range(n) if _cached(blob, k * MiB, min(MiB, blob.stat().st_size - k * MiB))]
+    cached = [k for k in range(n) if in_page_cache(blob, k * MiB, min(MiB, blob.stat().st_size - k * MiB))]
     assert len(cached) >= n - 2, f"only {len(cached)} of {n} chunks read through the page cache"
 
 

@@ -12,11 +12,11 @@ import os
 
 import numpy as np
 import pytest
-from conftest import MiB, snapshot_dir, verified, wait_until
+from conftest import MiB, in_page_cache, need_direct_io, snapshot_dir, verified, wait_until
 from safetensors.numpy import save_file
 
 from nodecache.layout import FileEntry
-from nodecache.snapplan import index_files, opened_in, shard_order, small_files, weight_order
+from nodecache.snapplan import index_files, opened_in, read_ahead, shard_order, small_files, weight_order
 
 SHARDED = "org/sharded"
 C = "a" * 40
@@ -72,6 +72,13 @@ def test_a_malformed_index_means_name_order(raw):
 
 
 # ---- a sharded model through the mount ----------------------------------------------------
+
+
+def test_read_ahead_takes_the_next_shards_that_fit_in_the_budget_together():
+    after = [_entry("b", 300), _entry("c", 300), _entry("d", 100), _entry("e", 10)]
+    assert [f.path for f in read_ahead(after, 600)] == ["b", "c"]
+    assert [f.path for f in read_ahead(after, 700)] == ["b", "c", "d"], "in order: nothing skipped to fit"
+    assert read_ahead(after, 299) == [] and read_ahead(after, 0) == [] and read_ahead([], 10**9) == []
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +200,31 @@ def test_a_shard_opened_while_its_snapshot_fills_gets_the_background_connections
         assert (snap / n).read_bytes() == (d / n).read_bytes()
 
 
+def test_complete_shards_the_loader_reads_next_are_read_into_the_page_cache_ahead_of_it(hub, daemons, sharded_repo):
+    """Whole-blob fills write around the page cache, so a shard complete before its open would
+    be read from the disk at the loader's pace: the shards after the newest one opened are read
+    into it ahead, as far as shard_read_ahead goes (here two shards)."""
+    d, names, order = sharded_repo
+    commit = hub.add_repo(SHARDED, d)
+    size = (d / order[1]).stat().st_size
+    daemon = daemons([SHARDED], env={"NODECACHE_SHARD_READ_AHEAD": str(2 * size + size // 2)})
+    need_direct_io(daemon.cache_dir)
+    snap = snapshot_dir(daemon, SHARDED, commit)
+    ids = _blob_ids(snap)
+    blob = {n: daemon.cache_dir / "blobs" / ids[n][:2] / ids[n] for n in names}
+    with open(snap / order[0], "rb") as f:  # the loader opens the index's first shard
+        assert len(f.read(8)) == 8
+    wait_until(lambda: verified(snap), "the whole snapshot filled and proven")
+    for n in order[1:3]:
+        wait_until(lambda n=n: in_page_cache(blob[n], 0, size), f"{n} read into the page cache")
+    assert not in_page_cache(blob[order[3]], 0, MiB), "the shard past shard_read_ahead is left on the disk"
+    with open(snap / order[1], "rb") as f:  # the loader goes on to the next shard
+        assert f.read() == (d / order[1]).read_bytes()
+    wait_until(lambda: in_page_cache(blob[order[3]], 0, size), "the window moved on with the reader")
+    for n in names:
+        assert (snap / n).read_bytes() == (d / n).read_bytes()
+
+
 def test_fill_snapshot_on_open_false_fills_only_what_is_opened(hub, daemons, sharded_repo):
     d, names, order = sharded_repo
     commit = hub.add_repo(SHARDED, d)
@@ -241,7 +273,7 @@ def test_an_open_reads_no_file_list_unless_it_may_be_a_weight_file_of_a_snapshot
         return None
 
     async def main() -> None:
-        fills = SnapshotFills(Config(), Index(), lambda b, n: started.append(b), claimed, records.get, None)
+        fills = SnapshotFills(Config(), Index(), lambda b, n: started.append(b), claimed, records.get, None, None)
         for f in files[:50]:
             assert fills.opened("model", "org/d", f.blob_id) is None
         assert Index.file_lists_read == 0, "parquet opens read no file list"
