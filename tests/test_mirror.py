@@ -251,19 +251,19 @@ def test_downloads_leave_the_blob_file_out_of_the_page_cache(daemons, hub):
     """A cold download's chunks are written and read back with O_DIRECT, and so is a warm one's
     (not cached): the client's kernel keeps its own copy, and a second GiB of fresh page-cache
     pages cost the cold row ~1 CPU-s per GiB in the client. Every byte is still right."""
-    from test_fill_runs import _cached, _need_direct_io
+    from conftest import in_page_cache, need_direct_io
 
     data = os.urandom(16 * MiB)  # 16 chunks of 1 MiB
     hub.add_repo("org/one", {"model.safetensors": data})
     hub.rate_limit_bps = 16 * MiB  # per response: the fill's workers and the client's reads overlap
     d = daemons(repos=(), env=ALLOW_ORG)
-    _need_direct_io(d.cache_dir)
+    need_direct_io(d.cache_dir)
     blob = d.cache_dir / "blobs" / hashlib.sha256(data).hexdigest()[:2] / hashlib.sha256(data).hexdigest()
     for attempt in ("cold", "warm"):
         status, _, body = raw(d, "GET", "/org/one/resolve/main/model.safetensors")
         assert status == 200 and body == data, attempt
         wait_settled(d)
-        cached = [k for k in range(16) if _cached(blob, k * MiB, MiB)]
+        cached = [k for k in range(16) if in_page_cache(blob, k * MiB, MiB)]
         assert len(cached) <= 1, f"{attempt}: chunks in the blob file's page cache: {cached}"
     status, _, body = raw(d, "GET", "/org/one/resolve/main/model.safetensors", {"Range": "bytes=1000-3000999"})
     assert status == 206 and body == data[1000:3001000]

@@ -94,10 +94,10 @@ def test_chunks_served_to_peers_stay_out_of_the_page_cache(cluster_factory, shar
     for the peer, around the page cache (the peer keeps its own copy); before, every chunk of
     both nodes was written through it while a peer asked (fresh pages: ~1.3 CPU-s per GiB
     per node at N = 4)."""
-    from test_fill_runs import _cached, _need_direct_io
+    from conftest import in_page_cache, need_direct_io
 
     c = cluster_factory({REPO: shared_repo}, nodes=2)
-    _need_direct_io(c.nodes[0].cache_dir)
+    need_direct_io(c.nodes[0].cache_dir)
     for node in c.nodes:
         req = urllib.request.Request(node.url + "/v1/prefetch", data=json.dumps({"repo": REPO}).encode(), method="POST")
         urllib.request.urlopen(req, timeout=30).close()
@@ -108,7 +108,7 @@ def test_chunks_served_to_peers_stay_out_of_the_page_cache(cluster_factory, shar
             want = sha256_file(p)
             blob = node.cache_dir / "blobs" / want[:2] / want
             n = blob.stat().st_size // MiB
-            cached = sum(_cached(blob, k * MiB, MiB) for k in range(n))
+            cached = sum(in_page_cache(blob, k * MiB, MiB) for k in range(n))
             assert cached <= n // 16, f"node {i}: {cached} of {n} MiB of {p.name} in the page cache"
             assert sha256_file(blob) == want
 
