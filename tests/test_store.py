@@ -1168,3 +1168,36 @@ def test_a_part_refused_for_space_is_left_whole_for_the_retry(cache, index):
         assert store.path(rec.blob_id).read_bytes()[:CS] == data[:CS]
     finally:
         store.close()
+
+
+def test_warming_many_blobs_holds_one_blob_file_open_and_leaves_the_default_executor_free(store, monkeypatch):
+    """A snapshot's read-ahead warms every complete shard in shard_read_ahead at once (4 GiB:
+    4096 shards of 1 MiB). Each warm must not hold an fd while it waits for its turn, nor
+    take the default executor's threads, which write the fills' chunks, while the disk reads."""
+    data = [payload(CS, seed=i) for i in range(40)]
+    recs = [record("sha256", d) for d in data]
+    gate, advised = threading.Event(), threading.Event()
+    real = os.posix_fadvise
+
+    def busy_disk(fd: int, offset: int, size: int, advice: int) -> None:
+        advised.set()
+        gate.wait(10)
+        real(fd, offset, size, advice)
+
+    async def main() -> None:
+        for r, d in zip(recs, data, strict=True):
+            await fill(store, r, d)
+        loop = asyncio.get_running_loop()
+        before = len(os.listdir("/proc/self/fd"))
+        monkeypatch.setattr(os, "posix_fadvise", busy_disk)
+        warms = [loop.create_task(store.warm(r.blob_id)) for r in recs]
+        try:
+            while not advised.is_set():
+                await asyncio.sleep(0.01)
+            assert len(os.listdir("/proc/self/fd")) - before <= 1, "one blob file open for warming at a time"
+            assert await asyncio.wait_for(loop.run_in_executor(None, int), 5) == 0, "the default executor is free"
+        finally:
+            gate.set()
+            await asyncio.gather(*warms)
+
+    asyncio.run(main())
