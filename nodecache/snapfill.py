@@ -27,7 +27,7 @@ from .config import Config
 from .expiring import ExpiringSet
 from .index import BlobRecord, Index
 from .layout import FileEntry
-from .snapplan import index_files, is_weight, locate, read_ahead, small_files, weight_order
+from .snapplan import index_files, is_weight, locate, read_ahead, siblings, small_files
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,9 @@ _PLANNED_MAX = 1024
 
 @dataclass
 class _Order:
-    """A planned snapshot's weight files in loader order (the opened one first), the newest one
-    a reader opened, and those read into the page cache ahead of it."""
+    """The weight file that planned a snapshot and those after it in loader order (not the
+    ones before it: read already), the newest one a reader opened, and those read into the
+    page cache ahead of it."""
 
     files: list[FileEntry]
     reading: str  # blob id
@@ -132,10 +133,11 @@ class SnapshotFills:
             await asyncio.wait(started)
         if reading is not None:
             await self.claimed(opened_blob)
-        order = weight_order(files, opened, await self._indexes(files, opened))
+        after, before = siblings(files, opened, await self._indexes(files, opened))
+        order = after + before  # those before the opened one last: another loader may read them
         log.info("snapshot fill of %s@%s after %s: %d small file(s), then %s", snapshot[1], snapshot[2][:12],
                  opened, len(started), ", ".join(f.path for f in order) or "no other weight file")  # fmt: skip
-        self._orders[snapshot] = _Order([FileEntry(opened, 0, opened_blob), *order], opened_blob)
+        self._orders[snapshot] = _Order([FileEntry(opened, 0, opened_blob), *after], opened_blob)
         while len(self._orders) > _PLANNED_MAX:
             self._orders.popitem(last=False)
         self._read_ahead(snapshot)  # shards complete already (a prefetch), cold in the page cache

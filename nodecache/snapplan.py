@@ -89,7 +89,15 @@ def weight_order(files: list[FileEntry], opened: str, indexes: dict[str, bytes])
 
     Siblings are the files an index beside it lists together with it, else
     the shards of the same `stem-NNNNN-of-MMMMM.ext` series (name order).
+    Those before the opened one come last.
     """
+    after, before = siblings(files, opened, indexes)
+    return after + before
+
+
+def siblings(files: list[FileEntry], opened: str, indexes: dict[str, bytes]) -> tuple[list[FileEntry], list[FileEntry]]:
+    """The opened weight file's siblings in loader order: those after it (what the loader reads
+    next), and those before it (read already, if the loader started at the first)."""
     folder, name = posixpath.split(opened)
     by_name = {posixpath.basename(f.path): f for f in files if posixpath.dirname(f.path) == folder}
     order: list[str] = []
@@ -101,16 +109,14 @@ def weight_order(files: list[FileEntry], opened: str, indexes: dict[str, bytes])
     if not order:
         m = _SHARD.fullmatch(name)
         if m is None:
-            return []
+            return [], []
         order = sorted(
             n
             for n in by_name
             if (s := _SHARD.fullmatch(n)) and (s["stem"], s["n"], s["ext"]) == (m["stem"], m["n"], m["ext"])
         )
-    if name in order:
-        i = order.index(name)
-        order = order[i + 1 :] + order[:i]
-    return [by_name[n] for n in order]
+    i = order.index(name) if name in order else -1
+    return [by_name[n] for n in order[i + 1 :]], [by_name[n] for n in order[: max(i, 0)]]
 
 
 def read_ahead(after: list[FileEntry], budget: int) -> list[FileEntry]:

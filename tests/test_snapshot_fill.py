@@ -285,3 +285,57 @@ def test_an_open_reads_no_file_list_unless_it_may_be_a_weight_file_of_a_snapshot
         assert files[51].blob_id in started
 
     asyncio.run(main())
+
+
+def _fills(files: list[FileEntry], **cfg):
+    """SnapshotFills over a snapshot whose blobs are all complete (a prefetch), on the
+    running loop; the blob ids it warms, in order."""
+    from nodecache.config import Config
+    from nodecache.index import BlobRecord
+    from nodecache.snapfill import SnapshotFills
+
+    records = {
+        f.blob_id: BlobRecord(
+            f.blob_id, f.size, "sha256", MiB, state="complete", repo_id="org/d", commit=C, path=f.path
+        )
+        for f in files
+    }
+
+    class Index:
+        class refs:
+            def of(repo_type, repo_id):
+                return {"main": C}
+
+        class snapshots:
+            def get(repo_type, repo_id, commit):
+                return files
+
+    async def claimed(blob_id: str) -> None:
+        return None
+
+    warmed: list[str] = []
+
+    async def warm(blob_id: str) -> None:
+        warmed.append(blob_id)
+
+    fills = SnapshotFills(Config(**cfg), Index, lambda b, n: None, claimed, records.get, None, warm)
+    return fills, warmed
+
+
+def test_the_read_ahead_does_not_wrap_to_the_shards_before_the_one_that_planned_it():
+    """A load that takes longer than a minute has its snapshot planned again at the shard opened
+    then: the shards before it in loader order were read already. They are filled last (another
+    loader may come), but not read into the page cache ahead of this one."""
+    import asyncio
+
+    files = [_entry(f"model-0000{i}-of-00006.safetensors", 10 * MiB) for i in range(1, 7)]
+    ids = [f.blob_id for f in files]
+
+    async def main() -> None:
+        fills, warmed = _fills(files, shard_read_ahead=1 << 30)
+        await fills.opened("model", "org/d", ids[3])
+        fills.opened("model", "org/d", ids[5])  # the loader opens the last shard
+        await asyncio.gather(*fills.tasks())
+        assert warmed == ids[4:], "only the shards after the one opened, in loader order"
+
+    asyncio.run(main())
