@@ -120,7 +120,10 @@ def siblings(files: list[FileEntry], opened: str, indexes: dict[str, bytes]) -> 
 
 
 def read_ahead(after: list[FileEntry], budget: int) -> list[FileEntry]:
-    """The shards a loader reads next (`after`, in its order) that fit in `budget` bytes together."""
+    """The shards a loader reads next (`after`, in its order) that fit in `budget` bytes together
+    (none for a budget of 0: it turns the read-ahead off, empty shards too)."""
+    if budget <= 0:
+        return []
     ahead, total = [], 0
     for f in after:
         total += f.size

@@ -79,6 +79,7 @@ def test_read_ahead_takes_the_next_shards_that_fit_in_the_budget_together():
     assert [f.path for f in read_ahead(after, 600)] == ["b", "c"]
     assert [f.path for f in read_ahead(after, 700)] == ["b", "c", "d"], "in order: nothing skipped to fit"
     assert read_ahead(after, 299) == [] and read_ahead(after, 0) == [] and read_ahead([], 10**9) == []
+    assert read_ahead([_entry("empty", 0)], 0) == [], "0 turns it off"
 
 
 @pytest.fixture(scope="module")
@@ -337,5 +338,20 @@ def test_the_read_ahead_does_not_wrap_to_the_shards_before_the_one_that_planned_
         fills.opened("model", "org/d", ids[5])  # the loader opens the last shard
         await asyncio.gather(*fills.tasks())
         assert warmed == ids[4:], "only the shards after the one opened, in loader order"
+
+    asyncio.run(main())
+
+
+def test_shard_read_ahead_0_reads_nothing_ahead():
+    """0 turns it off: an empty shard fits in 0 bytes, but nothing is read ahead."""
+    import asyncio
+
+    files = [_entry(f"model-0000{i}-of-00003.safetensors", size) for i, size in ((1, MiB), (2, 0), (3, MiB))]
+
+    async def main() -> None:
+        fills, warmed = _fills(files, shard_read_ahead=0)
+        await fills.opened("model", "org/d", files[0].blob_id)
+        await asyncio.gather(*fills.tasks())
+        assert warmed == []
 
     asyncio.run(main())
