@@ -21,6 +21,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from .chunks import consume, reserve_for_demand
 from .config import Config
@@ -39,12 +40,22 @@ _PLANNED_MAX = 1024
 @dataclass
 class _Order:
     """The weight file that planned a snapshot and those after it in loader order (not the
-    ones before it: read already), the newest one a reader opened, and those read into the
-    page cache ahead of it."""
+    ones before it: read already), the newest one a reader opened (`reading`, a position),
+    and how far the read-ahead window has looked (each file is looked at once, as it comes
+    into the window; one complete later is looked at again when its fill ends)."""
 
     files: list[FileEntry]
-    reading: str  # blob id
+    reading: int = 0
+    looked: int = 1  # files[1:looked] came into the window already
     warmed: set[str] = field(default_factory=set)
+    ends: list[int] = field(init=False)  # ends[i]: the bytes of files[:i]
+    at: dict[str, int] = field(init=False)  # blob id -> its first position
+
+    def __post_init__(self) -> None:
+        self.ends = list(accumulate((f.size for f in self.files), initial=0))
+        self.at = {}
+        for i, f in enumerate(self.files):
+            self.at.setdefault(f.blob_id, i)
 
 
 class SnapshotFills:
@@ -137,37 +148,52 @@ class SnapshotFills:
         order = after + before  # those before the opened one last: another loader may read them
         log.info("snapshot fill of %s@%s after %s: %d small file(s), then %s", snapshot[1], snapshot[2][:12],
                  opened, len(started), ", ".join(f.path for f in order) or "no other weight file")  # fmt: skip
-        self._orders[snapshot] = _Order([FileEntry(opened, 0, opened_blob), *after], opened_blob)
+        self._orders[snapshot] = _Order([FileEntry(opened, 0, opened_blob), *after])
         while len(self._orders) > _PLANNED_MAX:
             self._orders.popitem(last=False)
         self._read_ahead(snapshot)  # shards complete already (a prefetch), cold in the page cache
         for f in order:
             if (task := self.start(f.blob_id, self.workers)) is not None:
-                task.add_done_callback(lambda _, s=snapshot: self._read_ahead(s))
+                task.add_done_callback(lambda _, s=snapshot, b=f.blob_id: self._filled(s, b))
                 await self.claimed(f.blob_id)
+            else:  # complete (maybe since the window looked at it), or failing
+                self._filled(snapshot, f.blob_id)
 
     def _reading(self, snapshots: list[Snapshot], blob_id: str) -> None:
         """A reader opened this weight file: the page cache is filled ahead of it from now on."""
         for snapshot in snapshots:
             order = self._orders.get(snapshot)
-            if order is not None and any(f.blob_id == blob_id for f in order.files):
-                order.reading = blob_id
+            if order is not None and (at := order.at.get(blob_id)) is not None:
+                order.reading = at
                 self._read_ahead(snapshot)
 
     def _read_ahead(self, snapshot: Snapshot) -> None:
-        """Warm the complete shards within shard_read_ahead after the newest one opened."""
+        """Warm the complete shards that came into the window (shard_read_ahead after the newest one opened)."""
         order = self._orders.get(snapshot)
         if order is None:
             return
-        at = next(i for i, f in enumerate(order.files) if f.blob_id == order.reading)
-        for f in read_ahead(order.files[at + 1 :], self.cfg.shard_read_ahead):
-            rec = self.record(f.blob_id)
-            if f.blob_id in order.warmed or rec is None or rec.state != "complete":
-                continue
-            order.warmed.add(f.blob_id)
-            task = asyncio.get_running_loop().create_task(self.warm(f.blob_id))
-            self._warming.add(task)
-            task.add_done_callback(lambda t: (self._warming.discard(t), consume(t)))
+        end = read_ahead(order.ends, order.reading, self.cfg.shard_read_ahead)
+        for f in order.files[max(order.looked, order.reading + 1) : end]:
+            self._warm(order, f.blob_id)
+        order.looked = max(order.looked, end)
+
+    def _filled(self, snapshot: Snapshot, blob_id: str) -> None:
+        """A fill of one of the snapshot's shards ended: warm it if the window passed over it."""
+        order = self._orders.get(snapshot)
+        at = None if order is None else order.at.get(blob_id)
+        if order is None or at is None:
+            return
+        if order.reading < at < min(order.looked, read_ahead(order.ends, order.reading, self.cfg.shard_read_ahead)):
+            self._warm(order, blob_id)
+
+    def _warm(self, order: _Order, blob_id: str) -> None:
+        rec = self.record(blob_id)
+        if blob_id in order.warmed or rec is None or rec.state != "complete":
+            return
+        order.warmed.add(blob_id)
+        task = asyncio.get_running_loop().create_task(self.warm(blob_id))
+        self._warming.add(task)
+        task.add_done_callback(lambda t: (self._warming.discard(t), consume(t)))
 
     async def _indexes(self, files: list[FileEntry], opened: str) -> dict[str, bytes]:
         """The checkpoint indexes beside the opened file that are stored already, by path."""

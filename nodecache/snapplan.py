@@ -11,6 +11,7 @@ formats or precisions, and a loader reads one of them.
 
 from __future__ import annotations
 
+import bisect
 import json
 import posixpath
 import re
@@ -119,15 +120,12 @@ def siblings(files: list[FileEntry], opened: str, indexes: dict[str, bytes]) -> 
     return [by_name[n] for n in order[i + 1 :]], [by_name[n] for n in order[: max(i, 0)]]
 
 
-def read_ahead(after: list[FileEntry], budget: int) -> list[FileEntry]:
-    """The shards a loader reads next (`after`, in its order) that fit in `budget` bytes together
-    (none for a budget of 0: it turns the read-ahead off, empty shards too)."""
+def read_ahead(ends: list[int], at: int, budget: int) -> int:
+    """The end (exclusive) of the files after position `at` that fit in `budget` bytes together.
+
+    `ends[i]`: the bytes of the files before position i (accumulate(sizes, initial=0)); a
+    search, since a loader opens every file of a series of any length. A budget of 0 reads
+    nothing ahead, not even an empty file."""
     if budget <= 0:
-        return []
-    ahead, total = [], 0
-    for f in after:
-        total += f.size
-        if total > budget:
-            break
-        ahead.append(f)
-    return ahead
+        return at + 1
+    return max(at + 1, bisect.bisect_right(ends, ends[at + 1] + budget) - 1)

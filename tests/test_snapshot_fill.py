@@ -75,11 +75,20 @@ def test_a_malformed_index_means_name_order(raw):
 
 
 def test_read_ahead_takes_the_next_shards_that_fit_in_the_budget_together():
-    after = [_entry("b", 300), _entry("c", 300), _entry("d", 100), _entry("e", 10)]
-    assert [f.path for f in read_ahead(after, 600)] == ["b", "c"]
-    assert [f.path for f in read_ahead(after, 700)] == ["b", "c", "d"], "in order: nothing skipped to fit"
-    assert read_ahead(after, 299) == [] and read_ahead(after, 0) == [] and read_ahead([], 10**9) == []
-    assert read_ahead([_entry("empty", 0)], 0) == [], "0 turns it off"
+    from itertools import accumulate
+
+    files = [_entry("a", 300), _entry("b", 300), _entry("c", 300), _entry("d", 100), _entry("e", 10)]
+    ends = list(accumulate((f.size for f in files), initial=0))
+
+    def ahead(at: int, budget: int) -> list[str]:
+        return [f.path for f in files[at + 1 : read_ahead(ends, at, budget)]]
+
+    assert ahead(0, 600) == ["b", "c"]
+    assert ahead(0, 700) == ["b", "c", "d"], "in order: nothing skipped to fit"
+    assert ahead(1, 400) == ["c", "d"] and ahead(3, 10**9) == ["e"] and ahead(4, 10**9) == []
+    assert ahead(0, 299) == [] and ahead(0, 0) == []
+    assert read_ahead([0, 300, 300], 0, 0) == 1, "0 turns it off, even for an empty shard next"
+    assert read_ahead([0, 300, 300], 0, 1) == 2, "an empty shard fits in any other budget"
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +299,7 @@ def test_an_open_reads_no_file_list_unless_it_may_be_a_weight_file_of_a_snapshot
 
 def _fills(files: list[FileEntry], **cfg):
     """SnapshotFills over a snapshot whose blobs are all complete (a prefetch), on the
-    running loop; the blob ids it warms, in order."""
+    running loop; the blob ids it warms, in order, and those whose record it looks up."""
     from nodecache.config import Config
     from nodecache.index import BlobRecord
     from nodecache.snapfill import SnapshotFills
@@ -315,12 +324,17 @@ def _fills(files: list[FileEntry], **cfg):
         return None
 
     warmed: list[str] = []
+    asked: list[str] = []
+
+    def record(blob_id: str) -> BlobRecord | None:
+        asked.append(blob_id)
+        return records.get(blob_id)
 
     async def warm(blob_id: str) -> None:
         warmed.append(blob_id)
 
-    fills = SnapshotFills(Config(**cfg), Index, lambda b, n: None, claimed, records.get, None, warm)
-    return fills, warmed
+    fills = SnapshotFills(Config(**cfg), Index, lambda b, n: None, claimed, record, None, warm)
+    return fills, warmed, asked
 
 
 def test_the_read_ahead_does_not_wrap_to_the_shards_before_the_one_that_planned_it():
@@ -333,7 +347,7 @@ def test_the_read_ahead_does_not_wrap_to_the_shards_before_the_one_that_planned_
     ids = [f.blob_id for f in files]
 
     async def main() -> None:
-        fills, warmed = _fills(files, shard_read_ahead=1 << 30)
+        fills, warmed, _ = _fills(files, shard_read_ahead=1 << 30)
         await fills.opened("model", "org/d", ids[3])
         fills.opened("model", "org/d", ids[5])  # the loader opens the last shard
         await asyncio.gather(*fills.tasks())
@@ -349,9 +363,30 @@ def test_shard_read_ahead_0_reads_nothing_ahead():
     files = [_entry(f"model-0000{i}-of-00003.safetensors", size) for i, size in ((1, MiB), (2, 0), (3, MiB))]
 
     async def main() -> None:
-        fills, warmed = _fills(files, shard_read_ahead=0)
+        fills, warmed, _ = _fills(files, shard_read_ahead=0)
         await fills.opened("model", "org/d", files[0].blob_id)
         await asyncio.gather(*fills.tasks())
         assert warmed == []
+
+    asyncio.run(main())
+
+
+def test_each_open_costs_the_read_ahead_the_shards_it_brings_into_the_window_not_the_window():
+    """A repo may list 10^5 tiny shards of one series, all in the window: a loader opening them
+    one after another must not make each open look over the window (or the series) again."""
+    import asyncio
+
+    n = 3000
+    files = [_entry(f"m-{i:05d}-of-{n:05d}.safetensors", 1000) for i in range(1, n + 1)]
+    ids = [f.blob_id for f in files]
+
+    async def main() -> None:
+        fills, warmed, asked = _fills(files)
+        await fills.opened("model", "org/d", ids[0])
+        for b in ids[1:]:
+            fills.opened("model", "org/d", b)
+        await asyncio.gather(*fills.tasks())
+        assert sorted(warmed) == sorted(ids[1:]), "every shard read ahead once"
+        assert len(asked) <= 3 * n, f"{len(asked)} record lookups for {n} opens"
 
     asyncio.run(main())
