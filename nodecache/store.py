@@ -71,6 +71,7 @@ class Store:
         # Warming too (warm): a read-ahead window asks for every shard in it at once, and the
         # default executor writes the fills' chunks. One at a time, in the order asked for.
         self._warm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nodecache-warm")
+        self._warm_turn = asyncio.Lock()
         self.tiers = {t.name: t for t in (tiers or [Tier("disk", root)])}
         self.retry_base = retry_base
         for t in self.tiers.values():
@@ -271,19 +272,12 @@ class Store:
         The reads are asynchronous readahead: one WILLNEED per WARM_STEP, since the kernel
         reads at most the device's read-ahead window per call (one call for a whole
         256 MiB file read 8 MiB here). Blobs are warmed one at a time in a thread of their
-        own, which opens the file: one waiting for its turn holds no fd."""
-        path = self.path(blob_id)
-
-        def advise() -> None:
-            try:
-                with own_fd(path, os.O_RDONLY) as fd:
-                    size = os.fstat(fd).st_size
-                    for off in range(0, size, WARM_STEP):
-                        os.posix_fadvise(fd, off, min(WARM_STEP, size - off), os.POSIX_FADV_WILLNEED)
-            except FileNotFoundError:
-                pass  # evicted or quarantined meanwhile: nothing to warm
-
-        await asyncio.get_running_loop().run_in_executor(self._warm_pool, advise)
+        own, which opens the file: one waiting for its turn holds no fd, and is looked at
+        when its turn comes (evicted meanwhile, it may be a partial file of a new fill)."""
+        async with self._warm_turn:
+            rec = self.record(blob_id)
+            if rec is not None and rec.state == "complete":
+                await asyncio.get_running_loop().run_in_executor(self._warm_pool, _advise, self.path(blob_id))
 
     def slice(self, blob_id: str, offset: int, size: int, direct: bool = True) -> FileSlice:
         """Bytes already present, to be read by the FUSE session's reply threads: the loop
@@ -478,3 +472,14 @@ class Store:
     def discard_quarantined(self, blob_id: str) -> None:
         """Empty a quarantined file passthrough readers still have open (QuarantineDirs.discard)."""
         self.quarantined.discard(blob_id)
+
+
+def _advise(path: Path) -> None:
+    """Ask the kernel to read the whole file into the page cache (Store.warm)."""
+    try:
+        with own_fd(path, os.O_RDONLY) as fd:
+            size = os.fstat(fd).st_size
+            for off in range(0, size, WARM_STEP):
+                os.posix_fadvise(fd, off, min(WARM_STEP, size - off), os.POSIX_FADV_WILLNEED)
+    except FileNotFoundError:
+        pass  # evicted or quarantined since its turn came: nothing to warm

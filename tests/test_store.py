@@ -1186,7 +1186,7 @@ def test_warming_many_blobs_holds_one_blob_file_open_and_leaves_the_default_exec
 
     async def main() -> None:
         for r, d in zip(recs, data, strict=True):
-            await fill(store, r, d)
+            await store.finish(await fill(store, r, d))
         loop = asyncio.get_running_loop()
         before = len(os.listdir("/proc/self/fd"))
         monkeypatch.setattr(os, "posix_fadvise", busy_disk)
@@ -1199,5 +1199,43 @@ def test_warming_many_blobs_holds_one_blob_file_open_and_leaves_the_default_exec
         finally:
             gate.set()
             await asyncio.gather(*warms)
+
+    asyncio.run(main())
+
+
+def test_a_blob_evicted_and_filling_again_while_its_warm_waits_is_not_warmed(store, monkeypatch):
+    """Warms wait for their turn: one whose blob was evicted and is being fetched again meanwhile
+    would read a partial file into the page cache, where its O_DIRECT chunk writes invalidate it."""
+    data = [payload(2 * CS, seed=i) for i in range(2)]
+    recs = [record("sha256", d) for d in data]
+    gate, advised = threading.Event(), []  # (the blob file advised, the second blob's state then)
+    real = os.posix_fadvise
+
+    def busy_disk(fd: int, offset: int, size: int, advice: int) -> None:
+        second = recs[1].blob_id
+        try:
+            its = os.path.samestat(os.fstat(fd), os.stat(store.path(second)))
+        except FileNotFoundError:
+            its = False
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), store.record(second).state if its else None))
+        gate.wait(10)
+        real(fd, offset, size, advice)
+
+    async def main() -> None:
+        for r, d in zip(recs, data, strict=True):
+            await store.finish(await fill(store, r, d))
+        monkeypatch.setattr(os, "posix_fadvise", busy_disk)
+        warms = [asyncio.get_running_loop().create_task(store.warm(r.blob_id)) for r in recs]
+        try:
+            while not advised:
+                await asyncio.sleep(0.01)
+            store.evict(store.record(recs[1].blob_id))
+            await store.write_chunk(store.state(recs[1]), 0, data[1][:CS])
+            assert store.record(recs[1].blob_id).state == "partial"
+        finally:
+            gate.set()
+            await asyncio.gather(*warms)
+        assert (str(store.path(recs[0].blob_id)), None) in advised, "the first one was warmed"
+        assert all(state != "partial" for _, state in advised), "the partial file was not"
 
     asyncio.run(main())
