@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -311,14 +312,10 @@ def _fills(files: list[FileEntry], **cfg):
         for f in files
     }
 
-    class Index:
-        class refs:
-            def of(repo_type, repo_id):
-                return {"main": C}
-
-        class snapshots:
-            def get(repo_type, repo_id, commit):
-                return files
+    index = SimpleNamespace(
+        refs=SimpleNamespace(of=lambda repo_type, repo_id: {"main": C}),
+        snapshots=SimpleNamespace(get=lambda repo_type, repo_id, commit: files),
+    )
 
     async def claimed(blob_id: str) -> None:
         return None
@@ -333,7 +330,7 @@ def _fills(files: list[FileEntry], **cfg):
     async def warm(blob_id: str) -> None:
         warmed.append(blob_id)
 
-    fills = SnapshotFills(Config(**cfg), Index, lambda b, n: None, claimed, record, None, warm)
+    fills = SnapshotFills(Config(**cfg), index, lambda b, n: None, claimed, record, None, warm)
     return fills, warmed, asked
 
 
