@@ -50,9 +50,7 @@ class Config:
     fsync: bool = True  # fdatasync a chunk before marking it present
     direct_io: bool = True  # prefetch writes chunks of blobs nobody has open around the page cache (O_DIRECT)
     hash_memory: int = 256 * MiB  # chunks that land ahead of their blob's in-order hash wait in memory up to this
-    shard_read_ahead: int = (
-        4 * 1024 * MiB
-    )  # complete shards after the one a loader reads: into the page cache, up to this
+    shard_read_ahead: int = 16 * 1024 * MiB  # complete shards after the one a loader reads: into the page cache
     bdi_read_ahead_kb: int = 16384  # written to the mount's bdi after FUSE_INIT
     passthrough: bool = True  # complete blobs are read by the kernel from the store file (Linux >= 6.9)
     keeper_socket: Path | None = None  # `nodecache keeper`'s socket: the FUSE connection outlives the daemon

@@ -315,9 +315,12 @@ class Filler:
             return None
         return self.blobs.start(st, workers)
 
-    def opened_in_repo(self, repo_type: str, repo_id: str, blob_id: str, commit: str | None) -> asyncio.Task | None:
-        """A reader opened a blob of a repo: if it is a weight file, fill what the loader reads next."""
-        return self.snapshots.opened(repo_type, repo_id, blob_id, commit)
+    def opened_in_repo(
+        self, repo_type: str, repo_id: str, blob_id: str, commit: str | None, reads_here: bool = True
+    ) -> asyncio.Task | None:
+        """A reader opened a blob of a repo: if it is a weight file, fill what the loader reads next
+        (and, if it reads through the mount, read the next shards into the page cache)."""
+        return self.snapshots.opened(repo_type, repo_id, blob_id, commit, reads_here)
 
     async def fill_blobs(
         self, blob_ids: list[str], progress: Callable[[int], None] | None = None, attempts: int = PROOF_ATTEMPTS

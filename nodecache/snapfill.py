@@ -45,7 +45,7 @@ class _Order:
     into the window; one complete later is looked at again when its fill ends)."""
 
     files: list[FileEntry]
-    reading: int = 0
+    reading: int = 0  # -1: nobody reads it through this node's page cache yet (a mirror client)
     looked: int = 1  # files[1:looked] came into the window already
     warmed: set[str] = field(default_factory=set)
     ends: list[int] = field(init=False)  # ends[i]: the bytes of files[:i]
@@ -84,9 +84,13 @@ class SnapshotFills:
         self._orders: OrderedDict[Snapshot, _Order] = OrderedDict()  # the newest _PLANNED_MAX plans
         self._warming: set[asyncio.Task] = set()
 
-    def opened(self, repo_type: str, repo_id: str, blob_id: str, commit: str | None = None) -> asyncio.Task | None:
+    def opened(
+        self, repo_type: str, repo_id: str, blob_id: str, commit: str | None = None, reads_here: bool = True
+    ) -> asyncio.Task | None:
         """A reader opened a blob of this repo (of this snapshot, if known): if it is a weight
-        file, fill what the loader reads next (fill_snapshot_on_open)."""
+        file, fill what the loader reads next (fill_snapshot_on_open). `reads_here`: the
+        reader reads through this node's page cache (the mount), so the shards after it are
+        read into it ahead (shard_read_ahead); a mirror client keeps its own copy."""
         if (
             not (self.cfg.fill_on_open and self.cfg.fill_snapshot_on_open)
             or (repo_type, repo_id, blob_id) in self._seen
@@ -97,7 +101,8 @@ class SnapshotFills:
         if rec is not None and rec.path and not is_weight(rec.path):
             return None  # not a weight file: no file list is read (a dataset opens 10^5-10^6 of these)
         snapshots = self._candidates(repo_type, repo_id, rec, commit)
-        self._reading(snapshots, blob_id)
+        if reads_here:
+            self._reading(snapshots, blob_id)
         if all(s in self._tasks or s in self._planned for s in snapshots):
             if rec is not None and rec.path:  # a weight file (see above), read now as the first one was
                 self.start(blob_id, self.workers)
@@ -110,7 +115,7 @@ class SnapshotFills:
             self.start(blob_id, self.workers)  # another shard's open planned it: this one is read now too
             return self._tasks.get(snapshot)
         self._planned.add(snapshot)
-        fill = self._fill(snapshot, path, files, blob_id)
+        fill = self._fill(snapshot, path, files, blob_id, reads_here)
         task = self._tasks[snapshot] = asyncio.get_running_loop().create_task(fill)
         task.add_done_callback(lambda t: (self._tasks.pop(snapshot, None), consume(t)))
         return task
@@ -135,7 +140,9 @@ class SnapshotFills:
                 return snapshot, path, files
         return None
 
-    async def _fill(self, snapshot: Snapshot, opened: str, files: list[FileEntry], opened_blob: str) -> None:
+    async def _fill(
+        self, snapshot: Snapshot, opened: str, files: list[FileEntry], opened_blob: str, reads_here: bool
+    ) -> None:
         # The opened shard is being read: its fill (started by the open, parallel_per_blob
         # workers) gets the background connections first; the small files go beside it.
         reading = self.start(opened_blob, self.workers)
@@ -148,7 +155,7 @@ class SnapshotFills:
         order = after + before  # those before the opened one last: another loader may read them
         log.info("snapshot fill of %s@%s after %s: %d small file(s), then %s", snapshot[1], snapshot[2][:12],
                  opened, len(started), ", ".join(f.path for f in order) or "no other weight file")  # fmt: skip
-        self._orders[snapshot] = _Order([FileEntry(opened, 0, opened_blob), *after])
+        self._orders[snapshot] = _Order([FileEntry(opened, 0, opened_blob), *after], 0 if reads_here else -1)
         while len(self._orders) > _PLANNED_MAX:
             self._orders.popitem(last=False)
         self._read_ahead(snapshot)  # shards complete already (a prefetch), cold in the page cache
@@ -170,7 +177,7 @@ class SnapshotFills:
     def _read_ahead(self, snapshot: Snapshot) -> None:
         """Warm the complete shards that came into the window (shard_read_ahead after the newest one opened)."""
         order = self._orders.get(snapshot)
-        if order is None:
+        if order is None or order.reading < 0:
             return
         end = read_ahead(order.ends, order.reading, self.cfg.shard_read_ahead)
         for f in order.files[max(order.looked, order.reading + 1) : end]:
@@ -181,7 +188,7 @@ class SnapshotFills:
         """A fill of one of the snapshot's shards ended: warm it if the window passed over it."""
         order = self._orders.get(snapshot)
         at = None if order is None else order.at.get(blob_id)
-        if order is None or at is None:
+        if order is None or at is None or order.reading < 0:
             return
         if order.reading < at < min(order.looked, read_ahead(order.ends, order.reading, self.cfg.shard_read_ahead)):
             self._warm(order, blob_id)

@@ -353,6 +353,27 @@ def test_the_read_ahead_does_not_wrap_to_the_shards_before_the_one_that_planned_
     asyncio.run(main())
 
 
+def test_a_mirror_client_moves_no_read_ahead_window_a_reader_of_the_mount_does():
+    """A mirror download's client keeps its own copy: the shards after it are filled, not read
+    into this node's page cache; a loader opening one through the mount starts the window."""
+    import asyncio
+
+    files = [_entry(f"model-0000{i}-of-00004.safetensors", 10 * MiB) for i in range(1, 5)]
+    ids = [f.blob_id for f in files]
+
+    async def main() -> None:
+        fills, warmed, _ = _fills(files, shard_read_ahead=1 << 30)
+        await fills.opened("model", "org/d", ids[0], reads_here=False)
+        fills.opened("model", "org/d", ids[1], reads_here=False)
+        await asyncio.gather(*fills.tasks())
+        assert warmed == [], "nothing read ahead for mirror clients"
+        fills.opened("model", "org/d", ids[2])  # a loader on this node
+        await asyncio.gather(*fills.tasks())
+        assert warmed == ids[3:]
+
+    asyncio.run(main())
+
+
 def test_shard_read_ahead_0_reads_nothing_ahead():
     """0 turns it off: an empty shard fits in 0 bytes, but nothing is read ahead."""
     import asyncio

@@ -149,7 +149,7 @@ class FileServer:
         # unless the repo is one the operator configured or the caller is the admin.
         whole = rng is None or grant.why == "admin" or self.catalog.policy.names(t.repo_type, t.repo_id)
         if whole:  # the snapshot's other files the client reads next start too (fill_snapshot_on_open)
-            filler.opened_in_repo(ref.repo_type, ref.repo_id, entry.blob_id, ref.commit)
+            filler.opened_in_repo(ref.repo_type, ref.repo_id, entry.blob_id, ref.commit, reads_here=False)
         # Not evicted under an open download. paged=False: its chunks are written (and read
         # back) around the page cache; the client keeps its own copy in its page cache.
         filler.hold(entry.blob_id, paged=False)
