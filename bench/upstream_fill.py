@@ -44,6 +44,11 @@ throttled, to give the cap honestly:
   fill_MBps = repo bytes / daemon_prefetch time (the node's path); the standalone
   process is reported beside it as prefetch_process_MBps
 
+After them, as many `curl` processes as nodecache used connections fetch the
+shards' 8 MiB ranges, throttled, dealt round-robin, each on a kept connection,
+to /dev/null (probe_curl_throttled): the rate a C client without disk or hash
+reaches against this emulator on this machine, which the cap does not promise.
+
     python bench/upstream_fill.py [--size-gib 1] [--rate-mbps 50] [--reps 3] [--out bench/results]
 """
 
@@ -196,6 +201,46 @@ def probe(hub_url: str, files: list[str], conns: int, chunk: int) -> dict:
     cmd = [sys.executable, __file__, "--probe", hub_url, "--probe-conns", str(conns), "--probe-chunk", str(chunk)]
     out = subprocess.run([*cmd, *files], check=True, capture_output=True, text=True, cwd=common.REPO_ROOT)
     return json.loads(out.stdout)
+
+
+def cdn_location(url: str) -> str:
+    """Where the Hub's resolve URL redirects (the CDN), asked once, as a fill resolves once."""
+    import http.client
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        conn.request("HEAD", u.path)
+        r = conn.getresponse()
+        r.read()
+        return urllib.parse.urljoin(url, r.getheader("Location") or url)
+    finally:
+        conn.close()
+
+
+def curl_probe(hub_url: str, files: dict[str, int], conns: int, chunk: int) -> dict:
+    """A C client's bound on this emulator: `conns` curl processes fetch every byte of the files
+    as `chunk`-sized ranges, dealt round-robin, each process on one kept connection (`--next`),
+    to /dev/null: no disk, no hash, no Python. Process starts (~5 ms each) are in its time."""
+    ranges = []
+    for name, size in files.items():
+        loc = cdn_location(f"{hub_url}/{REPO}/resolve/main/{name}")
+        ranges += [(loc, a, min(a + chunk, size)) for a in range(0, size, chunk)]
+    cmds = []
+    for w in range(conns):
+        cmd = ["curl"]
+        for i, (loc, a, b) in enumerate(ranges[w::conns]):
+            cmd += [*(["--next"] if i else []), "-sf", "-r", f"{a}-{b - 1}", "-o", "/dev/null", loc]
+        cmds.append(cmd)
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(c) for c in cmds]
+    failed = [p for p in procs if p.wait() != 0]
+    secs = time.perf_counter() - t0
+    if failed:
+        raise RuntimeError(f"curl probe: {len(failed)} of {conns} curls failed")
+    total = sum(b - a for _, a, b in ranges)
+    return {"bytes": total, "seconds": round(secs, 3), "MBps": round(total / secs / 1e6, 1)}
 
 
 # ---- the three ways to get the bytes ---------------------------------------------------------
@@ -404,8 +449,14 @@ def run(args: argparse.Namespace) -> dict:
             unthrottled = probe(hub.url, big, conns, chunk_size)
             hub.rate_limit_bps = rate
             throttled = probe(hub.url, big, conns, chunk_size)
+            curls = [curl_probe(hub.url, {n: sizes[n] for n in big}, conns, chunk_size) for _ in range(args.reps)]
+            curl_throttled = {
+                **sorted(curls, key=lambda c: c["seconds"])[len(curls) // 2],
+                "samples_s": [c["seconds"] for c in curls],
+            }
             print(
-                f"  probe, {conns} conns: unthrottled {unthrottled['MBps']:,.0f} MB/s, throttled {throttled['MBps']:,.0f} MB/s"
+                f"  probe, {conns} conns: unthrottled {unthrottled['MBps']:,.0f} MB/s, throttled {throttled['MBps']:,.0f} MB/s, "
+                f"curl throttled {curl_throttled['MBps']:,.0f} MB/s"
             )
         finally:
             hub.stop()
@@ -518,6 +569,18 @@ def run(args: argparse.Namespace) -> dict:
         ),
         "probe_unthrottled": unthrottled,
         "probe_throttled": throttled,
+        "probe_curl_throttled": curl_throttled,
+        "fill_vs_curl_probe": round(fill / curl_throttled["MBps"], 3),
+        "lazy_read_vs_curl_probe": round(lazy / curl_throttled["MBps"], 3) if lazy else None,
+        "curl_probe_vs_cap": round(curl_throttled["MBps"] / cap, 3),
+        "curl_probe_note": (
+            f"probe_curl_throttled: {conns} curl processes at once, throttled, fetch the shards' bytes as "
+            f"{chunk_size // MiB} MiB ranges dealt round-robin, each on one kept connection, to /dev/null (no "
+            "disk, no hash, no Python; the CDN location resolved first): what a C client reaches against this "
+            "emulator on this machine in the same run (median of reps). curl_probe_vs_cap is how far below cap "
+            "even it stays (request gaps, the emulator's and the kernel's pacing on a shared 2-core machine); "
+            "fill_vs_curl_probe and lazy_read_vs_curl_probe compare the daemon with it."
+        ),
         "targets": {
             "speedup_vs_snapshot_download": 1.5,
             "fill_vs_cap": 0.9,
@@ -568,6 +631,13 @@ def plot(res: dict, path: Path) -> None:
         ls="-.",
         lw=1,
         label=f"no-disk client, {res['connections_used']} conns, throttled: {res['probe_throttled']['MBps']:,.0f}",
+    )
+    a2.axhline(
+        res["probe_curl_throttled"]["MBps"],
+        color="#8c564b",
+        ls="-.",
+        lw=1,
+        label=f"{res['connections_used']} curls of the ranges, throttled: {res['probe_curl_throttled']['MBps']:,.0f}",
     )
     for ax in (a1, a2):
         ax.set_xticks(range(len(kinds)), [k[1] for k in kinds], fontsize=8)
@@ -630,6 +700,9 @@ def main(argv: list[str] | None = None) -> int:
         ("verified_cap_MBps", "", ""),
         ("fill_vs_verified_cap", "", ""),
         ("lazy_read_vs_verified_cap", "", ""),
+        ("curl_probe_vs_cap", "", ""),
+        ("fill_vs_curl_probe", "", ""),
+        ("lazy_read_vs_curl_probe", "", ""),
         ("parallel8_verified_anchor_MBps", "", ""),
         ("parallel8_vs_verified_anchor", "", ""),
         ("daemon_cpu_s_per_GiB", "", ""),
