@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import connstate, layout
-from .upstream.sourcespec import parse_repo_token_files, parse_s3_url, parse_sources
+from .upstream.sourcespec import hide_userinfo, parse_repo_token_files, parse_s3_url, parse_sources
 
 MiB = 1024 * 1024
 # Formats loaded with pickle: a wrong byte in them is code run by the loader, not a wrong weight.
@@ -190,7 +190,7 @@ def _check_types(cfg: Config) -> None:
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             continue
         if not isinstance(value, want) or (want is tuple and not all(isinstance(v, str) for v in value)):
-            raise ConfigError(f"{f.name}: {value!r} is not a valid {kind.replace(' | None', '')}")
+            raise ConfigError(hide_userinfo(f"{f.name}: {value!r} is not a valid {kind.replace(' | None', '')}"))
 
 
 _TYPES = (("Path", Path), ("str", str), ("int", int), ("float", float), ("bool", bool), ("tuple", tuple))
@@ -287,7 +287,7 @@ def _yaml_repos(items: list) -> tuple[tuple[str, ...], list[str]]:
             specs.append(item)
             continue
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-            raise ConfigError(f"repos: {item!r} needs an 'id'")
+            raise ConfigError(hide_userinfo(f"repos: {item!r} needs an 'id'"))  # its sources may have a password
         unknown = set(item) - {"id", "revision", "sources"}
         if unknown:
             raise ConfigError(f"repos: unknown key(s) {sorted(unknown)} in {item['id']!r}")

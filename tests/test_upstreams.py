@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from aiohttp import web
@@ -39,7 +40,7 @@ from nodecache.upstream.manifest import (
     source_blob_id,
 )
 from nodecache.upstream.s3 import S3Upstream
-from nodecache.upstream.sourcespec import parse_s3_url, parse_sources
+from nodecache.upstream.sourcespec import hide_userinfo, parse_s3_url, parse_sources, shown_url
 from testkit.s3 import MotoServer, upload_dir
 
 pytestmark = pytest.mark.timeout(180)
@@ -192,6 +193,71 @@ def test_bad_source_config_names_the_key(tmp_path):
     y.write_text("repos:\n  - id: org/a\n    sources: [hf, s3://bkt/a]\n  - org/b\n")
     cfg = config.load(environ={}, file=y)
     assert cfg.repos == ("org/a", "org/b") and cfg.sources == ("org/a=hf,s3://bkt/a",)
+
+
+def test_source_urls_are_shown_without_their_userinfo():
+    cases = {
+        "http://user:s3cret@127.0.0.1:8080/base": "http://***@127.0.0.1:8080/base",
+        "https://user@host/b": "https://***@host/b",  # a user name alone is hidden too
+        "http://user:s3cret@[::1]:8080/b": "http://***@[::1]:8080/b",
+        "http://user:p@ss@h/b/x@y": "http://***@h/b/x@y",  # as urlsplit reads it: up to the authority's last @
+        "http://user:%2Fs3@h": "http://***@h",
+    }
+    for plain in ("http://127.0.0.1:8080/base", "http://[::1]:80/b", "https://h/a@b", "s3://bkt/p", "/data/m", "hf"):
+        cases[plain] = plain
+    for url, shown in cases.items():
+        assert shown_url(url) == shown, url
+        assert hide_userinfo(url) == shown, url
+        if "://" in url:  # the same host and port: only the userinfo went
+            a, b = urlsplit(url), urlsplit(shown)
+            assert (a.hostname, a.port, a.path) == (b.hostname, b.port, b.path), url
+    said = "Cannot connect to URL('http://u:s3cret@h:8/x') via https://a@b, not http://h/x@y"
+    assert hide_userinfo(said) == "Cannot connect to URL('http://***@h:8/x') via https://***@b, not http://h/x@y"
+
+
+def test_a_rejected_source_never_shows_its_password(tmp_path):
+    """Config errors name the source they refuse, without the user or password (even one whose
+    unencoded `/`, `?`, `#` or `,` cut the URL short of its `@`)."""
+    cases = {
+        "org/a=http://user:s3cret@127.0.0.1/b?x=1": "'http://***@127.0.0.1/b?x=1': an http source is a base URL",
+        "org/a=http://user:s3cret@127.0.0.1:99999/b": "'http://...': not a valid host[:port]",
+        "org/a=http://user:s3cret@/b": "'http://...': not a valid host[:port]",
+        "org/a=http://user:s3/cret@h/b": "'http://...': not a valid host[:port]",
+        "org/a=http://user:s3?cret@h/b": "'http://...': not a valid host[:port]",
+        "org/a=http://user:s3,cret@h/b": "'http://...': not a valid host[:port]",
+        "org/a=http://user:123,cret@h/b": "'...': unknown source scheme",  # `http://user:123` is a valid URL
+        "org/a=ftp://user:s3cret@h/x": "'ftp://***@h/x': unknown source scheme",
+        "org/a=s3://user:s3cret@bkt/p": "'s3://***@bkt/p': not an s3://bucket/prefix URL",
+        "org/a=file://user:s3cret@h/x": "'file://***@h/x': a local source needs an absolute path",
+        "http://user:s3cret@h/b": "'http://***@h/b': an entry is REPO=SOURCE",
+    }
+    for entry, msg in cases.items():
+        with pytest.raises(config.ConfigError) as e:
+            config.load({"sources": (entry,)}, environ={})
+        assert str(e.value).startswith(f"sources: {msg}"), (entry, str(e.value))
+        assert "cret" not in str(e.value), str(e.value)
+    with pytest.raises(config.ConfigError) as e:
+        config.load({"sources": ("org/a=http://user:s3cret@h/b", 5)}, environ={})
+    assert "not a valid tuple" in str(e.value) and "s3cret" not in str(e.value)
+    y = tmp_path / "c.yaml"
+    y.write_text("repos:\n  - sources: [http://user:s3cret@h/b]\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(environ={}, file=y)
+    assert "needs an 'id'" in str(e.value) and "s3cret" not in str(e.value)
+    # An `=` in a password no longer splits the entry: the part before it is no repo.
+    specs = parse_sources(["org/a=hf,http://user:s3=cret@h/b"])[("model", "org/a")]
+    assert [s.url for s in specs] == ["hf", "http://user:s3=cret@h/b"]
+    # `serve` says it in one line, without the password.
+    env = {**os.environ, "NODECACHE_SOURCES": "org/a=http://user:s3cret@127.0.0.1/b?x=1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "nodecache", "serve", "--mount", str(tmp_path / "m"), "--cache-dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and r.stderr.startswith("nodecache: error: sources: 'http://***@127.0.0.1/b?x=1'")
+    assert "s3cret" not in r.stderr and "Traceback" not in r.stderr
 
 
 # --- S3 upstream against moto, no mount -------------------------------------------------------

@@ -5,6 +5,10 @@ Config `sources` entries are `REPO=SRC[,SRC...]`, e.g.
 SRC is `hf`, `s3://bucket[/prefix]`, `http(s)://base/url` (a manifest at
 `<base>/.nodecache-manifest.json`) or `file:///dir` / `/dir`. config.py checks
 them when it loads; upstream/sources.py builds the upstreams they name.
+
+An http source's `user:password@` is sent as Basic auth and shown nowhere:
+every message names a source URL by `shown_url`, and an exception text that
+may quote one goes through `hide_userinfo` first.
 """
 
 from __future__ import annotations
@@ -17,6 +21,28 @@ from urllib.parse import urlsplit
 from ..layout import InvalidName, RepoSpec
 
 _BUCKET_RE = re.compile(r"^(?=.{3,63}$)[a-z0-9][a-z0-9.-]*[a-z0-9]$")
+# The userinfo of a URL quoted in a text: after `//`, up to the last `@` before the path, query,
+# fragment or a space (a URL's userinfo has none of these unencoded).
+_USERINFO_RE = re.compile(r"(?<=//)[^/?#\s]*@")
+
+
+def shown_url(url: str) -> str:
+    """`url` as a message may show it: its userinfo (`user:password@`, `user@`) as `***@`.
+
+    The authority is read as urlsplit reads it (up to the first `/`, `?` or `#`,
+    the userinfo up to its last `@`), so what is hidden is what would be sent.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, end)
+    return url if at < 0 else f"{scheme}://***@{rest[at + 1 :]}"
+
+
+def hide_userinfo(text: str) -> str:
+    """`text` (an exception's, say) with the userinfo of every URL it quotes shown as `***@`."""
+    return _USERINFO_RE.sub("***@", text)
 
 
 @dataclass(frozen=True)
@@ -26,36 +52,55 @@ class SourceSpec:
 
 
 def parse_source(raw: str) -> SourceSpec:
-    """One SRC of a `sources` entry; ValueError says what is wrong."""
+    """One SRC of a `sources` entry; ValueError says what is wrong (never with a password)."""
     raw = raw.strip()
     if raw == "hf":
         return SourceSpec("hf", "hf")
     if raw.startswith("/") or raw.startswith("file://"):
         path = raw[len("file://") :] if raw.startswith("file://") else raw
         if not path.startswith("/") or "\0" in path:
-            raise ValueError(f"{raw!r}: a local source needs an absolute path")
+            raise ValueError(f"{_named(raw)}: a local source needs an absolute path")
         return SourceSpec("local", os.path.normpath(path))
     parts = urlsplit(raw)
     if parts.scheme == "s3":
         bucket, prefix = parse_s3_url(raw)
         return SourceSpec("s3", f"s3://{bucket}/{prefix}".rstrip("/"))
     if parts.scheme in ("http", "https"):
-        if not parts.netloc or parts.query or parts.fragment:
-            raise ValueError(f"{raw!r}: an http source is a base URL without query or fragment")
+        try:
+            valid = parts.port != -1 and bool(parts.hostname)  # reading the port checks it (ValueError)
+        except ValueError:
+            valid = False
+        if not valid:  # not quoted: without its `@`, a password reads as host or port
+            raise ValueError(
+                f"'{parts.scheme}://...': not a valid host[:port] (percent-encode a '/', '?', '#', ',' or '@'"
+                " in the user name or password)"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(f"{_named(raw)}: an http source is a base URL without query or fragment")
         return SourceSpec("http", raw.rstrip("/"))
-    raise ValueError(f"{raw!r}: unknown source scheme (use hf, s3://, http(s)://, file:// or an absolute path)")
+    raise ValueError(f"{_named(raw)}: unknown source scheme (use hf, s3://, http(s)://, file:// or an absolute path)")
+
+
+def _named(raw: str) -> str:
+    """How an error quotes a source it rejects: as `shown_url` shows it, or by its scheme alone if
+    an `@` is left (a password whose unencoded `/`, `?`, `#` or `,` ended the URL before its `@`)."""
+    shown = shown_url(raw)
+    if "@" not in shown.replace("://***@", "://", 1):
+        return repr(shown)
+    scheme, sep, _ = shown.partition("://")
+    return f"'{scheme}://...'" if sep else "'...'"
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
     """`s3://bucket[/prefix]` -> (bucket, prefix without slashes at the ends)."""
     parts = urlsplit(url)
     if parts.scheme != "s3" or parts.query or parts.fragment or "@" in parts.netloc:
-        raise ValueError(f"{url!r}: not an s3://bucket/prefix URL")
+        raise ValueError(f"{_named(url)}: not an s3://bucket/prefix URL")
     if not _BUCKET_RE.fullmatch(parts.netloc) or ".." in parts.netloc:
-        raise ValueError(f"{url!r}: {parts.netloc!r} is not a valid bucket name")
+        raise ValueError(f"{_named(url)}: {parts.netloc!r} is not a valid bucket name")
     prefix = parts.path.strip("/")
     if any(seg in ("", ".", "..") for seg in prefix.split("/")) and prefix:
-        raise ValueError(f"{url!r}: bad prefix {prefix!r}")
+        raise ValueError(f"{_named(url)}: bad prefix {prefix!r}")
     return parts.netloc, prefix
 
 
@@ -63,7 +108,8 @@ def parse_sources(entries: tuple[str, ...] | list[str]) -> dict[tuple[str, str],
     """Config `sources` -> {(repo_type, repo_id): [SourceSpec, ...]}.
 
     A token without `=` continues the entry before it (so `org/a=hf,s3://b/p`
-    survives being split at the comma, as NODECACHE_SOURCES is).
+    survives being split at the comma, as NODECACHE_SOURCES is); so does one whose
+    `=` follows a `://` or a leading `/` (a source, such as a URL whose password has one).
     """
     groups: list[list[str]] = []
     for token in entries:
@@ -71,12 +117,13 @@ def parse_sources(entries: tuple[str, ...] | list[str]) -> dict[tuple[str, str],
             piece = piece.strip()
             if not piece:
                 continue
-            if "=" in piece:
+            head = piece.partition("=")[0]
+            if "=" in piece and "://" not in head and not head.startswith("/"):
                 groups.append(piece.split("=", 1))
             elif groups:
                 groups[-1].append(piece)
             else:
-                raise ValueError(f"{piece!r}: an entry is REPO=SOURCE[,SOURCE...]")
+                raise ValueError(f"{_named(piece)}: an entry is REPO=SOURCE[,SOURCE...]")
     out: dict[tuple[str, str], list[SourceSpec]] = {}
     for repo, *srcs in groups:
         try:
