@@ -375,6 +375,15 @@ def test_only_http_urls_are_fetched():
             for url in ("file:///etc/passwd", "ftp://127.0.0.1/x", "http:///nohost", "http://127.0.0.1:99999/x"):
                 with pytest.raises(UpstreamError):
                     await _get(rx, url, 0, 10, 10)
+            # Refused, the URL is named without its user and password.
+            for url in (
+                "ftp://user:s3cret@127.0.0.1/x",
+                "http://user:s3cret@127.0.0.1:99999/x",
+                "http://user:s3cret@/x",
+            ):
+                with pytest.raises(UpstreamError) as e:
+                    await _get(rx, url, 0, 10, 10)
+                assert "://***@" in str(e.value) and "s3cret" not in str(e.value), str(e.value)
         finally:
             await rx.close()
 

@@ -16,18 +16,21 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from aiohttp import web
-from conftest import BIG, SMALL, MiB, files_containing, sha256_file
+from conftest import BIG, SMALL, MiB, files_containing, sha256_file, wait_until
 
 from nodecache import config
 from nodecache.blobfile import bad_chunks
 from nodecache.index import BlobRecord
 from nodecache.metrics import Metrics
+from nodecache.testing.daemon import free_port
 from nodecache.testing.hub import Fault, HubEmulator
 from nodecache.upstream import NotFound
 from nodecache.upstream.manifest import (
@@ -442,10 +445,11 @@ def test_local_directory_upstream(daemons, small_repo, tmp_path):
 
 
 class _StaticServer:
-    """aiohttp static files with Range support, optional bearer auth, in a thread."""
+    """aiohttp static files with Range support, optional bearer auth, in a thread; the paths in
+    `answers` are answered with that status instead."""
 
-    def __init__(self, root: Path, token: str | None = None):
-        self.root, self.token = root, token
+    def __init__(self, root: Path, token: str | None = None, answers: dict[str, int] | None = None):
+        self.root, self.token, self.answers = root, token, answers or {}
         self.loop = asyncio.new_event_loop()
         self.requests: list[str] = []
         ready = threading.Event()
@@ -461,6 +465,8 @@ class _StaticServer:
             self.requests.append(request.path)
             if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
                 return web.Response(status=401)
+            if request.path in self.answers:
+                return web.Response(status=self.answers[request.path])
             return await handler(request)
 
         app = web.Application(middlewares=[auth])
@@ -502,6 +508,85 @@ def test_http_upstream_with_manifest_and_auth(daemons, small_repo, tmp_path):
         assert files_containing(d.cache_dir, token) == [], "the token is in no index entry"
     finally:
         srv.close()
+
+
+def test_a_source_password_is_in_no_message(daemons, small_repo, tmp_path):
+    """`http://user:password@host/base`: the password goes as Basic auth and nowhere else, whatever
+    fails (a 404, a 500, a port nobody listens on): not in the log, the status, an HTTP error
+    body of the mirror or `/v1`, nor a CLI error."""
+    password = "s3cret-" + uuid.uuid4().hex
+    root = tmp_path / "www"
+    shutil.copytree(small_repo, root / "base")
+    manifest = [
+        {"path": p, "size": (small_repo / p).stat().st_size, "sha256": h} for p, h in tree_hashes(small_repo).items()
+    ]
+    (root / "base" / MANIFEST).write_text(json.dumps(manifest))
+    answers = {"/base/model.safetensors": 500, "/base/config.json": 404, "/broken/" + MANIFEST: 500}
+    srv = _StaticServer(root, answers=answers)
+    try:
+        base = srv.url.replace("http://", f"http://user:{password}@")
+        down = f"http://user:{password}@127.0.0.1:{free_port()}/base"
+        sources = [f"local/web={base}/base", f"local/gone={base}/missing", f"local/broken={base}/broken"]
+        env = {
+            "NODECACHE_SOURCES": ",".join([*sources, f"local/down={down}"]),
+            "NODECACHE_MIRROR_PUBLIC": "local/*",
+            "NODECACHE_READ_TIMEOUT": "2",  # the 500s of model.safetensors are retried for this long
+        }
+        d = daemons(repos=(), env=env)
+        failing = wait_until(
+            lambda: len(f := status(d)["repos_failing"]) == 3 and f, "the three broken sources to fail at start"
+        )
+        assert set(failing) == {"local/gone", "local/broken", "local/down"}, failing
+        assert "http://***@127.0.0.1:" in failing["local/gone"]["error"], failing
+        said = [json.dumps(status(d))]
+        code, _, body = _raw_get(d, "/local/web/resolve/main/config.json")  # its 404
+        assert code == 502 and b"could not fetch" in body, (code, body)
+        said.append(body.decode())
+        for repo in ("local/down", "local/web"):
+            job = _post_json(d, "/v1/prefetch", {"repo": repo})
+            if "id" in job:
+                job = _get_json(d, f"/v1/jobs/{job['id']}?wait=30")
+                assert job["state"] == "error", job
+            said.append(json.dumps(job))
+            r = subprocess.run(
+                [sys.executable, "-m", "nodecache", "prefetch", repo, "--endpoint", d.url],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith("nodecache: error:"), r.stderr
+            assert "Traceback" not in r.stderr
+            said.append(r.stderr)
+        assert all("http://***@127.0.0.1:" in s for s in said), said  # they do name the source
+        said += [d.log(), d.metrics()]
+        assert srv.requests, "the sources were asked"
+        for text in said:
+            assert password not in text and f"user:{password[:6]}" not in text, text
+        assert files_containing(d.cache_dir, password) == [], "the password is in no index entry"
+    finally:
+        srv.close()
+
+
+def _raw_get(daemon, path: str) -> tuple[int, dict, bytes]:
+    try:
+        with urllib.request.urlopen(daemon.url + path, timeout=60) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def _post_json(daemon, path: str, body: dict) -> dict:
+    req = urllib.request.Request(daemon.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return {"status": e.code, **json.loads(e.read())}
+
+
+def _get_json(daemon, path: str) -> dict:
+    with urllib.request.urlopen(daemon.url + path, timeout=60) as r:
+        return json.loads(r.read())
 
 
 def test_private_repo_per_repo_token(tmp_path, small_repo, daemons):

@@ -3,7 +3,8 @@
 `<base>/.nodecache-manifest.json` is a JSON list of `{path, size, sha256}` (or
 `{"commit": ..., "files": [...]}`); file `p` is fetched from `<base>/<p>` with
 range requests (received in threads, receive.py). An optional auth header (a file holding `Bearer xyz` or
-`Header-Name: value`) is sent only to the base URL's origin, never logged.
+`Header-Name: value`) is sent only to the base URL's origin, never logged; nor is a `user:password@` of the
+base URL (sent as Basic auth): messages name the source `self.shown`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from . import NotFound, UpstreamError
 from .listing import ListingUpstream
 from .manifest import MANIFEST, SourceFile, SourceObject, parse_manifest
 from .receive import Receiver
+from .sourcespec import hide_userinfo
 
 
 class HttpUpstream(ListingUpstream):
@@ -54,7 +56,7 @@ class HttpUpstream(ListingUpstream):
 
     async def _list(self) -> list[SourceObject]:
         raw = await self._read_small(MANIFEST)
-        _, files = parse_manifest(raw, self.url)
+        _, files = parse_manifest(raw, self.shown)
         # The manifest is the listing; sizes are checked against Content-Range on every read.
         return [SourceObject(MANIFEST, len(raw)), *(SourceObject(f.key, f.size) for f in files)]
 
@@ -65,13 +67,13 @@ class HttpUpstream(ListingUpstream):
                 self._check(resp.status, key)
                 return await resp.read()
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise UpstreamError(f"{self.url}/{key}: {e.__class__.__name__}: {e}") from None
+            raise UpstreamError(f"{self.shown}/{key}: {e.__class__.__name__}: {hide_userinfo(str(e))}") from None
 
     def _check(self, status: int, key: str) -> None:
         if status in (401, 403):
-            raise NotFound(f"{self.url}/{key}: HTTP {status} (check the auth header file)")
+            raise NotFound(f"{self.shown}/{key}: HTTP {status} (check the auth header file)")
         if status in (404, 410):
-            raise NotFound(f"{self.url}/{key}: HTTP {status}")
+            raise NotFound(f"{self.shown}/{key}: HTTP {status}")
 
     async def _read_range(self, f: SourceFile, start: int, end: int) -> memoryview:
         """One chunk, received in a thread (receive.py); redirects are followed here, so that the
@@ -88,7 +90,7 @@ class HttpUpstream(ListingUpstream):
                 try:
                     parts = [data async for (data,) in resp.parts(start, end, end - start)]  # one part
                 except UpstreamError as e:
-                    raise UpstreamError(f"{self.url}/{f.key} [{start}-{end}): {e}") from None
+                    raise UpstreamError(f"{self.shown}/{f.key} [{start}-{end}): {e}") from None
                 self.metrics.upstream_bytes.labels(self.name).inc(end - start)
                 return parts[0] if parts else memoryview(b"")
-        raise UpstreamError(f"{self.url}/{f.key}: too many redirects")
+        raise UpstreamError(f"{self.shown}/{f.key}: too many redirects")

@@ -10,6 +10,7 @@ from ..index import BlobRecord
 from ..layout import COMMIT_RE
 from . import NotFound, PiecewiseSource, Resolved, UpstreamError
 from .manifest import SOURCE_KIND, Snapshot, SourceFile, SourceObject, build_snapshot
+from .sourcespec import shown_url
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +30,15 @@ class ListingUpstream(PiecewiseSource):
     kind = "upstream"
 
     def __init__(self, url: str):
-        self.url = url
+        self.url = url  # what is asked; messages name `shown` (no user or password)
+        self.shown = shown_url(url)
         self._by_id: dict[str, SourceFile] = {}
         self._by_path: dict[str, SourceFile] = {}
         self._scan_lock = asyncio.Lock()
         self._scanned = Window(_RESCAN_EVERY)  # open for a while after each listing
 
     def __repr__(self) -> str:
-        return f"<{self.__class__.__name__} {self.url}>"
+        return f"<{self.__class__.__name__} {self.shown}>"
 
     async def _list(self) -> list[SourceObject]:
         raise NotImplementedError
@@ -58,8 +60,8 @@ class ListingUpstream(PiecewiseSource):
     async def resolve(self, repo_type: str, repo_id: str, revision: str) -> Resolved:
         snap = await self.snapshot(revision)
         if COMMIT_RE.fullmatch(revision) and snap.commit != revision:
-            raise NotFound(f"{self.url}: holds {snap.commit[:12]}, not revision {revision[:12]} of {repo_id}")
-        log.info("%s: %s layout, %d files, commit %s", self.url, snap.layout, len(snap.files), snap.commit[:12])
+            raise NotFound(f"{self.shown}: holds {snap.commit[:12]}, not revision {revision[:12]} of {repo_id}")
+        log.info("%s: %s layout, %d files, commit %s", self.shown, snap.layout, len(snap.files), snap.commit[:12])
         return snap.resolved()
 
     async def _locate(self, rec: BlobRecord) -> SourceFile:
@@ -76,14 +78,14 @@ class ListingUpstream(PiecewiseSource):
             if same is not None and same.size == rec.size and rec.kind != SOURCE_KIND:
                 f = same
         if f is None:
-            raise NotFound(f"{self.url}: does not hold {rec.path!r} (blob {rec.blob_id[:12]})")
+            raise NotFound(f"{self.shown}: does not hold {rec.path!r} (blob {rec.blob_id[:12]})")
         return f
 
     async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes | bytearray:
         f = await self._locate(rec)
         data = await self._read_range(f, start, end)
         if len(data) != end - start:
-            raise UpstreamError(f"{self.url}/{f.key}: got {len(data)} bytes of [{start}-{end})")
+            raise UpstreamError(f"{self.shown}/{f.key}: got {len(data)} bytes of [{start}-{end})")
         return data
 
     async def close(self) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from ..layout import BLOB_ID_RE, COMMIT_RE, FileEntry, InvalidName, validate_blob_id, validate_relpath
 from . import RemoteFile, Resolved, UpstreamError
+from .sourcespec import shown_url
 
 MANIFEST = ".nodecache-manifest.json"
 LOCAL_DIR_META = ".cache/huggingface/download/"
@@ -115,21 +116,24 @@ Reader = Callable[[str], Awaitable[bytes]]
 
 
 async def build_snapshot(objects: list[SourceObject], read: Reader, source: str, revision: str = "main") -> Snapshot:
-    """Recognise the source's layout and return its snapshot (see the module doc)."""
+    """Recognise the source's layout and return its snapshot (see the module doc). `source` goes
+    into source-identified ids as given; messages name it by `shown_url` (no user or password)."""
+    name = shown_url(source)
     by_key = {o.key: o for o in objects}
     if not by_key:
-        raise BadManifest(f"{source}: no objects (empty or missing prefix/directory)")
+        raise BadManifest(f"{name}: no objects (empty or missing prefix/directory)")
     if MANIFEST in by_key:
-        return _from_manifest(await read(MANIFEST), by_key, source)
+        return _from_manifest(await read(MANIFEST), by_key, name)
     if any(k.startswith("refs/") for k in by_key) and any(k.startswith("snapshots/") for k in by_key):
-        return await _from_hf_cache(by_key, read, source, revision)
+        return await _from_hf_cache(by_key, read, source, name, revision)
     if any(k.startswith(LOCAL_DIR_META) and k.endswith(".metadata") for k in by_key):
-        return await _from_local_dir(by_key, read, source)
-    return _plain(by_key, source)
+        return await _from_local_dir(by_key, read, source, name)
+    return _plain(by_key, source, name)
 
 
 def parse_manifest(raw: bytes, source: str) -> tuple[str | None, list[SourceFile]]:
-    """A manifest document: a JSON list of files, or {"commit", "files"}."""
+    """A manifest document: a JSON list of files, or {"commit", "files"}; messages name `source` by `shown_url`."""
+    source = shown_url(source)
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as e:  # "[[[[…" raises RecursionError
@@ -165,28 +169,30 @@ def parse_manifest(raw: bytes, source: str) -> tuple[str | None, list[SourceFile
     return commit, files
 
 
-def _from_manifest(raw: bytes, by_key: dict[str, SourceObject], source: str) -> Snapshot:
-    commit, files = parse_manifest(raw, source)
+def _from_manifest(raw: bytes, by_key: dict[str, SourceObject], name: str) -> Snapshot:
+    commit, files = parse_manifest(raw, name)
     for f in files:
         o = by_key.get(f.key)
         if o is None:
-            raise BadManifest(f"{source}: manifest lists {f.path!r}, which the source does not hold")
+            raise BadManifest(f"{name}: manifest lists {f.path!r}, which the source does not hold")
         if o.size != f.size:
-            raise BadManifest(f"{source}: {f.path!r} is {o.size} bytes, manifest says {f.size}")
+            raise BadManifest(f"{name}: {f.path!r} is {o.size} bytes, manifest says {f.size}")
     files = [SourceFile(f.path, f.key, f.size, f.blob_id, f.kind, by_key[f.key].version) for f in files]
     return Snapshot(commit or synth_commit(files), files, "manifest")
 
 
-async def _from_hf_cache(by_key: dict[str, SourceObject], read: Reader, source: str, revision: str) -> Snapshot:
+async def _from_hf_cache(
+    by_key: dict[str, SourceObject], read: Reader, source: str, name: str, revision: str
+) -> Snapshot:
     if COMMIT_RE.fullmatch(revision):
         commit = revision
     else:
         ref = by_key.get("refs/" + revision)
         if ref is None:
-            raise BadManifest(f"{source}: HF cache copy has no refs/{revision}")
+            raise BadManifest(f"{name}: HF cache copy has no refs/{revision}")
         commit = (await read(ref.key)).decode(errors="replace").strip()
         if not COMMIT_RE.fullmatch(commit):
-            raise BadManifest(f"{source}: refs/{revision} does not hold a commit")
+            raise BadManifest(f"{name}: refs/{revision} does not hold a commit")
     base = f"snapshots/{commit}/"
     blobs: dict[int, list[str]] = {}
     for k, o in by_key.items():
@@ -209,11 +215,11 @@ async def _from_hf_cache(by_key: dict[str, SourceObject], read: Reader, source: 
         else:
             files.append(_identified(path, o, source))
     if not files:
-        raise BadManifest(f"{source}: HF cache copy has no files under {base}")
+        raise BadManifest(f"{name}: HF cache copy has no files under {base}")
     return Snapshot(commit, files, "hf-cache")
 
 
-async def _from_local_dir(by_key: dict[str, SourceObject], read: Reader, source: str) -> Snapshot:
+async def _from_local_dir(by_key: dict[str, SourceObject], read: Reader, source: str, name: str) -> Snapshot:
     files, commits = [], set()
     for k, o in sorted(by_key.items()):
         if _hidden(k):
@@ -229,7 +235,7 @@ async def _from_local_dir(by_key: dict[str, SourceObject], read: Reader, source:
             commits.add("")
             files.append(_identified(path, o, source))
     if not files:
-        raise BadManifest(f"{source}: local-dir copy holds no files")
+        raise BadManifest(f"{name}: local-dir copy holds no files")
     commit = commits.pop() if len(commits) == 1 and "" not in commits else synth_commit(files)
     return Snapshot(commit, files, "local-dir")
 
@@ -240,8 +246,8 @@ def _identified(path: str, o: SourceObject, source: str) -> SourceFile:
     return SourceFile(path, o.key, o.size, source_blob_id(source, o.key, o.version, o.size), SOURCE_KIND, o.version)
 
 
-def _plain(by_key: dict[str, SourceObject], source: str) -> Snapshot:
+def _plain(by_key: dict[str, SourceObject], source: str, name: str) -> Snapshot:
     files = [_identified(validate_relpath(k), o, source) for k, o in sorted(by_key.items()) if not _hidden(k)]
     if not files:
-        raise BadManifest(f"{source}: holds no files")
+        raise BadManifest(f"{name}: holds no files")
     return Snapshot(synth_commit(files), files, "plain")

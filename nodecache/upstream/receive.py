@@ -12,7 +12,8 @@ costs this VM more than the copy into it). The loop wakes once per part.
 Only the data requests of a source come here; metadata stays on the shared
 aiohttp session. Like that session: no proxies from the environment, TLS
 verified with the system's defaults, no redirect followed unasked (the
-caller decides where a redirect may go and what it sends there).
+caller decides where a redirect may go and what it sends there), a URL's
+`user:password@` sent as Basic auth and shown in no message.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..directio import anonymous
 from . import UpstreamError
+from .sourcespec import shown_url
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _SMALL_BODY = 64 * 1024  # a redirect's or an error's body is read (to reuse the connection) up to this
@@ -300,9 +302,9 @@ class Receiver:
             parts = urlsplit(url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError as e:
-            raise UpstreamError(f"bad URL {url[:200]!r}: {e}") from None
+            raise UpstreamError(f"bad URL {shown_url(url)[:200]!r}: {e}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UpstreamError(f"not an http(s) URL: {url[:200]!r}")
+            raise UpstreamError(f"not an http(s) URL: {shown_url(url)[:200]!r}")
         origin = (parts.scheme, parts.hostname, port)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         if parts.username is not None and not any(k.lower() == "authorization" for k in headers):
