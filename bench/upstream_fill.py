@@ -44,10 +44,10 @@ throttled, to give the cap honestly:
   fill_MBps = repo bytes / daemon_prefetch time (the node's path); the standalone
   process is reported beside it as prefetch_process_MBps
 
-After them, as many `curl` processes as nodecache used connections fetch the
-shards' 8 MiB ranges, throttled, dealt round-robin, each on a kept connection,
-to /dev/null (probe_curl_throttled): the rate a C client without disk or hash
-reaches against this emulator on this machine, which the cap does not promise.
+After them, one `curl --parallel` process fetches the shards' 8 MiB ranges,
+throttled, as many at a time as nodecache used connections, on kept
+connections, to /dev/null (probe_curl_throttled): the rate a C client without
+disk or hash reaches against this emulator on this machine in the same run.
 
     python bench/upstream_fill.py [--size-gib 1] [--rate-mbps 50] [--reps 3] [--out bench/results]
 """
@@ -220,25 +220,21 @@ def cdn_location(url: str) -> str:
 
 
 def curl_probe(hub_url: str, files: dict[str, int], conns: int, chunk: int) -> dict:
-    """A C client's bound on this emulator: `conns` curl processes fetch every byte of the files
-    as `chunk`-sized ranges, dealt round-robin, each process on one kept connection (`--next`),
-    to /dev/null: no disk, no hash, no Python. Process starts (~5 ms each) are in its time."""
+    """A C client's bound on this emulator: one `curl` process fetches every byte of the files
+    as `chunk`-sized ranges, `conns` transfers at a time on kept connections (`--parallel`),
+    to /dev/null: no disk, no hash, no Python; the CDN locations resolved first."""
     ranges = []
     for name, size in files.items():
         loc = cdn_location(f"{hub_url}/{REPO}/resolve/main/{name}")
         ranges += [(loc, a, min(a + chunk, size)) for a in range(0, size, chunk)]
-    cmds = []
-    for w in range(conns):
-        cmd = ["curl"]
-        for i, (loc, a, b) in enumerate(ranges[w::conns]):
-            cmd += [*(["--next"] if i else []), "-sf", "-r", f"{a}-{b - 1}", "-o", "/dev/null", loc]
-        cmds.append(cmd)
+    cmd = ["curl", "--parallel", "--parallel-max", str(conns), "--parallel-immediate"]
+    for i, (loc, a, b) in enumerate(ranges):
+        cmd += [*(["--next"] if i else []), "-sf", "-r", f"{a}-{b - 1}", "-o", "/dev/null", loc]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(c) for c in cmds]
-    failed = [p for p in procs if p.wait() != 0]
+    r = subprocess.run(cmd, capture_output=True)
     secs = time.perf_counter() - t0
-    if failed:
-        raise RuntimeError(f"curl probe: {len(failed)} of {conns} curls failed")
+    if r.returncode != 0:
+        raise RuntimeError(f"curl probe failed ({r.returncode}): {r.stderr[-500:]!r}")
     total = sum(b - a for _, a, b in ranges)
     return {"bytes": total, "seconds": round(secs, 3), "MBps": round(total / secs / 1e6, 1)}
 
@@ -574,12 +570,12 @@ def run(args: argparse.Namespace) -> dict:
         "lazy_read_vs_curl_probe": round(lazy / curl_throttled["MBps"], 3) if lazy else None,
         "curl_probe_vs_cap": round(curl_throttled["MBps"] / cap, 3),
         "curl_probe_note": (
-            f"probe_curl_throttled: {conns} curl processes at once, throttled, fetch the shards' bytes as "
-            f"{chunk_size // MiB} MiB ranges dealt round-robin, each on one kept connection, to /dev/null (no "
-            "disk, no hash, no Python; the CDN location resolved first): what a C client reaches against this "
-            "emulator on this machine in the same run (median of reps). curl_probe_vs_cap is how far below cap "
-            "even it stays (request gaps, the emulator's and the kernel's pacing on a shared 2-core machine); "
-            "fill_vs_curl_probe and lazy_read_vs_curl_probe compare the daemon with it."
+            f"probe_curl_throttled: one `curl --parallel --parallel-max {conns}` process, throttled, fetches the "
+            f"shards' bytes as {chunk_size // MiB} MiB ranges, {conns} at a time on kept connections, to "
+            "/dev/null (no disk, no hash, no Python; the CDN locations resolved first): what a C client reaches "
+            "against this emulator on this machine in the same run (median of reps). curl_probe_vs_cap is how "
+            "close to cap it gets (its gaps between a connection's requests, the pacing); fill_vs_curl_probe "
+            "and lazy_read_vs_curl_probe compare the daemon with it."
         ),
         "targets": {
             "speedup_vs_snapshot_download": 1.5,
@@ -637,7 +633,7 @@ def plot(res: dict, path: Path) -> None:
         color="#8c564b",
         ls="-.",
         lw=1,
-        label=f"{res['connections_used']} curls of the ranges, throttled: {res['probe_curl_throttled']['MBps']:,.0f}",
+        label=f"curl --parallel {res['connections_used']}, the ranges, throttled: {res['probe_curl_throttled']['MBps']:,.0f}",
     )
     for ax in (a1, a2):
         ax.set_xticks(range(len(kinds)), [k[1] for k in kinds], fontsize=8)
