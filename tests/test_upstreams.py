@@ -32,7 +32,7 @@ from nodecache.index import BlobRecord
 from nodecache.metrics import Metrics
 from nodecache.testing.daemon import free_port
 from nodecache.testing.hub import Fault, HubEmulator
-from nodecache.upstream import NotFound
+from nodecache.upstream import NotFound, UpstreamError
 from nodecache.upstream.manifest import (
     MANIFEST,
     SOURCE_KIND,
@@ -446,9 +446,10 @@ def test_local_directory_upstream(daemons, small_repo, tmp_path):
 
 class _StaticServer:
     """aiohttp static files with Range support, optional bearer auth, in a thread; the paths in
-    `answers` are answered with that status instead."""
+    `answers` are answered with that status instead, or with each (status, body) of a list in
+    turn, then served as they are."""
 
-    def __init__(self, root: Path, token: str | None = None, answers: dict[str, int] | None = None):
+    def __init__(self, root: Path, token: str | None = None, answers: dict[str, int | list] | None = None):
         self.root, self.token, self.answers = root, token, answers or {}
         self.loop = asyncio.new_event_loop()
         self.requests: list[str] = []
@@ -465,8 +466,12 @@ class _StaticServer:
             self.requests.append(request.path)
             if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
                 return web.Response(status=401)
-            if request.path in self.answers:
-                return web.Response(status=self.answers[request.path])
+            answer = self.answers.get(request.path)
+            if isinstance(answer, int):
+                return web.Response(status=answer)
+            if answer:
+                status, body = answer.pop(0)
+                return web.Response(status=status, body=body)
             return await handler(request)
 
         app = web.Application(middlewares=[auth])
@@ -563,6 +568,69 @@ def test_a_source_password_is_in_no_message(daemons, small_repo, tmp_path):
         for text in said:
             assert password not in text and f"user:{password[:6]}" not in text, text
         assert files_containing(d.cache_dir, password) == [], "the password is in no index entry"
+    finally:
+        srv.close()
+
+
+def _manifest_of(repo: Path) -> bytes:
+    return json.dumps(
+        [{"path": p, "size": (repo / p).stat().st_size, "sha256": h} for p, h in tree_hashes(repo).items()]
+    ).encode()
+
+
+def test_an_http_manifest_answered_5xx_is_retried_never_parsed(small_repo, tmp_path):
+    """A 503, a 429 or a 500 (even one whose body is a manifest) is an UpstreamError worth
+    retrying, naming the status; no body but a 2xx one is read as the manifest."""
+    from nodecache.upstream.http import HttpUpstream
+    from nodecache.upstream.receive import Receiver
+
+    root = tmp_path / "www"
+    shutil.copytree(small_repo, root / "base")
+    (root / "base" / MANIFEST).write_bytes(_manifest_of(small_repo))
+    size, digest = (small_repo / "config.json").stat().st_size, tree_hashes(small_repo)["config.json"]
+    decoy = json.dumps({"commit": "ab" * 20, "files": [{"path": "config.json", "size": size, "sha256": digest}]})
+    busy = [(503, b"Service Unavailable"), (429, b"slow down"), (500, decoy.encode()), (502, b"[]")]
+    srv = _StaticServer(root, answers={"/base/" + MANIFEST: list(busy)})
+
+    async def main():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            receiver = Receiver(threads=1, keep_buffers=1)
+            up = HttpUpstream(srv.url + "/base", session, receiver, Metrics())
+            try:
+                for status, _ in busy:
+                    with pytest.raises(UpstreamError) as e:
+                        await up.resolve("model", "local/web", "main")
+                    assert type(e.value) is UpstreamError, (status, repr(e.value))  # neither NotFound nor BadManifest
+                    assert str(e.value) == f"{srv.url}/base/{MANIFEST}: HTTP {status}", str(e.value)
+                return await up.resolve("model", "local/web", "main")
+            finally:
+                await receiver.close()
+
+    try:
+        res = run(main())
+    finally:
+        srv.close()
+    assert res.commit != "ab" * 20
+    assert {f.entry.path: f.entry.blob_id for f in res.files} == tree_hashes(small_repo)
+
+
+def test_a_repo_whose_http_source_answers_503_resolves_when_it_recovers(daemons, small_repo, tmp_path):
+    """A configured repo whose manifest answers 503 is failing with that status (a retryable
+    UpstreamError, not a malformed manifest) and resolves on a retry once the server recovers."""
+    root = tmp_path / "www"
+    shutil.copytree(small_repo, root / "base")
+    (root / "base" / MANIFEST).write_bytes(_manifest_of(small_repo))
+    busy = [(503, b"<html>Service Unavailable</html>")] * 2  # two: the failure shows for 3 s at least
+    srv = _StaticServer(root, answers={"/base/" + MANIFEST: busy})
+    try:
+        d = daemons(repos=(), env={"NODECACHE_SOURCES": f"local/web={srv.url}/base"})
+        failing = wait_until(lambda: status(d)["repos_failing"], "the repo to fail on the 503")
+        assert failing["local/web"]["error"] == f"UpstreamError: {srv.url}/base/{MANIFEST}: HTTP 503", failing
+        wait_until(lambda: not status(d)["repos_failing"], "the repo to resolve on a retry", timeout=30)
+        assert not busy, "the 503 was answered"
+        assert tree_hashes(offline_snapshot(d, "local/web")) == tree_hashes(small_repo)
     finally:
         srv.close()
 

@@ -70,10 +70,14 @@ class HttpUpstream(ListingUpstream):
             raise UpstreamError(f"{self.shown}/{key}: {e.__class__.__name__}: {hide_userinfo(str(e))}") from None
 
     def _check(self, status: int, key: str) -> None:
+        """Only a 2xx answer's body is the object. 401/403/404/410: not there or not ours (never
+        retried); any other (a 5xx, a 429): a failure worth retrying, its body never read."""
         if status in (401, 403):
             raise NotFound(f"{self.shown}/{key}: HTTP {status} (check the auth header file)")
         if status in (404, 410):
             raise NotFound(f"{self.shown}/{key}: HTTP {status}")
+        if not 200 <= status < 300:
+            raise UpstreamError(f"{self.shown}/{key}: HTTP {status}")
 
     async def _read_range(self, f: SourceFile, start: int, end: int) -> memoryview:
         """One chunk, received in a thread (receive.py); redirects are followed here, so that the
