@@ -14,10 +14,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from . import connstate, layout
-from .upstream.sourcespec import hide_userinfo, parse_repo_token_files, parse_s3_url, parse_sources
+from .upstream.sourcespec import (
+    check_endpoint,
+    hide_userinfo,
+    parse_repo_token_files,
+    parse_s3_url,
+    parse_sources,
+)
 
 MiB = 1024 * 1024
 # Formats loaded with pickle: a wrong byte in them is code run by the loader, not a wrong weight.
@@ -260,7 +265,7 @@ def _preload_entry(item) -> str:
 
 
 def _check_sources(cfg: Config) -> None:
-    """Syntax of the source settings, at config time (no I/O); ConfigError names the key."""
+    """Syntax of the source settings and endpoints, at config time (no I/O); ConfigError names the key."""
     try:
         parse_sources(cfg.sources)
     except ValueError as e:
@@ -274,9 +279,15 @@ def _check_sources(cfg: Config) -> None:
             parse_s3_url(cfg.compile_cache_upstream)
         except ValueError as e:
             raise ConfigError(f"compile_cache_upstream: {e}") from None
-    url = cfg.s3_endpoint_url
-    if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
-        raise ConfigError(f"s3_endpoint_url: {url!r} is not an http(s) URL")
+    for key, why in (
+        ("hub_url", "the Hub takes a token: --token-file or HF_TOKEN"),
+        ("s3_endpoint_url", "S3 credentials come from the boto3 chain"),
+    ):
+        if getattr(cfg, key) is not None:
+            try:
+                check_endpoint(getattr(cfg, key), why)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
 
 
 def _yaml_repos(items: list) -> tuple[tuple[str, ...], list[str]]:

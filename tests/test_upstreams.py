@@ -263,6 +263,45 @@ def test_a_rejected_source_never_shows_its_password(tmp_path):
     assert "s3cret" not in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_hub_or_s3_endpoint_with_a_password_is_refused_without_showing_it(tmp_path):
+    """hub_url and s3_endpoint_url take no user or password (the Hub takes a token, S3 the boto3
+    chain's credentials): refused at load, in one line that names the URL without them, whichever
+    way it is given (flag, NODECACHE_*, HF_ENDPOINT, YAML)."""
+    port = free_port()
+    hub = f"http://u:s3cret@127.0.0.1:{port}"
+    cases = {
+        ("hub_url", hub): f"hub_url: 'http://***@127.0.0.1:{port}': a user or password in the URL is not supported",
+        ("hub_url", "https://u:s3/cret@h"): "hub_url: 'https://...': a user or password in the URL is not supported",
+        ("hub_url", "u:s3cret@h:80"): "hub_url: '...': a user or password in the URL is not supported",
+        ("hub_url", "huggingface.co"): "hub_url: 'huggingface.co' is not an http(s) URL",
+        ("s3_endpoint_url", "http://u:s3cret@minio:9000"): "s3_endpoint_url: 'http://***@minio:9000': a user or",
+        ("s3_endpoint_url", "u:s3cret@minio:9000"): "s3_endpoint_url: '...': a user or password",
+    }
+    for (key, url), msg in cases.items():
+        for given in ({"overrides": {key: url}}, {"environ": {f"NODECACHE_{key.upper()}": url}}):
+            with pytest.raises(config.ConfigError) as e:
+                config.load(given.get("overrides"), environ=given.get("environ", {}))
+            assert str(e.value).startswith(msg) and "cret" not in str(e.value), (given, str(e.value))
+    with pytest.raises(config.ConfigError, match=re.escape("hub_url: 'http://***@127.0.0.1")):
+        config.load(environ={"HF_ENDPOINT": hub})
+    (tmp_path / "c.yaml").write_text(f"hub_url: {hub}\n")
+    with pytest.raises(config.ConfigError, match=re.escape("hub_url: 'http://***@127.0.0.1")):
+        config.load(environ={}, file=tmp_path / "c.yaml")
+    assert config.load({"hub_url": "http://127.0.0.1:8080/hub"}, environ={}).hub_url == "http://127.0.0.1:8080/hub"
+    # A daemon given one refuses to start, in one line without the password.
+    for how in (["--hub-url", hub], []):
+        r = subprocess.run(
+            [sys.executable, "-m", "nodecache", "serve", "--mount", str(tmp_path / "m"), "--cache-dir", str(tmp_path)]
+            + how,
+            env={**os.environ, "HF_ENDPOINT": hub, "NODECACHE_REPOS": "org/a"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 1 and r.stderr.startswith("nodecache: error: hub_url: 'http://***@127.0.0.1:"), r.stderr
+        assert len(r.stderr.splitlines()) == 1 and "cret" not in r.stderr + r.stdout, r.stderr
+
+
 # --- S3 upstream against moto, no mount -------------------------------------------------------
 
 

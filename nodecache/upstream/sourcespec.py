@@ -59,7 +59,7 @@ def parse_source(raw: str) -> SourceSpec:
     if raw.startswith("/") or raw.startswith("file://"):
         path = raw[len("file://") :] if raw.startswith("file://") else raw
         if not path.startswith("/") or "\0" in path:
-            raise ValueError(f"{_named(raw)}: a local source needs an absolute path")
+            raise ValueError(f"{quoted_url(raw)}: a local source needs an absolute path")
         return SourceSpec("local", os.path.normpath(path))
     parts = urlsplit(raw)
     if parts.scheme == "s3":
@@ -76,13 +76,15 @@ def parse_source(raw: str) -> SourceSpec:
                 " in the user name or password)"
             )
         if parts.query or parts.fragment:
-            raise ValueError(f"{_named(raw)}: an http source is a base URL without query or fragment")
+            raise ValueError(f"{quoted_url(raw)}: an http source is a base URL without query or fragment")
         return SourceSpec("http", raw.rstrip("/"))
-    raise ValueError(f"{_named(raw)}: unknown source scheme (use hf, s3://, http(s)://, file:// or an absolute path)")
+    raise ValueError(
+        f"{quoted_url(raw)}: unknown source scheme (use hf, s3://, http(s)://, file:// or an absolute path)"
+    )
 
 
-def _named(raw: str) -> str:
-    """How an error quotes a source it rejects: as `shown_url` shows it, or by its scheme alone if
+def quoted_url(raw: str) -> str:
+    """How an error quotes a URL it rejects: as `shown_url` shows it, or by its scheme alone if
     an `@` is left (a password whose unencoded `/`, `?`, `#` or `,` ended the URL before its `@`)."""
     shown = shown_url(raw)
     if "@" not in shown.replace("://***@", "://", 1):
@@ -91,16 +93,32 @@ def _named(raw: str) -> str:
     return f"'{scheme}://...'" if sep else "'...'"
 
 
+def check_endpoint(url: str, credentials: str) -> None:
+    """hub_url, s3_endpoint_url: an http(s)://host[:port][/path] without a user or password (the
+    Hub takes a token, S3 the boto3 chain's credentials: `credentials` says so); ValueError says
+    what is wrong, never quoting a password. Any `@` is refused: a password's `@` after an
+    unencoded `/` reads as part of the path, which every error naming the URL would quote."""
+    if "@" in url:
+        raise ValueError(f"{quoted_url(url)}: a user or password in the URL is not supported ({credentials})")
+    parts = urlsplit(url)
+    try:
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != -1
+    except ValueError:  # reading the port checks it
+        valid = False
+    if not valid:
+        raise ValueError(f"{quoted_url(url)} is not an http(s) URL")
+
+
 def parse_s3_url(url: str) -> tuple[str, str]:
     """`s3://bucket[/prefix]` -> (bucket, prefix without slashes at the ends)."""
     parts = urlsplit(url)
     if parts.scheme != "s3" or parts.query or parts.fragment or "@" in parts.netloc:
-        raise ValueError(f"{_named(url)}: not an s3://bucket/prefix URL")
+        raise ValueError(f"{quoted_url(url)}: not an s3://bucket/prefix URL")
     if not _BUCKET_RE.fullmatch(parts.netloc) or ".." in parts.netloc:
-        raise ValueError(f"{_named(url)}: {parts.netloc!r} is not a valid bucket name")
+        raise ValueError(f"{quoted_url(url)}: {parts.netloc!r} is not a valid bucket name")
     prefix = parts.path.strip("/")
     if any(seg in ("", ".", "..") for seg in prefix.split("/")) and prefix:
-        raise ValueError(f"{_named(url)}: bad prefix {prefix!r}")
+        raise ValueError(f"{quoted_url(url)}: bad prefix {prefix!r}")
     return parts.netloc, prefix
 
 
@@ -123,7 +141,7 @@ def parse_sources(entries: tuple[str, ...] | list[str]) -> dict[tuple[str, str],
             elif groups:
                 groups[-1].append(piece)
             else:
-                raise ValueError(f"{_named(piece)}: an entry is REPO=SOURCE[,SOURCE...]")
+                raise ValueError(f"{quoted_url(piece)}: an entry is REPO=SOURCE[,SOURCE...]")
     out: dict[tuple[str, str], list[SourceSpec]] = {}
     for repo, *srcs in groups:
         try:
