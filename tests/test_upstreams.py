@@ -227,8 +227,8 @@ def test_a_rejected_source_never_shows_its_password(tmp_path):
         "org/a=http://user:s3cret@/b": "'http://...': not a valid host[:port]",
         "org/a=http://user:s3/cret@h/b": "'http://...': not a valid host[:port]",
         "org/a=http://user:s3?cret@h/b": "'http://...': not a valid host[:port]",
-        "org/a=http://user:s3,cret@h/b": "'http://...': not a valid host[:port]",
-        "org/a=http://user:123,cret@h/b": "'...': unknown source scheme",  # `http://user:123` is a valid URL
+        "org/a=http://user:s3,cret@h/b": "'http://...': a ',' in a URL's user name or password",
+        "org/a=http://user:123,cret@h/b": "'http://...': a ',' in a URL's user name or password",
         "org/a=ftp://user:s3cret@h/x": "'ftp://***@h/x': unknown source scheme",
         "org/a=s3://user:s3cret@bkt/p": "'s3://***@bkt/p': not an s3://bucket/prefix URL",
         "org/a=file://user:s3cret@h/x": "'file://***@h/x': a local source needs an absolute path",
@@ -300,6 +300,47 @@ def test_a_hub_or_s3_endpoint_with_a_password_is_refused_without_showing_it(tmp_
         )
         assert r.returncode == 1 and r.stderr.startswith("nodecache: error: hub_url: 'http://***@127.0.0.1:"), r.stderr
         assert len(r.stderr.splitlines()) == 1 and "cret" not in r.stderr + r.stdout, r.stderr
+
+
+def test_a_comma_in_a_source_password_asks_for_percent_encoding(tmp_path):
+    """`sources` entries are split at commas: a password with one ends the URL there (`http://user:123`
+    is even a valid URL). The error says to percent-encode it, quoting no part of the password."""
+    hint = "a ',' in a URL's user name or password ends the source there: percent-encode it as %2C"
+    cases = {
+        "org/a=http://user:12345,zq9x@h/b": ["12345", "zq9x"],  # the part before the comma is a port
+        "org/a=http://user:4242,7777,zq9x@h/b": ["4242", "7777", "zq9x"],
+        "org/a=https://user:4242,hf@h/b": ["4242", "hf@"],  # the part after it is a source name
+        "org/a=hf,http://u:4242,zq=9x@h/b": ["4242", "zq"],  # an `=` after it reads as a new entry
+        "org/a=http://user:s3cr,et9x@h/b,s3://bkt/p": ["s3cr", "et9x"],
+    }
+    for entry, parts in cases.items():
+        with pytest.raises(config.ConfigError) as e:
+            config.load({"sources": (entry,)}, environ={"NODECACHE_SOURCES": entry})
+        said = str(e.value)
+        assert said.startswith("sources: 'http"), said
+        assert hint in said and "'/', '?', '#' or '@' in it as %2F, %3F, %23, %40" in said, said
+        assert not any(p in said for p in parts), (entry, said)
+    assert str(e.value).startswith("sources: 'http://...': a ','"), str(e.value)
+    y = tmp_path / "c.yaml"
+    y.write_text("repos:\n  - id: org/a\n    sources: [hf, 'http://user:12345,zq9x@h/b']\n")
+    with pytest.raises(config.ConfigError, match=re.escape(hint)) as e:
+        config.load(environ={}, file=y)
+    assert "12345" not in str(e.value) and "zq9x" not in str(e.value)
+    # Percent-encoded, it is one source; a comma-split list without a password still is several.
+    specs = parse_sources(["org/a=http://user:12345%2Czq9x@h/b", "org/b=http://h/b,/data/x@v2,org/c=/d@1"])
+    assert [s.url for s in specs[("model", "org/a")]] == ["http://user:12345%2Czq9x@h/b"]
+    assert [s.url for s in specs[("model", "org/b")]] == ["http://h/b", "/data/x@v2"]
+    assert [s.url for s in specs[("model", "org/c")]] == ["/d@1"]
+    env = {**os.environ, "NODECACHE_SOURCES": "org/a=http://user:12345,zq9x@h/b"}
+    r = subprocess.run(
+        [sys.executable, "-m", "nodecache", "serve", "--mount", str(tmp_path / "m"), "--cache-dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and r.stderr.startswith(f"nodecache: error: sources: 'http://...': {hint}"), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "zq9x" not in r.stderr and "12345" not in r.stderr, r.stderr
 
 
 # --- S3 upstream against moto, no mount -------------------------------------------------------

@@ -128,6 +128,8 @@ def parse_sources(entries: tuple[str, ...] | list[str]) -> dict[tuple[str, str],
     A token without `=` continues the entry before it (so `org/a=hf,s3://b/p`
     survives being split at the comma, as NODECACHE_SOURCES is); so does one whose
     `=` follows a `://` or a leading `/` (a source, such as a URL whose password has one).
+    One that reads as the end of a user name or password (an `@` before any `://`) after an
+    http(s) source is refused: the comma was in the password, which must be percent-encoded.
     """
     groups: list[list[str]] = []
     for token in entries:
@@ -135,6 +137,12 @@ def parse_sources(entries: tuple[str, ...] | list[str]) -> dict[tuple[str, str],
             piece = piece.strip()
             if not piece:
                 continue
+            scheme = _http_scheme(groups[-1]) if groups else None
+            if scheme and _rest_of_userinfo(piece):
+                raise ValueError(
+                    f"'{scheme}://...': a ',' in a URL's user name or password ends the source there: percent-encode"
+                    " it as %2C (and a '/', '?', '#' or '@' in it as %2F, %3F, %23, %40)"
+                )
             head = piece.partition("=")[0]
             if "=" in piece and "://" not in head and not head.startswith("/"):
                 groups.append(piece.split("=", 1))
@@ -157,6 +165,25 @@ def parse_sources(entries: tuple[str, ...] | list[str]) -> dict[tuple[str, str],
             raise ValueError(f"{repo!r}: listed twice")
         out[spec.repo] = specs
     return out
+
+
+def _http_scheme(group: list[str]) -> str | None:
+    """The scheme of the last http(s) source of an entry read so far (`[REPO, SRC, ...]`), if any."""
+    for src in reversed(group[1:]):
+        scheme = src.partition("://")[0]
+        if scheme.lower() in ("http", "https"):
+            return scheme
+    return None
+
+
+def _rest_of_userinfo(piece: str) -> bool:
+    """Whether a piece of a comma-split entry reads as the end of a URL's user name or password:
+    an `@` before any `://`, and no path (a source, or the source of a REPO=SOURCE, never reads so)."""
+    before, at, _ = piece.partition("@")
+    if not at or "://" in before:
+        return False
+    source = before.partition("=")[2] if "=" in before else before
+    return not source.startswith("/")
 
 
 def parse_repo_token_files(entries) -> dict[tuple[str, str], str]:
