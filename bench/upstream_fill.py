@@ -621,20 +621,13 @@ def plot(res: dict, path: Path) -> None:
         a2.text(i, mbps, f"{mbps:,.0f}", ha="center", va="bottom", fontsize=8)
     a2.axhline(res["cap_MBps"], color="red", ls="--", lw=1, label=f"cap {res['cap_MBps']:,.0f} MB/s")
     a2.axhline(0.9 * res["cap_MBps"], color="red", ls=":", lw=1, label="0.9 x cap")
-    a2.axhline(
-        res["probe_throttled"]["MBps"],
-        color="#9467bd",
-        ls="-.",
-        lw=1,
-        label=f"no-disk client, {res['connections_used']} conns, throttled: {res['probe_throttled']['MBps']:,.0f}",
-    )
-    a2.axhline(
-        res["probe_curl_throttled"]["MBps"],
-        color="#8c564b",
-        ls="-.",
-        lw=1,
-        label=f"curl --parallel {res['connections_used']}, the ranges, throttled: {res['probe_curl_throttled']['MBps']:,.0f}",
-    )
+    conns = res["connections_used"]
+    for key, color, what in (
+        ("probe_throttled", "#9467bd", f"no-disk client, {conns} conns"),
+        ("probe_curl_throttled", "#8c564b", f"curl --parallel {conns}, the ranges"),
+    ):
+        label = f"{what}, throttled: {res[key]['MBps']:,.0f}"
+        a2.axhline(res[key]["MBps"], color=color, ls="-.", lw=1, label=label)
     for ax in (a1, a2):
         ax.set_xticks(range(len(kinds)), [k[1] for k in kinds], fontsize=8)
     a1.set_ylabel("wall time, s (median, whiskers min-max)")

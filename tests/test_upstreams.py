@@ -218,6 +218,13 @@ def test_source_urls_are_shown_without_their_userinfo():
     assert hide_userinfo(said) == "Cannot connect to URL('http://***@h:8/x') via https://***@b, not http://h/x@y"
 
 
+def _serve_with_sources(tmp_path, sources: str) -> subprocess.CompletedProcess:
+    """`nodecache serve` with this `sources` setting (it refuses it before mounting anything)."""
+    env = {**os.environ, "NODECACHE_SOURCES": sources}
+    cmd = [sys.executable, "-m", "nodecache", "serve", "--mount", str(tmp_path / "m"), "--cache-dir", str(tmp_path)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_a_rejected_source_never_shows_its_password(tmp_path):
     """Config errors name the source they refuse, without the user or password (even one whose
     unencoded `/`, `?`, `#` or `,` cut the URL short of its `@`)."""
@@ -251,14 +258,7 @@ def test_a_rejected_source_never_shows_its_password(tmp_path):
     specs = parse_sources(["org/a=hf,http://user:s3=cret@h/b"])[("model", "org/a")]
     assert [s.url for s in specs] == ["hf", "http://user:s3=cret@h/b"]
     # `serve` says it in one line, without the password.
-    env = {**os.environ, "NODECACHE_SOURCES": "org/a=http://user:s3cret@127.0.0.1/b?x=1"}
-    r = subprocess.run(
-        [sys.executable, "-m", "nodecache", "serve", "--mount", str(tmp_path / "m"), "--cache-dir", str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _serve_with_sources(tmp_path, "org/a=http://user:s3cret@127.0.0.1/b?x=1")
     assert r.returncode == 1 and r.stderr.startswith("nodecache: error: sources: 'http://***@127.0.0.1/b?x=1'")
     assert "s3cret" not in r.stderr and "Traceback" not in r.stderr
 
@@ -331,14 +331,7 @@ def test_a_comma_in_a_source_password_asks_for_percent_encoding(tmp_path):
     assert [s.url for s in specs[("model", "org/a")]] == ["http://user:12345%2Czq9x@h/b"]
     assert [s.url for s in specs[("model", "org/b")]] == ["http://h/b", "/data/x@v2"]
     assert [s.url for s in specs[("model", "org/c")]] == ["/d@1"]
-    env = {**os.environ, "NODECACHE_SOURCES": "org/a=http://user:12345,zq9x@h/b"}
-    r = subprocess.run(
-        [sys.executable, "-m", "nodecache", "serve", "--mount", str(tmp_path / "m"), "--cache-dir", str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _serve_with_sources(tmp_path, "org/a=http://user:12345,zq9x@h/b")
     assert r.returncode == 1 and r.stderr.startswith(f"nodecache: error: sources: 'http://...': {hint}"), r.stderr
     assert len(r.stderr.splitlines()) == 1 and "zq9x" not in r.stderr and "12345" not in r.stderr, r.stderr
 
