@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -40,6 +41,9 @@ from .tier import NoSpace, Tier
 
 log = logging.getLogger(__name__)
 WARM_STEP = 8 << 20  # bytes of read-ahead asked for per call (warm)
+# Blobs whose record and presence stay in memory though nothing uses them, the most recently
+# used ones (~1 KiB each): a dataset of 10^6 files read once must not keep 10^6 of them.
+RECENT_BLOBS = 4096
 
 
 class Store:
@@ -58,6 +62,7 @@ class Store:
         quarantine_limits: tuple[int, int, float] = (16, 4 << 30, 7 * 86400.0),
         placement: Callable[[BlobRecord], str] = lambda rec: "disk",
         in_use: InUse | None = None,
+        recent: int = RECENT_BLOBS,
     ):
         self.index = index
         self.fsync = fsync
@@ -80,8 +85,12 @@ class Store:
         self.in_use = InUse() if in_use is None else in_use  # what eviction must spare (inuse.py)
         self.placement = placement  # the tier a new blob goes to
         self.on_evict = on_evict or (lambda tier, nbytes: None)
-        self._recs: dict[str, BlobRecord] = {}
+        # The shared record (and presence, if read or filled) of each blob in use, partly stored
+        # or among the `recent` most recently used, least recently used first (_remember).
+        self._recs: OrderedDict[str, BlobRecord] = OrderedDict()
         self._states: dict[str, BlobState] = {}
+        self.recent = recent
+        self._trim_at = recent
         self._fds = FdCache(self.path)
         # After a clean stop the index holds each tier's usage and nothing needs recovering.
         # After someone else wrote to the stopped index every record is checked first.
@@ -105,9 +114,44 @@ class Store:
         rec = self._recs.get(blob_id)
         if rec is None:
             rec = self.index.blobs.get(blob_id)
-            if rec is not None:
-                self._recs[blob_id] = rec
+        if rec is not None:
+            self._remember(rec)
         return rec
+
+    def _remember(self, rec: BlobRecord) -> None:
+        """Keep the record as the most recently used one, dropping the least recently used
+        ones past the bound (_trim)."""
+        self._recs[rec.blob_id] = rec
+        self._recs.move_to_end(rec.blob_id)
+        if len(self._recs) > self._trim_at:
+            self._trim()
+
+    def _kept(self, blob_id: str) -> bool:
+        """Must stay in memory whatever its age: in use (its record and presence are held across
+        awaits, and identity checks guard races with them), or partly stored (filling())."""
+        st = self._states.get(blob_id)
+        return self.in_use.protected(blob_id) or (st is not None and st.rec.state == "partial" and st.cached > 0)
+
+    def _trim(self) -> None:
+        """Drop the least recently used records and presences nothing keeps, an eighth of the
+        bound at a time, their access times persisted first in one transaction (a record read
+        back from the index must carry it: eviction goes by it). A kept one goes to the back
+        of the line: a round looks at each entry at most once, and the next comes only after
+        as many new entries as it left behind, so each lookup costs a constant on average."""
+        target = self.recent - self.recent // 8
+        dropped: list[BlobRecord] = []
+        for _ in range(len(self._recs)):
+            if len(self._recs) <= target:
+                break
+            blob_id = next(iter(self._recs))
+            if self._kept(blob_id):
+                self._recs.move_to_end(blob_id)
+                continue
+            dropped.append(self._recs.pop(blob_id))
+            if self._states.pop(blob_id, None) is not None:
+                self.hashes.drop(blob_id)  # a partial blob with nothing stored: its hash starts again
+        self.index.blobs.accessed([(rec.blob_id, rec.last_access) for rec in dropped])
+        self._trim_at = max(self.recent, len(self._recs) + self.recent // 8)
 
     async def settle(self) -> None:
         """Wait for chunk records still being committed: the index must not close under them."""
@@ -123,11 +167,7 @@ class Store:
 
     def flush_access_times(self) -> None:
         """last_access lives in memory while serving; persist it now and then."""
-        for rec in self._recs.values():
-            stored = self.index.blobs.get(rec.blob_id)
-            if stored is not None and stored.last_access != rec.last_access:
-                stored.last_access = rec.last_access
-                self.index.blobs.put(stored)
+        self.index.blobs.accessed([(rec.blob_id, rec.last_access) for rec in self._recs.values()])
 
     def recover(self) -> int:
         """Re-verify recorded chunks of partial blobs after a crash (recovery.recover); nothing after a clean stop."""
@@ -161,9 +201,11 @@ class Store:
     def state(self, rec: BlobRecord) -> BlobState:
         """The blob's presence, creating its sparse file on first use."""
         st = self._states.get(rec.blob_id)
-        if st is None:
+        if st is not None:
+            self._remember(st.rec)
+        else:
             validate_blob_id(rec.blob_id)
-            self._recs.setdefault(rec.blob_id, rec)
+            self._remember(self._recs.get(rec.blob_id, rec))
             rec = self._recs[rec.blob_id]
             path = self.path(rec.blob_id)
             if not path.exists():

@@ -1239,3 +1239,60 @@ def test_a_blob_evicted_and_filling_again_while_its_warm_waits_is_not_warmed(sto
         assert all(state != "partial" for _, state in advised), "the partial file was not"
 
     asyncio.run(main())
+
+
+def test_records_and_presence_in_memory_are_bounded(cache: Path, index: Index):
+    """A dataset of many small files read once (a mount, a peer, the mirror) must not grow the
+    daemon's memory with every blob: only blobs in use, partly stored ones (filling()) and a
+    bounded number of recently used ones keep their record and presence. An access time of a
+    record dropped from memory is persisted first, and a blob in use keeps its one shared record."""
+    from nodecache.store import RECENT_BLOBS
+
+    n = RECENT_BLOBS + 1000
+    tier = Tier("disk", cache)
+    store = Store(cache, index, fsync=False, tiers=[tier])
+    try:
+        datas = [b"%d" % i for i in range(n)]
+        recs = [record("sha256", d, state="complete", last_access=1.0) for d in datas]
+        for rec, data in zip(recs, datas, strict=True):
+            path = tier.blob_path(rec.blob_id)
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(data)
+        index.blobs.add(recs)
+        half = record("sha256", payload(2 * CS, seed=7), last_access=1.0)  # one chunk stored
+        index.blobs.put(half)
+        asyncio.run(fill(store, half, payload(2 * CS, seed=7), order=[0]))
+        opened = recs[1].blob_id
+        store.in_use.open[opened] = 1  # an open handle: its record must stay the shared one
+        shared = store.record(opened)
+        untouched = payload(2 * CS, seed=8)  # a fill started, nothing stored: its running hash goes too
+        empty = record("sha256", untouched)
+        index.blobs.put(empty)
+        assert store.state(store.record(empty.blob_id)).missing == 2 and store.hashes.get(empty.blob_id)
+
+        async def read_all() -> None:
+            for i, rec in enumerate(recs):
+                got = store.record(rec.blob_id)
+                st = store.state(got)
+                assert st.rec is got and await store.read(rec.blob_id, 0, rec.size) == datas[i]
+                got.last_access = 1000.0 + i  # as a read through the fill path sets it
+
+        asyncio.run(read_all())
+        assert len(store._recs) <= RECENT_BLOBS + 3 and len(store._states) <= RECENT_BLOBS + 3
+        assert store.record(opened) is shared, "a blob in use keeps its one shared record"
+        assert store.filling() == [(half.blob_id, CS)], "a partly stored blob stays reported"
+        first = recs[0].blob_id
+        assert first not in store._recs, "the least recently used record was dropped"
+        assert index.blobs.get(first).last_access == 1000.0, "its access time was persisted when dropped"
+        assert store.record(first).last_access == 1000.0
+        assert store.cached_bytes(store.record(first)) == 1 and store.state(store.record(first)).missing == 0
+        store.flush_access_times()
+        order = [b for _, b in index.counts.least_recent("disk")]
+        assert order[:2] == [half.blob_id, recs[0].blob_id] and order[-1] == recs[-1].blob_id
+        assert empty.blob_id not in store._states and store.hashes.get(empty.blob_id) is None
+        assert store.state(store.record(empty.blob_id)).missing == 2 and store.hashes.get(empty.blob_id)
+        st = asyncio.run(fill(store, store.record(empty.blob_id), untouched))
+        asyncio.run(store.finish(st))
+        assert store.record(empty.blob_id).state == "complete" and store.cached_bytes(st.rec) == 2 * CS
+    finally:
+        store.close()

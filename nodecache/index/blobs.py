@@ -44,6 +44,28 @@ class Blobs:
             self.counts.change(txn, [(key, self.counts.stored(txn, key), derived(rec))])
             txn.put(key, encode(rec), db=self.table)
 
+    def accessed(self, times: list[tuple[str, float]]) -> int:
+        """Persist blobs' last_access times (kept in memory while serving), in one transaction;
+        records absent or unusable are left alone. Returns how many changed."""
+        changes = []
+        if not times:
+            return 0
+        with self.db.write() as txn:
+            for blob_id, at in times:
+                key = blob_id.encode()
+                raw = txn.get(key, db=self.table)
+                try:
+                    stored = self.decode(key, raw) if raw else None
+                except BAD:
+                    continue  # get() drops it
+                if stored is None or stored.last_access == at:
+                    continue
+                stored.last_access = at
+                changes.append((key, self.counts.stored(txn, key), derived(stored)))
+                txn.put(key, encode(stored), db=self.table)
+            self.counts.change(txn, changes)
+        return len(changes)
+
     def add(self, recs: list[BlobRecord]) -> int:
         """Record the blobs not known yet (or known only by an entry that fails its
         check), in one transaction: a snapshot of 10^5 files is one commit, not 10^5.
