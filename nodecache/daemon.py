@@ -90,7 +90,7 @@ class Daemon:
         self.upstream = HfUpstream(cfg.hub_url, self.session, m, token=cfg.hub_token, receiver=self.receiver)
         self.sources = build_sources(cfg, self.session, m, self.upstream)  # per-repo chains (issue 6)
         self.membership = Membership(cfg.me, cfg.peers, cfg.peers_dns)
-        self.peers = node_peers(cfg, self.membership, self.session, m)
+        self.peers = node_peers(cfg, self.membership, self.receiver, m)
         chain = self.sources.chain if self.peers is None else self.peers.over(self.sources.chain)
         self.filler = Filler(cfg, self.index, self.store, chain, m, self.fuse.quarantined)
         policy = RepoPolicy.from_config(cfg)

@@ -13,8 +13,9 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from contextlib import aclosing
+from urllib.parse import urlencode
 
-import aiohttp
 import xxhash
 
 from .config import Config
@@ -22,6 +23,7 @@ from .expiring import ExpiringSet
 from .index import BlobRecord
 from .metrics import Metrics
 from .upstream import NotFound, PiecewiseSource, UpstreamError
+from .upstream.receive import Receiver
 
 log = logging.getLogger(__name__)
 
@@ -62,64 +64,6 @@ class RateLimit:
 def join_host_port(host: str, port: str | int) -> str:
     """`host:port`, with an IPv6 address in brackets (as URLs need it)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-LOWAT = 256 * 1024  # bytes a body's socket gathers per wake-up (asyncio reads at most 256 KiB at a time)
-
-
-async def body_parts(resp: aiohttp.ClientResponse) -> list[bytes]:
-    """A chunk's body as the buffers the socket delivered, never joined: the store gathers
-    them into its aligned buffer anyway, and a joined 8 MiB copy lands in fresh pages."""
-    parts = []
-    with FewerWakeups(resp) as wakeups:
-        async for data in resp.content.iter_any():
-            wakeups.update()
-            parts.append(data)
-    return parts
-
-
-class FewerWakeups:
-    """While a large body arrives, wake the event loop once per `LOWAT` bytes, not once per packet.
-
-    A rate-limited stream delivers a few KiB per socket read; each read costs
-    the loop a wake-up, the transport, aiohttp's parser and our iteration, in
-    Python. SO_RCVLOWAT makes the kernel report the socket readable only once
-    LOWAT bytes are queued. It is raised only while more than LOWAT bytes of
-    the body are still to come and is 1 again for its tail, so the end of a
-    body (and the next response on a kept-alive connection) is never waited
-    for. Anything without a socket or a length is left as it is.
-    """
-
-    def __init__(self, resp: aiohttp.ClientResponse):
-        conn = resp.connection
-        transport = conn.transport if conn is not None else None
-        self.sock = transport.get_extra_info("socket") if transport is not None else None
-        self.content, self.length = resp.content, resp.content_length
-        self.raised = False
-
-    def __enter__(self) -> FewerWakeups:
-        self.update()
-        return self
-
-    def update(self) -> None:
-        """After each read: batch while more than LOWAT bytes are still on the wire."""
-        if self.sock is None or self.length is None:
-            return
-        want = self.length - self.content.total_bytes > LOWAT
-        if want != self.raised:
-            self._set(LOWAT if want else 1)
-            self.raised = want
-
-    def _set(self, value: int) -> None:
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
-        except OSError:
-            self.sock = None  # not a TCP socket after all: leave it
-
-    def __exit__(self, *exc: object) -> None:
-        if self.raised and self.sock is not None:
-            self._set(1)
-            self.raised = False
 
 
 # --- membership -----------------------------------------------------------------
@@ -184,7 +128,7 @@ class PeerSource(PiecewiseSource):
     def __init__(
         self,
         member: str,
-        session: aiohttp.ClientSession,
+        receiver: Receiver,
         token: str | None,
         metrics: Metrics,
         membership: Membership,
@@ -193,7 +137,7 @@ class PeerSource(PiecewiseSource):
     ):
         self.member = member
         self.name = f"peer {member}"
-        self.session = session
+        self.receiver = receiver  # the chunk arrives as the upstreams' do: one readinto into a reused buffer
         self.token = token
         self.metrics = metrics
         self.membership = membership
@@ -201,7 +145,7 @@ class PeerSource(PiecewiseSource):
         self.local_only = local_only
 
     async def close(self) -> None:
-        """Nothing of its own: the session is the daemon's."""
+        """Nothing of its own: the receiver is the daemon's."""
 
     async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> list:
         chunk = start // rec.chunk_size
@@ -211,31 +155,33 @@ class PeerSource(PiecewiseSource):
         if background:  # the owner lets its own readers go first
             params["background"] = "1"
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        url = f"http://{self.member}/v1/blobs/{rec.blob_id}?{urlencode(params)}"
         t0 = time.perf_counter()
+        stage = "unreachable"  # what a failure is counted as: refused, reset or silent before the status line
         try:
-            async with self.session.get(
-                f"http://{self.member}/v1/blobs/{rec.blob_id}",
-                params=params,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ) as resp:
+            async with asyncio.timeout(self.timeout), self.receiver.get(url, headers) as resp:
+                stage = "missing" if self.local_only else "error"
                 if resp.status == 404 and self.local_only:
                     raise NotFound(f"{self.name} does not have chunk {chunk}")
+                stage = "error"
                 if resp.status != 200:
-                    raise UpstreamError(f"{self.name}: HTTP {resp.status}")
-                data = await body_parts(resp)
+                    raise UpstreamError(f"HTTP {resp.status}")
                 digest = resp.headers.get(XXH3_HEADER, "")
-        except (aiohttp.ClientError, TimeoutError) as e:
+                stage = "truncated"  # the body broke off, or ran short of the chunk
+                async with aclosing(resp.parts(0, end - start, end - start)) as parts:
+                    data = [view async for part in parts for view in part]
+        except NotFound:
+            self.metrics.peer_fallbacks.labels(stage).inc()
+            raise
+        except UpstreamError as e:
+            if stage in ("unreachable", "truncated"):  # gone, or going: skipped a while (its chunks elsewhere)
+                self.membership.failed(self.member)
+            self.metrics.peer_fallbacks.labels(stage).inc()
+            raise UpstreamError(f"{self.name}: {e}") from None
+        except TimeoutError:
             self.membership.failed(self.member)
             self.metrics.peer_fallbacks.labels("unreachable").inc()
-            raise UpstreamError(f"{self.name}: {e.__class__.__name__}: {e}") from None
-        except UpstreamError:
-            self.metrics.peer_fallbacks.labels("error" if not self.local_only else "missing").inc()
-            raise
-        size = sum(map(len, data))
-        if size != end - start:
-            self.metrics.peer_fallbacks.labels("truncated").inc()
-            raise UpstreamError(f"{self.name}: {size} bytes, want {end - start}")
+            raise UpstreamError(f"{self.name}: no chunk within {self.timeout:g} s") from None
         h = xxhash.xxh3_64()
         for part in data:
             h.update(part)
@@ -244,6 +190,7 @@ class PeerSource(PiecewiseSource):
             self.metrics.peer_fallbacks.labels("verify").inc()
             raise UpstreamError(f"{self.name}: chunk {chunk} of {rec.blob_id} failed xxh3 verification")
         self.membership.ok(self.member)
+        size = end - start
         self.metrics.peer_bytes_received.inc(size)
         self.metrics.peer_fetch_seconds.observe(time.perf_counter() - t0)
         return data
@@ -255,16 +202,16 @@ class Peers:
     def __init__(
         self,
         membership: Membership,
-        session: aiohttp.ClientSession,
+        receiver: Receiver,
         token: str | None,
         metrics: Metrics,
         timeout: float,
     ):
         self.membership = membership
-        self.session, self.token, self.metrics, self.timeout = session, token, metrics, timeout
+        self.receiver, self.token, self.metrics, self.timeout = receiver, token, metrics, timeout
 
     def _source(self, member: str, local_only: bool) -> PeerSource:
-        return PeerSource(member, self.session, self.token, self.metrics, self.membership, self.timeout, local_only)
+        return PeerSource(member, self.receiver, self.token, self.metrics, self.membership, self.timeout, local_only)
 
     def chain(self, upstreams: list, rec: BlobRecord, chunk: int) -> list:
         """Owner first; then peers that already have the chunk; then the repo's upstreams."""
@@ -279,8 +226,8 @@ class Peers:
         return lambda rec, chunk: self.chain(upstreams(rec), rec, chunk)
 
 
-def node_peers(cfg: Config, membership: Membership, session: aiohttp.ClientSession, m: Metrics) -> Peers | None:
+def node_peers(cfg: Config, membership: Membership, receiver: Receiver, m: Metrics) -> Peers | None:
     """The node's peers, if it is configured with any (static or by DNS)."""
     if not (cfg.peers or cfg.peers_dns):
         return None
-    return Peers(membership, session, cfg.cluster_token, m, cfg.peer_timeout)
+    return Peers(membership, receiver, cfg.cluster_token, m, cfg.peer_timeout)

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ctypes
 import errno
 import mmap
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import aiohttp
 import pytest
 from conftest import BIG, MiB, in_page_cache, need_direct_io, sha256_file, snapshot_dir, verified, wait_until
 
 from nodecache import directio
 from nodecache.blobfill import run_length
-from nodecache.peers import LOWAT, body_parts
 from nodecache.testing.hub import Fault
 
 
@@ -94,62 +89,6 @@ def test_prefetch_streams_runs_survives_broken_ones_and_leaves_no_page_cache(hub
     blob = tmp_path / "buffered" / "blobs" / want[:2] / want
     missing = [k for k in range(72) if not in_page_cache(blob, k * MiB, MiB)]
     assert len(missing) <= 8, f"direct_io=false writes through the page cache; not cached: {missing}"
-
-
-def test_a_body_arriving_in_small_packets_wakes_the_reader_once_per_lowat():
-    """A peer's chunk arriving as a throttled stream delivers a few KiB per socket read; the
-    reader is woken once per LOWAT bytes instead (SO_RCVLOWAT), gets exactly its bytes, and the
-    kept-alive connection is back at a low-water mark of 1 for the next response."""
-    body = os.urandom(8 * MiB + 12345)
-    piece = 4096
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):  # the client closes at the end
-            await respond(reader, writer)
-
-    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while (await reader.readuntil(b"\r\n\r\n")).startswith(b"GET"):
-            head = f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(body)}\r\n"
-            head += f"Content-Range: bytes 0-{len(body) - 1}/{len(body)}\r\n\r\n"
-            writer.write(head.encode())
-            for i in range(0, len(body), piece):  # one small segment per loop turn, as a paced sender
-                writer.write(body[i : i + piece])
-                await writer.drain()
-                await asyncio.sleep(0)
-
-    async def main() -> tuple[int, bytes, int]:
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        reads = 0
-        original = aiohttp.StreamReader.feed_data
-
-        def counting(self, data, *a):
-            nonlocal reads
-            reads += 1
-            return original(self, data, *a)
-
-        aiohttp.StreamReader.feed_data = counting
-        try:
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
-                url = f"http://127.0.0.1:{port}/x"
-                async with s.get(url, headers={"Range": f"bytes=0-{len(body) - 1}"}) as resp:
-                    got = b"".join(await body_parts(resp))
-                    sock = resp.connection.transport.get_extra_info("socket") if resp.connection else None
-                    lowat = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) if sock else 1
-                first = reads
-                async with s.get(url, headers={"Range": f"bytes=0-{len(body) - 1}"}) as resp:  # same connection
-                    assert b"".join(await body_parts(resp)) == body
-        finally:
-            aiohttp.StreamReader.feed_data = original
-            server.close()
-        return first, got, lowat
-
-    reads, got, lowat = asyncio.run(main())
-    assert got == body
-    assert lowat == 1, "the low-water mark is back to 1 before the connection is reused"
-    # 2049 segments; batched: ~8 MiB / LOWAT wake-ups plus the tail (< LOWAT) read as it comes.
-    assert reads < len(body) // LOWAT + LOWAT // piece + 40, f"{reads} reads of a {len(body)}-byte body"
 
 
 def test_a_reader_through_the_mount_leaves_the_blob_file_out_of_the_page_cache(hub, daemons, big_repo):
