@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -16,6 +19,10 @@ import pytest
 from conftest import BIG, SMALL, MiB, counter, sha256_file, snapshot_dir, wait_until
 
 from nodecache import peers as peers_mod
+from nodecache.index.records import BlobRecord
+from nodecache.metrics import Metrics
+from nodecache.upstream import UpstreamError
+from nodecache.upstream.receive import Receiver
 from testkit.cluster import Cluster
 
 REPO = "org/shared"
@@ -292,3 +299,56 @@ def test_a_failed_peer_is_skipped_for_5_s(hub, daemons, big_repo):
     finally:
         os.close(fd)
         buf.close()
+
+
+@contextlib.contextmanager
+def _blackhole():
+    """A 127.0.0.1 address whose connects hang: a listener whose accept queue is full, so every
+    further SYN is dropped (as a vanished node's address does)."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):  # the queue of a backlog-0 listener holds one; then SYNs are dropped
+            s = socket.socket()
+            fillers.append(s)
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+        yield f"127.0.0.1:{port}"
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+def _peer_source(member: str, rx: Receiver, timeout: float) -> tuple[peers_mod.PeerSource, Metrics]:
+    m = Metrics()
+    membership = peers_mod.Membership("127.0.0.1:1", (member,))
+    return peers_mod.PeerSource(member, rx, "tok", m, membership, timeout), m
+
+
+_REC = BlobRecord("a" * 64, MiB, "sha256", MiB, repo_id="org/r", commit="c" * 40)
+
+
+def test_a_peer_that_never_accepts_frees_its_thread_when_peer_timeout_gives_up():
+    """`peer_timeout` shorter than the receiver's connect timeout (10 s): the fetch gives up, and
+    the thread that was connecting is let go with it, not after 10 s in connect (the daemon's
+    stop, and fills, would wait for it)."""
+
+    async def main(member: str) -> None:
+        rx = Receiver(threads=2, keep_buffers=1)
+        src, m = _peer_source(member, rx, 0.5)
+        try:
+            with pytest.raises(UpstreamError, match="no chunk within"):
+                await src.fetch(_REC, 0, MiB)
+            assert m.registry.get_sample_value("nodecache_peer_fallbacks_total", {"reason": "unreachable"}) == 1
+            t0 = time.monotonic()
+            while rx._busy:
+                assert time.monotonic() - t0 < 3, "the connect outlived its fetch"
+                await asyncio.sleep(0.01)
+        finally:
+            await rx.close()
+
+    with _blackhole() as member:
+        asyncio.run(main(member))

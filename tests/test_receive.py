@@ -635,6 +635,45 @@ def test_a_request_cancelled_before_its_answer_is_cut_off():
     asyncio.run(main())
 
 
+def test_a_request_cancelled_in_its_connect_is_cut_off():
+    """An address that drops SYNs (a node gone; here a listener whose accept queue is full): the
+    caller going away cuts the connect at once, so the thread does not wait out the connect
+    timeout."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # the queue of a backlog-0 listener holds one; then SYNs are dropped
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+
+    async def main() -> None:
+        rx = Receiver(threads=2, keep_buffers=1, connect_timeout=20.0, read_timeout=25.0)
+        try:
+            task = asyncio.create_task(_get(rx, f"http://127.0.0.1:{port}/blob", 0, 1000, 1000))
+            while not rx._busy:  # the thread is in its connect
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            while rx._busy:
+                assert time.monotonic() - t0 < 5, "the connect was not cut off"
+                await asyncio.sleep(0.01)
+        finally:
+            await rx.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
 def test_a_read_after_close_is_an_upstream_error():
     """The daemon closes its receiver at stop; a request or a part asked for after that (a fill
     that outlived the stop) gets an UpstreamError, never the executor's RuntimeError."""
@@ -658,9 +697,9 @@ def test_a_read_after_close_is_an_upstream_error():
 
 
 def test_a_connection_made_after_close_is_not_used():
-    """A connect under way when the receiver closes (its socket does not exist yet, so there is
-    nothing to cut) ends the request once it is made, rather than send it and wait out the read
-    timeout for an answer. The connect is held by a listener whose accept queue is full."""
+    """A connect under way when the receiver closes ends the request (cut, or at the latest once it
+    is made), rather than send it and wait out the read timeout for an answer. The connect is
+    held by a listener whose accept queue is full."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=0)
     port = listener.getsockname()[1]
     fillers = []

@@ -222,9 +222,9 @@ class _Conn:
         self.origin, self.http = origin, http_conn
         self.host = origin[1]
         self.lowat = 1  # the socket's SO_RCVLOWAT; 1 whenever no body is being read
-        # Its socket once connected. Not `http.sock`: http.client forgets that as soon as a
-        # response says it ends the connection (Connection: close, HTTP/1.0), whose body is
-        # then read from the very same socket, which must still be cut.
+        # Its socket, from before its connect (which a cut ends too). Not `http.sock`: http.client
+        # forgets that as soon as a response says it ends the connection (Connection: close,
+        # HTTP/1.0), whose body is then read from the very same socket, which must still be cut.
         self.sock: socket.socket | None = None
 
     def mark(self, lowat: int) -> None:
@@ -266,6 +266,11 @@ class _Caller:
             self._conn = conn
             if self._left:
                 raise OSError("the request's caller has left")
+
+    @property
+    def left(self) -> bool:
+        with self._lock:
+            return self._left
 
     def leave(self) -> None:
         with self._lock:
@@ -349,7 +354,7 @@ class Receiver:
         fresh = conn is None
         while True:
             if conn is None:
-                conn = self._connect(origin)
+                conn = self._connect(origin, caller)
             try:
                 caller.uses(conn)
                 conn.http.request("GET", target, headers=headers)
@@ -363,7 +368,7 @@ class Receiver:
                 self.discard(conn)
                 raise
 
-    def _connect(self, origin: tuple[str, str, int]) -> _Conn:
+    def _connect(self, origin: tuple[str, str, int], caller: _Caller) -> _Conn:
         scheme, host, port = origin
         if scheme == "https":
             with self._lock:
@@ -373,12 +378,13 @@ class Receiver:
         else:
             raw = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
         conn = _Conn(origin, raw)
+        raw._create_connection = lambda address, timeout, _source: self._open(conn, caller, address, timeout)
         with self._lock:
             if self._closed:
                 raise OSError("the receiver is closed")
             self._busy.add(conn)
         try:
-            raw.connect()  # not cut by close (there is no socket to cut yet): looked at once made
+            raw.connect()  # its TLS handshake is not cut (the socket is wrapped): looked at once made
             raw.sock.settimeout(self.read_timeout)
             with self._lock:
                 conn.sock = raw.sock
@@ -388,6 +394,35 @@ class Receiver:
             self.discard(conn)
             raise
         return conn
+
+    def _open(self, conn: _Conn, caller: _Caller, address: tuple[str, int], timeout: float) -> socket.socket:
+        """http.client's `socket.create_connection`, but each socket is known to `conn` before it
+        connects, so a caller that leaves (a peer's `peer_timeout`, a cancelled fill) or the close
+        cuts the connect too (a shutdown ends it at once), rather than let a thread wait out the
+        connect timeout of an address that drops its SYNs (a node gone)."""
+        host, port = address
+        error: OSError = OSError(f"no address for {host}")
+        for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            try:
+                with self._lock:
+                    conn.sock = sock
+                    if self._closed:
+                        raise OSError("the receiver is closed")
+                caller.uses(conn)
+                sock.settimeout(timeout)
+                sock.connect(addr)
+                caller.uses(conn)  # a cut just before the connect began did not end it
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+                if caller.left or self._closed:
+                    break
+            except BaseException:
+                sock.close()
+                raise
+        raise error
 
     def _take(self, origin: tuple[str, str, int]) -> _Conn | None:
         """A kept connection to `origin` with nothing waiting on it; the others are closed."""
