@@ -159,7 +159,7 @@ class PeerSource(PiecewiseSource):
         t0 = time.perf_counter()
         stage = "unreachable"  # what a failure is counted as: refused, reset or silent before the status line
         try:
-            async with asyncio.timeout(self.timeout), self.receiver.get(url, headers) as resp:
+            async with asyncio.timeout(self.timeout), self.receiver.get(url, headers, self.timeout) as resp:
                 stage = "missing" if self.local_only else "error"
                 if resp.status == 404 and self.local_only:
                     raise NotFound(f"{self.name} does not have chunk {chunk}")

@@ -352,3 +352,33 @@ def test_a_peer_that_never_accepts_frees_its_thread_when_peer_timeout_gives_up()
 
     with _blackhole() as member:
         asyncio.run(main(member))
+
+
+def test_a_peer_slow_to_answer_is_waited_for_up_to_peer_timeout():
+    """An owner filling through answers late (its fill waits for a slot behind its readers):
+    the fetch gives up after `peer_timeout`, as aiohttp's total timeout did before 4f76dd5, not
+    after the receiver's own read timeout for upstreams (30 s in the daemon; 0.5 s here)."""
+    body = os.urandom(MiB)
+    digest = f"{peers_mod.xxhash.xxh3_64_intdigest(body):016x}"
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(1.5)
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {MiB}\r\n{peers_mod.XXH3_HEADER}: {digest}\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        rx = Receiver(threads=2, keep_buffers=1, connect_timeout=0.5, read_timeout=0.5)
+        src, m = _peer_source(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", rx, 10.0)
+        try:
+            data = await src.fetch(_REC, 0, MiB)
+            assert b"".join(bytes(p) for p in data) == body
+        finally:
+            await rx.close()
+            server.close()
+
+    asyncio.run(main())

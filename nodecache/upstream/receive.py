@@ -301,8 +301,11 @@ class Receiver:
         self._closed = False
 
     @asynccontextmanager
-    async def get(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[Response]:
-        """A GET of `url` (no redirect followed); its connection is given back or closed on exit."""
+    async def get(self, url: str, headers: Mapping[str, str], timeout: float | None = None) -> AsyncIterator[Response]:
+        """A GET of `url` (no redirect followed); its connection is given back or closed on exit.
+        `timeout`: its connect's and its reads' socket timeout instead of the receiver's (a peer's
+        `peer_timeout`, which also bounds its whole fetch: an owner filling through may be silent
+        longer than an upstream ever is)."""
         try:
             parts = urlsplit(url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -318,7 +321,7 @@ class Receiver:
             headers = {**headers, "Authorization": f"Basic {base64.b64encode(login).decode()}"}
         self.used()
         caller = _Caller()
-        asked = self.submit(self._request, origin, target, dict(headers), caller)
+        asked = self.submit(self._request, origin, target, dict(headers), caller, timeout)
         try:
             conn, resp = await asyncio.wrap_future(asked)
         except asyncio.CancelledError:
@@ -347,16 +350,25 @@ class Receiver:
         if not asked.cancelled() and asked.exception() is None:
             self.discard(asked.result()[0])
 
-    def _request(self, origin: tuple[str, str, int], target: str, headers: dict[str, str], caller: _Caller):
+    def _request(
+        self,
+        origin: tuple[str, str, int],
+        target: str,
+        headers: dict[str, str],
+        caller: _Caller,
+        timeout: float | None,
+    ):
         """In a thread: send the request on a kept connection (once more on a new one if the server
         had closed it meanwhile) and read the status and headers, unless the caller left."""
         conn = self._take(origin)
         fresh = conn is None
         while True:
             if conn is None:
-                conn = self._connect(origin, caller)
+                conn = self._connect(origin, caller, timeout or self.connect_timeout)
             try:
                 caller.uses(conn)
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout or self.read_timeout)  # for this request's answer
                 conn.http.request("GET", target, headers=headers)
                 return conn, conn.http.getresponse()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
@@ -368,15 +380,15 @@ class Receiver:
                 self.discard(conn)
                 raise
 
-    def _connect(self, origin: tuple[str, str, int], caller: _Caller) -> _Conn:
+    def _connect(self, origin: tuple[str, str, int], caller: _Caller, timeout: float) -> _Conn:
         scheme, host, port = origin
         if scheme == "https":
             with self._lock:
                 if self._tls is None:
                     self._tls = ssl.create_default_context()
-            raw = http.client.HTTPSConnection(host, port, timeout=self.connect_timeout, context=self._tls)
+            raw = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
         else:
-            raw = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+            raw = http.client.HTTPConnection(host, port, timeout=timeout)
         conn = _Conn(origin, raw)
         raw._create_connection = lambda address, timeout, _source: self._open(conn, caller, address, timeout)
         with self._lock:
@@ -385,7 +397,6 @@ class Receiver:
             self._busy.add(conn)
         try:
             raw.connect()  # its TLS handshake is not cut (the socket is wrapped): looked at once made
-            raw.sock.settimeout(self.read_timeout)
             with self._lock:
                 conn.sock = raw.sock
                 if self._closed:
