@@ -61,6 +61,14 @@ class RateLimit:
             await asyncio.sleep(start - now)
 
 
+def xxh3_of(parts: list) -> str:
+    """The xxh3-64 of the parts' bytes in order, as the peer API's header spells it."""
+    h = xxhash.xxh3_64()
+    for part in parts:
+        h.update(part)
+    return f"{h.intdigest():016x}"
+
+
 def join_host_port(host: str, port: str | int) -> str:
     """`host:port`, with an IPv6 address in brackets (as URLs need it)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -182,10 +190,8 @@ class PeerSource(PiecewiseSource):
             self.membership.failed(self.member)
             self.metrics.peer_fallbacks.labels("unreachable").inc()
             raise UpstreamError(f"{self.name}: no chunk within {self.timeout:g} s") from None
-        h = xxhash.xxh3_64()
-        for part in data:
-            h.update(part)
-        if f"{h.intdigest():016x}" != digest:
+        if xxh3_of(data) != digest:
+            data = None  # the error's traceback keeps this frame: it must not keep the receiver's buffer
             self.metrics.verify_failures.labels("peer").inc()
             self.metrics.peer_fallbacks.labels("verify").inc()
             raise UpstreamError(f"{self.name}: chunk {chunk} of {rec.blob_id} failed xxh3 verification")

@@ -382,3 +382,38 @@ def test_a_peer_slow_to_answer_is_waited_for_up_to_peer_timeout():
             server.close()
 
     asyncio.run(main())
+
+
+def test_a_chunk_that_fails_its_xxh3_gives_its_buffer_back():
+    """The error of a chunk whose xxh3 does not match is kept by the fill (its retries, the log,
+    a failed task); the receiver's buffer the chunk arrived in must not be kept with it."""
+    body = os.urandom(MiB)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {MiB}\r\n{peers_mod.XXH3_HEADER}: {0:016x}\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        rx = Receiver(threads=2, keep_buffers=1)
+        src, m = _peer_source(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", rx, 10.0)
+        try:
+            with pytest.raises(UpstreamError, match="xxh3") as failed:
+                await src.fetch(_REC, 0, MiB)
+            assert m.registry.get_sample_value("nodecache_peer_fallbacks_total", {"reason": "verify"}) == 1
+            kept = [id(buf) for buf in rx.buffers._kept]  # not the buffer: that would be a holder too
+            assert len(kept) == 1
+            t0 = time.monotonic()  # the receive thread lets go of it just after handing the part over
+            while id(rx.buffers.take(MiB)) != kept[0]:
+                assert time.monotonic() - t0 < 3, "the failed chunk's error holds its buffer"
+                await asyncio.sleep(0.01)
+            del failed
+        finally:
+            await rx.close()
+            server.close()
+
+    asyncio.run(main())
