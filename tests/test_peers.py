@@ -417,3 +417,67 @@ def test_a_chunk_that_fails_its_xxh3_gives_its_buffer_back():
             server.close()
 
     asyncio.run(main())
+
+
+def test_a_peer_answering_the_wrong_body_never_gives_wrong_bytes():
+    """A peer's 200 with a short body, a longer one, a chunked one, or a redirect (never followed:
+    the cluster token goes to members only): each chunk is the peer's exact bytes or an error,
+    counted by its reason; a body that breaks off skips the peer for a while."""
+    body = os.urandom(MiB)
+    digest = f"{peers_mod.xxhash.xxh3_64_intdigest(body):016x}"
+    redirected = []
+
+    async def elsewhere(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        redirected.append(await reader.read(1))
+        writer.close()
+
+    def answer(kind: str, port: int):
+        head = f"HTTP/1.1 200 OK\r\n{peers_mod.XXH3_HEADER}: {digest}\r\n"
+        replies = {
+            "short": f"{head}Content-Length: {MiB - 10}\r\n\r\n".encode() + body[:-10],
+            "long": f"{head}Content-Length: {MiB + 10}\r\n\r\n".encode() + body + b"0123456789",
+            "chunked": f"{head}Transfer-Encoding: chunked\r\n\r\n".encode()
+            + b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in (body[:300_000], body[300_000:]))
+            + b"0\r\n\r\n",
+            "redirect": f"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{port}/v1\r\nContent-Length: 0\r\n\r\n".encode(),
+        }
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(replies[kind])
+                await writer.drain()
+            writer.close()
+
+        return serve
+
+    async def fetch(kind: str, port: int) -> tuple[bytes | str, dict, bool]:
+        server = await asyncio.start_server(answer(kind, port), "127.0.0.1", 0)
+        rx = Receiver(threads=2, keep_buffers=1)
+        src, m = _peer_source(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", rx, 10.0)
+        try:
+            got: bytes | str = b"".join(bytes(p) for p in await src.fetch(_REC, 0, MiB))
+        except UpstreamError as e:
+            got = str(e)
+        finally:
+            await rx.close()
+            server.close()
+        reasons = ("truncated", "error", "unreachable", "verify", "missing")
+        counts = {r: m.registry.get_sample_value("nodecache_peer_fallbacks_total", {"reason": r}) for r in reasons}
+        return got, {r: n for r, n in counts.items() if n}, src.member in src.membership.live()
+
+    async def main() -> None:
+        other = await asyncio.start_server(elsewhere, "127.0.0.1", 0)
+        port = other.sockets[0].getsockname()[1]
+        try:
+            got, counted, live = await fetch("short", port)
+            assert "truncated body" in got and counted == {"truncated": 1} and not live
+            assert await fetch("long", port) == (body, {}, True)
+            assert await fetch("chunked", port) == (body, {}, True)
+            got, counted, live = await fetch("redirect", port)
+            assert "HTTP 302" in got and counted == {"error": 1} and live
+            assert redirected == []
+        finally:
+            other.close()
+
+    asyncio.run(main())
