@@ -405,6 +405,7 @@ def test_a_chunk_that_fails_its_xxh3_gives_its_buffer_back():
             with pytest.raises(UpstreamError, match="xxh3") as failed:
                 await src.fetch(_REC, 0, MiB)
             assert m.registry.get_sample_value("nodecache_peer_fallbacks_total", {"reason": "verify"}) == 1
+            assert src.member in src.membership.live(), "a chunk failing its xxh3 does not skip the peer"
             kept = [id(buf) for buf in rx.buffers._kept]  # not the buffer: that would be a holder too
             assert len(kept) == 1
             t0 = time.monotonic()  # the receive thread lets go of it just after handing the part over
