@@ -689,6 +689,43 @@ def test_an_http_manifest_answered_5xx_is_retried_never_parsed(small_repo, tmp_p
     assert {f.entry.path: f.entry.blob_id for f in res.files} == tree_hashes(small_repo)
 
 
+def test_an_http_source_is_resolved_from_one_answer_of_its_manifest(small_repo, tmp_path):
+    """The manifest of an http source is its listing and its snapshot both: one resolve reads
+    it once, so a manifest replaced between two reads cannot give a listing of one and files of
+    the other (it was read twice)."""
+    from nodecache.upstream.http import HttpUpstream
+    from nodecache.upstream.receive import Receiver
+
+    root = tmp_path / "www"
+    shutil.copytree(small_repo, root / "base")
+    (root / "base" / MANIFEST).write_bytes(_manifest_of(small_repo))
+    size, digest = (small_repo / "config.json").stat().st_size, tree_hashes(small_repo)["config.json"]
+    newer = json.dumps({"commit": "cd" * 20, "files": [{"path": "config.json", "size": size, "sha256": digest}]})
+    srv = _StaticServer(root, answers={"/base/" + MANIFEST: [(200, _manifest_of(small_repo)), (200, newer.encode())]})
+
+    async def main():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            receiver = Receiver(threads=1, keep_buffers=1)
+            up = HttpUpstream(srv.url + "/base", session, receiver, Metrics())
+            try:
+                first = await up.resolve("model", "local/web", "main")
+                asked = srv.requests.count("/base/" + MANIFEST)
+                second = await up.resolve("model", "local/web", "main")
+                return first, asked, second
+            finally:
+                await receiver.close()
+
+    try:
+        first, asked, second = run(main())
+    finally:
+        srv.close()
+    assert asked == 1, f"the manifest was read {asked} times for one resolve"
+    assert {f.entry.path: f.entry.blob_id for f in first.files} == tree_hashes(small_repo)
+    assert second.commit == "cd" * 20 and [f.entry.path for f in second.files] == ["config.json"]
+
+
 def test_a_repo_whose_http_source_answers_503_resolves_when_it_recovers(daemons, small_repo, tmp_path):
     """A configured repo whose manifest answers 503 is failing with that status (a retryable
     UpstreamError, not a malformed manifest) and resolves on a retry once the server recovers."""

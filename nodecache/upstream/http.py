@@ -16,7 +16,7 @@ import aiohttp
 from ..metrics import Metrics
 from . import NotFound, UpstreamError
 from .listing import ListingUpstream
-from .manifest import MANIFEST, SourceFile, SourceObject, parse_manifest
+from .manifest import MANIFEST, Reader, SourceFile, SourceObject, parse_manifest
 from .receive import Receiver
 from .sourcespec import hide_userinfo
 
@@ -54,8 +54,8 @@ class HttpUpstream(ListingUpstream):
         url = self._file_url(key)
         return self.session.get(url, headers={**(headers or {}), **self._headers(url)}, allow_redirects=True)
 
-    async def _list(self) -> list[SourceObject]:
-        raw = await self._read_small(MANIFEST)
+    async def _list(self, read: Reader) -> list[SourceObject]:
+        raw = await read(MANIFEST)
         _, files = parse_manifest(raw, self.shown)
         # The manifest is the listing; sizes are checked against Content-Range on every read.
         return [SourceObject(MANIFEST, len(raw)), *(SourceObject(f.key, f.size) for f in files)]

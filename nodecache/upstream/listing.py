@@ -9,7 +9,7 @@ from ..expiring import Window
 from ..index import BlobRecord
 from ..layout import COMMIT_RE
 from . import NotFound, PiecewiseSource, Resolved, UpstreamError
-from .manifest import SOURCE_KIND, Snapshot, SourceFile, SourceObject, build_snapshot
+from .manifest import SOURCE_KIND, Reader, Snapshot, SourceFile, SourceObject, build_snapshot
 from .sourcespec import shown_url
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class ListingUpstream(PiecewiseSource):
     def __repr__(self) -> str:
         return f"<{self.__class__.__name__} {self.shown}>"
 
-    async def _list(self) -> list[SourceObject]:
+    async def _list(self, read: Reader) -> list[SourceObject]:
+        """The source's objects; `read` reads a small one (once per snapshot: see `snapshot`)."""
         raise NotImplementedError
 
     async def _read_small(self, key: str) -> bytes:
@@ -50,7 +51,10 @@ class ListingUpstream(PiecewiseSource):
         raise NotImplementedError
 
     async def snapshot(self, revision: str = "main") -> Snapshot:
-        snap = await build_snapshot(await self._list(), self._read_small, self.url, revision)
+        # One read of each small file per snapshot: an http source's manifest is its listing and
+        # its snapshot both, and two reads could be two different answers (a manifest updated between).
+        read = _ReadOnce(self._read_small)
+        snap = await build_snapshot(await self._list(read), read, self.url, revision)
         self._scanned.open()
         for f in snap.files:
             self._by_id[f.blob_id] = f
@@ -90,3 +94,16 @@ class ListingUpstream(PiecewiseSource):
 
     async def close(self) -> None:
         pass
+
+
+class _ReadOnce:
+    """A reader that reads each key once and answers it again from memory (small files, one snapshot)."""
+
+    def __init__(self, read: Reader):
+        self.read = read
+        self._got: dict[str, bytes] = {}
+
+    async def __call__(self, key: str) -> bytes:
+        if key not in self._got:
+            self._got[key] = await self.read(key)
+        return self._got[key]

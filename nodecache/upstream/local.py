@@ -16,7 +16,7 @@ import os
 from ..metrics import Metrics
 from . import NotFound, UpstreamError
 from .listing import ListingUpstream
-from .manifest import SourceFile, SourceObject
+from .manifest import Reader, SourceFile, SourceObject
 
 
 class LocalUpstream(ListingUpstream):
@@ -49,7 +49,7 @@ class LocalUpstream(ListingUpstream):
                 out.append(SourceObject(rel, st.st_size, f"{st.st_size}-{st.st_mtime_ns}"))
         return out
 
-    async def _list(self) -> list[SourceObject]:
+    async def _list(self, read: Reader) -> list[SourceObject]:
         return await asyncio.to_thread(self._list_sync)
 
     async def _read_small(self, key: str) -> bytes:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..metrics import Metrics
 from . import NotFound, UpstreamError
 from .listing import ListingUpstream
-from .manifest import SourceFile, SourceObject, checksum_sha256
+from .manifest import Reader, SourceFile, SourceObject, checksum_sha256
 from .sourcespec import parse_s3_url
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class S3Upstream(ListingUpstream):
         self.metrics.upstream_requests.labels(str(out.get("ResponseMetadata", {}).get("HTTPStatusCode", 200))).inc()
         return out
 
-    async def _list(self) -> list[SourceObject]:
+    async def _list(self, read: Reader) -> list[SourceObject]:
         base = self._key("") if self.prefix else ""
         objects: list[SourceObject] = []
         checked: list[int] = []
