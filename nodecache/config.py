@@ -282,6 +282,7 @@ def _check_sources(cfg: Config) -> None:
     for key, why in (
         ("hub_url", "the Hub takes a token: --token-file or HF_TOKEN"),
         ("s3_endpoint_url", "S3 credentials come from the boto3 chain"),
+        ("kube_api", "the API server takes a bearer token: kube_token_file"),
     ):
         if getattr(cfg, key) is not None:
             try:

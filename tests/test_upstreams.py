@@ -264,8 +264,8 @@ def test_a_rejected_source_never_shows_its_password(tmp_path):
 
 
 def test_a_hub_or_s3_endpoint_with_a_password_is_refused_without_showing_it(tmp_path):
-    """hub_url and s3_endpoint_url take no user or password (the Hub takes a token, S3 the boto3
-    chain's credentials): refused at load, in one line that names the URL without them, whichever
+    """hub_url, s3_endpoint_url and kube_api take no user or password (the Hub takes a token, S3
+    the boto3 chain's credentials, the API server kube_token_file's token): refused at load, in one line that names the URL without them, whichever
     way it is given (flag, NODECACHE_*, HF_ENDPOINT, YAML)."""
     port = free_port()
     hub = f"http://u:s3cret@127.0.0.1:{port}"
@@ -276,6 +276,7 @@ def test_a_hub_or_s3_endpoint_with_a_password_is_refused_without_showing_it(tmp_
         ("hub_url", "huggingface.co"): "hub_url: 'huggingface.co' is not an http(s) URL",
         ("s3_endpoint_url", "http://u:s3cret@minio:9000"): "s3_endpoint_url: 'http://***@minio:9000': a user or",
         ("s3_endpoint_url", "u:s3cret@minio:9000"): "s3_endpoint_url: '...': a user or password",
+        ("kube_api", "https://u:s3cret@10.0.0.1:6443"): "kube_api: 'https://***@10.0.0.1:6443': a user or password",
     }
     for (key, url), msg in cases.items():
         for given in ({"overrides": {key: url}}, {"environ": {f"NODECACHE_{key.upper()}": url}}):
