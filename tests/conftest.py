@@ -8,10 +8,12 @@ when everything this machine can run did run.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import mmap
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -181,3 +183,24 @@ def need_direct_io(directory: Path) -> None:
     works, the store must use it."""
     if reason := machine.direct_io(directory):
         pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def full_listener():
+    """(listener, port) on 127.0.0.1 whose accept queue is full: a connect to it hangs (its SYNs
+    are dropped), as to a vanished node's address, until the listener accepts."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):  # the queue of a backlog-0 listener holds one; then SYNs are dropped
+            s = socket.socket()
+            fillers.append(s)
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+        yield listener, port
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()

@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import threading
 import time
 import urllib.error
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import machine
 import pytest
-from conftest import BIG, SMALL, MiB, counter, sha256_file, snapshot_dir, wait_until
+from conftest import BIG, SMALL, MiB, counter, full_listener, sha256_file, snapshot_dir, wait_until
 
 from nodecache import peers as peers_mod
 from nodecache.index.records import BlobRecord
@@ -303,23 +302,9 @@ def test_a_failed_peer_is_skipped_for_5_s(hub, daemons, big_repo):
 
 @contextlib.contextmanager
 def _blackhole():
-    """A 127.0.0.1 address whose connects hang: a listener whose accept queue is full, so every
-    further SYN is dropped (as a vanished node's address does)."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(3):  # the queue of a backlog-0 listener holds one; then SYNs are dropped
-            s = socket.socket()
-            fillers.append(s)
-            s.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                s.connect(("127.0.0.1", port))
+    """A 127.0.0.1 address whose connects hang (a vanished node's)."""
+    with full_listener() as (_, port):
         yield f"127.0.0.1:{port}"
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
 
 
 def _peer_source(member: str, rx: Receiver, timeout: float) -> tuple[peers_mod.PeerSource, Metrics]:
@@ -354,6 +339,21 @@ def test_a_peer_that_never_accepts_frees_its_thread_when_peer_timeout_gives_up()
         asyncio.run(main(member))
 
 
+def _chunk_answer(body: bytes, digest: str, after: float = 0.0):
+    """A peer's answer to one chunk request: `body` with this xxh3 header, `after` seconds late."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(after)
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{peers_mod.XXH3_HEADER}: {digest}\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        writer.close()
+
+    return answer
+
+
 def test_a_peer_slow_to_answer_is_waited_for_up_to_peer_timeout():
     """An owner filling through answers late (its fill waits for a slot behind its readers):
     the fetch gives up after `peer_timeout`, as aiohttp's total timeout did before 4f76dd5, not
@@ -361,17 +361,8 @@ def test_a_peer_slow_to_answer_is_waited_for_up_to_peer_timeout():
     body = os.urandom(MiB)
     digest = f"{peers_mod.xxhash.xxh3_64_intdigest(body):016x}"
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")
-            await asyncio.sleep(1.5)
-            head = f"HTTP/1.1 200 OK\r\nContent-Length: {MiB}\r\n{peers_mod.XXH3_HEADER}: {digest}\r\n\r\n"
-            writer.write(head.encode() + body)
-            await writer.drain()
-        writer.close()
-
     async def main() -> None:
-        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        server = await asyncio.start_server(_chunk_answer(body, digest, after=1.5), "127.0.0.1", 0)
         rx = Receiver(threads=2, keep_buffers=1, connect_timeout=0.5, read_timeout=0.5)
         src, m = _peer_source(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", rx, 10.0)
         try:
@@ -389,16 +380,8 @@ def test_a_chunk_that_fails_its_xxh3_gives_its_buffer_back():
     a failed task); the receiver's buffer the chunk arrived in must not be kept with it."""
     body = os.urandom(MiB)
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")
-            head = f"HTTP/1.1 200 OK\r\nContent-Length: {MiB}\r\n{peers_mod.XXH3_HEADER}: {0:016x}\r\n\r\n"
-            writer.write(head.encode() + body)
-            await writer.drain()
-        writer.close()
-
     async def main() -> None:
-        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        server = await asyncio.start_server(_chunk_answer(body, f"{0:016x}"), "127.0.0.1", 0)
         rx = Receiver(threads=2, keep_buffers=1)
         src, m = _peer_source(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", rx, 10.0)
         try:

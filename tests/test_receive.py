@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MiB
+from conftest import MiB, full_listener
 
 from nodecache.upstream import UpstreamError
 from nodecache.upstream.receive import Buffers, Receiver
@@ -609,6 +609,17 @@ def test_a_body_announced_longer_than_its_range_is_read_without_waiting_for_more
     asyncio.run(main())
 
 
+async def _cancelled_and_cut(task: asyncio.Task, rx: Receiver, what: str) -> None:
+    """Cancel the request's task; its thread must be let go (its socket cut) within 5 s."""
+    t0 = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    while rx._busy:
+        assert time.monotonic() - t0 < 5, what
+        await asyncio.sleep(0.01)
+
+
 def test_a_request_cancelled_before_its_answer_is_cut_off():
     """A server that takes the request and never answers: the caller going away (a cancelled
     fill) cuts the connection at once, so the thread does not wait out the read timeout (with
@@ -624,13 +635,7 @@ def test_a_request_cancelled_before_its_answer_is_cut_off():
             while srv.connections == 0 or not rx._busy:
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.3)  # the thread waits for the status line
-            t0 = time.monotonic()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            while rx._busy:
-                assert time.monotonic() - t0 < 5, "the request waiting for its answer was not cut off"
-                await asyncio.sleep(0.01)
+            await _cancelled_and_cut(task, rx, "the request waiting for its answer was not cut off")
 
     asyncio.run(main())
 
@@ -639,39 +644,20 @@ def test_a_request_cancelled_in_its_connect_is_cut_off():
     """An address that drops SYNs (a node gone; here a listener whose accept queue is full): the
     caller going away cuts the connect at once, so the thread does not wait out the connect
     timeout."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
-    port = listener.getsockname()[1]
-    fillers = []
-    for _ in range(3):  # the queue of a backlog-0 listener holds one; then SYNs are dropped
-        s = socket.socket()
-        s.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            s.connect(("127.0.0.1", port))
-        fillers.append(s)
 
-    async def main() -> None:
+    async def main(port: int) -> None:
         rx = Receiver(threads=2, keep_buffers=1, connect_timeout=20.0, read_timeout=25.0)
         try:
             task = asyncio.create_task(_get(rx, f"http://127.0.0.1:{port}/blob", 0, 1000, 1000))
             while not rx._busy:  # the thread is in its connect
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.3)
-            t0 = time.monotonic()
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            while rx._busy:
-                assert time.monotonic() - t0 < 5, "the connect was not cut off"
-                await asyncio.sleep(0.01)
+            await _cancelled_and_cut(task, rx, "the connect was not cut off")
         finally:
             await rx.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
+    with full_listener() as (_, port):
+        asyncio.run(main(port))
 
 
 def test_a_read_after_close_is_an_upstream_error():
@@ -700,17 +686,8 @@ def test_a_connection_made_after_close_is_not_used():
     """A connect under way when the receiver closes ends the request (cut, or at the latest once it
     is made), rather than send it and wait out the read timeout for an answer. The connect is
     held by a listener whose accept queue is full."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
-    port = listener.getsockname()[1]
-    fillers = []
-    for _ in range(3):  # the queue of a backlog-0 listener holds one; then SYNs are dropped
-        s = socket.socket()
-        s.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            s.connect(("127.0.0.1", port))
-        fillers.append(s)
 
-    async def main() -> None:
+    async def main(listener: socket.socket, port: int) -> None:
         rx = Receiver(threads=2, keep_buffers=1, connect_timeout=20.0, read_timeout=25.0)
         task = asyncio.create_task(_get(rx, f"http://127.0.0.1:{port}/blob", 0, 1000, 1000))
         while not rx._busy:  # the thread is in its connect
@@ -736,12 +713,8 @@ def test_a_connection_made_after_close_is_not_used():
             for s in accepted:
                 s.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
+    with full_listener() as (listener, port):
+        asyncio.run(main(listener, port))
 
 
 def test_credentials_in_the_url_are_sent_as_basic_auth():
