@@ -9,7 +9,8 @@ for the range with `http.client` and reads each chunk-sized part with one
 buffer a previous part used, whose pages are already touched (a fresh page
 costs this VM more than the copy into it). The loop wakes once per part.
 
-Only the data requests of a source come here; metadata stays on the shared
+Only data requests come here: the chunk ranges of an HTTP upstream (the Hub's
+CDN, an http(s) source) and a peer's chunks; metadata stays on the shared
 aiohttp session. Like that session: no proxies from the environment, TLS
 verified with the system's defaults, no redirect followed unasked (the
 caller decides where a redirect may go and what it sends there), a URL's
@@ -280,7 +281,7 @@ class _Caller:
 
 
 class Receiver:
-    """Data requests of the upstreams: kept-alive connections per origin, threads to read them."""
+    """Data requests of the upstreams and the peers: kept-alive connections per origin, threads to read them."""
 
     def __init__(
         self,
