@@ -29,12 +29,23 @@ from nodecache.testing.hub import Fault
 # ---- the slots (pure asyncio) ----------------------------------------------------------------
 
 
+async def _held(slots: Slots, n: int) -> list:
+    """n background tickets, each granted a slot (within a second)."""
+    held = [slots.ticket(BACKGROUND) for _ in range(n)]
+    for t in held:
+        await asyncio.wait_for(slots.acquire(t), 1)
+    return held
+
+
+def _release(slots: Slots, *tickets) -> None:
+    for t in tickets:
+        slots.release(t)
+
+
 def test_readers_go_first_and_background_never_takes_the_reserve():
     async def main() -> None:
         slots = Slots(4, 1)
-        held = [slots.ticket(BACKGROUND) for _ in range(3)]
-        for t in held:
-            await slots.acquire(t)
+        held = await _held(slots, 3)
         late_bg = slots.ticket(BACKGROUND)
         bg = asyncio.ensure_future(slots.acquire(late_bg))
         await asyncio.sleep(0)
@@ -53,8 +64,7 @@ def test_readers_go_first_and_background_never_takes_the_reserve():
         assert bg.done() and not waits[0].done(), "the promoted ticket went before read-ahead"
         waits[0].cancel()
         await asyncio.gather(waits[0], return_exceptions=True)
-        for t in (held[2], late_bg, reader, reader2):
-            slots.release(t)
+        _release(slots, held[2], late_bg, reader, reader2)
         assert slots.used == 0 and slots._waiting == []
 
     asyncio.run(main())
@@ -83,9 +93,7 @@ def test_the_reserve_is_lent_while_nobody_reads_and_taken_back_at_once_by_a_read
     async def main() -> None:
         reading = False
         slots = Slots(4, 1, readers=lambda: reading)
-        held = [slots.ticket(BACKGROUND) for _ in range(4)]
-        for t in held:
-            await asyncio.wait_for(slots.acquire(t), 1)  # all four: nobody reads
+        held = await _held(slots, 4)  # all four: nobody reads
         assert slots.lent == 1
         reading = True  # a reader opens a blob: the lent slot is its own again, at once
         reader, reader2, bg = slots.ticket(DEMAND), slots.ticket(DEMAND), slots.ticket(BACKGROUND)
@@ -106,8 +114,7 @@ def test_the_reserve_is_lent_while_nobody_reads_and_taken_back_at_once_by_a_read
         slots.release(reader)
         await asyncio.sleep(0)
         assert waits[0].done()
-        for t in (held[3], reader2, bg):
-            slots.release(t)
+        _release(slots, held[3], reader2, bg)
         assert slots.used == 0
 
     asyncio.run(main())
@@ -117,9 +124,7 @@ def test_waiting_fills_take_the_reserve_as_soon_as_the_last_reader_leaves():
     async def main() -> None:
         reading = True
         slots = Slots(4, 1, readers=lambda: reading)
-        held = [slots.ticket(BACKGROUND) for _ in range(3)]
-        for t in held:
-            await slots.acquire(t)
+        held = await _held(slots, 3)
         late = slots.ticket(BACKGROUND)
         waiting = asyncio.ensure_future(slots.acquire(late))
         await asyncio.sleep(0)
@@ -127,8 +132,7 @@ def test_waiting_fills_take_the_reserve_as_soon_as_the_last_reader_leaves():
         reading = False
         slots.wake()  # what the fill path calls when the last reader lets go (no slot was released)
         await asyncio.wait_for(waiting, 1)
-        for t in (*held, late):
-            slots.release(t)
+        _release(slots, *held, late)
         assert slots.used == 0
 
     asyncio.run(main())
@@ -138,17 +142,14 @@ def test_the_fill_path_wakes_the_slots_when_the_last_reader_lets_go(tmp_path):
     async def main(filler: Filler) -> None:
         slots = filler.chunks.slots
         filler.hold("b1")
-        held = [slots.ticket(BACKGROUND) for _ in range(3)]
-        for t in held:
-            await slots.acquire(t)
+        held = await _held(slots, 3)
         late = slots.ticket(BACKGROUND)
         waiting = asyncio.ensure_future(slots.acquire(late))
         await asyncio.sleep(0)
         assert not waiting.done()
         filler.release("b1")  # the last open handle closes
         await asyncio.wait_for(waiting, 1)  # on the old code: until some other request ended
-        for t in (*held, late):
-            slots.release(t)
+        _release(slots, *held, late)
 
     index = Index(tmp_path / "index", map_size=64 * MiB)
     store = Store(tmp_path / "cache", index)
