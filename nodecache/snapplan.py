@@ -85,20 +85,14 @@ def shard_order(raw: bytes) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def weight_order(files: list[FileEntry], opened: str, indexes: dict[str, bytes]) -> list[FileEntry]:
-    """The opened weight file's siblings, in the order a loader reads them, starting after the opened one.
+def siblings(files: list[FileEntry], opened: str, indexes: dict[str, bytes]) -> tuple[list[FileEntry], list[FileEntry]]:
+    """The opened weight file's siblings in loader order: those after it (what the loader reads
+    next), and those before it (read already, if the loader started at the first; a fill takes
+    them last).
 
     Siblings are the files an index beside it lists together with it, else
     the shards of the same `stem-NNNNN-of-MMMMM.ext` series (name order).
-    Those before the opened one come last.
     """
-    after, before = siblings(files, opened, indexes)
-    return after + before
-
-
-def siblings(files: list[FileEntry], opened: str, indexes: dict[str, bytes]) -> tuple[list[FileEntry], list[FileEntry]]:
-    """The opened weight file's siblings in loader order: those after it (what the loader reads
-    next), and those before it (read already, if the loader started at the first)."""
     folder, name = posixpath.split(opened)
     by_name = {posixpath.basename(f.path): f for f in files if posixpath.dirname(f.path) == folder}
     order: list[str] = []

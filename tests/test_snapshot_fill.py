@@ -17,7 +17,7 @@ from conftest import MiB, in_page_cache, need_direct_io, snapshot_dir, verified,
 from safetensors.numpy import save_file
 
 from nodecache.layout import FileEntry
-from nodecache.snapplan import index_files, opened_in, read_ahead, shard_order, small_files, weight_order
+from nodecache.snapplan import index_files, opened_in, read_ahead, shard_order, siblings, small_files
 
 SHARDED = "org/sharded"
 C = "a" * 40
@@ -37,6 +37,12 @@ def test_opened_in_names_the_repo_and_the_snapshot_if_it_was_opened_by_its_path(
         assert opened_in(bad) is None, bad
 
 
+def _fill_order(files: list[FileEntry], opened: str, indexes: dict[str, bytes]) -> list[FileEntry]:
+    """The siblings in the order the snapshot fill takes them: after the opened one, then before it."""
+    after, before = siblings(files, opened, indexes)
+    return after + before
+
+
 def test_siblings_follow_the_index_order_starting_after_the_opened_shard():
     shards = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
     files = [_entry(s, 100 * MiB) for s in shards]
@@ -46,13 +52,13 @@ def test_siblings_follow_the_index_order_starting_after_the_opened_shard():
     index = {"weight_map": {"a": shards[2], "b": shards[0], "c": shards[2], "d": shards[3], "e": shards[1]}}
     raw = json.dumps(index).encode()
     assert shard_order(raw) == [shards[2], shards[0], shards[3], shards[1]]
-    got = weight_order(files, shards[2], {"model.safetensors.index.json": raw})
+    got = _fill_order(files, shards[2], {"model.safetensors.index.json": raw})
     assert [f.path for f in got] == [shards[0], shards[3], shards[1]], "after the opened one, index order"
-    got = weight_order(files, shards[0], {"model.safetensors.index.json": raw})
+    got = _fill_order(files, shards[0], {"model.safetensors.index.json": raw})
     assert [f.path for f in got] == [shards[3], shards[1], shards[2]], "wraps around to those before it"
     # Without an index: the same series in name order; other formats and precisions never.
-    assert [f.path for f in weight_order(files, shards[1], {})] == [shards[2], shards[3], shards[0]]
-    assert weight_order(files, "pytorch_model.bin", {"model.safetensors.index.json": raw}) == []
+    assert [f.path for f in _fill_order(files, shards[1], {})] == [shards[2], shards[3], shards[0]]
+    assert _fill_order(files, "pytorch_model.bin", {"model.safetensors.index.json": raw}) == []
     # Small files: root and the opened file's folder, no weights, smallest first; indexes among them.
     assert [f.path for f in small_files(files, shards[0])] == [
         "config.json",
@@ -68,7 +74,7 @@ def test_siblings_follow_the_index_order_starting_after_the_opened_shard():
 def test_a_malformed_index_means_name_order(raw):
     assert shard_order(raw) == []
     files = [_entry(f"m-0000{i}-of-00003.safetensors") for i in (1, 2, 3)]
-    got = weight_order(files, "m-00001-of-00003.safetensors", {"m.safetensors.index.json": raw})
+    got = _fill_order(files, "m-00001-of-00003.safetensors", {"m.safetensors.index.json": raw})
     assert [f.path for f in got] == ["m-00002-of-00003.safetensors", "m-00003-of-00003.safetensors"]
 
 
