@@ -18,7 +18,6 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import xxhash
 from aiohttp import web
 
 from .auth import check_bearer
@@ -29,7 +28,7 @@ from .fill import Filler
 from .index import BlobRecord, Index
 from .layout import COMMIT_RE, RepoSpec, validate_blob_id, validate_repo_id, validate_repo_type
 from .metrics import Metrics
-from .peers import XXH3_HEADER, Membership, Peers, RateLimit, rank
+from .peers import XXH3_HEADER, Membership, Peers, RateLimit, rank, xxh3_of
 from .slicebuf import read_slice
 from .store import Store
 
@@ -127,7 +126,7 @@ def add_routes(app: web.Application, node: PeerFace) -> None:
                 held = None
         body = data if held is None else held.view
         size = len(body)
-        digest = f"{xxhash.xxh3_64_intdigest(body):016x}"
+        digest = xxh3_of([body])
         await pacer.take(size)
         resp = web.StreamResponse(headers={XXH3_HEADER: digest, "Content-Type": "application/octet-stream"})
         resp.content_length = size

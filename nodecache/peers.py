@@ -168,8 +168,8 @@ class PeerSource(PiecewiseSource):
         stage = "unreachable"  # what a failure is counted as: refused, reset or silent before the status line
         try:
             async with asyncio.timeout(self.timeout), self.receiver.get(url, headers, self.timeout) as resp:
-                stage = "missing" if self.local_only else "error"
                 if resp.status == 404 and self.local_only:
+                    stage = "missing"
                     raise NotFound(f"{self.name} does not have chunk {chunk}")
                 stage = "error"
                 if resp.status != 200:
