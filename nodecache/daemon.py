@@ -86,7 +86,9 @@ class Daemon:
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False)
         # Chunk bodies are received in threads (upstream/receive.py): two per fetch slot, so a
         # slow stream never keeps another waiting; buffers for each slot's part and the next.
-        self.receiver = Receiver(threads=2 * cfg.parallel_total, keep_buffers=2 * cfg.parallel_total)
+        self.receiver = Receiver(
+            threads=2 * cfg.parallel_total, keep_buffers=2 * cfg.parallel_total, chained=m.upstream_chained.inc
+        )
         self.upstream = HfUpstream(cfg.hub_url, self.session, m, token=cfg.hub_token, receiver=self.receiver)
         self.sources = build_sources(cfg, self.session, m, self.upstream)  # per-repo chains (issue 6)
         self.membership = Membership(cfg.me, cfg.peers, cfg.peers_dns)

@@ -34,6 +34,11 @@ class Metrics:
         self.upstream_requests = Counter(
             p + "upstream_requests", "Upstream HTTP requests, by status code.", ["code"], registry=r
         )
+        self.upstream_chained = Counter(
+            p + "upstream_requests_chained",
+            "Data requests sent on a connection as soon as its previous range was read (receive.py).",
+            registry=r,
+        )
         self.verify_failures = Counter(
             p + "verify_failures", "Blobs or chunks that failed verification.", ["source"], registry=r
         )

@@ -770,3 +770,200 @@ def test_kept_connections_are_closed_with_the_buffers_once_idle(monkeypatch):
             assert not any(rx._idle.values())
 
     asyncio.run(main())
+
+
+def _holds_the_end(body: bytes, release: asyncio.Event, after: bytes = b"", end: bool = False):
+    """An answer that sends the first range asked all but its last 100 bytes, then waits for
+    `release` and sends them (followed by `after`; `end`: closes the connection instead);
+    later ranges whole. Logs each range asked."""
+    asked: list[tuple[int, int]] = []
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        asked.append((a, b))
+        if len(asked) > 1:
+            writer.write(_partial(body, a, b) + body[a:b])
+            await writer.drain()
+            return True
+        writer.write(_partial(body, a, b) + body[a : b - 100])
+        await writer.drain()
+        await release.wait()
+        if end:
+            return False
+        writer.write(body[b - 100 : b] + after)
+        await writer.drain()
+        return True
+
+    answer.asked = asked
+    return answer
+
+
+async def _registered(resp) -> None:
+    """Until a follow-up is registered on `resp` (at the follow-up's first step), within 10 s."""
+    t0 = time.monotonic()
+    while resp.follow_up is None:
+        assert time.monotonic() - t0 < 10, "the request was not made the response's follow-up"
+        await asyncio.sleep(0.001)
+
+
+async def _first_then_follow_up(rx: Receiver, srv: Server, body: bytes, release: asyncio.Event):
+    """Read [0, 1 MiB) whole as one part; once its end is on its way, ask [1 MiB, 2 MiB) (the
+    follow-up), then release the first body's end. Returns (the first's part or its error,
+    the follow-up's task, the first's response)."""
+    ending = asyncio.Event()
+    async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
+        parts = resp.parts(0, MiB, MiB, ending.set)
+        first = asyncio.ensure_future(anext(parts))
+        await asyncio.wait_for(ending.wait(), 10)
+        follow = asyncio.ensure_future(_get(rx, srv.url, MiB, 2 * MiB, MiB))
+        await _registered(resp)
+        release.set()
+        try:
+            got = bytes((await first)[0])
+        except UpstreamError as e:
+            got = e
+        await parts.aclose()
+    return got, follow, resp
+
+
+def test_a_request_asked_while_a_body_ends_goes_out_on_its_connection():
+    """The follow-up is sent on the connection the moment the body before it is read (no new
+    connection, no wait for the loop to give it back), and both answers are exact."""
+    body = os.urandom(2 * MiB)
+    release = asyncio.Event()
+    answer = _holds_the_end(body, release)
+    chained = []
+
+    async def main() -> None:
+        async with serving(answer, chained=lambda: chained.append(1)) as (srv, rx):
+            got, follow, _ = await _first_then_follow_up(rx, srv, body, release)
+            assert got == body[:MiB]
+            assert (await follow) == (206, [body[MiB:]])
+            assert answer.asked == [(0, MiB), (MiB, 2 * MiB)]
+            assert srv.connections == 1 and chained == [1], "the follow-up went out on the same connection"
+            assert sum(map(len, rx._idle.values())) == 1, "then the connection went back to the pool"
+
+    asyncio.run(main())
+
+
+def test_a_follow_up_whose_connection_fails_is_asked_on_another():
+    """The body before it breaks (the server closes the connection short of its end): the
+    first read fails, the follow-up is asked as an ordinary request, on a new connection."""
+    body = os.urandom(2 * MiB)
+    release = asyncio.Event()
+    answer = _holds_the_end(body, release, end=True)
+    chained = []
+
+    async def main() -> None:
+        async with serving(answer, chained=lambda: chained.append(1)) as (srv, rx):
+            got, follow, _ = await _first_then_follow_up(rx, srv, body, release)
+            assert isinstance(got, UpstreamError)
+            assert (await follow) == (206, [body[MiB:]])
+            assert srv.connections == 2 and chained == []
+
+    asyncio.run(main())
+
+
+def test_a_follow_up_is_not_sent_where_bytes_are_left_after_the_body():
+    """Stray bytes behind the body (a forged answer to the range asked next, longer than any
+    read-ahead buffer): the connection is not the follow-up's; it goes out on a new one and
+    its answer is the server's, not the stray one."""
+    body = os.urandom(2 * MiB)
+    release = asyncio.Event()
+    forged = _partial(body, MiB, 2 * MiB) + b"F" * MiB
+    answer = _holds_the_end(body, release, after=forged)
+    chained = []
+
+    async def main() -> None:
+        async with serving(answer, chained=lambda: chained.append(1)) as (srv, rx):
+            got, follow, _ = await _first_then_follow_up(rx, srv, body, release)
+            assert got == body[:MiB]
+            assert (await follow) == (206, [body[MiB:]]), "the stray bytes were taken for the answer"
+            assert srv.connections == 2 and chained == []
+
+    asyncio.run(main())
+
+
+def test_a_follow_up_whose_caller_left_is_never_sent():
+    """The follow-up's caller is cancelled before the body ends: nothing is sent for it, and the
+    connection, read to its end, goes back to the pool and serves the next request."""
+    body = os.urandom(2 * MiB)
+    release = asyncio.Event()
+    answer = _holds_the_end(body, release)
+
+    async def main() -> None:
+        async with serving(answer) as (srv, rx):
+            ending = asyncio.Event()
+            async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
+                parts = resp.parts(0, MiB, MiB, ending.set)
+                first = asyncio.ensure_future(anext(parts))
+                await asyncio.wait_for(ending.wait(), 10)
+                follow = asyncio.ensure_future(_get(rx, srv.url, MiB, 2 * MiB, MiB))
+                await _registered(resp)
+                follow.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await follow
+                release.set()
+                assert bytes((await first)[0]) == body[:MiB]
+                await parts.aclose()
+            assert answer.asked == [(0, MiB)], "a request was sent for a caller that had left"
+            assert sum(map(len, rx._idle.values())) == 1
+            assert (await _get(rx, srv.url, MiB, 2 * MiB, MiB)) == (206, [body[MiB:]])
+            assert srv.connections == 1
+
+    asyncio.run(main())
+
+
+def test_a_follow_up_of_a_response_closed_early_is_asked_on_another_connection():
+    """The caller of the first response leaves while its end is being read (a cancelled fill):
+    that connection is cut and closed as before; its follow-up is asked as an ordinary request."""
+    body = os.urandom(2 * MiB)
+    release = asyncio.Event()
+    answer = _holds_the_end(body, release)
+
+    async def main() -> None:
+        async with serving(answer) as (srv, rx):
+            ending = asyncio.Event()
+            async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
+                parts = resp.parts(0, MiB, MiB, ending.set)
+                first = asyncio.ensure_future(anext(parts))
+                await asyncio.wait_for(ending.wait(), 10)
+                follow = asyncio.ensure_future(_get(rx, srv.url, MiB, 2 * MiB, MiB))
+                await _registered(resp)
+                first.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await first
+            assert (await asyncio.wait_for(follow, 10)) == (206, [body[MiB:]])
+            assert srv.connections == 2
+            release.set()
+
+    asyncio.run(main())
+
+
+def test_a_follow_up_waiting_at_close_ends_with_an_error():
+    """The receiver closes (the daemon stops) while a follow-up waits for its connection: the
+    body before it is cut, and the follow-up's caller gets an UpstreamError at once, rather
+    than wait for an answer nobody will ask for."""
+    body = os.urandom(2 * MiB)
+    release = asyncio.Event()
+    answer = _holds_the_end(body, release)
+
+    async def main() -> None:
+        async with serving(answer) as (srv, rx):
+            ending = asyncio.Event()
+            async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
+                parts = resp.parts(0, MiB, MiB, ending.set)
+                first = asyncio.ensure_future(anext(parts))
+                await asyncio.wait_for(ending.wait(), 10)
+                follow = asyncio.ensure_future(_get(rx, srv.url, MiB, 2 * MiB, MiB))
+                await _registered(resp)
+                await rx.close()
+                with pytest.raises(UpstreamError):
+                    await asyncio.wait_for(first, 10)
+                with pytest.raises(UpstreamError):
+                    await asyncio.wait_for(follow, 10)
+                await parts.aclose()
+            release.set()
+            assert answer.asked == [(0, MiB)]
+
+    asyncio.run(main())

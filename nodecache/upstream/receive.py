@@ -15,6 +15,17 @@ aiohttp session. Like that session: no proxies from the environment, TLS
 verified with the system's defaults, no redirect followed unasked (the
 caller decides where a redirect may go and what it sends there), a URL's
 `user:password@` sent as Basic auth and shown in no message.
+
+A connection goes on to its next request as soon as its body is read to its
+end, from the thread that read it (as curl does): at a per-connection cap
+every loop hop between one range's end and the next range's request is a
+connection's bandwidth lost (20-45 ms per 8 MiB range, issue 16). A caller
+that streams a range may pass `ending` to `parts`: it is called on the loop
+when the range's last bytes are being read, and a request of the same origin
+asked then is sent on that connection the moment it is free (a follow-up),
+never beside it on a new one. Whatever goes wrong first (the body fails, bytes
+are left on the connection, the follow-up's caller leaves) makes it an
+ordinary request.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from urllib.parse import unquote, urlsplit
@@ -41,6 +52,7 @@ from .sourcespec import shown_url
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _SMALL_BODY = 64 * 1024  # a redirect's or an error's body is read (to reuse the connection) up to this
 LOWAT = 256 * 1024  # bytes a paced stream gathers per socket read
+ENDING = 2 * 1024 * 1024  # `ending` is called when the read of a range's last quarter, at most this, starts
 _IDLE = 10.0  # seconds without a part before the kept buffers and connections are let go
 # Errors of a request, whatever the layer: socket, TLS, HTTP framing, a URL http.client refuses.
 _FAILURES = (OSError, http.client.HTTPException, ValueError)
@@ -109,15 +121,23 @@ class Response:
 
     def __init__(self, receiver: Receiver, conn: _Conn, resp: http.client.HTTPResponse):
         self._receiver, self._conn, self._resp = receiver, conn, resp
+        self._origin = conn.origin
         self.status: int = resp.status
         self.headers: Mapping[str, str] = resp.headers
         self._reading: Future | None = None  # a part being read in a thread
         self._whole = False  # the body was read to its end: the connection can serve another request
+        self._gone = False  # the connection went on from the reading thread (a follow-up, the pool)
+        self._closing = False  # closed on the loop: its connection goes nowhere else (Receiver._lock)
+        self.follow_up: _FollowUp | None = None  # asked while the last bytes are read (Receiver._lock)
 
-    async def parts(self, start: int, end: int, piece: int) -> AsyncIterator[list[memoryview]]:
+    async def parts(
+        self, start: int, end: int, piece: int, ending: Callable[[], None] | None = None
+    ) -> AsyncIterator[list[memoryview]]:
         """Exactly bytes [start, end) of the body as `piece`-sized parts (the last may be shorter),
         each a one-buffer list. A 206 must carry the Content-Range asked for; a 200 (a server
-        that ignores Range) is read only up to `end`, never whole."""
+        that ignores Range) is read only up to `end`, never whole. `ending()` is called on the
+        loop when the last bytes of a body that ends with the range are being read: a request
+        to the same origin asked from then on is sent on this connection as soon as it is free."""
         if self.status == 206:
             m = _CONTENT_RANGE.fullmatch(self.headers.get("Content-Range", ""))
             if not m or int(m[1]) != start or int(m[2]) != end - 1:
@@ -128,13 +148,21 @@ class Response:
         else:
             raise UpstreamError(f"HTTP {self.status}")
         pool = self._receiver.buffers
+        near = None
+        if ending is not None:
+            loop = asyncio.get_running_loop()
+            conn = self._conn
+            near = _Near(lambda: self._receiver.ending(self, conn, loop, ending), min(ENDING, (end - start) // 4))
         pos = start
         while pos < end:
             size = min(piece, end - pos)
             buf = pool.take(size)
             self._receiver.used()
             more = end - pos - size  # bytes of the range after this part
-            self._reading = self._receiver.submit(_read_into, self._conn, self._resp, buf, size, skip, more)
+            last = self._receiver.last_part if not more else None
+            self._reading = self._receiver.submit(
+                _read_into, self._conn, self._resp, buf, size, skip, more, near if last else None, last, self
+            )
             try:
                 got = await asyncio.wrap_future(self._reading)
             except BaseException as e:
@@ -161,7 +189,7 @@ class Response:
         """The connection goes back to the pool if its body was read to the end, else it is closed;
         a part still being read is cut off (its thread's read returns, then the connection closes)."""
         conn, self._conn = self._conn, None
-        if conn is None:
+        if conn is None or not self._receiver.closing(self):
             return
         reading = self._reading
         if reading is not None and not reading.done():
@@ -173,25 +201,45 @@ class Response:
             self._receiver.discard(conn)
 
 
-def _read_into(conn: _Conn, resp: http.client.HTTPResponse, buf: mmap.mmap, size: int, skip: int, more: int) -> int:
+def _read_into(
+    conn: _Conn,
+    resp: http.client.HTTPResponse,
+    buf: mmap.mmap,
+    size: int,
+    skip: int,
+    more: int,
+    near: _Near | None = None,
+    last: Callable[[Response, _Conn, bool], None] | None = None,
+    response: Response | None = None,
+) -> int:
     """In a thread: skip `skip` bytes, then read `size` into buf (`more` are wanted after them);
-    fewer only at the body's end."""
+    fewer only at the body's end. `near`: called once when the body's last bytes are being read;
+    `last(response, conn, whole)`: called when the range's last part is read (or failed), before the
+    part is handed over, so the connection goes on from here."""
+    whole = False
     try:
-        with memoryview(buf) as whole:
+        with memoryview(buf) as mem:
             while skip:
-                n = min(skip, len(whole))
-                n = _read_batched(conn, resp, whole[:n], skip - n + size + more)
+                n = min(skip, len(mem))
+                n = _read_batched(conn, resp, mem[:n], skip - n + size + more)
                 if not n:
                     return 0
                 skip -= n
-            with whole[:size] as view:
-                return _read_batched(conn, resp, view, more)
+            with mem[:size] as view:
+                got = _read_batched(conn, resp, view, more, near)
+        whole = resp.isclosed() and resp.length == 0 and not resp.will_close  # (0: not cut short)
+        return got
     except BaseException:
         buf = None  # the traceback the future keeps must not keep the buffer from the pool
         raise
+    finally:
+        if last is not None and response is not None:
+            last(response, conn, whole)
 
 
-def _read_batched(conn: _Conn, resp: http.client.HTTPResponse, view: memoryview, more: int) -> int:
+def _read_batched(
+    conn: _Conn, resp: http.client.HTTPResponse, view: memoryview, more: int, near: _Near | None = None
+) -> int:
     """Fill `view` (fewer bytes only at the body's end) with few readinto calls, each looping over
     the socket in C without the GIL. While the body has well over LOWAT bytes to come, the socket
     reports itself readable only once LOWAT bytes are queued (SO_RCVLOWAT): a paced stream
@@ -209,11 +257,24 @@ def _read_batched(conn: _Conn, resp: http.client.HTTPResponse, view: memoryview,
             conn.mark(LOWAT)
         else:
             conn.mark(1)
+        if near is not None and rest is not None and rest == resp.length:  # the body ends with the view
+            if rest <= near.lead:
+                near.call()
+                near = None
+            else:
+                batch = min(batch, rest - near.lead)
         n = resp.readinto(view[got : got + batch])
         if not n:
             break
         got += n
     return got
+
+
+class _Near:
+    """What to call once a body has `lead` bytes or fewer left to read."""
+
+    def __init__(self, call: Callable[[], None], lead: int):
+        self.call, self.lead = call, lead
 
 
 class _Conn:
@@ -280,6 +341,14 @@ class _Caller:
                 self._conn.cut()
 
 
+class _FollowUp:
+    """A request waiting for a connection whose body is being read to its end."""
+
+    def __init__(self, target: str, headers: dict[str, str], caller: _Caller, timeout: float | None):
+        self.target, self.headers, self.caller, self.timeout = target, headers, caller, timeout
+        self.answer: Future = Future()  # (connection, response), as an ordinary request's
+
+
 class Receiver:
     """Data requests of the upstreams and the peers: kept-alive connections per origin, threads to read them."""
 
@@ -290,14 +359,18 @@ class Receiver:
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
         tls: ssl.SSLContext | None = None,
+        chained: Callable[[], None] = lambda: None,
     ):
+        """`chained()` is called (in a thread) for each request sent as a follow-up."""
         self.threads = ThreadPoolExecutor(threads, thread_name_prefix="nodecache-receive")
         self.buffers = Buffers(keep_buffers)
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._lock = threading.Lock()  # the two below: taken in threads, given back on the loop
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._busy: set[_Conn] = set()  # cut at close, so no thread waits out its read timeout
+        self._ending: dict[tuple[str, str, int], list[Response]] = {}  # last bytes being read, no follow-up yet
         self._tls = tls  # None: the system's trust store, made on first use
+        self._chained = chained
         self._trim: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -322,7 +395,9 @@ class Receiver:
             headers = {**headers, "Authorization": f"Basic {base64.b64encode(login).decode()}"}
         self.used()
         caller = _Caller()
-        asked = self.submit(self._request, origin, target, dict(headers), caller, timeout)
+        asked = self._follow(origin, _FollowUp(target, dict(headers), caller, timeout))
+        if asked is None:
+            asked = self.submit(self._request, origin, target, dict(headers), caller, timeout)
         try:
             conn, resp = await asyncio.wrap_future(asked)
         except asyncio.CancelledError:
@@ -346,6 +421,96 @@ class Receiver:
         except RuntimeError:  # the executor is shut down
             raise UpstreamError("the receiver is closed") from None
 
+    def _follow(self, origin: tuple[str, str, int], request: _FollowUp) -> Future | None:
+        """Make `request` the follow-up of a response of `origin` whose last bytes are being read;
+        None if there is none (it is then asked as an ordinary request)."""
+        with self._lock:
+            ending = self._ending.get(origin)
+            if not ending:
+                return None
+            response = ending.pop(0)
+            if not ending:
+                del self._ending[origin]
+            response.follow_up = request
+        return request.answer
+
+    def ending(
+        self, response: Response, conn: _Conn, loop: asyncio.AbstractEventLoop, ending: Callable[[], None]
+    ) -> None:
+        """In the reading thread: the body's last bytes are being read on `conn`. The response can
+        take a follow-up from now on; `ending` is called on the loop."""
+        with self._lock:
+            if self._closed or response._closing:
+                return
+            self._ending.setdefault(conn.origin, []).append(response)
+        with suppress(RuntimeError):  # the loop is closed: nobody asks any more
+            loop.call_soon_threadsafe(ending)
+
+    def last_part(self, response: Response, conn: _Conn, whole: bool) -> None:
+        """In the reading thread, once the range's last part is read (`whole`: to the body's end on a
+        connection that stays open) or failed: the connection goes on from here, to the follow-up
+        asked meanwhile or back to the pool; a follow-up it cannot take is asked as usual."""
+        with self._lock:
+            whole = whole and not response._closing  # closed meanwhile: the loop cuts and closes it
+            ending = self._ending.get(conn.origin, [])
+            if response in ending:
+                ending.remove(response)
+                if not ending:
+                    del self._ending[conn.origin]
+            follow, response.follow_up = response.follow_up, None
+            response._gone = whole  # the close on the loop leaves the connection alone
+        if whole and not conn.quiet():
+            self.discard(conn)  # bytes the next request would take for its answer, or a close
+            whole = False
+        if follow is None:
+            if whole:
+                self.put_back(conn)
+            return
+        if follow.answer.cancelled() or follow.caller.left:
+            follow.answer.cancel()
+            if whole:
+                self.put_back(conn)
+            return
+        given = conn if whole else None
+        try:
+            job = self.submit(self._answer, conn.origin, follow, given)
+        except UpstreamError:
+            self._unsent(follow, given)
+        else:  # cancelled unstarted by the close: its caller must not wait for it forever
+            job.add_done_callback(lambda job: job.cancelled() and self._unsent(follow, given))
+
+    def _unsent(self, follow: _FollowUp, conn: _Conn | None) -> None:
+        """A follow-up the closed receiver will not send: its caller gets an error."""
+        if conn is not None:
+            self.discard(conn)
+        if follow.answer.set_running_or_notify_cancel():
+            follow.answer.set_exception(OSError("the receiver is closed"))
+
+    def closing(self, response: Response) -> bool:
+        """On the loop, as a response closes: whether its connection is still its own (not gone on
+        from its reading thread); from now on it goes nowhere else."""
+        with self._lock:
+            response._closing = True
+            ending = self._ending.get(response._origin, [])
+            if response in ending:
+                ending.remove(response)
+            return not response._gone
+
+    def _answer(self, origin: tuple[str, str, int], follow: _FollowUp, conn: _Conn | None) -> None:
+        """In a thread: a follow-up sent on `conn` (None: as an ordinary request), its answer set."""
+        if not follow.answer.set_running_or_notify_cancel():  # its caller left before it was sent
+            if conn is not None:
+                self.put_back(conn)
+            return
+        if conn is not None:
+            self._chained()
+        try:
+            follow.answer.set_result(
+                self._request(origin, follow.target, follow.headers, follow.caller, follow.timeout, conn)
+            )
+        except BaseException as e:
+            follow.answer.set_exception(e)
+
     def _orphaned(self, asked: Future) -> None:
         """A request whose caller was cancelled: close its connection once it is answered."""
         if not asked.cancelled() and asked.exception() is None:
@@ -358,10 +523,12 @@ class Receiver:
         headers: dict[str, str],
         caller: _Caller,
         timeout: float | None,
+        conn: _Conn | None = None,
     ):
-        """In a thread: send the request on a kept connection (once more on a new one if the server
-        had closed it meanwhile) and read the status and headers, unless the caller left."""
-        conn = self._take(origin)
+        """In a thread: send the request on `conn` or a kept connection (once more on a new one if
+        the server had closed it meanwhile) and read the status and headers, unless the caller left."""
+        if conn is None:
+            conn = self._take(origin)
         fresh = conn is None
         while True:
             if conn is None:
@@ -488,6 +655,7 @@ class Receiver:
         self.buffers.close()
         with self._lock:
             self._closed = True
+            self._ending.clear()
             idle, self._idle = self._idle, {}
             busy = list(self._busy)
         for conn in busy:
