@@ -18,7 +18,7 @@ from .chunks import Chunks, consume
 from .config import Config
 from .metrics import Metrics
 from .presence import BlobState
-from .slots import BACKGROUND
+from .slots import AHEAD, BACKGROUND
 from .upstream import PiecewiseSource, Source, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,10 @@ class BlobFills:
         await asyncio.shield(self.chunks.finish(st))
 
     async def _worker(self, st: BlobState, fill: _Fill) -> None:
-        # Pipelined: the next run is asked for once this one's bytes are off
-        # the wire, while its chunks are still being written and synced.
+        # Pipelined: the next run is asked for once this one's last bytes are
+        # on their way (a stream that can tell: the next request then goes out
+        # on the same connection as they are in), else once they are off the
+        # wire, while its chunks are still being written and synced.
         chunks = self.chunks
         writing: list[asyncio.Task] = []
         while claim := self._claim(st, fill.todo, len(fill.workers)):
@@ -101,10 +103,11 @@ class BlobFills:
             if not fill.todo:
                 fill.claimed.set()
             if source is not None:
-                tasks = self._start_run(st, run, source)
+                tasks, ending = self._start_run(st, run, source)
+                await ending.wait()
             else:
                 tasks = [chunks.get(st, run[0], demand=False, background=True)]
-            await chunks.off_the_wire((st.rec.blob_id, run[-1]), tasks[-1])
+                await chunks.off_the_wire((st.rec.blob_id, run[-1]), tasks[-1])
             for t in writing:
                 await t
             writing = tasks
@@ -143,33 +146,53 @@ class BlobFills:
             run.append(todo.popleft())
         return run, first
 
-    def _start_run(self, st: BlobState, run: list[int], source: Source) -> list[asyncio.Task]:
-        """Chunks run[0..] as one ranged GET from `source`; each chunk is its own coalesced task."""
+    def _start_run(self, st: BlobState, run: list[int], source: Source) -> tuple[list[asyncio.Task], asyncio.Event]:
+        """Chunks run[0..] as one ranged GET from `source`; each chunk is its own coalesced task.
+        The event is set once the run's last bytes are on their way or the run is over."""
         loop = asyncio.get_running_loop()
         handed = {k: loop.create_future() for k in run}
         tasks = [self.chunks.get(st, k, demand=False, handed=handed[k], background=True) for k in run]
-        pump = loop.create_task(self._pump(st, run, source, handed, tasks))
+        ending = asyncio.Event()
+        pump = loop.create_task(self._pump(st, run, source, handed, tasks, ending))
         self._pumps.add(pump)
-        pump.add_done_callback(lambda t: (self._pumps.discard(t), consume(t)))
-        return tasks
+        pump.add_done_callback(lambda t: (self._pumps.discard(t), ending.set(), consume(t)))
+        return tasks, ending
 
     async def _pump(
-        self, st: BlobState, run: list[int], source: Source, handed: dict, tasks: list[asyncio.Task]
+        self,
+        st: BlobState,
+        run: list[int],
+        source: Source,
+        handed: dict,
+        tasks: list[asyncio.Task],
+        ending: asyncio.Event,
     ) -> None:
         """Hand each chunk of the stream to its task as it arrives.
 
         At most two chunks of a run wait for their writes (bounded memory).
         If the stream breaks, the chunks not yet handed are fetched one by
-        one, with the usual retries and every source in order.
+        one, with the usual retries and every source in order. Once the
+        stream's last bytes are on their way, its slot is given back and
+        `ending` set: the worker's next run (or a reader, first) takes the
+        slot, and its request goes out on this connection as it frees.
         """
         start, end = st.chunk_range(run[0])[0], st.chunk_range(run[-1])[1]
         kind = source.kind
         i = 0
         keys = [(st.rec.blob_id, k) for k in run]
-        ticket = await self.chunks.take_slot(keys, BACKGROUND)
+        # A blob a reader has open goes before those nobody reads yet (the snapshot's next shards):
+        # its runs are queued for a slot a run ahead (a follow-up each), and so are theirs.
+        ticket = await self.chunks.take_slot(keys, AHEAD if self.chunks.is_open(st.rec.blob_id) else BACKGROUND)
+        slot = [ticket]  # given back once, at the stream's ending or its end
+
+        def give_back() -> None:
+            if slot:
+                self.chunks.give_slot(keys, slot.pop())
+            ending.set()
+
         self.metrics.fill_inflight.inc()
         try:
-            async with aclosing(source.stream(st.rec, start, end, st.rec.chunk_size)) as parts:
+            async with aclosing(source.stream(st.rec, start, end, st.rec.chunk_size, give_back)) as parts:
                 async for data in parts:
                     self.chunks.served(st.rec.blob_id, source)
                     fut = handed.pop(run[i])  # the chunk's task holds it; a buffer is held no longer than it
@@ -184,7 +207,7 @@ class BlobFills:
                      source.name, run[i] if i < len(run) else run[-1], e)  # fmt: skip
         finally:
             self.metrics.fill_inflight.dec()
-            self.chunks.give_slot(keys, ticket)
+            give_back()
             for fut in handed.values():
                 if not fut.done():
                     fut.set_result((None, kind))

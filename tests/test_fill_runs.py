@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BIG, MiB, in_page_cache, need_direct_io, sha256_file, snapshot_dir, verified, wait_until
+from conftest import BIG, MiB, counter, in_page_cache, need_direct_io, sha256_file, snapshot_dir, verified, wait_until
 
 from nodecache import directio
 from nodecache.blobfill import run_length
@@ -148,3 +148,26 @@ def test_buffers_are_private_anonymous_memory():
     rx = Buffers(keep=1)
     for buf in (directio.anonymous(5000), pool.take(MiB), rx.take(MiB)):
         assert perms(buf) == "rw-p" and len(buf) % 4096 == 0
+
+
+def test_a_fill_asks_each_next_run_on_the_connection_its_last_run_ends_on(hub, daemons, big_repo):
+    """At a per-connection cap every moment between one run's last byte and the next run's request
+    is that connection's bandwidth lost: once a run's last bytes are on their way its worker asks for
+    its next run, which goes out on the same connection as soon as they are in (receive.py)."""
+    d = daemons([BIG], env={"NODECACHE_PARALLEL_TOTAL": "5", "NODECACHE_READ_AHEAD_CHUNKS": "1"})  # 4 workers
+    weights = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
+    want = sha256_file(big_repo / "weights.bin")
+    hub.stats.reset()
+    hub.rate_limit_bps = 16 * MiB  # per response: a 1 MiB chunk takes ~60 ms
+    try:
+        with open(weights, "rb") as f:
+            assert f.read(8) == (big_repo / "weights.bin").read_bytes()[:8]
+        wait_until(lambda: verified(weights), "the whole blob filled and proven")
+    finally:
+        hub.rate_limit_bps = None
+    assert sha256_file(weights) == want
+    requests = len([r for r in hub.stats.ranges if r[0] == want])
+    chained = counter(d, "nodecache_upstream_requests_chained_total")
+    assert requests > 36, "the fill asked for its chunks in many requests"
+    # All but each worker's first request, the reader's chunk and its read-ahead (measured: 54 of 59).
+    assert chained >= 0.75 * requests, f"only {chained:.0f} of {requests} requests followed the run before"

@@ -59,9 +59,13 @@ class Source(Protocol):
 
         `background`: no reader waits for these bytes (a source that schedules, a peer, may let others first)."""
 
-    def stream(self, rec: BlobRecord, start: int, end: int, piece: int) -> AsyncIterator[list]:
+    def stream(
+        self, rec: BlobRecord, start: int, end: int, piece: int, ending: Callable[[], None] | None = None
+    ) -> AsyncIterator[list]:
         """Bytes [start, end) as consecutive `piece`-sized parts (lists of buffers); parts
-        already yielded are good even if the stream fails later."""
+        already yielded are good even if the stream fails later. `ending()`, if the source can
+        tell: the last bytes are on their way, and a request asked now may go out on the same
+        connection the moment they are in (receive.py); else it is not called."""
 
     async def close(self) -> None:
         """Release what the source holds (threads, clients); the shared HTTP session is not its own."""
@@ -81,7 +85,9 @@ class PiecewiseSource:
     async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes | list:
         raise NotImplementedError
 
-    async def stream(self, rec: BlobRecord, start: int, end: int, piece: int) -> AsyncIterator[list]:
+    async def stream(
+        self, rec: BlobRecord, start: int, end: int, piece: int, ending: Callable[[], None] | None = None
+    ) -> AsyncIterator[list]:
         for a in range(start, end, piece):
             data = await self.fetch(rec, a, min(a + piece, end), background=True)
             yield data if isinstance(data, list) else [data]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -126,7 +126,9 @@ class HfUpstream:
                 return pieces
         return []  # an empty range
 
-    async def stream(self, rec: BlobRecord, start: int, end: int, piece: int) -> AsyncIterator[list]:
+    async def stream(
+        self, rec: BlobRecord, start: int, end: int, piece: int, ending: Callable[[], None] | None = None
+    ) -> AsyncIterator[list]:
         """Bytes [start, end) of one ranged GET, as consecutive `piece`-sized parts (see `parts`).
 
         A background fill asks for several chunks at once: one request per
@@ -150,7 +152,7 @@ class HfUpstream:
                 if resp.status in (401, 403, 404):
                     raise NotFound(f"{rec.repo_id}/{rec.path}: HTTP {resp.status}")
                 try:
-                    async for pieces in resp.parts(start, end, piece):
+                    async for pieces in resp.parts(start, end, piece, ending):
                         self.metrics.upstream_bytes.labels(self.name).inc(sum(map(len, pieces)))
                         yield pieces
                 except UpstreamError as e:
