@@ -366,6 +366,7 @@ def run(args: argparse.Namespace) -> dict:
                         d.start()
                         cpu0 = common.proc_cpu_seconds(d.pid)
                         bytes0, t0 = hub.stats.data_bytes, time.monotonic()
+                        ranges0 = len(hub.stats.ranges)
                         with common.CpuMeter() as meter:
                             t = time.perf_counter()
                             job = common.http_post_json(f"{d.url}/v1/prefetch", {"repo": REPO})
@@ -375,6 +376,9 @@ def run(args: argparse.Namespace) -> dict:
                             raise RuntimeError(f"daemon prefetch ended {job['state']}: {job['error']}")
                         extra.update(
                             job_seconds=job["seconds"],
+                            # Requests sent as follow-ups (receive.py), of the data requests.
+                            data_requests=len(hub.stats.ranges) - ranges0,
+                            requests_chained=d.metric_values().get("nodecache_upstream_requests_chained_total", 0),
                             daemon_cpu_s=round(common.proc_cpu_seconds(d.pid) - cpu0, 2),
                             emulator_cpu_s=round(meter.own_cpu_s, 2),
                             machine_cpu_busy=round(meter.machine_busy, 2),
