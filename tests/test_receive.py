@@ -798,6 +798,21 @@ def _holds_the_end(body: bytes, release: asyncio.Event, after: bytes = b"", end:
     return answer
 
 
+_BODY = os.urandom(2 * MiB)  # what the follow-up tests' server serves
+
+
+def _held_end(**kw):
+    """(body, release, answer): `_holds_the_end` of _BODY with a release of its own."""
+    release = asyncio.Event()
+    return _BODY, release, _holds_the_end(_BODY, release, **kw)
+
+
+async def _cancelled(task: asyncio.Future) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def _registered(resp) -> None:
     """Until a follow-up is registered on `resp` (at the follow-up's first step), within 10 s."""
     t0 = time.monotonic()
@@ -806,10 +821,10 @@ async def _registered(resp) -> None:
         await asyncio.sleep(0.001)
 
 
-async def _first_then_follow_up(rx: Receiver, srv: Server, body: bytes, release: asyncio.Event):
-    """Read [0, 1 MiB) whole as one part; once its end is on its way, ask [1 MiB, 2 MiB) (the
-    follow-up), then release the first body's end. Returns (the first's part or its error,
-    the follow-up's task, the first's response)."""
+@contextlib.asynccontextmanager
+async def _follow_up_waiting(rx: Receiver, srv: Server):
+    """Read [0, 1 MiB) as one part; once its end is on its way, ask [1 MiB, 2 MiB) and wait until it
+    is that response's follow-up. Yields (the first part's task, the follow-up's task)."""
     ending = asyncio.Event()
     async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
         parts = resp.parts(0, MiB, MiB, ending.set)
@@ -817,26 +832,33 @@ async def _first_then_follow_up(rx: Receiver, srv: Server, body: bytes, release:
         await asyncio.wait_for(ending.wait(), 10)
         follow = asyncio.ensure_future(_get(rx, srv.url, MiB, 2 * MiB, MiB))
         await _registered(resp)
+        try:
+            yield first, follow
+        finally:
+            await parts.aclose()
+
+
+async def _first_then_follow_up(rx: Receiver, srv: Server, body: bytes, release: asyncio.Event):
+    """A follow-up waiting, then the first body's end released. Returns (the first's part or its
+    error, the follow-up's task)."""
+    async with _follow_up_waiting(rx, srv) as (first, follow):
         release.set()
         try:
             got = bytes((await first)[0])
         except UpstreamError as e:
             got = e
-        await parts.aclose()
-    return got, follow, resp
+    return got, follow
 
 
 def test_a_request_asked_while_a_body_ends_goes_out_on_its_connection():
     """The follow-up is sent on the connection the moment the body before it is read (no new
     connection, no wait for the loop to give it back), and both answers are exact."""
-    body = os.urandom(2 * MiB)
-    release = asyncio.Event()
-    answer = _holds_the_end(body, release)
+    body, release, answer = _held_end()
     chained = []
 
     async def main() -> None:
         async with serving(answer, chained=lambda: chained.append(1)) as (srv, rx):
-            got, follow, _ = await _first_then_follow_up(rx, srv, body, release)
+            got, follow = await _first_then_follow_up(rx, srv, body, release)
             assert got == body[:MiB]
             assert (await follow) == (206, [body[MiB:]])
             assert answer.asked == [(0, MiB), (MiB, 2 * MiB)]
@@ -849,14 +871,12 @@ def test_a_request_asked_while_a_body_ends_goes_out_on_its_connection():
 def test_a_follow_up_whose_connection_fails_is_asked_on_another():
     """The body before it breaks (the server closes the connection short of its end): the
     first read fails, the follow-up is asked as an ordinary request, on a new connection."""
-    body = os.urandom(2 * MiB)
-    release = asyncio.Event()
-    answer = _holds_the_end(body, release, end=True)
+    body, release, answer = _held_end(end=True)
     chained = []
 
     async def main() -> None:
         async with serving(answer, chained=lambda: chained.append(1)) as (srv, rx):
-            got, follow, _ = await _first_then_follow_up(rx, srv, body, release)
+            got, follow = await _first_then_follow_up(rx, srv, body, release)
             assert isinstance(got, UpstreamError)
             assert (await follow) == (206, [body[MiB:]])
             assert srv.connections == 2 and chained == []
@@ -868,15 +888,13 @@ def test_a_follow_up_is_not_sent_where_bytes_are_left_after_the_body():
     """Stray bytes behind the body (a forged answer to the range asked next, longer than any
     read-ahead buffer): the connection is not the follow-up's; it goes out on a new one and
     its answer is the server's, not the stray one."""
-    body = os.urandom(2 * MiB)
-    release = asyncio.Event()
-    forged = _partial(body, MiB, 2 * MiB) + b"F" * MiB
-    answer = _holds_the_end(body, release, after=forged)
+    forged = _partial(_BODY, MiB, 2 * MiB) + b"F" * MiB
+    body, release, answer = _held_end(after=forged)
     chained = []
 
     async def main() -> None:
         async with serving(answer, chained=lambda: chained.append(1)) as (srv, rx):
-            got, follow, _ = await _first_then_follow_up(rx, srv, body, release)
+            got, follow = await _first_then_follow_up(rx, srv, body, release)
             assert got == body[:MiB]
             assert (await follow) == (206, [body[MiB:]]), "the stray bytes were taken for the answer"
             assert srv.connections == 2 and chained == []
@@ -887,25 +905,14 @@ def test_a_follow_up_is_not_sent_where_bytes_are_left_after_the_body():
 def test_a_follow_up_whose_caller_left_is_never_sent():
     """The follow-up's caller is cancelled before the body ends: nothing is sent for it, and the
     connection, read to its end, goes back to the pool and serves the next request."""
-    body = os.urandom(2 * MiB)
-    release = asyncio.Event()
-    answer = _holds_the_end(body, release)
+    body, release, answer = _held_end()
 
     async def main() -> None:
         async with serving(answer) as (srv, rx):
-            ending = asyncio.Event()
-            async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
-                parts = resp.parts(0, MiB, MiB, ending.set)
-                first = asyncio.ensure_future(anext(parts))
-                await asyncio.wait_for(ending.wait(), 10)
-                follow = asyncio.ensure_future(_get(rx, srv.url, MiB, 2 * MiB, MiB))
-                await _registered(resp)
-                follow.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await follow
+            async with _follow_up_waiting(rx, srv) as (first, follow):
+                await _cancelled(follow)
                 release.set()
                 assert bytes((await first)[0]) == body[:MiB]
-                await parts.aclose()
             assert answer.asked == [(0, MiB)], "a request was sent for a caller that had left"
             assert sum(map(len, rx._idle.values())) == 1
             assert (await _get(rx, srv.url, MiB, 2 * MiB, MiB)) == (206, [body[MiB:]])
@@ -917,22 +924,12 @@ def test_a_follow_up_whose_caller_left_is_never_sent():
 def test_a_follow_up_of_a_response_closed_early_is_asked_on_another_connection():
     """The caller of the first response leaves while its end is being read (a cancelled fill):
     that connection is cut and closed as before; its follow-up is asked as an ordinary request."""
-    body = os.urandom(2 * MiB)
-    release = asyncio.Event()
-    answer = _holds_the_end(body, release)
+    body, release, answer = _held_end()
 
     async def main() -> None:
         async with serving(answer) as (srv, rx):
-            ending = asyncio.Event()
-            async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
-                parts = resp.parts(0, MiB, MiB, ending.set)
-                first = asyncio.ensure_future(anext(parts))
-                await asyncio.wait_for(ending.wait(), 10)
-                follow = asyncio.ensure_future(_get(rx, srv.url, MiB, 2 * MiB, MiB))
-                await _registered(resp)
-                first.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await first
+            async with _follow_up_waiting(rx, srv) as (first, follow):
+                await _cancelled(first)
             assert (await asyncio.wait_for(follow, 10)) == (206, [body[MiB:]])
             assert srv.connections == 2
             release.set()
@@ -944,25 +941,16 @@ def test_a_follow_up_waiting_at_close_ends_with_an_error():
     """The receiver closes (the daemon stops) while a follow-up waits for its connection: the
     body before it is cut, and the follow-up's caller gets an UpstreamError at once, rather
     than wait for an answer nobody will ask for."""
-    body = os.urandom(2 * MiB)
-    release = asyncio.Event()
-    answer = _holds_the_end(body, release)
+    body, release, answer = _held_end()
 
     async def main() -> None:
         async with serving(answer) as (srv, rx):
-            ending = asyncio.Event()
-            async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
-                parts = resp.parts(0, MiB, MiB, ending.set)
-                first = asyncio.ensure_future(anext(parts))
-                await asyncio.wait_for(ending.wait(), 10)
-                follow = asyncio.ensure_future(_get(rx, srv.url, MiB, 2 * MiB, MiB))
-                await _registered(resp)
+            async with _follow_up_waiting(rx, srv) as (first, follow):
                 await rx.close()
                 with pytest.raises(UpstreamError):
                     await asyncio.wait_for(first, 10)
                 with pytest.raises(UpstreamError):
                     await asyncio.wait_for(follow, 10)
-                await parts.aclose()
             release.set()
             assert answer.asked == [(0, MiB)]
 
