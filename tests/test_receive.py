@@ -955,3 +955,38 @@ def test_a_follow_up_waiting_at_close_ends_with_an_error():
             assert answer.asked == [(0, MiB)]
 
     asyncio.run(main())
+
+
+def test_a_read_a_reader_waits_for_never_waits_for_a_fill_s_body_to_end():
+    """A reader's chunk (a demand fetch of the Hub upstream) asked while a whole-blob fill's run
+    has its last bytes on their way at the same origin goes out at once on a connection of its
+    own: a reader never waits for a background fill to give a connection back (README,
+    parallel_total), here for a body whose end the server holds back."""
+    import aiohttp
+
+    from nodecache.index.records import BlobRecord
+    from nodecache.metrics import Metrics
+    from nodecache.upstream.hf import HfUpstream
+
+    body = os.urandom(2 * MiB)
+    release = asyncio.Event()
+    answer = _holds_the_end(body, release)
+    rec = BlobRecord("a" * 64, len(body), "sha256", MiB, repo_id="org/r", commit="c" * 40, path="w.bin")
+
+    async def main() -> None:
+        async with serving(answer, read_timeout=20.0) as (srv, rx), aiohttp.ClientSession() as session:
+            hf = HfUpstream(srv.url.removesuffix("/blob"), session, Metrics(), receiver=rx)
+            ending = asyncio.Event()
+            fill = hf.stream(rec, 0, MiB, MiB, ending.set)
+            first = asyncio.ensure_future(anext(fill))
+            await asyncio.wait_for(ending.wait(), 10)
+            read = asyncio.ensure_future(hf.fetch(rec, MiB, 2 * MiB, background=False))
+            done, _ = await asyncio.wait({read}, timeout=5)
+            release.set()
+            assert done, "the reader waited for the fill's body to end"
+            assert bytes((await read)[0]) == body[MiB:]
+            assert srv.connections == 2, "on a connection of its own"
+            assert bytes((await first)[0]) == body[:MiB]
+            await fill.aclose()
+
+    asyncio.run(main())

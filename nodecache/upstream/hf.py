@@ -120,25 +120,32 @@ class HfUpstream:
 
     async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> list:
         """Bytes [start, end) of the blob (one buffer of the receiver); follows (and remembers)
-        the CDN redirect."""
-        async with aclosing(self.stream(rec, start, end, end - start)) as parts:
+        the CDN redirect. A reader's (not `background`) never waits for another body's end."""
+        async with aclosing(self.stream(rec, start, end, end - start, follow=background)) as parts:
             async for pieces in parts:
                 return pieces
         return []  # an empty range
 
     async def stream(
-        self, rec: BlobRecord, start: int, end: int, piece: int, ending: Callable[[], None] | None = None
+        self,
+        rec: BlobRecord,
+        start: int,
+        end: int,
+        piece: int,
+        ending: Callable[[], None] | None = None,
+        follow: bool = True,
     ) -> AsyncIterator[list]:
         """Bytes [start, end) of one ranged GET, as consecutive `piece`-sized parts (see `parts`).
 
         A background fill asks for several chunks at once: one request per
         chunk would leave the connection idle between them. Parts already
-        yielded are good even if the stream fails later.
+        yielded are good even if the stream fails later. `follow`: its requests
+        may be follow-ups (receive.py; not those a reader waits for).
         """
         url, cached = self._location(rec)
         for _hop in range(5):
             headers = {"Range": f"bytes={start}-{end - 1}", **self._headers(url)}
-            async with self.receiver.get(url, headers) as resp:
+            async with self.receiver.get(url, headers, follow=follow) as resp:
                 self.metrics.upstream_requests.labels(str(resp.status)).inc()
                 if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                     url = urljoin(url, resp.headers["Location"])

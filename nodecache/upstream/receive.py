@@ -25,7 +25,8 @@ when the range's last bytes are being read, and a request of the same origin
 asked then is sent on that connection the moment it is free (a follow-up),
 never beside it on a new one. Whatever goes wrong first (the body fails, bytes
 are left on the connection, the follow-up's caller leaves) makes it an
-ordinary request.
+ordinary request. A request a reader
+waits for (`follow=False`) is never a follow-up: it would wait for a fill's body.
 """
 
 from __future__ import annotations
@@ -375,11 +376,14 @@ class Receiver:
         self._closed = False
 
     @asynccontextmanager
-    async def get(self, url: str, headers: Mapping[str, str], timeout: float | None = None) -> AsyncIterator[Response]:
+    async def get(
+        self, url: str, headers: Mapping[str, str], timeout: float | None = None, follow: bool = True
+    ) -> AsyncIterator[Response]:
         """A GET of `url` (no redirect followed); its connection is given back or closed on exit.
         `timeout`: its connect's and its reads' socket timeout instead of the receiver's (a peer's
         `peer_timeout`, which also bounds its whole fetch: an owner filling through may be silent
-        longer than an upstream ever is)."""
+        longer than an upstream ever is). `follow`: it may be a follow-up; False for a request a
+        reader waits for, which never waits for another body's end (it goes out at once)."""
         try:
             parts = urlsplit(url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -395,7 +399,7 @@ class Receiver:
             headers = {**headers, "Authorization": f"Basic {base64.b64encode(login).decode()}"}
         self.used()
         caller = _Caller()
-        asked = self._follow(origin, _FollowUp(target, dict(headers), caller, timeout))
+        asked = self._follow(origin, _FollowUp(target, dict(headers), caller, timeout)) if follow else None
         if asked is None:
             asked = self.submit(self._request, origin, target, dict(headers), caller, timeout)
         try:
