@@ -24,8 +24,8 @@ that streams a range may pass `ending` to `parts`: it is called on the loop
 when the range's last bytes are being read, and a request of the same origin
 asked then is sent on that connection the moment it is free (a follow-up),
 never beside it on a new one. Whatever goes wrong first (the body fails, bytes
-are left on the connection, the follow-up's caller leaves) makes it an
-ordinary request. A request a reader
+are left on the connection, the follow-up's caller leaves, the connection is
+not free within FOLLOW_WAIT) makes it an ordinary request. A request a reader
 waits for (`follow=False`) is never a follow-up: it would wait for a fill's body.
 """
 
@@ -54,6 +54,9 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _SMALL_BODY = 64 * 1024  # a redirect's or an error's body is read (to reuse the connection) up to this
 LOWAT = 256 * 1024  # bytes a paced stream gathers per socket read
 ENDING = 2 * 1024 * 1024  # `ending` is called when the read of a range's last quarter, at most this, starts
+# A follow-up whose connection is not free by then goes out on its own: the body before it is that slow
+# (2 MiB at 2 MB/s) or stalled, and would otherwise keep it waiting up to that body's read timeout.
+FOLLOW_WAIT = 1.0
 _IDLE = 10.0  # seconds without a part before the kept buffers and connections are let go
 # Errors of a request, whatever the layer: socket, TLS, HTTP framing, a URL http.client refuses.
 _FAILURES = (OSError, http.client.HTTPException, ValueError)
@@ -348,6 +351,7 @@ class _FollowUp:
     def __init__(self, target: str, headers: dict[str, str], caller: _Caller, timeout: float | None):
         self.target, self.headers, self.caller, self.timeout = target, headers, caller, timeout
         self.answer: Future = Future()  # (connection, response), as an ordinary request's
+        self.after: Response | None = None  # the response whose connection it waits for (Receiver._lock)
 
 
 class Receiver:
@@ -399,14 +403,18 @@ class Receiver:
             headers = {**headers, "Authorization": f"Basic {base64.b64encode(login).decode()}"}
         self.used()
         caller = _Caller()
-        asked = self._follow(origin, _FollowUp(target, dict(headers), caller, timeout)) if follow else None
-        if asked is None:
-            asked = self.submit(self._request, origin, target, dict(headers), caller, timeout)
+        request = _FollowUp(target, dict(headers), caller, timeout)
+        asked = self._follow(origin, request) if follow else None
         try:
+            if asked is not None and not await self._sent_in_time(request):
+                asked = None
+            if asked is None:
+                asked = self.submit(self._request, origin, target, dict(headers), caller, timeout)
             conn, resp = await asyncio.wrap_future(asked)
         except asyncio.CancelledError:
-            caller.leave()
-            asked.add_done_callback(self._orphaned)
+            caller.leave()  # a follow-up not yet sent is then never sent (last_part)
+            if asked is not None:
+                asked.add_done_callback(self._orphaned)
             raise
         except _FAILURES as e:
             raise UpstreamError(f"{parts.hostname}: {e.__class__.__name__}: {e}") from None
@@ -435,8 +443,24 @@ class Receiver:
             response = ending.pop(0)
             if not ending:
                 del self._ending[origin]
-            response.follow_up = request
+            response.follow_up, request.after = request, response
         return request.answer
+
+    async def _sent_in_time(self, request: _FollowUp) -> bool:
+        """Whether a follow-up's connection freed within FOLLOW_WAIT (it is then sent, or settled);
+        else it is withdrawn, to be asked as an ordinary request."""
+        answer = asyncio.wrap_future(request.answer)
+        answer.add_done_callback(lambda f: f.cancelled() or f.exception())  # get() awaits its own: seen there
+        done, _ = await asyncio.wait({answer}, timeout=FOLLOW_WAIT)  # (a timeout cancels nothing)
+        if done:
+            return True
+        with self._lock:
+            after = request.after
+            if after is None or after.follow_up is not request:
+                return True  # its connection freed meanwhile: it is being sent
+            after.follow_up = None
+        request.answer.cancel()
+        return False
 
     def ending(
         self, response: Response, conn: _Conn, loop: asyncio.AbstractEventLoop, ending: Callable[[], None]
