@@ -1020,3 +1020,49 @@ def test_a_follow_up_whose_body_before_it_stalls_is_asked_on_another_connection(
             assert sum(map(len, rx._idle.values())) == 2, "both connections kept"
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("status_line", ["HTTP/1.1 206 Partial Content\r\nConnection: close", "HTTP/1.0 206 Partial"])
+def test_a_body_whose_connection_will_close_takes_no_follow_up(status_line, monkeypatch):
+    """A response that ends its connection (`Connection: close`, HTTP/1.0) can never pass it on:
+    a request asked while its last bytes are read goes out at once on another connection,
+    rather than wait for that body's end (up to FOLLOW_WAIT) to be asked there anyway."""
+    from nodecache.upstream import receive
+
+    monkeypatch.setattr(receive, "FOLLOW_WAIT", 60.0)  # a wait would show as one
+    body = os.urandom(2 * MiB)
+    release = asyncio.Event()
+    asked = []
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        asked.append(a)
+        if len(asked) > 1:
+            writer.write(_partial(body, a, b) + body[a:b])
+            await writer.drain()
+            return True
+        head = f"{status_line}\r\nContent-Length: {b - a}\r\nContent-Range: bytes {a}-{b - 1}/{len(body)}\r\n\r\n"
+        writer.write(head.encode() + body[a : b - 100])
+        await writer.drain()
+        await release.wait()
+        writer.write(body[b - 100 : b])
+        await writer.drain()
+        return False
+
+    async def main() -> None:
+        async with serving(answer) as (srv, rx):
+            ending = asyncio.Event()
+            async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
+                parts = resp.parts(0, MiB, MiB, ending.set)
+                first = asyncio.ensure_future(anext(parts))
+                await asyncio.wait_for(ending.wait(), 10)
+                follow = asyncio.ensure_future(_get(rx, srv.url, MiB, 2 * MiB, MiB))
+                done, _ = await asyncio.wait({follow}, timeout=10)
+                release.set()
+                assert done, "the request waited for a body whose connection closes after it"
+                assert (await follow) == (206, [body[MiB:]])
+                assert bytes((await first)[0]) == body[:MiB]
+                await parts.aclose()
+            assert srv.connections == 2
+
+    asyncio.run(main())

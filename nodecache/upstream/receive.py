@@ -466,11 +466,12 @@ class Receiver:
         self, response: Response, conn: _Conn, loop: asyncio.AbstractEventLoop, ending: Callable[[], None]
     ) -> None:
         """In the reading thread: the body's last bytes are being read on `conn`. The response can
-        take a follow-up from now on; `ending` is called on the loop."""
+        take a follow-up from now on, unless its connection ends with it; `ending` is called on the loop."""
         with self._lock:
             if self._closed or response._closing:
                 return
-            self._ending.setdefault(conn.origin, []).append(response)
+            if not response._resp.will_close:  # (Connection: close, HTTP/1.0: nothing can follow it)
+                self._ending.setdefault(conn.origin, []).append(response)
         with suppress(RuntimeError):  # the loop is closed: nobody asks any more
             loop.call_soon_threadsafe(ending)
 
