@@ -451,16 +451,19 @@ class Receiver:
         else it is withdrawn, to be asked as an ordinary request."""
         answer = asyncio.wrap_future(request.answer)
         answer.add_done_callback(lambda f: f.cancelled() or f.exception())  # get() awaits its own: seen there
-        done, _ = await asyncio.wait({answer}, timeout=FOLLOW_WAIT)  # (a timeout cancels nothing)
-        if done:
-            return True
-        with self._lock:
-            after = request.after
-            if after is None or after.follow_up is not request:
-                return True  # its connection freed meanwhile: it is being sent
-            after.follow_up = None
-        request.answer.cancel()
-        return False
+        try:
+            done, _ = await asyncio.wait({answer}, timeout=FOLLOW_WAIT)  # (a timeout cancels nothing)
+            if done:
+                return True
+            with self._lock:
+                after = request.after
+                if after is None or after.follow_up is not request:
+                    return True  # its connection freed meanwhile: it is being sent
+                after.follow_up = None
+            request.answer.cancel()
+            return False
+        finally:
+            request.after = None  # its response (and a failed read's traceback) is not kept with it
 
     def ending(
         self, response: Response, conn: _Conn, loop: asyncio.AbstractEventLoop, ending: Callable[[], None]
