@@ -1066,3 +1066,71 @@ def test_a_body_whose_connection_will_close_takes_no_follow_up(status_line, monk
             assert srv.connections == 2
 
     asyncio.run(main())
+
+
+def test_follow_ups_given_up_on_never_take_every_thread(monkeypatch):
+    """Fills that give their slot back as their last bytes come (blobfill) from a server that
+    stalls those bytes: each follow-up given up on goes out on a connection of its own while the
+    stalled read keeps its thread. They must not pile up until every thread waits on a stalled
+    read: a reader's request (a slot of the readers' reserve) would wait for a thread until one
+    times out, where it used to go out at once."""
+    from nodecache.upstream import receive
+
+    monkeypatch.setattr(receive, "FOLLOW_WAIT", 0.05)
+    body = os.urandom(2 * MiB)
+    stalled = asyncio.Event()  # set at the end: the held bodies end
+
+    async def answer(head, reader, writer) -> bool:
+        a, b = _range_of(head)
+        if b"x-reader" in head.lower():
+            writer.write(_partial(body, a, b) + body[a:b])
+            await writer.drain()
+            return True
+        writer.write(_partial(body, a, b) + body[a : b - 100])
+        await writer.drain()
+        await stalled.wait()
+        return False
+
+    async def main() -> None:
+        async with serving(answer, threads=8, read_timeout=20.0) as (srv, rx):
+            slots = asyncio.Semaphore(3)  # 4 fetch slots, one the readers' reserve
+
+            async def run(give_back) -> None:
+                with contextlib.suppress(UpstreamError):
+                    async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
+                        async for _ in resp.parts(0, MiB, MiB, give_back):
+                            pass
+
+            async def fill() -> None:
+                while True:  # as a blobfill worker: the next run once this one's end is on its way
+                    await slots.acquire()
+                    ending, held = asyncio.Event(), [1]
+
+                    def give_back(ending=ending, held=held) -> None:
+                        if held:
+                            held.pop()
+                            slots.release()
+                        ending.set()
+
+                    asyncio.ensure_future(run(give_back)).add_done_callback(lambda _, g=give_back: g())
+                    await ending.wait()
+
+            fills = [asyncio.ensure_future(fill()) for _ in range(3)]
+            try:
+                await asyncio.sleep(40 * receive.FOLLOW_WAIT)  # follow-ups given up on, again and again
+                read = asyncio.ensure_future(_get_reader(rx, srv.url))
+                done, _ = await asyncio.wait({read}, timeout=5)
+                assert done, f"the reader's request waited for a thread ({len(rx._busy)} connections busy)"
+                assert (await read) == body[:MiB]
+            finally:
+                for f in fills:
+                    f.cancel()
+                await rx.close()
+                stalled.set()
+
+    asyncio.run(main())
+
+
+async def _get_reader(rx: Receiver, url: str) -> bytes:
+    async with rx.get(url, {"Range": f"bytes=0-{MiB - 1}", "X-Reader": "1"}, follow=False) as resp:
+        return b"".join([bytes(p[0]) async for p in resp.parts(0, MiB, MiB)])

@@ -25,7 +25,8 @@ when the range's last bytes are being read, and a request of the same origin
 asked then is sent on that connection the moment it is free (a follow-up),
 never beside it on a new one. Whatever goes wrong first (the body fails, bytes
 are left on the connection, the follow-up's caller leaves, the connection is
-not free within FOLLOW_WAIT) makes it an ordinary request. A request a reader
+not free within FOLLOW_WAIT while few reads are given up on so) makes it an
+ordinary request. A request a reader
 waits for (`follow=False`) is never a follow-up: it would wait for a fill's body.
 """
 
@@ -55,7 +56,9 @@ _SMALL_BODY = 64 * 1024  # a redirect's or an error's body is read (to reuse the
 LOWAT = 256 * 1024  # bytes a paced stream gathers per socket read
 ENDING = 2 * 1024 * 1024  # `ending` is called when the read of a range's last quarter, at most this, starts
 # A follow-up whose connection is not free by then goes out on its own: the body before it is that slow
-# (2 MiB at 2 MB/s) or stalled, and would otherwise keep it waiting up to that body's read timeout.
+# (2 MiB at 2 MB/s) or stalled, and would otherwise keep it waiting up to that body's read timeout. The
+# stalled read keeps its thread: while a quarter of the threads wait on such reads, a follow-up waits on
+# (it holds its caller's fetch slot meanwhile, as the stalled request did before it gave it back early).
 FOLLOW_WAIT = 1.0
 _IDLE = 10.0  # seconds without a part before the kept buffers and connections are let go
 # Errors of a request, whatever the layer: socket, TLS, HTTP framing, a URL http.client refuses.
@@ -133,6 +136,7 @@ class Response:
         self._gone = False  # the connection went on from the reading thread (a follow-up, the pool)
         self._closing = False  # closed on the loop: its connection goes nowhere else (Receiver._lock)
         self.follow_up: _FollowUp | None = None  # asked while the last bytes are read (Receiver._lock)
+        self._given_up = False  # its follow-up went out on its own while it was read (Receiver._lock)
 
     async def parts(
         self, start: int, end: int, piece: int, ending: Callable[[], None] | None = None
@@ -378,6 +382,8 @@ class Receiver:
         self._chained = chained
         self._trim: asyncio.TimerHandle | None = None
         self._closed = False
+        self._given_up = 0  # reads whose follow-up went out on its own (FOLLOW_WAIT), each a thread
+        self._given_up_most = max(1, threads // 4)
 
     @asynccontextmanager
     async def get(
@@ -459,7 +465,10 @@ class Receiver:
                 after = request.after
                 if after is None or after.follow_up is not request:
                     return True  # its connection freed meanwhile: it is being sent
-                after.follow_up = None
+                if self._given_up >= self._given_up_most:
+                    return True  # waits on: a connection of its own would need yet another thread
+                after.follow_up, after._given_up = None, True
+                self._given_up += 1
             request.answer.cancel()
             return False
         finally:
@@ -491,6 +500,9 @@ class Receiver:
                     del self._ending[conn.origin]
             follow, response.follow_up = response.follow_up, None
             response._gone = whole  # the close on the loop leaves the connection alone
+            if response._given_up:
+                response._given_up = False
+                self._given_up -= 1
         if whole and not conn.quiet():
             self.discard(conn)  # bytes the next request would take for its answer, or a close
             whole = False
