@@ -968,9 +968,7 @@ def test_a_read_a_reader_waits_for_never_waits_for_a_fill_s_body_to_end():
     from nodecache.metrics import Metrics
     from nodecache.upstream.hf import HfUpstream
 
-    body = os.urandom(2 * MiB)
-    release = asyncio.Event()
-    answer = _holds_the_end(body, release)
+    body, release, answer = _held_end()
     rec = BlobRecord("a" * 64, len(body), "sha256", MiB, repo_id="org/r", commit="c" * 40, path="w.bin")
 
     async def main() -> None:
@@ -996,27 +994,18 @@ def test_a_follow_up_whose_body_before_it_stalls_is_asked_on_another_connection(
     """The server holds the end of the body before a follow-up back (a stalled connection): the
     follow-up does not wait out that read's timeout (a reader may join the chunk it fetches), it
     is asked as an ordinary request soon, on a connection of its own; the stalled body still ends."""
-    body = os.urandom(2 * MiB)
-    release = asyncio.Event()
-    answer = _holds_the_end(body, release)
+    body, release, answer = _held_end()
     chained = []
 
     async def main() -> None:
         async with serving(answer, read_timeout=20.0, chained=lambda: chained.append(1)) as (srv, rx):
-            ending = asyncio.Event()
-            async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
-                parts = resp.parts(0, MiB, MiB, ending.set)
-                first = asyncio.ensure_future(anext(parts))
-                await asyncio.wait_for(ending.wait(), 10)
-                follow = asyncio.ensure_future(_get(rx, srv.url, MiB, 2 * MiB, MiB))
-                await _registered(resp)
+            async with _follow_up_waiting(rx, srv) as (first, follow):
                 done, _ = await asyncio.wait({follow}, timeout=5)
                 release.set()
                 assert done, "the follow-up waited for the stalled body's end"
                 assert (await follow) == (206, [body[MiB:]])
                 assert srv.connections == 2 and chained == []
                 assert bytes((await first)[0]) == body[:MiB]
-                await parts.aclose()
             assert sum(map(len, rx._idle.values())) == 2, "both connections kept"
 
     asyncio.run(main())
