@@ -26,8 +26,8 @@ asked then is sent on that connection the moment it is free (a follow-up),
 never beside it on a new one. Whatever goes wrong first (the body fails, bytes
 are left on the connection, the follow-up's caller leaves, the connection is
 not free within FOLLOW_WAIT while few reads are given up on so) makes it an
-ordinary request. A request a reader
-waits for (`follow=False`) is never a follow-up: it would wait for a fill's body.
+ordinary request. A request a reader waits for (`follow=False`) is never a
+follow-up: it would wait for a fill's body.
 """
 
 from __future__ import annotations
@@ -355,7 +355,7 @@ class _FollowUp:
     def __init__(self, target: str, headers: dict[str, str], caller: _Caller, timeout: float | None):
         self.target, self.headers, self.caller, self.timeout = target, headers, caller, timeout
         self.answer: Future = Future()  # (connection, response), as an ordinary request's
-        self.after: Response | None = None  # the response whose connection it waits for (Receiver._lock)
+        self.after: Response | None = None  # the response whose connection it waits for (on the loop)
 
 
 class Receiver:
@@ -472,7 +472,7 @@ class Receiver:
             request.answer.cancel()
             return False
         finally:
-            request.after = None  # its response (and a failed read's traceback) is not kept with it
+            request.after = None  # its response is not kept while the follow-up's own body streams
 
     def ending(
         self, response: Response, conn: _Conn, loop: asyncio.AbstractEventLoop, ending: Callable[[], None]
