@@ -55,6 +55,7 @@ class Config:
     fsync: bool = True  # fdatasync a chunk before marking it present
     direct_io: bool = True  # prefetch writes chunks of blobs nobody has open around the page cache (O_DIRECT)
     hash_memory: int = 256 * MiB  # chunks that land ahead of their blob's in-order hash wait in memory up to this
+    hash_nice: int = -5  # nice value of the threads that hash a fill for its proof (0: as the rest of the daemon)
     shard_read_ahead: int = 16 * 1024 * MiB  # complete shards after the one a loader reads: into the page cache
     bdi_read_ahead_kb: int = 16384  # written to the mount's bdi after FUSE_INIT
     passthrough: bool = True  # complete blobs are read by the kernel from the store file (Linux >= 6.9)
@@ -110,6 +111,8 @@ class Config:
         for key in ("read_ahead_chunks", "parallel_per_blob", "parallel_total", "fill_run_chunks", "peer_uploads"):
             if getattr(self, key) < (0 if key == "read_ahead_chunks" else 1):
                 raise ConfigError(f"{key}: {getattr(self, key)} is out of range")
+        if not -20 <= self.hash_nice <= 19:
+            raise ConfigError(f"hash_nice: {self.hash_nice} is not a nice value (-20 to 19)")
         if not self.read_timeout > 0:  # also refuses NaN
             raise ConfigError("read_timeout: must be > 0")
         if not 0 <= self.handover_grace <= 60:  # also refuses NaN

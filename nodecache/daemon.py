@@ -72,6 +72,7 @@ class Daemon:
             on_evict=m.evicted,
             direct_io=cfg.direct_io,
             hash_memory=cfg.hash_memory,
+            hash_nice=cfg.hash_nice,
             retry_base=cfg.retry_base,
             quarantine_limits=(cfg.quarantine_files, cfg.quarantine_max, cfg.quarantine_ttl),
             placement=self.pins.place,

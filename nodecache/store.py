@@ -18,6 +18,7 @@ import asyncio
 import errno
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -58,6 +59,7 @@ class Store:
         on_evict=None,
         direct_io: bool = True,
         hash_memory: int = 256 * 1024 * 1024,
+        hash_nice: int = 0,
         retry_base: float = 0.2,
         quarantine_limits: tuple[int, int, float] = (16, 4 << 30, 7 * 86400.0),
         placement: Callable[[BlobRecord], str] = lambda rec: "disk",
@@ -70,8 +72,13 @@ class Store:
         self.buffers = directio.BufferPool()
         self._commit = GroupCommit(self._sync_and_record)
         # Hashing gets threads of its own: it must not queue behind chunk writes
-        # waiting on the disk, or the proof of a blob lags its last byte.
-        self._hash_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nodecache-hash")
+        # waiting on the disk, or the proof of a blob lags its last byte. At `hash_nice`: on a
+        # busy node their fair share of the CPU was less than the hash needs to keep up with
+        # a fill (0.5 CPU-s per GiB), the proof of a shard trailed its last chunk by 0.5-1 s,
+        # and a loader's open of it found it partial (served by READs, not passthrough).
+        self._hash_pool = ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="nodecache-hash", initializer=_set_nice, initargs=(hash_nice,)
+        )
         self.hashes = InOrderHashes(self.buffers, self._hash_pool, hash_memory, self.path)
         # Warming too (warm): a read-ahead window asks for every shard in it at once, and the
         # default executor writes the fills' chunks. One at a time, in the order asked for.
@@ -525,3 +532,14 @@ def _advise(path: Path) -> None:
                 os.posix_fadvise(fd, off, min(WARM_STEP, size - off), os.POSIX_FADV_WILLNEED)
     except FileNotFoundError:
         pass  # evicted or quarantined since its turn came: nothing to warm
+
+
+def _set_nice(nice: int) -> None:
+    """In a new pool thread: its own nice value (Linux schedules threads one by one). Lower than 0
+    needs CAP_SYS_NICE; without it the thread keeps the daemon's, and says so once per thread."""
+    if nice == 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as e:
+        log.warning("hash thread: cannot set nice %d (%s); it runs at the daemon's", nice, e)

@@ -954,6 +954,20 @@ def test_hash_memory_bound_falls_back_to_reading_back(cache: Path, index: Index)
     assert store.hashes.held == 0
 
 
+@pytest.mark.parametrize("nice", [-3, 0])
+def test_the_hash_threads_run_at_hash_nice(cache: Path, index: Index, nice: int):
+    """On a busy node the proof must keep up with the fill, or a loader's next open finds its
+    shard partial; hash_nice gives the hash threads their own priority (0: the daemon's)."""
+    store = Store(cache, index, hash_nice=nice)
+    try:
+        here = os.getpriority(os.PRIO_PROCESS, 0)
+        got = store._hash_pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result(10)
+    finally:
+        store.close()
+    assert got == (nice if nice else here)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == here, "the rest of the process keeps its nice value"
+
+
 def test_a_failed_write_of_a_hashed_chunk_spoils_the_running_hash(cache: Path, index: Index):
     """The hasher may take a chunk from memory before its write lands; if that write
     fails and the chunk is fetched again (other bytes), the proof must hash the file."""
