@@ -11,14 +11,17 @@ hashing the file.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 from . import directio
 from .blobfile import new_hasher
 from .index import BlobRecord
 from .presence import BlobState
+
+log = logging.getLogger(__name__)
 
 
 class Prefix:
@@ -30,6 +33,9 @@ class Prefix:
         self.held: dict[int, tuple[list, int]] = {}  # chunk -> (its buffers, bytes)
         self.spoiled = False
         self.lock = asyncio.Lock()
+        # The pool's work on the hasher: it runs on even if the advance awaiting it was cancelled
+        # (its loop stopped), and the next advance waits for it before taking more.
+        self.digesting: Future | None = None
 
 
 class InOrderHashes:
@@ -114,8 +120,12 @@ class InOrderHashes:
 
         def digest(item) -> None:
             buf, pieces = item
-            for p in pieces:
-                prefix.hasher.update(p)
+            try:
+                for p in pieces:
+                    prefix.hasher.update(p)
+            except Exception as e:  # the hash missed bytes it took: never a wrong proof, never a stuck one
+                log.warning("running hash of %s spoiled: %s", rec.blob_id, e)
+                prefix.spoiled = True
             if buf is not None:
                 pieces[0].release()
                 self.buffers.give(buf)
@@ -124,6 +134,9 @@ class InOrderHashes:
             return k < rec.n_chunks and k not in prefix.held and st.has(k)
 
         async with prefix.lock:
+            if prefix.digesting is not None:  # left running by an advance that was cancelled
+                await asyncio.shield(asyncio.wrap_future(prefix.digesting))
+                prefix.digesting = None
             ahead: asyncio.Future | None = None
             while not prefix.spoiled and self.prefixes.get(rec.blob_id) is prefix:
                 k = prefix.next
@@ -135,4 +148,8 @@ class InOrderHashes:
                     break
                 prefix.next = k + 1  # taken: a failed write of chunk k from now on spoils the hash
                 ahead = loop.run_in_executor(self.pool, load, k + 1) if on_disk(k + 1) else None
-                await loop.run_in_executor(self.pool, digest, item)
+                # Shielded: a cancelled wait must not cancel the digest queued in the pool (chunk k
+                # is taken: the hash would miss it); the next advance waits for it first.
+                prefix.digesting = self.pool.submit(digest, item)
+                await asyncio.shield(asyncio.wrap_future(prefix.digesting))
+                prefix.digesting = None

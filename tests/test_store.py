@@ -968,6 +968,36 @@ def test_the_hash_threads_run_at_hash_nice(cache: Path, index: Index, nice: int)
     assert os.getpriority(os.PRIO_PROCESS, 0) == here, "the rest of the process keeps its nice value"
 
 
+def test_a_hash_whose_wait_is_cancelled_still_hashes_what_it_took(cache: Path, index: Index):
+    """The loop stops (asyncio.run ends, the daemon stops) while the hash's work waits in the
+    pool: the cancelled wait must not cancel that work (its chunks are taken; the hash would
+    miss them and the blob fail its proof), and the next hash waits for it."""
+    import threading
+
+    data = payload(4 * CS, seed=7)
+    rec = record("sha256", data)
+    index.blobs.put(rec)
+    store = Store(cache, index)
+    gate = threading.Event()
+    busy = [store._hash_pool.submit(gate.wait, 30) for _ in range(2)]  # both hash threads
+
+    async def land():
+        st = store.state(rec)
+        for i, part in enumerate(chunks_of(data)):
+            await store.write_chunk(st, i, part, cache=False)
+        return st
+
+    try:
+        st = asyncio.run(land())  # its end cancels the hash waiting behind `busy`
+        gate.set()
+        assert all(f.result(timeout=10) for f in busy)
+        asyncio.run(store.finish(st))
+    finally:
+        gate.set()
+        store.close()
+    assert index.blobs.get(rec.blob_id).state == "complete"
+
+
 def test_a_failed_write_of_a_hashed_chunk_spoils_the_running_hash(cache: Path, index: Index):
     """The hasher may take a chunk from memory before its write lands; if that write
     fails and the chunk is fetched again (other bytes), the proof must hash the file."""
