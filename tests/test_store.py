@@ -928,6 +928,16 @@ def test_concurrent_chunk_writes_share_flushes_and_hash_from_memory(
     assert path.read_bytes() == data
 
 
+def _run_then_proven(store: Store, run, rec: BlobRecord) -> None:
+    """Run the coroutine function, close the store; the blob is proven and no chunk held."""
+    try:
+        asyncio.run(run())
+    finally:
+        store.close()
+    assert store.index.blobs.get(rec.blob_id).state == "complete"
+    assert store.hashes.held == 0
+
+
 def test_hash_memory_bound_falls_back_to_reading_back(cache: Path, index: Index):
     data = payload(6 * CS, seed=4)
     rec = record("sha256", data)
@@ -946,12 +956,42 @@ def test_hash_memory_bound_falls_back_to_reading_back(cache: Path, index: Index)
         await asyncio.gather(*store.hashes.tasks)
         await store.finish(st)
 
-    try:
-        asyncio.run(run())
-    finally:
-        store.close()
-    assert index.blobs.get(rec.blob_id).state == "complete"
-    assert store.hashes.held == 0
+    _run_then_proven(store, run, rec)
+
+
+def test_the_hash_takes_every_chunk_that_is_here_in_one_call_of_its_pool(cache: Path, index: Index):
+    """Chunks that land behind a gap are hashed together once it fills: one call of the hash's
+    pool and one hop through the loop for the run, not one or two per chunk. On a loop busy with
+    32 streams each hop waited 10-50 ms, and the hash trailed a 256 MiB shard by half its chunks,
+    all hashed after its last byte (the prefetch's end). Some of them read back from disk."""
+    data = payload(12 * CS + 5, seed=6)
+    rec = record("sha256", data)
+    index.blobs.put(rec)
+    store = Store(cache, index, hash_memory=6 * CS)  # chunks 1..6 held, 7..12 read back
+    calls: list[str] = []
+    pool = store.hashes.pool
+
+    class Counting:
+        def submit(self, fn, *args):
+            calls.append(getattr(fn, "__name__", repr(fn)))
+            return pool.submit(fn, *args)
+
+    store.hashes.pool = Counting()  # where the hash sends its work
+
+    async def run() -> None:
+        st = store.state(rec)
+        parts = chunks_of(data)
+        for i in range(len(parts) - 1, 0, -1):  # all behind chunk 0
+            await store.write_chunk(st, i, parts[i], cache=False)
+        await asyncio.gather(*store.hashes.tasks)
+        assert calls == [] and store.hashes.prefixes[rec.blob_id].next == 0
+        await store.write_chunk(st, 0, parts[0], cache=False)
+        await asyncio.gather(*store.hashes.tasks)
+        assert store.hashes.prefixes[rec.blob_id].next == len(parts)
+        await store.finish(st)
+
+    _run_then_proven(store, run, rec)
+    assert len(calls) == 1, f"13 chunks (0.8 MiB) hashed in {len(calls)} calls of the pool: {calls}"
 
 
 @pytest.mark.parametrize("nice", [-3, 0])
