@@ -36,6 +36,7 @@ from .upstream import Source, UpstreamError
 log = logging.getLogger(__name__)
 
 PROOF_ATTEMPTS = 3  # a prefetch tries a blob whose proof keeps failing this many times
+LOCATE_WAIT = 2.0  # seconds a prefetch waits to learn where its blobs are served from (Filler._locate)
 
 __all__ = ["FillError", "Filler", "PROOF_ATTEMPTS"]
 
@@ -330,6 +331,7 @@ class Filler:
         A blob whose proof fails is tried again after its backoff, up to `attempts` times in all.
         """
         ids = list(dict.fromkeys(blob_ids))
+        await self._locate(ids)
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(self._fill_proven(b, attempts)) for b in ids]
 
@@ -351,6 +353,27 @@ class Filler:
         if bad:
             raise FillError(f"{len(bad)} blob(s) not complete, e.g. {bad[0]} is {self.record(bad[0]).state}")
         report()
+
+    async def _locate(self, blob_ids: list[str]) -> None:
+        """Before a prefetch's fills start: where each blob of several chunks is served from,
+        asked of its first source (Source.locate; the Hub tells its CDN redirect, most sources
+        have nothing to tell), for all of them at once (at most parallel_total at a time),
+        waiting at most LOCATE_WAIT: a Hub slow to answer must not hold the fill up (its requests
+        have their own timeouts and retries)."""
+        room = asyncio.Semaphore(self.cfg.parallel_total)
+
+        async def locate(rec: BlobRecord) -> None:
+            chain = self.chunks.chain(rec, 0)
+            if chain:
+                async with room:
+                    await chain[0].locate(rec)
+
+        recs = [rec for b in blob_ids if (rec := self.store.record(b)) is not None]
+        asked = [locate(rec) for rec in recs if rec.n_chunks > 1 and rec.state != "complete"]
+        try:
+            await asyncio.wait_for(asyncio.gather(*asked), LOCATE_WAIT)
+        except TimeoutError:
+            log.info("prefetch: the sources' locations not learned within %.0fs; the fill goes on", LOCATE_WAIT)
 
     async def _fill_proven(self, blob_id: str, attempts: int) -> None:
         tried = 0

@@ -91,6 +91,91 @@ def test_prefetch_streams_runs_survives_broken_ones_and_leaves_no_page_cache(hub
     assert len(missing) <= 8, f"direct_io=false writes through the page cache; not cached: {missing}"
 
 
+def test_prefetch_asks_the_cdn_location_once_per_blob_before_its_workers_start(hub, tmp_path, big_repo):
+    """One HEAD per blob of several chunks learns the Hub's redirect before the fill's workers
+    start; their range requests then go straight to the CDN. Before, each of the blob's
+    parallel_per_blob workers took the hop itself as 32 requests left at once (the CDN's first
+    byte ~20 ms later in the bench)."""
+    hub.stats.reset()
+    out = _prefetch(hub, tmp_path / "cache")
+    assert out.returncode == 0, out.stderr
+    want = sha256_file(big_repo / "weights.bin")
+    assert sha256_file(tmp_path / "cache" / "blobs" / want[:2] / want) == want
+    got = hub.stats.requests
+    assert got["resolve_head"] == 1, "one HEAD: weights.bin (config.json is one chunk, served by the Hub itself)"
+    assert got["resolve_get"] == 1, f"only config.json's GET went to the Hub, not the workers' first runs: {got}"
+    assert got["cdn_get"] >= 2 and hub.stats.auth_on_cdn == 0
+
+
+def test_a_location_that_cannot_be_learned_leaves_the_hop_to_the_fill(hub, tmp_path, big_repo):
+    """A HEAD that fails (the Hub down, or no redirect: a file the Hub serves itself) records
+    nothing and raises nothing: the fill's requests take the hop as before."""
+    import asyncio
+
+    import aiohttp
+
+    from nodecache.index import BlobRecord
+    from nodecache.metrics import Metrics
+    from nodecache.upstream.hf import HfUpstream
+
+    commit = hub.commits[BIG]
+    want = sha256_file(big_repo / "weights.bin")
+    lfs = BlobRecord(want, 72 * MiB, "sha256", MiB, repo_id=BIG, commit=commit, path="weights.bin")
+    small = BlobRecord("0" * 40, 2, "gitsha1", MiB, repo_id=BIG, commit=commit, path="config.json")
+
+    async def run() -> dict:
+        hub.stats.reset()
+        async with aiohttp.ClientSession() as session:
+            hf = HfUpstream(hub.url, session, Metrics())
+            try:
+                await hf.locate(small)  # 200: the Hub serves it, no redirect to remember
+                hub.down = True
+                await hf.locate(lfs)  # 503
+                unlearned = dict(hf._locations)
+                hub.down = False
+                assert hub.stats.requests["down"] == 1, "the HEAD was asked and refused"
+                await hf.locate(lfs)
+                return {"unlearned": unlearned, "learned": dict(hf._locations)}
+            finally:
+                await hf.close()
+
+    got = asyncio.run(run())
+    assert got["unlearned"] == {}
+    assert list(got["learned"]) == [want] and got["learned"][want][0].startswith(hub.cdn_url + "/blobs/" + want)
+
+
+def test_a_hub_that_does_not_answer_the_head_holds_the_prefetch_up_no_longer_than_locate_wait(
+    tmp_path, big_repo, monkeypatch
+):
+    """The HEADs are a shortcut: when they hang, the prefetch goes on after LOCATE_WAIT and its
+    workers take the hop themselves."""
+    import asyncio
+    import time
+
+    from nodecache import cli, fill
+    from nodecache import config as config_mod
+    from nodecache.testing.hub import HubEmulator
+
+    class SlowHeads(HubEmulator):
+        async def _resolve(self, request, *args):
+            if request.method == "HEAD":
+                self.stats.requests["resolve_head"] += 1
+                await asyncio.sleep(5)
+            return await super()._resolve(request, *args)
+
+    monkeypatch.setattr(fill, "LOCATE_WAIT", 0.3)
+    with SlowHeads() as hub:
+        hub.add_repo(BIG, big_repo)
+        cfg = config_mod.load({"cache_dir": tmp_path / "cache", "hub_url": hub.url, "chunk_size": MiB}, environ={})
+        t0 = time.monotonic()
+        asyncio.run(cli._prefetch_standalone(cfg, BIG))
+        took = time.monotonic() - t0
+        assert hub.stats.requests["resolve_head"] == 1 and hub.stats.requests["resolve_get"] >= 2
+    want = sha256_file(big_repo / "weights.bin")
+    assert sha256_file(tmp_path / "cache" / "blobs" / want[:2] / want) == want
+    assert 0.3 <= took < 4, f"the prefetch took {took:.1f}s"
+
+
 def test_a_reader_through_the_mount_leaves_the_blob_file_out_of_the_page_cache(hub, daemons, big_repo):
     """A FUSE reader's chunks are written with O_DIRECT and its large reads answered with O_DIRECT:
     the kernel keeps the bytes in the mount's page cache; a second copy in the blob file's would

@@ -67,6 +67,10 @@ class Source(Protocol):
         tell: the last bytes are on their way, and a request asked now may go out on the same
         connection the moment they are in (receive.py); else it is not called."""
 
+    async def locate(self, rec: BlobRecord) -> None:
+        """Learn where the blob's bytes are served before many requests for it start (the Hub:
+        its CDN redirect); nothing to learn for most sources. Never raises."""
+
     async def close(self) -> None:
         """Release what the source holds (threads, clients); the shared HTTP session is not its own."""
 
@@ -91,3 +95,6 @@ class PiecewiseSource:
         for a in range(start, end, piece):
             data = await self.fetch(rec, a, min(a + piece, end), background=True)
             yield data if isinstance(data, list) else [data]
+
+    async def locate(self, rec: BlobRecord) -> None:
+        """Each piece is its own request: nothing to learn ahead."""

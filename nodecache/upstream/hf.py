@@ -167,6 +167,24 @@ class HfUpstream:
                 return
         raise UpstreamError(f"{rec.repo_id}/{rec.path}: too many redirects")
 
+    async def locate(self, rec: BlobRecord) -> None:
+        """Learn where the blob's bytes are served (an LFS file's redirect to the CDN) with one
+        HEAD, before a whole-blob fill's workers start: else each of them takes the hop itself,
+        at the moment the loop is busiest (32 requests going out: the redirects came back
+        20-25 ms later, the CDN's first byte ~15 ms later than without the hop). A failure
+        is no error: the fill's requests then take the hop as before."""
+        url, cached = self._location(rec)
+        if cached:
+            return
+        try:
+            async with self.session.head(url, headers=self._headers(url), allow_redirects=False) as resp:
+                self.metrics.upstream_requests.labels(str(resp.status)).inc()
+                if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                    where = urljoin(url, resp.headers["Location"])
+                    self._locations[rec.blob_id] = (where, time.monotonic() + _LOCATION_TTL)
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+
     def _location(self, rec: BlobRecord) -> tuple[str, bool]:
         hit = self._locations.get(rec.blob_id)
         if hit and hit[1] > time.monotonic():
