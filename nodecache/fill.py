@@ -36,6 +36,7 @@ from .upstream import Source, UpstreamError
 log = logging.getLogger(__name__)
 
 PROOF_ATTEMPTS = 3  # a prefetch tries a blob whose proof keeps failing this many times
+_PREPARED = 256  # blobs whose presence a prefetch makes in one index transaction
 LOCATE_WAIT = 2.0  # seconds a prefetch waits to learn where its blobs are served from (Filler._locate)
 
 __all__ = ["FillError", "Filler", "PROOF_ATTEMPTS"]
@@ -331,6 +332,7 @@ class Filler:
         A blob whose proof fails is tried again after its backoff, up to `attempts` times in all.
         """
         ids = list(dict.fromkeys(blob_ids))
+        await self._prepare(ids)
         await self._locate(ids)
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(self._fill_proven(b, attempts)) for b in ids]
@@ -353,6 +355,15 @@ class Filler:
         if bad:
             raise FillError(f"{len(bad)} blob(s) not complete, e.g. {bad[0]} is {self.record(bad[0]).state}")
         report()
+
+    async def _prepare(self, blob_ids: list[str]) -> None:
+        """The presence of every blob to fill, made (sparse file, record) _PREPARED at a time in
+        one index transaction, before the fills start (Store.states): else each fill's first
+        step made its own, with two index syncs, one after another on the loop."""
+        recs = [rec for b in blob_ids if (rec := self.store.record(b)) is not None and rec.state == "partial"]
+        for start in range(0, len(recs), _PREPARED):
+            self.store.states(recs[start : start + _PREPARED])
+            await asyncio.sleep(0)  # the loop serves readers between batches
 
     async def _locate(self, blob_ids: list[str]) -> None:
         """Before a prefetch's fills start: where each blob of several chunks is served from,

@@ -207,30 +207,56 @@ class Store:
 
     def state(self, rec: BlobRecord) -> BlobState:
         """The blob's presence, creating its sparse file on first use."""
-        st = self._states.get(rec.blob_id)
-        if st is not None:
-            self._remember(st.rec)
-        else:
-            validate_blob_id(rec.blob_id)
-            self._remember(self._recs.get(rec.blob_id, rec))
-            rec = self._recs[rec.blob_id]
-            path = self.path(rec.blob_id)
-            if not path.exists():
-                rec.tier = self.placement(rec)
+        return self.states([rec])[0]
+
+    def states(self, recs: list[BlobRecord]) -> list[BlobState]:
+        """`state` of each, the records of the files created written in one transaction: each
+        commit syncs the index (0.3 ms on a quiet disk, ~4 ms while fills write), and a
+        prefetch's first steps are the states of all its blobs, on the loop, before any
+        request leaves (9 blobs: 33-40 ms while the disk was busy)."""
+        found: list[BlobRecord] = []
+        created: list[BlobRecord] = []
+        try:
+            for rec in recs:
+                st = self._states.get(rec.blob_id)
+                if st is not None:
+                    self._remember(st.rec)
+                    found.append(st.rec)
+                    continue
+                validate_blob_id(rec.blob_id)
+                self._remember(self._recs.get(rec.blob_id, rec))
+                rec = self._recs[rec.blob_id]
                 path = self.path(rec.blob_id)
-                path.parent.mkdir(exist_ok=True)
-                with open(path, "wb") as f:
-                    f.truncate(rec.size)
-                self.index.chunks.drop(rec.blob_id)  # a lost file has no chunks
-                if rec.state == "complete":
-                    rec.state = "partial"
-                self.index.blobs.put(rec)
-            present = (
-                self.index.chunks.get(rec.blob_id) if rec.state != "complete" else dict.fromkeys(range(rec.n_chunks), 0)
-            )
-            st = self._states[rec.blob_id] = BlobState(rec, present)
-            if st.missing == rec.n_chunks:
-                self.hashes.start(rec)
+                if not path.exists():
+                    rec.tier = self.placement(rec)
+                    path = self.path(rec.blob_id)
+                    path.parent.mkdir(exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.truncate(rec.size)
+                    if rec.state == "complete":
+                        rec.state = "partial"
+                    created.append(rec)
+                found.append(rec)
+        finally:  # the files made so far are recorded, also if a later one failed
+            if created:
+                with self.index.db.write() as txn:
+                    for rec in created:
+                        self.index.chunks.drop_in(txn, rec.blob_id)  # a lost file has no chunks
+                        self.index.blobs.put_in(txn, rec)
+        out = []
+        for rec in found:
+            st = self._states.get(rec.blob_id)
+            out.append(self._new_state(rec) if st is None else st)
+        return out
+
+    def _new_state(self, rec: BlobRecord) -> BlobState:
+        """The presence of a blob whose file exists (its recorded chunks; all of a complete one)."""
+        present = (
+            self.index.chunks.get(rec.blob_id) if rec.state != "complete" else dict.fromkeys(range(rec.n_chunks), 0)
+        )
+        st = self._states[rec.blob_id] = BlobState(rec, present)
+        if st.missing == rec.n_chunks:
+            self.hashes.start(rec)
         return st
 
     # space ------------------------------------------------------------------

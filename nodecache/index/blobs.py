@@ -38,11 +38,15 @@ class Blobs:
             return None
 
     def put(self, rec: BlobRecord) -> None:
+        with self.db.write() as txn:
+            self.put_in(txn, rec)
+
+    def put_in(self, txn, rec: BlobRecord) -> None:
+        """`put` in the caller's transaction."""
         check_blob(rec)  # what cannot be loaded back must not be stored
         key = rec.blob_id.encode()
-        with self.db.write() as txn:
-            self.counts.change(txn, [(key, self.counts.stored(txn, key), derived(rec))])
-            txn.put(key, encode(rec), db=self.table)
+        self.counts.change(txn, [(key, self.counts.stored(txn, key), derived(rec))])
+        txn.put(key, encode(rec), db=self.table)
 
     def accessed(self, times: list[tuple[str, float]]) -> int:
         """Persist blobs' last_access times (kept in memory while serving), in one transaction;

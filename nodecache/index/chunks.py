@@ -54,18 +54,22 @@ class Chunks:
 
     def drop(self, blob_id: str, indexes: list[int] | None = None) -> None:
         """Forget some (or all) chunks of a blob, e.g. after failed verification."""
+        with self.db.write() as txn:
+            self.drop_in(txn, blob_id, indexes)
+
+    def drop_in(self, txn, blob_id: str, indexes: list[int] | None = None) -> None:
+        """`drop` in the caller's transaction."""
         key = blob_id.encode()
         prefix = key + b"\0"
-        with self.db.write() as txn:
-            cur = txn.cursor(db=self.chunks)
-            if indexes is not None:
-                for i in indexes:
-                    txn.delete(prefix + _U64.pack(i), db=self.chunks)
-                if cur.set_range(prefix) and cur.key().startswith(prefix):
-                    return  # some are left
-            elif cur.set_range(prefix):
-                while cur.key().startswith(prefix):
-                    if not cur.delete():
-                        break
-            if txn.delete(key, db=self.chunked):  # its last chunk
-                self.counts.chunked_changed(txn, key, False)
+        cur = txn.cursor(db=self.chunks)
+        if indexes is not None:
+            for i in indexes:
+                txn.delete(prefix + _U64.pack(i), db=self.chunks)
+            if cur.set_range(prefix) and cur.key().startswith(prefix):
+                return  # some are left
+        elif cur.set_range(prefix):
+            while cur.key().startswith(prefix):
+                if not cur.delete():
+                    break
+        if txn.delete(key, db=self.chunked):  # its last chunk
+            self.counts.chunked_changed(txn, key, False)
