@@ -454,9 +454,10 @@ class Store:
         if got == rec.blob_id:
             rec.state = "complete"
             rec.failures, rec.retry_at, rec.demoted, rec.verified_at = 0, 0.0, [], time.time()
-            self.index.blobs.put(rec)
-            if rec.kind != "source":  # presence of a complete blob is implied; a source blob's xxh3s are its proof
-                self.index.chunks.drop(rec.blob_id)
+            with self.index.db.write() as txn:  # one index sync (on the loop), and both or neither
+                self.index.blobs.put_in(txn, rec)
+                if rec.kind != "source":  # presence of a complete blob is implied; a source blob's xxh3s are its proof
+                    self.index.chunks.drop_in(txn, rec.blob_id)
             return
         self.quarantine(st)
         raise Quarantined(rec.blob_id, f"blob {rec.blob_id} hashed to {got}")

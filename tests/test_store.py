@@ -1012,7 +1012,8 @@ def test_states_of_many_blobs_are_made_with_one_index_transaction(cache: Path, i
     """A prefetch makes the presence of all its blobs first (Filler._prepare): each new sparse
     file's record (its tier; a complete blob whose file is gone becomes partial, its chunks
     forgotten) is written in one transaction for all of them, each commit being an index sync
-    on the loop (two per blob before: 33-40 ms for 9 blobs while the disk was busy)."""
+    on the loop (two per blob before: 33-40 ms for 9 blobs while the disk was busy). A proven
+    blob's end is one transaction too (two before: a job's last blobs end together)."""
     datas = [payload(3 * CS + i, seed=20 + i) for i in range(9)]
     recs = [record("sha256", d) for d in datas]
     for rec in recs:
@@ -1042,6 +1043,16 @@ def test_states_of_many_blobs_are_made_with_one_index_transaction(cache: Path, i
             assert index.blobs.get(rec.blob_id).tier == rec.tier
         assert index.blobs.get(gone.blob_id).state == "partial" and index.chunks.get(gone.blob_id) == {}
         assert store.states(recs) == states[:-1] and len(writes) == 1, "made once: nothing written again"
+
+        async def fill(st) -> None:
+            for i, part in enumerate(chunks_of(datas[1])):
+                await store.write_chunk(st, i, part, cache=False)
+            writes.clear()
+            await store.finish(st)
+
+        asyncio.run(fill(states[1]))
+        assert len(writes) == 1, "a proven blob's record and the forgetting of its chunks: one transaction"
+        assert index.blobs.get(recs[1].blob_id).state == "complete" and index.chunks.get(recs[1].blob_id) == {}
     finally:
         index.db.write = write
         store.close()
