@@ -29,7 +29,7 @@ def _receiver(**kw) -> Receiver:
 
 
 async def _get(rx: Receiver, url: str, start: int, end: int, piece: int) -> tuple[int, list[bytes]]:
-    async with rx.get(url, {"Range": f"bytes={start}-{end - 1}"}) as resp:
+    async with rx.get(url, {"Range": f"bytes={start}-{end - 1}"}, follow=True) as resp:
         return resp.status, [bytes(p[0]) async for p in resp.parts(start, end, piece)]
 
 
@@ -1086,7 +1086,7 @@ def test_follow_ups_given_up_on_never_take_every_thread(monkeypatch):
 
             async def run(give_back) -> None:
                 with contextlib.suppress(UpstreamError):
-                    async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
+                    async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}, follow=True) as resp:
                         async for _ in resp.parts(0, MiB, MiB, give_back):
                             pass
 
@@ -1123,3 +1123,27 @@ def test_follow_ups_given_up_on_never_take_every_thread(monkeypatch):
 async def _get_reader(rx: Receiver, url: str) -> bytes:
     async with rx.get(url, {"Range": f"bytes=0-{MiB - 1}", "X-Reader": "1"}, follow=False) as resp:
         return b"".join([bytes(p[0]) async for p in resp.parts(0, MiB, MiB)])
+
+
+def test_a_request_is_no_follow_up_unless_its_caller_says_so():
+    """Only a caller that may wait for another body's end (a fill's next run, a background chunk)
+    asks with follow=True; any other request (a peer's, an http source's) goes out at once, on a
+    connection of its own, while a body of the same origin is ending."""
+    body, release, answer = _held_end()
+
+    async def main() -> None:
+        async with serving(answer) as (srv, rx):
+            ending = asyncio.Event()
+            async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
+                parts = resp.parts(0, MiB, MiB, ending.set)
+                first = asyncio.ensure_future(anext(parts))
+                await asyncio.wait_for(ending.wait(), 10)
+                async with rx.get(srv.url, {"Range": f"bytes={MiB}-{2 * MiB - 1}"}) as other:
+                    assert resp.follow_up is None and rx._given_up == 0, "it was made a follow-up"
+                    assert [bytes(p[0]) async for p in other.parts(MiB, 2 * MiB, MiB)] == [body[MiB:]]
+                release.set()
+                assert bytes((await first)[0]) == body[:MiB]
+                await parts.aclose()
+            assert srv.connections == 2
+
+    asyncio.run(main())

@@ -387,13 +387,14 @@ class Receiver:
 
     @asynccontextmanager
     async def get(
-        self, url: str, headers: Mapping[str, str], timeout: float | None = None, follow: bool = True
+        self, url: str, headers: Mapping[str, str], timeout: float | None = None, follow: bool = False
     ) -> AsyncIterator[Response]:
         """A GET of `url` (no redirect followed); its connection is given back or closed on exit.
         `timeout`: its connect's and its reads' socket timeout instead of the receiver's (a peer's
         `peer_timeout`, which also bounds its whole fetch: an owner filling through may be silent
-        longer than an upstream ever is). `follow`: it may be a follow-up; False for a request a
-        reader waits for, which never waits for another body's end (it goes out at once)."""
+        longer than an upstream ever is). `follow`: it may be a follow-up (a fill's next run, a
+        background chunk); never a request a reader waits for, which goes out at once rather than
+        wait for another body's end (nor, by default, anything else: a peer's, an http source's)."""
         try:
             parts = urlsplit(url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
