@@ -1147,3 +1147,24 @@ def test_a_request_is_no_follow_up_unless_its_caller_says_so():
             assert srv.connections == 2
 
     asyncio.run(main())
+
+
+def test_a_response_closed_while_it_ends_takes_no_follow_up_and_is_forgotten():
+    """A response whose last bytes were being read, closed by its caller before anyone asked a
+    follow-up: nothing is chained to it later, and the receiver keeps nothing of it."""
+    body, release, answer = _held_end()
+
+    async def main() -> None:
+        async with serving(answer) as (srv, rx):
+            ending = asyncio.Event()
+            async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
+                parts = resp.parts(0, MiB, MiB, ending.set)
+                first = asyncio.ensure_future(anext(parts))
+                await asyncio.wait_for(ending.wait(), 10)
+                await _cancelled(first)
+                await parts.aclose()
+            assert not rx._ending, "a closed response is kept as one that may take a follow-up"
+            assert (await _get(rx, srv.url, MiB, 2 * MiB, MiB)) == (206, [body[MiB:]])
+            release.set()
+
+    asyncio.run(main())

@@ -494,11 +494,7 @@ class Receiver:
         asked meanwhile or back to the pool; a follow-up it cannot take is asked as usual."""
         with self._lock:
             whole = whole and not response._closing  # closed meanwhile: the loop cuts and closes it
-            ending = self._ending.get(conn.origin, [])
-            if response in ending:
-                ending.remove(response)
-                if not ending:
-                    del self._ending[conn.origin]
+            self._not_ending(response)
             follow, response.follow_up = response.follow_up, None
             response._gone = whole  # the close on the loop leaves the connection alone
             if response._given_up:
@@ -536,10 +532,16 @@ class Receiver:
         from its reading thread); from now on it goes nowhere else."""
         with self._lock:
             response._closing = True
-            ending = self._ending.get(response._origin, [])
-            if response in ending:
-                ending.remove(response)
+            self._not_ending(response)
             return not response._gone
+
+    def _not_ending(self, response: Response) -> None:
+        """(Under the lock.) The response takes no follow-up any more."""
+        ending = self._ending.get(response._origin, [])
+        if response in ending:
+            ending.remove(response)
+            if not ending:
+                del self._ending[response._origin]
 
     def _answer(self, origin: tuple[str, str, int], follow: _FollowUp, conn: _Conn | None) -> None:
         """In a thread: a follow-up sent on `conn` (None: as an ordinary request), its answer set."""
