@@ -822,20 +822,28 @@ async def _registered(resp) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _follow_up_waiting(rx: Receiver, srv: Server):
-    """Read [0, 1 MiB) as one part; once its end is on its way, ask [1 MiB, 2 MiB) and wait until it
-    is that response's follow-up. Yields (the first part's task, the follow-up's task)."""
+async def _ending_first(rx: Receiver, srv: Server):
+    """Read [0, 1 MiB) as one part until its end is on its way (`ending`). Yields (the response,
+    its part's task), which the caller awaits or cancels."""
     ending = asyncio.Event()
     async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
         parts = resp.parts(0, MiB, MiB, ending.set)
         first = asyncio.ensure_future(anext(parts))
         await asyncio.wait_for(ending.wait(), 10)
-        follow = asyncio.ensure_future(_get(rx, srv.url, MiB, 2 * MiB, MiB))
-        await _registered(resp)
         try:
-            yield first, follow
+            yield resp, first
         finally:
             await parts.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _follow_up_waiting(rx: Receiver, srv: Server):
+    """`_ending_first`, then [1 MiB, 2 MiB) asked and waited for until it is that response's
+    follow-up. Yields (the first part's task, the follow-up's task)."""
+    async with _ending_first(rx, srv) as (resp, first):
+        follow = asyncio.ensure_future(_get(rx, srv.url, MiB, 2 * MiB, MiB))
+        await _registered(resp)
+        yield first, follow
 
 
 async def _first_then_follow_up(rx: Receiver, srv: Server, body: bytes, release: asyncio.Event):
@@ -1133,17 +1141,12 @@ def test_a_request_is_no_follow_up_unless_its_caller_says_so():
 
     async def main() -> None:
         async with serving(answer) as (srv, rx):
-            ending = asyncio.Event()
-            async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
-                parts = resp.parts(0, MiB, MiB, ending.set)
-                first = asyncio.ensure_future(anext(parts))
-                await asyncio.wait_for(ending.wait(), 10)
+            async with _ending_first(rx, srv) as (resp, first):
                 async with rx.get(srv.url, {"Range": f"bytes={MiB}-{2 * MiB - 1}"}) as other:
                     assert resp.follow_up is None and rx._given_up == 0, "it was made a follow-up"
                     assert [bytes(p[0]) async for p in other.parts(MiB, 2 * MiB, MiB)] == [body[MiB:]]
                 release.set()
                 assert bytes((await first)[0]) == body[:MiB]
-                await parts.aclose()
             assert srv.connections == 2
 
     asyncio.run(main())
@@ -1156,13 +1159,8 @@ def test_a_response_closed_while_it_ends_takes_no_follow_up_and_is_forgotten():
 
     async def main() -> None:
         async with serving(answer) as (srv, rx):
-            ending = asyncio.Event()
-            async with rx.get(srv.url, {"Range": f"bytes=0-{MiB - 1}"}) as resp:
-                parts = resp.parts(0, MiB, MiB, ending.set)
-                first = asyncio.ensure_future(anext(parts))
-                await asyncio.wait_for(ending.wait(), 10)
+            async with _ending_first(rx, srv) as (_, first):
                 await _cancelled(first)
-                await parts.aclose()
             assert not rx._ending, "a closed response is kept as one that may take a follow-up"
             assert (await _get(rx, srv.url, MiB, 2 * MiB, MiB)) == (206, [body[MiB:]])
             release.set()
