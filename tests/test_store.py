@@ -783,6 +783,97 @@ def test_state_of_complete_blob_whose_file_vanished_becomes_partial(cache: Path,
         fresh.close()
 
 
+class Killed(BaseException):
+    """A kill -9 at this point: raised where the process would die, nothing after it runs."""
+
+
+def _killed(*args, **kw):
+    raise Killed
+
+
+def served_after_restart(cache: Path, index: Index, rec: BlobRecord) -> tuple[str, bytes | None, int]:
+    """After a crash: the blob's stored state, what a complete one's file holds (served as it is,
+    unchecked), and the bytes its tier counts."""
+    again = Store(cache, index)
+    try:
+        again.recover()
+        stored = index.blobs.get(rec.blob_id)
+        path = again.path(rec.blob_id)
+        held = path.read_bytes() if stored.state == "complete" and path.exists() else None
+        return stored.state, held, again.tiers["disk"].used
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("at", ["record", "rename"])
+def test_a_crash_in_an_eviction_leaves_a_complete_blob_whole_or_partial(
+    cache: Path, index: Index, store: Store, at: str, monkeypatch
+):
+    """An eviction writes the blob's record (partial, its chunks forgotten) before its file is
+    renamed away: killed before the record, the blob is still complete with its file; killed
+    after it, partial with nothing recorded. Never complete without its file: the next read
+    makes a new sparse file under that record (and a crash then left zeros served as complete)."""
+    data = payload(2 * CS, seed=31)
+    rec = record("sha256", data)
+    index.blobs.put(rec)
+
+    async def run():
+        await store.finish(await fill(store, rec, data))
+
+    asyncio.run(run())
+    if at == "record":
+        monkeypatch.setattr(index.blobs, "put_in", _killed)
+    else:
+        monkeypatch.setattr(os, "rename", _killed)
+    with pytest.raises(Killed):
+        store.evict(index.blobs.get(rec.blob_id))
+    monkeypatch.undo()
+    crash(store)
+    state, held, used = served_after_restart(cache, index, rec)
+    if state == "complete":
+        assert held == data, "a complete record without its file's bytes"
+        assert used == len(data)
+    else:
+        assert state == "partial" and index.chunks.get(rec.blob_id) == {} and used == 0
+        assert store.path(rec.blob_id).stat().st_blocks == 0, "recover gave the file's blocks back"
+
+
+def test_a_crash_as_a_vanished_complete_blob_is_made_again_never_leaves_it_complete_over_zeros(
+    cache: Path, index: Index, store: Store, monkeypatch
+):
+    """A complete blob whose file is gone (an eviction killed between its rename and its record,
+    before they were ordered; a tier that lost the file) gets a new sparse file at its next read,
+    and becomes partial. Killed before that record is written, the complete record must not be
+    left over the new file: a complete blob is served from its file as it is, here all zeros
+    where a reader wants the blob's bytes)."""
+    data = payload(2 * CS, seed=32)
+    rec = record("sha256", data)
+    index.blobs.put(rec)
+
+    async def run():
+        await store.finish(await fill(store, rec, data))
+
+    asyncio.run(run())
+    crash(store)
+    os.unlink(store.path(rec.blob_id))
+    fresh = Store(cache, index)
+    fresh.recover()
+    monkeypatch.setattr(index.blobs, "put_in", _killed)
+    with pytest.raises(Killed):
+        fresh.state(index.blobs.get(rec.blob_id))
+    monkeypatch.undo()
+    crash(fresh)
+    state, held, _ = served_after_restart(cache, index, rec)
+    assert held is None or held == data, f"a {state} record over a file that is not its bytes"
+    again = Store(cache, index)
+    try:
+        st = again.state(index.blobs.get(rec.blob_id))
+        assert st.rec.state == "partial" and st.missing == 2, "it is fetched again"
+        assert index.blobs.get(rec.blob_id).state == "partial"
+    finally:
+        again.close()
+
+
 def test_fsync_off_still_writes_and_verifies(cache: Path, index: Index):
     store = Store(cache, index, fsync=False)
     data = payload(CS + 17, seed=10)
