@@ -406,13 +406,16 @@ class NodecacheFS:
         if node.kind == "blob":
             self.filler.hold(node.blob_id, paged=False)  # never evicted while open; read with O_DIRECT
             self._generation[fh] = self.filler.generation(node.blob_id)
-            if self.filler.record(node.blob_id).state == "complete":
-                backing = self.filler.store.path(node.blob_id)  # verified: the kernel may read it itself
-                self._paged.add(fh)
-            elif self.fill_on_open:
+            if self.filler.record(node.blob_id).state != "complete" and self.fill_on_open:
                 self.filler.fill_in_background(node.blob_id)
             if (repo := opened_in(path)) is not None:
                 self.filler.opened_in_repo(*repo[:2], node.blob_id, repo[2])
+            # Asked after the fills just started, not before: one that found the file of a complete
+            # blob gone (a crash, a lost tier) made a new sparse one and recorded the blob partial,
+            # and the kernel would have read that file's zeros itself, never asking us.
+            if self.filler.record(node.blob_id).state == "complete":
+                backing = self.filler.store.path(node.blob_id)  # verified: the kernel may read it itself
+                self._paged.add(fh)
         # Content is immutable: let the kernel keep its page cache across opens.
         return Opened(fh, keep_cache=node.kind == "blob", backing=backing)
 

@@ -114,6 +114,32 @@ def test_kill9_during_eviction_churn_leaves_a_consistent_store(hub, daemons, tmp
     wait_until(disk_agrees, "the tier's usage to match the blob files on disk", timeout=30)
 
 
+def test_a_complete_blob_whose_file_is_gone_is_read_right_not_from_a_new_empty_file(hub, daemons, tmp_path):
+    """A complete record without its file: a kill -9 in an eviction between the file's rename and
+    the record left it so (before the record went first), a tier may lose a file. The open of a
+    weight file whose snapshot fill runs starts that blob's fill, which makes a new sparse file
+    and records the blob partial: the open must not hand that file to the kernel as the complete
+    blob's (passthrough), whose reader read its zeros (a kill -9 churn test read a file so)."""
+    import os
+
+    files = {"f0.bin": os.urandom(2 * MiB), "f1.bin": os.urandom(2 * MiB)}
+    commit = hub.add_repo("org/vanished", files)
+    cache = tmp_path / "cache"
+    d = daemons(repos=("org/vanished",), cache_dir=cache, workdir=tmp_path)
+    snap = snapshot_dir(d, "org/vanished", commit)
+    assert (snap / "f1.bin").read_bytes() == files["f1.bin"]
+    wait_until(lambda: d.status()["blobs"]["complete"] >= 1, "f1.bin verified")
+    d.kill9()
+    [gone] = cache.glob(f"blobs/*/{hashlib.sha256(files['f1.bin']).hexdigest()}")
+    gone.unlink()
+
+    d = daemons(repos=("org/vanished",), cache_dir=cache, workdir=tmp_path)
+    snap = snapshot_dir(d, "org/vanished", commit)
+    assert (snap / "f0.bin").read_bytes() == files["f0.bin"]  # the snapshot's fill runs from here on
+    got = (snap / "f1.bin").read_bytes()
+    assert got == files["f1.bin"], f"{got.count(0)} of {len(got)} bytes are zeros"
+
+
 @pytest.mark.parametrize("flags", ["os.O_RDONLY", "os.O_RDONLY | os.O_DIRECT"], ids=["buffered", "O_DIRECT"])
 def test_sigterm_gives_waiting_readers_eio_then_the_mount_goes(hub, daemons, flags):
     """What kubelet does to the pod: SIGTERM. A reader waiting for upstream bytes gets EIO from
