@@ -772,16 +772,22 @@ def test_kept_connections_are_closed_with_the_buffers_once_idle(monkeypatch):
     asyncio.run(main())
 
 
-def _holds_the_end(body: bytes, release: asyncio.Event, after: bytes = b"", end: bool = False):
-    """An answer that sends the first range asked all but its last 100 bytes, then waits for
-    `release` and sends them (followed by `after`; `end`: closes the connection instead);
-    later ranges whole. Logs each range asked."""
+def _holds_the_end(
+    body: bytes,
+    release: asyncio.Event,
+    after: bytes = b"",
+    end: bool = False,
+    holds=lambda head, n: n == 1,
+):
+    """An answer that sends a range `holds(head, n)` picks (n: the how-manyth request; by default
+    the first) all but its last 100 bytes, then waits for `release` and sends them (followed by
+    `after`; `end`: closes the connection instead); other ranges whole. Logs each range asked."""
     asked: list[tuple[int, int]] = []
 
     async def answer(head, reader, writer) -> bool:
         a, b = _range_of(head)
         asked.append((a, b))
-        if len(asked) > 1:
+        if not holds(head, len(asked)):
             writer.write(_partial(body, a, b) + body[a:b])
             await writer.drain()
             return True
@@ -1076,17 +1082,7 @@ def test_follow_ups_given_up_on_never_take_every_thread(monkeypatch):
     monkeypatch.setattr(receive, "FOLLOW_WAIT", 0.05)
     body = os.urandom(2 * MiB)
     stalled = asyncio.Event()  # set at the end: the held bodies end
-
-    async def answer(head, reader, writer) -> bool:
-        a, b = _range_of(head)
-        if b"x-reader" in head.lower():
-            writer.write(_partial(body, a, b) + body[a:b])
-            await writer.drain()
-            return True
-        writer.write(_partial(body, a, b) + body[a : b - 100])
-        await writer.drain()
-        await stalled.wait()
-        return False
+    answer = _holds_the_end(body, stalled, end=True, holds=lambda head, n: b"x-reader" not in head.lower())
 
     async def main() -> None:
         async with serving(answer, threads=8, read_timeout=20.0) as (srv, rx):

@@ -761,8 +761,9 @@ def test_recover_handles_truncated_and_missing_files_and_skips_complete(cache: P
         fresh.close()
 
 
-def test_state_of_complete_blob_whose_file_vanished_becomes_partial(cache: Path, index: Index, store: Store):
-    data = payload(2 * CS, seed=9)
+def stored_complete(store: Store, index: Index, seed: int) -> tuple[bytes, BlobRecord]:
+    """A two-chunk blob filled and proven in `store`: its bytes and record."""
+    data = payload(2 * CS, seed=seed)
     rec = record("sha256", data)
     index.blobs.put(rec)
 
@@ -770,6 +771,11 @@ def test_state_of_complete_blob_whose_file_vanished_becomes_partial(cache: Path,
         await store.finish(await fill(store, rec, data))
 
     asyncio.run(run())
+    return data, rec
+
+
+def test_state_of_complete_blob_whose_file_vanished_becomes_partial(cache: Path, index: Index, store: Store):
+    data, rec = stored_complete(store, index, seed=9)
     store.close()
     os.unlink(store.path(rec.blob_id))
 
@@ -813,14 +819,7 @@ def test_a_crash_in_an_eviction_leaves_a_complete_blob_whole_or_partial(
     renamed away: killed before the record, the blob is still complete with its file; killed
     after it, partial with nothing recorded. Never complete without its file: the next read
     makes a new sparse file under that record (and a crash then left zeros served as complete)."""
-    data = payload(2 * CS, seed=31)
-    rec = record("sha256", data)
-    index.blobs.put(rec)
-
-    async def run():
-        await store.finish(await fill(store, rec, data))
-
-    asyncio.run(run())
+    data, rec = stored_complete(store, index, seed=31)
     if at == "record":
         monkeypatch.setattr(index.blobs, "put_in", _killed)
     else:
@@ -846,14 +845,7 @@ def test_a_crash_as_a_vanished_complete_blob_is_made_again_never_leaves_it_compl
     and becomes partial. Killed before that record is written, the complete record must not be
     left over the new file: a complete blob is served from its file as it is, here all zeros
     where a reader wants the blob's bytes)."""
-    data = payload(2 * CS, seed=32)
-    rec = record("sha256", data)
-    index.blobs.put(rec)
-
-    async def run():
-        await store.finish(await fill(store, rec, data))
-
-    asyncio.run(run())
+    data, rec = stored_complete(store, index, seed=32)
     crash(store)
     os.unlink(store.path(rec.blob_id))
     fresh = Store(cache, index)
