@@ -416,7 +416,7 @@ class Receiver:
             if asked is not None and not await self._sent_in_time(request):
                 asked = None
             if asked is None:
-                asked = self.submit(self._request, origin, target, dict(headers), caller, timeout)
+                asked = self.submit(self._request, origin, target, request.headers, caller, timeout)
             conn, resp = await asyncio.wrap_future(asked)
         except asyncio.CancelledError:
             caller.leave()  # a follow-up not yet sent is then never sent (last_part)
