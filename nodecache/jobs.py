@@ -92,6 +92,9 @@ class Jobs:
             job.state = "ready"
         except (FillError, UpstreamError) as e:
             job.state, job.error = "error", str(e)
+            # Said in the log too: a job nobody polls (a preload, a test waiting for the repo to
+            # be complete) otherwise ends without a trace, and the log reads like a hang.
+            log.warning("%s job %s (%s) failed: %s", job.kind, job.id, job.ref or "every blob", e)
         except asyncio.CancelledError:
             job.state, job.error = "error", "daemon is shutting down"
         except Exception as e:  # a job never stays "running" forever: it would block its snapshot

@@ -131,6 +131,7 @@ def test_enospc_when_nothing_can_be_evicted(hub, daemons, evict_repos):
         status, body = api(d, "POST", "/v1/prefetch", {"repo": EVICT})
         job = wait_job(d, body)
         assert job["state"] == "error" and "full" in job["error"]
+        assert f"prefetch job {job['id']} ({EVICT}@main " in d.log(), "a failed job says why in the log"
 
 
 @pytest.fixture
