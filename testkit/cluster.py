@@ -26,6 +26,10 @@ class ClusterUnavailable(RuntimeError):
     """The kernel or permissions do not allow namespaces here."""
 
 
+class JobFailed(AssertionError):
+    """A node's prefetch job ended in error while the test waited for the repo."""
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
@@ -194,14 +198,36 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def wait_all_ready(self, repo: str, timeout: float = 300) -> float:
-        """Seconds until every node reports the repo's snapshot complete."""
+    def prefetch(self, repo: str) -> list[str]:
+        """Every node starts filling the repo (POST /v1/prefetch); returns each node's job id."""
+        jobs = []
+        for node in self.nodes:
+            body = json.dumps({"repo": repo}).encode()
+            req = urllib.request.Request(node.url + "/v1/prefetch", data=body, method="POST")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                jobs.append(json.load(r)["id"])
+        return jobs
+
+    def wait_all_ready(self, repo: str, timeout: float = 300, jobs: list[str] | None = None) -> float:
+        """Seconds until every node reports the repo's snapshot complete. `jobs` (prefetch()'s
+        answer): a node whose job failed raises at once, with the job's error: nothing else
+        will complete the repo there (a full disk ended such a job in a second, and the wait
+        went on for its whole timeout)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if all(_complete(n, repo) for n in self.nodes):
                 return time.monotonic() - t0
+            for i, job_id in enumerate(jobs or ()):
+                job = _job(self.nodes[i], job_id)
+                if job["state"] == "error":
+                    raise JobFailed(f"node {i}: prefetch job {job_id} of {repo} failed: {job['error']}")
             time.sleep(0.2)
         raise TimeoutError(f"{repo} not complete on every node after {timeout}s")
+
+
+def _job(node: DaemonProcess, job_id: str) -> dict:
+    with urllib.request.urlopen(f"{node.url}/v1/jobs/{job_id}", timeout=10) as r:
+        return json.load(r)
 
 
 def _complete(node: DaemonProcess, repo: str) -> bool:

@@ -17,12 +17,13 @@ import machine
 import pytest
 from conftest import BIG, SMALL, MiB, counter, full_listener, sha256_file, snapshot_dir, wait_until
 
+from nodecache import mounts
 from nodecache import peers as peers_mod
 from nodecache.index.records import BlobRecord
 from nodecache.metrics import Metrics
 from nodecache.upstream import UpstreamError
 from nodecache.upstream.receive import Receiver
-from testkit.cluster import Cluster
+from testkit.cluster import Cluster, JobFailed
 
 REPO = "org/shared"
 
@@ -104,10 +105,7 @@ def test_chunks_served_to_peers_stay_out_of_the_page_cache(cluster_factory, shar
 
     c = cluster_factory({REPO: shared_repo}, nodes=2)
     need_direct_io(c.nodes[0].cache_dir)
-    for node in c.nodes:
-        req = urllib.request.Request(node.url + "/v1/prefetch", data=json.dumps({"repo": REPO}).encode(), method="POST")
-        urllib.request.urlopen(req, timeout=30).close()
-    c.wait_all_ready(REPO, timeout=300)
+    c.wait_all_ready(REPO, timeout=300, jobs=c.prefetch(REPO))
     assert all(counter(n, "nodecache_peer_bytes_sent_total") > 0 for n in c.nodes)
     for i, node in enumerate(c.nodes):
         for p in sorted(shared_repo.glob("*.safetensors")):
@@ -235,13 +233,40 @@ def test_dns_discovery_through_the_system_resolver(cluster_factory, shared_repo)
             time.sleep(0.1)
         assert sorted(p["peer"] for p in peers) == sorted(n.address for n in c.nodes)
         assert [p["self"] for p in peers].count(True) == 1
-    for node in c.nodes:  # both fill the whole repo at once
-        req = urllib.request.Request(node.url + "/v1/prefetch", data=json.dumps({"repo": REPO}).encode(), method="POST")
-        urllib.request.urlopen(req, timeout=30).close()
-    c.wait_all_ready(REPO, timeout=300)
+    jobs = c.prefetch(REPO)  # both fill the whole repo at once
+    c.wait_all_ready(REPO, timeout=300, jobs=jobs)
     size = sum(p.stat().st_size for p in shared_repo.iterdir())
     assert c.hub_stats()["data_bytes"] <= 1.05 * size
     assert all(counter(n, "nodecache_peer_bytes_received_total") > 0 for n in c.nodes)
+
+
+def test_a_full_disk_ends_both_prefetches_with_an_error_not_a_wait(tmp_path, shared_repo):
+    """Two nodes whose caches share a filesystem too small for the repo (min_free binds: each
+    evicts to make room, as the DNS test's nodes did on a nearly full disk) both prefetch it:
+    each job ends in error, "full", and says so in the node's log. Before, the jobs ended so
+    in a second, silently, and wait_all_ready waited its whole timeout (the DNS test: 300 s)."""
+    if reason := machine.netns() or machine.mount_tmpfs():
+        pytest.skip(reason)
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    mounts.mount("tmpfs", str(fs), "tmpfs", 0, "size=320m")  # 256 MiB usable, the repo is 512 MiB
+    try:
+        (fs / "cluster").mkdir()
+        env = {"NODECACHE_MIN_FREE": str(64 * MiB), "NODECACHE_DIRECT_IO": "false"}  # tmpfs: no O_DIRECT
+        with Cluster(fs / "cluster", {REPO: shared_repo}, nodes=2, env=env) as c:
+            jobs = c.prefetch(REPO)
+            t0 = time.monotonic()
+            with pytest.raises(JobFailed, match="full"):
+                c.wait_all_ready(REPO, timeout=60, jobs=jobs)
+            for node, job_id in zip(c.nodes, jobs, strict=True):
+                with urllib.request.urlopen(f"{node.url}/v1/jobs/{job_id}?wait=60", timeout=70) as r:
+                    job = json.load(r)
+                assert job["state"] == "error" and "full" in job["error"], job
+                assert f"prefetch job {job_id} ({REPO}@main " in node.log(), "a failed job is in the log"
+            assert time.monotonic() - t0 < 60
+            assert all(n.proc.poll() is None for n in c.nodes)
+    finally:
+        mounts.unmount(str(fs))
 
 
 def test_peer_uploads_are_paced(hub, daemons, small_repo):
