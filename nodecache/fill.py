@@ -332,17 +332,33 @@ class Filler:
         A blob whose proof fails is tried again after its backoff, up to `attempts` times in all.
         """
         ids = list(dict.fromkeys(blob_ids))
-        await self._prepare(ids)
-        await self._locate(ids)
+        # Each blob is kept (as a scrub keeps its blob) from its prepare until its fill ends: in
+        # between (the sources located, LOCATE_WAIT at most) it is not yet `running`, and an
+        # eviction round would take the chunks a resumed prefetch has stored already.
+        kept = self.store.in_use.kept
+        held = set(ids)
+
+        def let_go(blob_id: str) -> None:
+            if blob_id in held:
+                held.discard(blob_id)
+                _count(kept, blob_id, -1)
+
+        for b in ids:
+            _count(kept, b, 1)
         loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(self._fill_proven(b, attempts)) for b in ids]
+        tasks: list[asyncio.Task] = []
 
         def report() -> None:
             if progress:
                 progress(sum(self.cached_bytes(b) for b in ids))
 
-        report()
         try:
+            await self._prepare(ids)
+            await self._locate(ids)
+            for b in ids:
+                tasks.append(loop.create_task(self._fill_proven(b, attempts)))
+                tasks[-1].add_done_callback(lambda _, b=b: let_go(b))
+            report()
             while tasks and not all(t.done() for t in tasks):
                 await asyncio.wait(tasks, timeout=0.25)
                 report()
@@ -351,6 +367,8 @@ class Filler:
         finally:
             for t in tasks:
                 t.cancel()
+            for b in list(held):
+                let_go(b)
         bad = [b for b in ids if self.record(b).state != "complete"]
         if bad:
             raise FillError(f"{len(bad)} blob(s) not complete, e.g. {bad[0]} is {self.record(bad[0]).state}")

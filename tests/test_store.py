@@ -19,6 +19,7 @@ from nodecache.layout import FileEntry, InvalidName
 from nodecache.quarantine import Quarantined
 from nodecache.store import Store
 from nodecache.tier import Tier
+from nodecache.upstream import PiecewiseSource
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -1138,6 +1139,70 @@ def test_states_of_many_blobs_are_made_with_one_index_transaction(cache: Path, i
         assert index.blobs.get(recs[1].blob_id).state == "complete" and index.chunks.get(recs[1].blob_id) == {}
     finally:
         index.db.write = write
+        store.close()
+
+
+class _GatedSource(PiecewiseSource):
+    """Serves blobs from memory; its `locate` (asked between a prefetch's prepare and its fills)
+    waits until the test lets it go."""
+
+    name, kind = "gated", "upstream"
+
+    def __init__(self, datas: dict[str, bytes]):
+        self.datas = datas
+        self.locating, self.go = asyncio.Event(), asyncio.Event()
+
+    async def fetch(self, rec: BlobRecord, start: int, end: int, background: bool = False) -> bytes:
+        return self.datas[rec.blob_id][start:end]
+
+    async def locate(self, rec: BlobRecord) -> None:
+        self.locating.set()
+        await self.go.wait()
+
+
+def test_a_prefetch_keeps_the_blobs_it_prepared_until_their_fills_end(cache: Path, index: Index):
+    """Filler._prepare makes every blob's presence before any fill starts (one index transaction),
+    then _locate waits up to LOCATE_WAIT. A blob with chunks stored already (a prefetch resumed)
+    was protected by nothing meanwhile: an eviction round then (a reader, another node's peer
+    requests; min_free binds) evicted it, and its fill fetched those chunks again. Now the prefetch
+    keeps each blob from its prepare until its fill ends, and no longer. (A blob with no chunk
+    stored is not in eviction's order at all: nothing to lose.)"""
+    from nodecache.config import Config
+    from nodecache.fill import Filler
+    from nodecache.metrics import Metrics
+
+    datas = [payload(3 * CS, seed=40 + i) for i in range(2)]
+    recs = [record("sha256", d) for d in datas]
+    for rec in recs:
+        index.blobs.put(rec)
+    tier = Tier("disk", cache, quota=64 * CS)
+    evicted: list[str] = []
+    store = Store(cache, index, tiers=[tier])
+    real_evict = store.evict
+    store.evict = lambda rec: (evicted.append(rec.blob_id), real_evict(rec))[1]
+    source = _GatedSource({r.blob_id: d for r, d in zip(recs, datas, strict=True)})
+    ids = [r.blob_id for r in recs]
+
+    async def main() -> None:
+        await store.write_chunk(store.state(recs[0]), 0, datas[0][:CS])  # an earlier fill stored one chunk
+        filler = Filler(Config(cache_dir=cache, parallel_total=4), index, store, lambda rec, k: [source], Metrics())
+        job = asyncio.ensure_future(filler.fill_blobs(ids))
+        await asyncio.wait_for(source.locating.wait(), 10)  # prepared, no fill started yet
+        prepared = [store.state(r) for r in recs]
+        assert not filler.blobs.running and not filler.chunks.inflight
+        store.evict_lru(tier, 64 * CS)  # a round that evicts all it may
+        assert evicted == [], "no blob a prefetch prepared is evicted before its fill starts"
+        assert [store.state(r) for r in recs] == prepared and prepared[0].has(0)
+        source.go.set()
+        await asyncio.wait_for(job, 10)
+        assert not any(filler.protected(b) for b in ids), "kept no longer than its fill"
+        store.evict_lru(tier, 64 * CS)
+        assert sorted(evicted) == sorted(ids), "once filled, the blobs are evictable as any other"
+
+    try:
+        asyncio.run(main())
+        assert all(index.blobs.get(b).state == "partial" for b in ids)
+    finally:
         store.close()
 
 
