@@ -14,7 +14,7 @@ import logging
 from collections import deque
 from contextlib import aclosing
 
-from .chunks import Chunks, consume
+from .chunks import Chunks, FillError, consume
 from .config import Config
 from .metrics import Metrics
 from .presence import BlobState
@@ -78,17 +78,25 @@ class BlobFills:
 
     async def _fill_blob(self, st: BlobState, fill: _Fill) -> None:
         # As gather() did: the first worker's error is the fill's, the others finish their chunks;
-        # cancelling the fill cancels them.
+        # cancelling the fill cancels them. Every worker is looked at, also one added (start) while
+        # the wait ran and ended before it did: only the waited-for ones were, and such a worker's
+        # error (NoSpace, an upstream's) was lost; the fill then proved a file with chunks missing,
+        # and quarantined the blob as if its sources had served wrong bytes.
         try:
-            while pending := [w for w in fill.workers if not w.done()]:
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-                for w in done:
-                    if not w.cancelled() and w.exception() is not None:
+            while True:
+                for w in fill.workers:
+                    if w.done() and not w.cancelled() and w.exception() is not None:
                         raise w.exception()
+                pending = [w for w in fill.workers if not w.done()]
+                if not pending:
+                    break
+                await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
         except asyncio.CancelledError:
             for w in fill.workers:
                 w.cancel()
             raise
+        if st.missing:  # never prove a file with holes: that failed proof would blame the sources
+            raise FillError(f"fill of {st.rec.blob_id} ended with {st.missing} chunk(s) not stored")
         await asyncio.shield(self.chunks.finish(st))
 
     async def _worker(self, st: BlobState, fill: _Fill) -> None:

@@ -30,6 +30,84 @@ def test_run_lengths_shrink_and_cover_the_blob():
     assert run_length(1000, workers=8, most=2) == 2 and run_length(3, workers=8, most=8) == 1
 
 
+def test_a_fill_ends_with_its_workers_error_never_proving_a_blob_with_chunks_missing(tmp_path):
+    """A running fill gains workers (start() again: a prefetch, a snapshot fill, an open). One
+    that failed (NoSpace, an upstream's error) while the fill waited for the others was never
+    looked at: the fill then proved a file with that worker's chunks missing, and quarantined
+    the blob as if its sources had served wrong bytes (seen with a prefetch and readers on a
+    full disk: readers got EIO, "failed verification", instead of ENOSPC)."""
+    import asyncio
+    import hashlib
+
+    from nodecache.config import Config
+    from nodecache.fill import Filler, FillError
+    from nodecache.index import BlobRecord, Index
+    from nodecache.metrics import Metrics
+    from nodecache.store import Store
+    from nodecache.upstream import NotFound, PiecewiseSource
+
+    cs = 64 * 1024
+    data = os.urandom(4 * cs)
+    rec = BlobRecord(blob_id=hashlib.sha256(data).hexdigest(), kind="sha256", size=len(data), chunk_size=cs)
+
+    class Source(PiecewiseSource):
+        """Chunk 1 is refused the first time (NotFound: never retried); the chunk at `gated`
+        waits for `go`."""
+
+        name, kind = "gated", "upstream"
+
+        def __init__(self) -> None:
+            self.go, self.refused, self.gated = asyncio.Event(), False, 0
+
+        async def fetch(self, rec, start: int, end: int, background: bool = False) -> bytes:
+            if start == cs and not self.refused:
+                self.refused = True
+                raise NotFound("chunk 1 is gone")
+            if start == self.gated:
+                await self.go.wait()
+            return data[start:end]
+
+    async def main(store: Store) -> None:
+        source = Source()
+        cfg = Config(cache_dir=tmp_path / "cache", parallel_per_blob=1, parallel_total=4)
+        filler = Filler(cfg, store.index, store, lambda rec, k: [source], Metrics())
+        fill = filler.fill_in_background(rec.blob_id)  # one worker: it waits for chunk 0
+        await asyncio.sleep(0)
+        first = set(filler.blobs._fills[rec.blob_id].workers)
+        assert filler.fill_in_background(rec.blob_id, workers=2) is fill  # a second worker: chunk 1
+        (late,) = filler.blobs._fills[rec.blob_id].workers - first
+        await asyncio.wait_for(asyncio.wait({late}), 10)
+        assert isinstance(late.exception(), NotFound) and not fill.done()
+        source.go.set()  # the first worker fills chunks 0, 2 and 3, and ends
+        with pytest.raises(NotFound):
+            await asyncio.wait_for(fill, 10)
+        assert store.record(rec.blob_id).state == "partial", "not quarantined: nothing was proven"
+        assert filler.blobs.running == {} and filler.chunks.finishing == {}
+
+        # A fill whose presence goes under it (here evicted by hand, past what protects it, and
+        # made again by a reader) ends with an error too, never a proof of a file it did not fill.
+        source.go.clear()
+        source.gated = cs
+        old = store.state(store.record(rec.blob_id))
+        fill = filler.fill_in_background(rec.blob_id)
+        await asyncio.sleep(0)
+        store.evict(store.record(rec.blob_id))
+        assert store.state(store.record(rec.blob_id)) is not old  # a new, empty file
+        source.go.set()
+        with pytest.raises(FillError, match="not stored"):
+            await asyncio.wait_for(fill, 10)
+        assert store.record(rec.blob_id).state == "partial" and filler.chunks.finishing == {}
+
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+    index.blobs.put(rec)
+    store = Store(tmp_path / "cache", index)
+    try:
+        asyncio.run(main(store))
+    finally:
+        store.close()
+        index.close()
+
+
 def test_direct_write_and_read_go_around_the_page_cache(tmp_path):
     need_direct_io(tmp_path)
     path = tmp_path / "blob"
