@@ -134,6 +134,43 @@ def test_enospc_when_nothing_can_be_evicted(hub, daemons, evict_repos):
         assert f"prefetch job {job['id']} ({EVICT}@main " in d.log(), "a failed job says why in the log"
 
 
+def test_a_prefetch_with_readers_on_a_full_tier_gives_right_bytes_or_enospc(hub, daemons, evict_repos):
+    """A prefetch of a repo larger than the quota while every file of it is read through the
+    mount at once: each read returns the file's bytes or fails with ENOSPC, never EIO (a fill
+    whose added worker hit the full tier proved a file with chunks missing and quarantined it:
+    5 failed proofs in 12 runs), nor a wait out to read_timeout; the job ends in error."""
+    import threading
+
+    commit = hub.add_repo(EVICT, evict_repos[EVICT])
+    d = daemons(repos=(EVICT,), env={"NODECACHE_DISK_MAX": str(30 * MiB), "NODECACHE_MIN_FREE": "0"})
+    snap = snapshot_dir(d, EVICT, commit)
+    want = {n: sha256_file(evict_repos[EVICT] / n) for n in FILES}
+
+    def read(name: str, got: dict[str, object]) -> None:
+        try:
+            got[name] = sha256_file(snap / name) == want[name]
+        except OSError as e:
+            got[name] = errno.errorcode.get(e.errno, e.errno)
+
+    for _ in range(4):
+        got: dict[str, object] = {}
+        status, body = api(d, "POST", "/v1/prefetch", {"repo": EVICT})
+        readers = [threading.Thread(target=read, args=(n, got)) for n in FILES]
+        for t in readers:
+            t.start()
+        job = wait_job(d, body)
+        for t in readers:
+            t.join(60)
+        assert status == 202 and not any(t.is_alive() for t in readers)
+        assert all(v in (True, "ENOSPC") for v in got.values()), got
+        # 48 MiB into 30: a fill runs out of room ("full"), or blobs it filled were evicted for
+        # the others' room ("not complete")
+        assert job["state"] == "error" and ("full" in job["error"] or "not complete" in job["error"]), job
+        assert counter(d, "nodecache_verify_failures_total", source="upstream") == 0, "no proof failed"
+        wait_until(lambda: api(d, "GET", "/v1/status")[1]["blobs_filling"] == 0, "the fills ended")
+        api(d, "POST", "/v1/evict", {"all": True})
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A 64 MiB tmpfs of the test's own, so free space is known and nobody else uses it."""
