@@ -27,12 +27,17 @@ class GroupCommit(Generic[T]):
         self._leader: asyncio.Task | None = None
 
     async def __call__(self, item: T) -> None:
+        await self.submit(item)
+
+    def submit(self, item: T) -> asyncio.Future:
+        """Queue the item now; the future ends when a flush took it (or failed, or was cancelled).
+        Cancelling a wait for it does not take it back: a flush may have it already."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.append((item, fut))
         if self._leader is None:
             self._leader = loop.create_task(self._drain())
-        await fut
+        return fut
 
     async def settled(self) -> None:
         """Return once everything handed in so far is flushed (or failed)."""

@@ -34,7 +34,7 @@ from .backoff import proof_backoff
 from .blobfile import HASH_BUF, FdCache, FileSlice, bad_chunks, hash_file, hash_range, new_hasher, own_fd, pread
 from .groupcommit import GroupCommit
 from .index import BlobRecord, Index
-from .inorderhash import InOrderHashes
+from .inorderhash import InOrderHashes, Prefix
 from .inuse import InUse
 from .layout import validate_blob_id
 from .presence import BlobState
@@ -416,20 +416,43 @@ class Store:
 
         try:
             digest = await asyncio.get_running_loop().run_in_executor(None, work, pieces)
-            if isinstance(data, list):
-                data.clear()
-            pieces = None  # the hash holds its own list of the buffers, if it holds them
-            await self._commit((path, st.rec.blob_id, index, digest))
         except BaseException:
-            tier.used -= size
-            if prefix is not None:
-                self.hashes.unhold(prefix, index, spoil=True)
+            self._unreserve(tier, size, prefix, index)
             raise
-        if st.has(index) or self._states.get(st.rec.blob_id) is not st:  # raced with a twin write or an eviction
-            tier.used -= size
-            return
-        st.mark(index)
+        if isinstance(data, list):
+            data.clear()
+        pieces = None  # the hash holds its own list of the buffers, if it holds them
+        # Handed to the group commit, the chunk is recorded whatever becomes of this writer: its
+        # bytes stay counted until the commit ends, and go back only if no record was made. A
+        # writer cancelled by a stop gave them back at once, the record landed anyway, and the
+        # clean stop kept a count short of the chunks recorded (a later start then let the
+        # quota be overrun by as much).
+        commit = self._commit.submit((path, st.rec.blob_id, index, digest))
+        try:
+            await asyncio.shield(commit)
+        finally:
+            if commit.done():
+                self._committed(st, index, size, tier, prefix, commit)
+            else:  # this writer was cancelled, not its commit
+                commit.add_done_callback(lambda c: self._committed(st, index, size, tier, prefix, c))
         self.hashes.kick(st)
+
+    def _committed(
+        self, st: BlobState, index: int, size: int, tier: Tier, prefix: Prefix | None, commit: asyncio.Future
+    ) -> None:
+        """A chunk's group commit ended: present if its record was made, else its bytes go back."""
+        if commit.cancelled() or commit.exception() is not None:
+            self._unreserve(tier, size, prefix, index)
+        elif st.has(index) or self._states.get(st.rec.blob_id) is not st:  # raced with a twin write or an eviction
+            tier.used -= size
+        else:
+            st.mark(index)
+
+    def _unreserve(self, tier: Tier, size: int, prefix: Prefix | None, index: int) -> None:
+        """A chunk that was not recorded: its bytes go back, and a hash that took it is spoiled."""
+        tier.used -= size
+        if prefix is not None:
+            self.hashes.unhold(prefix, index, spoil=True)
 
     def _sync_and_record(self, chunks: list[tuple[Path, str, int, int]]) -> None:
         """One flush per blob file, then one index transaction, for every chunk written meanwhile."""

@@ -1425,6 +1425,70 @@ def test_a_written_chunks_buffer_is_free_before_its_sync_and_record(cache, index
         store.close()
 
 
+def test_a_writer_cancelled_during_its_commit_counts_what_the_index_records(cache, index):
+    """A stop cancels the fills' writers. One whose chunk the group commit has taken is recorded
+    all the same, and must stay counted: a clean stop keeps the count, and one short of the
+    recorded chunks let the next start overrun its quota (a full store answered 200, not 507).
+    One whose commit then fails gives its bytes back."""
+    from nodecache.groupcommit import GroupCommit
+
+    store = Store(cache, index)
+    data = payload(3 * CS, seed=31)
+    rec = record("sha256", data)
+    index.blobs.put(rec)
+    parts = chunks_of(data)
+    taken, gate = threading.Event(), threading.Event()
+    fail = {"on": False}
+    flush = store._sync_and_record
+
+    def gated(chunks) -> None:
+        taken.set()
+        gate.wait(10)
+        if fail["on"]:
+            raise OSError(5, "injected EIO")
+        flush(chunks)
+
+    store._commit = GroupCommit(gated)
+    disk = store.tiers["disk"]
+
+    async def cancelled_in_commit(st, chunks: list[int]) -> None:
+        taken.clear()
+        gate.clear()
+        writes = [asyncio.create_task(store.write_chunk(st, i, parts[i], cache=False)) for i in chunks]
+        deadline = time.monotonic() + 10
+        while not taken.is_set():
+            assert time.monotonic() < deadline, "the commit never started"
+            await asyncio.sleep(0.01)
+        for w in writes:
+            w.cancel()
+        await asyncio.gather(*writes, return_exceptions=True)
+        assert all(w.cancelled() for w in writes)
+        gate.set()
+        await store.settle()
+
+    async def main() -> None:
+        st = store.state(rec)
+        await cancelled_in_commit(st, [0, 1])
+        assert sorted(index.chunks.get(rec.blob_id)) == [0, 1], "recorded though their writers were cancelled"
+        assert st.has(0) and st.has(1) and disk.used == 2 * CS, "counted and present as recorded"
+        fail["on"] = True
+        await cancelled_in_commit(st, [2])
+        assert sorted(index.chunks.get(rec.blob_id)) == [0, 1] and not st.has(2)
+        assert disk.used == 2 * CS, "a chunk never recorded gives its bytes back"
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+        store.close()
+    again = Store(cache, index)
+    try:
+        assert again.clean_start and again.tiers["disk"].used == 2 * CS, "the clean stop kept the true count"
+        assert again.evict(index.blobs.get(rec.blob_id)) == 2 * CS and again.tiers["disk"].used == 0
+    finally:
+        again.close()
+
+
 def test_a_part_refused_for_space_is_left_whole_for_the_retry(cache, index):
     """chunks._fetch writes the same part again once a proof lets space go (NoSpace comes before
     any byte is written): the list must still hold it; once written, it is emptied."""
