@@ -67,7 +67,7 @@ class Chunks:
         # around the page cache, whose fresh pages cost more than the rest of the fill (storage notes).
         self.paged: dict[str, int] = {}
         reserve = reserve_for_demand(cfg.parallel_total)
-        self.slots = Slots(cfg.parallel_total, reserve, self._waited, readers=lambda: bool(self.open))
+        self.slots = Slots(cfg.parallel_total, reserve, self._waited)
         self._tickets: dict[Key, Ticket] = {}  # chunks whose request waits for (or holds) a slot
         self._used: dict[str, dict[str, str]] = {}  # blob id -> {source name: kind} of its current attempt
         self._awaited: dict[str, int] = {}  # blob id -> readers waiting for all of it (its proof)

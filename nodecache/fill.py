@@ -86,8 +86,8 @@ class Filler:
     def hold(self, blob_id: str, paged: bool = True, reader: bool = True) -> None:
         """An open handle (FUSE open, an HTTP download): keep the blob until release().
         `paged`: it reads through the page cache, so the chunks it will read are written there.
-        `reader=False`: nobody waits to read it (a scrub, a peer's background fill): the blob is only
-        kept, and the readers' reserve of the fetch slots may stay lent to background fills."""
+        `reader=False`: nobody reads it (a scrub, a peer's background fill): the blob is only kept,
+        and its fill stays a background one (runs of chunks, queued after read-ahead)."""
         _count(self.chunks.open if reader else self.store.in_use.kept, blob_id, 1)
         if paged:
             _count(self.chunks.paged, blob_id, 1)
@@ -96,8 +96,6 @@ class Filler:
         _count(self.chunks.open if reader else self.store.in_use.kept, blob_id, -1)
         if paged:
             _count(self.chunks.paged, blob_id, -1)
-        if not self.chunks.open:
-            self.chunks.slots.wake()  # the last reader left: fills waiting for a slot may take the reserve
 
     # lookups ------------------------------------------------------------------
 

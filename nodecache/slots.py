@@ -2,18 +2,20 @@
 
 A request that waits for a slot holds a Ticket. Free slots go to the waiting
 ticket of highest priority (then the oldest); a ticket's priority rises when
-a reader starts waiting for what it will fetch. While anyone reads (`readers`:
-a blob is open through the mount or the mirror), read-ahead and background
-fills never take the last `reserve` slots, so a reader that arrives while
-background fills run finds a slot (and, the HTTP pool being larger than
-`total`, a connection) at once. While nobody does (a prefetch of a node
-nobody reads from yet), the reserve is lent to them: an eighth of the node's
-connections would otherwise idle, and at a per-connection cap (a CDN) an
-eighth of its bandwidth with them. A reader that comes while lent slots are
-held takes them back at once: its requests run beside the borrowers' (over
-`total`, by at most the slots still lent) rather than wait for one of them
-to end, which at a per-connection cap is a whole run of chunks later (and a
+a reader starts waiting for what it will fetch. Read-ahead and whole-blob
+fills may hold every slot, but while a reader's request holds or waits for
+one they take none past `total - reserve`, and the reader takes what they
+hold past that (the reserve they borrowed) at once: its requests run beside
+theirs, at most `reserve` over `total`, rather than wait for one of them to
+end, which at a per-connection cap is a whole run of chunks later (and a
 stalled one, a read timeout later).
+
+The reserve is lent, not kept idle, while no reader's request needs it: a
+loader reading a model through the mount waits for the chunks its shard's
+fill fetches (no request of its own), and the fills of the shards it reads
+next are that fill's continuation. Kept for readers while a blob was open,
+an eighth of the node's connections idled for the whole cold start: at a
+per-connection cap (a CDN), an eighth of its bandwidth.
 """
 
 from __future__ import annotations
@@ -39,18 +41,11 @@ class Ticket:
 class Slots:
     """A priority semaphore with a reserve for demand."""
 
-    def __init__(
-        self,
-        total: int,
-        reserve: int,
-        on_wait: Callable[[int, float], None] = lambda p, s: None,
-        readers: Callable[[], bool] = lambda: True,
-    ):
+    def __init__(self, total: int, reserve: int, on_wait: Callable[[int, float], None] = lambda p, s: None):
         if not 0 <= reserve < total:
             raise ValueError(f"reserve {reserve} must be below total {total}")
         self.total, self.reserve = total, reserve
         self.on_wait = on_wait  # (priority, seconds waited) of every granted ticket that had to wait
-        self.readers = readers  # whether anyone reads now: else the reserve is lent out
         self.in_use = [0, 0, 0]  # slots held, by priority at grant time
         self._waiting: list[Ticket] = []
         self._seq = itertools.count()
@@ -61,14 +56,17 @@ class Slots:
 
     @property
     def lent(self) -> int:
-        """Slots of the reserve that read-ahead and background fills hold (taken while nobody read)."""
+        """Slots of the reserve that read-ahead and background fills hold (taken while no reader's request did)."""
         return max(0, self.in_use[AHEAD] + self.in_use[BACKGROUND] - (self.total - self.reserve))
+
+    def reading(self) -> bool:
+        """A reader's request holds or waits for a slot: fills leave it the reserve."""
+        return self.in_use[DEMAND] > 0 or any(w.priority == DEMAND for w in self._waiting)
 
     def _may_take(self, priority: int) -> bool:
         if priority == DEMAND:
             return self.used < self.total + self.lent  # a lent slot is the readers' at once
-        limit = self.total if not self.readers() else self.total - self.reserve
-        return self.used < limit
+        return self.used < (self.total - self.reserve if self.reading() else self.total)
 
     def ticket(self, priority: int) -> Ticket:
         return Ticket(priority, next(self._seq), asyncio.get_running_loop().create_future())
@@ -103,11 +101,6 @@ class Slots:
             t.held = False
             self.in_use[t.grade] -= 1
             self._wake()
-
-    def wake(self) -> None:
-        """Nobody reads any more (`readers` turned false): the reserve may be lent to the waiters now,
-        not only at the next release."""
-        self._wake()
 
     def _grant(self, t: Ticket) -> None:
         t.held = True

@@ -1,9 +1,9 @@
 """Snapshot-aware fill: a reader opened a weight file, so fill the rest of the snapshot it will read.
 
 What and in which order is snapplan's (pure); here the whole-blob fills are
-started: the opened shard, which is being read, with as many workers as
-background fills may hold connections (parallel_total less the demand
-reserve), the small files beside it, then the other shards one after another
+started: the opened shard, which is being read, with a worker per fetch
+slot (parallel_total: a reader's own request takes back the readers' reserve,
+slots.py), the small files beside it, then the other shards one after another
 with as many, each started once every chunk of the one before is claimed. So the shard the loader reads next is complete first, and its open
 is passthrough; shards filling side by side would finish together, late, and
 every one of them be served by the daemon. Every such fetch is a background
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-from .chunks import consume, reserve_for_demand
+from .chunks import consume
 from .config import Config
 from .expiring import ExpiringSet
 from .index import BlobRecord, Index
@@ -77,7 +77,7 @@ class SnapshotFills:
         self.claimed = claimed  # until every chunk of a blob's running fill is claimed by a worker
         self.record, self.read = record, read
         self.warm = warm  # read a complete blob into the page cache (asynchronously)
-        self.workers = max(1, cfg.parallel_total - reserve_for_demand(cfg.parallel_total))
+        self.workers = cfg.parallel_total  # every slot: a reader's request takes back the readers' reserve (slots.py)
         self._tasks: dict[Snapshot, asyncio.Task] = {}
         self._planned = ExpiringSet(_REPLAN_AFTER, _PLANNED_MAX)
         self._seen = ExpiringSet(_REPLAN_AFTER, _PLANNED_MAX)  # (type, repo, blob) opened lately

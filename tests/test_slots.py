@@ -42,22 +42,21 @@ def _release(slots: Slots, *tickets) -> None:
         slots.release(t)
 
 
-def test_readers_go_first_and_background_never_takes_the_reserve():
+def test_readers_go_first_and_background_never_takes_the_reserve_while_a_reader_s_request_is_in():
     async def main() -> None:
         slots = Slots(4, 1)
         held = await _held(slots, 3)
+        reader = slots.ticket(DEMAND)
+        await asyncio.wait_for(slots.acquire(reader), 1)
         late_bg = slots.ticket(BACKGROUND)
         bg = asyncio.ensure_future(slots.acquire(late_bg))
+        slots.release(held[0])  # 3 of 4 in use, but one is a reader's: the reserve is its
         await asyncio.sleep(0)
-        assert not bg.done(), "the last slot is kept for readers"
-        reader = slots.ticket(DEMAND)
-        await asyncio.wait_for(slots.acquire(reader), 1)  # at once: the reserve
+        assert not bg.done(), "background took the reserve beside a reader's request"
         ahead, reader2 = slots.ticket(AHEAD), slots.ticket(DEMAND)
         waits = [asyncio.ensure_future(slots.acquire(t)) for t in (ahead, reader2)]
         await asyncio.sleep(0)
-        slots.release(held[0])  # one slot: the waiting reader gets it, though it came last
-        await asyncio.sleep(0)
-        assert waits[1].done() and not waits[0].done() and not bg.done()
+        assert waits[1].done() and not waits[0].done(), "the reader's second request went first"
         slots.promote(late_bg, DEMAND)  # a reader now waits for what it fetches
         slots.release(held[1])
         await asyncio.sleep(0)
@@ -89,16 +88,14 @@ def test_a_cancelled_waiter_gives_its_slot_back():
     asyncio.run(main())
 
 
-def test_the_reserve_is_lent_while_nobody_reads_and_taken_back_at_once_by_a_reader():
+def test_the_reserve_is_lent_while_no_reader_s_request_needs_it_and_taken_back_at_once():
     async def main() -> None:
-        reading = False
-        slots = Slots(4, 1, readers=lambda: reading)
-        held = await _held(slots, 4)  # all four: nobody reads
-        assert slots.lent == 1
-        reading = True  # a reader opens a blob: the lent slot is its own again, at once
+        slots = Slots(4, 1)
+        held = await _held(slots, 4)  # all four: no reader's request is in
+        assert slots.lent == 1 and not slots.reading()
         reader, reader2, bg = slots.ticket(DEMAND), slots.ticket(DEMAND), slots.ticket(BACKGROUND)
         await asyncio.wait_for(slots.acquire(reader), 1)
-        assert slots.used == 5, "beside the borrower, which runs on"
+        assert slots.used == 5 and slots.reading(), "beside the borrower, which runs on"
         waits = [asyncio.ensure_future(slots.acquire(t)) for t in (bg, reader2)]
         await asyncio.sleep(0)
         assert not any(w.done() for w in waits), "no more than the reserve: the reader's second request waits"
@@ -120,50 +117,28 @@ def test_the_reserve_is_lent_while_nobody_reads_and_taken_back_at_once_by_a_read
     asyncio.run(main())
 
 
-def test_waiting_fills_take_the_reserve_as_soon_as_the_last_reader_leaves():
+def test_waiting_fills_take_the_reserve_as_soon_as_the_readers_requests_are_out():
     async def main() -> None:
-        reading = True
-        slots = Slots(4, 1, readers=lambda: reading)
-        held = await _held(slots, 3)
+        slots = Slots(4, 1)
+        held = await _held(slots, 2)
+        reader = slots.ticket(DEMAND)
+        await slots.acquire(reader)
         late = slots.ticket(BACKGROUND)
         waiting = asyncio.ensure_future(slots.acquire(late))
         await asyncio.sleep(0)
-        assert not waiting.done(), "the reserve is kept while someone reads"
-        reading = False
-        slots.wake()  # what the fill path calls when the last reader lets go (no slot was released)
+        assert not waiting.done(), "the reserve is kept while a reader's request is in"
+        slots.release(reader)
         await asyncio.wait_for(waiting, 1)
+        assert slots.used == 3
         _release(slots, *held, late)
         assert slots.used == 0
 
     asyncio.run(main())
 
 
-def test_the_fill_path_wakes_the_slots_when_the_last_reader_lets_go(tmp_path):
-    async def main(filler: Filler) -> None:
-        slots = filler.chunks.slots
-        filler.hold("b1")
-        held = await _held(slots, 3)
-        late = slots.ticket(BACKGROUND)
-        waiting = asyncio.ensure_future(slots.acquire(late))
-        await asyncio.sleep(0)
-        assert not waiting.done()
-        filler.release("b1")  # the last open handle closes
-        await asyncio.wait_for(waiting, 1)  # on the old code: until some other request ended
-        _release(slots, *held, late)
-
-    index = Index(tmp_path / "index", map_size=64 * MiB)
-    store = Store(tmp_path / "cache", index)
-    try:
-        cfg = Config(cache_dir=tmp_path / "cache", parallel_total=4)
-        asyncio.run(main(Filler(cfg, index, store, lambda rec, k: [], Metrics())))
-    finally:
-        store.close()
-        index.close()
-
-
 def test_a_scrub_keeps_its_blob_but_does_not_count_as_a_reader(tmp_path):
-    """A scrub pass over a large cache takes hours at scrub_bps: a prefetch meanwhile keeps the
-    readers' reserve lent (a reader would take it back at once), and the blob is not evicted."""
+    """A scrub pass over a large cache takes hours at scrub_bps: it is no reader (a fill of the
+    blob meanwhile would not go ahead as read-ahead), and the blob is not evicted."""
     data = os.urandom(3 * 64 * 1024)
     blob_id = hashlib.sha256(data).hexdigest()
     rec = BlobRecord(blob_id=blob_id, kind="sha256", size=len(data), chunk_size=64 * 1024)
@@ -182,7 +157,7 @@ def test_a_scrub_keeps_its_blob_but_does_not_count_as_a_reader(tmp_path):
 
         check = asyncio.ensure_future(Scrubber(store, filler, Metrics(), 0).check(blob_id, pace))
         await asyncio.wait_for(inside.wait(), 10)
-        assert not filler.chunks.slots.readers(), "a scrub is not a reader: the reserve stays lent"
+        assert not filler.chunks.is_open(blob_id), "a scrub is not a reader: its fill would be a background one"
         assert store.in_use.protected(blob_id), "...but its blob is not evicted under the hash"
         go.set()
         assert await asyncio.wait_for(check, 10) is True
@@ -281,10 +256,10 @@ def _owner(hub, daemons, big_repo, **env: str):
 # ---- through the mount -------------------------------------------------------------------------
 
 
-def test_a_reader_is_served_while_background_fills_hold_every_other_connection(hub, daemons, big_repo):
-    # 4 slots, one kept for readers: the whole-blob fill started by the open gets 3 and its 4th
-    # worker waits; those 3 requests hang in the emulator until the test lets them go.
-    held = [Fault("hold") for _ in range(3)]
+def test_a_reader_is_served_while_the_fill_of_its_blob_holds_every_connection(hub, daemons, big_repo):
+    # 4 slots: the whole-blob fill started by the open takes all 4 (no reader's request needs the
+    # readers' reserve yet); those requests hang in the emulator until the test lets them go.
+    held = [Fault("hold") for _ in range(4)]
     env = {
         "NODECACHE_PARALLEL_TOTAL": "4",
         "NODECACHE_PARALLEL_PER_BLOB": "4",
@@ -298,22 +273,20 @@ def test_a_reader_is_served_while_background_fills_hold_every_other_connection(h
     fd = os.open(weights, os.O_RDONLY)
     try:
         for f in held:
-            assert f.reached.wait(30), "the background fill did not start its requests"
-        wait_until(lambda: daemon.status()["fills_inflight"] >= 4, "the fill's fourth chunk waiting for a slot")
+            assert f.reached.wait(30), "the fill of an open blob did not take every connection"
         got: list[bytes] = []
         reader = threading.Thread(target=lambda: got.append(os.pread(fd, 4096, 60 * MiB + 5)))
         reader.start()
-        reader.join(30)  # bounds a failure only: with background holding every slot it would hang
+        reader.join(30)  # bounds a failure only: waiting for a slot it would hang
         assert got == [want[60 * MiB + 5 : 60 * MiB + 5 + 4096]], "the reader was served"
-        assert not any(f.release.is_set() for f in held), "...while the background requests still hung"
+        assert not any(f.release.is_set() for f in held), "...while the fill's requests still hung"
         assert counter(daemon, "nodecache_read_wait_seconds_count") >= 1
     finally:
         for f in held:
             f.release.set()
         os.close(fd)
     wait_until(lambda: verified(weights), "the fill finished once released")
-    # The fourth worker's wait: the fill of a blob a reader has open queues as read-ahead does.
-    assert counter(daemon, "nodecache_fill_slot_wait_seconds_count", priority="ahead") >= 1
+    assert weights.read_bytes() == want
 
 
 def test_a_reader_waiting_for_a_verify_before_serve_proof_goes_before_background_fills(hub, daemons, small_repo):
