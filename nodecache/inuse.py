@@ -16,8 +16,8 @@ class InUse:
     pinned: set[str] = field(default_factory=set)  # blob ids kept by pins
     open: dict[str, int] = field(default_factory=dict)  # blob id -> open handles / reads in progress
     # blob id -> holds of what is no reader (a scrub's re-hash, a peer's background fill, a prefetch
-    # from the files it makes to its fills' ends): the blob is kept, but the readers' share of the
-    # fetch slots may still be lent out (slots.py)
+    # from the files it makes to its fills' ends): the blob is kept, but its fill's requests do not
+    # go ahead as a reader's read-ahead does (blobfill.py)
     kept: dict[str, int] = field(default_factory=dict)
     inflight: dict[tuple[str, int], asyncio.Task] = field(default_factory=dict)  # (blob, chunk) fetches
     running: dict[str, asyncio.Task] = field(default_factory=dict)  # whole-blob fills
