@@ -327,7 +327,7 @@ def test_a_reader_waiting_for_a_verify_before_serve_proof_goes_before_background
 def test_a_peer_filling_in_the_background_waits_behind_the_owner_s_readers(hub, daemons, big_repo):
     """The peer API: a chunk a peer's reader waits for is demand on the owner; a peer's
     background fill says so (background=1) and queues behind the owner's own fills."""
-    held = [Fault("hold") for _ in range(3)]
+    held = [Fault("hold") for _ in range(4)]
     env = {"NODECACHE_READ_AHEAD_CHUNKS": "0", "NODECACHE_FILL_SNAPSHOT_ON_OPEN": "false"}
     daemon, commit, weights, want, blob = _owner(hub, daemons, big_repo, **env)
 
@@ -335,11 +335,11 @@ def test_a_peer_filling_in_the_background_waits_behind_the_owner_s_readers(hub, 
         return _peer_chunk(daemon, blob, commit, k, **extra)
 
     hub.faults.extend(held)
-    fd = os.open(weights, os.O_RDONLY)  # the owner's own whole-blob fill: 3 requests hang, the 4th waits
+    fd = os.open(weights, os.O_RDONLY)  # the owner's own whole-blob fill: its 4 requests hang
     try:
         for f in held:
-            assert f.reached.wait(30), "the background fill did not start its requests"
-        wait_until(lambda: daemon.status()["fills_inflight"] >= 4, "the fill's fourth chunk waiting for a slot")
+            assert f.reached.wait(30), "the fill of an open blob did not take every slot"
+        wait_until(lambda: daemon.status()["fills_inflight"] >= 4, "the fill's four requests in")
         got: list[bytes] = []
         behind = threading.Thread(target=lambda: got.append(peer_get(50, background="1")))
         behind.start()
