@@ -298,8 +298,8 @@ class Chunks:
 
 
 def reserve_for_demand(total: int) -> int:
-    """Slots read-ahead and background fills leave free for readers while any blob is read: an
-    eighth, at least one."""
+    """Slots read-ahead and background fills leave to readers while a reader's request holds or
+    waits for one (slots.py): an eighth, at least one (none of a single slot)."""
     return max(1, total // 8) if total > 1 else 0
 
 

@@ -1,4 +1,5 @@
-"""The node's fetch slots: at most `total` chunk requests at once, readers first.
+"""The node's fetch slots: at most `total` chunk requests at once (up to `reserve` more while
+readers take back lent slots), readers first.
 
 A request that waits for a slot holds a Ticket. Free slots go to the waiting
 ticket of highest priority (then the oldest); a ticket's priority rises when
@@ -8,7 +9,8 @@ one they take none past `total - reserve`, and the reader takes what they
 hold past that (the reserve they borrowed) at once: its requests run beside
 theirs, at most `reserve` over `total`, rather than wait for one of them to
 end, which at a per-connection cap is a whole run of chunks later (and a
-stalled one, a read timeout later).
+stalled one, a read timeout later). Past `reserve` readers' requests at
+once, the next waits until the lent requests have ended and one more does.
 
 The reserve is lent, not kept idle, while no reader's request needs it: a
 loader reading a model through the mount waits for the chunks its shard's

@@ -143,8 +143,8 @@ class SnapshotFills:
     async def _fill(
         self, snapshot: Snapshot, opened: str, files: list[FileEntry], opened_blob: str, reads_here: bool
     ) -> None:
-        # The opened shard is being read: its fill (started by the open, parallel_per_blob
-        # workers) gets the background connections first; the small files go beside it.
+        # The opened shard is being read: its fill (started by the open) gets a worker per slot
+        # and, as read-ahead, the connections before the background fills; the small files go beside it.
         reading = self.start(opened_blob, self.workers)
         started = [t for f in small_files(files, opened) if (t := self.start(f.blob_id, None)) is not None]
         if started:

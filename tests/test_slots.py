@@ -123,14 +123,14 @@ def test_waiting_fills_take_the_reserve_as_soon_as_the_readers_requests_are_out(
         held = await _held(slots, 2)
         reader = slots.ticket(DEMAND)
         await slots.acquire(reader)
-        late = slots.ticket(BACKGROUND)
-        waiting = asyncio.ensure_future(slots.acquire(late))
+        late = [slots.ticket(BACKGROUND) for _ in range(2)]
+        waiting = [asyncio.ensure_future(slots.acquire(t)) for t in late]
         await asyncio.sleep(0)
-        assert not waiting.done(), "the reserve is kept while a reader's request is in"
-        slots.release(reader)
-        await asyncio.wait_for(waiting, 1)
-        assert slots.used == 3
-        _release(slots, *held, late)
+        assert not any(w.done() for w in waiting), "the reserve is kept while a reader's request is in"
+        slots.release(reader)  # both take a slot, the second the reserve
+        await asyncio.wait_for(asyncio.gather(*waiting), 1)
+        assert slots.used == 4 and slots.lent == 1
+        _release(slots, *held, *late)
         assert slots.used == 0
 
     asyncio.run(main())
@@ -307,7 +307,7 @@ def test_a_reader_waiting_for_a_verify_before_serve_proof_goes_before_background
     hub.faults.extend(held)
     fd = os.open(
         weights, os.O_RDONLY
-    )  # a background fill of weights.bin: 3 requests hang, the 4th slot is the readers'
+    )  # the fill of weights.bin, open: 3 of its requests hang, the 4th slot runs on (the proof's requests take it back)
     got: list[bytes] = []
     try:
         for f in held:
@@ -355,8 +355,8 @@ def test_a_peer_filling_in_the_background_waits_behind_the_owner_s_readers(hub, 
 
 
 def test_a_peer_s_background_fill_is_no_reader_of_the_owner(hub, daemons, big_repo):
-    """A peer filling in the background (a cluster preload) is not a reader of the owner: the
-    owner's own prefetch, which nobody reads either, still gets the readers' reserve lent."""
+    """A peer filling in the background (a cluster preload) is not a reader of the owner: its
+    requests are no readers' requests, so the owner's own prefetch keeps the readers' reserve lent."""
     held = [Fault("hold") for _ in range(4)]
     daemon, commit, weights, want, blob = _owner(hub, daemons, big_repo, NODECACHE_FILL_RUN_CHUNKS="1")
     got: list[bytes] = []

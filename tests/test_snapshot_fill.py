@@ -175,7 +175,7 @@ def test_the_shard_read_now_and_the_one_read_next_fill_alone_with_the_background
     # sent as that connection frees), and the next shard's first runs follow connections freed first.
     overlap = asked[:last_opened].count(ids[order[1]])
     assert overlap < 7, f"{overlap} requests of the next shard went before the opened one's last"
-    # 8 slots less the demand reserve (1) = 7 workers for each shard, the opened one first (12 chunks
+    # 8 slots = 8 workers for each shard, the opened one first (12 chunks
     # each); with parallel_per_blob (2) workers a shard sees at most 4 responses at once (each worker
     # asks for its next chunk as the last bytes of the one before are sent).
     assert all(peaks[n] >= 5 for n in order), f"more than parallel_per_blob (2) workers at once: {peaks}"
