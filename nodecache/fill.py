@@ -330,19 +330,18 @@ class Filler:
         A blob whose proof fails is tried again after its backoff, up to `attempts` times in all.
         """
         ids = list(dict.fromkeys(blob_ids))
-        # Each blob is kept (as a scrub keeps its blob) from its prepare until its fill ends: in
-        # between (the sources located, LOCATE_WAIT at most) it is not yet `running`, and an
-        # eviction round would take the chunks a resumed prefetch has stored already.
-        kept = self.store.in_use.kept
+        # Each blob is kept (held as no reader, as a scrub holds its blob) from its prepare until
+        # its fill ends: in between (the sources located, LOCATE_WAIT at most) it is not yet
+        # `running`, and an eviction round would take the chunks a resumed prefetch has stored already.
         held = set(ids)
 
         def let_go(blob_id: str) -> None:
             if blob_id in held:
                 held.discard(blob_id)
-                _count(kept, blob_id, -1)
+                self.release(blob_id, paged=False, reader=False)
 
         for b in ids:
-            _count(kept, b, 1)
+            self.hold(b, paged=False, reader=False)
         loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task] = []
 

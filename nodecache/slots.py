@@ -68,7 +68,9 @@ class Slots:
     def _may_take(self, priority: int) -> bool:
         if priority == DEMAND:
             return self.used < self.total + self.lent  # a lent slot is the readers' at once
-        return self.used < (self.total - self.reserve if self.reading() else self.total)
+        # reading() without its scan of the waiters: a fill is asked only when no reader's request
+        # waits (acquire: nobody waits; _wake: the best waiter, which a reader's would be, is a fill).
+        return self.used < (self.total - self.reserve if self.in_use[DEMAND] else self.total)
 
     def ticket(self, priority: int) -> Ticket:
         return Ticket(priority, next(self._seq), asyncio.get_running_loop().create_future())
