@@ -9,6 +9,9 @@ is passthrough; shards filling side by side would finish together, late, and
 every one of them be served by the daemon. Every such fetch is a background
 one: readers' chunks go ahead (slots.py).
 
+A loader reads a model's config.json seconds before the weights: its open
+starts the weight file the loader opens first (one such fill at a time).
+
 Complete shards the loader reads next are read into the page cache ahead of
 it (`shard_read_ahead` bytes past the newest shard opened): whole-blob fills
 write around it, and a cold passthrough read waits on the disk.
@@ -28,13 +31,14 @@ from .config import Config
 from .expiring import ExpiringSet
 from .index import BlobRecord, Index
 from .layout import FileEntry
-from .snapplan import index_files, is_weight, locate, read_ahead, siblings, small_files
+from .snapplan import first_weight, index_files, is_weight, locate, read_ahead, siblings, small_files
 
 log = logging.getLogger(__name__)
 
 Snapshot = tuple[str, str, str]  # (repo type, repo id, commit)
 _REPLAN_AFTER = 60.0  # a snapshot planned lately is not planned again on every open of a shard
 _PLANNED_MAX = 1024
+CONFIG = "config.json"  # read by a loader first: its open starts the first weight file (_config_opened)
 
 
 @dataclass
@@ -83,6 +87,7 @@ class SnapshotFills:
         self._seen = ExpiringSet(_REPLAN_AFTER, _PLANNED_MAX)  # (type, repo, blob) opened lately
         self._orders: OrderedDict[Snapshot, _Order] = OrderedDict()  # the newest _PLANNED_MAX plans
         self._warming: set[asyncio.Task] = set()
+        self._early: asyncio.Task | None = None  # the fill a config.json's open started (_config_opened)
 
     def opened(
         self, repo_type: str, repo_id: str, blob_id: str, commit: str | None = None, reads_here: bool = True
@@ -98,6 +103,8 @@ class SnapshotFills:
             return None
         self._seen.add((repo_type, repo_id, blob_id))  # looked up at most once a while per blob
         rec = self.record(blob_id)
+        if rec is not None and rec.path == CONFIG and repo_type == "model":
+            return self._config_opened(repo_type, repo_id, rec, blob_id, commit)
         if rec is not None and rec.path and not is_weight(rec.path):
             return None  # not a weight file: no file list is read (a dataset opens 10^5-10^6 of these)
         snapshots = self._candidates(repo_type, repo_id, rec, commit)
@@ -119,6 +126,27 @@ class SnapshotFills:
         task = self._tasks[snapshot] = asyncio.get_running_loop().create_task(fill)
         task.add_done_callback(lambda t: (self._tasks.pop(snapshot, None), consume(t)))
         return task
+
+    def _config_opened(
+        self, repo_type: str, repo_id: str, rec: BlobRecord, blob_id: str, commit: str | None
+    ) -> asyncio.Task | None:
+        """A loader reads a model's config.json seconds before its weights (an inference engine
+        starts its GPUs in between): start the weight file it opens first (snapplan.first_weight);
+        its open plans the rest. At most one such fill at a time on the node, so a tool reading
+        the configs of many models fills at most one first shard, not the models."""
+        if self._early is not None and not self._early.done():
+            return None
+        snapshots = self._candidates(repo_type, repo_id, rec, commit)
+        if any(s in self._tasks or s in self._planned for s in snapshots):
+            return None
+        found = self._snapshot_of(snapshots, blob_id)
+        first = None if found is None or found[1] != CONFIG else first_weight(found[2])
+        if found is None or first is None:
+            return None
+        self._early = self.start(first.blob_id, self.workers)
+        if self._early is not None:
+            log.info("%s@%s: config.json opened, filling %s", repo_id, found[0][2][:12], first.path)
+        return self._early
 
     def _candidates(self, repo_type: str, repo_id: str, rec: BlobRecord | None, commit: str | None) -> list[Snapshot]:
         """Where the blob may have been opened: the given snapshot, else the repo's refs' (main

@@ -51,6 +51,20 @@ def is_weight(path: str) -> bool:
     return path.lower().endswith(WEIGHT_SUFFIXES)
 
 
+def first_weight(files: list[FileEntry]) -> FileEntry | None:
+    """The weight file a transformers-style loader opens first after reading the snapshot's
+    `config.json`: `model.safetensors`, else the first shard of `model-NNNNN-of-MMMMM.safetensors`,
+    at the snapshot's root. None for any other layout: which of several formats, precisions or
+    folders a loader picks is not known from its config."""
+    root = {f.path: f for f in files if "/" not in f.path}
+    if "model.safetensors" in root:
+        return root["model.safetensors"]
+    shards = sorted(
+        n for n in root if (m := _SHARD.fullmatch(n)) and m["stem"] == "model" and m["ext"] == ".safetensors"
+    )
+    return root[shards[0]] if shards else None
+
+
 def small_files(files: list[FileEntry], opened: str) -> list[FileEntry]:
     """Configs, tokenizers, indexes: of the snapshot's root and the opened file's folder, smallest first."""
     folders = {"", posixpath.dirname(opened)}

@@ -87,8 +87,9 @@ def test_lazy_fill_fetches_only_what_is_read(hub, daemons, small_repo):
     os.listdir(snapshot_dir(d, BIG, hub.commits[BIG]))
     os.stat(snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin")
     assert hub.stats.data_bytes == 0, "metadata alone must not fetch content"
-    data = (snapshot_dir(d, SMALL, hub.commits[SMALL]) / "config.json").read_bytes()
-    assert data == (small_repo / "config.json").read_bytes()
+    # Not config.json: its open starts the model's first weight file too (fill_snapshot_on_open).
+    data = (snapshot_dir(d, SMALL, hub.commits[SMALL]) / "tokenizer" / "vocab.txt").read_bytes()
+    assert data == (small_repo / "tokenizer" / "vocab.txt").read_bytes()
     fetched = {blob for blob, _, _ in hub.stats.ranges}
     assert len(fetched) == 1
     assert hub.stats.data_bytes == len(data)

@@ -17,7 +17,7 @@ from conftest import MiB, in_page_cache, need_direct_io, snapshot_dir, verified,
 from safetensors.numpy import save_file
 
 from nodecache.layout import FileEntry
-from nodecache.snapplan import index_files, opened_in, read_ahead, shard_order, siblings, small_files
+from nodecache.snapplan import first_weight, index_files, opened_in, read_ahead, shard_order, siblings, small_files
 
 SHARDED = "org/sharded"
 C = "a" * 40
@@ -76,6 +76,17 @@ def test_a_malformed_index_means_name_order(raw):
     files = [_entry(f"m-0000{i}-of-00003.safetensors") for i in (1, 2, 3)]
     got = _fill_order(files, "m-00001-of-00003.safetensors", {"m.safetensors.index.json": raw})
     assert [f.path for f in got] == ["m-00002-of-00003.safetensors", "m-00003-of-00003.safetensors"]
+
+
+def test_the_weight_file_a_loader_opens_first_after_config_json():
+    shards = [_entry(f"model-0000{i}-of-00003.safetensors") for i in (3, 1, 2)]
+    others = [_entry("config.json"), _entry("model.fp16-00001-of-00002.safetensors"), _entry("pytorch_model.bin")]
+    others += [_entry("sub/model.safetensors"), _entry("model-00001-of-00003.bin")]
+    assert first_weight(shards + others).path == "model-00001-of-00003.safetensors", "the series' first, by name"
+    assert first_weight([*shards, *others, _entry("model.safetensors")]).path == "model.safetensors"
+    # Another format, precision or folder: which one a loader picks is not known from its config.
+    assert first_weight(others) is None and first_weight([]) is None
+    assert first_weight([_entry("model-0001-of-0002.gguf"), _entry("consolidated.safetensors")]) is None
 
 
 # ---- a sharded model through the mount ----------------------------------------------------
@@ -244,6 +255,81 @@ def test_complete_shards_the_loader_reads_next_are_read_into_the_page_cache_ahea
     wait_until(lambda: in_page_cache(blob[order[3]], 0, size), "the window moved on with the reader")
     for n in names:
         assert (snap / n).read_bytes() == (d / n).read_bytes()
+
+
+def test_opening_config_json_fills_the_weight_file_a_loader_opens_first(hub, daemons, sharded_repo):
+    """A loader reads config.json seconds before the weights (an engine starts its GPUs in
+    between): the first shard (name order: the index is not read yet) fills from then on, and
+    nothing else until a weight file is opened; that open plans the rest as before."""
+    d, names, order = sharded_repo
+    commit = hub.add_repo(SHARDED, d)
+    daemon = daemons([SHARDED])
+    snap = snapshot_dir(daemon, SHARDED, commit)
+    ids = _blob_ids(snap)
+    hub.stats.reset()
+    assert (snap / "config.json").read_bytes() == (d / "config.json").read_bytes()
+    wait_until(lambda: verified(snap / names[0]), "the first shard filled and proven")
+    wait_until(lambda: (s := daemon.status())["blobs_filling"] == 0 and s["fills_inflight"] == 0, "a quiet node")
+    assert sorted(_first_requests(hub, ids)) == ["config.json", names[0]], "the first shard and nothing else"
+    with open(snap / order[0], "rb") as f:  # the loader opens the index's first shard
+        assert len(f.read(8)) == 8
+    wait_until(lambda: verified(snap), "the whole snapshot filled and proven")
+    for n in names:
+        assert (snap / n).read_bytes() == (d / n).read_bytes()
+
+
+def test_a_config_json_starts_one_first_shard_at_a_time_and_only_a_models():
+    """A tool reading the configs of many models fills at most one first shard at a time; a
+    config.json in a folder, of a dataset, or beside no `model*.safetensors` starts nothing."""
+    import asyncio
+
+    from nodecache.config import Config
+    from nodecache.index import BlobRecord
+
+    layouts = {
+        "org/a": [_entry("config.json", 10), _entry("model-00001-of-00002.safetensors"), _entry("x-a")],
+        "org/b": [_entry("config.json", 20), _entry("model.safetensors"), _entry("x-b")],
+        "org/c": [_entry("sub/config.json", 30), _entry("sub/model.safetensors"), _entry("model.gguf")],
+        "org/d": [_entry("config.json", 40), _entry("pytorch_model.bin"), _entry("model.fp16.safetensors")],
+        "org/e": [_entry("config.json", 50), _entry("model.safetensors", 60)],
+    }
+    records = {
+        f.blob_id: BlobRecord(f.blob_id, f.size, "sha256", MiB, repo_id=r, commit=C, path=f.path)
+        for r, files in layouts.items()
+        for f in files
+    }
+    index = SimpleNamespace(
+        refs=SimpleNamespace(of=lambda repo_type, repo_id: {"main": C}),
+        snapshots=SimpleNamespace(get=lambda repo_type, repo_id, commit: layouts[repo_id]),
+    )
+    started: list[str] = []
+
+    async def main() -> None:
+        running = asyncio.get_running_loop().create_future()
+
+        def start(blob_id: str, n: int | None) -> asyncio.Future:
+            started.append(blob_id)
+            assert n == Config().parallel_total, "a worker per slot, as the shard a loader opens"
+            return running
+
+        fills = SnapshotFills(Config(), index, start, None, records.get, None, None)
+        config = {r: files[0].blob_id for r, files in layouts.items()}
+        assert fills.opened("model", "org/a", config["org/a"]) is running
+        assert fills.opened("model", "org/b", config["org/b"]) is None, "one first shard at a time"
+        running.set_result(None)
+        assert fills.opened("model", "org/b", config["org/b"]) is None, "looked at once a while per blob"
+        assert fills.opened("dataset", "org/a", config["org/a"]) is None
+        for r in ("org/c", "org/d"):
+            assert fills.opened("model", r, config[r]) is None, r
+        off = SnapshotFills(Config(fill_snapshot_on_open=False), index, start, None, records.get, None, None)
+        assert off.opened("model", "org/e", config["org/e"]) is None
+        assert started == [layouts["org/a"][1].blob_id]
+        assert fills.opened("model", "org/e", config["org/e"]) is running, "once the one before ended"
+        assert started == [layouts["org/a"][1].blob_id, layouts["org/e"][1].blob_id]
+
+    from nodecache.snapfill import SnapshotFills
+
+    asyncio.run(main())
 
 
 def test_fill_snapshot_on_open_false_fills_only_what_is_opened(hub, daemons, sharded_repo):
