@@ -23,6 +23,7 @@ per-connection cap (a CDN), an eighth of its bandwidth.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 from collections.abc import Callable
 
@@ -33,15 +34,21 @@ PRIORITIES = ("demand", "ahead", "background")
 class Ticket:
     """One request's place in line, then its slot until released."""
 
-    __slots__ = ("priority", "seq", "granted", "held", "grade")
+    __slots__ = ("priority", "seq", "granted", "held", "grade", "queued")
 
     def __init__(self, priority: int, seq: int, granted: asyncio.Future):
         self.priority, self.seq, self.granted, self.held = priority, seq, granted, False
         self.grade = priority  # the priority it was granted its slot at
+        self.queued = False  # in line for a slot (acquire), not yet granted, cancelled or given up
 
 
 class Slots:
-    """A priority semaphore with a reserve for demand."""
+    """A priority semaphore with a reserve for demand.
+
+    The line is a heap of (priority, seq, ticket), so a grant costs log(waiting), not a scan of
+    every waiter (a prefetch of many files queues many requests). An entry whose ticket left the
+    line (granted, cancelled) or was promoted (pushed again at its new priority) is stale and
+    dropped when it reaches the top; past twice the live entries the heap is rebuilt."""
 
     def __init__(self, total: int, reserve: int, on_wait: Callable[[int, float], None] = lambda p, s: None):
         if not 0 <= reserve < total:
@@ -49,12 +56,18 @@ class Slots:
         self.total, self.reserve = total, reserve
         self.on_wait = on_wait  # (priority, seconds waited) of every granted ticket that had to wait
         self.in_use = [0, 0, 0]  # slots held, by priority at grant time
-        self._waiting: list[Ticket] = []
+        self._waiting: list[tuple[int, int, Ticket]] = []  # heap; see the class docstring
+        self._queued = 0  # tickets in line (the heap's live entries)
         self._seq = itertools.count()
 
     @property
     def used(self) -> int:
         return sum(self.in_use)
+
+    @property
+    def waiting(self) -> int:
+        """Requests in line for a slot."""
+        return self._queued
 
     @property
     def lent(self) -> int:
@@ -63,12 +76,13 @@ class Slots:
 
     def reading(self) -> bool:
         """A reader's request holds or waits for a slot: fills leave it the reserve."""
-        return self.in_use[DEMAND] > 0 or any(w.priority == DEMAND for w in self._waiting)
+        best = self._best()
+        return self.in_use[DEMAND] > 0 or (best is not None and best.priority == DEMAND)
 
     def _may_take(self, priority: int) -> bool:
         if priority == DEMAND:
             return self.used < self.total + self.lent  # a lent slot is the readers' at once
-        # reading() without its scan of the waiters: a fill is asked only when no reader's request
+        # reading() without its look at the waiters: a fill is asked only when no reader's request
         # waits (acquire: nobody waits; _wake: the best waiter, which a reader's would be, is a fill).
         return self.used < (self.total - self.reserve if self.in_use[DEMAND] else self.total)
 
@@ -77,18 +91,20 @@ class Slots:
 
     async def acquire(self, t: Ticket) -> None:
         """Wait for a slot for this ticket (at once if one is free and nobody better waits)."""
-        if not self._waiting and self._may_take(t.priority):
+        if not self._queued and self._may_take(t.priority):
             self._grant(t)
             return
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        self._waiting.append(t)
+        t.queued = True
+        self._queued += 1
+        self._push(t)
         self._wake()
         try:
             await t.granted
         except asyncio.CancelledError:
-            if t in self._waiting:
-                self._waiting.remove(t)
+            if t.queued:
+                self._leave(t)
             elif t.held:  # granted as we were cancelled: give it back
                 self.release(t)
             raise
@@ -98,6 +114,8 @@ class Slots:
         """A reader now waits for what this ticket fetches: let it ahead (no-op once it holds a slot)."""
         if priority < t.priority and not t.held:
             t.priority = priority
+            if t.queued:
+                self._push(t)  # its old entry is stale now
             self._wake()
 
     def release(self, t: Ticket) -> None:
@@ -113,11 +131,37 @@ class Slots:
         if not t.granted.done():
             t.granted.set_result(None)
 
+    def _push(self, t: Ticket) -> None:
+        heapq.heappush(self._waiting, (t.priority, t.seq, t))
+        if len(self._waiting) > 2 * self._queued + 64:  # mostly stale: keep the heap's size bounded
+            self._waiting = [e for e in self._waiting if _live(e)]
+            heapq.heapify(self._waiting)
+
+    def _leave(self, t: Ticket) -> None:
+        """The ticket is out of line (granted or cancelled): its entries are stale from now on."""
+        t.queued = False
+        self._queued -= 1
+        if not self._queued:
+            self._waiting.clear()
+
+    def _best(self) -> Ticket | None:
+        """The waiting ticket of highest priority, then the oldest (stale entries on top dropped)."""
+        heap = self._waiting
+        while heap and not _live(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][2] if heap else None
+
     def _wake(self) -> None:
         """Hand free slots to the best waiters, in order; stop at the first that may not take one."""
-        while self._waiting:
-            best = min(self._waiting, key=lambda w: (w.priority, w.seq))
+        while (best := self._best()) is not None:
             if not self._may_take(best.priority):
                 return
-            self._waiting.remove(best)
+            heapq.heappop(self._waiting)
+            self._leave(best)
             self._grant(best)
+
+
+def _live(entry: tuple[int, int, Ticket]) -> bool:
+    """A heap entry of a ticket still in line, at the priority it has now."""
+    priority, _, t = entry
+    return t.queued and t.priority == priority

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import os
+import random
 import threading
 import urllib.parse
 import urllib.request
@@ -132,6 +134,107 @@ def test_waiting_fills_take_the_reserve_as_soon_as_the_readers_requests_are_out(
         assert slots.used == 4 and slots.lent == 1
         _release(slots, *held, *late)
         assert slots.used == 0
+
+    asyncio.run(main())
+
+
+class _ScanSlots:
+    """The reference: the line as it was before the heap (a list, the best waiter found by a scan
+    of all of them per grant), with the same rules of who may take a slot."""
+
+    def __init__(self, total: int, reserve: int):
+        self.total, self.reserve, self.in_use, self.waiting_list = total, reserve, [0, 0, 0], []
+        self._seq = itertools.count()
+
+    used = Slots.used
+    lent = Slots.lent
+    _may_take = Slots._may_take
+    _grant = Slots._grant
+    release = Slots.release
+    ticket = Slots.ticket
+
+    def reading(self) -> bool:
+        return self.in_use[DEMAND] > 0 or any(w.priority == DEMAND for w in self.waiting_list)
+
+    async def acquire(self, t) -> None:
+        if not self.waiting_list and self._may_take(t.priority):
+            self._grant(t)
+            return
+        self.waiting_list.append(t)
+        self._wake()
+        try:
+            await t.granted
+        except asyncio.CancelledError:
+            if t in self.waiting_list:
+                self.waiting_list.remove(t)
+            elif t.held:
+                self.release(t)
+            raise
+
+    def promote(self, t, priority: int) -> None:
+        if priority < t.priority and not t.held:
+            t.priority = priority
+            self._wake()
+
+    def _wake(self) -> None:
+        while self.waiting_list:
+            best = min(self.waiting_list, key=lambda w: (w.priority, w.seq))
+            if not self._may_take(best.priority):
+                return
+            self.waiting_list.remove(best)
+            self._grant(best)
+
+
+def test_the_line_grants_as_the_scan_of_every_waiter_did_under_random_cancels_and_promotions():
+    """The heap with lazily dropped entries grants the same tickets, in the same order, as the
+    min() scan it replaces, through random requests, releases, cancellations and promotions."""
+
+    async def run(seed: int) -> None:
+        rng = random.Random(seed)
+        total = rng.randint(1, 9)
+        reserve = rng.randint(0, total - 1)
+        both = (Slots(total, reserve), _ScanSlots(total, reserve))
+        tickets: list[list] = [[], []]  # per implementation, the i-th request's ticket
+        waits: list[list] = [[], []]
+        grants: list[list[int]] = [[], []]  # request numbers in the order their slots were granted
+        for _ in range(rng.randint(20, 300)):
+            op, pick, priority = rng.random(), rng.random(), rng.choice((DEMAND, AHEAD, BACKGROUND))
+            for side, slots in enumerate(both):  # the same step on each
+                mine = tickets[side]
+                if op < 0.45 or not mine:
+                    t = slots.ticket(priority)
+                    n = len(mine)
+                    t.granted.add_done_callback(lambda f, n=n, side=side: f.cancelled() or grants[side].append(n))
+                    mine.append(t)
+                    waits[side].append(asyncio.ensure_future(slots.acquire(t)))
+                    continue
+                i = int(pick * len(mine))
+                if op < 0.7:
+                    slots.release(mine[i])
+                elif op < 0.85:
+                    waits[side][i].cancel()
+                else:
+                    slots.promote(mine[i], priority)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            heap, scan = both
+            assert grants[0] == grants[1], f"seed {seed}: granted in another order"
+            assert heap.in_use == scan.in_use and heap.reading() == scan.reading(), f"seed {seed}"
+            assert [t.held for t in tickets[0]] == [t.held for t in tickets[1]], f"seed {seed}"
+            assert heap.waiting == len(scan.waiting_list), f"seed {seed}"
+            assert len(heap._waiting) <= 2 * heap.waiting + 64, f"seed {seed}: stale entries pile up"
+        for side, slots in enumerate(both):
+            for w in waits[side]:
+                w.cancel()
+            await asyncio.gather(*waits[side], return_exceptions=True)
+            for t in tickets[side]:
+                slots.release(t)
+            assert slots.used == 0
+        assert both[0]._waiting == [] and both[0].waiting == 0
+
+    async def main() -> None:
+        for seed in range(300):
+            await run(seed)
 
     asyncio.run(main())
 
