@@ -15,9 +15,10 @@ until the repo is verified). Measured per N:
   `KiB_per_file_peak_rss`: the peak over the RSS before, per file): flat from 10^4 to
   10^5 is the target.
 
-A job that does not end within `--job-timeout` is stopped there: the row then has
-`finished: false` and the files done by then (`done` bytes over the repo's), so the
-per-file figures are of what it did. The daemon writes without fsync (NODECACHE_FSYNC=false,
+A prefetch that fails or does not end within `--job-timeout` (the command is killed there)
+has `finished: false`, its exit code and last line, and the files done by then (the job's
+`done` bytes over the repo's), so the per-file figures are of what it did. (The command
+gives up itself when the daemon does not answer a poll within 120 s.) The daemon writes without fsync (NODECACHE_FSYNC=false,
 as scale.py), so the disk's sync cost, the same per file at every N, is left out.
 
 Writes bench/results/prefetch_scale.json (`rows`) and .png.
@@ -77,18 +78,21 @@ def run_case(name: str, work: Path, job_timeout: float) -> dict:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             out, _ = proc.communicate(timeout=job_timeout)
-            finished = proc.returncode == 0
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-            finished = False
+        finished = proc.returncode == 0
         wall = time.perf_counter() - t0
         cpu = proc_cpu_seconds(d.pid) - cpu0
-        job = http_json(d.url + "/v1/jobs/1")
+        try:  # a daemon whose loop is stuck (the prefetch's own work) may answer late, or never
+            job = http_json(d.url + "/v1/jobs/1", timeout=120)
+        except (OSError, RuntimeError) as e:
+            job = {"state": f"no answer: {e}", "done": 0, "total": 0, "seconds": wall}
         share = job["done"] / job["total"] if job["total"] else 0.0
         done_files = total_files if finished else round(share * total_files)
         row.update(
             finished=finished,
+            prefetch_exit=proc.returncode,
             state=job["state"],
             done_files=done_files,
             wall_s=round(wall, 2),
@@ -109,8 +113,10 @@ def run_case(name: str, work: Path, job_timeout: float) -> dict:
         )
         return row
     finally:
-        d.stop()
-        hub.stop()
+        try:
+            d.stop()
+        finally:
+            hub.stop()
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
