@@ -54,6 +54,8 @@ from common import (
 )
 from scale import Hub, make_tree, rss_mib
 
+from nodecache.testing.daemon import LeftBehind
+
 CASES = {"1k": 1_000, "10k": 10_000, "100k": 100_000, "1M": 1_000_000}
 REPO = "scale/prefetch"
 
@@ -115,6 +117,8 @@ def run_case(name: str, work: Path, job_timeout: float) -> dict:
     finally:
         try:
             d.stop()
+        except LeftBehind as e:  # stuck in the prefetch's own work: killed, its mount detached
+            row["daemon_stop"] = str(e).splitlines()[0]
         finally:
             hub.stop()
 
