@@ -15,9 +15,11 @@ waits out a backoff and asks the sources that served the failed attempt last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 from .blobfile import FileSlice
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 PROOF_ATTEMPTS = 3  # a prefetch tries a blob whose proof keeps failing this many times
 _PREPARED = 256  # blobs whose presence a prefetch makes in one index transaction
 LOCATE_WAIT = 2.0  # seconds a prefetch waits to learn where its blobs are served from (Filler._locate)
+PREFETCH_WINDOW = 4  # a prefetch fills at most this many times parallel_total blobs at once
+REPORT_EVERY = 0.25  # seconds between a prefetch's progress reports
 
 __all__ = ["FillError", "Filler", "PROOF_ATTEMPTS"]
 
@@ -327,63 +331,115 @@ class Filler:
     ) -> None:
         """Fill and verify blobs completely (prefetch); progress(bytes_done) as it goes.
 
-        A blob whose proof fails is tried again after its backoff, up to `attempts` times in all.
+        The blobs are taken in order, at most PREFETCH_WINDOW x parallel_total filling at once,
+        the next starting as one ends: started all at once, a prefetch of N small files held N
+        fills, their requests and presences for the whole job, and each grant and progress
+        report looked at all N (O(N^2) per job). `bytes_done` counts the blobs reached: what
+        those passed hold (a complete one is passed at once) and what the running ones have
+        stored, counted as they go, not by a look at every blob.
+
+        A blob that fails does not stop the others; once all have ended, the error of the
+        first (in the order given) that failed is raised. A blob whose proof fails is tried
+        again after its backoff, up to `attempts` times in all.
         """
         ids = list(dict.fromkeys(blob_ids))
+        window = PREFETCH_WINDOW * self.cfg.parallel_total
+        loop = asyncio.get_running_loop()
         # Each blob is kept (held as no reader, as a scrub holds its blob) from its prepare until
         # its fill ends: in between (the sources located, LOCATE_WAIT at most) it is not yet
         # `running`, and an eviction round would take the chunks a resumed prefetch has stored already.
-        held = set(ids)
+        held: set[str] = set()
+        running: dict[str, tuple[int, asyncio.Task]] = {}  # blob id -> (its place in ids, its fill)
+        ended: deque[str] = deque()  # blobs whose fills ended, not yet counted
+        wake = asyncio.Event()
+        passed = 0  # bytes of the blobs passed
+        failed: tuple[int, BaseException] | None = None  # the first blob (in ids) that failed
+        next_report = loop.time()
 
         def let_go(blob_id: str) -> None:
             if blob_id in held:
                 held.discard(blob_id)
                 self.release(blob_id, paged=False, reader=False)
 
-        for b in ids:
-            self.hold(b, paged=False, reader=False)
-        loop = asyncio.get_running_loop()
-        tasks: list[asyncio.Task] = []
+        def on_end(blob_id: str) -> None:
+            ended.append(blob_id)
+            wake.set()
+            let_go(blob_id)
 
-        def report() -> None:
-            if progress:
-                progress(sum(self.cached_bytes(b) for b in ids))
+        def stored(blob_id: str) -> int:
+            rec = self.store.record(blob_id)
+            return 0 if rec is None else self.store.cached_bytes(rec)
+
+        async def one_ends() -> None:
+            """Until a fill ends (counted) or a report is due (made)."""
+            nonlocal passed, failed, next_report
+            if not ended:
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_report - loop.time())):
+                        await wake.wait()
+            while ended:
+                i, task = running.pop(ended.popleft())
+                passed += stored(ids[i])
+                if not task.cancelled() and task.exception() is not None and (failed is None or i < failed[0]):
+                    failed = (i, task.exception())
+            if loop.time() >= next_report:
+                if progress:
+                    progress(passed + sum(stored(b) for b in running))
+                next_report = loop.time() + REPORT_EVERY
 
         try:
-            await self._prepare(ids)
-            await self._locate(ids)
-            for b in ids:
-                tasks.append(loop.create_task(self._fill_proven(b, attempts)))
-                tasks[-1].add_done_callback(lambda _, b=b: let_go(b))
-            report()
-            while tasks and not all(t.done() for t in tasks):
-                await asyncio.wait(tasks, timeout=0.25)
-                report()
-            for t in tasks:
-                await t
+            for start in range(0, len(ids), _PREPARED):
+                batch = ids[start : start + _PREPARED]
+                for b in batch:
+                    held.add(b)
+                    self.hold(b, paged=False, reader=False)
+                await self._prepare(batch)
+                await self._locate(batch)
+                for i, b in enumerate(batch, start):
+                    rec = self.store.record(b)
+                    if rec is not None and rec.state == "complete":
+                        passed += rec.size
+                        let_go(b)
+                        continue
+                    while len(running) >= window:
+                        await one_ends()
+                    task = loop.create_task(self._fill_proven(b, attempts))
+                    running[b] = (i, task)
+                    task.add_done_callback(lambda _, b=b: on_end(b))
+            while running:
+                await one_ends()
         finally:
-            for t in tasks:
-                t.cancel()
+            for _, task in running.values():
+                task.cancel()
             for b in list(held):
                 let_go(b)
-        bad = [b for b in ids if self.record(b).state != "complete"]
+        if failed is not None:
+            raise failed[1]
+        done, bad = 0, []
+        for b in ids:  # once, at the end
+            rec = self.record(b)
+            done += self.store.cached_bytes(rec)
+            if rec.state != "complete":
+                bad.append(rec)
         if bad:
-            raise FillError(f"{len(bad)} blob(s) not complete, e.g. {bad[0]} is {self.record(bad[0]).state}")
-        report()
+            raise FillError(f"{len(bad)} blob(s) not complete, e.g. {bad[0].blob_id} is {bad[0].state}")
+        if progress:
+            progress(done)
 
     async def _prepare(self, blob_ids: list[str]) -> None:
-        """The presence of every blob to fill, made (sparse file, record) _PREPARED at a time in
-        one index transaction, before the fills start (Store.states): else each fill's first
-        step made its own, with two index syncs, one after another on the loop."""
+        """The presence of these blobs (a prefetch's next _PREPARED), made (sparse file, record)
+        _PREPARED at a time in one index transaction, before their fills start (Store.states):
+        else each fill's first step made its own, with two index syncs, one after another on the loop."""
         recs = [rec for b in blob_ids if (rec := self.store.record(b)) is not None and rec.state == "partial"]
         for start in range(0, len(recs), _PREPARED):
             self.store.states(recs[start : start + _PREPARED])
             await asyncio.sleep(0)  # the loop serves readers between batches
 
     async def _locate(self, blob_ids: list[str]) -> None:
-        """Before a prefetch's fills start: where each blob of several chunks is served from,
-        asked of its first source (Source.locate; the Hub tells its CDN redirect, most sources
-        have nothing to tell), for all of them at once (at most parallel_total at a time),
+        """Before the fills of a prefetch's next blobs start: where each blob of several chunks
+        is served from, asked of its first source (Source.locate; the Hub tells its CDN redirect,
+        most sources have nothing to tell), for all of them at once (at most parallel_total at a time),
         waiting at most LOCATE_WAIT: a Hub slow to answer must not hold the fill up (its requests
         have their own timeouts and retries)."""
         room = asyncio.Semaphore(self.cfg.parallel_total)

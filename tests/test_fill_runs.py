@@ -108,6 +108,61 @@ def test_a_fill_ends_with_its_workers_error_never_proving_a_blob_with_chunks_mis
         index.close()
 
 
+def test_a_prefetch_of_thousands_of_small_files_fills_a_window_of_them_at_once(tmp_path):
+    """A prefetch takes its blobs in order, at most PREFETCH_WINDOW x parallel_total filling
+    (and a prepared batch more held) at once: started all at once, every fill, its requests and
+    its presence were held for the whole job, and each grant and progress report looked at all
+    of them. Its progress rises as blobs end, to the repo's bytes; the bound is reached, so the
+    window is what limits it, not the source."""
+    import asyncio
+    import hashlib
+
+    from nodecache.config import Config
+    from nodecache.fill import _PREPARED, PREFETCH_WINDOW, Filler
+    from nodecache.index import BlobRecord, Index
+    from nodecache.metrics import Metrics
+    from nodecache.store import Store
+    from nodecache.upstream import PiecewiseSource
+
+    contents = {}
+    for i in range(3000):
+        data = b"file %d\n" % i
+        contents[hashlib.sha256(data).hexdigest()] = data
+    recs = [BlobRecord(blob_id=b, kind="sha256", size=len(d), chunk_size=MiB) for b, d in contents.items()]
+    most = {"running": 0, "held": 0}
+
+    class Source(PiecewiseSource):
+        """Serves the files, a loop turn later (many requests are out at once), and notes how many
+        blobs fill and are held at each request."""
+
+        name, kind = "memory", "upstream"
+
+        async def fetch(self, rec, start: int, end: int, background: bool = False) -> bytes:
+            most["running"] = max(most["running"], len(filler.blobs.running))
+            most["held"] = max(most["held"], len(store.in_use.kept))
+            await asyncio.sleep(0)
+            return contents[rec.blob_id][start:end]
+
+    cfg = Config(cache_dir=tmp_path / "cache", parallel_total=4, parallel_per_blob=1, fsync=False)
+    index = Index(tmp_path / "index", map_size=256 * MiB)
+    for rec in recs:
+        index.blobs.put(rec)
+    store = Store(tmp_path / "cache", index, fsync=False)
+    filler = Filler(cfg, index, store, lambda rec, k: [Source()], Metrics())
+    reports: list[int] = []
+    try:
+        asyncio.run(asyncio.wait_for(filler.fill_blobs([r.blob_id for r in recs], reports.append), 120))
+        assert all(store.record(r.blob_id).state == "complete" for r in recs)
+    finally:
+        store.close()
+        index.close()
+    window = PREFETCH_WINDOW * cfg.parallel_total
+    assert most["running"] == window, f"at most (and up to) {window} blobs fill at once, not {most['running']}"
+    assert most["held"] <= _PREPARED + window, f"{most['held']} blobs held at once"
+    assert reports == sorted(reports) and reports[-1] == sum(r.size for r in recs) and len(reports) > 1
+    assert store.in_use.kept == {} and filler.blobs.running == {}
+
+
 def test_direct_write_and_read_go_around_the_page_cache(tmp_path):
     need_direct_io(tmp_path)
     path = tmp_path / "blob"
