@@ -106,13 +106,13 @@ def run_case(name: str, work: Path, job_timeout: float) -> dict:
         )
         if not finished:
             row["prefetch_output_tail"] = out.strip().splitlines()[-1:] if out else []
-        per = max(1, done_files)
-        row.update(
-            us_per_file_wall=round(1e6 * wall / per, 1),
-            us_per_file_job=round(1e6 * job["seconds"] / per, 1),
-            us_per_file_cpu=round(1e6 * cpu / per, 1),
-            KiB_per_file_peak_rss=round(1024 * (row["peak_rss_MiB"] - rss0) / total_files, 3),
-        )
+        row["KiB_per_file_peak_rss"] = round(1024 * (row["peak_rss_MiB"] - rss0) / total_files, 3)
+        if done_files:  # else not known (the daemon answered no poll): no per-file figure
+            row.update(
+                us_per_file_wall=round(1e6 * wall / done_files, 1),
+                us_per_file_job=round(1e6 * job["seconds"] / done_files, 1),
+                us_per_file_cpu=round(1e6 * cpu / done_files, 1),
+            )
         return row
     finally:
         try:
@@ -131,8 +131,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     labels = [r["case"] + ("" if r.get("finished") else " (stopped)") for r in rows]
-    axes[0].bar(labels, [r.get("us_per_file_wall", 0) for r in rows], color="tab:blue", label="wall")
-    axes[0].plot(labels, [r.get("us_per_file_cpu", 0) for r in rows], "ko", label="daemon CPU")
+    axes[0].bar(labels, [r.get("us_per_file_wall") or 0 for r in rows], color="tab:blue", label="wall")
+    axes[0].plot(labels, [r.get("us_per_file_cpu") or 0 for r in rows], "ko", label="daemon CPU")
     axes[0].set_title("prefetch, us per file (flat in N is the target)")
     axes[0].legend()
     axes[1].bar(labels, [r.get("wall_s", 0) for r in rows], color="tab:orange")
