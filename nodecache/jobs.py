@@ -27,7 +27,7 @@ Work = Callable[[list[str], Callable[[int], None]], Awaitable[dict | None]]
 class Job:
     id: str
     ref: RepoRef | None  # None: every blob of the cache (verify); revision "": every cached revision
-    blobs: list[str]
+    blobs: list[str]  # what the job works on, until it ends
     total: int
     kind: str = "prefetch"  # prefetch | verify
     result: dict = field(default_factory=dict)  # what the work reported (verify: checked, failed, ...)
@@ -102,6 +102,7 @@ class Jobs:
             job.state, job.error = "error", f"internal error: {e.__class__.__name__}: {e}"
         finally:
             job.finished = time.time()
+            job.blobs = []  # a finished job is remembered (MAX_KEPT), its blob list need not be
 
     def _forget_finished(self) -> None:
         """Bounded: past MAX_KEPT jobs, the oldest finished ones are forgotten (running ones never)."""

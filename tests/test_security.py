@@ -279,6 +279,26 @@ def test_a_job_that_hits_an_unexpected_error_ends_in_error():
     assert job.state == "error" and "disk on fire" in job.error
 
 
+def test_a_finished_job_lets_go_of_its_blob_list():
+    """Up to MAX_KEPT finished jobs are remembered for GET /v1/jobs: each kept the ids of every
+    blob it filled (10^5 for a big repo, ~12 MB), so repeated prefetches of one big repo grew the
+    daemon by a repo's list each. A job's answer never showed them."""
+
+    class Filler:
+        async def fill_blobs(self, blobs, progress):
+            progress(len(blobs))
+
+    async def run():
+        jobs = Jobs(Filler())
+        job = jobs.start(RepoRef("model", "org/x", "main", "c" * 40), ["a" * 64, "b" * 64], 2)
+        assert job.blobs == ["a" * 64, "b" * 64]
+        await job.task
+        return job
+
+    job = asyncio.run(run())
+    assert job.state == "ready" and job.done == 2 and job.blobs == []
+
+
 # --- a bounded fuzz of every HTTP face ------------------------------------------------------
 
 HOSTILE = [
