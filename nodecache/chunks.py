@@ -59,6 +59,7 @@ class Chunks:
         self.closing = False
         # Kept in the store's InUse, which eviction asks: open handles / reads in progress,
         # in-flight fetches and whole-blob proofs.
+        self.in_use = store.in_use
         self.open, self.inflight, self.finishing = store.in_use.open, store.in_use.inflight, store.in_use.finishing
         self._fetched: dict[Key, asyncio.Future] = {}  # set once a chunk's bytes are off the wire
         self._wanted: set[Key] = set()  # in-flight chunks a reader waits for: keep them in the page cache
@@ -159,10 +160,10 @@ class Chunks:
         fetched = self._fetched[key] = loop.create_future()
         priority = DEMAND if demand else BACKGROUND if background else AHEAD
         task = loop.create_task(self._fetch(st, k, priority, fetched, sources, handed))
-        self.inflight[key] = task
+        self.in_use.fetch_started(key, task)
         task.add_done_callback(
             lambda t: (
-                self.inflight.pop(key, None),
+                self.in_use.fetch_ended(key),
                 self._fetched.pop(key, None),
                 self._wanted.discard(key),
                 consume(t),

@@ -20,6 +20,7 @@ class InUse:
     # go ahead as a reader's read-ahead does (blobfill.py)
     kept: dict[str, int] = field(default_factory=dict)
     inflight: dict[tuple[str, int], asyncio.Task] = field(default_factory=dict)  # (blob, chunk) fetches
+    fetching: dict[str, int] = field(default_factory=dict)  # blob id -> its chunks in `inflight`
     running: dict[str, asyncio.Task] = field(default_factory=dict)  # whole-blob fills
     finishing: dict[str, asyncio.Task] = field(default_factory=dict)  # whole-blob proofs
 
@@ -30,5 +31,18 @@ class InUse:
             or self.kept.get(blob_id, 0) > 0
             or blob_id in self.running
             or blob_id in self.finishing
-            or any(b == blob_id for b, _ in self.inflight)
+            or self.fetching.get(blob_id, 0) > 0
         )
+
+    def fetch_started(self, key: tuple[str, int], task: asyncio.Task) -> None:
+        """A chunk's fetch, counted by blob: eviction asks of every blob it looks at, and a scan of
+        every fetch in flight per question made a round O(blobs x fetches)."""
+        self.inflight[key] = task
+        self.fetching[key[0]] = self.fetching.get(key[0], 0) + 1
+
+    def fetch_ended(self, key: tuple[str, int]) -> None:
+        if self.inflight.pop(key, None) is None:
+            return
+        left = self.fetching.pop(key[0], 0) - 1
+        if left > 0:
+            self.fetching[key[0]] = left

@@ -1642,3 +1642,21 @@ def test_records_and_presence_in_memory_are_bounded(cache: Path, index: Index):
         assert store.record(empty.blob_id).state == "complete" and store.cached_bytes(st.rec) == 2 * CS
     finally:
         store.close()
+
+
+def test_a_blob_is_kept_while_any_of_its_chunk_fetches_runs_counted_by_blob():
+    """Eviction asks of every blob it looks at: the fetches in flight are counted per blob, not
+    scanned per question, and a blob is spared until its last fetch ends (ending twice is harmless)."""
+    from nodecache.inuse import InUse
+
+    in_use = InUse()
+    a, b = "a" * 64, "b" * 64
+    for key in ((a, 0), (a, 1), (b, 0)):
+        in_use.fetch_started(key, object())
+    in_use.fetch_ended((a, 0))
+    in_use.fetch_ended((a, 0))
+    assert in_use.protected(a) and in_use.protected(b), "a's chunk 1 is still being fetched"
+    in_use.fetch_ended((a, 1))
+    assert not in_use.protected(a) and in_use.protected(b)
+    in_use.fetch_ended((b, 0))
+    assert not in_use.protected(b) and in_use.inflight == {} and in_use.fetching == {}
