@@ -121,6 +121,24 @@ def save_figure(fig, path: Path, title: str | None = None) -> None:
     plt.close(fig)
 
 
+def run_cases(names: list[str], prefix: str, run, keep: bool) -> list[dict]:
+    """run(name, dir) for each case, each in a scratch dir of its own under /var/tmp (large
+    trees: not the tmpfs), removed after it unless `keep`; the rows, in order."""
+    rows = []
+    scratch = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    try:
+        for name in names:
+            print(f"case {name}", file=sys.stderr, flush=True)
+            rows.append(run(name, scratch / name))
+            print(rows[-1], file=sys.stderr, flush=True)
+            if not keep:
+                shutil.rmtree(scratch / name, ignore_errors=True)
+    finally:
+        if not keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
 def wait_quiet(max_wait: float, threshold: float = 0.15) -> dict:
     """Wait (up to max_wait s) until other work leaves the CPUs mostly idle; say what was seen.
 

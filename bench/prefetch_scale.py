@@ -29,10 +29,8 @@ Writes bench/results/prefetch_scale.json (`rows`) and .png.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +46,7 @@ from common import (
     print_table,
     proc_cpu_seconds,
     provenance,
+    run_cases,
     save_figure,
     wait_quiet,
     write_json,
@@ -152,18 +151,9 @@ def main() -> None:
     args = p.parse_args()
     cases = args.cases.split(",") + (["1M"] if args.big else [])
     quiet = wait_quiet(args.wait_quiet)
-    rows = []
-    scratch = Path(tempfile.mkdtemp(prefix="nodecache-bench-prefetch-", dir="/var/tmp"))
-    try:
-        for name in cases:
-            print(f"case {name}", file=sys.stderr, flush=True)
-            rows.append(run_case(name, scratch / name, args.job_timeout))
-            print(rows[-1], file=sys.stderr, flush=True)
-            if not args.keep:
-                shutil.rmtree(scratch / name, ignore_errors=True)
-    finally:
-        if not args.keep:
-            shutil.rmtree(scratch, ignore_errors=True)
+    rows = run_cases(
+        cases, "nodecache-bench-prefetch-", lambda name, work: run_case(name, work, args.job_timeout), args.keep
+    )
     keys = ("case", "files", "finished", "wall_s", "job_s", "daemon_cpu_s", "peak_rss_MiB",
             "us_per_file_wall", "us_per_file_cpu", "KiB_per_file_peak_rss")  # fmt: skip
     print_table([tuple(r.get(k) for k in keys) for r in rows], keys)

@@ -47,7 +47,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +59,7 @@ from common import (
     now_iso,
     print_table,
     provenance,
+    run_cases,
     save_figure,
     wait_quiet,
     write_json,
@@ -319,18 +319,9 @@ def main() -> None:
     args = p.parse_args()
     cases = args.cases.split(",") + (["1M"] if args.big else [])
     quiet = wait_quiet(args.wait_quiet)
-    rows = []
-    scratch = Path(tempfile.mkdtemp(prefix="nodecache-bench-scale-", dir="/var/tmp"))
-    try:
-        for name in cases:
-            print(f"case {name}", file=sys.stderr, flush=True)
-            rows.append(run_case(name, scratch / name, args.visible_timeout))
-            print(rows[-1], file=sys.stderr, flush=True)
-            if not args.keep:
-                shutil.rmtree(scratch / name, ignore_errors=True)
-    finally:
-        if not args.keep:
-            shutil.rmtree(scratch, ignore_errors=True)
+    rows = run_cases(
+        cases, "nodecache-bench-scale-", lambda name, work: run_case(name, work, args.visible_timeout), args.keep
+    )
     keys = ("case", "files", "first_visible_s", "restart_visible_s", "cold_walk_ratio", "warm_walk_ratio",
             "cold_walk_ratio_hub_layout", "warm_walk_ratio_hub_layout", "ls_biggest_folder_s", "rss_MiB",
             "crash_visible_s")  # fmt: skip
