@@ -115,8 +115,13 @@ def test_second_walk_of_a_snapshot_is_answered_by_the_kernel(hub, daemons, tmp_p
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    # data/'s listing came from the kernel's cache (its OPENDIR is ours); its GETATTR: listing it dropped its atime
-    assert asked == {"lookup": 0, "getattr": 1, "readlink": 0, "opendir": 2, "readdir": 0}, asked
+    # data/'s listing came from the kernel's cache (its OPENDIR is ours); its GETATTR: listing it dropped its atime.
+    # The kernel keeps link targets in its page cache, which reclaim shrinks on a machine whose page cache
+    # is full (a fresh clone's suite after other runs: 4 of 3,000 links read again, each also dropping its
+    # link's atime, so a GETATTR): a few are allowed, where short timeouts would ask about every entry.
+    few = N_FLAT // 100
+    assert (asked["lookup"], asked["opendir"], asked["readdir"]) == (0, 2, 0), asked
+    assert asked["readlink"] <= few and 1 <= asked["getattr"] <= 1 + asked["readlink"], asked
 
 
 def test_a_walk_numbers_each_snapshot_folder_and_blob_list_once(hub, daemons, tmp_path):
