@@ -227,9 +227,9 @@ class Filler:
         rec.last_access = time.time()
         return data
 
-    async def _await(self, fut: asyncio.Future, what: str, timeout: float | None = None) -> None:
-        """Wait for fills, bounded by read_timeout; map every failure to FillError."""
-        timeout = self.cfg.read_timeout if timeout is None else max(0.0, timeout)
+    async def _await(self, fut: asyncio.Future, what: str, timeout: float | None = None, bounded: bool = True) -> None:
+        """Wait for fills, bounded by read_timeout (or `timeout`) unless not `bounded`; map every failure to FillError."""
+        timeout = None if not bounded else self.cfg.read_timeout if timeout is None else max(0.0, timeout)
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
@@ -339,8 +339,10 @@ class Filler:
         stored, counted as they go, not by a look at every blob.
 
         A blob that fails does not stop the others; once all have ended, the error of the
-        first (in the order given) that failed is raised. A blob whose proof fails is tried
-        again after its backoff, up to `attempts` times in all.
+        first (in the order given) that raised is raised, else a FillError naming the blobs not
+        complete (a blob still quarantined after its attempts raises nothing). A blob whose proof
+        fails is tried again after its backoff, up to `attempts` times in all; while it waits it
+        takes no place in the window.
         """
         ids = list(dict.fromkeys(blob_ids))
         window = PREFETCH_WINDOW * self.cfg.parallel_total
@@ -353,8 +355,14 @@ class Filler:
         ended: deque[str] = deque()  # blobs whose fills ended, not yet counted
         wake = asyncio.Event()
         passed = 0  # bytes of the blobs passed
-        failed: tuple[int, BaseException] | None = None  # the first blob (in ids) that failed
+        failed: tuple[int, BaseException] | None = None  # the first blob (in ids) that raised
         next_report = loop.time()
+        rest = 0  # running blobs that wait out a failed proof's backoff: they take no place in the window
+
+        def resting(n: int) -> None:
+            nonlocal rest
+            rest += n
+            wake.set()
 
         def let_go(blob_id: str) -> None:
             if blob_id in held:
@@ -402,9 +410,9 @@ class Filler:
                         passed += rec.size
                         let_go(b)
                         continue
-                    while len(running) >= window:
+                    while len(running) - rest >= window:
                         await one_ends()
-                    task = loop.create_task(self._fill_proven(b, attempts))
+                    task = loop.create_task(self._fill_proven(b, attempts, resting))
                     running[b] = (i, task)
                     task.add_done_callback(lambda _, b=b: on_end(b))
             while running:
@@ -457,21 +465,29 @@ class Filler:
         except TimeoutError:
             log.info("prefetch: the sources' locations not learned within %.0fs; the fill goes on", LOCATE_WAIT)
 
-    async def _fill_proven(self, blob_id: str, attempts: int) -> None:
+    async def _fill_proven(self, blob_id: str, attempts: int, resting: Callable[[int], None] = lambda n: None) -> None:
+        """Fill a blob and prove it, again after each failed proof's backoff. The wait for a fill is
+        not read_timeout's: a shard of a big model shares the link with the others for longer than a
+        reader waits, and its requests have their own timeouts. resting(+1/-1) around a backoff: the
+        prefetch's window counts no blob that only waits."""
         tried = 0
         for _ in range(2 * attempts):  # each turn fills, or waits out a failed proof's backoff
             task = self.fill_in_background(blob_id)  # None: complete, or waiting out a failed proof
             if task is not None:
                 tried += 1
                 try:
-                    await self._await(task, "prefetch")
+                    await self._await(task, "prefetch", bounded=False)
                 except FillError:
                     if self.record(blob_id).state != "quarantined":
                         raise
             rec = self.record(blob_id)
             if rec.state != "quarantined" or tried == attempts or self.closing:
                 return
-            await asyncio.sleep(max(0.0, rec.retry_at - time.time()))
+            resting(1)
+            try:
+                await asyncio.sleep(max(0.0, rec.retry_at - time.time()))
+            finally:
+                resting(-1)
 
     async def close(self) -> None:
         """Stop fetching: every waiting reader is woken with an error."""

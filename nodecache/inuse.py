@@ -37,8 +37,9 @@ class InUse:
     def fetch_started(self, key: tuple[str, int], task: asyncio.Task) -> None:
         """A chunk's fetch, counted by blob: eviction asks of every blob it looks at, and a scan of
         every fetch in flight per question made a round O(blobs x fetches)."""
+        if key not in self.inflight:  # one count per key, as fetch_ended takes one away
+            self.fetching[key[0]] = self.fetching.get(key[0], 0) + 1
         self.inflight[key] = task
-        self.fetching[key[0]] = self.fetching.get(key[0], 0) + 1
 
     def fetch_ended(self, key: tuple[str, int]) -> None:
         if self.inflight.pop(key, None) is None:

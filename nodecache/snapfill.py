@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import posixpath
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ class SnapshotFills:
             return None
         self._seen.add((repo_type, repo_id, blob_id))  # looked up at most once a while per blob
         rec = self.record(blob_id)
-        if rec is not None and rec.path == CONFIG and repo_type == "model":
+        if rec is not None and posixpath.basename(rec.path) == CONFIG and repo_type == "model":
             return self._config_opened(repo_type, repo_id, rec, blob_id, commit)
         if rec is not None and rec.path and not is_weight(rec.path):
             return None  # not a weight file: no file list is read (a dataset opens 10^5-10^6 of these)
@@ -132,20 +133,27 @@ class SnapshotFills:
     ) -> asyncio.Task | None:
         """A loader reads a model's config.json seconds before its weights (an inference engine
         starts its GPUs in between): start the weight file it opens first (snapplan.first_weight);
-        its open plans the rest. At most one such fill at a time on the node, so a tool reading
-        the configs of many models fills at most one first shard, not the models."""
+        its open plans the rest. The blob counts if the snapshot lists it as its root's config.json
+        (an open through the mount names the blob, not the path the link was followed from; the
+        record's path is where the blob was first seen, maybe another repo's folder). At most one
+        such fill at a time on the node, so configs read at once fill one first shard."""
         if self._early is not None and not self._early.done():
             return None
         snapshots = self._candidates(repo_type, repo_id, rec, commit)
         if any(s in self._tasks or s in self._planned for s in snapshots):
             return None
-        found = self._snapshot_of(snapshots, blob_id)
-        first = None if found is None or found[1] != CONFIG else first_weight(found[2])
-        if found is None or first is None:
+        for snapshot in snapshots:
+            files = self.index.snapshots.get(*snapshot) or []
+            if any(f.path == CONFIG and f.blob_id == blob_id for f in files):
+                break
+        else:
+            return None
+        first = first_weight(files)
+        if first is None:
             return None
         self._early = self.start(first.blob_id, self.workers)
         if self._early is not None:
-            log.info("%s@%s: config.json opened, filling %s", repo_id, found[0][2][:12], first.path)
+            log.info("%s@%s: config.json opened, filling %s", repo_id, snapshot[2][:12], first.path)
         return self._early
 
     def _candidates(self, repo_type: str, repo_id: str, rec: BlobRecord | None, commit: str | None) -> list[Snapshot]:

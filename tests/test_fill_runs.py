@@ -163,6 +163,67 @@ def test_a_prefetch_of_thousands_of_small_files_fills_a_window_of_them_at_once(t
     assert store.in_use.kept == {} and filler.blobs.running == {}
 
 
+def test_a_blob_waiting_out_a_failed_proofs_backoff_takes_no_place_in_the_prefetch_window(tmp_path):
+    """A prefetch tries a blob whose proof failed again after its backoff (up to 300 s): while it
+    waits it is no fill, and the blobs after it start. Before, a window full of such blobs held
+    every healthy one behind it for a whole backoff."""
+    import asyncio
+    import hashlib
+    import time
+
+    from nodecache.config import Config
+    from nodecache.fill import PREFETCH_WINDOW, Filler, FillError
+    from nodecache.index import BlobRecord, Index
+    from nodecache.metrics import Metrics
+    from nodecache.store import Store
+    from nodecache.upstream import PiecewiseSource
+
+    cfg = Config(cache_dir=tmp_path / "cache", parallel_total=1, parallel_per_blob=1, fsync=False)
+    window = PREFETCH_WINDOW * cfg.parallel_total
+    contents = {}
+    for i in range(2 * window):
+        data = b"file %d\n" % i
+        contents[hashlib.sha256(data).hexdigest()] = data
+    ids = list(contents)
+    bad = set(ids[:window])  # served wrong bytes: each proof fails, the blob waits out its backoff
+    done_at: dict[str, float] = {}
+
+    class Source(PiecewiseSource):
+        name, kind = "memory", "upstream"
+
+        async def fetch(self, rec, start: int, end: int, background: bool = False) -> bytes:
+            data = contents[rec.blob_id][start:end]
+            return data.upper() if rec.blob_id in bad else data
+
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+    for b, data in contents.items():
+        index.blobs.put(BlobRecord(blob_id=b, kind="sha256", size=len(data), chunk_size=MiB))
+    store = Store(tmp_path / "cache", index, fsync=False, retry_base=2.0)
+    filler = Filler(cfg, index, store, lambda rec, k: [Source()], Metrics())
+
+    async def main() -> float:
+        t0 = time.monotonic()
+
+        def progress(_: int) -> None:
+            for b in ids[window:]:
+                if b not in done_at and store.record(b).state == "complete":
+                    done_at[b] = time.monotonic() - t0
+
+        with pytest.raises(FillError, match=f"{window} blob"):
+            await asyncio.wait_for(filler.fill_blobs(ids, progress, attempts=2), 60)
+        return time.monotonic() - t0
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        store.close()
+        index.close()
+    assert all(store.record(b).state == "quarantined" for b in bad)
+    assert len(done_at) == window, "every healthy blob filled"
+    assert max(done_at.values()) < 1.5, f"healthy blobs done at {sorted(done_at.values())}: behind the 2 s backoffs"
+    assert took >= 2.0, "the bad blobs were tried again after their backoff"
+
+
 def test_direct_write_and_read_go_around_the_page_cache(tmp_path):
     need_direct_io(tmp_path)
     path = tmp_path / "blob"

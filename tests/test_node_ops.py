@@ -297,6 +297,22 @@ def cli(d, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+def test_a_prefetch_waits_for_a_fill_longer_than_read_timeout(hub, daemons, big_repo):
+    """read_timeout bounds a reader's wait, not a prefetch's: the shards of a big model share the
+    link for longer than a reader waits, and their requests have timeouts of their own (before,
+    the job failed with "prefetch: timed out after 1s" while the fill went on)."""
+    env = {"NODECACHE_READ_TIMEOUT": "1", "NODECACHE_PARALLEL_TOTAL": "2", "NODECACHE_PARALLEL_PER_BLOB": "2"}
+    d = daemons(repos=(BIG,), env=env)
+    hub.rate_limit_bps = 12 * MiB  # per response: 72 MiB over 2 connections take ~3 s
+    try:
+        out = cli(d, "prefetch", BIG)
+    finally:
+        hub.rate_limit_bps = None
+    assert out.returncode == 0, out.stderr
+    path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
+    assert verified(path) and sha256_file(path) == sha256_file(big_repo / "weights.bin")
+
+
 def test_cli_against_a_live_daemon_and_pins_survive_restart(hub, daemons, big_repo):
     d = daemons(repos=(SMALL,))
     out = cli(d, "pin", BIG, "--wait")

@@ -279,8 +279,9 @@ def test_opening_config_json_fills_the_weight_file_a_loader_opens_first(hub, dae
 
 
 def test_a_config_json_starts_one_first_shard_at_a_time_and_only_a_models():
-    """A tool reading the configs of many models fills at most one first shard at a time; a
-    config.json in a folder, of a dataset, or beside no `model*.safetensors` starts nothing."""
+    """Configs read at once fill one first shard; a config.json in a folder, of a dataset, or
+    beside no `model*.safetensors` starts nothing; a blob the snapshot lists as its root's
+    config.json does, wherever its record says it was first seen."""
     import asyncio
 
     from nodecache.config import Config
@@ -293,11 +294,17 @@ def test_a_config_json_starts_one_first_shard_at_a_time_and_only_a_models():
         "org/d": [_entry("config.json", 40), _entry("pytorch_model.bin"), _entry("model.fp16.safetensors")],
         "org/e": [_entry("config.json", 50), _entry("model.safetensors", 60)],
     }
-    records = {
-        f.blob_id: BlobRecord(f.blob_id, f.size, "sha256", MiB, repo_id=r, commit=C, path=f.path)
-        for r, files in layouts.items()
-        for f in files
-    }
+    # The bytes of org/c's sub/config.json are org/f's root config.json: its record names where it was seen first.
+    layouts["org/f"] = [
+        FileEntry("config.json", 30, layouts["org/c"][0].blob_id),
+        _entry("model-001-of-002.safetensors"),
+    ]
+    records: dict[str, BlobRecord] = {}
+    for r, files in layouts.items():
+        for f in files:
+            records.setdefault(
+                f.blob_id, BlobRecord(f.blob_id, f.size, "sha256", MiB, repo_id=r, commit=C, path=f.path)
+            )
     index = SimpleNamespace(
         refs=SimpleNamespace(of=lambda repo_type, repo_id: {"main": C}),
         snapshots=SimpleNamespace(get=lambda repo_type, repo_id, commit: layouts[repo_id]),
@@ -326,6 +333,8 @@ def test_a_config_json_starts_one_first_shard_at_a_time_and_only_a_models():
         assert started == [layouts["org/a"][1].blob_id]
         assert fills.opened("model", "org/e", config["org/e"]) is running, "once the one before ended"
         assert started == [layouts["org/a"][1].blob_id, layouts["org/e"][1].blob_id]
+        assert fills.opened("model", "org/f", config["org/f"]) is running, "listed as the root's config.json"
+        assert started[-1] == layouts["org/f"][1].blob_id
 
     from nodecache.snapfill import SnapshotFills
 

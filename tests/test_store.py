@@ -1651,7 +1651,7 @@ def test_a_blob_is_kept_while_any_of_its_chunk_fetches_runs_counted_by_blob():
 
     in_use = InUse()
     a, b = "a" * 64, "b" * 64
-    for key in ((a, 0), (a, 1), (b, 0)):
+    for key in ((a, 0), (a, 1), (b, 0), (a, 1)):
         in_use.fetch_started(key, object())
     in_use.fetch_ended((a, 0))
     in_use.fetch_ended((a, 0))
