@@ -57,7 +57,9 @@ class BlobFills:
             )
         fill = self._fills.get(blob_id)
         if fill is not None and not task.done():
-            for _ in range(want - len(fill.workers)):
+            # No more workers than chunks nobody claimed: one more would only find nothing to
+            # do (a prefetch of a million one-chunk files started 8 tasks a file for 1 chunk).
+            for _ in range(min(want - len(fill.workers), len(fill.todo))):
                 self._add_worker(st, fill)
         return task
 

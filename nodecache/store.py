@@ -267,13 +267,13 @@ class Store:
     def reserve(self, st: BlobState, n: int) -> Tier:
         """Account n bytes to the blob's tier, evicting LRU blobs past the high watermark."""
         tier = self.tiers[st.rec.tier]
-        if not tier.fits(n, tier.high):
+        if not tier.fits(n, tier.high):  # high <= 1: what fits under it fits at all (one statvfs a chunk)
             self.evict_lru(tier, n)
-        if not tier.fits(n, 1.0):
-            raise NoSpace(
-                f"tier {tier.name} is full ({tier.used:,} of {tier.capacity():,} bytes used, "
-                f"{tier.fs_free():,} free on disk) and nothing more can be evicted"
-            )
+            if not tier.fits(n, 1.0):
+                raise NoSpace(
+                    f"tier {tier.name} is full ({tier.used:,} of {tier.capacity():,} bytes used, "
+                    f"{tier.fs_free():,} free on disk) and nothing more can be evicted"
+                )
         tier.used += n
         return tier
 

@@ -41,8 +41,8 @@ class Tier:
         """The file of a (checked) blob id in this tier."""
         return self.blobs / blob_id[:2] / blob_id
 
-    def capacity(self) -> int:
-        st = os.statvfs(self.root)
+    def capacity(self, st: os.statvfs_result | None = None) -> int:
+        st = st or os.statvfs(self.root)
         size = st.f_blocks * st.f_frsize
         return min(self.quota, size) if self.quota else size
 
@@ -51,7 +51,8 @@ class Tier:
         return st.f_bavail * st.f_frsize
 
     def fits(self, n: int, fraction: float) -> bool:
-        return self.used + n <= self.capacity() * fraction and self.fs_free() - n >= self.min_free
+        st = os.statvfs(self.root)  # one call, not two: every chunk written asks (a small file: every file)
+        return self.used + n <= self.capacity(st) * fraction and st.f_bavail * st.f_frsize - n >= self.min_free
 
 
 def configured_tiers(cfg: Config) -> list[Tier]:
