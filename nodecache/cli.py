@@ -112,6 +112,7 @@ async def _prefetch_standalone(cfg: config_mod.Config, spec: str) -> None:
     await d.open()
     try:
         ref, total, blobs = await d.catalog.add_repo(RepoSpec.parse(spec))
+        d.filler.must_fit(str(ref), total)
         bar = Progress(total, f"{ref.repo_id}@{ref.revision}")
         await d.filler.fill_blobs(blobs, bar.update)
         bar.update(total, final=True, complete=True)

@@ -326,6 +326,18 @@ class Filler:
         (and, if it reads through the mount, read the next shards into the page cache)."""
         return self.snapshots.opened(repo_type, repo_id, blob_id, commit, reads_here)
 
+    def must_fit(self, what: str, total: int) -> None:
+        """Refuse a repo that can never be whole here before a byte of it is fetched: filling it
+        would evict every other model on the node, then its own first files for its last ones,
+        and end with files missing (a 700 GB model on a 500 GB cache)."""
+        room = self.store.room()
+        if total > room:
+            raise FillError(
+                f"{what}: {total:,} bytes do not fit this node's cache ({room:,} bytes: each tier's size "
+                "under its high watermark); nothing fetched",
+                errno.ENOSPC,
+            )
+
     async def fill_blobs(
         self, blob_ids: list[str], progress: Callable[[int], None] | None = None, attempts: int = PROOF_ATTEMPTS
     ) -> None:

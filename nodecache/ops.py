@@ -39,6 +39,7 @@ class Operations:
 
     async def prefetch(self, spec: RepoSpec) -> Job:
         ref, total, blobs = await self.catalog.add_repo(spec)
+        self.filler.must_fit(str(ref), total)
         return self.jobs.start(ref, blobs, total)
 
     def job(self, job_id: str) -> Job | None:
@@ -49,6 +50,7 @@ class Operations:
         if mode not in ("pin", "hot"):
             raise ValueError(f"pin mode must be 'pin' or 'hot', not {mode!r}")
         ref, total, blobs = await self.catalog.add_repo(spec)
+        self.filler.must_fit(str(ref), total)
         self.index.pins.put(ref.repo_type, ref.repo_id, ref.revision, mode)
         self.pins.refresh()
         return self.jobs.start(ref, blobs, total)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from .backoff import delays
 from .catalog import Catalog
+from .chunks import FillError
 from .layout import InvalidName, RepoSpec
 from .ops import Operations
 from .pins import Pins
@@ -96,5 +97,5 @@ async def preload(ops: Operations, entries: tuple[str, ...]) -> None:
             if job.task is not None:
                 await asyncio.wait([job.task])
             log.info("preload %s: %s", spec, job.state)
-        except (NotFound, UpstreamError, ValueError) as e:
+        except (NotFound, UpstreamError, FillError, ValueError) as e:  # the next entry is still preloaded
             log.error("preload %s: %s", spec, e)

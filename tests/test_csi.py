@@ -311,6 +311,23 @@ def test_wait_for_cache_fills_before_returning(hub, daemons, csi, big_repo):
     c.unpublish(t)
 
 
+def test_a_model_larger_than_the_cache_is_published_for_lazy_reads_not_waited_for(hub, daemons, csi, big_repo):
+    """/v1/prefetch refuses it (507: it can never be whole here); the pod still gets the model,
+    read lazily, and a pod that asked to wait for every byte hears why it never could."""
+    d = daemons(repos=(SMALL,), env={"NODECACHE_DISK_MAX": str(32 * MiB), "NODECACHE_MIN_FREE": "0"})
+    c = csi(d)
+    waits = c.target("waits")
+    assert code_of(lambda: c.publish(waits, {"model": BIG, "waitForCache": "true"})) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    assert "bytes do not fit this node's cache" in c.log() and mounts.at(str(waits)) == []
+    t = c.target()
+    c.publish(t, {"model": BIG})
+    with open(t / "snapshots" / hub.commits[BIG] / "weights.bin", "rb") as f:
+        assert f.read(MiB) == (big_repo / "weights.bin").read_bytes()[:MiB]
+    c.unpublish(t)
+
+
 def test_wait_for_cache_is_bounded_and_concurrent_calls_abort(hub, daemons, csi):
     held = Fault("hold")  # the fill's first response waits for the test: the model cannot be complete
     hub.faults.append(held)

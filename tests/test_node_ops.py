@@ -96,8 +96,9 @@ def test_lru_eviction_spares_open_and_pinned_blobs(hub, daemons, evict_repos):
     assert on_disk <= quota + slack + 1 * MiB
 
 
-def test_enospc_when_nothing_can_be_evicted(hub, daemons, evict_repos):
-    """ENOSPC from FUSE, 507 from HTTP (the mirror and the peer API), an error from a prefetch."""
+def test_enospc_when_nothing_can_be_evicted(hub, daemons, evict_repos, tmp_path):
+    """ENOSPC from FUSE, 507 from HTTP (the mirror and the peer API), an error from a prefetch;
+    a prefetch of a repo larger than the whole cache is refused before a byte is fetched."""
     commit = hub.add_repo(EVICT, evict_repos[EVICT])
     env = {"NODECACHE_DISK_MAX": str(8 * MiB), "NODECACHE_MIN_FREE": "0", "NODECACHE_CLUSTER_TOKEN": "tok"}
     # Only a.bin is filled: the snapshot fill would also start its siblings, whose partial chunks
@@ -129,10 +130,23 @@ def test_enospc_when_nothing_can_be_evicted(hub, daemons, evict_repos):
         with pytest.raises(urllib.error.HTTPError) as http:
             urllib.request.urlopen(req, timeout=60)
         assert http.value.code == 507 and json.load(http.value)["error"] == "insufficient_storage"
+        # 48 MiB can never be whole in 8: refused at once (filling it would evict all else, then itself)
+        fetched = hub.stats.data_bytes
         status, body = api(d, "POST", "/v1/prefetch", {"repo": EVICT})
+        assert status == 507 and body["error"] == "insufficient_storage", body
+        assert f"{EVICT}@main ({commit[:12]}): 50,331,648 bytes do not fit this node's cache" in body["detail"]
+        assert api(d, "POST", "/v1/pin", {"repo": EVICT})[0] == 507
+        out = cli(d, "prefetch", EVICT)
+        assert out.returncode == 1 and out.stderr.count("\n") == 1 and "do not fit" in out.stderr, out.stderr
+        assert hub.stats.data_bytes == fetched and disk_used(d) == 8 * MiB, "nothing fetched"
+        # 4 MiB fits the cache, not the room left beside the open file: the job ends in error
+        (tmp_path / "small").mkdir()
+        (tmp_path / "small" / "s.bin").write_bytes(os.urandom(4 * MiB))
+        hub.add_repo("org/small-one", tmp_path / "small")
+        status, body = api(d, "POST", "/v1/prefetch", {"repo": "org/small-one"})
         job = wait_job(d, body)
-        assert job["state"] == "error" and "full" in job["error"]
-        assert f"prefetch job {job['id']} ({EVICT}@main " in d.log(), "a failed job says why in the log"
+        assert status == 202 and job["state"] == "error" and "full" in job["error"], job
+        assert f"prefetch job {job['id']} (org/small-one@main " in d.log(), "a failed job says why in the log"
 
 
 def test_a_prefetch_with_readers_on_a_full_tier_gives_right_bytes_or_enospc(hub, daemons, evict_repos):
@@ -143,7 +157,11 @@ def test_a_prefetch_with_readers_on_a_full_tier_gives_right_bytes_or_enospc(hub,
     import threading
 
     commit = hub.add_repo(EVICT, evict_repos[EVICT])
-    d = daemons(repos=(EVICT,), env={"NODECACHE_DISK_MAX": str(30 * MiB), "NODECACHE_MIN_FREE": "0"})
+    hub.add_repo(PINNED, evict_repos[PINNED])
+    # 48 MiB fit a 56 MiB cache (50.4 under its high watermark: not refused), not beside a 12 MiB pin
+    d = daemons(repos=(EVICT,), env={"NODECACHE_DISK_MAX": str(56 * MiB), "NODECACHE_MIN_FREE": "0"})
+    status, job = api(d, "POST", "/v1/pin", {"repo": PINNED})
+    assert status == 202 and wait_job(d, job)["state"] == "ready"
     snap = snapshot_dir(d, EVICT, commit)
     want = {n: sha256_file(evict_repos[EVICT] / n) for n in FILES}
 
@@ -164,7 +182,7 @@ def test_a_prefetch_with_readers_on_a_full_tier_gives_right_bytes_or_enospc(hub,
             t.join(60)
         assert status == 202 and not any(t.is_alive() for t in readers)
         assert all(v in (True, "ENOSPC") for v in got.values()), got
-        # 48 MiB into 30: a fill runs out of room ("full"), or blobs it filled were evicted for
+        # 48 MiB into 44: a fill runs out of room ("full"), or blobs it filled were evicted for
         # the others' room ("not complete")
         assert job["state"] == "error" and ("full" in job["error"] or "not complete" in job["error"]), job
         assert counter(d, "nodecache_verify_failures_total", source="upstream") == 0, "no proof failed"

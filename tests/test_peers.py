@@ -249,10 +249,12 @@ def test_a_full_disk_ends_both_prefetches_with_an_error_not_a_wait(tmp_path, sha
         pytest.skip(reason)
     fs = tmp_path / "fs"
     fs.mkdir()
-    mounts.mount("tmpfs", str(fs), "tmpfs", 0, "size=320m")  # 256 MiB usable, the repo is 512 MiB
+    # The repo (512 MiB) fits the filesystem's 640 under the high watermark (a prefetch of more is
+    # refused at once), not the 384 that min_free leaves usable, even for one node alone.
+    mounts.mount("tmpfs", str(fs), "tmpfs", 0, "size=640m")
     try:
         (fs / "cluster").mkdir()
-        env = {"NODECACHE_MIN_FREE": str(64 * MiB), "NODECACHE_DIRECT_IO": "false"}  # tmpfs: no O_DIRECT
+        env = {"NODECACHE_MIN_FREE": str(256 * MiB), "NODECACHE_DIRECT_IO": "false"}  # tmpfs: no O_DIRECT
         with Cluster(fs / "cluster", {REPO: shared_repo}, nodes=2, env=env) as c:
             jobs = c.prefetch(REPO)
             t0 = time.monotonic()

@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import BIG, SMALL, sha256_file, snapshot_dir
+from conftest import BIG, SMALL, MiB, sha256_file, snapshot_dir
 from test_mount import run_hf_offline
 
 from nodecache.layout import repo_folder_name
@@ -65,6 +65,17 @@ def test_preload_list_is_filled_at_start_and_pinned(hub, daemons, big_repo):
     before = hub.stats.data_bytes
     assert sha256_file(path) == sha256_file(big_repo / "weights.bin")
     assert hub.stats.data_bytes == before
+
+
+def test_a_preload_larger_than_the_cache_is_refused_and_the_next_one_filled(hub, daemons, big_repo):
+    before = hub.stats.data_bytes
+    d = daemons(repos=(), env={"NODECACHE_PRELOAD": f"{BIG} {SMALL}", "NODECACHE_DISK_MAX": str(32 * MiB)})
+    assert wait_for(lambda: status(d)["jobs"]["ready"] == 1, timeout=60)
+    said = [line for line in d.log().splitlines() if f"preload {BIG}: " in line]
+    assert len(said) == 1 and f"{BIG}@main ({hub.commits[BIG][:12]}): 75,497,47" in said[0], said
+    assert "bytes do not fit this node's cache" in said[0] and "ERROR" in said[0], said
+    assert status(d)["jobs"]["error"] == 0 and hub.stats.data_bytes - before < 8 * MiB, "nothing of it fetched"
+    assert "weights.bin" in os.listdir(snapshot_dir(d, BIG, hub.commits[BIG])), "still listed, read lazily"
 
 
 def test_on_demand_lookup_resolves_allowed_repos_only(hub, daemons):

@@ -171,7 +171,11 @@ class Driver:
                 raise CsiError(
                     grpc.StatusCode.UNAVAILABLE, f"daemon at {self.daemon_url} not reachable: {e.cause}"
                 ) from None
-            code = {404: grpc.StatusCode.NOT_FOUND, 400: grpc.StatusCode.INVALID_ARGUMENT}.get(e.status)
+            code = {
+                404: grpc.StatusCode.NOT_FOUND,
+                400: grpc.StatusCode.INVALID_ARGUMENT,
+                507: grpc.StatusCode.RESOURCE_EXHAUSTED,
+            }.get(e.status)
             detail = e.detail
             if e.status in (401, 403):
                 detail = f"{detail} (give the CSI plugin the daemon's admin token: --admin-token-file)"
@@ -350,9 +354,17 @@ class Driver:
         present = mounts.probe(source, self.probe_timeout) == 0
         if not (revision or wait or not present):
             return
-        job = self._start_prefetch(repo_type, repo_id, revision)
-        if wait:
-            self._wait_job(repo_id, job, start)
+        try:
+            job = self._start_prefetch(repo_type, repo_id, revision)
+        except CsiError as e:
+            # Larger than the node's cache (resolved, never filled whole): published all the same,
+            # read lazily; only a pod that asked to wait for every byte is refused (it never could).
+            if wait or e.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            log.warning("%s: %s", name, e)
+        else:
+            if wait:
+                self._wait_job(repo_id, job, start)
         err = mounts.probe(source, self.probe_timeout)
         if err == errno.ENOENT:
             raise CsiError(grpc.StatusCode.NOT_FOUND, f"model {name} is not in the cache tree")
