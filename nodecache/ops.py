@@ -6,8 +6,10 @@ control API is a thin JSON layer over this.
 
 from __future__ import annotations
 
+import logging
+
 from .catalog import Catalog
-from .fill import Filler
+from .fill import Filler, FillError
 from .index import Index
 from .jobs import Job, Jobs
 from .layout import RepoSpec
@@ -15,6 +17,8 @@ from .pins import Pins
 from .repos import RepoRef, snapshot_blobs
 from .scrub import Scrubber
 from .store import Store
+
+log = logging.getLogger(__name__)
 
 
 class Operations:
@@ -66,7 +70,13 @@ class Operations:
         for ref, _ in self.pins.refs():
             blobs = snapshot_blobs(self.index, ref)
             if any(self.filler.record(b).state != "complete" for b in blobs):
-                self.jobs.start(ref, blobs, sum(self.filler.record(b).size for b in dict.fromkeys(blobs)))
+                total = sum(self.filler.record(b).size for b in dict.fromkeys(blobs))
+                try:
+                    self.filler.must_fit(str(ref), total)
+                except FillError as e:  # its new files stay listed, read lazily; what is pinned stays
+                    log.error("pin: %s", e)
+                    continue
+                self.jobs.start(ref, blobs, total)
 
     def cached_blobs(self, spec: RepoSpec | None) -> tuple[RepoRef | None, list[str]]:
         """The blobs of one cached repo (every snapshot, or the revision in `spec`), or of the whole

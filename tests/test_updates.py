@@ -55,6 +55,33 @@ def test_new_upstream_commit_appears_beside_the_old_one(hub, daemons, small_repo
         handle.close()
 
 
+def test_a_pin_follows_its_branch_while_the_new_revision_fits_the_cache(hub, daemons, tmp_path):
+    """A pinned branch that moves upstream has its new files filled; a revision larger than the
+    whole cache is refused (logged), nothing of it fetched, and the pin keeps what it has."""
+    repo = "org/follow"
+    versions = {"v1": {"a.bin": MiB}, "v2": {"a.bin": MiB, "b.bin": 2 * MiB}, "v3": {"c.bin": 40 * MiB}}
+    for name, files in versions.items():
+        (tmp_path / name).mkdir()
+        for f, size in files.items():
+            (tmp_path / name / f).write_bytes(os.urandom(size))
+    hub.add_repo(repo, tmp_path / "v1")
+    d = daemons(repos=(repo,), env={"NODECACHE_REF_TTL": "1", "NODECACHE_DISK_MAX": str(32 * MiB)})
+    req = urllib.request.Request(d.url + "/v1/pin", data=json.dumps({"repo": repo}).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 202
+    assert wait_for(lambda: status(d)["jobs"]["ready"] == 1)
+    v2 = hub.add_repo(repo, tmp_path / "v2")
+    b = snapshot_dir(d, repo, v2) / "b.bin"
+    assert wait_for(lambda: status(d)["jobs"]["ready"] == 2), "the moved pin's new revision is filled"
+    assert os.getxattr(b, "user.nodecache.cached") == b"1.000000"
+    fetched = hub.stats.data_bytes
+    v3 = hub.add_repo(repo, tmp_path / "v3")
+    assert wait_for(lambda: f"pin: {repo}@main ({v3[:12]}): {versions['v3']['c.bin']:,} bytes do not fit" in d.log())
+    assert status(d)["jobs"] == {"running": 0, "ready": 2, "error": 0}
+    assert hub.stats.data_bytes == fetched, "nothing of it fetched"
+    assert os.getxattr(b, "user.nodecache.cached") == b"1.000000", "what the pin holds stays"
+
+
 def test_preload_list_is_filled_at_start_and_pinned(hub, daemons, big_repo):
     d = daemons(repos=(), env={"NODECACHE_PRELOAD": f"{BIG}=pin {SMALL}"})
     assert wait_for(lambda: status(d)["jobs"]["ready"] == 2, timeout=60)
