@@ -92,15 +92,15 @@ class Catalog:
         """May a request (a peer's, a lookup's) make this node resolve the repo upstream?"""
         return self.policy.allows(repo_type, repo_id) or self.index.snapshots.has_repo(repo_type, repo_id)
 
-    async def add_repo(self, spec: RepoSpec, public_only: bool = False) -> tuple[RepoRef, int, list[str]]:
-        """Resolve a repo into the index and show it in the tree; (ref, bytes, blob ids).
+    async def add_repo(self, spec: RepoSpec, public_only: bool = False) -> tuple[RepoRef, dict[str, int], list[str]]:
+        """Resolve a repo into the index and show it in the tree; (ref, blob id -> bytes, the blob id of each file).
 
         Concurrent calls for one spec share one resolution. `public_only`
         (requests nobody configured) refuses a repo the Hub does not call public.
         """
         ref = await self.ensure(spec, public_only)
         files = self.index.snapshots.get(ref.repo_type, ref.repo_id, ref.commit) or []
-        return ref, sum({f.blob_id: f.size for f in files}.values()), [f.blob_id for f in files]
+        return ref, {f.blob_id: f.size for f in files}, [f.blob_id for f in files]
 
     async def ensure(self, spec: RepoSpec, public_only: bool = False) -> RepoRef:
         """add_repo without reading the snapshot's file list (a re-resolution at start)."""

@@ -111,8 +111,9 @@ async def _prefetch_standalone(cfg: config_mod.Config, spec: str) -> None:
     d = Daemon(cfg)
     await d.open()
     try:
-        ref, total, blobs = await d.catalog.add_repo(RepoSpec.parse(spec))
-        d.filler.must_fit(str(ref), total)
+        ref, sizes, blobs = await d.catalog.add_repo(RepoSpec.parse(spec))
+        d.filler.must_fit(ref, sizes)
+        total = sum(sizes.values())
         bar = Progress(total, f"{ref.repo_id}@{ref.revision}")
         await d.filler.fill_blobs(blobs, bar.update)
         bar.update(total, final=True, complete=True)

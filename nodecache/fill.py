@@ -30,9 +30,10 @@ from .index import BlobRecord, Index
 from .metrics import Metrics
 from .presence import BlobState
 from .quarantine import Quarantined
+from .repos import RepoRef
 from .snapfill import SnapshotFills
 from .store import Store
-from .tier import NoSpace
+from .tier import NoSpace, shortfall
 from .upstream import Source, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -326,15 +327,21 @@ class Filler:
         (and, if it reads through the mount, read the next shards into the page cache)."""
         return self.snapshots.opened(repo_type, repo_id, blob_id, commit, reads_here)
 
-    def must_fit(self, what: str, total: int) -> None:
-        """Refuse a repo that can never be whole here before a byte of it is fetched: filling it
-        would evict every other model on the node, then its own first files for its last ones,
-        and end with files missing (a 700 GB model on a 500 GB cache)."""
-        room = self.store.room()
-        if total > room:
+    def must_fit(self, ref: RepoRef, sizes: dict[str, int], hot: bool = False) -> None:
+        """Refuse a revision that can never be whole here before a byte of it is fetched: filling
+        it would evict every other model on the node, then its own first files for its last
+        ones, and end with files missing (a 700 GB model on a 500 GB cache). `sizes`: blob id ->
+        bytes; `hot`: a "hot" pin's (shm takes its blobs of any size)."""
+        if self.index.links.snapshots_missing(ref.repo_type, ref.repo_id).get(ref.commit) == 0:
+            return  # every byte is here already (in a cache made smaller since, too)
+        disk, shm = self.store.tiers["disk"], self.store.tiers.get("shm")
+        most = disk.most(), 0 if shm is None else shm.most(shm.high)
+        short = shortfall(list(sizes.values()), *most, self.cfg.shm_file_max, hot)
+        if short:
+            where = f"disk {most[0]:,}" + ("" if shm is None else f", shm {most[1]:,}")
             raise FillError(
-                f"{what}: {total:,} bytes do not fit this node's cache ({room:,} bytes: each tier's size "
-                "under its high watermark); nothing fetched",
+                f"{ref}: {sum(sizes.values()):,} bytes do not fit this node's cache ({where} bytes at most): "
+                "nothing fetched",
                 errno.ENOSPC,
             )
 

@@ -30,21 +30,21 @@ class Operations:
 
     async def resolve(self, spec: RepoSpec) -> dict:
         """Resolve only (the tree shows it, no byte is fetched): what it is."""
-        ref, total, _ = await self.catalog.add_repo(spec)
+        ref, sizes, _ = await self.catalog.add_repo(spec)
         meta = self.index.repo_meta.get(ref.repo_type, ref.repo_id) or {}
         return {
             "repo": ref.repo_id,
             "repo_type": ref.repo_type,
             "revision": ref.revision,
             "commit": ref.commit,
-            "total": total,
+            "total": sum(sizes.values()),
             "visibility": meta.get("visibility", "unknown"),
         }
 
     async def prefetch(self, spec: RepoSpec) -> Job:
-        ref, total, blobs = await self.catalog.add_repo(spec)
-        self.filler.must_fit(str(ref), total)
-        return self.jobs.start(ref, blobs, total)
+        ref, sizes, blobs = await self.catalog.add_repo(spec)
+        self.filler.must_fit(ref, sizes)
+        return self.jobs.start(ref, blobs, sum(sizes.values()))
 
     def job(self, job_id: str) -> Job | None:
         return self.jobs.jobs.get(job_id)
@@ -53,11 +53,11 @@ class Operations:
         """Keep a revision forever (mode "hot": in shm when it fits) and fill it now."""
         if mode not in ("pin", "hot"):
             raise ValueError(f"pin mode must be 'pin' or 'hot', not {mode!r}")
-        ref, total, blobs = await self.catalog.add_repo(spec)
-        self.filler.must_fit(str(ref), total)
+        ref, sizes, blobs = await self.catalog.add_repo(spec)
+        self.filler.must_fit(ref, sizes, hot=mode == "hot")
         self.index.pins.put(ref.repo_type, ref.repo_id, ref.revision, mode)
         self.pins.refresh()
-        return self.jobs.start(ref, blobs, total)
+        return self.jobs.start(ref, blobs, sum(sizes.values()))
 
     def unpin(self, spec: RepoSpec) -> bool:
         found = self.index.pins.delete(spec.repo_type, spec.repo_id, spec.rev)
@@ -67,13 +67,14 @@ class Operations:
     def fill_pinned(self) -> None:
         """Pinned revisions follow their refs: fill what a moved ref now names."""
         self.pins.refresh()
-        for ref, _ in self.pins.refs():
+        for ref, mode in self.pins.refs():
             blobs = snapshot_blobs(self.index, ref)
             if any(self.filler.record(b).state != "complete" for b in blobs):
-                total = sum(self.filler.record(b).size for b in dict.fromkeys(blobs))
+                sizes = {b: self.filler.record(b).size for b in blobs}
+                total = sum(sizes.values())
                 try:
-                    self.filler.must_fit(str(ref), total)
-                except FillError as e:  # its new files stay listed, read lazily; what is pinned stays
+                    self.filler.must_fit(ref, sizes, hot=mode == "hot")
+                except FillError as e:  # listed and read lazily, not filled
                     log.error("pin: %s", e)
                     continue
                 self.jobs.start(ref, blobs, total)

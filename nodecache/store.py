@@ -277,11 +277,6 @@ class Store:
         tier.used += n
         return tier
 
-    def room(self) -> int:
-        """The most bytes this cache holds at once: past a tier's high watermark its least recently
-        read blobs go, whoever they belong to."""
-        return sum(int(t.capacity() * t.high) for t in self.tiers.values())
-
     def evict_lru(self, tier: Tier, incoming: int = 0) -> int:
         """Evict least-recently-read unprotected blobs until under the low watermark (reading the
         index's LRU order only as far as it goes)."""

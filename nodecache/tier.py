@@ -50,6 +50,12 @@ class Tier:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
+    def most(self, fraction: float = 1.0) -> int:
+        """The most bytes this tier can ever hold up to `fraction` of its capacity (the store
+        fills a tier to all of it, the shm placement to its high watermark), min_free kept."""
+        st = os.statvfs(self.root)
+        return max(0, min(int(self.capacity(st) * fraction), st.f_blocks * st.f_frsize - self.min_free))
+
     def fits(self, n: int, fraction: float) -> bool:
         st = os.statvfs(self.root)  # one call, not two: every chunk written asks (a small file: every file)
         return self.used + n <= self.capacity(st) * fraction and st.f_bavail * st.f_frsize - n >= self.min_free
@@ -62,3 +68,12 @@ def configured_tiers(cfg: Config) -> list[Tier]:
     if cfg.shm_dir is not None:
         tiers.insert(0, Tier("shm", cfg.shm_dir, cfg.shm_max, *marks))
     return tiers
+
+
+def shortfall(sizes: list[int], disk: int, shm: int, shm_file_max: int, hot: bool) -> int:
+    """Bytes of these blobs that no placement can hold at once (0: they fit): `disk` and `shm` are
+    the most each tier can hold (Tier.most); a blob goes to shm only if it is small (up to
+    `shm_file_max`) or `hot`, and to disk otherwise or when shm has no room (Pins.place)."""
+    total = sum(sizes)
+    may_shm = total if hot else sum(n for n in sizes if n <= shm_file_max)
+    return max(0, total - disk - min(shm, may_shm))

@@ -190,6 +190,32 @@ def test_a_prefetch_with_readers_on_a_full_tier_gives_right_bytes_or_enospc(hub,
         api(d, "POST", "/v1/evict", {"all": True})
 
 
+def test_a_revision_is_refused_only_where_it_can_never_be_whole(hub, daemons, evict_repos, tmp_path):
+    """Fills go to a tier's whole capacity (past the high watermark only unpinned blobs go), a
+    revision whole on the node is never refused, and shm counts only for blobs it may take."""
+    hub.add_repo(EVICT, evict_repos[EVICT])
+    env = {"NODECACHE_DISK_MAX": str(52 * MiB), "NODECACHE_MIN_FREE": "0"}
+    d = daemons(repos=(EVICT,), env=env, workdir=tmp_path / "w")
+    status, job = api(d, "POST", "/v1/pin", {"repo": EVICT})  # 48 MiB: over 0.9 x 52, under 52
+    assert status == 202 and wait_job(d, job)["state"] == "ready"
+    d.stop()
+    d = daemons(repos=(EVICT,), env={**env, "NODECACHE_DISK_MAX": str(40 * MiB)}, workdir=tmp_path / "w")
+    fetched = hub.stats.data_bytes
+    status, job = api(d, "POST", "/v1/prefetch", {"repo": EVICT})  # whole already, in a cache made smaller
+    assert status == 202 and wait_job(d, job)["state"] == "ready" and hub.stats.data_bytes == fetched
+    d.stop()
+    shm = Path("/dev/shm") / f"nodecache-test-{os.getpid()}-{tmp_path.name}"
+    try:  # 32 + 32 MiB, but 12 MiB files never go to shm (shm_file_max 1 MiB)
+        env = {"NODECACHE_DISK_MAX": str(32 * MiB), "NODECACHE_MIN_FREE": "0", "NODECACHE_SHM_DIR": str(shm)}
+        env |= {"NODECACHE_SHM_MAX": str(32 * MiB), "NODECACHE_SHM_FILE_MAX": str(MiB)}
+        d = daemons(repos=(EVICT,), env=env)
+        status, body = api(d, "POST", "/v1/prefetch", {"repo": EVICT})
+        assert status == 507 and "(disk 33,554,432, shm 30,198,988 bytes at most)" in body["detail"], body
+    finally:
+        d.stop()
+        shutil.rmtree(shm, ignore_errors=True)
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A 64 MiB tmpfs of the test's own, so free space is known and nobody else uses it."""

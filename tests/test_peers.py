@@ -249,12 +249,13 @@ def test_a_full_disk_ends_both_prefetches_with_an_error_not_a_wait(tmp_path, sha
         pytest.skip(reason)
     fs = tmp_path / "fs"
     fs.mkdir()
-    # The repo (512 MiB) fits the filesystem's 640 under the high watermark (a prefetch of more is
-    # refused at once), not the 384 that min_free leaves usable, even for one node alone.
+    # The repo (512 MiB) fits the filesystem's 640 less min_free (a prefetch of more is refused at
+    # once), not what 200 MiB of other files and min_free leave usable, even for one node alone.
     mounts.mount("tmpfs", str(fs), "tmpfs", 0, "size=640m")
     try:
+        (fs / "other-files").write_bytes(bytes(200 * MiB))
         (fs / "cluster").mkdir()
-        env = {"NODECACHE_MIN_FREE": str(256 * MiB), "NODECACHE_DIRECT_IO": "false"}  # tmpfs: no O_DIRECT
+        env = {"NODECACHE_MIN_FREE": str(64 * MiB), "NODECACHE_DIRECT_IO": "false"}  # tmpfs: no O_DIRECT
         with Cluster(fs / "cluster", {REPO: shared_repo}, nodes=2, env=env) as c:
             jobs = c.prefetch(REPO)
             t0 = time.monotonic()

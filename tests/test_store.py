@@ -18,7 +18,7 @@ from nodecache.index import BlobRecord, Index
 from nodecache.layout import FileEntry, InvalidName
 from nodecache.quarantine import Quarantined
 from nodecache.store import Store
-from nodecache.tier import Tier
+from nodecache.tier import Tier, shortfall
 from nodecache.upstream import PiecewiseSource
 
 KiB = 1024
@@ -1660,3 +1660,19 @@ def test_a_blob_is_kept_while_any_of_its_chunk_fetches_runs_counted_by_blob():
     assert not in_use.protected(a) and in_use.protected(b)
     in_use.fetch_ended((b, 0))
     assert not in_use.protected(b) and in_use.inflight == {} and in_use.fetching == {}
+
+
+@pytest.mark.parametrize(
+    "sizes, disk, shm, hot, short",
+    [
+        ([10, 10], 20, 0, False, 0),  # exactly full
+        ([10, 11], 20, 0, False, 1),
+        ([10, 10, 2], 20, 5, False, 0),  # the small one goes to shm
+        ([30], 20, 50, False, 10),  # too big for shm, more than the disk
+        ([30], 20, 50, True, 0),  # a hot pin's blobs may go to shm
+        ([2, 2, 2, 30], 25, 4, False, 7),  # shm holds 4 of the 6 small bytes
+        ([], 0, 0, False, 0),
+    ],
+)
+def test_shortfall_counts_shm_only_for_what_may_go_there(sizes, disk, shm, hot, short):
+    assert shortfall(sizes, disk, shm, shm_file_max=8, hot=hot) == short
