@@ -327,15 +327,17 @@ class Filler:
         (and, if it reads through the mount, read the next shards into the page cache)."""
         return self.snapshots.opened(repo_type, repo_id, blob_id, commit, reads_here)
 
-    def must_fit(self, ref: RepoRef, sizes: dict[str, int], hot: bool = False) -> None:
+    def must_fit(self, ref: RepoRef, sizes: dict[str, int], pinned: bool = False, hot: bool = False) -> None:
         """Refuse a revision that can never be whole here before a byte of it is fetched: filling
         it would evict every other model on the node, then its own first files for its last
         ones, and end with files missing (a 700 GB model on a 500 GB cache). `sizes`: blob id ->
-        bytes; `hot`: a "hot" pin's (shm takes its blobs of any size)."""
+        bytes. A pin's blobs are never evicted, so they may fill the disk tier's whole capacity;
+        a prefetch's finished files are evicted past its high watermark. `hot`: shm takes a
+        "hot" pin's blobs of any size."""
         if self.index.links.snapshots_missing(ref.repo_type, ref.repo_id).get(ref.commit) == 0:
             return  # every byte is here already (in a cache made smaller since, too)
         disk, shm = self.store.tiers["disk"], self.store.tiers.get("shm")
-        most = disk.most(), 0 if shm is None else shm.most(shm.high)
+        most = disk.most(1.0 if pinned else disk.high), 0 if shm is None else shm.most(shm.high)
         short = shortfall(list(sizes.values()), *most, self.cfg.shm_file_max, hot)
         if short:
             where = f"disk {most[0]:,}" + ("" if shm is None else f", shm {most[1]:,}")

@@ -54,7 +54,7 @@ class Operations:
         if mode not in ("pin", "hot"):
             raise ValueError(f"pin mode must be 'pin' or 'hot', not {mode!r}")
         ref, sizes, blobs = await self.catalog.add_repo(spec)
-        self.filler.must_fit(ref, sizes, hot=mode == "hot")
+        self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot")
         self.index.pins.put(ref.repo_type, ref.repo_id, ref.revision, mode)
         self.pins.refresh()
         return self.jobs.start(ref, blobs, sum(sizes.values()))
@@ -73,7 +73,7 @@ class Operations:
                 sizes = {b: self.filler.record(b).size for b in blobs}
                 total = sum(sizes.values())
                 try:
-                    self.filler.must_fit(ref, sizes, hot=mode == "hot")
+                    self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot")
                 except FillError as e:  # listed and read lazily, not filled
                     log.error("pin: %s", e)
                     continue

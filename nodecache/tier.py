@@ -71,9 +71,9 @@ def configured_tiers(cfg: Config) -> list[Tier]:
 
 
 def shortfall(sizes: list[int], disk: int, shm: int, shm_file_max: int, hot: bool) -> int:
-    """Bytes of these blobs that no placement can hold at once (0: they fit): `disk` and `shm` are
-    the most each tier can hold (Tier.most); a blob goes to shm only if it is small (up to
-    `shm_file_max`) or `hot`, and to disk otherwise or when shm has no room (Pins.place)."""
-    total = sum(sizes)
-    may_shm = total if hot else sum(n for n in sizes if n <= shm_file_max)
-    return max(0, total - disk - min(shm, may_shm))
+    """Bytes of these blobs that no placement can hold at once (0: perhaps they fit): `disk` and
+    `shm` are the most each tier can hold (Tier.most). A blob goes whole to one tier: to shm only
+    if it is small (up to `shm_file_max`) or `hot`, and shm has room for it, else to disk
+    (Pins.place). A bound, not a packing: what it refuses can never be whole."""
+    may_shm = sum(n for n in sizes if n <= shm and (hot or n <= shm_file_max))
+    return max(0, sum(sizes) - disk - min(shm, may_shm))

@@ -1671,6 +1671,8 @@ def test_a_blob_is_kept_while_any_of_its_chunk_fetches_runs_counted_by_blob():
         ([30], 20, 50, False, 10),  # too big for shm, more than the disk
         ([30], 20, 50, True, 0),  # a hot pin's blobs may go to shm
         ([2, 2, 2, 30], 25, 4, False, 7),  # shm holds 4 of the 6 small bytes
+        ([30], 10, 28, True, 20),  # a blob goes whole to one tier: shm has no room for it
+        ([6, 6], 5, 5, False, 7),  # small, but each larger than shm
         ([], 0, 0, False, 0),
     ],
 )
