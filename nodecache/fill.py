@@ -66,7 +66,14 @@ class Filler:
         self.chunks = Chunks(cfg, store, sources, metrics, self._failed_proof)
         self.blobs = BlobFills(cfg, self.chunks, metrics)
         self.snapshots = SnapshotFills(
-            cfg, index, self.fill_in_background, self.blobs.claimed, store.record, store.read, store.warm
+            cfg,
+            index,
+            self.fill_in_background,
+            self.blobs.claimed,
+            store.record,
+            store.read,
+            store.warm,
+            fits=lambda sizes: self._shortfall(sizes)[0] == 0,
         )
         self.verify_first: set[str] = set()  # blob ids whose reads wait for the whole-blob proof (verify_before_serve)
         self._generation: dict[str, int] = {}  # blob id -> failed proofs seen while running
@@ -336,16 +343,20 @@ class Filler:
         "hot" pin's blobs of any size."""
         if self.index.links.snapshots_missing(ref.repo_type, ref.repo_id).get(ref.commit) == 0:
             return  # every byte is here already (in a cache made smaller since, too)
-        disk, shm = self.store.tiers["disk"], self.store.tiers.get("shm")
-        most = disk.most(1.0 if pinned else disk.high), 0 if shm is None else shm.most(shm.high)
-        short = shortfall(list(sizes.values()), *most, self.cfg.shm_file_max, hot)
+        short, where = self._shortfall(sizes, pinned, hot)
         if short:
-            where = f"disk {most[0]:,}" + ("" if shm is None else f", shm {most[1]:,}")
             raise FillError(
                 f"{ref}: {sum(sizes.values()):,} bytes do not fit this node's cache ({where} bytes at most): "
                 "nothing fetched",
                 errno.ENOSPC,
             )
+
+    def _shortfall(self, sizes: dict[str, int], pinned: bool = False, hot: bool = False) -> tuple[int, str]:
+        """(bytes of these blobs no placement can hold at once, the bound said in words): tier.shortfall."""
+        disk, shm = self.store.tiers["disk"], self.store.tiers.get("shm")
+        most = disk.most(1.0 if pinned else disk.high), 0 if shm is None else shm.most(shm.high)
+        where = f"disk {most[0]:,}" + ("" if shm is None else f", shm {most[1]:,}")
+        return shortfall(list(sizes.values()), *most, self.cfg.shm_file_max, hot), where
 
     async def fill_blobs(
         self, blob_ids: list[str], progress: Callable[[int], None] | None = None, attempts: int = PROOF_ATTEMPTS

@@ -75,8 +75,12 @@ class SnapshotFills:
         record: Callable[[str], BlobRecord | None],
         read: Callable[[str, int, int], Awaitable[bytes]],
         warm: Callable[[str], Awaitable[None]],
+        fits: Callable[[dict[str, int]], bool] = lambda sizes: True,
     ):
         self.cfg, self.index = cfg, index
+        # Could these blobs (id -> bytes) be whole in the cache at once, as a prefetch's? If not, the
+        # shards ahead of the loader are not filled: they would evict those it has not read yet.
+        self.fits = fits
         # Start (or join, with at least n workers) a blob's whole-blob fill; None if complete or failing.
         self.start = start
         self.claimed = claimed  # until every chunk of a blob's running fill is claimed by a worker
@@ -182,13 +186,19 @@ class SnapshotFills:
         # The opened shard is being read: its fill (started by the open) gets a worker per slot
         # and, as read-ahead, the connections before the background fills; the small files go beside it.
         reading = self.start(opened_blob, self.workers)
-        started = [t for f in small_files(files, opened) if (t := self.start(f.blob_id, None)) is not None]
+        small = small_files(files, opened)
+        started = [t for f in small if (t := self.start(f.blob_id, None)) is not None]
         if started:
             await asyncio.wait(started)
         if reading is not None:
             await self.claimed(opened_blob)
         after, before = siblings(files, opened, await self._indexes(files, opened))
         order = after + before  # those before the opened one last: another loader may read them
+        filled = {opened_blob, *(f.blob_id for f in small), *(f.blob_id for f in order)}
+        if not self.fits({f.blob_id: f.size for f in files if f.blob_id in filled}):
+            log.info("snapshot fill of %s@%s: its weights do not fit this node's cache, only what is read is filled",
+                     snapshot[1], snapshot[2][:12])  # fmt: skip
+            order = []
         log.info("snapshot fill of %s@%s after %s: %d small file(s), then %s", snapshot[1], snapshot[2][:12],
                  opened, len(started), ", ".join(f.path for f in order) or "no other weight file")  # fmt: skip
         self._orders[snapshot] = _Order([FileEntry(opened, 0, opened_blob), *after], 0 if reads_here else -1)

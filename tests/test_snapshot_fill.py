@@ -341,6 +341,23 @@ def test_a_config_json_starts_one_first_shard_at_a_time_and_only_a_models():
     asyncio.run(main())
 
 
+def test_the_shards_of_a_model_larger_than_the_cache_are_filled_only_as_they_are_read(hub, daemons, sharded_repo):
+    """4 x 3 MiB into 8 MiB: filled ahead of the loader, the shards would evict those it has not read yet."""
+    d, names, order = sharded_repo
+    commit = hub.add_repo(SHARDED, d)
+    daemon = daemons([SHARDED], env={"NODECACHE_DISK_MAX": str(8 * MiB), "NODECACHE_MIN_FREE": "0"})
+    snap = snapshot_dir(daemon, SHARDED, commit)
+    ids = _blob_ids(snap)
+    hub.stats.reset()
+    with open(snap / order[0], "rb") as f:
+        assert len(f.read(8)) == 8
+    wait_until(lambda: verified(snap / order[0]), "the opened shard filled and proven")
+    wait_until(lambda: "its weights do not fit this node's cache" in daemon.log(), "the plan said why")
+    wait_until(lambda: (s := daemon.status())["blobs_filling"] == 0 and s["fills_inflight"] == 0, "a quiet node")
+    assert not set(_first_requests(hub, ids)) & set(order[1:]), "no other shard was fetched"
+    assert (snap / order[1]).read_bytes() == (d / order[1]).read_bytes(), "read, it is filled"
+
+
 def test_fill_snapshot_on_open_false_fills_only_what_is_opened(hub, daemons, sharded_repo):
     d, names, order = sharded_repo
     commit = hub.add_repo(SHARDED, d)
