@@ -195,7 +195,7 @@ class SnapshotFills:
         after, before = siblings(files, opened, await self._indexes(files, opened))
         order = after + before  # those before the opened one last: another loader may read them
         filled = {opened_blob, *(f.blob_id for f in small), *(f.blob_id for f in order)}
-        if not self.fits({f.blob_id: f.size for f in files if f.blob_id in filled}):
+        if order and not self.fits({f.blob_id: f.size for f in files if f.blob_id in filled}):
             log.info("snapshot fill of %s@%s: its weights do not fit this node's cache, only what is read is filled",
                      snapshot[1], snapshot[2][:12])  # fmt: skip
             order = []

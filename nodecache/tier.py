@@ -46,8 +46,8 @@ class Tier:
         size = st.f_blocks * st.f_frsize
         return min(self.quota, size) if self.quota else size
 
-    def fs_free(self) -> int:
-        st = os.statvfs(self.root)
+    def fs_free(self, st: os.statvfs_result | None = None) -> int:
+        st = st or os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
     def most(self, fraction: float = 1.0) -> int:
@@ -58,7 +58,7 @@ class Tier:
 
     def fits(self, n: int, fraction: float) -> bool:
         st = os.statvfs(self.root)  # one call, not two: every chunk written asks (a small file: every file)
-        return self.used + n <= self.capacity(st) * fraction and st.f_bavail * st.f_frsize - n >= self.min_free
+        return self.used + n <= self.capacity(st) * fraction and self.fs_free(st) - n >= self.min_free
 
 
 def configured_tiers(cfg: Config) -> list[Tier]:
