@@ -38,7 +38,7 @@ class Housekeeping:
     async def round(self) -> None:
         self.store.flush_access_times()
         self.store.clean_quarantine()  # the age bound; count and bytes hold at every quarantine
-        if await self.catalog.refresh_refs():
+        if await self.catalog.refresh_refs() or self.ops.pins_to_move():
             self.ops.fill_pinned()  # pinned revisions follow their refs
         if self.labeler is not None:
             try:

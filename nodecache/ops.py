@@ -27,6 +27,9 @@ class Operations:
     ):
         self.catalog, self.pins, self.index, self.store = catalog, pins, index, store
         self.filler, self.jobs, self.scrubber = filler, jobs, scrubber
+        # Where pinned revisions moved to that the cache cannot hold: asked (and logged) once per
+        # process, not every round (a restart, after a new cache size, asks again).
+        self._refused: set[RepoRef] = set()
 
     async def resolve(self, spec: RepoSpec) -> dict:
         """Resolve only (the tree shows it, no byte is fetched): what it is."""
@@ -55,8 +58,7 @@ class Operations:
             raise ValueError(f"pin mode must be 'pin' or 'hot', not {mode!r}")
         ref, sizes, blobs = await self.catalog.add_repo(spec)
         self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot")
-        self.index.pins.put(ref.repo_type, ref.repo_id, ref.revision, mode)
-        self.pins.refresh()
+        self.pins.hold(ref, mode)
         return self.jobs.start(ref, blobs, sum(sizes.values()))
 
     def unpin(self, spec: RepoSpec) -> bool:
@@ -65,19 +67,43 @@ class Operations:
         return found
 
     def fill_pinned(self) -> None:
-        """Pinned revisions follow their refs: fill what a moved ref now names."""
+        """Pinned revisions follow their refs while the cache can hold what a moved ref names;
+        a pin whose revision moved to more than that keeps the commit it holds (its blobs stay
+        pinned, the new revision's are read lazily and evictable). Then fill what a pin holds."""
         self.pins.refresh()
+        for held, now, mode in self.pins.moved():
+            if now in self._refused:
+                continue
+            try:
+                self._must_fit_pinned(now, mode)
+            except FillError as e:  # listed and read lazily, not filled
+                log.error("pin: %s; the pin keeps %s", e, held.commit[:12])
+                self._refused.add(now)
+                continue
+            self.pins.hold(now, mode)
         for ref, mode in self.pins.refs():
-            blobs = snapshot_blobs(self.index, ref)
-            if any(self.filler.record(b).state != "complete" for b in blobs):
-                sizes = {b: self.filler.record(b).size for b in blobs}
-                total = sum(sizes.values())
-                try:
-                    self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot")
-                except FillError as e:  # listed and read lazily, not filled
-                    log.error("pin: %s", e)
-                    continue
-                self.jobs.start(ref, blobs, total)
+            try:
+                blobs = self._must_fit_pinned(ref, mode)
+            except FillError as e:
+                log.error("pin: %s", e)
+                continue
+            if blobs:
+                self.jobs.start(ref, list(blobs), sum(blobs.values()))
+
+    def pins_to_move(self) -> bool:
+        """Whether a pinned revision names a commit its pin has not taken or refused (a ref the
+        mirror or a lookup re-resolved moves outside the housekeeping's refresh)."""
+        return any(now not in self._refused for _, now, _ in self.pins.moved())
+
+    def _must_fit_pinned(self, ref: RepoRef, mode: str) -> dict[str, int]:
+        """{blob id: size} of the pinned revision if any of it is missing (FillError if it can never be
+        whole here), else {}."""
+        blobs = snapshot_blobs(self.index, ref)
+        if all(self.filler.record(b).state == "complete" for b in blobs):
+            return {}
+        sizes = {b: self.filler.record(b).size for b in blobs}
+        self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot")
+        return sizes
 
     def cached_blobs(self, spec: RepoSpec | None) -> tuple[RepoRef | None, list[str]]:
         """The blobs of one cached repo (every snapshot, or the revision in `spec`), or of the whole

@@ -25,12 +25,26 @@ class Pins:
         return "disk"
 
     def refs(self) -> list[tuple[RepoRef, str]]:
-        """(ref, mode) of every pin whose revision the index can name a commit for."""
+        """(ref, mode) of every pin, at the commit it holds (see `moved` for where its revision is now)."""
+        return [(held, mode) for held, _, mode in self.all()]
+
+    def moved(self) -> list[tuple[RepoRef, RepoRef, str]]:
+        """(held, now, mode) of every pin whose revision names another commit than the one it holds."""
+        return [(held, now, mode) for held, now, mode in self.all() if now.commit != held.commit]
+
+    def hold(self, ref: RepoRef, mode: str) -> None:
+        """Pin `ref`'s revision at its commit (the blobs of the commit held before are let go)."""
+        self.index.pins.put(ref.repo_type, ref.repo_id, ref.revision, mode, ref.commit)
+        self.refresh()
+
+    def all(self) -> list[tuple[RepoRef, RepoRef, str]]:
+        """(held, now, mode) of every pin whose revision the index can name a commit for."""
         out = []
-        for repo_type, repo_id, revision, mode in self.index.pins.all():
-            commit = self.index.refs.commit_of(repo_type, repo_id, revision)
-            if commit:
-                out.append((RepoRef(repo_type, repo_id, revision, commit), mode))
+        for repo_type, repo_id, revision, mode, held in self.index.pins.all():
+            now = self.index.refs.commit_of(repo_type, repo_id, revision)
+            if held or now:
+                ref = RepoRef(repo_type, repo_id, revision, held or now)
+                out.append((ref, ref if not now else RepoRef(repo_type, repo_id, revision, now), mode))
         return out
 
     def refresh(self) -> None:

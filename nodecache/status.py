@@ -132,8 +132,15 @@ class Status:
             "jobs": self.jobs.counts(),
             "blobs": self.blob_counts(),
             "pins": [
-                {"repo": r.repo_id, "revision": r.revision, "commit": r.commit, "mode": m, "ready": self._complete(r)}
-                for r, m in self.pins.refs()
+                {
+                    "repo": r.repo_id,
+                    "revision": r.revision,
+                    "commit": r.commit,  # held: what is kept, and filled
+                    "latest": now.commit,  # what the revision names now (another: too big to take)
+                    "mode": m,
+                    "ready": self._complete(r),
+                }
+                for r, now, m in self.pins.all()
             ],
             "peers": self.membership.status() if self.has_peers else [],
             "repos_failing": self.serving.failing,

@@ -176,7 +176,10 @@ def test_hostile_index_entries_are_dropped_not_fatal(tmp_path, tenant_hub):
             b"model:../x\x00" + b"2" * 40: json.dumps({"files": []}).encode(),
         },
         b"refs": {b"model:org/public\x00evil": json.dumps({"commit": "../../x", "at": 0}).encode()},
-        b"pins": {b"model:org/public\x00main": json.dumps({"mode": "forever"}).encode()},
+        b"pins": {
+            b"model:org/public\x00main": json.dumps({"mode": "forever"}).encode(),
+            b"model:org/public\x00v2": json.dumps({"mode": "pin", "commit": "../../x"}).encode(),
+        },
         b"repos": {b"model:org/public\x00": b"[]"},
     }
     with env.begin(write=True) as txn:
@@ -191,7 +194,7 @@ def test_hostile_index_entries_are_dropped_not_fatal(tmp_path, tenant_hub):
         assert sorted(os.listdir(d.hub / "models--org--public" / "snapshots")) == [tenant_hub.commits[PUBLIC]]
         assert "dropping invalid blobs entry" in d.log()
         dropped = counters(d, "nodecache_index_invalid_entries_total")
-        assert dropped.get("blobs", 0) >= 3 and dropped.get("refs", 0) >= 1 and dropped.get("pins", 0) >= 1, dropped
+        assert dropped.get("blobs", 0) >= 3 and dropped.get("refs", 0) >= 1 and dropped.get("pins", 0) >= 2, dropped
     with d:  # and they are gone for good
         assert "dropping invalid" not in d.log().rsplit("mounted at", 2)[-1]
 

@@ -85,7 +85,7 @@ def test_repo_figures_match_the_walk_and_survive_an_old_index(tmp_path: Path):
         index.refs.put("model", "org/small", "v1", C1)
         index.refs.put("model", "org/small", "old", C2)
         index.refs.put("model", "org/refonly", "main", C1)  # a ref whose snapshot is not recorded yet
-        index.pins.put("model", "org/small", "old", "pin")
+        index.pins.put("model", "org/small", "old", "pin", C2)
 
         async def one_chunk():
             st = store.state(store.record(part.blob_id))

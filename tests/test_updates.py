@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -55,15 +57,32 @@ def test_new_upstream_commit_appears_beside_the_old_one(hub, daemons, small_repo
         handle.close()
 
 
+def post(d, path: str, body: dict) -> dict:
+    req = urllib.request.Request(d.url + path, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
+
+
 def test_a_pin_follows_its_branch_while_the_new_revision_fits_the_cache(hub, daemons, tmp_path):
-    """A pinned branch that moves upstream has its new files filled; a revision larger than the
-    whole cache is refused (logged), nothing of it fetched."""
+    """A pinned branch that moves upstream has its new files filled; one that moves to a
+    revision larger than the whole cache is refused (logged once, nothing of it fetched) and the
+    pin keeps the commit it holds: its files stay pinned, the new revision's are read lazily and
+    evicted like any others (before, the pin went with the branch: the held files became
+    evictable and the lazily read ones of the new revision pinned, filling the cache with bytes
+    nothing could evict). A later move to a revision that fits is followed again."""
     repo = "org/follow"
-    versions = {"v1": {"a.bin": MiB}, "v2": {"a.bin": MiB, "b.bin": 2 * MiB}, "v3": {"c.bin": 40 * MiB}}
+    versions = {
+        "v1": {"a.bin": MiB},
+        "v2": {"a.bin": MiB, "b.bin": 2 * MiB},
+        "v3": {"c.bin": 40 * MiB},
+        "v4": {"a.bin": MiB, "d.bin": MiB},
+    }
     for name, files in versions.items():
         (tmp_path / name).mkdir()
         for f, size in files.items():
             (tmp_path / name / f).write_bytes(os.urandom(size))
+    for name in ("v1", "v4"):  # one a.bin throughout
+        (tmp_path / name / "a.bin").write_bytes((tmp_path / "v2" / "a.bin").read_bytes())
     hub.add_repo(repo, tmp_path / "v1")
     d = daemons(repos=(repo,), env={"NODECACHE_REF_TTL": "1", "NODECACHE_DISK_MAX": str(32 * MiB)})
     req = urllib.request.Request(d.url + "/v1/pin", data=json.dumps({"repo": repo}).encode(), method="POST")
@@ -76,9 +95,51 @@ def test_a_pin_follows_its_branch_while_the_new_revision_fits_the_cache(hub, dae
     assert os.getxattr(b, "user.nodecache.cached") == b"1.000000"
     fetched = hub.stats.data_bytes
     v3 = hub.add_repo(repo, tmp_path / "v3")
-    assert wait_for(lambda: f"pin: {repo}@main ({v3[:12]}): {versions['v3']['c.bin']:,} bytes do not fit" in d.log())
+    refused = f"pin: {repo}@main ({v3[:12]}): {versions['v3']['c.bin']:,} bytes do not fit"
+    assert wait_for(lambda: refused in d.log())
     assert status(d)["jobs"] == {"running": 0, "ready": 2, "error": 0}
     assert hub.stats.data_bytes == fetched, "nothing of it fetched"
+    [pin] = status(d)["pins"]
+    assert (pin["commit"], pin["latest"], pin["ready"]) == (v2, v3, True), pin
+    cmd = [sys.executable, "-m", "nodecache", "status", "--endpoint", d.url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+    assert f"pinned {repo}@main ({v2[:12]}, its revision names {v3[:12]}: too big to take) pin" in out, out
+
+    with open(snapshot_dir(d, repo, v3) / "c.bin", "rb") as f:  # read lazily: its first MiB
+        assert f.read(MiB) == (tmp_path / "v3" / "c.bin").read_bytes()[:MiB]
+    out = post(d, "/v1/evict", {"repo": repo})
+    assert out["evicted_blobs"] == 1 and out["kept_in_use_or_pinned"] == 2, out  # c.bin's chunks; a, b pinned
+    assert os.getxattr(b, "user.nodecache.cached") == b"1.000000", "the held revision stays whole"
+
+    v4 = hub.add_repo(repo, tmp_path / "v4")
+    assert wait_for(lambda: status(d)["pins"][0]["commit"] == v4), "followed again once it fits"
+    assert wait_for(lambda: status(d)["pins"][0]["ready"]), "and filled"
+    assert os.getxattr(snapshot_dir(d, repo, v4) / "d.bin", "user.nodecache.cached") == b"1.000000"
+    assert d.log().count(refused) == 1, "the refusal is logged once, not every round"
+    out = post(d, "/v1/evict", {"repo": repo})
+    assert out["kept_in_use_or_pinned"] == 2, out  # v4's two files; b.bin of v2 is let go
+    assert os.getxattr(b, "user.nodecache.cached") == b"0.000000"
+
+
+def test_a_pinned_branch_the_mirror_moved_is_filled_by_the_next_housekeeping_round(hub, daemons, tmp_path):
+    """The mirror re-resolves a branch when a client asks for it, outside the housekeeping's own
+    re-resolve: that round then finds no ref moved, yet the pin has a new revision to take and fill
+    (before, its files were left to be read lazily)."""
+    repo = "org/viamirror"
+    for name, files in {"v1": ("a.bin",), "v2": ("a.bin", "b.bin")}.items():
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_bytes(os.urandom(MiB))
+    hub.add_repo(repo, tmp_path / "v1")
+    d = daemons(repos=(repo,), env={"NODECACHE_REF_TTL": "20"})  # a round every 10 s; refs re-resolved after 20
+    post(d, "/v1/pin", {"repo": repo})
+    assert wait_for(lambda: status(d)["pins"][0]["ready"])
+    v2 = hub.add_repo(repo, tmp_path / "v2")
+    with urllib.request.urlopen(f"{d.url}/{repo}/resolve/main/a.bin", timeout=30) as r:  # the mirror
+        assert r.headers["X-Repo-Commit"] == v2
+    b = snapshot_dir(d, repo, v2) / "b.bin"
+    assert wait_for(lambda: status(d)["pins"][0]["ready"] and status(d)["pins"][0]["commit"] == v2, timeout=30)
+    assert os.getxattr(b, "user.nodecache.cached") == b"1.000000", "filled, never read"
 
 
 def test_preload_list_is_filled_at_start_and_pinned(hub, daemons, big_repo):

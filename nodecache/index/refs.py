@@ -118,14 +118,16 @@ class RepoMeta:
 
 
 class Pins:
-    """Pinned revisions (`pin`: never evicted; `hot`: also in shm while it has room), by repo and revision."""
+    """Pinned revisions (`pin`: never evicted; `hot`: also in shm while it has room), by repo and
+    revision, each with the commit it holds: the one its revision named when it was last taken
+    (a branch that moves on to a revision the cache cannot hold leaves the pin where it was)."""
 
     def __init__(self, db: Db):
         self.db = db
         self.table = db.table("pins")
 
-    def put(self, repo_type: str, repo_id: str, revision: str, mode: str) -> None:
-        value = json.dumps({"mode": mode, "at": time.time()})
+    def put(self, repo_type: str, repo_id: str, revision: str, mode: str, commit: str) -> None:
+        value = json.dumps({"mode": mode, "at": time.time(), "commit": commit})
         with self.db.write() as txn:
             txn.put(repo_key(repo_type, repo_id) + revision.encode(), value.encode(), db=self.table)
 
@@ -133,17 +135,21 @@ class Pins:
         with self.db.write() as txn:
             return txn.delete(repo_key(repo_type, repo_id) + revision.encode(), db=self.table)
 
-    def all(self) -> list[tuple[str, str, str, str]]:
-        """(repo_type, repo_id, revision, mode) of every pin."""
+    def all(self) -> list[tuple[str, str, str, str, str | None]]:
+        """(repo_type, repo_id, revision, mode, commit held) of every pin (commit None: a pin
+        written before pins held one, which holds what its revision names)."""
         out, bad = [], []
         with self.db.read() as txn:
             for key, raw in txn.cursor(db=self.table):
                 try:
                     repo_type, repo_id, revision = split_key(key)
-                    mode = json.loads(raw)["mode"]
+                    value = json.loads(raw)
+                    mode, commit = value["mode"], value.get("commit")
                     if mode not in ("pin", "hot"):
                         raise ValueError(f"mode {mode!r}")
-                    out.append((repo_type, repo_id, validate_revision(revision), mode))
+                    if commit is not None and not (isinstance(commit, str) and COMMIT_RE.fullmatch(commit)):
+                        raise ValueError(f"commit {commit!r}")
+                    out.append((repo_type, repo_id, validate_revision(revision), mode, commit))
                 except BAD as e:
                     bad.append((key, e))
         self.db.drop_invalid("pins", self.table, bad)
