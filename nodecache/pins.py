@@ -20,7 +20,7 @@ class Pins:
         """Small files and blobs of "hot" pins go to shm while it has room."""
         shm = self.shm
         if shm is not None and (rec.size <= self.shm_file_max or rec.blob_id in self.hot):
-            if shm.fits(rec.size, shm.high):
+            if shm.fits(rec.size + shm.promised, shm.high):  # with the blobs placed there, not yet stored
                 return "shm"
         return "disk"
 

@@ -97,6 +97,7 @@ class Store:
         # or among the `recent` most recently used, least recently used first (_remember).
         self._recs: OrderedDict[str, BlobRecord] = OrderedDict()
         self._states: dict[str, BlobState] = {}
+        self._promised: dict[str, tuple[Tier, int]] = {}  # blob id -> (shm, bytes placed there not yet reserved)
         self.recent = recent
         self._trim_at = recent
         self._fds = FdCache(self.path)
@@ -156,8 +157,8 @@ class Store:
                 self._recs.move_to_end(blob_id)
                 continue
             dropped.append(self._recs.pop(blob_id))
-            if self._states.pop(blob_id, None) is not None:
-                self.hashes.drop(blob_id)  # a partial blob with nothing stored: its hash starts again
+            if self._states.get(blob_id) is not None:
+                self._drop_state(blob_id)  # a partial blob with nothing stored: its hash starts again
         self.index.blobs.accessed([(rec.blob_id, rec.last_access) for rec in dropped])
         self._trim_at = max(self.recent, len(self._recs) + self.recent // 8)
 
@@ -231,7 +232,8 @@ class Store:
             self._remember(self._recs.get(rec.blob_id, rec))
             rec = self._recs[rec.blob_id]
             if rec.blob_id not in created and not self.path(rec.blob_id).exists():
-                rec.tier = self.placement(rec)
+                rec.tier = self.placement(rec)  # counting the blobs placed before it (promise)
+                self._promise(rec)
                 if rec.state == "complete":
                     rec.state = "partial"
                 created[rec.blob_id] = rec
@@ -262,11 +264,39 @@ class Store:
             self.hashes.start(rec)
         return st
 
+    def _drop_state(self, blob_id: str) -> None:
+        """Forget a blob's presence (evicted, quarantined, or nothing of it stored)."""
+        self._states.pop(blob_id, None)
+        self.hashes.drop(blob_id)
+        self._drop_promise(blob_id)
+
     # space ------------------------------------------------------------------
+
+    def _promise(self, rec: BlobRecord) -> None:
+        """A new blob placed off the disk tier (shm: its room is decided per blob) is counted
+        there until its bytes are reserved (Tier.promised)."""
+        self._drop_promise(rec.blob_id)
+        if rec.tier != "disk" and rec.size:
+            tier = self.tiers[rec.tier]
+            tier.promised += rec.size
+            self._promised[rec.blob_id] = (tier, rec.size)
+
+    def _drop_promise(self, blob_id: str) -> None:
+        tier, left = self._promised.pop(blob_id, (None, 0))
+        if tier is not None:
+            tier.promised -= left
 
     def reserve(self, st: BlobState, n: int) -> Tier:
         """Account n bytes to the blob's tier, evicting LRU blobs past the high watermark."""
         tier = self.tiers[st.rec.tier]
+        promised, left = self._promised.get(st.rec.blob_id, (None, 0))
+        if promised is tier:  # its own bytes are counted once: as used from now on
+            took = min(n, left)
+            tier.promised -= took
+            if left > took:
+                self._promised[st.rec.blob_id] = (tier, left - took)
+            else:
+                del self._promised[st.rec.blob_id]
         if not tier.fits(n, tier.high):  # high <= 1: what fits under it fits at all (one statvfs a chunk)
             self.evict_lru(tier, n)
             if not tier.fits(n, 1.0):
@@ -314,8 +344,7 @@ class Store:
         rec.state = "partial"
         self._fds.forget(rec.blob_id)
         self._delete(self.path(rec.blob_id))
-        self._states.pop(rec.blob_id, None)
-        self.hashes.drop(rec.blob_id)
+        self._drop_state(rec.blob_id)
         self.tiers[rec.tier].used -= cached
         self.on_evict(rec.tier, cached)
         log.info("evicted %s (%d bytes) from %s", rec.blob_id, cached, rec.tier)
@@ -555,8 +584,7 @@ class Store:
         rec.retry_at = time.time() + proof_backoff(rec.failures, self.retry_base)
         self.index.blobs.put(rec)
         self.index.chunks.drop(rec.blob_id)
-        self._states.pop(rec.blob_id, None)
-        self.hashes.drop(rec.blob_id)
+        self._drop_state(rec.blob_id)
         self.clean_quarantine()
 
     def retry(self, rec: BlobRecord) -> bool:

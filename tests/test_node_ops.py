@@ -278,6 +278,32 @@ def test_shm_tier_takes_small_files_and_hot_pins(hub, daemons, tmp_path, small_r
         shutil.rmtree(shm, ignore_errors=True)
 
 
+def test_a_hot_pin_larger_than_shm_fills_it_to_its_high_watermark_and_the_rest_goes_to_disk(hub, daemons, tmp_path):
+    """Each blob is placed counting the blobs placed on shm before it and not yet stored: the
+    six shards of a hot pin, prepared together, each found shm empty, all went there, and the
+    pin failed "tier shm is full ... nothing more can be evicted" with the disk empty."""
+    shm = Path("/dev/shm") / f"nodecache-test-{os.getpid()}-{tmp_path.name}"
+    repo = tmp_path / "hot"
+    repo.mkdir()
+    for i in range(6):
+        (repo / f"model-{i + 1:05d}-of-00006.safetensors").write_bytes(os.urandom(4 * MiB))
+    commit = hub.add_repo("org/hot", repo)
+    try:
+        env = {"NODECACHE_SHM_DIR": str(shm), "NODECACHE_SHM_MAX": str(16 * MiB)}
+        d = daemons(repos=("org/hot",), env=env)
+        status, job = api(d, "POST", "/v1/pin", {"repo": "org/hot", "mode": "hot"})
+        assert status == 202 and wait_job(d, job)["state"] == "ready", job
+        tiers = {t["name"]: t for t in api(d, "GET", "/v1/status")[1]["tiers"]}
+        assert tiers["shm"]["used"] == 12 * MiB, tiers  # three shards under 0.9 x 16 MiB
+        assert tiers["disk"]["used"] == 12 * MiB, tiers
+        assert len([p for p in (shm / "blobs").rglob("*") if p.is_file()]) == 3
+        snap = snapshot_dir(d, "org/hot", commit)
+        for p in sorted(repo.iterdir()):
+            assert (snap / p.name).read_bytes() == p.read_bytes()
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
 def test_control_api(hub, daemons):
     token = "s3cret-admin"
     d = daemons(repos=(SMALL,), env={"NODECACHE_ADMIN_TOKEN": token})

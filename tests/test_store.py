@@ -1678,3 +1678,34 @@ def test_a_blob_is_kept_while_any_of_its_chunk_fetches_runs_counted_by_blob():
 )
 def test_shortfall_counts_shm_only_for_what_may_go_there(sizes, disk, shm, hot, short):
     assert shortfall(sizes, disk, shm, shm_file_max=8, hot=hot) == short
+
+
+def test_blobs_placed_on_shm_count_there_until_their_bytes_are_stored(cache, index):
+    """The shm placement counts the blobs placed there and not yet stored (Tier.promised): six
+    4-chunk blobs prepared at once fill shm to its high watermark and the rest go to disk; a
+    blob's own bytes count once (as used from their reserve on); eviction and a presence dropped
+    with nothing stored give the rest of the promise back."""
+    from nodecache.pins import Pins
+
+    shm = Tier("shm", cache / "shm", quota=16 * CS)  # high watermark 0.9: 14.4 chunks
+    disk = Tier("disk", cache)
+    pins = Pins(index, shm, shm_file_max=4 * CS)
+    store = Store(cache, index, tiers=[shm, disk], placement=pins.place)
+    try:
+        blobs = [(rec := record("sha256", data), data) for data in (payload(4 * CS, seed=40 + i) for i in range(6))]
+        states = store.states([rec for rec, _ in blobs])
+        assert [st.rec.tier for st in states] == ["shm"] * 3 + ["disk"] * 3
+        assert shm.promised == 12 * CS and disk.promised == 0
+        asyncio.run(fill(store, *blobs[0]))
+        assert (shm.used, shm.promised) == (4 * CS, 8 * CS)
+        st = states[1]
+        asyncio.run(store.write_chunk(st, 0, chunks_of(blobs[1][1])[0]))
+        assert (shm.used, shm.promised) == (5 * CS, 7 * CS)
+        store.evict(st.rec)
+        assert (shm.used, shm.promised) == (4 * CS, 4 * CS)
+        store._drop_state(states[2].rec.blob_id)  # as a trim drops a presence with nothing stored
+        assert shm.promised == 0
+        rec = record("sha256", payload(4 * CS, seed=50))
+        assert store.state(rec).rec.tier == "shm", "shm has room again"
+    finally:
+        store.close()
