@@ -63,7 +63,8 @@ class Daemon:
         cfg, m = self.cfg, self.metrics
         self.index = Index(cfg.cache_dir / "index", on_invalid=lambda db: m.index_invalid.labels(db).inc())
         tiers = configured_tiers(cfg)
-        self.pins = Pins(self.index, tiers[0] if tiers[0].name == "shm" else None, cfg.shm_file_max)
+        in_use = InUse()  # what eviction spares: kept by pins, the fill path and jobs
+        self.pins = Pins(self.index, tiers[0] if tiers[0].name == "shm" else None, cfg.shm_file_max, in_use)
         self.store = Store(
             cfg.cache_dir,
             self.index,
@@ -76,7 +77,7 @@ class Daemon:
             retry_base=cfg.retry_base,
             quarantine_limits=(cfg.quarantine_files, cfg.quarantine_max, cfg.quarantine_ttl),
             placement=self.pins.place,
-            in_use=InUse(pinned=self.pins.pinned),
+            in_use=in_use,
         )
         self.fuse = FuseMount(cfg, self.index, self.store, m, self.serving)
         dropped = self.store.recover()

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class InUse:
-    pinned: set[str] = field(default_factory=set)  # blob ids kept by pins
+    pinned: dict[str, int] = field(default_factory=dict)  # blob id -> size, of the blobs pins keep (pin)
+    pinned_bytes: int = 0  # their sizes' sum: what pins hold once filled (Filler.must_fit)
     open: dict[str, int] = field(default_factory=dict)  # blob id -> open handles / reads in progress
     # blob id -> holds of what is no reader (a scrub's re-hash, a peer's background fill, a prefetch
     # from the files it makes to its fills' ends): the blob is kept, but its fill's requests do not
@@ -33,6 +34,12 @@ class InUse:
             or blob_id in self.finishing
             or self.fetching.get(blob_id, 0) > 0
         )
+
+    def pin(self, sizes: dict[str, int]) -> None:
+        """The blobs pins keep from now on, with their sizes."""
+        self.pinned.clear()
+        self.pinned.update(sizes)
+        self.pinned_bytes = sum(sizes.values())
 
     def fetch_started(self, key: tuple[str, int], task: asyncio.Task) -> None:
         """A chunk's fetch, counted by blob: eviction asks of every blob it looks at, and a scan of

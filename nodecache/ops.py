@@ -57,7 +57,8 @@ class Operations:
         if mode not in ("pin", "hot"):
             raise ValueError(f"pin mode must be 'pin' or 'hot', not {mode!r}")
         ref, sizes, blobs = await self.catalog.add_repo(spec)
-        self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot")
+        held = self.pins.held(ref)  # pinned before, maybe at another commit: its bytes are room
+        self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot", replacing=held)
         self.pins.hold(ref, mode)
         return self.jobs.start(ref, blobs, sum(sizes.values()))
 
@@ -75,7 +76,7 @@ class Operations:
             if now in self._refused:
                 continue
             try:
-                self._must_fit_pinned(now, mode)
+                self._must_fit_pinned(now, mode, replacing=held)
             except FillError as e:  # listed and read lazily, not filled
                 log.error("pin: %s; the pin keeps %s", e, held.commit[:12])
                 self._refused.add(now)
@@ -95,14 +96,14 @@ class Operations:
         mirror or a lookup re-resolved moves outside the housekeeping's refresh)."""
         return any(now not in self._refused for _, now, _ in self.pins.moved())
 
-    def _must_fit_pinned(self, ref: RepoRef, mode: str) -> dict[str, int]:
+    def _must_fit_pinned(self, ref: RepoRef, mode: str, replacing: RepoRef | None = None) -> dict[str, int]:
         """{blob id: size} of the pinned revision if any of it is missing (FillError if it can never be
-        whole here), else {}."""
+        whole here, `replacing` let go), else {}."""
         blobs = snapshot_blobs(self.index, ref)
         if all(self.filler.record(b).state == "complete" for b in blobs):
             return {}
         sizes = {b: self.filler.record(b).size for b in blobs}
-        self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot")
+        self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot", replacing=replacing)
         return sizes
 
     def cached_blobs(self, spec: RepoSpec | None) -> tuple[RepoRef | None, list[str]]:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from .index import BlobRecord, Index
-from .repos import RepoRef, snapshot_blobs
+from .inuse import InUse
+from .repos import RepoRef
 from .tier import Tier
 
 
 class Pins:
-    """The pinned and "hot" blob sets, recomputed from the index's pins (shared with the
-    filler, which spares pinned blobs, and the store, which places hot ones)."""
+    """The pinned and "hot" blob sets, recomputed from the index's pins: the pinned ones (and
+    their sizes) go to `in_use`, which eviction spares and the fill's space bound counts
+    (shared with the store and the filler); the hot ones to the shm placement."""
 
-    def __init__(self, index: Index, shm: Tier | None, shm_file_max: int):
+    def __init__(self, index: Index, shm: Tier | None, shm_file_max: int, in_use: InUse | None = None):
         self.index, self.shm, self.shm_file_max = index, shm, shm_file_max
-        self.pinned: set[str] = set()  # blob ids of pinned revisions: never evicted
+        self.in_use = InUse() if in_use is None else in_use
         self.hot: set[str] = set()  # blob ids of "hot" pins: in shm when they fit
 
     def place(self, rec: BlobRecord) -> str:
@@ -32,6 +34,11 @@ class Pins:
         """(held, now, mode) of every pin whose revision names another commit than the one it holds."""
         return [(held, now, mode) for held, now, mode in self.all() if now.commit != held.commit]
 
+    def held(self, ref: RepoRef) -> RepoRef | None:
+        """The commit a pin of `ref`'s revision holds now, if there is one."""
+        key = (ref.repo_type, ref.repo_id, ref.revision)
+        return next((h for h, _, _ in self.all() if (h.repo_type, h.repo_id, h.revision) == key), None)
+
     def hold(self, ref: RepoRef, mode: str) -> None:
         """Pin `ref`'s revision at its commit (the blobs of the commit held before are let go)."""
         self.index.pins.put(ref.repo_type, ref.repo_id, ref.revision, mode, ref.commit)
@@ -48,14 +55,13 @@ class Pins:
         return out
 
     def refresh(self) -> None:
-        pinned: set[str] = set()
+        sizes: dict[str, int] = {}
         hot: set[str] = set()
         for ref, mode in self.refs():
-            blobs = snapshot_blobs(self.index, ref)
-            pinned.update(blobs)
+            files = self.index.snapshots.get(ref.repo_type, ref.repo_id, ref.commit) or []
+            sizes.update((f.blob_id, f.size) for f in files)
             if mode == "hot":
-                hot.update(blobs)
-        self.pinned.clear()
-        self.pinned.update(pinned)
+                hot.update(f.blob_id for f in files)
+        self.in_use.pin(sizes)
         self.hot.clear()
         self.hot.update(hot)

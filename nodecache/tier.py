@@ -74,10 +74,13 @@ def configured_tiers(cfg: Config) -> list[Tier]:
     return tiers
 
 
-def shortfall(sizes: list[int], disk: int, shm: int, shm_file_max: int, hot: bool) -> int:
+def shortfall(sizes: list[int], disk: int, shm: int, shm_file_max: int, hot: bool, held: int = 0) -> int:
     """Bytes of these blobs that no placement can hold at once (0: perhaps they fit): `disk` and
     `shm` are the most each tier can hold (Tier.most). A blob goes whole to one tier: to shm only
     if it is small (up to `shm_file_max`) or `hot`, and shm has room for it, else to disk
-    (Pins.place). A bound, not a packing: what it refuses can never be whole."""
+    (Pins.place). `held`: bytes the pins of other revisions keep (never evicted), counted in shm
+    first (of all the ways they may lie, the one that leaves these the most room). A bound, not
+    a packing: what it refuses can never be whole while those pins stay."""
     may_shm = sum(n for n in sizes if n <= shm and (hot or n <= shm_file_max))
-    return max(0, sum(sizes) - disk - min(shm, may_shm))
+    in_shm = min(held, shm)
+    return max(0, sum(sizes) - max(0, disk - (held - in_shm)) - min(shm - in_shm, may_shm))

@@ -159,37 +159,38 @@ def test_a_prefetch_with_readers_on_a_full_tier_gives_right_bytes_or_enospc(hub,
     import threading
 
     commit = hub.add_repo(EVICT, evict_repos[EVICT])
-    hub.add_repo(PINNED, evict_repos[PINNED])
-    # 48 MiB fit a 56 MiB cache (50.4 under its high watermark: not refused), not beside a 12 MiB pin
-    d = daemons(repos=(EVICT,), env={"NODECACHE_DISK_MAX": str(56 * MiB), "NODECACHE_MIN_FREE": "0"})
-    status, job = api(d, "POST", "/v1/pin", {"repo": PINNED})
-    assert status == 202 and wait_job(d, job)["state"] == "ready"
-    snap = snapshot_dir(d, EVICT, commit)
-    want = {n: sha256_file(evict_repos[EVICT] / n) for n in FILES}
+    other = hub.add_repo(PINNED, evict_repos[PINNED])
+    # 48 MiB fit a 56 MiB cache (50.4 under its high watermark: not refused), not beside a 12 MiB
+    # file held open (a pin would be counted: the prefetch would be refused)
+    d = daemons(repos=(EVICT, PINNED), env={"NODECACHE_DISK_MAX": str(56 * MiB), "NODECACHE_MIN_FREE": "0"})
+    with open(snapshot_dir(d, PINNED, other) / "w.bin", "rb") as held:
+        assert len(held.read()) == 12 * MiB
+        snap = snapshot_dir(d, EVICT, commit)
+        want = {n: sha256_file(evict_repos[EVICT] / n) for n in FILES}
 
-    def read(name: str, got: dict[str, object]) -> None:
-        try:
-            got[name] = sha256_file(snap / name) == want[name]
-        except OSError as e:
-            got[name] = errno.errorcode.get(e.errno, e.errno)
+        def read(name: str, got: dict[str, object]) -> None:
+            try:
+                got[name] = sha256_file(snap / name) == want[name]
+            except OSError as e:
+                got[name] = errno.errorcode.get(e.errno, e.errno)
 
-    for _ in range(4):
-        got: dict[str, object] = {}
-        status, body = api(d, "POST", "/v1/prefetch", {"repo": EVICT})
-        readers = [threading.Thread(target=read, args=(n, got)) for n in FILES]
-        for t in readers:
-            t.start()
-        job = wait_job(d, body)
-        for t in readers:
-            t.join(60)
-        assert status == 202 and not any(t.is_alive() for t in readers)
-        assert all(v in (True, "ENOSPC") for v in got.values()), got
-        # 48 MiB into 44: a fill runs out of room ("full"), or blobs it filled were evicted for
-        # the others' room ("not complete")
-        assert job["state"] == "error" and ("full" in job["error"] or "not complete" in job["error"]), job
-        assert counter(d, "nodecache_verify_failures_total", source="upstream") == 0, "no proof failed"
-        wait_until(lambda: api(d, "GET", "/v1/status")[1]["blobs_filling"] == 0, "the fills ended")
-        api(d, "POST", "/v1/evict", {"all": True})
+        for _ in range(4):
+            got: dict[str, object] = {}
+            status, body = api(d, "POST", "/v1/prefetch", {"repo": EVICT})
+            readers = [threading.Thread(target=read, args=(n, got)) for n in FILES]
+            for t in readers:
+                t.start()
+            job = wait_job(d, body)
+            for t in readers:
+                t.join(60)
+            assert status == 202 and not any(t.is_alive() for t in readers)
+            assert all(v in (True, "ENOSPC") for v in got.values()), got
+            # 48 MiB into 44: a fill runs out of room ("full"), or blobs it filled were evicted for
+            # the others' room ("not complete")
+            assert job["state"] == "error" and ("full" in job["error"] or "not complete" in job["error"]), job
+            assert counter(d, "nodecache_verify_failures_total", source="upstream") == 0, "no proof failed"
+            wait_until(lambda: api(d, "GET", "/v1/status")[1]["blobs_filling"] == 0, "the fills ended")
+            api(d, "POST", "/v1/evict", {"all": True})
 
 
 def test_a_revision_is_refused_only_where_it_can_never_be_whole(hub, daemons, evict_repos, tmp_path):
@@ -219,6 +220,28 @@ def test_a_revision_is_refused_only_where_it_can_never_be_whole(hub, daemons, ev
     finally:
         d.stop()
         shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_the_bytes_other_pins_keep_are_not_room(hub, daemons, evict_repos):
+    """48 MiB fit a 56 MiB cache (50.4 under its high watermark), not beside a 12 MiB pin: a
+    prefetch and a pin of it are refused, nothing fetched (before, the prefetch filled, evicted
+    its own finished files for its others' room and ended "not complete"). A pin whose revision
+    moves counts the bytes of the commit it lets go as room."""
+    hub.add_repo(EVICT, evict_repos[EVICT])
+    hub.add_repo(PINNED, evict_repos[PINNED])
+    d = daemons(repos=(EVICT, PINNED), env={"NODECACHE_DISK_MAX": str(56 * MiB), "NODECACHE_MIN_FREE": "0"})
+    status, job = api(d, "POST", "/v1/pin", {"repo": PINNED})
+    assert status == 202 and wait_job(d, job)["state"] == "ready"
+    fetched = hub.stats.data_bytes
+    status, body = api(d, "POST", "/v1/prefetch", {"repo": EVICT})
+    assert status == 507 and "(disk 52,848,230 bytes at most, 12,582,912 of them kept by other pins)" in body["detail"]
+    status, body = api(d, "POST", "/v1/pin", {"repo": EVICT})
+    assert status == 507 and "(disk 58,720,256 bytes at most, 12,582,912 of them" in body["detail"], body
+    assert hub.stats.data_bytes == fetched, "nothing fetched"
+    moved = hub.add_repo(PINNED, evict_repos[EVICT])  # the pinned branch now names 48 MiB: 60 with the old 12
+    status, job = api(d, "POST", "/v1/pin", {"repo": PINNED})
+    assert status == 202 and job["commit"] == moved and wait_job(d, job)["state"] == "ready", job
+    assert [(p["commit"], p["ready"]) for p in api(d, "GET", "/v1/status")[1]["pins"]] == [(moved, True)]
 
 
 @pytest.fixture

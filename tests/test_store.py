@@ -1663,21 +1663,31 @@ def test_a_blob_is_kept_while_any_of_its_chunk_fetches_runs_counted_by_blob():
 
 
 @pytest.mark.parametrize(
-    "sizes, disk, shm, hot, short",
+    "sizes, disk, shm, hot, short, held",
     [
-        ([10, 10], 20, 0, False, 0),  # exactly full
-        ([10, 11], 20, 0, False, 1),
-        ([10, 10, 2], 20, 5, False, 0),  # the small one goes to shm
-        ([30], 20, 50, False, 10),  # too big for shm, more than the disk
-        ([30], 20, 50, True, 0),  # a hot pin's blobs may go to shm
-        ([2, 2, 2, 30], 25, 4, False, 7),  # shm holds 4 of the 6 small bytes
-        ([30], 10, 28, True, 20),  # a blob goes whole to one tier: shm has no room for it
-        ([6, 6], 5, 5, False, 7),  # small, but each larger than shm
-        ([], 0, 0, False, 0),
+        ([10], 20, 0, False, 0, 10),  # exactly full beside a pin's 10
+        ([10], 20, 0, False, 1, 11),
+        ([10], 20, 5, False, 0, 5),  # the pin's bytes may lie in shm (too small for this blob)
+        ([2, 2], 0, 4, False, 2, 2),  # ... and then leave shm only 2
+        ([10], 20, 5, False, 5, 20),  # 15 of them on the disk at least
+    ]
+    + [
+        (*case, 0)
+        for case in [
+            ([10, 10], 20, 0, False, 0),  # exactly full
+            ([10, 11], 20, 0, False, 1),
+            ([10, 10, 2], 20, 5, False, 0),  # the small one goes to shm
+            ([30], 20, 50, False, 10),  # too big for shm, more than the disk
+            ([30], 20, 50, True, 0),  # a hot pin's blobs may go to shm
+            ([2, 2, 2, 30], 25, 4, False, 7),  # shm holds 4 of the 6 small bytes
+            ([30], 10, 28, True, 20),  # a blob goes whole to one tier: shm has no room for it
+            ([6, 6], 5, 5, False, 7),  # small, but each larger than shm
+            ([], 0, 0, False, 0),
+        ]
     ],
 )
-def test_shortfall_counts_shm_only_for_what_may_go_there(sizes, disk, shm, hot, short):
-    assert shortfall(sizes, disk, shm, shm_file_max=8, hot=hot) == short
+def test_shortfall_counts_shm_only_for_what_may_go_there(sizes, disk, shm, hot, short, held):
+    assert shortfall(sizes, disk, shm, shm_file_max=8, hot=hot, held=held) == short
 
 
 def test_blobs_placed_on_shm_count_there_until_their_bytes_are_stored(cache, index):
