@@ -340,18 +340,18 @@ class Filler:
         sizes: dict[str, int],
         pinned: bool = False,
         hot: bool = False,
-        replacing: RepoRef | None = None,
+        kept: dict[str, int] | None = None,
     ) -> None:
         """Refuse a revision that can never be whole here before a byte of it is fetched: filling
         it would evict every other model on the node, then its own first files for its last
         ones, and end with files missing (a 700 GB model on a 500 GB cache). `sizes`: blob id ->
         bytes. A pin's blobs are never evicted, so they may fill the disk tier's whole capacity;
         a prefetch's finished files are evicted past its high watermark. Either way the bytes
-        other pins keep are not room (those of `replacing`, the revision a pin moves from, are).
-        `hot`: shm takes a "hot" pin's blobs of any size."""
+        pins keep are not room: `kept` ({blob id: size}, Pins.besides) for a pin about to move
+        (what it lets go is), else every pin's. `hot`: shm takes a "hot" pin's blobs of any size."""
         if self.index.links.snapshots_missing(ref.repo_type, ref.repo_id).get(ref.commit) == 0:
             return  # every byte is here already (in a cache made smaller since, too)
-        short, where = self._shortfall(sizes, pinned, hot, replacing)
+        short, where = self._shortfall(sizes, pinned, hot, kept)
         if short:
             raise FillError(
                 f"{ref}: {sum(sizes.values()):,} bytes do not fit this node's cache ({where}): nothing fetched",
@@ -359,26 +359,24 @@ class Filler:
             )
 
     def _shortfall(
-        self, sizes: dict[str, int], pinned: bool = False, hot: bool = False, replacing: RepoRef | None = None
+        self, sizes: dict[str, int], pinned: bool = False, hot: bool = False, kept: dict[str, int] | None = None
     ) -> tuple[int, str]:
         """(bytes of these blobs no placement can hold at once, the bound said in words): tier.shortfall."""
         disk, shm = self.store.tiers["disk"], self.store.tiers.get("shm")
         most = disk.most(1.0 if pinned else disk.high), 0 if shm is None else shm.most(shm.high)
-        held = self._held(sizes, replacing)
+        held = self._held(sizes, kept)
         where = f"disk {most[0]:,}" + ("" if shm is None else f", shm {most[1]:,}") + " bytes at most"
         if held:
             where += f", {held:,} of them kept by other pins"
         return shortfall(list(sizes.values()), *most, self.cfg.shm_file_max, hot, held), where
 
-    def _held(self, sizes: dict[str, int], replacing: RepoRef | None) -> int:
-        """Bytes pins keep besides these blobs and those of the revision a pin moves from: O(both
-        revisions), the pins' total being kept up to date (InUse.pin)."""
+    def _held(self, sizes: dict[str, int], kept: dict[str, int] | None) -> int:
+        """Bytes pins keep besides these blobs: O(this revision) from the pins' total kept up to
+        date (InUse.pin), or O(kept) when given."""
+        if kept is not None:
+            return sum(n for b, n in kept.items() if b not in sizes)
         pinned = self.store.in_use.pinned
-        released = set(b for b in sizes if b in pinned)
-        if replacing is not None:
-            files = self.index.snapshots.get(replacing.repo_type, replacing.repo_id, replacing.commit) or []
-            released.update(f.blob_id for f in files if f.blob_id in pinned)
-        return max(0, self.store.in_use.pinned_bytes - sum(pinned[b] for b in released))
+        return self.store.in_use.pinned_bytes - sum(pinned[b] for b in sizes if b in pinned)
 
     async def fill_blobs(
         self, blob_ids: list[str], progress: Callable[[int], None] | None = None, attempts: int = PROOF_ATTEMPTS

@@ -27,8 +27,8 @@ class Operations:
     ):
         self.catalog, self.pins, self.index, self.store = catalog, pins, index, store
         self.filler, self.jobs, self.scrubber = filler, jobs, scrubber
-        # Where pinned revisions moved to that the cache cannot hold: asked (and logged) once per
-        # process, not every round (a restart, after a new cache size, asks again).
+        # Where pinned revisions moved to that the cache cannot hold beside the other pins: asked
+        # (and logged) once, not every round, until the pins change (or a restart: a new cache size).
         self._refused: set[RepoRef] = set()
 
     async def resolve(self, spec: RepoSpec) -> dict:
@@ -57,14 +57,16 @@ class Operations:
         if mode not in ("pin", "hot"):
             raise ValueError(f"pin mode must be 'pin' or 'hot', not {mode!r}")
         ref, sizes, blobs = await self.catalog.add_repo(spec)
-        held = self.pins.held(ref)  # pinned before, maybe at another commit: its bytes are room
-        self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot", replacing=held)
+        # Pinned before, maybe at another commit: what only that pin keeps is room.
+        self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot", kept=self.pins.besides(ref))
         self.pins.hold(ref, mode)
+        self._refused.clear()  # the pins changed: a moved pin refused beside them may fit now
         return self.jobs.start(ref, blobs, sum(sizes.values()))
 
     def unpin(self, spec: RepoSpec) -> bool:
         found = self.index.pins.delete(spec.repo_type, spec.repo_id, spec.rev)
         self.pins.refresh()
+        self._refused.clear()  # what it kept is room now: a moved pin refused beside it may fit
         return found
 
     def fill_pinned(self) -> None:
@@ -76,12 +78,13 @@ class Operations:
             if now in self._refused:
                 continue
             try:
-                self._must_fit_pinned(now, mode, replacing=held)
+                self._must_fit_pinned(now, mode, kept=self.pins.besides(now))
             except FillError as e:  # listed and read lazily, not filled
                 log.error("pin: %s; the pin keeps %s", e, held.commit[:12])
                 self._refused.add(now)
                 continue
             self.pins.hold(now, mode)
+            self._refused.clear()
         for ref, mode in self.pins.refs():
             try:
                 blobs = self._must_fit_pinned(ref, mode)
@@ -96,14 +99,14 @@ class Operations:
         mirror or a lookup re-resolved moves outside the housekeeping's refresh)."""
         return any(now not in self._refused for _, now, _ in self.pins.moved())
 
-    def _must_fit_pinned(self, ref: RepoRef, mode: str, replacing: RepoRef | None = None) -> dict[str, int]:
+    def _must_fit_pinned(self, ref: RepoRef, mode: str, kept: dict[str, int] | None = None) -> dict[str, int]:
         """{blob id: size} of the pinned revision if any of it is missing (FillError if it can never be
-        whole here, `replacing` let go), else {}."""
+        whole here beside what pins keep: `kept`, else every pin's), else {}."""
         blobs = snapshot_blobs(self.index, ref)
         if all(self.filler.record(b).state == "complete" for b in blobs):
             return {}
         sizes = {b: self.filler.record(b).size for b in blobs}
-        self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot", replacing=replacing)
+        self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot", kept=kept)
         return sizes
 
     def cached_blobs(self, spec: RepoSpec | None) -> tuple[RepoRef | None, list[str]]:

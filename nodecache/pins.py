@@ -34,11 +34,6 @@ class Pins:
         """(held, now, mode) of every pin whose revision names another commit than the one it holds."""
         return [(held, now, mode) for held, now, mode in self.all() if now.commit != held.commit]
 
-    def held(self, ref: RepoRef) -> RepoRef | None:
-        """The commit a pin of `ref`'s revision holds now, if there is one."""
-        key = (ref.repo_type, ref.repo_id, ref.revision)
-        return next((h for h, _, _ in self.all() if (h.repo_type, h.repo_id, h.revision) == key), None)
-
     def hold(self, ref: RepoRef, mode: str) -> None:
         """Pin `ref`'s revision at its commit (the blobs of the commit held before are let go)."""
         self.index.pins.put(ref.repo_type, ref.repo_id, ref.revision, mode, ref.commit)
@@ -54,14 +49,30 @@ class Pins:
                 out.append((ref, ref if not now else RepoRef(repo_type, repo_id, revision, now), mode))
         return out
 
+    def besides(self, ref: RepoRef) -> dict[str, int]:
+        """{blob id: size} of what the pins other than that of `ref`'s revision keep (a pin about to
+        move lets go only what no other pin keeps): O(pinned files), as a refresh is."""
+        return self._kept(skip=(ref.repo_type, ref.repo_id, ref.revision))[0]
+
     def refresh(self) -> None:
+        """Recompute the pinned and hot sets; a pin written before pins held a commit takes the one
+        its revision names now (without, it would follow its branch wherever it went)."""
+        for repo_type, repo_id, revision, mode, held in self.index.pins.all():
+            if held is None and (now := self.index.refs.commit_of(repo_type, repo_id, revision)):
+                self.index.pins.put(repo_type, repo_id, revision, mode, now)
+        sizes, hot = self._kept()
+        self.in_use.pin(sizes)
+        self.hot.clear()
+        self.hot.update(hot)
+
+    def _kept(self, skip: tuple[str, str, str] | None = None) -> tuple[dict[str, int], set[str]]:
         sizes: dict[str, int] = {}
         hot: set[str] = set()
         for ref, mode in self.refs():
+            if (ref.repo_type, ref.repo_id, ref.revision) == skip:
+                continue
             files = self.index.snapshots.get(ref.repo_type, ref.repo_id, ref.commit) or []
             sizes.update((f.blob_id, f.size) for f in files)
             if mode == "hot":
                 hot.update(f.blob_id for f in files)
-        self.in_use.pin(sizes)
-        self.hot.clear()
-        self.hot.update(hot)
+        return sizes, hot

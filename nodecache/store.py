@@ -222,6 +222,7 @@ class Store:
         (a complete blob's file is served as it is, unchecked after a restart)."""
         found: list[BlobRecord] = []
         created: dict[str, BlobRecord] = {}
+        pruned = False
         for rec in recs:
             st = self._states.get(rec.blob_id)
             if st is not None:
@@ -232,6 +233,9 @@ class Store:
             self._remember(self._recs.get(rec.blob_id, rec))
             rec = self._recs[rec.blob_id]
             if rec.blob_id not in created and not self.path(rec.blob_id).exists():
+                if not pruned:
+                    self._prune_promises()
+                    pruned = True
                 rec.tier = self.placement(rec)  # counting the blobs placed before it (promise)
                 self._promise(rec)
                 if rec.state == "complete":
@@ -280,6 +284,14 @@ class Store:
             tier = self.tiers[rec.tier]
             tier.promised += rec.size
             self._promised[rec.blob_id] = (tier, rec.size)
+
+    def _prune_promises(self) -> None:
+        """Promises hold while their blobs are filled or read: one whose fill failed, was cancelled,
+        or whose readers read part of it and left would keep shm closed to new blobs while it
+        stays nearly empty. A blob nobody uses goes back to the one count of its bytes, `used`.
+        O(blobs promised): those in use, and those let go since the last placement."""
+        for blob_id in [b for b in self._promised if not self.in_use.protected(b)]:
+            self._drop_promise(blob_id)
 
     def _drop_promise(self, blob_id: str) -> None:
         tier, left = self._promised.pop(blob_id, (None, 0))

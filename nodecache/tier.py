@@ -28,7 +28,7 @@ class Tier:
     low: float = 0.8
     min_free: int = 0
     used: int = 0  # includes `quarantined`
-    # Bytes of blobs placed here (Store.states) not reserved yet: a placement counts them. Without,
+    # Bytes of blobs placed here (Store.states), in use and not reserved yet: a placement counts them. Without,
     # a hot pin's blobs prepared together each found shm empty, all went there, and the pin's
     # fill ran shm full ("nothing more can be evicted") with the disk empty beside it.
     promised: int = 0

@@ -226,20 +226,25 @@ def test_the_bytes_other_pins_keep_are_not_room(hub, daemons, evict_repos):
     """48 MiB fit a 56 MiB cache (50.4 under its high watermark), not beside a 12 MiB pin: a
     prefetch and a pin of it are refused, nothing fetched (before, the prefetch filled, evicted
     its own finished files for its others' room and ended "not complete"). A pin whose revision
-    moves counts the bytes of the commit it lets go as room."""
+    moves counts as room what it lets go, not what another pin of the same commit still keeps."""
+    a = hub.add_repo(PINNED, evict_repos[PINNED])
     hub.add_repo(EVICT, evict_repos[EVICT])
-    hub.add_repo(PINNED, evict_repos[PINNED])
     d = daemons(repos=(EVICT, PINNED), env={"NODECACHE_DISK_MAX": str(56 * MiB), "NODECACHE_MIN_FREE": "0"})
-    status, job = api(d, "POST", "/v1/pin", {"repo": PINNED})
-    assert status == 202 and wait_job(d, job)["state"] == "ready"
+    for revision in ("main", a):  # two pins of one commit
+        status, job = api(d, "POST", "/v1/pin", {"repo": PINNED, "revision": revision})
+        assert status == 202 and wait_job(d, job)["state"] == "ready"
     fetched = hub.stats.data_bytes
+    kept = "12,582,912 of them kept by other pins)"
     status, body = api(d, "POST", "/v1/prefetch", {"repo": EVICT})
-    assert status == 507 and "(disk 52,848,230 bytes at most, 12,582,912 of them kept by other pins)" in body["detail"]
+    assert status == 507 and f"(disk 52,848,230 bytes at most, {kept}" in body["detail"], body
     status, body = api(d, "POST", "/v1/pin", {"repo": EVICT})
-    assert status == 507 and "(disk 58,720,256 bytes at most, 12,582,912 of them" in body["detail"], body
+    assert status == 507 and f"(disk 58,720,256 bytes at most, {kept}" in body["detail"], body
+    moved = hub.add_repo(PINNED, evict_repos[EVICT])  # main now names 48 MiB; @a keeps the 12
+    status, body = api(d, "POST", "/v1/pin", {"repo": PINNED})
+    assert status == 507 and kept in body["detail"], body
     assert hub.stats.data_bytes == fetched, "nothing fetched"
-    moved = hub.add_repo(PINNED, evict_repos[EVICT])  # the pinned branch now names 48 MiB: 60 with the old 12
-    status, job = api(d, "POST", "/v1/pin", {"repo": PINNED})
+    assert api(d, "DELETE", "/v1/pin", {"repo": PINNED, "revision": a})[0] == 200
+    status, job = api(d, "POST", "/v1/pin", {"repo": PINNED})  # what main held is room now
     assert status == 202 and job["commit"] == moved and wait_job(d, job)["state"] == "ready", job
     assert [(p["commit"], p["ready"]) for p in api(d, "GET", "/v1/status")[1]["pins"]] == [(moved, True)]
 

@@ -1717,5 +1717,13 @@ def test_blobs_placed_on_shm_count_there_until_their_bytes_are_stored(cache, ind
         assert shm.promised == 0
         rec = record("sha256", payload(4 * CS, seed=50))
         assert store.state(rec).rec.tier == "shm", "shm has room again"
+        # A blob placed there whose fill stopped (failed, cancelled, read in part and closed) and
+        # that nobody uses: the next placement gives its promise back (shm stayed closed before).
+        assert shm.promised == 4 * CS
+        later = [record("sha256", payload(CS, seed=60 + i)) for i in range(6)]
+        assert [st.rec.tier for st in store.states(later)] == ["shm"] * 6 and shm.promised == 6 * CS
+        store.in_use.open[later[0].blob_id] = 1  # one is read: its promise holds
+        store.state(record("sha256", payload(CS, seed=70)))
+        assert shm.promised == 2 * CS
     finally:
         store.close()

@@ -121,6 +121,57 @@ def test_a_pin_follows_its_branch_while_the_new_revision_fits_the_cache(hub, dae
     assert os.getxattr(b, "user.nodecache.cached") == b"0.000000"
 
 
+def test_a_branch_refused_beside_another_pin_is_followed_once_that_pin_goes(hub, daemons, tmp_path):
+    """A refusal is remembered (logged once) only until the pins change: unpinned, the other
+    pin's bytes are room, and the next housekeeping round takes the revision."""
+    for name, size in {"v1": MiB, "v2": 24 * MiB, "other": 12 * MiB}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.bin").write_bytes(os.urandom(size))
+    hub.add_repo("org/follow", tmp_path / "v1")
+    hub.add_repo("org/other", tmp_path / "other")
+    env = {"NODECACHE_REF_TTL": "1", "NODECACHE_DISK_MAX": str(32 * MiB), "NODECACHE_MIN_FREE": "0"}
+    d = daemons(repos=("org/follow", "org/other"), env=env)
+    for repo in ("org/other", "org/follow"):
+        post(d, "/v1/pin", {"repo": repo})
+    assert wait_for(lambda: all(p["ready"] for p in status(d)["pins"]) and len(status(d)["pins"]) == 2)
+    v2 = hub.add_repo("org/follow", tmp_path / "v2")  # 24 MiB: fits 32, not beside the other pin's 12
+    assert wait_for(lambda: "kept by other pins" in d.log())
+    req = urllib.request.Request(d.url + "/v1/pin", data=json.dumps({"repo": "org/other"}).encode(), method="DELETE")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+    assert wait_for(lambda: [(p["commit"], p["ready"]) for p in status(d)["pins"]] == [(v2, True)]), status(d)["pins"]
+
+
+def test_a_pin_written_before_pins_held_a_commit_takes_the_one_its_revision_names(hub, daemons, tmp_path):
+    """An index from an older version has pins without a commit: at start each takes the one its
+    revision names, so a branch that then outgrows the cache leaves it there (before, such a
+    pin followed its branch anywhere, and counted the too-big revision as kept)."""
+    import lmdb
+
+    repo = "org/legacy"
+    for name, size in {"v1": MiB, "v2": 40 * MiB}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.bin").write_bytes(os.urandom(size))
+    v1 = hub.add_repo(repo, tmp_path / "v1")
+    d = daemons(repos=(repo,), env={"NODECACHE_REF_TTL": "1", "NODECACHE_DISK_MAX": str(32 * MiB)})
+    post(d, "/v1/pin", {"repo": repo})
+    assert wait_for(lambda: status(d)["pins"][0]["ready"])
+    d.stop()
+    env = lmdb.open(str(d.cache_dir / "index"), max_dbs=16)
+    with env.begin(write=True) as txn:  # as an older version wrote it
+        db = env.open_db(b"pins", txn=txn)
+        key = f"model:{repo}\x00main".encode()
+        value = json.loads(txn.get(key, db=db))
+        del value["commit"]
+        txn.put(key, json.dumps(value).encode(), db=db)
+    env.close()
+    d.start()
+    v2 = hub.add_repo(repo, tmp_path / "v2")
+    assert wait_for(lambda: "bytes do not fit" in d.log())
+    [pin] = status(d)["pins"]
+    assert (pin["commit"], pin["latest"], pin["ready"]) == (v1, v2, True), pin
+
+
 def test_a_pinned_branch_the_mirror_moved_is_filled_by_the_next_housekeeping_round(hub, daemons, tmp_path):
     """The mirror re-resolves a branch when a client asks for it, outside the housekeeping's own
     re-resolve: that round then finds no ref moved, yet the pin has a new revision to take and fill
