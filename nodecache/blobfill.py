@@ -40,7 +40,7 @@ class BlobFills:
         self.cfg, self.chunks, self.metrics = cfg, chunks, metrics
         self.running = chunks.store.in_use.running  # eviction spares what is filling
         self._fills: dict[str, _Fill] = {}
-        self._pumps: set[asyncio.Task] = set()  # streamed multi-chunk requests (runs)
+        self._pumps: dict[asyncio.Task, str] = {}  # streamed multi-chunk requests (runs) -> their blob
 
     def start(self, st: BlobState, workers: int | None = None) -> asyncio.Task:
         """Start (or join) filling the whole blob with `workers` workers (parallel_per_blob);
@@ -164,8 +164,8 @@ class BlobFills:
         tasks = [self.chunks.get(st, k, demand=False, handed=handed[k], background=True) for k in run]
         ending = asyncio.Event()
         pump = loop.create_task(self._pump(st, run, source, handed, tasks, ending))
-        self._pumps.add(pump)
-        pump.add_done_callback(lambda t: (self._pumps.discard(t), ending.set(), consume(t)))
+        self._pumps[pump] = st.rec.blob_id
+        pump.add_done_callback(lambda t: (self._pumps.pop(t, None), ending.set(), consume(t)))
         return tasks, ending
 
     async def _pump(
@@ -221,6 +221,19 @@ class BlobFills:
             for fut in handed.values():
                 if not fut.done():
                     fut.set_result((None, kind))
+
+    def stop(self, blob_ids: set[str]) -> list[asyncio.Task]:
+        """Cancel these blobs' fills: their whole-blob fills, chunk fetches and runs (those
+        first: a run that ends hands its chunks' tasks nothing, and they would fetch them
+        alone). Returns the tasks to wait for."""
+        inflight = self.chunks.inflight
+        stopped = [t for (b, _), t in list(inflight.items()) if b in blob_ids]
+        stopped += [t for t, b in list(self._pumps.items()) if b in blob_ids]
+        stopped += [self.running[b] for b in blob_ids if b in self.running]
+        for t in stopped:
+            if not t.cancelling():  # once: a second reader finding the tier full waits on the same
+                t.cancel()
+        return stopped
 
     def tasks(self) -> list[asyncio.Task]:
         """Every run and whole-blob fill running (for shutdown)."""

@@ -49,8 +49,12 @@ class Chunks:
         sources: Callable[[BlobRecord, int], list[Source]],
         metrics: Metrics,
         on_failed_proof: Callable[[str, dict[str, str]], None],
+        make_room: Callable[[BlobRecord], list[asyncio.Task]] = lambda rec: [],
     ):
         self.cfg, self.store, self.metrics = cfg, store, metrics
+        # A reader's chunk found the blob's tier full: stop the fills nobody reads and return what
+        # to wait for (their chunks then become evictable). Demand first, for space too.
+        self.make_room = make_room
         # Where chunk k of a blob may come from, in order (peers, then upstreams);
         # each failure falls through to the next source before any backoff.
         self.sources = sources
@@ -213,11 +217,14 @@ class Chunks:
             try:
                 await self.store.write_chunk(st, k, data, cache=cache)
             except NoSpace:
-                # Blobs whose hash is being proven cannot be evicted yet; they can be soon.
-                proving = [t for b, t in self.finishing.items() if b != st.rec.blob_id]
-                if not proving:
+                # Blobs whose hash is being proven cannot be evicted yet; they can be soon. A
+                # reader's chunk goes before fills nobody reads: those stop and can be evicted.
+                waits = [t for b, t in self.finishing.items() if b != st.rec.blob_id]
+                if priority == DEMAND or self.is_open(st.rec.blob_id):
+                    waits += self.make_room(st.rec)
+                if not waits:
                     raise
-                await asyncio.wait(proving, timeout=self.cfg.read_timeout)
+                await asyncio.wait(waits, timeout=self.cfg.read_timeout)
                 await self.store.write_chunk(st, k, data, cache=cache)
         if st.missing == 0:
             self.finish(st)  # readers of the last chunk do not wait for the hash

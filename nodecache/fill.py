@@ -63,7 +63,7 @@ class Filler:
         # Told of every blob whose proof failed, after its bytes were moved aside:
         # the owner drops copies the store does not own (the kernel's page cache).
         self.on_quarantine = on_quarantine
-        self.chunks = Chunks(cfg, store, sources, metrics, self._failed_proof)
+        self.chunks = Chunks(cfg, store, sources, metrics, self._failed_proof, self._make_room)
         self.blobs = BlobFills(cfg, self.chunks, metrics)
         self.snapshots = SnapshotFills(
             cfg,
@@ -77,6 +77,32 @@ class Filler:
         )
         self.verify_first: set[str] = set()  # blob ids whose reads wait for the whole-blob proof (verify_before_serve)
         self._generation: dict[str, int] = {}  # blob id -> failed proofs seen while running
+
+    def _make_room(self, rec: BlobRecord) -> list[asyncio.Task]:
+        """A reader's chunk of `rec` found its tier full: the whole-blob fills there that nobody
+        reads, keeps or pins (the shards a snapshot fill started ahead of a loader, a fill whose
+        reader left) stop, and so do the snapshot fills that would start more; their chunks are
+        then evicted for the reader's. Without, a loader on a tight cache got ENOSPC while fills
+        nobody was reading yet held the room. Returns the tasks to wait for."""
+        in_use = self.store.in_use
+        idle = {
+            b
+            for b in self.blobs.running
+            if b != rec.blob_id
+            and not in_use.open.get(b)
+            and not in_use.kept.get(b)
+            and b not in in_use.pinned
+            and (r := self.store.record(b)) is not None
+            and r.tier == rec.tier
+        }
+        if not idle:
+            return []
+        stopping = sum(1 for b in idle if not self.blobs.running[b].cancelling())  # not stopped for another
+        if stopping:
+            log.warning("tier %s is full: %d fill(s) nobody reads stopped for a reader of %s", rec.tier, stopping,
+                        rec.blob_id)  # fmt: skip
+            self.metrics.fills_yielded.inc(stopping)
+        return self.snapshots.stop() + self.blobs.stop(idle)
 
     @property
     def closing(self) -> bool:

@@ -84,6 +84,9 @@ class Metrics:
         )
         self.evictions = Counter(p + "evictions", "Blobs evicted, by tier.", ["tier"], registry=r)
         self.evicted_bytes = Counter(p + "evicted_bytes", "Bytes evicted, by tier.", ["tier"], registry=r)
+        self.fills_yielded = Counter(
+            p + "fills_yielded", "Whole-blob fills nobody read, stopped for a reader's room.", registry=r
+        )
         self.repo_cached_ratio = Gauge(
             p + "repo_cached_ratio",
             "Fraction of a pinned repo's current snapshot that is cached.",

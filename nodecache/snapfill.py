@@ -260,5 +260,13 @@ class SnapshotFills:
                     log.info("snapshot fill: cannot read %s: %s", f.path, e)
         return indexes
 
+    def stop(self) -> list[asyncio.Task]:
+        """Start no more shards ahead of the loaders (the tier is full; their fills are stopped by
+        the caller): the running plans are cancelled, and replanned a while later (_REPLAN_AFTER)."""
+        plans = list(self._tasks.values())
+        for t in plans:
+            t.cancel()
+        return plans
+
     def tasks(self) -> list[asyncio.Task]:
         return [*self._tasks.values(), *self._warming]

@@ -460,3 +460,61 @@ def test_a_fill_asks_each_next_run_on_the_connection_its_last_run_ends_on(hub, d
     assert requests > 36, "the fill asked for its chunks in many requests"
     # All but each worker's first request, the reader's chunk and its read-ahead (measured: 54 of 59).
     assert chained >= 0.75 * requests, f"only {chained:.0f} of {requests} requests followed the run before"
+
+
+def test_a_reader_gets_the_room_that_fills_nobody_reads_hold(tmp_path):
+    """Demand first for space too: two whole-blob fills nobody reads (a snapshot fill's shards
+    ahead of a loader) hold 10 of a 16 MiB tier, their last chunks slow to come; a reader of an
+    8 MiB file then finds the tier full. Those fills stop and their chunks are evicted for the
+    reader's (before, the read failed ENOSPC while they held the room)."""
+    import asyncio
+    import hashlib
+
+    from nodecache.config import Config
+    from nodecache.fill import Filler
+    from nodecache.index import BlobRecord, Index
+    from nodecache.metrics import Metrics
+    from nodecache.store import Store
+    from nodecache.tier import Tier
+    from nodecache.upstream import PiecewiseSource
+
+    contents = [os.urandom(n * MiB) for n in (6, 6, 8)]
+    ids = [hashlib.sha256(data).hexdigest() for data in contents]
+    ahead, reader = set(ids[:2]), ids[2]
+    by_id = dict(zip(ids, contents, strict=True))
+
+    class Source(PiecewiseSource):
+        """Serves every chunk at once but the last of the fills ahead: those wait until the end."""
+
+        name, kind = "memory", "upstream"
+
+        async def fetch(self, rec, start: int, end: int, background: bool = False) -> bytes:
+            if rec.blob_id in ahead and start >= 5 * MiB:
+                await asyncio.sleep(3600)
+            return by_id[rec.blob_id][start:end]
+
+    cfg = Config(cache_dir=tmp_path / "cache", chunk_size=MiB, parallel_total=8, fsync=False, read_timeout=30)
+    index = Index(tmp_path / "index", map_size=64 * MiB)
+    for b, data in by_id.items():
+        index.blobs.put(BlobRecord(blob_id=b, kind="sha256", size=len(data), chunk_size=MiB))
+    tier = Tier("disk", tmp_path / "cache", quota=16 * MiB)
+    store = Store(tmp_path / "cache", index, fsync=False, tiers=[tier])
+    metrics = Metrics()
+    filler = Filler(cfg, index, store, lambda rec, k: [Source()], metrics)
+
+    async def main() -> bytes:
+        fills = [filler.fill_in_background(b) for b in ahead]
+        while tier.used < 10 * MiB:  # five chunks of each stored, the sixth on its way
+            await asyncio.sleep(0.01)
+        data = await asyncio.wait_for(filler.read(reader, 0, 8 * MiB), 30)
+        assert all(f.done() for f in fills), "the fills ahead were stopped"
+        return data
+
+    try:
+        assert asyncio.run(main()) == by_id[reader]
+        assert any(store.cached_bytes(store.record(b)) == 0 for b in ahead), "chunks of theirs were evicted"
+        assert tier.used <= 16 * MiB
+        assert metrics.fills_yielded._value.get() == 2
+    finally:
+        store.close()
+        index.close()
