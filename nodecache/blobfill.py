@@ -229,6 +229,8 @@ class BlobFills:
         inflight = self.chunks.inflight
         stopped = [t for (b, _), t in list(inflight.items()) if b in blob_ids]
         stopped += [t for t, b in list(self._pumps.items()) if b in blob_ids]
+        # The workers too: a fill cancelled before its first step never cancels them itself.
+        stopped += [w for b in blob_ids if (fill := self._fills.get(b)) is not None for w in fill.workers]
         stopped += [self.running[b] for b in blob_ids if b in self.running]
         for t in stopped:
             if not t.cancelling():  # once: a second reader finding the tier full waits on the same

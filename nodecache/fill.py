@@ -20,7 +20,8 @@ import errno
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from .blobfile import FileSlice
 from .blobfill import BlobFills
@@ -37,6 +38,7 @@ from .tier import NoSpace, shortfall
 from .upstream import Source, UpstreamError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROOF_ATTEMPTS = 3  # a prefetch tries a blob whose proof keeps failing this many times
 _PREPARED = 256  # blobs whose presence a prefetch makes in one index transaction
@@ -45,6 +47,11 @@ PREFETCH_WINDOW = 4  # a prefetch fills at most this many times parallel_total b
 REPORT_EVERY = 0.25  # seconds between a prefetch's progress reports
 
 __all__ = ["FillError", "Filler", "PROOF_ATTEMPTS"]
+
+
+class _Stopped(FillError):
+    """The fetch a reader waited for was stopped for another reader's room (Filler._make_room):
+    the reader asks again, and a fetch of its own starts."""
 
 
 class Filler:
@@ -184,7 +191,7 @@ class Filler:
         self.hold(blob_id, paged)
         try:
             self._same_generation(blob_id, since)
-            data = await self._read(blob_id, offset, size, ahead, as_slice, paged)
+            data = await self._unstopped(lambda: self._read(blob_id, offset, size, ahead, as_slice, paged))
             try:
                 self._same_generation(blob_id, since)  # a proof may have failed while we waited
             except FillError:
@@ -194,6 +201,16 @@ class Filler:
             return data
         finally:
             self.release(blob_id, paged)
+
+    async def _unstopped(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()`, made again if a fetch it waited for was stopped (_Stopped): a reader that
+        came as the fills of a blob nobody read were stopped for another reader's room joined them."""
+        for _ in range(2):
+            try:
+                return await attempt()
+            except _Stopped:
+                await asyncio.sleep(0)  # the stopped fetches leave the in-flight table
+        return await attempt()
 
     def _same_generation(self, blob_id: str, since: int | None) -> None:
         if since is not None and self.generation(blob_id) != since:
@@ -219,6 +236,8 @@ class Filler:
                 return
             try:
                 await self._await(task, f"proof of {blob_id}", deadline - time.monotonic())
+            except _Stopped:
+                await asyncio.sleep(0)  # its fill was stopped as this reader came: start another
             except FillError:
                 if self.record(blob_id).state != "quarantined":
                     raise
@@ -272,6 +291,8 @@ class Filler:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # our own reader was cancelled, not the fetch
+            if not self.closing:
+                raise _Stopped(f"{what}: the fetch was stopped") from None
             raise FillError(f"{what}: daemon is shutting down") from None
         except NoSpace as e:
             raise FillError(f"{what}: {e}", errno.ENOSPC) from None
@@ -297,28 +318,31 @@ class Filler:
         (the peer keeps its own copy; this node's would be fresh pages)."""
         self.hold(blob_id, paged, reader=not background)
         try:
-            st = self.state(blob_id)
-            if not 0 <= k < st.rec.n_chunks:
-                raise FillError(f"chunk {k} out of range for {blob_id}", errno.EINVAL)
-            if not st.has(k):
-                if local_only:
-                    return None
-                task = self.chunks.get(
-                    st, k, demand=not background, sources=sources, background=background, paged=paged
-                )
-                t0 = time.monotonic()
-                try:
-                    await self._await(task, f"chunk {k} of {blob_id}")
-                finally:
-                    if not background:
-                        self.metrics.read_wait_seconds.observe(time.monotonic() - t0)
-                st = self.state(blob_id)
-            start, end = st.chunk_range(k)
-            if not paged:
-                return self.store.slice(blob_id, start, end - start, direct=True)
-            return await self.store.read(blob_id, start, end - start)
+            return await self._unstopped(lambda: self._read_chunk(blob_id, k, sources, local_only, background, paged))
         finally:
             self.release(blob_id, paged, reader=not background)
+
+    async def _read_chunk(
+        self, blob_id: str, k: int, sources: list | None, local_only: bool, background: bool, paged: bool
+    ) -> bytes | FileSlice | None:
+        st = self.state(blob_id)
+        if not 0 <= k < st.rec.n_chunks:
+            raise FillError(f"chunk {k} out of range for {blob_id}", errno.EINVAL)
+        if not st.has(k):
+            if local_only:
+                return None
+            task = self.chunks.get(st, k, demand=not background, sources=sources, background=background, paged=paged)
+            t0 = time.monotonic()
+            try:
+                await self._await(task, f"chunk {k} of {blob_id}")
+            finally:
+                if not background:
+                    self.metrics.read_wait_seconds.observe(time.monotonic() - t0)
+            st = self.state(blob_id)
+        start, end = st.chunk_range(k)
+        if not paged:
+            return self.store.slice(blob_id, start, end - start, direct=True)
+        return await self.store.read(blob_id, start, end - start)
 
     def _failed_proof(self, blob_id: str, used: dict[str, str]) -> None:
         """After a failed proof: new generation, sources of the attempt asked last, owner told."""

@@ -468,14 +468,22 @@ class Store:
         # writer cancelled by a stop gave them back at once, the record landed anyway, and the
         # clean stop kept a count short of the chunks recorded (a later start then let the
         # quota be overrun by as much).
+        # A writer cancelled meanwhile (a stop, a fill stopped for a reader's room) still waits for
+        # the commit: until it ends the chunk is neither recorded nor given back, and the writer's
+        # fetch keeps the blob protected. Ending at once, it let eviction take the blob first (its
+        # recorded chunks only: a reader still found the tier full) and the commit then recorded a
+        # chunk of a deleted file, counted twice when evicted again (the tier's usage went below 0).
         commit = self._commit.submit((path, st.rec.blob_id, index, digest))
-        try:
-            await asyncio.shield(commit)
-        finally:
-            if commit.done():
-                self._committed(st, index, size, tier, prefix, commit)
-            else:  # this writer was cancelled, not its commit
-                commit.add_done_callback(lambda c: self._committed(st, index, size, tier, prefix, c))
+        cancelled = False
+        while not commit.done():
+            try:
+                await asyncio.wait({commit})
+            except asyncio.CancelledError:
+                cancelled = True
+        self._committed(st, index, size, tier, prefix, commit)
+        if cancelled:
+            raise asyncio.CancelledError
+        commit.result()  # the commit's error, if it failed
         self.hashes.kick(st)
 
     def _committed(
