@@ -121,8 +121,10 @@ def test_second_walk_of_a_snapshot_is_answered_by_the_kernel(hub, daemons, tmp_p
     # link's atime, so a GETATTR), and now and then asks again about some entries' attributes (2-161 of
     # 3,000 in 1 of ~8 runs on this VM, with no link read again, not explained yet; 68 links read again
     # once): up to a quarter is allowed, where short timeouts would ask about every entry.
+    # The kernel's copy of a listing lives in the folder's page cache too: reclaimed, the folder is
+    # read again (2 READDIRs for data/ in one fresh clone's suite), a few requests, not one per entry.
     few = N_FLAT // 4
-    assert (asked["lookup"], asked["opendir"], asked["readdir"]) == (0, 2, 0), asked
+    assert (asked["lookup"], asked["opendir"]) == (0, 2) and asked["readdir"] <= N_FLAT // 100, asked
     assert asked["readlink"] <= few and 1 <= asked["getattr"] <= 1 + asked["readlink"] + few, asked
 
 

@@ -84,7 +84,10 @@ def test_a_pin_follows_its_branch_while_the_new_revision_fits_the_cache(hub, dae
     for name in ("v1", "v4"):  # one a.bin throughout
         (tmp_path / name / "a.bin").write_bytes((tmp_path / "v2" / "a.bin").read_bytes())
     hub.add_repo(repo, tmp_path / "v1")
-    d = daemons(repos=(repo,), env={"NODECACHE_REF_TTL": "1", "NODECACHE_DISK_MAX": str(32 * MiB)})
+    # A read fills what it reads only: an open's whole-blob fill of c.bin (40 MiB into 32) would
+    # still be running (in use, not evicted) when the test evicts, under load.
+    env = {"NODECACHE_REF_TTL": "1", "NODECACHE_DISK_MAX": str(32 * MiB), "NODECACHE_FILL_ON_OPEN": "false"}
+    d = daemons(repos=(repo,), env=env)
     req = urllib.request.Request(d.url + "/v1/pin", data=json.dumps({"repo": repo}).encode(), method="POST")
     with urllib.request.urlopen(req, timeout=30) as r:
         assert r.status == 202
