@@ -251,7 +251,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"blobs {st['blobs']}  filling {st['blobs_filling']}  chunks in flight {st['fills_inflight']}  jobs {st['jobs']}"
     )
     for p in st["pins"]:
-        moved = "" if p["latest"] == p["commit"] else f", its revision names {p['latest'][:12]}: too big to take"
+        latest = p.get("latest") or p["commit"]  # a daemon of an older version does not say
+        moved = "" if latest == p["commit"] else f"; its revision names {latest[:12]} now"
         print(f"pinned {p['repo']}@{p['revision']} ({p['commit'][:12]}{moved}) {p['mode']}")
     return 0
 

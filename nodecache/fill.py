@@ -102,14 +102,17 @@ class Filler:
             and (r := self.store.record(b)) is not None
             and r.tier == rec.tier
         }
+        # Fetches stopped before (for another reader) whose writes still wait for their commits:
+        # their blobs leave `running` at once but stay in use until then.
+        ending = [t for (b, _), t in self.chunks.inflight.items() if b != rec.blob_id and t.cancelling()]
         if not idle:
-            return []
+            return ending
         stopping = sum(1 for b in idle if not self.blobs.running[b].cancelling())  # not stopped for another
         if stopping:
             log.warning("tier %s is full: %d fill(s) nobody reads stopped for a reader of %s", rec.tier, stopping,
                         rec.blob_id)  # fmt: skip
             self.metrics.fills_yielded.inc(stopping)
-        return self.snapshots.stop() + self.blobs.stop(idle)
+        return self.snapshots.stop() + self.blobs.stop(idle) + ending
 
     @property
     def closing(self) -> bool:

@@ -136,7 +136,7 @@ class Status:
                     "repo": r.repo_id,
                     "revision": r.revision,
                     "commit": r.commit,  # held: what is kept, and filled
-                    "latest": now.commit,  # what the revision names now (another: too big to take)
+                    "latest": now.commit,  # what the revision names now (another: not taken yet, or refused)
                     "mode": m,
                     "ready": self._complete(r),
                 }

@@ -301,14 +301,6 @@ class Store:
     def reserve(self, st: BlobState, n: int) -> Tier:
         """Account n bytes to the blob's tier, evicting LRU blobs past the high watermark."""
         tier = self.tiers[st.rec.tier]
-        promised, left = self._promised.get(st.rec.blob_id, (None, 0))
-        if promised is tier:  # its own bytes are counted once: as used from now on
-            took = min(n, left)
-            tier.promised -= took
-            if left > took:
-                self._promised[st.rec.blob_id] = (tier, left - took)
-            else:
-                del self._promised[st.rec.blob_id]
         if not tier.fits(n, tier.high):  # high <= 1: what fits under it fits at all (one statvfs a chunk)
             self.evict_lru(tier, n)
             if not tier.fits(n, 1.0):
@@ -317,6 +309,14 @@ class Store:
                     f"{tier.fs_free():,} free on disk) and nothing more can be evicted"
                 )
         tier.used += n
+        promised, left = self._promised.get(st.rec.blob_id, (None, 0))
+        if promised is tier:  # its own bytes are counted once: as used from now on
+            took = min(n, left)
+            tier.promised -= took
+            if left > took:
+                self._promised[st.rec.blob_id] = (tier, left - took)
+            else:
+                del self._promised[st.rec.blob_id]
         return tier
 
     def evict_lru(self, tier: Tier, incoming: int = 0) -> int:

@@ -146,3 +146,38 @@ def test_unreadable_token_file_is_one_line_naming_the_flag(tmp_path):
     out = nodecache("ls", "--endpoint", "http://127.0.0.1:1", "--admin-token-file", str(tmp_path / "absent"))
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out
     assert "--admin-token-file" in out.stderr and "absent" in out.stderr
+
+
+def test_status_of_a_daemon_of_an_older_version_prints(tmp_path):
+    """The CLI may talk to a daemon of another version: a status without the pins' `latest`
+    (older daemons) prints, where it raised KeyError."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    status = {
+        "version": "0.old", "ready": True, "mount": "/hub", "tiers": [], "blobs": {}, "blobs_filling": 0,
+        "fills_inflight": 0, "jobs": {}, "pins": [{"repo": "o/m", "revision": "main", "commit": "a" * 40, "mode": "pin"}],
+    }  # fmt: skip
+
+    class Old(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(status).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Old)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        out = nodecache("status", "--endpoint", f"http://127.0.0.1:{server.server_port}", timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 0 and "pinned o/m@main (aaaaaaaaaaaa) pin" in out.stdout, out

@@ -171,7 +171,8 @@ def test_a_reader_that_comes_as_its_blobs_fill_is_stopped_gets_its_bytes(rigs):
 
     async def main() -> bytes:
         rig.filler.fill_in_background(rig.ids[0])
-        await asyncio.sleep(0.2)  # its chunks in flight, nobody has it open
+        while (0, 0) not in rig.fetched:  # its chunks in flight, nobody has it open
+            await asyncio.sleep(0.01)
         waits = rig.filler._make_room(rig.store.record(rig.ids[1]))  # a reader of another blob found the tier full
         late = asyncio.create_task(rig.filler.read(rig.ids[0], 0, MiB))  # one of this blob comes meanwhile
         await asyncio.wait(waits, timeout=5)
@@ -182,3 +183,39 @@ def test_a_reader_that_comes_as_its_blobs_fill_is_stopped_gets_its_bytes(rigs):
     except FillError as e:
         pytest.fail(f"{errno.errorcode[e.errno]}: {e}")
     assert data == rig.contents[0][:MiB]
+
+
+def test_a_reader_waits_for_fills_stopped_before_whose_chunks_are_still_being_committed(rigs):
+    """Fills stopped for a first reader chunk leave the running table at once, but their chunk
+    writes wait for their commits (a slow fsync): a second reader chunk that finds the tier full
+    then waits for those too (before, it found nothing to stop or evict: ENOSPC)."""
+    rig = rigs((6, 6, 8), hang_from_chunk_5)
+    store = rig.store
+    flush, submitted = store._commit._flush, []
+
+    def slow_flush(batch):  # half a second: an fsync on a disk busy with other writes
+        if any(b in rig.ids[:2] for _, b, _, _ in batch):
+            time.sleep(0.5)
+        flush(batch)
+
+    def counted(item, submit=store._commit.submit):
+        submitted.append(item)
+        return submit(item)
+
+    store._commit._flush, store._commit.submit = slow_flush, counted
+
+    async def main() -> bytes:
+        for b in rig.ids[:2]:
+            rig.filler.fill_in_background(b)
+        while len(submitted) < 10:  # five chunks of each written and in their commit
+            await asyncio.sleep(0.01)
+        first = rig.filler._make_room(store.record(rig.ids[2]))  # a first reader chunk stopped them
+        while rig.filler.blobs.running:
+            await asyncio.sleep(0.01)
+        assert store.in_use.fetching, "their chunks' commits still run"
+        try:
+            return await asyncio.wait_for(rig.filler.read(rig.ids[2], 0, 8 * MiB), 30)
+        finally:
+            await asyncio.wait(first)
+
+    assert asyncio.run(main()) == rig.contents[2]

@@ -1727,3 +1727,25 @@ def test_blobs_placed_on_shm_count_there_until_their_bytes_are_stored(cache, ind
         assert shm.promised == 2 * CS
     finally:
         store.close()
+
+
+def test_a_chunk_refused_for_room_keeps_its_blobs_shm_promise(cache, index):
+    """A blob's promise on shm turns into used bytes only once a chunk is let in: a write refused
+    (the tier full of blobs in use) leaves it promised, so placement still counts it."""
+    from nodecache.pins import Pins
+    from nodecache.tier import NoSpace
+
+    shm = Tier("shm", cache / "shm", quota=8 * CS)
+    pins = Pins(index, shm, shm_file_max=4 * CS)
+    store = Store(cache, index, tiers=[shm, Tier("disk", cache)], placement=pins.place)
+    try:
+        data = payload(4 * CS, seed=80)
+        [st] = store.states([record("sha256", data)])
+        store.in_use.open[st.rec.blob_id] = 1  # being read
+        assert (st.rec.tier, shm.promised) == ("shm", 4 * CS)
+        shm.used = 8 * CS  # filled meanwhile by blobs in use
+        with pytest.raises(NoSpace):
+            asyncio.run(store.write_chunk(st, 0, chunks_of(data)[0]))
+        assert (shm.used, shm.promised) == (8 * CS, 4 * CS)
+    finally:
+        store.close()
