@@ -371,12 +371,15 @@ class Filler:
     # whole blobs ---------------------------------------------------------------
 
     def fill_in_background(self, blob_id: str, workers: int | None = None) -> asyncio.Task | None:
-        """Start (or join) filling the whole blob; called on first open. `workers`: see BlobFills.start."""
+        """Start (or join) filling the whole blob; called on first open. `workers`: see BlobFills.start.
+        Not a blob larger than its tier can ever hold (Tier.most): it is read lazily, as far as its
+        readers go. Filled whole, its chunks ran ahead of the reader until the tier was full of
+        them (its own, not evictable), and the reader's next chunk got ENOSPC."""
         try:
             st = self.state(blob_id)
         except FillError:
             return None
-        if st.rec.state == "complete":
+        if st.rec.state == "complete" or st.rec.size > self.store.tiers[st.rec.tier].most():
             return None
         return self.blobs.start(st, workers)
 

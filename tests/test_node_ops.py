@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -222,6 +223,23 @@ def test_a_revision_is_refused_only_where_it_can_never_be_whole(hub, daemons, ev
         shutil.rmtree(shm, ignore_errors=True)
 
 
+def test_a_file_larger_than_the_cache_is_read_lazily_not_filled_whole(hub, daemons, big_repo):
+    """A 72 MiB file in a 32 MiB cache is never filled whole on open: its fill's chunks ran ahead
+    of the reader until the tier was full of them (its own, in use: not evictable), and the
+    reader's next chunk got ENOSPC (a CSI test of a model larger than the cache, 1 suite in ~6).
+    It is read lazily: what is read, and the read-ahead."""
+    d = daemons(repos=(BIG,), env={"NODECACHE_DISK_MAX": str(32 * MiB), "NODECACHE_MIN_FREE": "0"})
+    path = snapshot_dir(d, BIG, hub.commits[BIG]) / "weights.bin"
+    want = (big_repo / "weights.bin").read_bytes()
+    with open(path, "rb") as f:
+        assert f.read(MiB) == want[:MiB]
+        time.sleep(0.5)  # a whole-blob fill would be well on its way
+        f.seek(40 * MiB)
+        assert f.read(MiB) == want[40 * MiB : 41 * MiB]
+    wait_until(lambda: api(d, "GET", "/v1/status")[1]["fills_inflight"] == 0, "the read-ahead ended")
+    assert hub.stats.data_bytes <= 24 * MiB, f"{hub.stats.data_bytes:,} bytes fetched for 2 MiB read"
+
+
 def test_the_bytes_other_pins_keep_are_not_room(hub, daemons, evict_repos):
     """48 MiB fit a 56 MiB cache (50.4 under its high watermark), not beside a 12 MiB pin: a
     prefetch and a pin of it are refused, nothing fetched (before, the prefetch filled, evicted
@@ -278,7 +296,8 @@ def test_min_free_is_always_left_on_the_filesystem(hub, small_fs, daemons, evict
     for name in FILES:
         assert sha256_file(snap / name) == sha256_file(evict_repos[EVICT] / name)
         wait_until(lambda name=name: verified(snap / name), f"{name} verified")
-        assert free() >= min_free - slack, (name, free())
+        # an evicted file is renamed away at once and unlinked by a thread soon after
+        wait_until(lambda: free() >= min_free - slack, f"min_free left after {name} ({free():,} free)")
     assert counter(d, "nodecache_evictions_total", tier="disk") >= 1, "min_free made room by evicting"
     tier = d.status()["tiers"][0]
     assert tier["fs_free"] >= min_free - slack and tier["used"] <= 64 * MiB - min_free + slack
