@@ -51,6 +51,24 @@ class Rig:
         self.metrics = Metrics()
         self.filler = Filler(cfg, self.index, self.store, lambda rec, k: [Source()], self.metrics)
 
+    def slow_commits(self, seconds: float) -> list:
+        """The group commits of the first two blobs' chunks take `seconds` (an fsync on a busy
+        disk); returns the list of the chunks handed to a commit, as they are."""
+        commit, submitted = self.store._commit, []
+        flush, submit = commit._flush, commit.submit
+
+        def slow_flush(batch) -> None:
+            if any(b in self.ids[:2] for _, b, _, _ in batch):
+                time.sleep(seconds)
+            flush(batch)
+
+        def counted(item):
+            submitted.append(item)
+            return submit(item)
+
+        commit._flush, commit.submit = slow_flush, counted
+        return submitted
+
     def close(self) -> None:
         self.store.close()
         self.index.close()
@@ -102,18 +120,7 @@ def test_the_stopped_fills_chunks_being_committed_are_evicted_after_their_commit
     next eviction (the tier's usage went below 0)."""
     rig = rigs((6, 6, 8), hang_from_chunk_5)
     store, tier = rig.store, rig.tier
-    flush, submitted = store._commit._flush, []
-
-    def slow_flush(batch):  # 50 ms: an fsync and an index commit on a busy disk
-        if any(b in rig.ids[:2] for _, b, _, _ in batch):
-            time.sleep(0.05)
-        flush(batch)
-
-    def counted(item, submit=store._commit.submit):
-        submitted.append(item)
-        return submit(item)
-
-    store._commit._flush, store._commit.submit = slow_flush, counted
+    submitted = rig.slow_commits(0.05)
     tier.low = 0.3  # an eviction round takes both stopped fills, not only what the reader needs
 
     async def main() -> bytes:
@@ -191,18 +198,7 @@ def test_a_reader_waits_for_fills_stopped_before_whose_chunks_are_still_being_co
     then waits for those too (before, it found nothing to stop or evict: ENOSPC)."""
     rig = rigs((6, 6, 8), hang_from_chunk_5)
     store = rig.store
-    flush, submitted = store._commit._flush, []
-
-    def slow_flush(batch):  # half a second: an fsync on a disk busy with other writes
-        if any(b in rig.ids[:2] for _, b, _, _ in batch):
-            time.sleep(0.5)
-        flush(batch)
-
-    def counted(item, submit=store._commit.submit):
-        submitted.append(item)
-        return submit(item)
-
-    store._commit._flush, store._commit.submit = slow_flush, counted
+    submitted = rig.slow_commits(0.5)
 
     async def main() -> bytes:
         for b in rig.ids[:2]:
