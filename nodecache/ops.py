@@ -14,7 +14,7 @@ from .index import Index
 from .jobs import Job, Jobs
 from .layout import RepoSpec
 from .pins import Pins
-from .repos import RepoRef, snapshot_blobs
+from .repos import RepoRef
 from .scrub import Scrubber
 from .store import Store
 
@@ -101,11 +101,12 @@ class Operations:
 
     def _must_fit_pinned(self, ref: RepoRef, mode: str, kept: dict[str, int] | None = None) -> dict[str, int]:
         """{blob id: size} of the pinned revision if any of it is missing (FillError if it can never be
-        whole here beside what pins keep: `kept`, else every pin's), else {}."""
-        blobs = snapshot_blobs(self.index, ref)
-        if all(self.filler.record(b).state == "complete" for b in blobs):
+        whole here beside what pins keep: `kept`, else every pin's), else {}. Whole or not comes from
+        the index's per-snapshot counts and the sizes from its file list: no blob record is read
+        (each read one pulled it into the store's shared records, a pinned dataset's all of them)."""
+        if self.index.links.snapshots_missing(ref.repo_type, ref.repo_id).get(ref.commit) == 0:
             return {}
-        sizes = {b: self.filler.record(b).size for b in blobs}
+        sizes = {f.blob_id: f.size for f in self.index.snapshots.get(ref.repo_type, ref.repo_id, ref.commit) or []}
         self.filler.must_fit(ref, sizes, pinned=True, hot=mode == "hot", kept=kept)
         return sizes
 

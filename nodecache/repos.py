@@ -256,8 +256,3 @@ async def ensure_repo(
     else:
         await register(index, chunk_size, repo_type, repo_id, revision, res, on_new, commits)
     return RepoRef(repo_type, repo_id, revision, res.commit)
-
-
-def snapshot_blobs(index: Index, ref: RepoRef) -> list[str]:
-    files = index.snapshots.get(ref.repo_type, ref.repo_id, ref.commit) or []
-    return [f.blob_id for f in files]
